@@ -1,0 +1,1 @@
+"""The ``surgery`` command line (Typer + rich)."""

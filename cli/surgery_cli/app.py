@@ -1,0 +1,182 @@
+"""`surgery` commands: inspect a model, list rule files, plan a rule file against a model.
+
+User errors print one message and exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="Rule-driven model surgery for HuggingFace models: one quantized base, many fine-tunes.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+rules_app = typer.Typer(help="Bundled rule files.", no_args_is_help=True)
+app.add_typer(rules_app, name="rules")
+console = Console(width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+
+
+def user_errors(fn):
+    """Turn a SurgeryError into one red line on stderr and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from surgery.errors import SurgeryError
+
+        try:
+            return fn(*args, **kwargs)
+        except SurgeryError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+
+
+def _model_for(rules, model: Optional[str]) -> tuple[str, str]:
+    """The model to use: --model, else the rule file's `model:`, else the bundled tiny default."""
+    from surgery.architectures import TINY_DEFAULT
+
+    if model:
+        return model, "--model"
+    if rules.model:
+        return rules.model, f"`model:` of {rules.source}"
+    return TINY_DEFAULT, "the bundled tiny default (no --model and no `model:` in the rule file)"
+
+
+@app.command()
+@user_errors
+def inspect(
+    model: str = typer.Argument(..., help="Local directory, hub id in the local HF cache, or bundled name."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+    modules: Optional[str] = typer.Option(None, "--modules", help="Only modules matching this pattern."),
+):
+    """Trace MODEL and show its modules, parameters, ties and memory at fp32/fp16/int8/nf4.
+
+    Example: surgery inspect facebook/opt-1.3b --modules "self_attn.*"
+    """
+    _quiet_libraries()
+    from surgery.models import load_model
+    from surgery.report import graph_renderable, graph_summary
+    from surgery.trace import trace
+
+    loaded = load_model(model, weights=False)
+    graph = trace(loaded.model)
+    graph.name = model
+    if as_json:
+        print(json.dumps(graph_summary(graph), indent=2))
+    else:
+        console.print(graph_renderable(graph, modules))
+
+
+@app.command()
+@user_errors
+def plan(
+    rules: str = typer.Argument(..., help="Rule file path or bundled name (see `surgery rules list`)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model (default: the rule file's `model:`, "
+                                                                      "else the bundled tiny default)."),
+    finetunes: int = typer.Option(1, "--finetunes", "-n", min=1, help="Fine-tunes to plan memory for."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+):
+    """Decide every module of MODEL by RULES, check every constraint, and show memory for N fine-tunes.
+
+    Example: surgery plan qv_lora --model facebook/opt-1.3b --finetunes 8
+    """
+    _quiet_libraries()
+    from surgery.errors import PlanError
+    from surgery.models import load_model
+    from surgery.plan import plan as make_plan
+    from surgery.rules import load_rules
+    from surgery.trace import trace
+
+    ruleset = load_rules(rules)
+    name, why = _model_for(ruleset, model)
+    graph = trace(load_model(name, weights=False).model)
+    graph.name = name
+    result = make_plan(graph, ruleset, finetunes=finetunes, check=False)
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        if why != "--model":
+            console.print(f"model: [bold]{name}[/] (from {why})")
+        console.print(result)
+    if result.violations:
+        raise PlanError(result.violations)
+
+
+@app.command("models")
+def models_cmd():
+    """List the bundled models: tiny ones with weights, and architectures (config only, meta device).
+
+    Example: surgery models
+    """
+    from surgery.architectures import ARCHITECTURES, TINY_MODELS
+
+    table = Table(title="bundled models")
+    table.add_column("name")
+    table.add_column("type")
+    table.add_column("weights")
+    for name, spec in TINY_MODELS.items():
+        table.add_row(name, spec["model_type"], "random, fixed seed")
+    for name, spec in ARCHITECTURES.items():
+        table.add_row(name, spec["model_type"], "none (architecture only; --random-init)")
+    console.print(table)
+
+
+@rules_app.command("list")
+def rules_list():
+    """List the bundled rule files with their descriptions.
+
+    Example: surgery rules list
+    """
+    from surgery.rules import bundled_rules, load_rules
+
+    table = Table(title="bundled rule files (use by name, e.g. `surgery plan qv_lora`)")
+    table.add_column("name")
+    table.add_column("quantize")
+    table.add_column("description")
+    for name in bundled_rules():
+        rules = load_rules(name)
+        table.add_row(name, rules.quantize.scheme, rules.description or "")
+    console.print(table)
+
+
+@rules_app.command("show")
+@user_errors
+def rules_show(rules: str = typer.Argument(..., help="Rule file path or bundled name.")):
+    """Print a rule file (bundled name or path).
+
+    Example: surgery rules show qv_lora
+    """
+    from surgery.rules import bundled_rules, load_rules
+
+    ruleset = load_rules(rules)
+    path = bundled_rules().get(rules) or Path(rules)
+    console.print(f"# {ruleset.source}", highlight=False)
+    console.print(path.read_text(), highlight=False, markup=False)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

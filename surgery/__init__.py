@@ -1,0 +1,21 @@
+"""surgery: rule-driven model surgery for HuggingFace models.
+
+One frozen, quantized base in memory, any number of independently trainable fine-tunes on top
+of it, chosen per module by a rule file and checked before anything is changed.
+"""
+
+from .errors import (AdapterStateError, ModelNotFoundError, PlanError, RewriteError, RuleFileError, SurgeryError,
+                     TraceError, Violation)
+from .models import load_model, tiny_model, tiny_tokenizer
+from .plan import Decision, Plan, plan
+from .rules import LoraConfig, QuantConfig, Rule, RuleSet, bundled_rules, load_rules
+from .trace import ModelGraph, ModuleInfo, ParamInfo, trace
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterStateError", "Decision", "LoraConfig", "ModelGraph", "ModelNotFoundError", "ModuleInfo", "ParamInfo",
+    "Plan", "PlanError", "QuantConfig", "RewriteError", "Rule", "RuleFileError", "RuleSet", "SurgeryError",
+    "TraceError", "Violation", "bundled_rules", "load_model", "load_rules", "plan", "tiny_model", "tiny_tokenizer",
+    "trace", "__version__",
+]

@@ -1,0 +1,188 @@
+"""Resolve a MODEL argument to a model: local directory, cached hub id, bundled architecture or tiny model.
+
+Never touches the network: hub ids are only looked up in the local HF cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .architectures import ARCHITECTURES, TINY_DEFAULT, TINY_MODELS, TINY_SEED
+from .errors import ModelNotFoundError
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+@dataclass
+class LoadedModel:
+    """A resolved model and where it came from (``source``: directory, hub-cache, bundled, tiny)."""
+
+    model: nn.Module
+    name: str
+    source: str
+    has_weights: bool
+
+
+def bundled_names() -> list[str]:
+    """Names of every bundled model: tiny models first, then architectures."""
+    return [*TINY_MODELS, *ARCHITECTURES]
+
+
+def config_from_dict(spec: dict):
+    """A transformers config from a bundled spec (``model_type`` plus published hyperparameters)."""
+    from transformers import AutoConfig
+
+    spec = dict(spec)
+    return AutoConfig.for_model(spec.pop("model_type"), **spec)
+
+
+def build_from_config(config, *, device: str | torch.device = "meta", seed: int | None = None) -> nn.Module:
+    """Instantiate a causal LM from a config; on meta it costs no memory, elsewhere weights are random."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(config, "dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    rng = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
+    with rng:
+        if seed is not None:
+            torch.manual_seed(seed)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def tiny_model(name: str = TINY_DEFAULT) -> nn.Module:
+    """A bundled tiny model with deterministic random weights (fixed seed), on the CPU, fp32."""
+    if name not in TINY_MODELS:
+        raise ModelNotFoundError(f"'{name}' is not a bundled tiny model; choose one of {', '.join(TINY_MODELS)}")
+    model = build_from_config(config_from_dict(TINY_MODELS[name]), device="cpu", seed=TINY_SEED)
+    model.name_or_path = name
+    model.config.name_or_path = name
+    return model
+
+
+def _byte_to_char() -> dict[int, str]:
+    """A printable character for every byte (the byte-level BPE convention), so ids equal byte values."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    table, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            table[byte] = chr(byte)
+        else:
+            table[byte] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def tiny_tokenizer():
+    """The tiny models' tokenizer: one token per byte plus <pad> <bos> <eos> <unk>; needs no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {char: byte for byte, char in _byte_to_char().items()}
+    specials = ["<pad>", "<bos>", "<eos>", "<unk>"]
+    vocab.update({tok: 256 + i for i, tok in enumerate(specials)})
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>",
+                                   eos_token="<eos>", unk_token="<unk>")
+
+
+def load_model(name: str, *, weights: bool = True, random_init: bool = False) -> LoadedModel:
+    """Resolve MODEL: (a) local directory, (b) hub id in the local HF cache, (c) bundled architecture, (d) tiny.
+
+    ``weights=False`` builds on the meta device from the config alone (inspect, plan).
+    ``random_init`` builds real random weights when none are available.
+    """
+    if name in TINY_MODELS:
+        return LoadedModel(tiny_model(name), name, "tiny", True)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return _from_directory(path, name, weights=weights, random_init=random_init, source="directory")
+    if path.exists():
+        raise ModelNotFoundError(f"{name}: is a file, not a model directory; pass the folder holding config.json")
+    cached = _hub_cache_dir(name)
+    if cached is not None:
+        return _from_directory(cached, name, weights=weights, random_init=random_init, source="hub-cache")
+    if name in ARCHITECTURES:
+        return _from_architecture(name, weights=weights, random_init=random_init)
+    raise ModelNotFoundError(_not_found_message(name))
+
+
+def _from_directory(path: Path, name: str, *, weights: bool, random_init: bool, source: str) -> LoadedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not (path / "config.json").is_file():
+        raise ModelNotFoundError(f"{path}: no config.json in this directory; is it a HuggingFace model folder?")
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # transformers raises ValueError/OSError/KeyError for bad configs
+        raise ModelNotFoundError(f"{path / 'config.json'}: cannot be read as a transformers config: {exc}") from exc
+    has_weights = any((path / f).is_file() for f in WEIGHT_FILES)
+    if not weights:
+        return LoadedModel(build_from_config(config, device="meta"), name, source, has_weights)
+    if has_weights:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        except Exception as exc:
+            raise ModelNotFoundError(f"{path}: weights could not be loaded: {exc}") from exc
+        return LoadedModel(model.eval(), name, source, True)
+    if random_init:
+        return LoadedModel(build_from_config(config, device="cpu", seed=TINY_SEED), name, source, False)
+    raise ModelNotFoundError(
+        f"{path}: has a config but no weights ({', '.join(WEIGHT_FILES[::2])}); "
+        "pass --random-init to build it with random weights, or point to a folder with weights")
+
+
+def _from_architecture(name: str, *, weights: bool, random_init: bool) -> LoadedModel:
+    config = config_from_dict(ARCHITECTURES[name])
+    config.name_or_path = name
+    if not weights:
+        return LoadedModel(build_from_config(config, device="meta"), name, "bundled", False)
+    if random_init:
+        return LoadedModel(build_from_config(config, device="cpu", seed=TINY_SEED), name, "bundled", False)
+    raise ModelNotFoundError(
+        f"{name}: only its architecture is bundled (no weights) and it is not in the local HF cache; "
+        "pass --random-init to build it with random weights, download it into the HF cache, "
+        f"or use a tiny bundled model ({', '.join(TINY_MODELS)})")
+
+
+def _hub_cache_dir(name: str) -> Path | None:
+    """The newest snapshot of ``name`` in the local HF cache, or None; never contacts the hub."""
+    if name.count("/") > 1 or not name.replace("/", "").replace("-", "").replace("_", "").replace(".", "").isalnum():
+        return None
+    cache = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", "~/.cache/huggingface"))
+                 .expanduser() / "hub")
+    repo = cache.expanduser() / ("models--" + name.replace("/", "--"))
+    snapshots = repo / "snapshots"
+    if not snapshots.is_dir():
+        return None
+    ref = repo / "refs" / "main"
+    if ref.is_file():
+        snap = snapshots / ref.read_text().strip()
+        if snap.is_dir():
+            return snap
+    candidates = sorted((p for p in snapshots.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    return candidates[-1] if candidates else None
+
+
+def _not_found_message(name: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, bundled_names(), n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return (f"model '{name}' is not a local directory, not in the local HF cache (no network is used) and not "
+            f"bundled.{hint} Use a local path, a bundled name (`surgery models` lists them: "
+            f"{', '.join(TINY_MODELS)}, {', '.join(list(ARCHITECTURES)[:3])}, ...), "
+            "or pass --random-init with a bundled architecture.")

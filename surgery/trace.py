@@ -1,0 +1,446 @@
+"""Capture a model's computation as a torch.fx graph and describe every module of it.
+
+``trace(model)`` exports a meta-device copy of the model with ``torch.export`` (non-strict, dynamic
+batch and sequence), maps every fx node to the module that owns it through ``nn_module_stack``,
+and returns a ``ModelGraph``: plain data per module (path, class, op kind, parameters, calls,
+shapes) plus ties, uncalled modules and how the capture went. No weights are read or copied.
+
+Repeated blocks (a ``ModuleList`` of structurally identical layers) are traced with three
+instances and the result is carried over to the others, so an 80-layer 70B model traces in
+seconds; ``reduce_repeated=False`` traces every layer.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import TraceError
+
+KEEP_REPEATED = 3  # layers kept per repeated block: layer 0, then one odd and one even representative
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """One parameter as stored: local name, logical shape, storage dtype name and bytes held."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class ModuleInfo:
+    """What the graph knows of one module; ``kind`` is linear, conv1d, embedding, norm or other."""
+
+    path: str
+    cls: str
+    kind: str
+    params: list[ParamInfo] = field(default_factory=list)
+    quantized: str | None = None  # int8 / nf4 / fp4 when the module is already a bitsandbytes layer
+    calls: int = 0
+    order: int | None = None
+    input_shape: tuple | None = None
+    output_shape: tuple | None = None
+
+    @property
+    def name(self) -> str:
+        return self.path.rsplit(".", 1)[-1]
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel for p in self.params)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.params)
+
+    def param(self, name: str) -> ParamInfo | None:
+        return next((p for p in self.params if p.name == name), None)
+
+    def __repr__(self) -> str:
+        q = f", quantized={self.quantized}" if self.quantized else ""
+        shapes = ", ".join(f"{p.name}={list(p.shape)}" for p in self.params)
+        return f"ModuleInfo({self.path!r}, {self.cls.rsplit('.', 1)[-1]}, {self.kind}{q}, calls={self.calls}, {shapes})"
+
+
+@dataclass
+class ModelGraph:
+    """The traced model: per-module info (in module-tree order), ties, and how the capture went."""
+
+    model_class: str
+    modules: dict[str, ModuleInfo]
+    ties: list[tuple[str, ...]]
+    method: str  # "export" or "module-tree"
+    seconds: float
+    reason: str | None = None  # why the module-tree fallback was used
+    reduced: dict[str, tuple[int, int]] = field(default_factory=dict)  # block path -> (layers, traced)
+    exported: Any = None  # the torch.export ExportedProgram of the (meta, possibly depth-reduced) copy
+    config: Any = None
+    name: str | None = None
+
+    @property
+    def graph_module(self) -> torch.fx.GraphModule | None:
+        return None if self.exported is None else self.exported.graph_module
+
+    def leaves(self) -> list[ModuleInfo]:
+        """Modules that hold parameters of their own: what rules decide about."""
+        return [m for m in self.modules.values() if m.params]
+
+    def uncalled(self) -> list[str]:
+        """Modules with parameters that forward never calls (empty when traced by module tree)."""
+        if self.method != "export":
+            return []
+        return [m.path for m in self.leaves() if m.calls == 0]
+
+    @property
+    def numel(self) -> int:
+        return sum(_unique_numel(self))
+
+    def tied_to(self, param_name: str) -> tuple[str, ...]:
+        """The other names of a parameter that is one tensor under several names."""
+        for group in self.ties:
+            if param_name in group:
+                return tuple(n for n in group if n != param_name)
+        return ()
+
+    def __repr__(self) -> str:
+        return (f"ModelGraph({self.model_class}, {len(self.leaves())} parametrized modules, "
+                f"{self.numel:,} parameters, method={self.method}, {self.seconds:.2f}s)")
+
+
+def _unique_numel(graph: ModelGraph):
+    tied_secondary = {name for group in graph.ties for name in group[1:]}
+    for m in graph.leaves():
+        for p in m.params:
+            if _join(m.path, p.name) not in tied_secondary:
+                yield p.numel
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+# ----------------------------------------------------------------------------------------- kinds
+
+def op_kind(module: nn.Module) -> str:
+    """Classify a module: linear, conv1d, embedding, norm or other (bitsandbytes and LoRA forms included)."""
+    base = getattr(module, "base_layer", None)
+    if isinstance(base, nn.Module) and getattr(module, "is_surgery_adapter", False):
+        return op_kind(base)
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers"):
+        return "conv1d"
+    if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)) or type(module).__name__.endswith(
+            ("RMSNorm", "LayerNorm", "Norm")):
+        return "norm"
+    return "other"
+
+
+def quantized_storage(module: nn.Module) -> str | None:
+    """'int8', 'nf4' or 'fp4' when ``module`` (or an adapter's base) is a bitsandbytes quantized layer."""
+    base = getattr(module, "base_layer", None)
+    if isinstance(base, nn.Module) and getattr(module, "is_surgery_adapter", False):
+        return quantized_storage(base)
+    if not type(module).__module__.startswith("bitsandbytes"):
+        return None
+    import bitsandbytes as bnb
+
+    if isinstance(module, bnb.nn.Linear8bitLt):
+        return None if module.state.has_fp16_weights else "int8"
+    if isinstance(module, bnb.nn.Embedding8bit):
+        return "int8"
+    if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Embedding4bit)):
+        return getattr(module.weight, "quant_type", None) or "fp4"
+    return None
+
+
+def tensor_storage_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor holds, including a bitsandbytes quantization state (scales, absmax, codes)."""
+    total = t.numel() * t.element_size()
+    scb = getattr(t, "SCB", None)
+    if isinstance(scb, torch.Tensor):
+        total += scb.numel() * scb.element_size()
+    qs = getattr(t, "quant_state", None)
+    if qs is not None:
+        total += sum(x.numel() * x.element_size() for x in _quant_state_tensors(qs))
+    return total
+
+
+def _quant_state_tensors(qs) -> list[torch.Tensor]:
+    out = [qs.absmax, qs.code]
+    if getattr(qs, "offset", None) is not None:
+        out.append(qs.offset)
+    if getattr(qs, "state2", None) is not None:
+        out += [qs.state2.absmax, qs.state2.code]
+    return [x for x in out if isinstance(x, torch.Tensor)]
+
+
+def _param_infos(module: nn.Module) -> list[ParamInfo]:
+    quant = quantized_storage(module) if type(module).__module__.startswith("bitsandbytes") else None
+    infos = []
+    for name, p in module.named_parameters(recurse=False):
+        if quant and name == "weight":
+            shape = _logical_weight_shape(module)
+            infos.append(ParamInfo(name, shape, quant, tensor_storage_bytes(p)))
+        else:
+            infos.append(ParamInfo(name, tuple(p.shape), str(p.dtype).removeprefix("torch."),
+                                   p.numel() * p.element_size()))
+    return infos
+
+
+def _logical_weight_shape(module: nn.Module) -> tuple[int, ...]:
+    if isinstance(module, nn.Linear):
+        return (module.out_features, module.in_features)
+    return (module.num_embeddings, module.embedding_dim)
+
+
+# ----------------------------------------------------------------------------------------- trace
+
+def trace(model: nn.Module, example_inputs: dict[str, torch.Tensor] | None = None, *,
+          reduce_repeated: bool = True) -> ModelGraph:
+    """Trace ``model`` into a ModelGraph; falls back to the module tree (and says why) when export fails.
+
+    ``example_inputs``: keyword inputs for forward; HF causal LMs get ``input_ids`` by default.
+    The model itself is never modified, moved or run on real data.
+    """
+    start = time.perf_counter()
+    modules = {path: ModuleInfo(path, f"{type(m).__module__}.{type(m).__qualname__}", op_kind(m),
+                                _param_infos(m), quantized_storage(m))
+               for path, m in model.named_modules(remove_duplicate=False)}
+    graph = ModelGraph(type(model).__name__, modules, find_ties(model), "module-tree", 0.0,
+                       config=getattr(model, "config", None),
+                       name=getattr(getattr(model, "config", None), "name_or_path", None) or None)
+    try:
+        inputs, dynamic = _export_inputs(model, example_inputs)
+        meta = _logical_meta_copy(model)
+        reduced = _reduce_repeated_blocks(meta) if reduce_repeated else {}
+        try:
+            exported = _export(meta, inputs, dynamic)
+        except Exception:
+            if not reduced:
+                raise
+            meta, reduced = _logical_meta_copy(model), {}
+            exported = _export(meta, inputs, dynamic)
+        _record_calls(graph, exported, reduced)
+        graph.method, graph.exported, graph.reduced = "export", exported, reduced
+    except Exception as exc:  # any failure of capture: fall back, keep the reason
+        graph.reason = f"{type(exc).__name__}: {_first_line(exc)}"
+    graph.seconds = time.perf_counter() - start
+    return graph
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else ""
+
+
+def find_ties(model: nn.Module) -> list[tuple[str, ...]]:
+    """Parameters that are one tensor under several names, e.g. ('model.embed_tokens.weight', 'lm_head.weight')."""
+    names: dict[int, list[str]] = defaultdict(list)
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names[id(p)].append(name)
+    return [tuple(group) for group in names.values() if len(group) > 1]
+
+
+def _export_inputs(model: nn.Module, example_inputs):
+    from torch.export import Dim
+
+    if example_inputs is not None:
+        inputs = {k: (v.to("meta") if isinstance(v, torch.Tensor) else v) for k, v in example_inputs.items()}
+        dynamic = {k: ({i: Dim.AUTO for i in range(v.dim())} if isinstance(v, torch.Tensor) else None)
+                   for k, v in inputs.items()}
+        return inputs, dynamic
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "vocab_size"):
+        raise TraceError("not a HuggingFace model and no example_inputs given")
+    max_len = next((getattr(config, a) for a in ("max_position_embeddings", "n_positions", "n_ctx")
+                    if isinstance(getattr(config, a, None), int)), 4096)
+    inputs = {"input_ids": torch.zeros(2, 8, dtype=torch.long, device="meta"), "use_cache": False}
+    dynamic = {"input_ids": {0: Dim("batch", min=1, max=4096), 1: Dim("seq", min=2, max=max(max_len, 8))},
+               "use_cache": None}
+    return inputs, dynamic
+
+
+def _export(model: nn.Module, inputs: dict, dynamic: dict):
+    with torch.no_grad():
+        return torch.export.export(model, (), inputs, dynamic_shapes=dynamic, strict=False)
+
+
+def _logical_meta_copy(model: nn.Module) -> nn.Module:
+    """A structural copy on the meta device; bitsandbytes layers become their plain logical equivalents."""
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        if quantized_storage(module) and type(module).__module__.startswith("bitsandbytes"):
+            memo[id(module)] = _plain_equivalent(module)
+    for module in model.modules():
+        if id(module) in memo:
+            continue
+        for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            if id(t) not in memo:
+                meta = torch.empty(t.shape, dtype=t.dtype, device="meta")
+                memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(
+                    t, nn.Parameter) else meta
+    copied = copy.deepcopy(model, memo)
+    return copied.eval()
+
+
+def _plain_equivalent(module: nn.Module) -> nn.Module:
+    dtype = getattr(module, "compute_dtype", None) or getattr(module, "dtype", None)
+    if not isinstance(dtype, torch.dtype):
+        dtype = torch.float16
+    if isinstance(module, nn.Linear):
+        return nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                         device="meta", dtype=dtype)
+    return nn.Embedding(module.num_embeddings, module.embedding_dim, device="meta", dtype=dtype)
+
+
+def _structure(module: nn.Module) -> tuple:
+    return (type(module), tuple((n, tuple(t.shape), t.dtype) for n, t in
+                                [*module.named_parameters(), *module.named_buffers()]))
+
+
+def _reduce_repeated_blocks(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """Shorten every ModuleList of identical layers to KEEP_REPEATED layers; returns path -> (n, kept)."""
+    reduced = {}
+    for path, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, nn.ModuleList) or len(child) <= KEEP_REPEATED:
+                continue
+            shapes = {_structure(layer) for layer in child}
+            if len(shapes) != 1:
+                continue
+            setattr(parent, name, nn.ModuleList(list(child)[:KEEP_REPEATED]))
+            reduced[_join(path, name)] = (len(child), KEEP_REPEATED)
+    return reduced
+
+
+def representative(path: str, reduced: dict[str, tuple[int, int]]) -> str | None:
+    """The traced module that stands for ``path`` in a depth-reduced trace (layer i -> 0, 1 or 2)."""
+    for block in reduced:
+        if path.startswith(block + "."):
+            rest = path[len(block) + 1:]
+            index, _, tail = rest.partition(".")
+            if not index.isdigit():
+                return path
+            i = int(index)
+            rep = i if i < KEEP_REPEATED else 1 + (i - 1) % (KEEP_REPEATED - 1)
+            return _join(f"{block}.{rep}", tail)
+    return path
+
+
+def _record_calls(graph: ModelGraph, exported, reduced: dict[str, tuple[int, int]]) -> None:
+    """Fill calls, order and first-call shapes of every module from the exported graph."""
+    sig = exported.graph_signature
+    user_inputs = set(sig.user_inputs)
+    nodes = list(exported.graph.nodes)
+    symbols = _symbol_names(nodes, user_inputs)
+    call_keys: dict[str, list[str]] = defaultdict(list)
+    members: dict[str, set] = defaultdict(set)
+    first_seen: dict[str, int] = {}
+    for index, node in enumerate(nodes):
+        for key, (path, _cls) in (node.meta.get("nn_module_stack") or {}).items():
+            if not path or key.startswith("_empty"):
+                continue
+            if key not in call_keys[path]:
+                call_keys[path].append(key)
+            members[key].add(node)
+            first_seen.setdefault(path, index)
+
+    traced_order = sorted(first_seen, key=first_seen.get)
+    order = {path: i for i, path in enumerate(_expand_order(traced_order, reduced, graph.modules))}
+    for path, info in graph.modules.items():
+        rep = representative(path, reduced)
+        keys = call_keys.get(rep, [])
+        info.calls = len(keys)
+        info.order = order.get(path)
+        if keys:
+            info.input_shape, info.output_shape = _call_shapes(members[keys[0]], user_inputs, symbols)
+
+
+def _expand_order(traced: list[str], reduced: dict[str, tuple[int, int]], modules: dict) -> list[str]:
+    """First-call order of the full model, replaying each representative layer for every layer it stands for."""
+    out, done, traced_set = [], set(), set(traced)
+    for path in traced:
+        block = next((b for b in reduced if path.startswith(b + ".")), None)
+        if block is None:
+            out.append(path)
+            continue
+        if block in done:
+            continue
+        done.add(block)
+        for i in range(reduced[block][0]):
+            prefix = f"{block}.{i}"
+            out += [p for p in modules if (p == prefix or p.startswith(prefix + "."))
+                    and representative(p, reduced) in traced_set]
+    return out
+
+
+def _symbol_names(nodes, user_inputs: set) -> dict[str, str]:
+    """Readable names for the dynamic dimensions of input_ids: batch and seq."""
+    for node in nodes:
+        if node.op == "placeholder" and node.name in user_inputs:
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor) and val.dim() == 2:
+                return {str(val.shape[0]): "batch", str(val.shape[1]): "seq"}
+    return {}
+
+
+def _shape_of(node, symbols: dict[str, str]) -> tuple | None:
+    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    if not isinstance(val, torch.Tensor):
+        return None
+    return tuple(int(d) if isinstance(d, int) else _readable(str(d), symbols) for d in val.shape)
+
+
+def _readable(expr: str, symbols: dict[str, str]) -> str:
+    """Replace export's symbol names (s70) in a size expression with batch/seq."""
+    return re.sub(r"\bs\d+\b", lambda m: symbols.get(m.group(0), m.group(0)), expr)
+
+
+def _call_shapes(nodes: set, user_inputs: set, symbols: dict[str, str]) -> tuple[tuple | None, tuple | None]:
+    ordered = sorted(nodes, key=_node_index)
+    input_shape = None
+    for node in ordered:
+        for arg in node.all_input_nodes:
+            if arg in nodes or (arg.op == "placeholder" and arg.name not in user_inputs):
+                continue
+            input_shape = _shape_of(arg, symbols)
+            if input_shape is not None:
+                break
+        if input_shape is not None:
+            break
+    output_shape = None
+    for node in reversed(ordered):
+        if any(user not in nodes for user in node.users):
+            output_shape = _shape_of(node, symbols)
+            if output_shape is not None:
+                break
+    return input_shape, output_shape
+
+
+def _node_index(node) -> int:
+    index = node.meta.get("_surgery_index")
+    if index is None:
+        for i, n in enumerate(node.graph.nodes):
+            n.meta["_surgery_index"] = i
+        index = node.meta["_surgery_index"]
+    return index
