@@ -241,7 +241,8 @@ def _read_yaml(path: Path) -> Any:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise RuleFileError(f"{where}: not valid YAML: {exc.problem or exc.context}") from None
+        context = f" ({exc.context} at line {exc.context_mark.line + 1})" if exc.context and exc.context_mark else ""
+        raise RuleFileError(f"{where}: not valid YAML: {exc.problem or exc.context}{context}") from None
     except yaml.YAMLError as exc:
         raise RuleFileError(f"{path}: not valid YAML: {exc}") from None
 

@@ -343,7 +343,7 @@ def representative(path: str, reduced: dict[str, tuple[int, int]]) -> str | None
                 return path
             i = int(index)
             rep = i if i < KEEP_REPEATED else 1 + (i - 1) % (KEEP_REPEATED - 1)
-            return _join(f"{block}.{rep}", tail)
+            return f"{block}.{rep}" + (f".{tail}" if tail else "")
     return path
 
 
@@ -366,7 +366,7 @@ def _record_calls(graph: ModelGraph, exported, reduced: dict[str, tuple[int, int
             first_seen.setdefault(path, index)
 
     traced_order = sorted(first_seen, key=first_seen.get)
-    order = {path: i for i, path in enumerate(_expand_order(traced_order, reduced, graph.modules))}
+    order = {path: i for i, path in enumerate(_expand_order(traced_order, reduced))}
     for path, info in graph.modules.items():
         rep = representative(path, reduced)
         keys = call_keys.get(rep, [])
@@ -376,9 +376,9 @@ def _record_calls(graph: ModelGraph, exported, reduced: dict[str, tuple[int, int
             info.input_shape, info.output_shape = _call_shapes(members[keys[0]], user_inputs, symbols)
 
 
-def _expand_order(traced: list[str], reduced: dict[str, tuple[int, int]], modules: dict) -> list[str]:
+def _expand_order(traced: list[str], reduced: dict[str, tuple[int, int]]) -> list[str]:
     """First-call order of the full model, replaying each representative layer for every layer it stands for."""
-    out, done, traced_set = [], set(), set(traced)
+    out, done = [], set()
     for path in traced:
         block = next((b for b in reduced if path.startswith(b + ".")), None)
         if block is None:
@@ -387,10 +387,10 @@ def _expand_order(traced: list[str], reduced: dict[str, tuple[int, int]], module
         if block in done:
             continue
         done.add(block)
+        inside = [t for t in traced if t.startswith(block + ".")]
         for i in range(reduced[block][0]):
-            prefix = f"{block}.{i}"
-            out += [p for p in modules if (p == prefix or p.startswith(prefix + "."))
-                    and representative(p, reduced) in traced_set]
+            rep = representative(f"{block}.{i}", reduced)
+            out += [f"{block}.{i}{t[len(rep):]}" for t in inside if t == rep or t.startswith(rep + ".")]
     return out
 
 

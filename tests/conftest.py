@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny models (random weights, fixed seed) and their graphs; no network, no downloads."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+warnings.filterwarnings("ignore")
+
+import surgery  # noqa: E402
+
+TINY = ["tiny-opt", "tiny-llama", "tiny-gpt2"]
+
+
+@pytest.fixture(scope="session")
+def tiny_graphs():
+    """ModelGraph of each tiny model, traced once per session."""
+    return {name: surgery.trace(surgery.tiny_model(name)) for name in TINY}
+
+
+@pytest.fixture()
+def write_rules(tmp_path):
+    """Write a rule file from text and return its path."""
+
+    def write(text: str, name: str = "rules.yaml"):
+        path = tmp_path / name
+        path.write_text(text)
+        return path
+
+    return write

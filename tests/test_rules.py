@@ -1,0 +1,135 @@
+import os
+
+import pytest
+
+import surgery
+from surgery.rules import RuleFileError, load_rules, parse_rules, pattern_matches
+
+
+# ------------------------------------------------------------------------------------ matching
+
+def _decided(graph, rules_dict):
+    plan = surgery.plan(graph, rules_dict, check=False)
+    return {path: d for path, d in plan.decisions.items()}
+
+
+def test_suffix_glob_matches_dot_aligned_suffixes(tiny_graphs):
+    g = tiny_graphs["tiny-opt"]
+    got = _decided(g, {"default": "freeze", "rules": [{"match": "q_proj", "action": "adapt"}]})
+    assert sorted(p for p, d in got.items() if d.action == "adapt") == [
+        "model.decoder.layers.0.self_attn.q_proj", "model.decoder.layers.1.self_attn.q_proj"]
+    got = _decided(g, {"default": "freeze", "rules": [{"match": "layers.1.self_attn.*", "action": "adapt"}]})
+    assert sorted(p for p, d in got.items() if d.action == "adapt") == [
+        f"model.decoder.layers.1.self_attn.{n}" for n in ("k_proj", "out_proj", "q_proj", "v_proj")]
+    assert not pattern_matches("proj", "model.decoder.layers.0.self_attn.q_proj")  # whole components only
+    assert pattern_matches("layers.[0-1].fc?", "model.decoder.layers.0.fc2")
+    assert pattern_matches("model.decoder.layers.*.fc1", "model.decoder.layers.1.fc1")
+
+
+def test_regex_is_a_full_match_on_the_full_path(tiny_graphs):
+    g = tiny_graphs["tiny-llama"]
+    got = _decided(g, {"default": "freeze", "rules": [{"match": r"re:model\.layers\.1\.mlp\.(up|down)_proj",
+                                                       "action": "adapt"}]})
+    assert sorted(p for p, d in got.items() if d.action == "adapt") == [
+        "model.layers.1.mlp.down_proj", "model.layers.1.mlp.up_proj"]
+    assert not pattern_matches("re:mlp", "model.layers.1.mlp.up_proj")
+
+
+def test_type_narrows_by_op_kind(tiny_graphs):
+    g = tiny_graphs["tiny-gpt2"]
+    got = _decided(g, {"default": "freeze", "rules": [{"match": "*", "type": "conv1d", "action": "adapt"}]})
+    adapted = {p for p, d in got.items() if d.action == "adapt"}
+    assert adapted == {f"transformer.h.{i}.{n}" for i in (0, 1) for n in
+                       ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+
+
+def test_first_matching_rule_wins_and_is_named(tiny_graphs):
+    g = tiny_graphs["tiny-opt"]
+    plan = surgery.plan(g, {"default": "freeze", "quantize": "int8", "rules": [
+        {"match": "layers.0.fc1", "action": "plain"},
+        {"match": "fc1", "action": "adapt", "lora": {"r": 2}},
+    ]}, check=False)
+    assert plan.decisions["model.decoder.layers.0.fc1"].action == "plain"
+    assert plan.decisions["model.decoder.layers.0.fc1"].rule.index == 1
+    assert plan.decisions["model.decoder.layers.1.fc1"].action == "adapt"
+    assert plan.decisions["model.decoder.layers.1.fc1"].lora.r == 2
+    assert plan.decisions["model.decoder.final_layer_norm"].rule is None  # the default
+
+
+def test_rules_keep_file_and_line(write_rules):
+    path = write_rules("version: 1\nquantize: nf4\nrules:\n  - match: q_proj\n    action: adapt\n"
+                       "  - match: lm_head\n    action: plain\n")
+    rules = load_rules(path)
+    assert [r.line for r in rules.rules] == [4, 6]
+    assert rules.rules[1].location == f"{path}:6"
+    assert rules.quantize.scheme == "nf4" and rules.default == "quantize"
+
+
+@pytest.mark.parametrize("name", ["qv_lora", "all_linear_lora", "qlora_nf4", "finetuna_default", "full_finetune"])
+def test_bundled_rule_files_load_by_name(name):
+    rules = load_rules(name)
+    assert rules.source == f"rules/{name}.yaml" and rules.description
+    assert parse_rules(rules.to_dict()).to_json() == rules.to_json()  # canonical round trip
+
+
+# ------------------------------------------------------------------------------ bad rule files
+
+BAD = [
+    ("malformed YAML", "rules:\n  - match: [q_proj\n", 3, "flow sequence at line 2"),
+    ("top level a list", "- match: q_proj\n", None, "top level must be a mapping"),
+    ("rules not a list", "rules: q_proj\n", 1, "must be a list"),
+    ("rule not a mapping", "rules:\n  - q_proj\n", None, "rule 1: must be a mapping"),
+    ("missing match", "rules:\n  - action: adapt\n", 2, "needs `match:`"),
+    ("wrong type for match", "rules:\n  - match: 3\n    action: adapt\n", 2, "needs `match:`"),
+    ("unknown action", "rules:\n  - match: q_proj\n    action: adpat\n", 3, "did you mean 'adapt'"),
+    ("unknown key", "rules:\n  - match: q_proj\n    action: adapt\n    lora_r: 8\n", 4, "unknown key 'lora_r'"),
+    ("unknown top key", "version: 1\nrulez: []\n", 2, "did you mean 'rules'"),
+    ("unknown type", "rules:\n  - match: q\n    type: dense\n    action: adapt\n", 3, "unknown type 'dense'"),
+    ("lora on freeze", "rules:\n  - match: q_proj\n    action: freeze\n    lora: {r: 4}\n", 4,
+     "only allowed on an adapt rule"),
+    ("r below 1", "rules:\n  - match: q_proj\n    action: adapt\n    lora:\n      r: 0\n", 5, "r must be an integer >= 1"),
+    ("r not an int", "rules:\n  - match: q_proj\n    action: adapt\n    lora: {r: 2.5}\n", 4, "r must be an integer"),
+    ("dropout 1", "rules:\n  - match: q_proj\n    action: adapt\n    lora:\n      dropout: 1.0\n", 5, "[0, 1)"),
+    ("dropout negative", "rules:\n  - match: q\n    action: adapt\n    lora: {dropout: -0.1}\n", 4, "[0, 1)"),
+    ("unknown lora option", "rules:\n  - match: q\n    action: adapt\n    lora: {rank: 4}\n", 4, "unknown LoRA option"),
+    ("duplicate key", "rules:\n  - match: q_proj\n    action: adapt\n    action: plain\n", 4, "duplicate key 'action'"),
+    ("duplicate top key", "version: 1\nversion: 1\n", 2, "duplicate key"),
+    ("bad scheme", "quantize: int4\n", 1, "unknown quantization scheme"),
+    ("bad quant option", "quantize: {scheme: int8, double_quant: true}\n", 1, "unknown int8 option"),
+    ("bad blocksize", "quantize: {scheme: nf4, blocksize: 100}\n", 1, "blocksize"),
+    ("newer version", "version: 2\nrules: []\n", 1, "newer"),
+    ("default adapt", "default: adapt\n", 1, "default cannot be 'adapt'"),
+    ("bad regex", "rules:\n  - match: 're:(q'\n    action: adapt\n", 2, "bad regex"),
+    ("untie on adapt", "rules:\n  - match: q\n    action: adapt\n    untie: true\n", 4, "only allowed on a plain"),
+    ("empty", "", None, "is empty"),
+    ("whitespace only", "  \n\n", None, "is empty"),
+]
+
+
+@pytest.mark.parametrize("case,text,line,needle", BAD, ids=[b[0] for b in BAD])
+def test_bad_rule_files_name_file_and_line(write_rules, case, text, line, needle):
+    path = write_rules(text)
+    with pytest.raises(RuleFileError) as err:
+        load_rules(path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}:{line}:" if line else str(path)), msg
+    assert needle in msg, msg
+
+
+def test_directory_binary_huge_and_missing_files(tmp_path):
+    with pytest.raises(RuleFileError, match="is a directory"):
+        load_rules(tmp_path)
+    garbage = tmp_path / "garbage.yaml"
+    garbage.write_bytes(os.urandom(512) + b"\x00")
+    with pytest.raises(RuleFileError, match="binary"):
+        load_rules(garbage)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(b"rules: [\xe9]\n")
+    with pytest.raises(RuleFileError, match="not UTF-8"):
+        load_rules(latin)
+    huge = tmp_path / "huge.yaml"
+    huge.write_text("rules:\n" + "  - {match: q_proj, action: adapt}\n" * 40000)
+    with pytest.raises(RuleFileError, match="at most"):
+        load_rules(huge)
+    with pytest.raises(RuleFileError, match="did you mean 'qv_lora'"):
+        load_rules("qv_lroa")
