@@ -1,0 +1,81 @@
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from surgery_cli.app import app
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, list(args))
+
+
+def test_inspect_opt_1_3b_offline_json():
+    result = run("inspect", "facebook/opt-1.3b", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["parameters"] == 1_315_758_080 and data["layers"] == 24
+    assert data["tied"] == [["model.decoder.embed_tokens.weight", "lm_head.weight"]]
+    assert data["trace"] == "export" and "q_proj" in data["adaptable"]
+    assert data["memory"]["float16"] == 2 * 1_315_758_080
+
+
+def test_inspect_table_collapses_repeated_blocks():
+    result = run("inspect", "tiny-llama", "--modules", "self_attn.*")
+    assert result.exit_code == 0, result.output
+    assert "model.layers.*.self_attn.q_proj" in result.stdout and "adaptable modules" in result.stdout
+    assert "model.layers.0.self_attn.q_proj" not in result.stdout
+
+
+def test_plan_without_model_names_the_default():
+    result = run("plan", "qv_lora", "--finetunes", "4")
+    assert result.exit_code == 0, result.output
+    assert "tiny-opt" in result.stdout and "bundled tiny default" in result.stdout
+    assert "base + 4 fine-tunes" in result.stdout
+
+
+def test_plan_json_on_a_bundled_config():
+    result = run("plan", "qlora_nf4", "--model", "meta-llama/Llama-3.1-8B", "-n", "8", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["ok"] and data["memory"]["total_bytes"] < data["memory"]["full_copies_bytes"]
+
+
+def test_plan_uses_the_rule_files_model_key(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model: tiny-gpt2\nquantize: int8\nrules:\n  - match: c_attn\n    action: adapt\n")
+    result = run("plan", str(path))
+    assert result.exit_code == 0, result.output
+    assert "tiny-gpt2" in result.stdout and "`model:`" in result.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("plan", "no_such_rules"), "no such rule file"),
+    (("inspect", "facebook/opt-13b"), "Did you mean"),
+    (("plan", "{path}"), "duplicate key"),
+    (("plan", "{c4}"), "matched no module"),
+])
+def test_user_errors_exit_2_without_traceback(tmp_path, args, needle):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rules:\n  - match: q\n    match: k\n")
+    c4 = tmp_path / "c4.yaml"
+    c4.write_text("rules:\n  - match: q_projj\n    action: adapt\n")
+    args = [a.format(path=bad, c4=c4) for a in args]
+    result = run(*args)
+    assert result.exit_code == 2, result.output
+    assert needle in result.output and "Traceback" not in result.output
+
+
+def test_rules_list_shows_bundled_files():
+    result = run("rules", "list")
+    assert result.exit_code == 0
+    for name in ("qv_lora", "all_linear_lora", "qlora_nf4", "finetuna_default", "full_finetune"):
+        assert name in result.stdout
+
+
+def test_every_command_has_help_with_an_example():
+    for cmd in (["inspect"], ["plan"], ["models"], ["rules", "list"], ["rules", "show"]):
+        result = run(*cmd, "--help")
+        assert result.exit_code == 0 and "Example: surgery" in result.stdout, cmd
