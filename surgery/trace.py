@@ -143,9 +143,9 @@ def op_kind(module: nn.Module) -> str:
     base = getattr(module, "base_layer", None)
     if isinstance(base, nn.Module) and getattr(module, "is_surgery_adapter", False):
         return op_kind(base)
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) and _standard_forward(module, nn.Linear):
         return "linear"
-    if isinstance(module, nn.Embedding):
+    if isinstance(module, nn.Embedding) and _standard_forward(module, nn.Embedding):
         return "embedding"
     if type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers"):
         return "conv1d"
@@ -153,6 +153,15 @@ def op_kind(module: nn.Module) -> str:
             ("RMSNorm", "LayerNorm", "Norm")):
         return "norm"
     return "other"
+
+
+def _standard_forward(module: nn.Module, cls: type) -> bool:
+    """True when ``module`` computes what ``cls`` computes: its own forward, or a bitsandbytes form of it.
+
+    Subclasses with their own forward (OPT's learned positional embedding) are "other": swapping them
+    for a quantized or LoRA layer would change what they compute.
+    """
+    return type(module).forward is cls.forward or type(module).__module__.startswith("bitsandbytes")
 
 
 def quantized_storage(module: nn.Module) -> str | None:
@@ -200,7 +209,11 @@ def _param_infos(module: nn.Module) -> list[ParamInfo]:
     for name, p in module.named_parameters(recurse=False):
         if quant and name == "weight":
             shape = _logical_weight_shape(module)
-            infos.append(ParamInfo(name, shape, quant, tensor_storage_bytes(p)))
+            nbytes = tensor_storage_bytes(p)
+            moved = getattr(getattr(module, "state", None), "SCB", None)  # Linear8bitLt after its first forward
+            if getattr(p, "SCB", None) is None and isinstance(moved, torch.Tensor):
+                nbytes += moved.numel() * moved.element_size()
+            infos.append(ParamInfo(name, shape, quant, nbytes))
         else:
             infos.append(ParamInfo(name, tuple(p.shape), str(p.dtype).removeprefix("torch."),
                                    p.numel() * p.element_size()))
@@ -444,3 +457,22 @@ def _node_index(node) -> int:
             n.meta["_surgery_index"] = i
         index = node.meta["_surgery_index"]
     return index
+
+
+def refresh(graph: ModelGraph, model: nn.Module) -> ModelGraph:
+    """The same graph with module classes, parameters and quantized state re-read from ``model``.
+
+    Calls and shapes do not change when layers are quantized or wrapped, so a base that was traced
+    once can be re-planned after ``quantize_base`` without tracing again.
+    """
+    modules = {}
+    for path, m in model.named_modules(remove_duplicate=False):
+        old = graph.modules.get(path)
+        info = ModuleInfo(path, f"{type(m).__module__}.{type(m).__qualname__}", op_kind(m), _param_infos(m),
+                          quantized_storage(m))
+        if old is not None:
+            info.calls, info.order, info.input_shape, info.output_shape = (
+                old.calls, old.order, old.input_shape, old.output_shape)
+        modules[path] = info
+    return ModelGraph(graph.model_class, modules, find_ties(model), graph.method, graph.seconds, graph.reason,
+                      graph.reduced, graph.exported, graph.config, graph.name)

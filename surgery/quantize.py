@@ -1,0 +1,89 @@
+"""Quantize the base in place, once, with bitsandbytes: the modules a plan marks, nothing else.
+
+Linear and GPT-2's Conv1D become ``Linear8bitLt`` (LLM.int8, frozen int8 weights) or ``Linear4bit``
+(nf4/fp4); embeddings become ``Embedding8bit`` / ``Embedding4bit``. Every new layer is built first
+and swapped in only when all were built, so a failure leaves the model untouched. A module that
+is already a bitsandbytes layer is never quantized again.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .plan import Decision, Plan
+from .rules import QuantConfig
+
+
+def quantize_base(model: nn.Module, plan: Plan, progress=None) -> list[str]:
+    """Quantize in place every module ``plan`` marks; returns their paths. ``progress(i, n, path)`` is optional."""
+    todo = plan.quantized
+    built: dict[str, nn.Module] = {}
+    shared: dict[tuple, nn.Parameter] = {}
+    for i, decision in enumerate(todo):
+        module = model.get_submodule(decision.path)
+        built[decision.path] = quantized_layer(module, decision, shared)
+        if progress is not None:
+            progress(i + 1, len(todo), decision.path)
+    for path, layer in built.items():
+        parent, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
+    return list(built)
+
+
+def quantized_layer(module: nn.Module, decision: Decision, shared: dict | None = None) -> nn.Module:
+    """The bitsandbytes form of ``module`` (weights quantized on the module's own device)."""
+    import bitsandbytes as bnb
+
+    quant = decision.quant
+    shared = {} if shared is None else shared
+    weight = module.weight.detach()
+    if decision.kind == "conv1d":
+        weight = weight.t()  # Conv1D stores (in, out); bitsandbytes wants (out, in)
+    key = (id(module.weight), decision.kind == "embedding", quant.scheme, quant.double_quant, quant.blocksize)
+    with torch.no_grad():
+        if decision.kind == "embedding":
+            layer = _embedding(module, quant, bnb)
+        else:
+            in_f, out_f = weight.shape[1], weight.shape[0]
+            bias = getattr(module, "bias", None)
+            layer = _linear(in_f, out_f, bias is not None, quant, weight.dtype, bnb)
+            if bias is not None:
+                layer.bias = nn.Parameter(bias.detach(), requires_grad=False)
+        if key not in shared:
+            shared[key] = _quantized_weight(weight, quant, layer, bnb)
+        layer.weight = shared[key]
+        if quant.scheme != "int8":
+            layer.quant_state = layer.weight.quant_state
+    return layer.requires_grad_(False).train(module.training)
+
+
+def _linear(in_f: int, out_f: int, bias: bool, quant: QuantConfig, dtype: torch.dtype, bnb) -> nn.Module:
+    if quant.scheme == "int8":
+        return bnb.nn.Linear8bitLt(in_f, out_f, bias=bias, has_fp16_weights=False, threshold=quant.threshold,
+                                   device="meta")
+    compute = getattr(torch, quant.compute_dtype) if quant.compute_dtype else dtype
+    return bnb.nn.Linear4bit(in_f, out_f, bias=bias, compute_dtype=compute, compress_statistics=quant.double_quant,
+                             quant_type=quant.scheme, device="meta")
+
+
+def _embedding(module: nn.Embedding, quant: QuantConfig, bnb) -> nn.Module:
+    num, dim = module.weight.shape
+    if quant.scheme == "int8":
+        layer = bnb.nn.Embedding8bit(num, dim, device="meta", dtype=module.weight.dtype)
+    else:
+        layer = bnb.nn.Embedding4bit(num, dim, quant_type=quant.scheme, device="meta", dtype=module.weight.dtype)
+    layer.padding_idx = module.padding_idx
+    return layer
+
+
+def _quantized_weight(weight: torch.Tensor, quant: QuantConfig, layer: nn.Module, bnb) -> nn.Parameter:
+    """Quantize one weight as bitsandbytes' own ``.to(device)`` would, without a device round trip."""
+    if quant.scheme == "int8":
+        cb, scb, _ = bnb.functional.int8_vectorwise_quant(weight.contiguous().to(torch.float16))
+        return bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False, CB=cb, SCB=scb)
+    packed, state = bnb.functional.quantize_4bit(weight.contiguous(), blocksize=quant.blocksize,
+                                                 compress_statistics=quant.double_quant, quant_type=quant.scheme)
+    return bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=quant.blocksize,
+                             compress_statistics=quant.double_quant, quant_type=quant.scheme, module=layer,
+                             bnb_quantized=True)

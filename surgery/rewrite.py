@@ -1,0 +1,143 @@
+"""Make fine-tunes: structural copies of a base that share every frozen tensor with it.
+
+``rewrite(base, rules)`` plans (all errors first), quantizes the base in place once where the plan
+needs it, then builds a fine-tune of the same class: every module object is new (own hooks, own
+training flag) but every frozen parameter and buffer is the base's own tensor; quantized layers are
+shared as they are; adapted layers are wrapped in LoRA; ``plain`` modules get a private trainable
+copy. Siblings therefore cost only their adapters and plain copies.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .adapters import make_adapter
+from .errors import RewriteError
+from .plan import Plan, plan as make_plan
+from .quantize import quantize_base
+from .rules import RuleSet, load_rules
+from .trace import ModelGraph, quantized_storage, refresh, trace
+
+
+@dataclass
+class FinetuneInfo:
+    """What a fine-tune knows of itself: its rules, its plan, and the base it shares."""
+
+    rules: RuleSet
+    plan: Plan
+    base: nn.Module
+
+    def __repr__(self) -> str:
+        return f"FinetuneInfo(rules={self.rules.source!r}, base={type(self.base).__name__})"
+
+
+def finetune_info(model: nn.Module) -> FinetuneInfo | None:
+    """The FinetuneInfo of a fine-tune made by ``rewrite``, or None for any other model."""
+    return model.__dict__.get("_surgery")
+
+
+def base_graph(model: nn.Module) -> ModelGraph:
+    """The base's graph: traced once, then refreshed from the module tree (quantization changes no calls)."""
+    cached = model.__dict__.get("_surgery_graph")
+    graph = trace(model) if cached is None else refresh(cached, model)
+    model.__dict__["_surgery_graph"] = graph
+    return graph
+
+
+def rewrite(model: nn.Module, rules: RuleSet | str, *, progress: Callable | None = None) -> nn.Module:
+    """A new fine-tune of ``model`` by ``rules``; quantizes the base first where the plan needs it.
+
+    Raises PlanError before anything changes. If anything fails later the base is restored exactly.
+    """
+    if finetune_info(model) is not None:
+        raise RewriteError("this model is itself a fine-tune; rewrite its base instead "
+                           "(surgery.finetune_info(ft).base)")
+    rules = load_rules(rules)
+    the_plan = make_plan(base_graph(model), rules)
+    snapshot = _Snapshot(model)
+    try:
+        quantize_base(model, the_plan, progress)
+        _freeze(model)
+        finetune = _structural_copy(model, the_plan)
+    except Exception as exc:
+        snapshot.restore()
+        if isinstance(exc, RewriteError):
+            raise
+        raise RewriteError(f"rewrite failed and the base was restored: {type(exc).__name__}: {exc}") from exc
+    final_plan = make_plan(base_graph(model), rules) if the_plan.quantized else the_plan
+    finetune.__dict__["_surgery"] = FinetuneInfo(rules, final_plan, model)
+    finetune.__dict__["_apply"] = _guarded_apply(finetune)
+    return finetune
+
+
+class _Snapshot:
+    """Enough of the base to undo a failed rewrite: every module object and every requires_grad flag."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.children = [(parent, name, child) for parent in model.modules()
+                         for name, child in parent.named_children()]
+        self.flags = [(p, p.requires_grad) for p in model.parameters()]
+
+    def restore(self) -> None:
+        for parent, name, child in self.children:
+            setattr(parent, name, child)
+        for p, flag in self.flags:
+            p.requires_grad_(flag)
+        self.model.__dict__.pop("_surgery_graph", None)
+
+
+def _freeze(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def _structural_copy(base: nn.Module, the_plan: Plan) -> nn.Module:
+    """New module objects, the base's own tensors; then LoRA wrappers and private plain copies."""
+    memo: dict[int, Any] = {}
+    for module in base.modules():
+        if quantized_storage(module):
+            memo[id(module)] = module  # shared as is: its tensors and quantization state are the base's
+            continue
+        for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            memo[id(t)] = t
+    memo.pop(id(base), None)
+    memo[id(base.__dict__.get("_surgery_graph"))] = None
+    finetune = copy.deepcopy(base, memo)
+    finetune.__dict__.pop("_surgery_graph", None)
+    private: dict[int, nn.Parameter] = {}
+    for path, decision in the_plan.decisions.items():
+        if decision.action == "plain":
+            module = finetune.get_submodule(path)
+            for name, p in list(module.named_parameters(recurse=False)):
+                if id(p) not in private:
+                    private[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=True)
+                setattr(module, name, private[id(p)])
+        elif decision.action == "adapt" and decision.lora is not None:
+            parent_path, _, child = path.rpartition(".")
+            parent = finetune.get_submodule(parent_path) if parent_path else finetune
+            setattr(parent, child, make_adapter(getattr(parent, child), decision.kind, decision.lora))
+    return finetune
+
+
+def _guarded_apply(finetune: nn.Module):
+    """Refuse .to()/.cuda()/.half()... that would give a fine-tune its own copy of the shared base."""
+    original = type(finetune)._apply
+
+    def _apply(fn, *args, **kwargs):
+        for t in finetune.parameters():
+            probe = torch.empty(0, dtype=t.dtype, device=t.device)
+            moved = fn(probe)
+            if moved.device != probe.device or moved.dtype != probe.dtype:
+                raise RewriteError(
+                    f"moving or casting a fine-tune (to {moved.device}, {moved.dtype}) would copy the base it "
+                    "shares and silently break sharing with its siblings; put the base where it should live "
+                    "(device, dtype) before creating fine-tunes with surgery.rewrite")
+        return original(finetune, fn, *args, **kwargs)
+
+    return _apply

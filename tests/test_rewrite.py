@@ -1,0 +1,286 @@
+import copy
+import hashlib
+
+import pytest
+import torch
+from torch import nn
+
+import surgery
+from surgery.adapters import LoraConv1D, LoraEmbedding, LoraLinear
+from surgery.errors import PlanError, RewriteError
+from surgery.memory import extra_bytes, parameter_bytes
+from surgery.rules import LoraConfig
+from tests.conftest import TINY
+
+RULES = ["qv_lora", "all_linear_lora", "qlora_nf4", "finetuna_default", "full_finetune"]
+IDS = torch.tensor([[5, 17, 99, 3, 200, 41, 7, 8], [1, 2, 3, 4, 5, 6, 7, 8]])
+
+
+def _hashes(model):
+    """Content hash of every parameter, buffer and quantization scale of a model."""
+    def digest(t):
+        return hashlib.sha256(t.detach().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+    out = {}
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]:
+        out[name] = digest(t)
+        for extra in ("SCB",):
+            if isinstance(getattr(t, extra, None), torch.Tensor):
+                out[f"{name}.{extra}"] = digest(getattr(t, extra))
+    return out
+
+
+@pytest.mark.parametrize("rules", RULES)
+@pytest.mark.parametrize("model", TINY)
+def test_fresh_finetune_equals_base_and_plan_equals_measurement(model, rules):
+    base = surgery.tiny_model(model)
+    predicted = surgery.plan(base, rules)
+    ft = surgery.rewrite(base, rules)
+    with torch.no_grad():
+        assert torch.equal(ft(IDS).logits, base(IDS).logits)
+    assert type(ft) is type(base)
+    assert parameter_bytes(base) == predicted.base_bytes_after
+    assert extra_bytes(ft, base) == predicted.finetune_bytes
+    trainable = sum(p.numel() for p in ft.parameters() if p.requires_grad)
+    assert trainable == predicted.trainable_params
+    assert surgery.finetune_info(ft).rules.name == rules
+
+
+def test_frozen_tensors_are_the_bases_own_objects():
+    base = surgery.tiny_model("tiny-llama")
+    ft = surgery.rewrite(base, "qv_lora")
+    base_ids = {id(p) for p in base.parameters()} | {id(b) for b in base.buffers()}
+    for name, p in ft.named_parameters():
+        assert (id(p) in base_ids) != p.requires_grad, name
+    for name, b in ft.named_buffers():
+        assert id(b) in base_ids, name
+    assert ft.model.layers[0] is not base.model.layers[0]  # own module objects: hooks are not shared
+    ft.model.layers[0].register_forward_hook(lambda *a: None)
+    assert not base.model.layers[0]._forward_hooks
+
+
+def test_siblings_share_one_quantized_base():
+    base = surgery.tiny_model("tiny-opt")
+    fts = [surgery.rewrite(base, "qv_lora") for _ in range(4)]
+    before = parameter_bytes(base)
+    for ft in fts:
+        assert extra_bytes(ft, base) == surgery.finetune_info(ft).plan.finetune_bytes
+    assert parameter_bytes(base) == before  # quantized once, not per fine-tune
+    q = [ft.model.decoder.layers[0].fc1 for ft in fts]
+    assert all(layer is base.model.decoder.layers[0].fc1 for layer in q)
+
+
+def test_training_one_finetune_leaves_siblings_and_base_untouched():
+    base = surgery.tiny_model("tiny-opt")
+    a = surgery.rewrite(base, "finetuna_default")  # adapters and a plain (untied) lm_head
+    b = surgery.rewrite(base, "finetuna_default")
+    with torch.no_grad():
+        base_out, b_out = base(IDS).logits.clone(), b(IDS).logits.clone()
+    hashes = _hashes(base)
+    params = [p for p in a.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    a.train()
+    for _ in range(20):
+        loss = a(IDS, labels=IDS).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    a.eval()
+    with torch.no_grad():
+        assert not torch.equal(a(IDS).logits, base_out)  # A did learn something
+        assert torch.equal(base(IDS).logits, base_out)
+        assert torch.equal(b(IDS).logits, b_out)
+    assert _hashes(base) == hashes
+
+
+def test_only_adapters_and_plain_modules_get_gradients():
+    base = surgery.tiny_model("tiny-gpt2")
+    ft = surgery.rewrite(base, "finetuna_default")
+    ft(IDS, labels=IDS).loss.backward()
+    for name, p in ft.named_parameters():
+        has_grad = p.grad is not None
+        expected = "lora_" in name or name.startswith("lm_head")
+        assert has_grad == expected, name
+    assert all(p.grad is None for p in base.parameters())
+
+
+# ------------------------------------------------------------------------- LoRA against fp32 math
+
+def _random_lora(layer):
+    with torch.no_grad():
+        layer.lora_A.normal_()
+        layer.lora_B.normal_()
+    return layer
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_lora_linear_matches_hand_written_reference(rslora):
+    torch.manual_seed(0)
+    base = nn.Linear(16, 12)
+    cfg = LoraConfig(r=4, alpha=8, rslora=rslora, bias=True)
+    lora = _random_lora(LoraLinear(base, cfg))
+    with torch.no_grad():
+        lora.lora_bias.normal_()
+    x = torch.randn(3, 5, 16)
+    s = 8 / (2 if rslora else 4)
+    ref = x @ base.weight.T + base.bias + s * (x @ lora.lora_A.T @ lora.lora_B.T) + lora.lora_bias
+    assert torch.allclose(lora(x), ref, atol=1e-5)
+    assert lora.base_layer is base
+
+
+def test_lora_conv1d_matches_hand_written_reference():
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    base = Conv1D(12, 16)  # nf=out=12, nx=in=16, weight (16, 12)
+    lora = _random_lora(LoraConv1D(base, LoraConfig(r=4, alpha=16)))
+    x = torch.randn(2, 7, 16)
+    ref = x @ base.weight + base.bias + 4.0 * (x @ lora.lora_A.T @ lora.lora_B.T)
+    assert torch.allclose(lora(x), ref, atol=1e-5)
+
+
+def test_lora_embedding_matches_hand_written_reference():
+    torch.manual_seed(0)
+    base = nn.Embedding(30, 8)
+    lora = _random_lora(LoraEmbedding(base, LoraConfig(r=2, alpha=2)))
+    ids = torch.tensor([[1, 5, 29], [0, 0, 3]])
+    ref = base.weight[ids] + 1.0 * (lora.lora_A.T[ids] @ lora.lora_B.T)
+    assert torch.allclose(lora(ids), ref, atol=1e-6)
+
+
+def test_fresh_adapters_are_exact_no_ops_and_dropout_only_touches_the_adapter():
+    torch.manual_seed(0)
+    base = nn.Linear(8, 8)
+    lora = LoraLinear(base, LoraConfig(r=2, dropout=0.5)).train()
+    x = torch.randn(4, 8)
+    assert torch.equal(lora(x), base(x))
+
+
+def test_lora_under_autocast_returns_the_base_dtype():
+    base = nn.Linear(8, 4)
+    lora = _random_lora(LoraLinear(base, LoraConfig(r=2)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = lora(torch.randn(2, 8))
+        ref = base(torch.randn(2, 8))
+    assert out.dtype == ref.dtype == torch.bfloat16
+
+
+# ----------------------------------------------------------------------------- quantization error
+
+@pytest.mark.parametrize("model", TINY)
+@pytest.mark.parametrize("rules,bound", [("qv_lora", 0.03), ("qlora_nf4", 0.25)])
+def test_quantization_error_against_fp32_is_bounded(model, rules, bound):
+    """Relative logit error of the quantized base (measured: int8 ~0.01, nf4 ~0.1 on the tiny models)."""
+    base = surgery.tiny_model(model)
+    with torch.no_grad():
+        ref = base(IDS).logits
+        surgery.rewrite(base, rules)
+        err = ((base(IDS).logits - ref).norm() / ref.norm()).item()
+    assert 0 < err < bound
+
+
+# ------------------------------------------------------------------------------------ PEFT parity
+
+def _peft_twin(base, ft, targets, fan_in_fan_out=False):
+    peft = pytest.importorskip("peft")
+    cfg = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets,
+                          fan_in_fan_out=fan_in_fan_out)
+    twin = peft.get_peft_model(copy.deepcopy(base), cfg)
+    ours = {n: m for n, m in ft.named_modules() if getattr(m, "is_surgery_adapter", False)}
+    assert ours
+    for name, layer in ours.items():
+        theirs = twin.base_model.model.get_submodule(name)
+        with torch.no_grad():
+            layer.lora_B.normal_(std=0.05)
+            theirs.lora_A["default"].weight.copy_(layer.lora_A)
+            theirs.lora_B["default"].weight.copy_(layer.lora_B)
+    return twin.eval()
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_forward_matches_peft_on_linear(quantized):
+    base = surgery.tiny_model("tiny-llama")
+    rules = {"quantize": "int8" if quantized else "none", "default": "freeze",
+             "rules": [{"match": "re:.*(q_proj|v_proj)", "action": "adapt", "lora": {"r": 8, "alpha": 16}}]}
+    ft = surgery.rewrite(base, rules)
+    twin = _peft_twin(base, ft, ["q_proj", "v_proj"])
+    with torch.no_grad():
+        ours, theirs = ft(IDS).logits, twin(input_ids=IDS).logits
+    assert (ours - theirs).abs().max() <= (1e-4 if quantized else 1e-5) * max(1.0, theirs.abs().max())
+
+
+def test_forward_matches_peft_on_conv1d():
+    base = surgery.tiny_model("tiny-gpt2")
+    ft = surgery.rewrite(base, {"quantize": "none", "default": "freeze", "rules": [
+        {"match": "c_attn", "action": "adapt", "lora": {"r": 8, "alpha": 16}}]})
+    twin = _peft_twin(base, ft, ["c_attn"], fan_in_fan_out=True)
+    with torch.no_grad():
+        assert (ft(IDS).logits - twin(input_ids=IDS).logits).abs().max() <= 1e-5
+
+
+# ---------------------------------------------------------------------------- failures and moves
+
+def test_plan_errors_come_before_any_change():
+    base = surgery.tiny_model("tiny-opt")
+    types = {n: type(m) for n, m in base.named_modules()}
+    with pytest.raises(PlanError):
+        surgery.rewrite(base, {"quantize": "int8", "rules": [{"match": "q_projj", "action": "adapt"}]})
+    assert {n: type(m) for n, m in base.named_modules()} == types
+    assert all(p.requires_grad for p in base.parameters())
+
+
+def test_failure_midway_restores_the_base(monkeypatch):
+    import sys
+
+    rw = sys.modules["surgery.rewrite"]  # the module, not the function surgery.rewrite
+
+    base = surgery.tiny_model("tiny-opt")
+    hashes, types = _hashes(base), {n: type(m) for n, m in base.named_modules()}
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("injected")
+        return surgery.adapters.make_adapter(*args, **kwargs)
+
+    monkeypatch.setattr(rw, "make_adapter", broken)
+    with pytest.raises(RewriteError, match="base was restored"):
+        surgery.rewrite(base, "qv_lora")
+    assert {n: type(m) for n, m in base.named_modules()} == types
+    assert _hashes(base) == hashes and all(p.requires_grad for p in base.parameters())
+
+
+def test_moving_a_finetune_is_refused_but_no_op_moves_pass():
+    base = surgery.tiny_model("tiny-opt")
+    ft = surgery.rewrite(base, "qv_lora")
+    with pytest.raises(RewriteError, match="break sharing"):
+        ft.to(torch.float16)
+    with pytest.raises(RewriteError):
+        ft.half()
+    assert ft.to("cpu") is ft and ft.float() is ft
+    assert next(base.parameters()).dtype == torch.float32
+
+
+def test_a_finetune_cannot_be_rewritten():
+    ft = surgery.rewrite(surgery.tiny_model("tiny-opt"), "qv_lora")
+    with pytest.raises(RewriteError, match="itself a fine-tune"):
+        surgery.rewrite(ft, "qv_lora")
+
+
+@pytest.mark.parametrize("model", TINY)
+def test_generate_matches_the_base_at_init(model):
+    base = surgery.tiny_model(model)
+    ft = surgery.rewrite(base, "qv_lora")
+    prompt = IDS[:1, :4]
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=256)
+    assert torch.equal(ft.generate(prompt, **kwargs), base.generate(prompt, **kwargs))
+
+
+def test_quantizing_twice_is_a_no_op():
+    base = surgery.tiny_model("tiny-opt")
+    surgery.rewrite(base, "qv_lora")
+    fc1 = base.model.decoder.layers[0].fc1
+    data = fc1.weight.data.clone()
+    surgery.rewrite(base, "qv_lora")
+    assert base.model.decoder.layers[0].fc1 is fc1 and torch.equal(fc1.weight.data, data)
