@@ -79,3 +79,21 @@ def test_every_command_has_help_with_an_example():
     for cmd in (["inspect"], ["plan"], ["models"], ["rules", "list"], ["rules", "show"]):
         result = run(*cmd, "--help")
         assert result.exit_code == 0 and "Example: surgery" in result.stdout, cmd
+
+
+def test_apply_as_typed_measures_what_it_planned():
+    result = run("apply", "rules/qv_lora.yaml", "--finetunes", "3")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "tiny-opt" in out and "bundled tiny default" in out
+    assert "equal (3/3 bit-identical)" in out
+    # every measured row equals the planned one
+    for label in ("base, quantized and shared", "fine-tune 1 (own tensors)", "base + 3 fine-tunes"):
+        row = next(line for line in out.splitlines() if label in line)
+        cells = [c.strip() for c in row.split("│") if c.strip()]
+        assert cells[1] == cells[2], row
+
+
+def test_apply_without_weights_names_random_init():
+    result = run("apply", "qv_lora", "--model", "facebook/opt-125m")
+    assert result.exit_code == 2 and "--random-init" in result.output

@@ -284,3 +284,27 @@ def test_quantizing_twice_is_a_no_op():
     data = fc1.weight.data.clone()
     surgery.rewrite(base, "qv_lora")
     assert base.model.decoder.layers[0].fc1 is fc1 and torch.equal(fc1.weight.data, data)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "nf4"])
+def test_base_loaded_with_bitsandbytes_config_is_recognised(tmp_path, scheme):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    surgery.tiny_model("tiny-llama").save_pretrained(tmp_path)
+    config = BitsAndBytesConfig(load_in_8bit=True) if scheme == "int8" else BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=config, device_map="cpu")
+    graph = surgery.trace(base)
+    assert graph.modules["model.layers.0.self_attn.q_proj"].quantized == scheme
+    with pytest.raises(PlanError) as err:
+        surgery.plan(graph, {"quantize": "none", "rules": [{"match": "q_proj", "action": "adapt"}]})
+    assert set(err.value.constraints) == {"C1"}
+    assert {v.module for v in err.value.violations} >= {"model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj"}
+    with pytest.raises(PlanError) as err:
+        surgery.plan(graph, {"quantize": scheme, "rules": [{"match": "k_proj", "action": "plain"}]})
+    assert set(err.value.constraints) == {"C2"}
+    ft = surgery.rewrite(base, {"quantize": scheme, "default": "freeze", "rules": [
+        {"match": "q_proj", "action": "adapt"}]})
+    with torch.no_grad():
+        assert torch.equal(ft(IDS).logits, base(IDS).logits)
+    assert sum(p.numel() for p in ft.parameters() if p.requires_grad) == 2 * 8 * (64 + 64)

@@ -122,6 +122,74 @@ def plan(
         raise PlanError(result.violations)
 
 
+@app.command()
+@user_errors
+def apply(
+    rules: str = typer.Argument(..., help="Rule file path or bundled name (see `surgery rules list`)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model (default: the rule file's `model:`, "
+                                                                      "else the bundled tiny default)."),
+    finetunes: int = typer.Option(1, "--finetunes", "-n", min=1, help="Fine-tunes to create on the one base."),
+    random_init: bool = typer.Option(False, "--random-init", help="Build random weights when none are available."),
+):
+    """Plan, quantize the base once, create N fine-tunes sharing it, verify them, and measure memory.
+
+    Example: surgery apply rules/qv_lora.yaml --finetunes 3
+    """
+    _quiet_libraries()
+    import torch
+    from rich.progress import Progress
+
+    from surgery.memory import extra_bytes, parameter_bytes
+    from surgery.models import load_model
+    from surgery.plan import fmt_bytes, plan as make_plan
+    from surgery.rewrite import base_graph, rewrite
+    from surgery.rules import load_rules
+
+    ruleset = load_rules(rules)
+    name, why = _model_for(ruleset, model)
+    console.print(f"model: [bold]{name}[/] (from {why})")
+    loaded = load_model(name, random_init=random_init)
+    base = loaded.model
+    planned = make_plan(base_graph(base), ruleset, finetunes=finetunes)
+    loaded_bytes = parameter_bytes(base)
+    vocab = getattr(base.config, "vocab_size", 256)
+    ids = torch.randint(0, min(vocab, 256), (2, 16), generator=torch.Generator().manual_seed(0))
+    fts = []
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("quantizing base", total=max(len(planned.quantized), 1))
+        fts.append(rewrite(base, ruleset, progress=lambda i, n, path: progress.update(task, completed=i)))
+        progress.update(task, description="creating fine-tunes", completed=0, total=finetunes)
+        for i in range(1, finetunes):
+            fts.append(rewrite(base, ruleset))
+            progress.update(task, completed=i + 1)
+    with torch.no_grad():
+        reference = base(ids).logits
+        equal = [torch.equal(ft(ids).logits, reference) for ft in fts]
+    table = Table(title=f"{name} + {finetunes} fine-tune{'s' if finetunes != 1 else ''} of {ruleset.source}: "
+                        "measured (unique parameter storage) vs planned")
+    for col in ("", "measured bytes", "planned bytes", ""):
+        table.add_column(col, justify="right" if col else "left")
+    base_now = parameter_bytes(base)
+    table.add_row("base as loaded", f"{loaded_bytes:,}", f"{planned.base_bytes_now:,}", fmt_bytes(loaded_bytes))
+    table.add_row("base, quantized and shared", f"{base_now:,}", f"{planned.base_bytes_after:,}",
+                  fmt_bytes(base_now))
+    for i, ft in enumerate(fts):
+        table.add_row(f"fine-tune {i + 1} (own tensors)", f"{extra_bytes(ft, base):,}", f"{planned.finetune_bytes:,}",
+                      fmt_bytes(extra_bytes(ft, base)))
+    total = base_now + sum(extra_bytes(ft, base) for ft in fts)
+    table.add_row(f"base + {finetunes} fine-tunes", f"{total:,}", f"{planned.total_bytes():,}", fmt_bytes(total))
+    table.add_row(f"{finetunes} full copies", f"{finetunes * loaded_bytes:,}", f"{planned.full_copies_bytes():,}",
+                  fmt_bytes(finetunes * loaded_bytes))
+    trainable = sum(p.numel() for p in fts[0].parameters() if p.requires_grad)
+    table.add_row("trainable parameters / fine-tune", f"{trainable:,}", f"{planned.trainable_params:,}", "")
+    console.print(table)
+    verdict = "[green]equal[/]" if all(equal) else "[red]DIFFERENT[/]"
+    console.print(f"each fine-tune's output at init vs the quantized base: {verdict} "
+                  f"({sum(equal)}/{len(equal)} bit-identical)")
+    if not all(equal):
+        raise typer.Exit(1)
+
+
 @app.command("models")
 def models_cmd():
     """List the bundled models: tiny ones with weights, and architectures (config only, meta device).
