@@ -1,0 +1,133 @@
+"""finetuna's documented API, built on rules: an int8 base and LoRA fine-tunes that share it.
+
+What finetuna documented but never enforced is enforced here, by the plan, before anything
+changes: no unquantize after quantize (C1), no trainable quantized module (C2), ``plain_layers``
+and ``adapt_layers`` disjoint, per-module config dicts covering every adapted module (C7), and
+names that match nothing rejected with a suggestion (C4). Module names are local names
+(``q_proj``), as in finetuna. No argument has a shared mutable default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+from torch import nn
+
+from .errors import PlanError, Violation
+from .plan import plan as make_plan
+from .quantize import quantize_base
+from .rewrite import base_graph, rewrite
+from .rules import ADAPTABLE_KINDS, RuleSet, parse_rules
+
+SOURCE = "<finetuna>"
+
+
+@dataclass(frozen=True)
+class LinearAdapterConfig:
+    """LoRA settings for Linear layers (finetuna's defaults: r=4, alpha=1)."""
+
+    r: int = 4
+    alpha: float = 1.0
+    dropout: float = 0.0
+    bias: bool = False
+
+    def as_rule(self) -> dict:
+        return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "bias": self.bias}
+
+
+@dataclass(frozen=True)
+class EmbeddingAdapterConfig:
+    """LoRA settings for Embedding layers (finetuna's defaults: r=4, alpha=1)."""
+
+    r: int = 4
+    alpha: float = 1.0
+
+    def as_rule(self) -> dict:
+        return {"r": self.r, "alpha": self.alpha}
+
+
+AdapterConfigs = LinearAdapterConfig | EmbeddingAdapterConfig | Mapping[str, LinearAdapterConfig | EmbeddingAdapterConfig]
+
+
+def get_lora_adaptable_modules(model: nn.Module) -> set[str]:
+    """Local names of the modules LoRA can adapt (Linear, Conv1D, Embedding and their quantized forms)."""
+    return {m.name for m in base_graph(model).leaves() if m.kind in ADAPTABLE_KINDS}
+
+
+def prepare_base_model(model: nn.Module, modules_not_to_quantize: Iterable[str] = ("lm_head",)) -> nn.Module:
+    """Quantize every Linear/Conv1D/Embedding to int8 (except the named ones) and freeze the whole model."""
+    keep = sorted(set(modules_not_to_quantize))
+    rules = parse_rules({"quantize": "int8", "default": "quantize",
+                         "rules": [{"match": name, "action": "freeze"} for name in keep]}, source=SOURCE)
+    the_plan = make_plan(base_graph(model), rules)
+    quantize_base(model, the_plan)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+quantize_base_model = prepare_base_model
+
+
+def new_finetuned(
+    base: nn.Module,
+    adapt_layers: Iterable[str] | None = None,
+    plain_layers: Iterable[str] = ("lm_head",),
+    embedding_config: AdapterConfigs | None = None,
+    linear_config: AdapterConfigs | None = None,
+    modules_not_to_freeze: Iterable[str] = (),
+    modules_not_to_quantize: Iterable[str] = (),
+) -> nn.Module:
+    """A new fine-tune of ``base``: LoRA on ``adapt_layers`` (default: every adaptable module not plain),
+    private trainable copies of ``plain_layers`` and ``modules_not_to_freeze``, the rest frozen and shared.
+    """
+    return rewrite(base, finetuna_rules(base, adapt_layers, plain_layers, embedding_config, linear_config,
+                                        modules_not_to_freeze, modules_not_to_quantize))
+
+
+def finetuna_rules(base, adapt_layers=None, plain_layers=("lm_head",), embedding_config=None, linear_config=None,
+                   modules_not_to_freeze=(), modules_not_to_quantize=()) -> RuleSet:
+    """The rule set that ``new_finetuned`` applies, checked for finetuna's documented constraints."""
+    graph = base_graph(base)
+    plain = set(plain_layers) | set(modules_not_to_freeze)
+    if adapt_layers is None:
+        adapt = {m.name for m in graph.leaves() if m.kind in ADAPTABLE_KINDS} - plain
+    else:
+        adapt = set(adapt_layers)
+    overlap = sorted(adapt & plain)
+    if overlap:
+        raise PlanError([Violation("C5", (
+            f"{SOURCE}: {', '.join(overlap)} {'is' if len(overlap) == 1 else 'are'} in both adapt_layers and "
+            "plain_layers/modules_not_to_freeze; a module is either adapted or trained in full — pick one"))])
+    linear_config = LinearAdapterConfig() if linear_config is None else linear_config
+    embedding_config = EmbeddingAdapterConfig() if embedding_config is None else embedding_config
+    no_quant = set(modules_not_to_quantize)
+    kinds = {}
+    for m in graph.leaves():
+        kinds.setdefault(m.name, m.kind)
+    rules = [{"match": name, "action": "plain", "untie": True} for name in sorted(plain)]
+    problems = []
+    for label, config in (("linear_config", linear_config), ("embedding_config", embedding_config)):
+        if isinstance(config, Mapping):
+            for key in sorted(set(config) - adapt):
+                problems.append(Violation("C7", f"{SOURCE}: {label} has an entry for '{key}', which is not adapted"))
+    for name in sorted(adapt):
+        is_embedding = kinds.get(name) == "embedding"
+        label, config = ("embedding_config", embedding_config) if is_embedding else ("linear_config", linear_config)
+        if isinstance(config, Mapping):
+            if name not in config:
+                problems.append(Violation("C7", (
+                    f"{SOURCE}: {name} is adapted but {label} has no entry for it "
+                    f"(entries: {', '.join(sorted(config)) or 'none'}); add one or pass a single config")))
+                continue
+            config = config[name]
+        rule = {"match": name, "action": "adapt", "lora": config.as_rule()}
+        if name in no_quant:
+            rule["quantize"] = "none"
+        rules.append(rule)
+    if problems:
+        raise PlanError(problems)
+    for name in sorted(no_quant - adapt - plain):
+        rules.append({"match": name, "action": "freeze"})
+    return parse_rules({"quantize": "int8", "default": "freeze", "rules": rules}, source=SOURCE)
