@@ -24,6 +24,11 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
+RULES_ARG = typer.Argument(..., help="Rule file path or bundled name (see `surgery rules list`).")
+MODEL_OPT = typer.Option(None, "--model", "-m",
+                         help="Model (default: the rule file's `model:`, else the bundled tiny default).")
+
+
 def user_errors(fn):
     """Turn a SurgeryError into one red line on stderr and exit status 2."""
 
@@ -90,9 +95,8 @@ def inspect(
 @app.command()
 @user_errors
 def plan(
-    rules: str = typer.Argument(..., help="Rule file path or bundled name (see `surgery rules list`)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model (default: the rule file's `model:`, "
-                                                                      "else the bundled tiny default)."),
+    rules: str = RULES_ARG,
+    model: Optional[str] = MODEL_OPT,
     finetunes: int = typer.Option(1, "--finetunes", "-n", min=1, help="Fine-tunes to plan memory for."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ):
@@ -125,9 +129,8 @@ def plan(
 @app.command()
 @user_errors
 def apply(
-    rules: str = typer.Argument(..., help="Rule file path or bundled name (see `surgery rules list`)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model (default: the rule file's `model:`, "
-                                                                      "else the bundled tiny default)."),
+    rules: str = RULES_ARG,
+    model: Optional[str] = MODEL_OPT,
     finetunes: int = typer.Option(1, "--finetunes", "-n", min=1, help="Fine-tunes to create on the one base."),
     random_init: bool = typer.Option(False, "--random-init", help="Build random weights when none are available."),
 ):
