@@ -178,16 +178,9 @@ def pattern_matches(pattern: str, path: str) -> bool:
 # ------------------------------------------------------------------------------------- loading
 
 def bundled_rules_dir() -> Path:
-    """The folder of bundled rule files (installed as the package data ``surgery.bundled_rules``)."""
-    try:
-        from importlib.resources import files
-
-        folder = Path(str(files("surgery.bundled_rules")))
-        if folder.is_dir():
-            return folder
-    except ModuleNotFoundError:
-        pass
-    return Path(__file__).resolve().parent.parent / "rules"
+    """The folder of bundled rule files: installed as ``surgery/bundled_rules``, or ``rules/`` in a checkout."""
+    installed = Path(__file__).resolve().parent / "bundled_rules"
+    return installed if installed.is_dir() else Path(__file__).resolve().parent.parent / "rules"
 
 
 def bundled_rules() -> dict[str, Path]:
