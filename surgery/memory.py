@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .trace import quant_state_tensors
+
 
 def _parameter_tensors(model: nn.Module):
     for module in model.modules():
@@ -16,11 +18,7 @@ def _parameter_tensors(model: nn.Module):
                     yield extra
             state = getattr(p, "quant_state", None)
             if state is not None:
-                yield from (t for t in (state.absmax, state.code, getattr(state, "offset", None))
-                            if isinstance(t, torch.Tensor))
-                if getattr(state, "state2", None) is not None:
-                    yield state.state2.absmax
-                    yield state.state2.code
+                yield from quant_state_tensors(state)
         state = getattr(module, "state", None)  # Linear8bitLt moves CB/SCB here on first forward
         for attr in ("CB", "SCB"):
             extra = getattr(state, attr, None)

@@ -190,11 +190,12 @@ def tensor_storage_bytes(t: torch.Tensor) -> int:
         total += scb.numel() * scb.element_size()
     qs = getattr(t, "quant_state", None)
     if qs is not None:
-        total += sum(x.numel() * x.element_size() for x in _quant_state_tensors(qs))
+        total += sum(x.numel() * x.element_size() for x in quant_state_tensors(qs))
     return total
 
 
-def _quant_state_tensors(qs) -> list[torch.Tensor]:
+def quant_state_tensors(qs) -> list[torch.Tensor]:
+    """The tensors of a bitsandbytes 4-bit QuantState: absmax, code, offset and the nested state."""
     out = [qs.absmax, qs.code]
     if getattr(qs, "offset", None) is not None:
         out.append(qs.offset)
