@@ -65,7 +65,7 @@ def main() -> None:
     Path(args.out).write_text(json.dumps({
         "model": args.model, "rules": args.rules, "n": args.n, "base_loaded_bytes": loaded,
         "base_quantized_bytes": base_bytes, "adapter_bytes": adapters, "planned_finetune_bytes": plan.finetune_bytes,
-        "planned_base_bytes": plan.base_bytes_now, "rows": rows, "within_1_percent": ours <= bound * 1.01,
+        "planned_base_bytes": plan.base_bytes_after, "rows": rows, "within_1_percent": ours <= bound * 1.01,
         "rewrite_seconds": seconds}, indent=2))
     print(f"wrote {args.out}")
 

@@ -45,7 +45,7 @@ class Violation:
 
 
 class RewriteError(SurgeryError):
-    """A rewrite or quantization that failed; the base was restored."""
+    """A fine-tune that cannot be made or moved as asked; a failed rewrite has restored the base."""
 
 
 class AdapterStateError(SurgeryError):

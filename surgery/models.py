@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,7 +161,7 @@ def _from_architecture(name: str, *, weights: bool, random_init: bool) -> Loaded
 
 def _hub_cache_dir(name: str) -> Path | None:
     """The newest snapshot of ``name`` in the local HF cache, or None; never contacts the hub."""
-    if name.count("/") > 1 or not name.replace("/", "").replace("-", "").replace("_", "").replace(".", "").isalnum():
+    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
         return None
     cache = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", "~/.cache/huggingface"))
                  .expanduser() / "hub")

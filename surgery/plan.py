@@ -371,17 +371,9 @@ def quantized_weight_bytes(kind: str, shape: tuple[int, ...], quant: QuantConfig
     return packed + absmax + code
 
 
-def _canonical_names(graph: ModelGraph) -> dict[str, str]:
-    canon = {}
-    for group in graph.ties:
-        for name in group:
-            canon[name] = group[0]
-    return canon
-
-
 def _base_bytes(graph: ModelGraph, decisions: dict[str, Decision]) -> tuple[int, int]:
     """Bytes of the base now and after quantization, counting each tensor once per stored form."""
-    canon = _canonical_names(graph)
+    canon = graph.canonical_names()
     now: dict[str, int] = {}
     after: dict[str, dict[object, int]] = defaultdict(dict)
     for path, decision in decisions.items():
@@ -398,7 +390,7 @@ def _base_bytes(graph: ModelGraph, decisions: dict[str, Decision]) -> tuple[int,
 
 def _finetune_cost(graph: ModelGraph, decisions: dict[str, Decision]) -> tuple[int, int]:
     """Bytes and trainable parameters one more fine-tune adds: adapters + private copies of plain modules."""
-    canon = _canonical_names(graph)
+    canon = graph.canonical_names()
     plain: dict[str, tuple[int, int]] = {}
     nbytes = params = 0
     for path, decision in decisions.items():

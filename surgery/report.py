@@ -9,8 +9,8 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from .plan import QUANTIZABLE_KINDS, Plan, fmt_bytes, quantized_weight_bytes
-from .rules import ADAPTABLE_KINDS, QuantConfig
+from .plan import Plan, fmt_bytes, plan
+from .rules import ADAPTABLE_KINDS, parse_rules
 from .trace import ModelGraph
 
 
@@ -36,23 +36,15 @@ def render_text(renderable, width: int = 120) -> str:
 # ------------------------------------------------------------------------------------------ graph
 
 def memory_at(graph: ModelGraph, scheme: str) -> int:
-    """Bytes of the whole model with every Linear/Conv1D/Embedding weight stored as ``scheme``."""
-    sizes = {"float32": 4, "float16": 2}
-    seen, total = set(), 0
-    tied = {name: group[0] for group in graph.ties for name in group}
-    for m in graph.leaves():
-        for p in m.params:
-            key = tied.get(f"{m.path}.{p.name}", f"{m.path}.{p.name}")
-            if key in seen:
-                continue
-            seen.add(key)
-            if scheme in sizes:
-                total += p.numel * sizes[scheme]
-            elif p.name == "weight" and m.kind in QUANTIZABLE_KINDS:
-                total += quantized_weight_bytes(m.kind, p.shape, QuantConfig(scheme))
-            else:
-                total += p.numel * 2  # biases and norms kept in 16-bit next to a quantized weight
-    return total
+    """Bytes of the model with every Linear/Conv1D/Embedding weight stored as ``scheme``.
+
+    float32/float16 count every parameter at that width; int8/nf4 are the plan's exact bytes for
+    quantizing those weights (everything else as stored).
+    """
+    if scheme in ("float32", "float16"):
+        return graph.numel * (4 if scheme == "float32" else 2)
+    rules = parse_rules({"quantize": scheme, "default": "quantize"}, source=f"<all {scheme}>")
+    return plan(graph, rules, check=False).base_bytes_after
 
 
 def graph_summary(graph: ModelGraph) -> dict:

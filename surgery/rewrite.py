@@ -10,6 +10,7 @@ copy. Siblings therefore cost only their adapters and plain copies.
 from __future__ import annotations
 
 import copy
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -29,7 +30,7 @@ class FinetuneInfo:
     """What a fine-tune knows of itself: its rules, its plan, and the base it shares."""
 
     rules: RuleSet
-    plan: Plan
+    plan: Plan  # as planned on the base before this rewrite quantized it
     base: nn.Module
 
     def __repr__(self) -> str:
@@ -41,11 +42,14 @@ def finetune_info(model: nn.Module) -> FinetuneInfo | None:
     return model.__dict__.get("_surgery")
 
 
+_GRAPHS: "weakref.WeakKeyDictionary[nn.Module, ModelGraph]" = weakref.WeakKeyDictionary()
+
+
 def base_graph(model: nn.Module) -> ModelGraph:
     """The base's graph: traced once, then refreshed from the module tree (quantization changes no calls)."""
-    cached = model.__dict__.get("_surgery_graph")
+    cached = _GRAPHS.get(model)
     graph = trace(model) if cached is None else refresh(cached, model)
-    model.__dict__["_surgery_graph"] = graph
+    _GRAPHS[model] = graph
     return graph
 
 
@@ -69,8 +73,7 @@ def rewrite(model: nn.Module, rules: RuleSet | str, *, progress: Callable | None
         if isinstance(exc, RewriteError):
             raise
         raise RewriteError(f"rewrite failed and the base was restored: {type(exc).__name__}: {exc}") from exc
-    final_plan = make_plan(base_graph(model), rules) if the_plan.quantized else the_plan
-    finetune.__dict__["_surgery"] = FinetuneInfo(rules, final_plan, model)
+    finetune.__dict__["_surgery"] = FinetuneInfo(rules, the_plan, model)
     finetune.__dict__["_apply"] = _guarded_apply(finetune)
     return finetune
 
@@ -89,7 +92,7 @@ class _Snapshot:
             setattr(parent, name, child)
         for p, flag in self.flags:
             p.requires_grad_(flag)
-        self.model.__dict__.pop("_surgery_graph", None)
+        _GRAPHS.pop(self.model, None)
 
 
 def _freeze(model: nn.Module) -> None:
@@ -107,9 +110,7 @@ def _structural_copy(base: nn.Module, the_plan: Plan) -> nn.Module:
         for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
             memo[id(t)] = t
     memo.pop(id(base), None)
-    memo[id(base.__dict__.get("_surgery_graph"))] = None
     finetune = copy.deepcopy(base, memo)
-    finetune.__dict__.pop("_surgery_graph", None)
     private: dict[int, nn.Parameter] = {}
     for path, decision in the_plan.decisions.items():
         if decision.action == "plain":

@@ -13,6 +13,7 @@ seconds; ``reduce_repeated=False`` traces every layer.
 from __future__ import annotations
 
 import copy
+import math
 import re
 import time
 from collections import defaultdict
@@ -38,10 +39,7 @@ class ParamInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 @dataclass
@@ -108,28 +106,20 @@ class ModelGraph:
             return []
         return [m.path for m in self.leaves() if m.calls == 0]
 
+    def canonical_names(self) -> dict[str, str]:
+        """Each tied parameter name -> the first name of its tie group (one tensor, one key)."""
+        return {name: group[0] for group in self.ties for name in group}
+
     @property
     def numel(self) -> int:
-        return sum(_unique_numel(self))
-
-    def tied_to(self, param_name: str) -> tuple[str, ...]:
-        """The other names of a parameter that is one tensor under several names."""
-        for group in self.ties:
-            if param_name in group:
-                return tuple(n for n in group if n != param_name)
-        return ()
+        canon = self.canonical_names()
+        unique = {canon.get(_join(m.path, p.name), _join(m.path, p.name)): p.numel
+                  for m in self.leaves() for p in m.params}
+        return sum(unique.values())
 
     def __repr__(self) -> str:
         return (f"ModelGraph({self.model_class}, {len(self.leaves())} parametrized modules, "
                 f"{self.numel:,} parameters, method={self.method}, {self.seconds:.2f}s)")
-
-
-def _unique_numel(graph: ModelGraph):
-    tied_secondary = {name for group in graph.ties for name in group[1:]}
-    for m in graph.leaves():
-        for p in m.params:
-            if _join(m.path, p.name) not in tied_secondary:
-                yield p.numel
 
 
 def _join(prefix: str, name: str) -> str:
@@ -237,10 +227,7 @@ def trace(model: nn.Module, example_inputs: dict[str, torch.Tensor] | None = Non
     The model itself is never modified, moved or run on real data.
     """
     start = time.perf_counter()
-    modules = {path: ModuleInfo(path, f"{type(m).__module__}.{type(m).__qualname__}", op_kind(m),
-                                _param_infos(m), quantized_storage(m))
-               for path, m in model.named_modules(remove_duplicate=False)}
-    graph = ModelGraph(type(model).__name__, modules, find_ties(model), "module-tree", 0.0,
+    graph = ModelGraph(type(model).__name__, _module_infos(model), find_ties(model), "module-tree", 0.0,
                        config=getattr(model, "config", None),
                        name=getattr(getattr(model, "config", None), "name_or_path", None) or None)
     try:
@@ -260,6 +247,13 @@ def trace(model: nn.Module, example_inputs: dict[str, torch.Tensor] | None = Non
         graph.reason = f"{type(exc).__name__}: {_first_line(exc)}"
     graph.seconds = time.perf_counter() - start
     return graph
+
+
+def _module_infos(model: nn.Module) -> dict[str, ModuleInfo]:
+    """What the module tree alone tells about every module (no calls, no shapes)."""
+    return {path: ModuleInfo(path, f"{type(m).__module__}.{type(m).__qualname__}", op_kind(m), _param_infos(m),
+                             quantized_storage(m))
+            for path, m in model.named_modules(remove_duplicate=False)}
 
 
 def _first_line(exc: Exception) -> str:
@@ -366,6 +360,7 @@ def _record_calls(graph: ModelGraph, exported, reduced: dict[str, tuple[int, int
     sig = exported.graph_signature
     user_inputs = set(sig.user_inputs)
     nodes = list(exported.graph.nodes)
+    position = {node: i for i, node in enumerate(nodes)}
     symbols = _symbol_names(nodes, user_inputs)
     call_keys: dict[str, list[str]] = defaultdict(list)
     members: dict[str, set] = defaultdict(set)
@@ -387,7 +382,7 @@ def _record_calls(graph: ModelGraph, exported, reduced: dict[str, tuple[int, int
         info.calls = len(keys)
         info.order = order.get(path)
         if keys:
-            info.input_shape, info.output_shape = _call_shapes(members[keys[0]], user_inputs, symbols)
+            info.input_shape, info.output_shape = _call_shapes(members[keys[0]], position, user_inputs, symbols)
 
 
 def _expand_order(traced: list[str], reduced: dict[str, tuple[int, int]]) -> list[str]:
@@ -430,8 +425,10 @@ def _readable(expr: str, symbols: dict[str, str]) -> str:
     return re.sub(r"\bs\d+\b", lambda m: symbols.get(m.group(0), m.group(0)), expr)
 
 
-def _call_shapes(nodes: set, user_inputs: set, symbols: dict[str, str]) -> tuple[tuple | None, tuple | None]:
-    ordered = sorted(nodes, key=_node_index)
+def _call_shapes(nodes: set, position: dict, user_inputs: set,
+                 symbols: dict[str, str]) -> tuple[tuple | None, tuple | None]:
+    """Shape of the first outside input and of the last result used outside of one module call."""
+    ordered = sorted(nodes, key=position.__getitem__)
     input_shape = None
     for node in ordered:
         for arg in node.all_input_nodes:
@@ -451,29 +448,17 @@ def _call_shapes(nodes: set, user_inputs: set, symbols: dict[str, str]) -> tuple
     return input_shape, output_shape
 
 
-def _node_index(node) -> int:
-    index = node.meta.get("_surgery_index")
-    if index is None:
-        for i, n in enumerate(node.graph.nodes):
-            n.meta["_surgery_index"] = i
-        index = node.meta["_surgery_index"]
-    return index
-
-
 def refresh(graph: ModelGraph, model: nn.Module) -> ModelGraph:
     """The same graph with module classes, parameters and quantized state re-read from ``model``.
 
     Calls and shapes do not change when layers are quantized or wrapped, so a base that was traced
     once can be re-planned after ``quantize_base`` without tracing again.
     """
-    modules = {}
-    for path, m in model.named_modules(remove_duplicate=False):
+    modules = _module_infos(model)
+    for path, info in modules.items():
         old = graph.modules.get(path)
-        info = ModuleInfo(path, f"{type(m).__module__}.{type(m).__qualname__}", op_kind(m), _param_infos(m),
-                          quantized_storage(m))
         if old is not None:
             info.calls, info.order, info.input_shape, info.output_shape = (
                 old.calls, old.order, old.input_shape, old.output_shape)
-        modules[path] = info
     return ModelGraph(graph.model_class, modules, find_ties(model), graph.method, graph.seconds, graph.reason,
                       graph.reduced, graph.exported, graph.config, graph.name)

@@ -1,4 +1,3 @@
-import json
 import time
 
 import pytest
@@ -33,12 +32,25 @@ def test_bundled_architecture_builds_on_meta_with_published_size():
     assert params[0].dtype == torch.float16  # the published checkpoint's dtype
 
 
-@pytest.mark.parametrize("name,count", [("meta-llama/Llama-3.1-8B", 8_030_261_248),
-                                        ("mistralai/Mistral-7B-v0.1", 7_241_732_096),
-                                        ("Qwen/Qwen2.5-7B", 7_615_616_512), ("gpt2", 124_439_808)])
-def test_bundled_parameter_counts_match_published_models(name, count):
+PUBLISHED_PARAMETERS = {  # the parameter counts of the published checkpoints
+    "facebook/opt-125m": 125_239_296, "facebook/opt-350m": 331_196_416, "facebook/opt-1.3b": 1_315_758_080,
+    "facebook/opt-6.7b": 6_658_473_984, "gpt2": 124_439_808, "gpt2-medium": 354_823_168,
+    "EleutherAI/gpt-j-6B": 6_050_882_784, "meta-llama/Llama-2-7b-hf": 6_738_415_616,
+    "meta-llama/Llama-3.1-8B": 8_030_261_248, "meta-llama/Llama-3.1-70B": 70_553_706_496,
+    "mistralai/Mistral-7B-v0.1": 7_241_732_096, "Qwen/Qwen2.5-7B": 7_615_616_512,
+    "google/gemma-2-9b": 9_241_705_984, "microsoft/Phi-3-medium-4k-instruct": 13_960_238_080,
+}
+
+
+def test_every_bundled_architecture_is_listed_with_its_published_size():
+    assert set(PUBLISHED_PARAMETERS) == set(ARCHITECTURES)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMETERS))
+def test_bundled_parameter_counts_match_published_models(name):
     model = load_model(name, weights=False).model
-    assert sum(p.numel() for p in model.parameters()) == count
+    assert sum(p.numel() for p in model.parameters()) == PUBLISHED_PARAMETERS[name]
+    assert all(p.device.type == "meta" for p in model.parameters())
 
 
 def test_unknown_model_fails_fast_with_alternatives():
@@ -87,9 +99,3 @@ def test_hub_id_is_found_in_the_local_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     loaded = load_model("acme/tiny")
     assert loaded.source == "hub-cache" and type(loaded.model).__name__ == "GPT2LMHeadModel"
-
-
-def test_every_bundled_architecture_has_a_model_type():
-    assert len(ARCHITECTURES) >= 14
-    for spec in ARCHITECTURES.values():
-        assert json.dumps(spec) and "model_type" in spec

@@ -148,12 +148,25 @@ def test_lora_embedding_matches_hand_written_reference():
     assert torch.allclose(lora(ids), ref, atol=1e-6)
 
 
-def test_fresh_adapters_are_exact_no_ops_and_dropout_only_touches_the_adapter():
+def test_fresh_adapters_are_exact_no_ops():
     torch.manual_seed(0)
     base = nn.Linear(8, 8)
     lora = LoraLinear(base, LoraConfig(r=2, dropout=0.5)).train()
     x = torch.randn(4, 8)
     assert torch.equal(lora(x), base(x))
+
+
+def test_dropout_applies_to_the_adapter_input_only_in_training():
+    torch.manual_seed(0)
+    base = nn.Linear(8, 8)
+    lora = _random_lora(LoraLinear(base, LoraConfig(r=2, alpha=2, dropout=0.5)))
+    x = torch.randn(4, 8)
+    torch.manual_seed(1)
+    train_out = lora.train()(x)
+    torch.manual_seed(1)
+    dropped = torch.nn.functional.dropout(x, 0.5, training=True)
+    assert torch.allclose(train_out, base(x) + dropped @ lora.lora_A.T @ lora.lora_B.T, atol=1e-5)
+    assert torch.allclose(lora.eval()(x), base(x) + x @ lora.lora_A.T @ lora.lora_B.T, atol=1e-5)
 
 
 def test_lora_under_autocast_returns_the_base_dtype():
