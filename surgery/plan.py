@@ -214,7 +214,8 @@ def _decide(info: ModuleInfo, rule: Rule | None, rules: RuleSet) -> tuple[Decisi
         if info.kind not in ADAPTABLE_KINDS or weight is None:
             problems.append(Violation("C3", (
                 f"{where} adapts {info.path} ({info.cls.rsplit('.', 1)[-1]}, kind {info.kind}), but LoRA "
-                f"supports only {', '.join(ADAPTABLE_KINDS)} layers; narrow the rule (e.g. `type: linear`)"),
+                f"supports only {', '.join(ADAPTABLE_KINDS)} layers (a subclass with its own forward, such as "
+                "OPT's learned positional embedding, is 'other'); narrow the rule (e.g. `type: linear`)"),
                 info.path))
         else:
             lora = rule.lora_for(info.path) if rule else LoraConfig()

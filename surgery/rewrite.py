@@ -105,7 +105,7 @@ def _structural_copy(base: nn.Module, the_plan: Plan) -> nn.Module:
     memo: dict[int, Any] = {}
     for module in base.modules():
         if quantized_storage(module):
-            memo[id(module)] = module  # shared as is: its tensors and quantization state are the base's
+            memo[id(module)] = _own_quantized_leaf(module)
             continue
         for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
             memo[id(t)] = t
@@ -124,6 +124,23 @@ def _structural_copy(base: nn.Module, the_plan: Plan) -> nn.Module:
             parent = finetune.get_submodule(parent_path) if parent_path else finetune
             setattr(parent, child, make_adapter(getattr(parent, child), decision.kind, decision.lora))
     return finetune
+
+
+def _own_quantized_leaf(module: nn.Module) -> nn.Module:
+    """A bitsandbytes layer of the fine-tune's own (training flag, hooks, matmul state) over the base's tensors.
+
+    Sharing the layer object itself would let ``ft.train()`` on one fine-tune change how its siblings
+    and the base compute (LLM.int8 reads the module's training flag).
+    """
+    state = getattr(module, "state", None)
+    if state is not None and getattr(module.weight, "CB", None) is not None:
+        module.init_8bit_state()  # what its first forward does: CB/SCB move into the matmul state
+    own = copy.copy(module)
+    own.__dict__.update({name: type(value)(value) for name, value in module.__dict__.items()
+                         if name.startswith("_") and isinstance(value, dict)})  # parameters, buffers, hooks
+    if state is not None:
+        own.state = copy.copy(state)
+    return own
 
 
 def _guarded_apply(finetune: nn.Module):
