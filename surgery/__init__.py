@@ -6,17 +6,23 @@ of it, chosen per module by a rule file and checked before anything is changed.
 
 from .errors import (AdapterStateError, ModelNotFoundError, PlanError, RewriteError, RuleFileError, SurgeryError,
                      TraceError, Violation)
+from .fingerprint import Fingerprint, fingerprint
+from .merge import MergeError, merge
 from .models import load_model, tiny_model, tiny_tokenizer
+from .peft_format import export_peft, import_peft
 from .plan import Decision, Plan, plan
 from .rewrite import FinetuneInfo, finetune_info, rewrite
 from .rules import LoraConfig, QuantConfig, Rule, RuleSet, bundled_rules, load_rules
+from .state import AdapterFile, load_adapter, read_adapter, save_adapter
 from .trace import ModelGraph, ModuleInfo, ParamInfo, trace
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterStateError", "Decision", "FinetuneInfo", "LoraConfig", "ModelGraph", "ModelNotFoundError", "ModuleInfo", "ParamInfo",
-    "Plan", "PlanError", "QuantConfig", "RewriteError", "Rule", "RuleFileError", "RuleSet", "SurgeryError",
-    "TraceError", "Violation", "bundled_rules", "finetune_info", "load_model", "load_rules", "plan", "rewrite", "tiny_model", "tiny_tokenizer",
+    "AdapterFile", "AdapterStateError", "Decision", "FinetuneInfo", "Fingerprint", "LoraConfig", "MergeError",
+    "ModelGraph", "ModelNotFoundError", "ModuleInfo", "ParamInfo", "Plan", "PlanError", "QuantConfig",
+    "RewriteError", "Rule", "RuleFileError", "RuleSet", "SurgeryError", "TraceError", "Violation",
+    "bundled_rules", "export_peft", "finetune_info", "fingerprint", "import_peft", "load_adapter", "load_model",
+    "load_rules", "merge", "plan", "read_adapter", "rewrite", "save_adapter", "tiny_model", "tiny_tokenizer",
     "trace", "__version__",
 ]

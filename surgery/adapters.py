@@ -68,7 +68,7 @@ class LoraLinear(LoraLayer):
         h = self.dropout(x)
         if not torch.is_autocast_enabled(h.device.type):
             h = h.to(self.lora_A.dtype)
-        return result + self.delta(h).to(result.dtype)
+        return (result + self.delta(h)).to(result.dtype)  # add in the wider dtype, round once (as PEFT)
 
 
 class LoraConv1D(LoraLayer):
@@ -98,16 +98,18 @@ class LoraEmbedding(LoraLayer):
         out = F.linear(h, self.lora_B) * self.scaling
         if self.lora_bias is not None:
             out = out + self.lora_bias
-        return result + out.to(result.dtype)
+        return (result + out).to(result.dtype)
 
 
 def make_adapter(base_layer: nn.Module, kind: str, config: LoraConfig) -> LoraLayer:
     """The LoRA wrapper for a layer of op kind ``kind`` (linear, conv1d, embedding)."""
     if kind == "embedding":
-        return LoraEmbedding(base_layer, config)
-    if kind == "conv1d" and not isinstance(base_layer, nn.Linear):
-        return LoraConv1D(base_layer, config)
-    return LoraLinear(base_layer, config)
+        cls = LoraEmbedding
+    elif kind == "conv1d" and not isinstance(base_layer, nn.Linear):
+        cls = LoraConv1D
+    else:
+        cls = LoraLinear
+    return cls(base_layer, config).train(base_layer.training)  # a new module must not flip the model's mode
 
 
 def _device_of(module: nn.Module) -> torch.device:

@@ -87,3 +87,17 @@ def _quantized_weight(weight: torch.Tensor, quant: QuantConfig, layer: nn.Module
     return bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=quant.blocksize,
                              compress_statistics=quant.double_quant, quant_type=quant.scheme, module=layer,
                              bnb_quantized=True)
+
+
+def dequantized_weight(module: nn.Module) -> torch.Tensor:
+    """The float32 weight a bitsandbytes layer stands for, in its logical (out, in) / (num, dim) shape."""
+    import bitsandbytes as bnb
+
+    weight = module.weight
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is not None:  # Linear4bit / Embedding4bit
+        return bnb.functional.dequantize_4bit(weight.data, quant_state).float()
+    scb = getattr(weight, "SCB", None)
+    if scb is None:  # Linear8bitLt after its first forward keeps the row scales in its matmul state
+        scb = module.state.SCB
+    return weight.data.float() * (scb.float().unsqueeze(1) / 127.0)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .adapters import make_adapter
-from .errors import RewriteError
+from .errors import RewriteError, SurgeryError
 from .plan import Plan, plan as make_plan
 from .quantize import quantize_base
 from .rules import RuleSet, load_rules
@@ -53,10 +53,12 @@ def base_graph(model: nn.Module) -> ModelGraph:
     return graph
 
 
-def rewrite(model: nn.Module, rules: RuleSet | str, *, progress: Callable | None = None) -> nn.Module:
+def rewrite(model: nn.Module, rules: RuleSet | str, *, progress: Callable | None = None,
+            finish: Callable[[nn.Module], None] | None = None) -> nn.Module:
     """A new fine-tune of ``model`` by ``rules``; quantizes the base first where the plan needs it.
 
-    Raises PlanError before anything changes. If anything fails later the base is restored exactly.
+    Raises PlanError before anything changes. If anything fails later, including ``finish(finetune)``
+    (used to load saved state into the new fine-tune), the base is restored exactly.
     """
     if finetune_info(model) is not None:
         raise RewriteError("this model is itself a fine-tune; rewrite its base instead "
@@ -68,12 +70,14 @@ def rewrite(model: nn.Module, rules: RuleSet | str, *, progress: Callable | None
         quantize_base(model, the_plan, progress)
         _freeze(model)
         finetune = _structural_copy(model, the_plan)
+        finetune.__dict__["_surgery"] = FinetuneInfo(rules, the_plan, model)
+        if finish is not None:
+            finish(finetune)
     except Exception as exc:
         snapshot.restore()
-        if isinstance(exc, RewriteError):
+        if isinstance(exc, SurgeryError):
             raise
         raise RewriteError(f"rewrite failed and the base was restored: {type(exc).__name__}: {exc}") from exc
-    finetune.__dict__["_surgery"] = FinetuneInfo(rules, the_plan, model)
     finetune.__dict__["_apply"] = _guarded_apply(finetune)
     return finetune
 

@@ -322,3 +322,11 @@ def test_base_loaded_with_bitsandbytes_config_is_recognised(tmp_path, scheme):
     with torch.no_grad():
         assert torch.equal(ft(IDS).logits, base(IDS).logits)
     assert sum(p.numel() for p in ft.parameters() if p.requires_grad) == 2 * 8 * (64 + 64)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_a_new_finetune_keeps_the_bases_mode_in_every_module(mode):
+    """New adapter modules must not switch dropout on in an eval model (or off in a training one)."""
+    base = getattr(surgery.tiny_model("tiny-llama"), mode)()
+    ft = surgery.rewrite(base, "qv_lora")
+    assert {m.training for m in ft.modules()} == {mode == "train"}

@@ -1,0 +1,142 @@
+"""Base fingerprints: which checkpoint an adapter was trained on, whatever precision the base is held in.
+
+A fingerprint has two parts:
+
+- ``architecture``: sha256 of the model class and every parameter's module path, name and element
+  count. Element counts (not shapes, not dtypes) are the same for a weight held as fp32, fp16, int8,
+  packed 4-bit, or GPT-2's Conv1D transposed into a bitsandbytes Linear.
+- ``probes``: 64 weight values (8 rows x 8 columns, evenly spaced) from each of up to 8 weight
+  matrices evenly spaced through the model, read in fp32 (dequantized where quantized), each with
+  the error bound of the form it is held in: 0 for fp32, half an ulp for fp16/bf16, half an int8
+  step of its row for int8, a fifth of its block's absmax for 4-bit. Two probes agree when they
+  differ by no more than the sum of their bounds.
+
+So the fp32, fp16 and quantized copies of one checkpoint match, while another architecture fails
+the digest and other weights of the same architecture fail the probes (independent weights differ
+far beyond a quantization step). What is blind by design: two checkpoints closer to each other than
+the quantization error, such as a base and a lightly fine-tuned copy of it held in 4-bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .trace import _param_infos, op_kind, quantized_storage
+
+VERSION = 1
+PROBED_TENSORS = 8
+PROBE_ROWS = 8
+PROBE_COLS = 8
+FOUR_BIT_BOUND = 0.2  # > half the widest gap between nf4 (0.152) or fp4 (0.167) levels, scaled by the block absmax
+HALF_STEP = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
+SUBNORMAL_HALF_STEP = {torch.float16: 2.0 ** -25}  # fp16 subnormals below 6.1e-5 have a fixed step
+SOURCE_ROUNDING = 2.0 ** -8  # a quantized weight may have been quantized from fp16 or bf16
+
+
+@dataclass
+class Fingerprint:
+    """Architecture digest plus weight probes with their error bounds (see module docstring)."""
+
+    architecture: str
+    probes: dict[str, list[float]] = field(default_factory=dict)
+    bounds: dict[str, list[float]] = field(default_factory=dict)
+    version: int = VERSION
+
+    @property
+    def short(self) -> str:
+        """A short printable id: the first 12 hex digits of the architecture digest."""
+        return self.architecture[:12]
+
+    def to_json(self) -> str:
+        return json.dumps({"version": self.version, "architecture": self.architecture,
+                           "probes": {k: [float(f"{v:.9g}") for v in vs] for k, vs in self.probes.items()},
+                           "bounds": {k: [float(f"{v:.9g}") for v in vs] for k, vs in self.bounds.items()}},
+                          sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> "Fingerprint":
+        """Parse a stored fingerprint; raises ValueError when it is not one."""
+        data = json.loads(text)
+        if not isinstance(data, dict) or not isinstance(data.get("architecture"), str):
+            raise ValueError("not a fingerprint object")
+        probes, bounds = data.get("probes", {}), data.get("bounds", {})
+        if set(probes) != set(bounds) or any(len(probes[k]) != len(bounds[k]) for k in probes):
+            raise ValueError("probes and bounds do not correspond")
+        return cls(data["architecture"], probes, bounds, int(data.get("version", VERSION)))
+
+    def mismatch(self, other: "Fingerprint") -> str | None:
+        """Why ``other`` is not the same checkpoint as ``self`` (the stored one), or None when it is."""
+        if self.architecture != other.architecture:
+            return (f"another architecture (digest {other.short}, the file's base has {self.short}): "
+                    "other classes, layer names or sizes")
+        for name in sorted(set(self.probes) & set(other.probes)):
+            for i, (a, b) in enumerate(zip(self.probes[name], other.probes[name])):
+                allowed = self.bounds[name][i] + other.bounds[name][i] + 1e-6 * abs(a)
+                if abs(a - b) > allowed:
+                    return (f"other weights of the same architecture: {name} probe {i} is {b:.6g} here but "
+                            f"{a:.6g} in the file's base (allowed difference {allowed:.3g})")
+        return None
+
+    def __repr__(self) -> str:
+        count = sum(len(v) for v in self.probes.values())
+        return f"Fingerprint(architecture={self.short}, {count} probes over {len(self.probes)} weights)"
+
+
+def fingerprint(model: nn.Module) -> Fingerprint:
+    """The fingerprint of ``model`` as held now (fp32, fp16, bf16 or bitsandbytes-quantized leaves)."""
+    digest = hashlib.sha256(type(model).__name__.encode())
+    weighted = []
+    for path, module in model.named_modules(remove_duplicate=False):
+        infos = _param_infos(module)
+        for info in infos:
+            digest.update(f"\n{path}.{info.name}:{info.numel}".encode())
+        if op_kind(module) in ("linear", "conv1d", "embedding") and any(i.name == "weight" for i in infos):
+            weighted.append(path)
+    chosen = _evenly_spaced(weighted, PROBED_TENSORS)
+    probes, bounds = {}, {}
+    for path in chosen:
+        values, bound = _probe(model.get_submodule(path))
+        probes[f"{path}.weight"], bounds[f"{path}.weight"] = values, bound
+    return Fingerprint(digest.hexdigest(), probes, bounds)
+
+
+def _evenly_spaced(items: list, count: int) -> list:
+    if len(items) <= count:
+        return list(items)
+    return [items[round(i * (len(items) - 1) / (count - 1))] for i in range(count)]
+
+
+def _probe(module: nn.Module) -> tuple[list[float], list[float]]:
+    """PROBE_ROWS x PROBE_COLS values of a weight in (out, in) orientation, with their error bounds."""
+    form = quantized_storage(module)
+    with torch.no_grad():
+        if form is None:
+            weight = module.weight.detach()
+            dense = weight.t() if op_kind(module) == "conv1d" else weight
+            dense, half_step = dense.float(), HALF_STEP.get(weight.dtype, 2.0 ** -8)
+            subnormal = SUBNORMAL_HALF_STEP.get(weight.dtype, 0.0)
+        else:
+            from .quantize import dequantized_weight
+
+            dense = dequantized_weight(module)
+        rows = torch.tensor(_evenly_spaced(range(dense.shape[0]), PROBE_ROWS))
+        cols = torch.tensor(_evenly_spaced(range(dense.shape[1]), PROBE_COLS))
+        values = dense[rows][:, cols].to("cpu")
+        if form is None:
+            bound = values.abs() * half_step + subnormal
+        elif form == "int8":
+            bound = dense[rows].abs().amax(dim=1, keepdim=True).cpu() / 254.0 + values.abs() * SOURCE_ROUNDING
+            bound = bound.expand_as(values)
+        else:
+            blocksize = module.weight.quant_state.blocksize
+            flat = dense.reshape(-1)
+            index = rows.to(dense.device).unsqueeze(1) * dense.shape[1] + cols.to(dense.device).unsqueeze(0)
+            starts = (index // blocksize) * blocksize
+            block_max = torch.stack([flat[s:s + blocksize].abs().max() for s in starts.reshape(-1).tolist()])
+            bound = block_max.reshape(values.shape).cpu() * FOUR_BIT_BOUND + values.abs() * SOURCE_ROUNDING
+    return values.reshape(-1).tolist(), bound.reshape(-1).tolist()

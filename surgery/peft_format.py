@@ -1,0 +1,265 @@
+"""PEFT's adapter format both ways: ``export_peft(ft, dir)`` and ``import_peft(base, dir)``.
+
+A PEFT LoRA folder is ``adapter_config.json`` + ``adapter_model.safetensors`` with keys such as
+``base_model.model.<module>.lora_A.weight``. We write full module paths as ``target_modules`` (PEFT
+matches a target equal to the module name), per-module ranks and alphas as ``rank_pattern`` /
+``alpha_pattern``, plain modules as ``modules_to_save``, and ``fan_in_fan_out`` for GPT-2's Conv1D.
+PEFT scales a LoRA bias (``lora_bias``, the bias of lora_B) with alpha/r; ours is added unscaled,
+so it is divided by the scaling on export and multiplied on import. PEFT features we cannot
+represent (DoRA, other tuner types, trained base biases, ...) are refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .adapters import LoraEmbedding
+from .errors import AdapterStateError, PlanError
+from .rewrite import finetune_info, rewrite
+from .rules import QuantConfig, parse_rules
+from .state import atomic_write
+from .trace import quantized_storage
+
+PREFIX = "base_model.model."
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+UNSUPPORTED = {  # adapter_config.json field -> what it means, when set to anything but its off value
+    "use_dora": "DoRA (weight-decomposed LoRA)",
+    "layer_replication": "layer replication",
+    "use_qalora": "QA-LoRA",
+    "target_parameters": "LoRA on bare parameters (target_parameters)",
+    "trainable_token_indices": "trainable token indices",
+    "alora_invocation_tokens": "activated LoRA (aLoRA)",
+    "use_bdlora": "block-diagonal LoRA",
+    "velora_config": "VeLoRA",
+    "modules_to_tie": "modules_to_tie",
+}
+
+
+# -------------------------------------------------------------------------------------- export
+
+def export_peft(finetune: nn.Module, folder: str | Path) -> Path:
+    """Write the fine-tune as a PEFT LoRA adapter folder that ``PeftModel.from_pretrained`` loads."""
+    from safetensors.torch import save
+
+    info = finetune_info(finetune)
+    if info is None:
+        raise AdapterStateError(f"a {type(finetune).__name__} that is not a fine-tune; export_peft takes a fine-tune")
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise AdapterStateError(f"{folder}: exists and is not a folder; export_peft writes a folder")
+    adapters = {path: m for path, m in finetune.named_modules() if getattr(m, "is_surgery_adapter", False)}
+    plain = [d.path for d in info.plan.by_action("plain")]
+    if not adapters:
+        raise AdapterStateError("this fine-tune has no LoRA adapters; PEFT's LoRA format needs at least one "
+                                "(save plain modules with surgery.save_adapter instead)")
+    _check_exportable(adapters)
+    configs = {path: m.config for path, m in adapters.items()}
+    r = Counter(c.r for c in configs.values()).most_common(1)[0][0]
+    alpha = Counter(c.alpha for c in configs.values()).most_common(1)[0][0]
+    with_bias = any(c.bias for c in configs.values())
+    tensors: dict[str, torch.Tensor] = {}
+    for path, m in adapters.items():
+        tensors.update(_peft_tensors(path, m, with_bias))
+    for path in plain:
+        for name, p in finetune.get_submodule(path).named_parameters(recurse=False):
+            tensors[f"{PREFIX}{path}.{name}"] = p.detach().to("cpu").contiguous()
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(getattr(getattr(info.base, "config", None), "name_or_path", "") or "") or None,
+        "r": r,
+        "lora_alpha": alpha,
+        "rank_pattern": {p: c.r for p, c in sorted(configs.items()) if c.r != r},
+        "alpha_pattern": {p: c.alpha for p, c in sorted(configs.items()) if c.alpha != alpha},
+        "lora_dropout": Counter(c.dropout for c in configs.values()).most_common(1)[0][0],
+        "target_modules": sorted(adapters),
+        "modules_to_save": sorted(plain) or None,
+        "fan_in_fan_out": any(info.plan.decisions[p].kind == "conv1d" for p in adapters),
+        "bias": "none",
+        "lora_bias": with_bias,
+        "use_rslora": next(iter(configs.values())).rslora,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(folder / WEIGHTS_FILE, save(tensors, metadata={"format": "pt"}))
+    atomic_write(folder / CONFIG_FILE, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    return folder
+
+
+def _check_exportable(adapters: dict[str, nn.Module]) -> None:
+    if len({m.config.rslora for m in adapters.values()}) > 1:
+        raise AdapterStateError("some adapters use rslora and some do not; PEFT has one use_rslora per adapter")
+    embeddings = [p for p, m in adapters.items() if isinstance(m, LoraEmbedding)]
+    biased = [p for p, m in adapters.items() if m.lora_bias is not None]
+    if embeddings and biased:
+        raise AdapterStateError(f"{biased[0]} has a LoRA bias and {embeddings[0]} is an adapted embedding: PEFT's "
+                                "lora_bias is one switch for every adapted layer and embeddings do not support it; "
+                                "train with `bias: false` or without embedding adapters to export to PEFT")
+
+
+def _peft_tensors(path: str, m: nn.Module, with_bias: bool) -> dict[str, torch.Tensor]:
+    a, b = m.lora_A.detach().to("cpu").contiguous(), m.lora_B.detach().to("cpu").contiguous()
+    if isinstance(m, LoraEmbedding):
+        return {f"{PREFIX}{path}.lora_embedding_A": a, f"{PREFIX}{path}.lora_embedding_B": b}
+    out = {f"{PREFIX}{path}.lora_A.weight": a, f"{PREFIX}{path}.lora_B.weight": b}
+    if with_bias:
+        bias = m.lora_bias.detach().to("cpu") / m.scaling if m.lora_bias is not None else torch.zeros(
+            b.shape[0], dtype=b.dtype)
+        out[f"{PREFIX}{path}.lora_B.bias"] = bias.contiguous()
+    return out
+
+
+# -------------------------------------------------------------------------------------- import
+
+def import_peft(base: nn.Module, folder: str | Path, *, quantize: str | None = None) -> nn.Module:
+    """A fine-tune of ``base`` with a PEFT LoRA adapter folder's weights, giving PEFT's outputs.
+
+    ``quantize`` (int8, nf4, fp4, none) sets how the base is stored; by default it is kept as it is held.
+    """
+    folder = Path(folder)
+    config = _read_config(folder)
+    tensors = _read_weights(folder)
+    modules_to_save = config.get("modules_to_save") or []
+    adapters, plain = _split_keys(folder, tensors, modules_to_save)
+    rules = parse_rules(_rules_for(base, config, adapters, plain, quantize), source=f"{folder} (PEFT)")
+    values = {}
+    for path, parts in adapters.items():
+        scaling = _lora_config(config, path, parts)["alpha"] / (
+            parts["A"].shape[0] ** 0.5 if config.get("use_rslora") else parts["A"].shape[0])
+        values[f"{path}.lora_A"], values[f"{path}.lora_B"] = parts["A"], parts["B"]
+        if "bias" in parts:
+            values[f"{path}.lora_bias"] = parts["bias"] * scaling
+    values.update(plain)
+
+    def fill(ft: nn.Module) -> None:
+        from .state import own_state
+
+        own = own_state(ft)
+        for name, p in own.items():
+            t = values.get(name)
+            if t is None or tuple(t.shape) != tuple(p.shape):
+                why = "missing" if t is None else f"shape {tuple(t.shape)}, needs {tuple(p.shape)}"
+                raise AdapterStateError(f"{folder}: no usable weights for '{name}' ({why})")
+        extra = sorted(set(values) - set(own))
+        if extra:
+            raise AdapterStateError(f"{folder}: weights for '{extra[0]}', which the fine-tune does not have")
+        with torch.no_grad():
+            for name, p in own.items():
+                p.copy_(values[name].to(p.dtype))
+
+    try:
+        return rewrite(base, rules, finish=fill)
+    except PlanError as exc:
+        raise AdapterStateError(f"{folder}: this PEFT adapter does not plan on this base: {exc}") from exc
+
+
+def _read_config(folder: Path) -> dict:
+    path = folder / CONFIG_FILE
+    if not folder.is_dir():
+        raise AdapterStateError(f"{folder}: not a folder; a PEFT adapter is a folder with {CONFIG_FILE}")
+    if not path.is_file():
+        raise AdapterStateError(f"{path}: missing; not a PEFT adapter folder")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise AdapterStateError(f"{path}: not readable JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise AdapterStateError(f"{path}: must hold a JSON object")
+    if config.get("peft_type") != "LORA":
+        raise AdapterStateError(f"{path}: peft_type {config.get('peft_type')!r} is not supported; surgery reads "
+                                "LoRA adapters only")
+    for key, what in UNSUPPORTED.items():
+        if config.get(key):
+            raise AdapterStateError(f"{path}: uses {what} ({key}), which surgery does not support; "
+                                    "nothing was loaded")
+    if config.get("bias", "none") != "none":
+        raise AdapterStateError(f"{path}: bias={config['bias']!r} trains the base's biases, which surgery keeps "
+                                "frozen; only bias='none' is supported")
+    return config
+
+
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    safe, pickled = folder / WEIGHTS_FILE, folder / "adapter_model.bin"
+    try:
+        if safe.is_file():
+            from safetensors.torch import load_file
+
+            return load_file(safe)
+        if pickled.is_file():  # legacy PEFT format; tensors only, never arbitrary objects
+            return torch.load(pickled, map_location="cpu", weights_only=True)
+    except Exception as exc:  # safetensors and torch.load report corruption in many ways
+        raise AdapterStateError(f"{safe if safe.is_file() else pickled}: unreadable adapter weights "
+                                f"({type(exc).__name__}: {str(exc)[:200]})") from exc
+    raise AdapterStateError(f"{folder}: has no {WEIGHTS_FILE} (or adapter_model.bin)")
+
+
+KEY = re.compile(r"^(?P<path>.+)\.(?:(?P<ab>lora_[AB])\.(?P<param>weight|bias)|(?P<emb>lora_embedding_[AB]))$")
+
+
+def _split_keys(folder: Path, tensors: dict, modules_to_save: list[str]):
+    """{module: {A, B, bias}} for LoRA keys and {param name: tensor} for modules_to_save; anything else fails."""
+    adapters: dict[str, dict[str, torch.Tensor]] = {}
+    plain: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        name = key.removeprefix(PREFIX)
+        m = KEY.match(name)
+        if m and (m["emb"] or m["param"] == "weight" or m["ab"] == "lora_B"):
+            part = (m["emb"] or m["ab"])[-1] if m["param"] != "bias" else "bias"
+            adapters.setdefault(m["path"], {})[part] = t
+        elif any(name.rsplit(".", 1)[0] == s or name.rsplit(".", 1)[0].endswith("." + s) for s in modules_to_save):
+            plain[name] = t
+        elif ".base_layer." in name:
+            continue  # PEFT may save an adapted embedding's base weight; the base supplies it
+        else:
+            raise AdapterStateError(f"{folder / WEIGHTS_FILE}: key '{key}' is not a LoRA A/B weight or a "
+                                    "modules_to_save weight; surgery cannot represent it")
+    for path, parts in adapters.items():
+        if "A" not in parts or "B" not in parts:
+            raise AdapterStateError(f"{folder / WEIGHTS_FILE}: '{path}' has lora_{'B' if 'A' in parts else 'A'} "
+                                    f"but no lora_{'A' if 'A' not in parts else 'B'}")
+    return adapters, plain
+
+
+def _pattern_value(patterns: dict, path: str, default):
+    """PEFT's rank/alpha pattern lookup: the first key that matches the end of the module name."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default
+
+
+def _lora_config(config: dict, path: str, parts: dict) -> dict:
+    r = parts["A"].shape[0]
+    declared = _pattern_value(config.get("rank_pattern"), path, config.get("r", r))
+    if declared != r:
+        raise AdapterStateError(f"adapter_config.json gives {path} rank {declared} but its lora_A has {r} rows")
+    return {"r": int(r), "alpha": float(_pattern_value(config.get("alpha_pattern"), path, config.get("lora_alpha", 8))),
+            "dropout": float(config.get("lora_dropout", 0.0)), "bias": "bias" in parts,
+            "rslora": bool(config.get("use_rslora", False)),
+            "dtype": str(parts["A"].dtype).removeprefix("torch.")}
+
+
+def _rules_for(base: nn.Module, config: dict, adapters: dict, plain: dict, quantize: str | None) -> dict:
+    """Rules that rebuild the adapter: one adapt rule per (LoRA settings, storage), plain rules, freeze the rest."""
+    held = {path: quantized_storage(m) for path, m in base.named_modules() if quantized_storage(m)}
+    scheme = quantize or "none"
+    groups: dict[tuple, list[str]] = {}
+    for path, parts in sorted(adapters.items()):
+        lora = _lora_config(config, path, parts)
+        storage = held.get(path) or scheme
+        groups.setdefault((tuple(sorted(lora.items())), storage), []).append(path)
+    rules = [{"match": "re:" + "|".join(re.escape(p) for p in paths), "action": "adapt", "lora": dict(lora),
+              "quantize": storage} for (lora, storage), paths in groups.items()]
+    plain_modules = sorted({name.rsplit(".", 1)[0] for name in plain})
+    rules += [{"match": "re:" + re.escape(p), "action": "plain", "untie": True} for p in plain_modules]
+    return {"quantize": QuantConfig(scheme).to_dict() if quantize else "none",
+            "default": "quantize" if quantize and quantize != "none" else "freeze", "rules": rules}

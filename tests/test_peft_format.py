@@ -1,0 +1,119 @@
+"""PEFT's adapter format both ways, checked against PEFT itself."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+import surgery
+from surgery import AdapterStateError
+
+from conftest import TINY
+from test_state import INPUTS, logits, trained
+
+peft = pytest.importorskip("peft")
+
+MIXED = {"quantize": "none", "default": "freeze", "rules": [
+    {"match": "re:.*(layers|h)\\.0\\..*(q_proj|c_attn)", "action": "adapt", "lora": {"r": 4, "alpha": 8, "bias": True}},
+    {"match": "*", "type": "linear", "action": "adapt", "optional": True, "lora": {"r": 8, "alpha": 16, "bias": True}},
+    {"match": "lm_head", "action": "plain", "untie": True},
+    {"match": "*", "type": "conv1d", "action": "adapt", "optional": True, "lora": {"r": 2, "alpha": 3, "bias": True}}]}
+WITH_EMBEDDING = {"quantize": "none", "default": "freeze", "rules": [
+    {"match": "*", "type": "embedding", "action": "adapt", "optional": True, "lora": {"r": 2, "alpha": 3, "rslora": True}},
+    {"match": "*", "type": "linear", "action": "adapt", "optional": True, "lora": {"r": 8, "alpha": 16, "rslora": True}},
+    {"match": "*", "type": "conv1d", "action": "adapt", "optional": True, "lora": {"r": 8, "alpha": 16, "rslora": True}}]}
+
+
+def peft_model(base, folder):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return peft.PeftModel.from_pretrained(base, folder)
+
+
+@pytest.mark.parametrize("rules", [MIXED, WITH_EMBEDDING], ids=["ranks-bias-plain", "embedding-rslora"])
+@pytest.mark.parametrize("model", TINY)
+def test_export_loads_in_peft_with_the_same_outputs_and_imports_back(tmp_path, model, rules):
+    ft = trained(surgery.rewrite(surgery.tiny_model(model), rules))
+    surgery.export_peft(ft, tmp_path / "peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == model
+    twin = peft_model(surgery.tiny_model(model), tmp_path / "peft")
+    expected = logits(ft)
+    got = logits(twin)
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+    twin.save_pretrained(tmp_path / "peft-saved")  # PEFT's own writing, read back by us
+    back = surgery.import_peft(surgery.tiny_model(model), tmp_path / "peft-saved")
+    assert (logits(back) - got).abs().max() <= 1e-5 * got.abs().max()
+
+
+@pytest.mark.parametrize("rules", ["qv_lora", "qlora_nf4"])
+def test_export_and_import_on_a_quantized_base_match_peft_on_that_base(tmp_path, rules):
+    base = surgery.tiny_model("tiny-opt")
+    ft = trained(surgery.rewrite(base, rules))
+    surgery.export_peft(ft, tmp_path / "peft")
+    expected = logits(ft)
+    other = surgery.tiny_model("tiny-opt")
+    surgery.rewrite(other, rules)  # the same checkpoint, quantized the same way, for PEFT to wrap in place
+    twin = peft_model(other, tmp_path / "peft")
+    assert torch.equal(logits(twin), expected)
+    imported = surgery.import_peft(base, tmp_path / "peft")
+    assert torch.equal(logits(imported), expected)
+    info = surgery.finetune_info(imported)
+    assert info.plan.decisions["model.decoder.layers.0.self_attn.q_proj"].storage == ("int8" if rules == "qv_lora" else "nf4")
+
+
+def test_import_of_a_peft_trained_adapter_matches_peft(tmp_path):
+    """An adapter made by PEFT itself (its own init, per-module rank), not by our export."""
+    base = surgery.tiny_model("tiny-llama")
+    config = peft.LoraConfig(r=4, lora_alpha=12, target_modules=["q_proj", "v_proj", "down_proj"],
+                             rank_pattern={"down_proj": 2}, alpha_pattern={"v_proj": 5}, init_lora_weights="gaussian",
+                             modules_to_save=["lm_head"])
+    twin = peft.get_peft_model(surgery.tiny_model("tiny-llama"), config)
+    trained(twin)  # lora_B leaves zero, as training would
+    twin.save_pretrained(tmp_path)
+    expected = logits(twin)
+    ft = surgery.import_peft(base, tmp_path)
+    assert (logits(ft) - expected).abs().max() <= 1e-5 * expected.abs().max()
+    down = ft.model.layers[0].mlp.down_proj
+    assert down.config.r == 2 and ft.model.layers[0].self_attn.v_proj.config.alpha == 5
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("use_dora", True, "DoRA"),
+    ("peft_type", "IA3", "'IA3' is not supported"),
+    ("bias", "all", "bias='all'"),
+    ("layer_replication", [[0, 1]], "layer replication"),
+])
+def test_unsupported_peft_features_are_refused(tmp_path, field, value, message):
+    ft = trained(surgery.rewrite(surgery.tiny_model("tiny-opt"), "qv_lora"))
+    surgery.export_peft(ft, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config[field] = value
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    base = surgery.tiny_model("tiny-opt")
+    with pytest.raises(AdapterStateError, match=message):
+        surgery.import_peft(base, tmp_path)
+    assert not any(type(m).__module__.startswith("bitsandbytes") for m in base.modules())
+
+
+def test_unknown_tensors_in_a_peft_folder_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    ft = trained(surgery.rewrite(surgery.tiny_model("tiny-opt"), "qv_lora"))
+    surgery.export_peft(ft, tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    tensors["base_model.model.model.decoder.layers.0.self_attn.q_proj.lora_magnitude_vector"] = torch.ones(64)
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(AdapterStateError, match="lora_magnitude_vector"):
+        surgery.import_peft(surgery.tiny_model("tiny-opt"), tmp_path)
+
+
+def test_exports_peft_cannot_express_are_refused(tmp_path):
+    ft = surgery.rewrite(surgery.tiny_model("tiny-opt"), {"quantize": "none", "default": "freeze", "rules": [
+        {"match": "q_proj", "action": "adapt", "lora": {"bias": True}}, {"match": "embed_tokens", "action": "adapt"}]})
+    with pytest.raises(AdapterStateError, match="lora_bias is one switch"):
+        surgery.export_peft(ft, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
