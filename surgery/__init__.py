@@ -4,6 +4,7 @@ One frozen, quantized base in memory, any number of independently trainable fine
 of it, chosen per module by a rule file and checked before anything is changed.
 """
 
+from .export import ExportError, export_graph
 from .errors import (AdapterStateError, ModelNotFoundError, PlanError, RewriteError, RuleFileError, SurgeryError,
                      TraceError, Violation)
 from .fingerprint import Fingerprint, fingerprint
@@ -19,7 +20,7 @@ from .trace import ModelGraph, ModuleInfo, ParamInfo, trace
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterFile", "AdapterStateError", "Decision", "FinetuneInfo", "Fingerprint", "LoraConfig", "MergeError",
+    "AdapterFile", "AdapterStateError", "Decision", "ExportError", "export_graph", "FinetuneInfo", "Fingerprint", "LoraConfig", "MergeError",
     "ModelGraph", "ModelNotFoundError", "ModuleInfo", "ParamInfo", "Plan", "PlanError", "QuantConfig",
     "RewriteError", "Rule", "RuleFileError", "RuleSet", "SurgeryError", "TraceError", "Violation",
     "bundled_rules", "export_peft", "finetune_info", "fingerprint", "import_peft", "load_adapter", "load_model",

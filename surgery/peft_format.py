@@ -162,6 +162,11 @@ def import_peft(base: nn.Module, folder: str | Path, *, quantize: str | None = N
         raise AdapterStateError(f"{folder}: this PEFT adapter does not plan on this base: {exc}") from exc
 
 
+def peft_base_model(folder: str | Path) -> str | None:
+    """The base model a PEFT adapter folder names (``base_model_name_or_path``), if any."""
+    return _read_config(Path(folder)).get("base_model_name_or_path") or None
+
+
 def _read_config(folder: Path) -> dict:
     path = folder / CONFIG_FILE
     if not folder.is_dir():

@@ -45,12 +45,36 @@ def finetune_info(model: nn.Module) -> FinetuneInfo | None:
 _GRAPHS: "weakref.WeakKeyDictionary[nn.Module, ModelGraph]" = weakref.WeakKeyDictionary()
 
 
+_BY_STRUCTURE: dict[tuple, ModelGraph] = {}  # a few recent traces, by architecture (see _structure_key)
+_BY_STRUCTURE_SIZE = 8
+
+
 def base_graph(model: nn.Module) -> ModelGraph:
-    """The base's graph: traced once, then refreshed from the module tree (quantization changes no calls)."""
+    """The base's graph: traced once, then refreshed from the module tree (quantization changes no calls).
+
+    A second model of exactly the same structure and config (another load of one checkpoint) reuses
+    the first one's trace: calls and shapes depend on the architecture, not on the weights.
+    """
     cached = _GRAPHS.get(model)
-    graph = trace(model) if cached is None else refresh(cached, model)
+    if cached is None:
+        key = _structure_key(model)
+        cached = _BY_STRUCTURE.get(key)
+        graph = trace(model) if cached is None else refresh(cached, model)
+        _BY_STRUCTURE[key] = graph
+        while len(_BY_STRUCTURE) > _BY_STRUCTURE_SIZE:
+            _BY_STRUCTURE.pop(next(iter(_BY_STRUCTURE)))
+    else:
+        graph = refresh(cached, model)
     _GRAPHS[model] = graph
     return graph
+
+
+def _structure_key(model: nn.Module) -> tuple:
+    config = getattr(model, "config", None)
+    return (type(model).__qualname__, config.to_json_string() if hasattr(config, "to_json_string") else None,
+            tuple((path, type(m).__qualname__, tuple((n, tuple(p.shape), p.dtype) for n, p in
+                                                       m.named_parameters(recurse=False)))
+                  for path, m in model.named_modules(remove_duplicate=False)))
 
 
 def rewrite(model: nn.Module, rules: RuleSet | str, *, progress: Callable | None = None,

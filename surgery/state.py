@@ -10,10 +10,12 @@ were. Nothing is ever unpickled.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import struct
 import tempfile
 from dataclasses import dataclass
@@ -116,6 +118,34 @@ def atomic_write(path: Path, data: bytes) -> None:
                                     "the previous file, if any, is unchanged") from exc
         raise
     _fsync_folder(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | Path, *, overwrite: bool = False):
+    """Yield a temp folder beside ``path``; on success it becomes ``path``, on failure it is removed.
+
+    An existing non-empty ``path`` is refused unless ``overwrite``; then it is replaced only once the
+    new folder is complete.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise AdapterStateError(f"{path}: exists and is not a folder")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise AdapterStateError(f"{path}: exists and is not empty; choose a new folder or pass --overwrite")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
 
 
 def _umask() -> int:

@@ -97,3 +97,52 @@ def test_apply_as_typed_measures_what_it_planned():
 def test_apply_without_weights_names_random_init():
     result = run("apply", "qv_lora", "--model", "facebook/opt-125m")
     assert result.exit_code == 2 and "--random-init" in result.output
+
+
+def test_adapter_files_through_the_cli_apply_show_merge_export_import(tmp_path):
+    """apply --out writes adapter files; show, merge, export-peft and import-peft read them back."""
+    import torch
+    import transformers
+
+    import surgery
+
+    out = tmp_path / "runs" / "qv.safetensors"
+    result = run("apply", "qv_lora", "--model", "tiny-llama", "-n", "2", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    first, second = tmp_path / "runs" / "qv-1.safetensors", tmp_path / "runs" / "qv-2.safetensors"
+    assert first.exists() and second.exists()
+
+    result = run("adapter", "show", str(first))
+    assert result.exit_code == 0, result.output
+    assert "tiny-llama" in result.stdout and "LlamaForCausalLM" in result.stdout
+    assert "model.layers.0.self_attn.q_proj.lora_A" in result.stdout and "8 tensors" in result.stdout
+
+    result = run("merge", str(first), "--out", str(tmp_path / "merged"), "--report-requantized")
+    assert result.exit_code == 0, result.output
+    assert "merged vs fine-tune" in result.stdout and "requantized vs merged" in result.stdout
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    expected = surgery.merge(surgery.load_adapter(surgery.tiny_model("tiny-llama"), first))
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad():
+        assert torch.equal(merged(ids).logits, expected(ids).logits)
+    again = run("merge", str(first), "--out", str(tmp_path / "merged"))
+    assert again.exit_code == 2 and "not empty" in again.output
+
+    result = run("export-peft", str(first), "--out", str(tmp_path / "peft"))
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "peft" / "adapter_config.json").exists()
+    result = run("import-peft", str(tmp_path / "peft"), "--out", str(tmp_path / "back.safetensors"), "--quantize", "int8")
+    assert result.exit_code == 0, result.output
+    back = surgery.read_adapter(tmp_path / "back.safetensors")
+    original = surgery.read_adapter(first)
+    assert back.tensors.keys() == original.tensors.keys()
+    assert all(torch.equal(back.tensors[k], original.tensors[k]) for k in back.tensors)
+
+
+def test_a_bad_adapter_file_is_one_line_and_exit_2(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x80\x04garbage")
+    for args in (("adapter", "show", str(bad)), ("merge", str(bad), "--out", str(tmp_path / "m"))):
+        result = run(*args)
+        assert result.exit_code == 2 and "never unpickles" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "m").exists()

@@ -20,6 +20,8 @@ app = typer.Typer(help="Rule-driven model surgery for HuggingFace models: one qu
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 rules_app = typer.Typer(help="Bundled rule files.", no_args_is_help=True)
 app.add_typer(rules_app, name="rules")
+adapter_app = typer.Typer(help="Adapter files (safetensors written by surgery).", no_args_is_help=True)
+app.add_typer(adapter_app, name="adapter")
 console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
@@ -51,9 +53,13 @@ def _quiet_libraries() -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
+    import logging as std_logging
+
     from transformers.utils import logging
 
     logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    std_logging.getLogger("bitsandbytes").setLevel(std_logging.ERROR)  # "inputs will be cast to float16" per call
 
 
 def _model_for(rules, model: Optional[str]) -> tuple[str, str]:
@@ -133,10 +139,12 @@ def apply(
     model: Optional[str] = MODEL_OPT,
     finetunes: int = typer.Option(1, "--finetunes", "-n", min=1, help="Fine-tunes to create on the one base."),
     random_init: bool = typer.Option(False, "--random-init", help="Build random weights when none are available."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write each fine-tune's initial adapter file "
+                                       "(FILE for one; FILE-1, FILE-2, ... for several)."),
 ):
     """Plan, quantize the base once, create N fine-tunes sharing it, verify them, and measure memory.
 
-    Example: surgery apply rules/qv_lora.yaml --finetunes 3
+    Example: surgery apply rules/qv_lora.yaml --finetunes 3 --out runs/qv.safetensors
     """
     _quiet_libraries()
     import torch
@@ -191,6 +199,13 @@ def apply(
                   f"({sum(equal)}/{len(equal)} bit-identical)")
     if not all(equal):
         raise typer.Exit(1)
+    if out is not None:
+        from surgery.state import save_adapter
+
+        paths = [out] if len(fts) == 1 else [out.with_name(f"{out.stem}-{i + 1}{out.suffix}") for i in range(len(fts))]
+        for ft, path in zip(fts, paths):
+            save_adapter(ft, path)
+            console.print(f"wrote {path} ({path.stat().st_size:,} bytes)", highlight=False)
 
 
 @app.command("models")
@@ -243,6 +258,166 @@ def rules_show(rules: str = typer.Argument(..., help="Rule file path or bundled 
     path = bundled_rules().get(rules) or Path(rules)
     console.print(f"# {ruleset.source}", highlight=False)
     console.print(path.read_text(), highlight=False, markup=False)
+
+
+# ------------------------------------------------------------------------------ adapter state
+
+ADAPTER_ARG = typer.Argument(..., help="Adapter file written by surgery (apply --out, train, import-peft).")
+BASE_OPT = typer.Option(None, "--model", "-m", help="Base model (default: the base named in the adapter file).")
+RANDOM_INIT_OPT = typer.Option(False, "--random-init", help="Build random weights when none are available.")
+
+
+def _finetune_from(adapter: Path, model: Optional[str], random_init: bool):
+    """Load the base (from --model or the file's metadata) and the adapter onto it."""
+    from surgery.models import load_model
+    from surgery.state import load_adapter, read_adapter
+
+    info = read_adapter(adapter)
+    name = model or info.base_model
+    if not name:
+        raise typer.BadParameter("the adapter file names no base model; pass --model")
+    base = load_model(name, random_init=random_init).model
+    return base, load_adapter(base, adapter), name
+
+
+def _probe_inputs(model) -> dict:
+    import torch
+
+    vocab = getattr(getattr(model, "config", None), "vocab_size", 256)
+    return {"input_ids": torch.randint(0, min(vocab, 256), (2, 16), generator=torch.Generator().manual_seed(0))}
+
+
+@adapter_app.command("show")
+@user_errors
+def adapter_show(
+    adapter: Path = ADAPTER_ARG,
+    show_all: bool = typer.Option(False, "--all", help="List every tensor (default: the first 40)."),
+):
+    """Show an adapter file: metadata, base fingerprint, rules, and its tensors with sizes.
+
+    Example: surgery adapter show runs/qv.safetensors
+    """
+    import yaml
+
+    from surgery.plan import fmt_bytes
+    from surgery.state import read_adapter
+
+    info = read_adapter(adapter)
+    meta = Table(title=f"{adapter}", show_header=False)
+    meta.add_column("field")
+    meta.add_column("value")
+    for key in ("format", "format_version", "surgery_version", "base_model", "base_class", "rules_source"):
+        meta.add_row(key, info.metadata.get(key, ""))
+    meta.add_row("base fingerprint", repr(info.fingerprint))
+    meta.add_row("checksums", "metadata and tensors verified")
+    console.print(meta)
+    console.print("[bold]rules[/] (stored in the file; they rebuild the fine-tune):")
+    console.print(yaml.safe_dump(info.rules.to_dict(), sort_keys=False), highlight=False, markup=False)
+    table = Table(title=f"{len(info.tensors)} tensors, {info.nbytes:,} bytes ({fmt_bytes(info.nbytes)})")
+    for col in ("tensor", "dtype", "shape", "bytes"):
+        table.add_column(col, justify="right" if col == "bytes" else "left")
+    names = list(info.tensors)
+    for name in names if show_all else names[:40]:
+        t = info.tensors[name]
+        table.add_row(name, str(t.dtype).removeprefix("torch."), str(tuple(t.shape)), f"{t.numel() * t.element_size():,}")
+    if not show_all and len(names) > 40:
+        table.add_row(f"... {len(names) - 40} more (--all)", "", "", "")
+    console.print(table)
+
+
+@app.command()
+@user_errors
+def merge(
+    adapter: Path = ADAPTER_ARG,
+    model: Optional[str] = BASE_OPT,
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the merged model (save_pretrained format)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, float16 or bfloat16 (default: the base's)."),
+    report_requantized: bool = typer.Option(False, "--report-requantized",
+                                            help="Also measure the error of requantizing the merged weights."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing non-empty --out folder."),
+    random_init: bool = RANDOM_INIT_OPT,
+):
+    """Fold an adapter into its base and save a plain transformers model (no surgery needed to load it).
+
+    Example: surgery merge runs/qv.safetensors --out merged/
+    """
+    _quiet_libraries()
+    import torch
+
+    from surgery.merge import merge as merge_ft, output_error
+    from surgery.state import atomic_folder
+
+    if dtype not in (None, "float32", "float16", "bfloat16"):
+        raise typer.BadParameter(f"--dtype must be float32, float16 or bfloat16, not {dtype!r}")
+    base, ft, name = _finetune_from(adapter, model, random_init)
+    merged = merge_ft(ft, getattr(torch, dtype) if dtype else None)
+    inputs = _probe_inputs(base)
+    error = output_error(ft, merged, inputs)
+    with atomic_folder(out, overwrite=overwrite) as tmp:
+        merged.save_pretrained(tmp)
+    table = Table(title=f"merged {adapter} into {name}")
+    table.add_column("")
+    table.add_column("max |Δlogits|", justify="right")
+    table.add_column("relative", justify="right")
+    table.add_row("merged vs fine-tune", f"{error['max_abs']:.3g}", f"{error['max_rel']:.3g}")
+    if report_requantized:
+        added = output_error(merged, merge_ft(ft, requantize=True), inputs)
+        table.add_row("requantized vs merged", f"{added['max_abs']:.3g}", f"{added['max_rel']:.3g}")
+    console.print(table)
+    console.print(f"wrote {out} (load with transformers.AutoModelForCausalLM.from_pretrained)", highlight=False)
+
+
+@app.command("export-peft")
+@user_errors
+def export_peft_cmd(
+    adapter: Path = ADAPTER_ARG,
+    model: Optional[str] = BASE_OPT,
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for adapter_config.json + adapter_model.safetensors."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing non-empty --out folder."),
+    random_init: bool = RANDOM_INIT_OPT,
+):
+    """Write an adapter in PEFT's format (loads with peft.PeftModel.from_pretrained).
+
+    Example: surgery export-peft runs/qv.safetensors --out qv-peft/
+    """
+    _quiet_libraries()
+    from surgery.peft_format import export_peft
+    from surgery.state import atomic_folder
+
+    _, ft, name = _finetune_from(adapter, model, random_init)
+    with atomic_folder(out, overwrite=overwrite) as tmp:
+        export_peft(ft, tmp)
+    console.print(f"wrote {out}: PeftModel.from_pretrained(<{name}>, {str(out)!r})", highlight=False)
+
+
+@app.command("import-peft")
+@user_errors
+def import_peft_cmd(
+    folder: Path = typer.Argument(..., help="PEFT LoRA adapter folder (adapter_config.json + weights)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m",
+                                        help="Base model (default: base_model_name_or_path of the adapter)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Adapter file to write (.safetensors)."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="Store the base as int8, nf4, fp4 or none."),
+    random_init: bool = RANDOM_INIT_OPT,
+):
+    """Read a PEFT LoRA adapter onto its base and save it as a surgery adapter file.
+
+    Example: surgery import-peft qv-peft/ --out qv.safetensors --quantize int8
+    """
+    _quiet_libraries()
+    from surgery.models import load_model
+    from surgery.peft_format import import_peft, peft_base_model
+    from surgery.state import save_adapter
+
+    if quantize not in (None, "int8", "nf4", "fp4", "none"):
+        raise typer.BadParameter(f"--quantize must be int8, nf4, fp4 or none, not {quantize!r}")
+    name = model or peft_base_model(folder)
+    if not name:
+        raise typer.BadParameter("the adapter names no base model (base_model_name_or_path); pass --model")
+    base = load_model(name, random_init=random_init).model
+    ft = import_peft(base, folder, quantize=quantize)
+    path = save_adapter(ft, out)
+    console.print(f"wrote {path} ({path.stat().st_size:,} bytes) for {name}", highlight=False)
 
 
 def main() -> None:

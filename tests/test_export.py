@@ -1,0 +1,45 @@
+"""export_graph: a torch.export program of a fine-tune with the eager fine-tune's outputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import surgery
+from surgery.export import ExportError, export_graph
+
+from conftest import TINY
+from test_state import INPUTS, trained
+
+FP32 = {"quantize": "none", "default": "freeze", "rules": [
+    {"match": "*", "type": "linear", "action": "adapt"}, {"match": "*", "type": "conv1d", "action": "adapt", "optional": True}]}
+
+
+@pytest.mark.parametrize("model", TINY)
+def test_adapters_are_their_own_nodes_and_outputs_equal_eager(model):
+    ft = trained(surgery.rewrite(surgery.tiny_model(model), FP32))
+    program = export_graph(ft, INPUTS["input_ids"])
+    assert any(name.endswith("lora_A") for name in program.graph_signature.parameters)
+    other = torch.randint(0, 256, (3, 11))  # another batch size and length: shapes stay dynamic
+    with torch.no_grad():
+        assert torch.allclose(program.module()(input_ids=other), ft(input_ids=other).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_a_quantized_finetune_exports_merged_and_refuses_otherwise():
+    ft = trained(surgery.rewrite(surgery.tiny_model("tiny-llama"), "qv_lora"))
+    with pytest.raises(ExportError, match="bitsandbytes layers, which torch.export cannot capture; export with merge=True"):
+        export_graph(ft, INPUTS["input_ids"])
+    program = export_graph(ft, INPUTS["input_ids"], merge=True)
+    assert not any("lora" in name for name in program.graph_signature.parameters)
+    merged = surgery.merge(ft)
+    with torch.no_grad():
+        assert torch.allclose(program.module()(input_ids=INPUTS["input_ids"]), merged(**INPUTS).logits,
+                              rtol=1e-5, atol=1e-6)
+
+
+def test_bad_inputs_are_explained():
+    ft = surgery.rewrite(surgery.tiny_model("tiny-opt"), FP32)
+    with pytest.raises(ExportError, match="input_ids and optionally attention_mask"):
+        export_graph(ft, {"pixel_values": torch.zeros(1, 3)})
+    with pytest.raises(ExportError, match="not a fine-tune"):
+        export_graph(surgery.tiny_model("tiny-opt"), INPUTS["input_ids"])
