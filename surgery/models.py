@@ -100,6 +100,23 @@ def tiny_tokenizer():
                                    eos_token="<eos>", unk_token="<unk>")
 
 
+def load_tokenizer(name: str):
+    """The tokenizer of MODEL: the byte-level one for tiny models, else from the local dir or HF cache."""
+    if name in TINY_MODELS:
+        return tiny_tokenizer()
+    from transformers import AutoTokenizer
+
+    path = Path(name).expanduser()
+    source = path if path.is_dir() else _hub_cache_dir(name)
+    if source is None:
+        raise ModelNotFoundError(f"no tokenizer for '{name}': not a local directory or a model in the local HF cache")
+    try:
+        return AutoTokenizer.from_pretrained(str(source if path.is_dir() else name))
+    except Exception as exc:
+        raise ModelNotFoundError(f"{name}: its tokenizer could not be loaded ({type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
+
+
 def load_model(name: str, *, weights: bool = True, random_init: bool = False) -> LoadedModel:
     """Resolve MODEL: (a) local directory, (b) hub id in the local HF cache, (c) bundled architecture, (d) tiny.
 

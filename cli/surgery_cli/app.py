@@ -420,6 +420,291 @@ def import_peft_cmd(
     console.print(f"wrote {path} ({path.stat().st_size:,} bytes) for {name}", highlight=False)
 
 
+# ------------------------------------------------------------------------------ training
+
+def _parse_job(spec: str) -> tuple[str, str, str]:
+    name, sep, rest = spec.partition("=")
+    rules, comma, data = rest.partition(",")
+    if not (sep and comma and name and rules and data):
+        raise typer.BadParameter(f"--job {spec!r}: write NAME=RULES,DATA, e.g. --job caps=lora_plus_head,capitals")
+    return name, rules, data
+
+
+@app.command()
+@user_errors
+def train(
+    rules: Optional[str] = typer.Argument(None, help="Rule file or bundled name (or use --job for several)."),
+    model: Optional[str] = MODEL_OPT,
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="Training data: .csv (text), .jsonl (text, or "
+                                       "prompt+completion), .txt, or a bundled set (capitals, upper, reverse)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (one subfolder per --job)."),
+    job: list[str] = typer.Option([], "--job", help="NAME=RULES,DATA: one more fine-tune on the same base "
+                                  "(repeatable; all train in this process on one shared base)."),
+    eval_file: Optional[str] = typer.Option(None, "--eval", help="Evaluation data file."),
+    eval_split: Optional[float] = typer.Option(None, "--eval-split", help="Hold out this fraction for evaluation."),
+    group_texts: bool = typer.Option(False, "--group-texts", help="Corpus mode: concatenate with EOS and cut "
+                                     "into blocks (default: one example per row, padded)."),
+    block_size: int = typer.Option(128, "--block-size", help="Tokens per row."),
+    pad_token_id: Optional[int] = typer.Option(None, "--pad-token-id", help="For tokenizers without a pad token."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Rows per micro-batch (per process)."),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step."),
+    lr: float = typer.Option(2e-4, "--lr", help="Peak learning rate."),
+    epochs: int = typer.Option(1, "--epochs", help="Passes over the data (unless --max-steps)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps (overrides --epochs)."),
+    warmup: int = typer.Option(0, "--warmup", help="Warmup steps."),
+    schedule: str = typer.Option("cosine", "--schedule", help="cosine, linear or constant."),
+    weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW weight decay (matrices only)."),
+    max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", help="Gradient clipping (0: off)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of adapter init, data order and dropout."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16 (autocast)."),
+    optimizer: str = typer.Option("adamw", "--optimizer", help="adamw or adamw8bit (bitsandbytes, GPU)."),
+    eval_steps: Optional[int] = typer.Option(None, "--eval-steps", help="Evaluate every N steps."),
+    save_steps: Optional[int] = typer.Option(None, "--save-steps", help="Checkpoint every N steps."),
+    save_total_limit: Optional[int] = typer.Option(None, "--save-total-limit", help="Keep only the newest N."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="A checkpoint folder, or the --out folder of a "
+                                          "run (each job resumes from its newest checkpoint)."),
+    random_init: bool = RANDOM_INIT_OPT,
+):
+    """Train one fine-tune, or several on one shared base in one process; torchrun gives DDP.
+
+    Example: surgery train lora_plus_head --model tiny-opt --data capitals --out runs/caps --max-steps 100 --lr 1e-2
+    """
+    _quiet_libraries()
+    from surgery.models import load_model, load_tokenizer
+    from surgery.rules import load_rules
+    from surgery.train import TrainConfig, latest_checkpoint, make_job, plot_losses, train as run_jobs, world
+
+    specs = [(None, rules, data)] if rules or data else []
+    specs += [_parse_job(j) for j in job]
+    if not specs or any(r is None or d is None for _, r, d in specs):
+        raise typer.BadParameter("give RULES with --data, or one or more --job NAME=RULES,DATA")
+    first_rules = load_rules(specs[0][1])
+    name, why = _model_for(first_rules, model)
+    config = TrainConfig(batch_size, grad_accum, lr, epochs, max_steps, warmup, schedule, weight_decay,
+                         max_grad_norm or None, seed, precision, optimizer, eval_steps, save_steps, save_total_limit)
+    config.check()
+    where = world()
+    base = load_model(name, random_init=random_init).model
+    tokenizer = load_tokenizer(name)
+    jobs = []
+    for job_name, job_rules, job_data in specs:
+        folder = out if job_name is None else out / job_name
+        jobs.append(make_job(base, job_name or Path(str(job_rules)).stem, job_rules, job_data, tokenizer, config,
+                             out=folder, eval_data=eval_file, eval_split=eval_split,
+                             mode="corpus" if group_texts else "entries", block_size=block_size,
+                             pad_token_id=pad_token_id, model_name=name))
+    resume_from = {}
+    if resume is not None:
+        if (resume / "training_state.safetensors").exists():
+            if len(jobs) > 1:
+                raise typer.BadParameter("--resume with several jobs takes the run's --out folder")
+            resume_from[jobs[0].name] = resume
+        else:
+            for j in jobs:
+                found = latest_checkpoint(j.out)
+                if found is None:
+                    raise typer.BadParameter(f"--resume {resume}: no checkpoint-N folder for job {j.name} in {j.out}")
+                resume_from[j.name] = found
+    if where.main:
+        console.print(f"model: [bold]{name}[/] (from {why}); {len(jobs)} fine-tune{'s' if len(jobs) > 1 else ''}"
+                      f"{f' x {where.size} processes' if where.size > 1 else ''}", highlight=False)
+    _run_with_progress(jobs, resume_from, run_jobs, show=where.main)
+    if not where.main:
+        return
+    _training_summary(jobs)
+    png = plot_losses(jobs, out / "loss.png")
+    console.print(f"loss curve: {png}" if png else "loss curve: not drawn (pip install 'surgery[plot]' for matplotlib)",
+                  highlight=False, markup=False)
+
+
+def _run_with_progress(jobs, resume_from, run_jobs, *, show: bool) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:,.0f} tok/s"),
+               TimeElapsedColumn()]
+    with Progress(*columns, console=console, disable=not show) as progress:
+        tasks = {}
+
+        def on_step(job, record):
+            if job.name not in tasks:
+                tasks[job.name] = progress.add_task(job.name, total=job.total_steps, loss=0.0, lr=0.0, tps=0.0)
+            progress.update(tasks[job.name], completed=job.step, loss=record["loss"], lr=record["lr"],
+                            tps=record["tokens_per_s"])
+
+        run_jobs(jobs, resume=resume_from, on_step=on_step)
+
+
+def _training_summary(jobs) -> None:
+    table = Table(title="training summary")
+    for col in ("job", "steps", "first loss", "last loss", "eval loss", "perplexity", "adapter file"):
+        table.add_column(col, justify="left" if col in ("job", "adapter file") else "right")
+    for j in jobs:
+        losses = [r["loss"] for r in j.history if "loss" in r]
+        final = next((r for r in reversed(j.history) if "eval_loss" in r), {})
+        table.add_row(j.name, str(j.step), f"{losses[0]:.4f}" if losses else "-", f"{losses[-1]:.4f}" if losses else "-",
+                      f"{final['eval_loss']:.4f}" if final else "-", f"{final['perplexity']:.2f}" if final else "-",
+                      str(j.out / "adapter.safetensors"))
+    console.print(table)
+
+
+@app.command()
+@user_errors
+def generate(
+    prompt: str = typer.Argument(..., help="Text to continue."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model (default: the adapter's base, "
+                                        "else the bundled tiny default)."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", "-a", help="Adapter file to apply."),
+    max_new_tokens: int = typer.Option(40, "--max-new-tokens", "-n", help="Tokens to generate."),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy; > 0 samples."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling (with --temperature > 0)."),
+    top_k: int = typer.Option(0, "--top-k", help="Top-k sampling (0: off)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for sampling."),
+    random_init: bool = RANDOM_INIT_OPT,
+):
+    """Continue PROMPT with a model, optionally with a fine-tune's adapter, streaming to the terminal.
+
+    Example: surgery generate "The capital of Peru is" --adapter runs/caps/adapter.safetensors -n 8
+    """
+    _quiet_libraries()
+    import torch
+    from transformers import TextStreamer
+
+    from surgery.architectures import TINY_DEFAULT
+    from surgery.models import load_model, load_tokenizer
+    from surgery.state import load_adapter, read_adapter
+
+    name = model or (read_adapter(adapter).base_model if adapter else None) or TINY_DEFAULT
+    lm = load_model(name, random_init=random_init).model
+    if adapter is not None:
+        lm = load_adapter(lm, adapter)
+    lm.eval()
+    tokenizer = load_tokenizer(name)
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    sampling = temperature > 0
+    options = {"do_sample": sampling, "max_new_tokens": max_new_tokens,
+               "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id}
+    if sampling:
+        options.update(temperature=temperature, top_p=top_p, top_k=top_k or None)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        lm.generate(ids, streamer=TextStreamer(tokenizer), **options)
+
+
+DEMO_TASKS = (  # (data set, rule file, two prompts shown after training)
+    # finetuna_default goes first: it quantizes the embeddings too, so the base is quantized once, for all three
+    ("reverse", "finetuna_default", ("owl <-", "van <-")),
+    ("capitals", "lora_plus_head", ("The capital of Japan is", "The capital of Peru is")),
+    ("upper", "qv_lora_head", ("owl ->", "van ->")),
+)
+
+
+@app.command()
+@user_errors
+def demo(
+    model: str = typer.Option("tiny-opt", "--model", "-m", help="Bundled tiny model to use."),
+    steps: int = typer.Option(150, "--steps", help="Training steps per fine-tune."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for the adapter files (default: a new "
+                                       "temporary folder)."),
+):
+    """The whole story offline in about a minute: one int8 base, three fine-tunes trained on it, saved, reloaded.
+
+    Example: surgery demo
+    """
+    _quiet_libraries()
+    import tempfile
+    import time
+
+    import torch
+
+    from surgery.memory import extra_bytes, parameter_bytes
+    from surgery.models import load_model, load_tokenizer
+    from surgery.plan import fmt_bytes
+    from surgery.state import load_adapter, save_adapter
+    from surgery.train import TrainConfig, evaluate, make_job, train as run_jobs
+
+    start = time.perf_counter()
+    out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="surgery-demo-"))
+    base = load_model(model).model
+    tokenizer = load_tokenizer(model)
+    loaded_bytes = parameter_bytes(base)
+    console.print(f"[bold]1. base[/]: {model} ({type(base).__name__}, {loaded_bytes:,} bytes fp32); "
+                  "three fine-tunes with three rule files, each on its own toy task", highlight=False)
+    config = TrainConfig(batch_size=8, lr=1e-2, max_steps=steps, warmup=max(1, steps // 10), seed=0)
+    jobs = [make_job(base, task, rules, task, tokenizer, config, out=out / task, block_size=32, model_name=model)
+            for task, rules, _ in DEMO_TASKS]
+
+    table = Table(title="2. memory: one int8 base shared by three fine-tunes (unique parameter storage)")
+    table.add_column("")
+    table.add_column("bytes", justify="right")
+    table.add_column("", justify="right")
+    base_bytes = parameter_bytes(base)
+    table.add_row("base, quantized once (int8)", f"{base_bytes:,}", fmt_bytes(base_bytes))
+    for job in jobs:
+        own = extra_bytes(job.finetune, base)
+        table.add_row(f"fine-tune '{job.name}' ({surgery_rules_name(job)}): own tensors", f"{own:,}", fmt_bytes(own))
+    total = base_bytes + sum(extra_bytes(job.finetune, base) for job in jobs)
+    table.add_row("[bold]base + 3 fine-tunes[/]", f"{total:,}", fmt_bytes(total))
+    table.add_row("3 full fp32 copies", f"{3 * loaded_bytes:,}", fmt_bytes(3 * loaded_bytes))
+    console.print(table)
+
+    before = {job.name: evaluate(job.finetune, job.data)["eval_loss"] for job in jobs}
+    console.print(f"[bold]3. training[/] the three together, {steps} steps each, on the one base:")
+    _run_with_progress(jobs, {}, run_jobs, show=True)
+    results = Table(title="4. loss on each task's data, and what each fine-tune now generates (greedy)")
+    for col in ("fine-tune", "loss before", "loss after", "prompt", "generated", "expected"):
+        results.add_column(col, justify="right" if "loss" in col else "left")
+    expected = {task: _expected_answers(task) for task, _, _ in DEMO_TASKS}
+    for job, (task, _, prompts) in zip(jobs, DEMO_TASKS):
+        after = evaluate(job.finetune, job.data)["eval_loss"]
+        for i, prompt in enumerate(prompts):
+            text = _greedy(job.finetune, tokenizer, prompt)
+            results.add_row(job.name if i == 0 else "", f"{before[job.name]:.3f}" if i == 0 else "",
+                            f"{after:.3f}" if i == 0 else "", prompt, repr(text), repr(expected[task].get(prompt, "")))
+    console.print(results)
+
+    files = Table(title="5. adapter files: written, reloaded onto the base, verified")
+    for col in ("file", "bytes", "reloaded == trained"):
+        files.add_column(col, justify="right" if col == "bytes" else "left")
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    verified = True
+    for job in jobs:
+        path = job.out / "adapter.safetensors"
+        again = load_adapter(base, path)
+        with torch.no_grad():
+            same = torch.equal(again(ids).logits, job.finetune.eval()(ids).logits)
+        verified &= same
+        files.add_row(str(path), f"{path.stat().st_size:,}", "[green]yes, bit for bit[/]" if same else "[red]NO[/]")
+    console.print(files)
+    console.print(f"done in {time.perf_counter() - start:.1f} s. Next: surgery adapter show {jobs[1].out}/adapter.safetensors;"
+                  f" surgery generate \"The capital of Peru is\" --adapter {jobs[1].out}/adapter.safetensors",
+                  highlight=False, markup=False)
+    if not verified:
+        raise typer.Exit(1)
+
+
+def surgery_rules_name(job) -> str:
+    from surgery.rewrite import finetune_info
+
+    return finetune_info(job.finetune).rules.name
+
+
+def _expected_answers(task: str) -> dict[str, str]:
+    from surgery.data import read_examples
+
+    return {ex.prompt: ex.completion for ex in read_examples(task)}
+
+
+def _greedy(model, tokenizer, prompt: str, max_new_tokens: int = 12) -> str:
+    import torch
+
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        out = model.eval().generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
 def main() -> None:
     app()
 

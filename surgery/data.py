@@ -1,0 +1,208 @@
+"""Training data: read text files into examples, tokenize them into fixed-size blocks with labels.
+
+Formats: CSV with a ``text`` column; JSONL with ``text``, or with ``prompt`` and ``completion``
+(loss only on the completion); plain ``.txt`` (one example per non-empty line). Two modes:
+``corpus`` concatenates every example with EOS and cuts the stream into ``block_size`` chunks;
+``entries`` keeps one example per row (EOS appended), truncated or padded to ``block_size``, with
+padding masked out of the loss and the attention. Every problem is a DataError naming the file
+(and line) before any training starts.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import SurgeryError
+
+IGNORE = -100  # label of positions that carry no loss (prompt, padding), as in transformers
+
+
+class DataError(SurgeryError):
+    """A data file that cannot be read or does not fit the model."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One row: the text the loss is on, and an optional prompt before it that carries no loss."""
+
+    completion: str
+    prompt: str = ""
+
+
+@dataclass
+class Blocks:
+    """Tokenized training data: equal-length rows of input ids, labels and attention mask."""
+
+    input_ids: torch.Tensor  # (rows, block_size) int64
+    labels: torch.Tensor  # IGNORE where there is no loss
+    attention_mask: torch.Tensor
+    source: str = ""
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def batch(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids[rows], "labels": self.labels[rows],
+                "attention_mask": self.attention_mask[rows]}
+
+    @property
+    def tokens(self) -> int:
+        """Tokens that carry loss."""
+        return int((self.labels != IGNORE).sum())
+
+    def split(self, fraction: float, seed: int) -> tuple["Blocks", "Blocks"]:
+        """(train, eval): a seeded random ``fraction`` of the rows for evaluation (at least one row)."""
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
+        n_eval = max(1, round(len(self) * fraction))
+        if n_eval >= len(self):
+            raise DataError(f"{self.source}: {len(self)} rows cannot give {fraction:.0%} for evaluation and keep "
+                            "some for training; give more data or a separate --eval file")
+        ev, tr = order[:n_eval].sort().values, order[n_eval:].sort().values
+        return (Blocks(self.input_ids[tr], self.labels[tr], self.attention_mask[tr], self.source),
+                Blocks(self.input_ids[ev], self.labels[ev], self.attention_mask[ev], f"{self.source} (eval split)"))
+
+
+def bundled_data() -> dict[str, Path]:
+    """Bundled toy data sets by name (``capitals``, ``upper``, ``reverse``): installed or in a checkout."""
+    here = Path(__file__).resolve().parent
+    folder = here / "bundled_data" if (here / "bundled_data").is_dir() else here.parent / "data"
+    return {p.stem: p for p in sorted(folder.glob("*.jsonl"))}
+
+
+def data_path(spec: str | Path) -> Path:
+    """A data file path, or the path of a bundled data set named ``spec``."""
+    path = Path(spec).expanduser()
+    if not path.exists() and str(spec) in bundled_data():
+        return bundled_data()[str(spec)]
+    return path
+
+
+def read_examples(path: str | Path) -> list[Example]:
+    """Read a .csv / .jsonl / .txt file (or a bundled data set by name) into examples.
+
+    DataError with file and line on any problem.
+    """
+    path = data_path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such data file (bundled data sets: {', '.join(bundled_data())})")
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory; give a .csv, .jsonl or .txt file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (byte {exc.start}); data files must be UTF-8") from None
+    if not text.strip():
+        raise DataError(f"{path}: is empty; it holds no examples")
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        examples = _csv(path, text)
+    elif suffix in (".jsonl", ".json"):
+        examples = _jsonl(path, text)
+    elif suffix in (".txt", ".text", ""):
+        examples = [Example(line) for line in text.splitlines() if line.strip()]
+    else:
+        raise DataError(f"{path}: unknown data format '{suffix}'; use .csv (text column), .jsonl (text, or "
+                        "prompt + completion) or .txt (one example per line)")
+    if not examples:
+        raise DataError(f"{path}: holds no examples")
+    return examples
+
+
+def _csv(path: Path, text: str) -> list[Example]:
+    rows = csv.DictReader(text.splitlines())
+    if not rows.fieldnames or "text" not in rows.fieldnames:
+        found = ", ".join(rows.fieldnames or []) or "none"
+        raise DataError(f"{path}:1: a CSV needs a `text` column (found columns: {found})")
+    out = []
+    for line, row in enumerate(rows, start=2):
+        value = row.get("text")
+        if value is None:
+            raise DataError(f"{path}:{line}: row has fewer fields than the header")
+        if value.strip():
+            out.append(Example(value))
+    return out
+
+
+def _jsonl(path: Path, text: str) -> list[Example]:
+    out = []
+    for line, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw)
+        except ValueError as exc:
+            raise DataError(f"{path}:{line}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{line}: each line must be a JSON object, not {type(row).__name__}")
+        if isinstance(row.get("text"), str):
+            out.append(Example(row["text"]))
+        elif isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
+            out.append(Example(row["completion"], row["prompt"]))
+        else:
+            raise DataError(f"{path}:{line}: needs a string `text`, or string `prompt` and `completion` "
+                            f"(found keys: {', '.join(row) or 'none'})")
+    return out
+
+
+def model_max_length(model) -> int | None:
+    """The longest sequence the model's positions allow, if its config says."""
+    config = getattr(model, "config", None)
+    for attr in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def tokenize(examples: list[Example], tokenizer, *, block_size: int, mode: str = "entries",
+             pad_token_id: int | None = None, source: str = "") -> Blocks:
+    """Token blocks for training: ``corpus`` (concatenate + cut) or ``entries`` (one row each)."""
+    if mode not in ("corpus", "entries"):
+        raise DataError(f"unknown data mode '{mode}'; use corpus (--group-texts) or entries")
+    if block_size < 2:
+        raise DataError(f"--block-size must be at least 2, got {block_size}")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError("the tokenizer has no EOS token; examples cannot be separated")
+    pieces = [(_ids(tokenizer, ex.prompt), _ids(tokenizer, ex.completion)) for ex in examples]
+    if mode == "corpus":
+        ids, labels = [], []
+        for prompt, completion in pieces:
+            ids += prompt + completion + [eos]
+            labels += [IGNORE] * len(prompt) + completion + [eos]
+        rows = len(ids) // block_size
+        if rows == 0:
+            raise DataError(f"{source}: {len(ids)} tokens in all, fewer than one block of {block_size}; "
+                            "lower --block-size or give more data")
+        ids_t = torch.tensor(ids[:rows * block_size]).view(rows, block_size)
+        labels_t = torch.tensor(labels[:rows * block_size]).view(rows, block_size)
+        return Blocks(ids_t, labels_t, torch.ones_like(ids_t), source)
+    pad = pad_token_id if pad_token_id is not None else tokenizer.pad_token_id
+    if pad is None:
+        raise DataError("the tokenizer has no pad token; pass --pad-token-id (often the EOS id, "
+                        f"{eos}) to pad entries")
+    ids_t = torch.full((len(pieces), block_size), pad, dtype=torch.long)
+    labels_t = torch.full((len(pieces), block_size), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(pieces), block_size), dtype=torch.long)
+    for row, (prompt, completion) in enumerate(pieces):
+        seq = (prompt + completion + [eos])[:block_size]
+        lab = ([IGNORE] * len(prompt) + completion + [eos])[:block_size]
+        ids_t[row, :len(seq)] = torch.tensor(seq)
+        labels_t[row, :len(lab)] = torch.tensor(lab)
+        mask[row, :len(seq)] = 1
+    return Blocks(ids_t, labels_t, mask, source)
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes (a resumed run must see the same data)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
