@@ -12,7 +12,7 @@ from .merge import MergeError, merge
 from .models import load_model, tiny_model, tiny_tokenizer
 from .peft_format import export_peft, import_peft
 from .plan import Decision, Plan, plan
-from .rewrite import FinetuneInfo, finetune_info, rewrite
+from .rewrite import FinetuneInfo, SharedBaseWarning, finetune_info, prepare_base, rewrite
 from .rules import LoraConfig, QuantConfig, Rule, RuleSet, bundled_rules, load_rules
 from .state import AdapterFile, load_adapter, read_adapter, save_adapter
 from .trace import ModelGraph, ModuleInfo, ParamInfo, trace
@@ -24,6 +24,6 @@ __all__ = [
     "ModelGraph", "ModelNotFoundError", "ModuleInfo", "ParamInfo", "Plan", "PlanError", "QuantConfig",
     "RewriteError", "Rule", "RuleFileError", "RuleSet", "SurgeryError", "TraceError", "Violation",
     "bundled_rules", "export_peft", "finetune_info", "fingerprint", "import_peft", "load_adapter", "load_model",
-    "load_rules", "merge", "plan", "read_adapter", "rewrite", "save_adapter", "tiny_model", "tiny_tokenizer",
+    "load_rules", "merge", "plan", "prepare_base", "SharedBaseWarning", "read_adapter", "rewrite", "save_adapter", "tiny_model", "tiny_tokenizer",
     "trace", "__version__",
 ]

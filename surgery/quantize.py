@@ -48,8 +48,8 @@ def quantized_layer(module: nn.Module, decision: Decision, shared: dict | None =
             in_f, out_f = weight.shape[1], weight.shape[0]
             bias = getattr(module, "bias", None)
             layer = _linear(in_f, out_f, bias is not None, quant, weight.dtype, bnb)
-            if bias is not None:
-                layer.bias = nn.Parameter(bias.detach(), requires_grad=False)
+            if bias is not None:  # the same Parameter object: fine-tunes made earlier keep sharing it
+                layer.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias.detach(), requires_grad=False)
         if key not in shared:
             shared[key] = _quantized_weight(weight, quant, layer, bnb)
         layer.weight = shared[key]

@@ -89,6 +89,7 @@ def rewrite(model: nn.Module, rules: RuleSet | str, *, progress: Callable | None
                            "(surgery.finetune_info(ft).base)")
     rules = load_rules(rules)
     the_plan = make_plan(base_graph(model), rules)
+    _warn_if_quantizing_under_finetunes(model, the_plan)
     snapshot = _Snapshot(model)
     try:
         quantize_base(model, the_plan, progress)
@@ -103,7 +104,47 @@ def rewrite(model: nn.Module, rules: RuleSet | str, *, progress: Callable | None
             raise
         raise RewriteError(f"rewrite failed and the base was restored: {type(exc).__name__}: {exc}") from exc
     finetune.__dict__["_apply"] = _guarded_apply(finetune)
+    _LIVE.setdefault(model, weakref.WeakSet()).add(finetune)
     return finetune
+
+
+def prepare_base(model: nn.Module, *rule_sets: RuleSet | str) -> None:
+    """Quantize the base for several rule files before making any fine-tune, so all share one base.
+
+    Each rule file is planned against the base as the previous ones left it (all PlanErrors first is
+    not possible across files: a later file is checked after the earlier ones quantized).
+    """
+    for rules in rule_sets:
+        the_plan = make_plan(base_graph(model), load_rules(rules))
+        if the_plan.quantized:
+            snapshot = _Snapshot(model)
+            try:
+                quantize_base(model, the_plan)
+                _freeze(model)
+            except Exception as exc:
+                snapshot.restore()
+                raise RewriteError(f"quantizing the base failed and it was restored: {type(exc).__name__}: {exc}") from exc
+
+
+_LIVE: "weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet]" = weakref.WeakKeyDictionary()
+
+
+class SharedBaseWarning(UserWarning):
+    """A rewrite quantizes modules that fine-tunes made earlier still use in full precision."""
+
+
+def _warn_if_quantizing_under_finetunes(model: nn.Module, the_plan: Plan) -> None:
+    live = list(_LIVE.get(model, ()))
+    if live and the_plan.quantized:
+        paths = [d.path for d in the_plan.quantized]
+        import warnings
+
+        warnings.warn(
+            f"{the_plan.rules.source} quantizes {len(paths)} module(s) of the base ({paths[0]}, ...) that "
+            f"{len(live)} fine-tune(s) made earlier use unquantized: they keep their own full-precision copy "
+            "(memory) and their adapter files will reload onto the quantized base. Quantize first with "
+            "surgery.prepare_base(base, *rule_files), or make this fine-tune first.",
+            SharedBaseWarning, stacklevel=3)
 
 
 class _Snapshot:

@@ -69,10 +69,23 @@ class AdapterFile:
 # ---------------------------------------------------------------------------------------- save
 
 def own_state(finetune: nn.Module) -> dict[str, nn.Parameter]:
-    """The fine-tune's own parameters (adapters, plain copies) by name: everything not shared with its base."""
+    """The fine-tune's own parameters by name: its LoRA tensors and its plain modules' private copies."""
     info = _require_finetune(finetune)
-    shared = {id(t) for t in [*info.base.parameters(), *info.base.buffers()]}
-    return {name: p for name, p in finetune.named_parameters() if id(p) not in shared}
+    plain = {d.path for d in info.plan.by_action("plain")}
+    out: dict[str, nn.Parameter] = {}
+    seen: set[int] = set()
+    for path, module in finetune.named_modules():
+        if getattr(module, "is_surgery_adapter", False):
+            params = [(n, p) for n, p in module.named_parameters(recurse=False)]
+        elif path in plain:
+            params = list(module.named_parameters(recurse=False))
+        else:
+            continue
+        for name, p in params:
+            if id(p) not in seen:  # a tie kept among plain modules is one tensor, saved once
+                seen.add(id(p))
+                out[f"{path}.{name}" if path else name] = p
+    return out
 
 
 def save_adapter(finetune: nn.Module, path: str | Path) -> Path:

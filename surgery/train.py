@@ -229,7 +229,7 @@ def train_step(job: Job, where: World) -> dict:
         batch = {k: v.to(device) for k, v in job.data.batch(_rows(job, job.micro, where)).items()}
         job.micro += 1
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = model(**batch, use_cache=False).loss
+            loss = model(**batch, use_cache=False).loss * _rank_weight(batch, where)
         job.scaler.scale(loss / config.grad_accum).backward()
         loss_sum += loss.item()
         tokens += int(batch["attention_mask"].sum())
@@ -253,6 +253,22 @@ def train_step(job: Job, where: World) -> dict:
               "tokens": tokens, "tokens_per_s": tokens / seconds if seconds > 0 else 0.0, "grad_norm": grad_norm}
     job.history.append(record)
     return record
+
+
+def _rank_weight(batch: dict, where: World) -> float:
+    """Under DDP, weight this rank's mean loss by its share of the loss tokens of the global batch.
+
+    Ranks' batches can hold different numbers of loss tokens (prompts and padding carry none); with
+    this weight the averaged gradient is exactly that of the global batch's token mean.
+    """
+    if where.size == 1:
+        return 1.0
+    import torch.distributed as dist
+
+    local = (batch["labels"][:, 1:] != -100).sum().to(torch.float64).cpu()
+    total = local.clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return float(local * where.size / total) if total > 0 else 1.0
 
 
 def _all_reduce_grads(params, loss_sum: float, tokens: int, where: World):

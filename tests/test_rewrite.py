@@ -330,3 +330,22 @@ def test_a_new_finetune_keeps_the_bases_mode_in_every_module(mode):
     base = getattr(surgery.tiny_model("tiny-llama"), mode)()
     ft = surgery.rewrite(base, "qv_lora")
     assert {m.training for m in ft.modules()} == {mode == "train"}
+
+
+def test_quantizing_more_under_existing_finetunes_warns_and_prepare_base_avoids_it(tmp_path):
+    import warnings
+
+    base = surgery.tiny_model("tiny-opt")
+    early = surgery.rewrite(base, "qv_lora_head")  # leaves fc1/fc2/k/out in fp32
+    with pytest.warns(surgery.SharedBaseWarning, match="use unquantized"):
+        surgery.rewrite(base, "lora_plus_head")  # quantizes them now
+    saved = surgery.read_adapter(surgery.save_adapter(early, tmp_path / "early.safetensors"))
+    assert all("lora" in k or k.startswith("lm_head") for k in saved.tensors)  # own tensors only
+
+    fresh = surgery.tiny_model("tiny-opt")
+    surgery.prepare_base(fresh, "qv_lora_head", "lora_plus_head")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", surgery.SharedBaseWarning)
+        first = surgery.rewrite(fresh, "qv_lora_head")
+        surgery.rewrite(fresh, "lora_plus_head")
+    assert type(first.model.decoder.layers[0].fc1).__name__ == "Linear8bitLt"

@@ -471,6 +471,7 @@ def train(
     """
     _quiet_libraries()
     from surgery.models import load_model, load_tokenizer
+    from surgery.rewrite import prepare_base
     from surgery.rules import load_rules
     from surgery.train import TrainConfig, latest_checkpoint, make_job, plot_losses, train as run_jobs, world
 
@@ -486,6 +487,7 @@ def train(
     where = world()
     base = load_model(name, random_init=random_init).model
     tokenizer = load_tokenizer(name)
+    prepare_base(base, *[r for _, r, _ in specs])  # quantize once for every job before any fine-tune exists
     jobs = []
     for job_name, job_rules, job_data in specs:
         folder = out if job_name is None else out / job_name
@@ -592,7 +594,6 @@ def generate(
 
 
 DEMO_TASKS = (  # (data set, rule file, two prompts shown after training)
-    # finetuna_default goes first: it quantizes the embeddings too, so the base is quantized once, for all three
     ("reverse", "finetuna_default", ("owl <-", "van <-")),
     ("capitals", "lora_plus_head", ("The capital of Japan is", "The capital of Peru is")),
     ("upper", "qv_lora_head", ("owl ->", "van ->")),
@@ -620,7 +621,8 @@ def demo(
     from surgery.memory import extra_bytes, parameter_bytes
     from surgery.models import load_model, load_tokenizer
     from surgery.plan import fmt_bytes
-    from surgery.state import load_adapter, save_adapter
+    from surgery.rewrite import prepare_base
+    from surgery.state import load_adapter
     from surgery.train import TrainConfig, evaluate, make_job, train as run_jobs
 
     start = time.perf_counter()
@@ -631,6 +633,7 @@ def demo(
     console.print(f"[bold]1. base[/]: {model} ({type(base).__name__}, {loaded_bytes:,} bytes fp32); "
                   "three fine-tunes with three rule files, each on its own toy task", highlight=False)
     config = TrainConfig(batch_size=8, lr=1e-2, max_steps=steps, warmup=max(1, steps // 10), seed=0)
+    prepare_base(base, *[rules for _, rules, _ in DEMO_TASKS])  # one quantization for all three
     jobs = [make_job(base, task, rules, task, tokenizer, config, out=out / task, block_size=32, model_name=model)
             for task, rules, _ in DEMO_TASKS]
 

@@ -1,0 +1,26 @@
+"""Run by tests/test_integration.py under torchrun: train one fine-tune, save this rank's adapter tensors."""
+
+import os
+import sys
+
+import torch
+from safetensors.torch import save_file
+
+import surgery
+from surgery.state import own_state
+from surgery.train import TrainConfig, make_job, train
+
+out, batch_size = sys.argv[1], int(sys.argv[2])
+base = surgery.tiny_model("tiny-llama")
+# An fp32 base: LLM.int8's outlier split (threshold 6) depends on which rows share a batch, so an int8
+# base gives DDP results close to, not within 1e-5 of, one process.
+RULES = {"quantize": "none", "default": "freeze", "rules": [
+    {"match": "lm_head", "action": "plain"}, {"match": "re:.*(q_proj|v_proj)", "action": "adapt"}]}
+job = make_job(base, "ddp", RULES, "upper", surgery.tiny_tokenizer(),
+               TrainConfig(batch_size=batch_size, lr=1e-2, max_steps=6, seed=0), mode="corpus", block_size=16)
+train([job])
+rank = int(os.environ.get("RANK", "0"))
+save_file({k: v.detach().contiguous() for k, v in own_state(job.finetune).items()},
+          os.path.join(out, f"rank{rank}-of-{os.environ.get('WORLD_SIZE', '1')}.safetensors"))
+if torch.distributed.is_initialized():
+    torch.distributed.destroy_process_group()

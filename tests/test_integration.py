@@ -1,0 +1,106 @@
+"""Training beyond our own loop: transformers.Trainer, torchrun DDP (gloo, 2 processes), the CLI."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+import surgery
+from surgery.data import read_examples, tokenize
+from surgery_cli.app import app
+
+HERE = Path(__file__).resolve().parent
+
+
+def test_a_finetune_trains_under_hf_trainer(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    base = surgery.tiny_model("tiny-llama")
+    ft = surgery.rewrite(base, "qv_lora_head")
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}  # the quantized base
+    start = {k: v.detach().clone() for k, v in surgery.state.own_state(ft).items()}
+    blocks = tokenize(read_examples("upper"), surgery.tiny_tokenizer(), block_size=24)
+    rows = [{k: v[i] for k, v in blocks.batch(torch.arange(len(blocks))).items()} for i in range(len(blocks))]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=4, learning_rate=1e-2,
+                             save_strategy="no", report_to=[], use_cpu=True, logging_steps=1, disable_tqdm=True)
+    trainer = Trainer(model=ft, args=args, train_dataset=rows)
+    result = trainer.train()
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in surgery.state.own_state(ft).values()}  # adapters + plain lm_head only
+    assert all(not torch.equal(start[k], p) for k, p in surgery.state.own_state(ft).items() if k.endswith("lora_B"))
+    assert all(torch.equal(before[n], p) for n, p in base.named_parameters())
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    assert losses[-1] < losses[0] and result.global_step == 8
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_with_two_gloo_processes_equals_one_process_with_the_same_global_batch(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+              "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(HERE / "ddp_worker.py"),
+              str(tmp_path), "4"]
+    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    single = subprocess.run([sys.executable, str(HERE / "ddp_worker.py"), str(tmp_path), "8"], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    rank0, rank1 = load_file(tmp_path / "rank0-of-2.safetensors"), load_file(tmp_path / "rank1-of-2.safetensors")
+    alone = load_file(tmp_path / "rank0-of-1.safetensors")
+    assert rank0.keys() == rank1.keys() == alone.keys()
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+        assert torch.allclose(rank0[key], alone[key], rtol=1e-5, atol=1e-5), key
+
+
+runner = CliRunner()
+
+
+def test_cli_train_many_jobs_then_generate(tmp_path):
+    out = tmp_path / "runs"
+    result = runner.invoke(app, ["train", "--model", "tiny-opt", "--out", str(out), "--job", "up=qv_lora_head,upper",
+                                 "--job", "caps=lora_plus_head,capitals", "--max-steps", "30", "--lr", "1e-2",
+                                 "--block-size", "24", "--eval-split", "0.1", "--save-steps", "10",
+                                 "--save-total-limit", "1"])
+    assert result.exit_code == 0, result.output
+    assert "training summary" in result.stdout
+    for name in ("up", "caps"):
+        files = sorted(p.name for p in (out / name).iterdir())
+        assert "adapter.safetensors" in files and "checkpoint-20" in files and "metrics.jsonl" in files
+    again = runner.invoke(app, ["train", "--model", "tiny-opt", "--out", str(out), "--job", "up=qv_lora_head,upper",
+                                "--job", "caps=lora_plus_head,capitals", "--max-steps", "40", "--lr", "1e-2",
+                                "--block-size", "24", "--eval-split", "0.1", "--resume", str(out)])
+    assert again.exit_code == 0, again.output  # continue both jobs from checkpoint-20 to step 40
+    assert len((out / "up" / "metrics.jsonl").read_text().splitlines()) == 30 + 1 + 20 + 1  # steps + final evals
+    other = runner.invoke(app, ["train", "--model", "tiny-opt", "--out", str(out), "--job", "up=qv_lora_head,upper",
+                                "--job", "caps=lora_plus_head,capitals", "--max-steps", "50", "--seed", "1",
+                                "--block-size", "24", "--eval-split", "0.1", "--resume", str(out)])
+    assert other.exit_code == 2 and "another run (differs in: seed)" in other.output
+    result = runner.invoke(app, ["generate", "owl ->", "--adapter", str(out / "up" / "adapter.safetensors"), "-n", "4"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("owl ->")
+
+
+def test_cli_train_errors_are_one_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a"}\n{oops\n')
+    result = runner.invoke(app, ["train", "qv_lora", "--data", str(bad), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and f"{bad}:2: not valid JSON" in result.output and "Traceback" not in result.output
+
+
+def test_demo_runs_offline_and_verifies_its_files(tmp_path):
+    result = runner.invoke(app, ["demo", "--steps", "40", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "3 full fp32 copies" in result.stdout and "bit for bit" in result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["capitals", "reverse", "upper"]

@@ -1,0 +1,200 @@
+"""Training: data formats, a learnable toy task, exact resume, many fine-tunes = each alone, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+import surgery
+from surgery.data import IGNORE, DataError, read_examples, tokenize
+from surgery.train import TrainConfig, TrainError, evaluate, make_job, train
+
+TOK = surgery.tiny_tokenizer()
+
+
+def job(base, name="job", rules="qv_lora_head", data="upper", out=None, **config):
+    settings = {"batch_size": 8, "lr": 1e-2, "max_steps": 10, "seed": 0, **config}
+    return make_job(base, name, rules, data, TOK, TrainConfig(**settings), out=out, block_size=24,
+                    model_name="tiny-llama")
+
+
+def own(ft) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in surgery.state.own_state(ft).items()}
+
+
+def assert_bit_identical(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys() and a
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# ------------------------------------------------------------------------------------ data
+
+def test_prompt_tokens_and_padding_carry_no_loss():
+    blocks = tokenize(read_examples("upper"), TOK, block_size=16, mode="entries")
+    row_ids, row_labels = blocks.input_ids[0].tolist(), blocks.labels[0].tolist()
+    prompt = TOK("cat ->", add_special_tokens=False)["input_ids"]
+    completion = TOK(" CAT", add_special_tokens=False)["input_ids"]
+    n = len(prompt) + len(completion) + 1
+    assert row_ids[:n] == prompt + completion + [TOK.eos_token_id]
+    assert row_labels[:n] == [IGNORE] * len(prompt) + completion + [TOK.eos_token_id]
+    assert row_labels[n:] == [IGNORE] * (16 - n) and row_ids[n:] == [TOK.pad_token_id] * (16 - n)
+    assert blocks.attention_mask[0].tolist() == [1] * n + [0] * (16 - n)
+
+
+def test_corpus_mode_concatenates_with_eos_and_cuts_blocks(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("hello world\nsecond line\n")
+    blocks = tokenize(read_examples(path), TOK, block_size=8, mode="corpus")
+    stream = TOK("hello world", add_special_tokens=False)["input_ids"] + [TOK.eos_token_id] + \
+        TOK("second line", add_special_tokens=False)["input_ids"] + [TOK.eos_token_id]
+    assert blocks.input_ids.shape == (len(stream) // 8, 8)
+    assert blocks.input_ids.flatten().tolist() == stream[:len(stream) // 8 * 8]
+    assert torch.equal(blocks.labels, blocks.input_ids) and bool(blocks.attention_mask.all())
+
+
+def test_csv_and_jsonl_text_are_read(tmp_path):
+    (tmp_path / "a.csv").write_text('id,text\n1,"first, with comma"\n2,second\n')
+    (tmp_path / "b.jsonl").write_text('{"text": "one"}\n\n{"prompt": "p", "completion": "c"}\n')
+    assert [e.completion for e in read_examples(tmp_path / "a.csv")] == ["first, with comma", "second"]
+    assert read_examples(tmp_path / "b.jsonl")[1] == surgery.data.Example("c", "p")
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("missing.jsonl", None, "no such data file"),
+    ("empty.jsonl", "", "is empty"),
+    ("cols.csv", "id,body\n1,x\n", "cols.csv:1: a CSV needs a `text` column (found columns: id, body)"),
+    ("bad.jsonl", '{"text": "ok"}\n{"text": "ok"}\n{"text": oops}\n', "bad.jsonl:3: not valid JSON"),
+    ("keys.jsonl", '{"text": "ok"}\n{"input": "x"}\n', "keys.jsonl:2: needs a string `text`"),
+    ("data.parquet", "x", "unknown data format"),
+])
+def test_bad_data_files_name_the_file_and_line(tmp_path, name, content, message):
+    path = tmp_path / name
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)").replace("`", "`")):
+        read_examples(path)
+
+
+def test_bad_setups_fail_before_training_and_keep_the_output_folder(tmp_path):
+    base = surgery.tiny_model("tiny-llama")
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    with pytest.raises(DataError, match="above tiny-llama's maximum sequence length"):
+        make_job(base, "j", "qv_lora_head", "upper", TOK, TrainConfig(), block_size=10_000, model_name="tiny-llama")
+    assert all(torch.equal(before[n], p) for n, p in base.named_parameters())  # nothing was quantized
+    assert not any(type(m).__module__.startswith("bitsandbytes") for m in base.modules())
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("earlier\n")
+    with pytest.raises(TrainError, match="holds an earlier run"):
+        train([job(base, out=out)])
+    assert (out / "metrics.jsonl").read_text() == "earlier\n"
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):  # running as root: permissions do not bind
+            blocker = tmp_path / "file"
+            blocker.write_text("x")
+            unwritable = blocker / "sub"
+        else:
+            unwritable = locked / "sub"
+        with pytest.raises(TrainError, match="cannot write there"):
+            train([job(base, out=unwritable)])
+    finally:
+        locked.chmod(0o700)
+
+    with pytest.raises(TrainError, match="--lr must be > 0"):
+        job(base, lr=0.0)
+
+
+def test_a_resume_folder_from_another_run_is_refused(tmp_path):
+    base = surgery.tiny_model("tiny-llama")
+    first = job(base, out=tmp_path / "a", save_steps=5)
+    train([first])
+    other = job(base, data="reverse", out=tmp_path / "b")
+    with pytest.raises(TrainError, match="checkpoint of another run.*data"):
+        train([other], resume={"job": tmp_path / "a" / "checkpoint-5"})
+    assert not (tmp_path / "b" / "adapter.safetensors").exists()
+    with pytest.raises(TrainError, match="not a checkpoint folder"):
+        train([job(base, out=tmp_path / "c")], resume={"job": tmp_path / "a"})
+
+
+# ------------------------------------------------------------------------------------ training
+
+def test_a_toy_task_is_learned_and_generation_shows_it():
+    base = surgery.tiny_model("tiny-llama")
+    j = job(base, max_steps=120, warmup=10)
+    j.eval_data = j.data
+    before = evaluate(j.finetune, j.data)["eval_loss"]
+    train([j])
+    after = evaluate(j.finetune, j.data)["eval_loss"]
+    assert after < before / 2, (before, after)
+    ids = TOK("owl ->", return_tensors="pt", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        out = j.finetune.eval().generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=TOK.pad_token_id)
+    assert TOK.decode(out[0, ids.shape[1]:]).startswith(" OWL")
+    assert j.history[-1]["eval_loss"] == pytest.approx(after)
+
+
+def test_resume_is_bit_identical_to_training_straight_through(tmp_path):
+    """20 steps straight (saving at step 10) vs a fresh process-like start: resume at 10, train 10 more."""
+    straight = job(surgery.tiny_model("tiny-llama"), rules="qv_lora", max_steps=20, save_steps=10,
+                   out=tmp_path / "straight")
+    train([straight])  # qv_lora has dropout: the random state must be restored too
+    resumed = job(surgery.tiny_model("tiny-llama"), rules="qv_lora", max_steps=20, out=tmp_path / "resumed")
+    train([resumed], resume={"job": tmp_path / "straight" / "checkpoint-10"})
+    assert resumed.step == 20 and [r["step"] for r in resumed.history] == list(range(11, 21))
+    assert_bit_identical(own(straight.finetune), own(resumed.finetune))
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in straight.history[10:]]
+
+
+def test_many_finetunes_on_one_base_equal_each_trained_alone():
+    """Three rule files that store the base alike (every Linear but lm_head int8), so alone means the same base."""
+    specs = [("caps", "lora_plus_head", "capitals"), ("up", "qv_lora", "upper"), ("rev", "all_linear_lora", "reverse")]
+    base = surgery.tiny_model("tiny-llama")
+    together = [job(base, name, rules, data, max_steps=8) for name, rules, data in specs]
+    train(together)
+    for (name, rules, data), trained in zip(specs, together):
+        alone = job(surgery.tiny_model("tiny-llama"), name, rules, data, max_steps=8)
+        train([alone])
+        assert_bit_identical(own(trained.finetune), own(alone.finetune))
+    shared = {id(p) for p in base.parameters()}
+    for j in together:  # still one base: every frozen tensor is the base's own
+        assert all(id(p) in shared for p in j.finetune.parameters() if not p.requires_grad)
+
+
+def test_files_written_by_a_run(tmp_path):
+    base = surgery.tiny_model("tiny-llama")
+    j = job(base, max_steps=6, save_steps=2, save_total_limit=1, eval_steps=3, out=tmp_path / "run")
+    j.eval_data = j.data
+    train([j])
+    names = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert names == ["adapter.safetensors", "checkpoint-4", "metrics.jsonl"]  # checkpoint-2 rotated out
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in records if "eval_loss" in r] == [3, 6, 6]
+    loaded = surgery.load_adapter(base, tmp_path / "run" / "adapter.safetensors")
+    assert_bit_identical(own(loaded), own(j.finetune))
+
+
+def test_the_8bit_optimizer_either_runs_or_says_why():
+    base = surgery.tiny_model("tiny-llama")
+    try:
+        j = job(base, optimizer="adamw8bit", max_steps=2)
+    except TrainError as exc:
+        assert "--optimizer adamw" in str(exc)
+        return
+    train([j])
+    assert j.step == 2
+
+
+def test_bf16_autocast_trains():
+    j = job(surgery.tiny_model("tiny-llama"), precision="bf16", max_steps=3)
+    train([j])
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in j.history)
