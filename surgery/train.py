@@ -313,10 +313,12 @@ def train(jobs: list[Job], *, resume: dict[str, Path] | None = None,
     names = [job.name for job in jobs]
     if len(set(names)) != len(names):
         raise TrainError(f"job names must be unique: {', '.join(names)}")
-    for job in jobs:
+    resume = resume or {}
+    for job in jobs:  # every folder first, then every job: a bad one stops all before anything is written
         if job.out is not None and where.main:
-            check_output_folder(job.out, resume=(resume or {}).get(job.name))
-        prepare(job, where, (resume or {}).get(job.name))
+            check_output_folder(job.out, resume=resume.get(job.name))
+    for job in jobs:
+        prepare(job, where, resume.get(job.name))
     while not all(job.done for job in jobs):
         for job in jobs:
             if job.done:
@@ -335,12 +337,14 @@ def train(jobs: list[Job], *, resume: dict[str, Path] | None = None,
 
         dist.barrier()
     for job in jobs:
+        final = None
         if job.eval_data is not None:
-            job.history.append({"job": job.name, "step": job.step, **evaluate(job.finetune, job.eval_data,
-                                                                               job.config.batch_size)})
+            final = {"job": job.name, "step": job.step, **evaluate(job.finetune, job.eval_data, job.config.batch_size)}
+            job.history.append(final)
         if where.main and job.out is not None:
             save_adapter(job.finetune, job.out / ADAPTER_FILE)
-            _append_metrics(job.out, job.history[-1]) if job.eval_data is not None else None
+            if final is not None:
+                _append_metrics(job.out, final)
     return jobs
 
 

@@ -645,7 +645,7 @@ def demo(
     table.add_row("base, quantized once (int8)", f"{base_bytes:,}", fmt_bytes(base_bytes))
     for job in jobs:
         own = extra_bytes(job.finetune, base)
-        table.add_row(f"fine-tune '{job.name}' ({surgery_rules_name(job)}): own tensors", f"{own:,}", fmt_bytes(own))
+        table.add_row(f"fine-tune '{job.name}' ({_rules_name(job)}): own tensors", f"{own:,}", fmt_bytes(own))
     total = base_bytes + sum(extra_bytes(job.finetune, base) for job in jobs)
     table.add_row("[bold]base + 3 fine-tunes[/]", f"{total:,}", fmt_bytes(total))
     table.add_row("3 full fp32 copies", f"{3 * loaded_bytes:,}", fmt_bytes(3 * loaded_bytes))
@@ -686,7 +686,7 @@ def demo(
         raise typer.Exit(1)
 
 
-def surgery_rules_name(job) -> str:
+def _rules_name(job) -> str:
     from surgery.rewrite import finetune_info
 
     return finetune_info(job.finetune).rules.name
