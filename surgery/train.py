@@ -174,8 +174,8 @@ def _optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.optim.O
         return optimizer
     except Exception as exc:
         raise TrainError(f"--optimizer adamw8bit is not available here ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); bitsandbytes' 8-bit optimizers "
-                         "need a supported GPU — use --optimizer adamw") from None
+                         f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); bitsandbytes' 8-bit optimizers do not "
+                         "run on this platform — use --optimizer adamw") from None
 
 
 def _probe_8bit_optimizer(device: torch.device) -> None:

@@ -457,7 +457,7 @@ def train(
     max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", help="Gradient clipping (0: off)."),
     seed: int = typer.Option(0, "--seed", help="Seed of adapter init, data order and dropout."),
     precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16 (autocast)."),
-    optimizer: str = typer.Option("adamw", "--optimizer", help="adamw or adamw8bit (bitsandbytes, GPU)."),
+    optimizer: str = typer.Option("adamw", "--optimizer", help="adamw or adamw8bit (bitsandbytes 8-bit AdamW)."),
     eval_steps: Optional[int] = typer.Option(None, "--eval-steps", help="Evaluate every N steps."),
     save_steps: Optional[int] = typer.Option(None, "--save-steps", help="Checkpoint every N steps."),
     save_total_limit: Optional[int] = typer.Option(None, "--save-total-limit", help="Keep only the newest N."),
@@ -608,7 +608,7 @@ def demo(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for the adapter files (default: a new "
                                        "temporary folder)."),
 ):
-    """The whole story offline in about a minute: one int8 base, three fine-tunes trained on it, saved, reloaded.
+    """The whole story offline in under a minute: one int8 base, three fine-tunes trained on it, saved, reloaded.
 
     Example: surgery demo
     """
