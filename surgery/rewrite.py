@@ -9,6 +9,7 @@ copy. Siblings therefore cost only their adapters and plain copies.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import weakref
 from dataclasses import dataclass
@@ -90,19 +91,13 @@ def rewrite(model: nn.Module, rules: RuleSet | str, *, progress: Callable | None
     rules = load_rules(rules)
     the_plan = make_plan(base_graph(model), rules)
     _warn_if_quantizing_under_finetunes(model, the_plan)
-    snapshot = _Snapshot(model)
-    try:
+    with _restored_on_failure(model, "rewrite"):
         quantize_base(model, the_plan, progress)
         _freeze(model)
         finetune = _structural_copy(model, the_plan)
         finetune.__dict__["_surgery"] = FinetuneInfo(rules, the_plan, model)
         if finish is not None:
             finish(finetune)
-    except Exception as exc:
-        snapshot.restore()
-        if isinstance(exc, SurgeryError):
-            raise
-        raise RewriteError(f"rewrite failed and the base was restored: {type(exc).__name__}: {exc}") from exc
     finetune.__dict__["_apply"] = _guarded_apply(finetune)
     _LIVE.setdefault(model, weakref.WeakSet()).add(finetune)
     return finetune
@@ -117,13 +112,9 @@ def prepare_base(model: nn.Module, *rule_sets: RuleSet | str) -> None:
     for rules in rule_sets:
         the_plan = make_plan(base_graph(model), load_rules(rules))
         if the_plan.quantized:
-            snapshot = _Snapshot(model)
-            try:
+            with _restored_on_failure(model, "quantizing the base"):
                 quantize_base(model, the_plan)
                 _freeze(model)
-            except Exception as exc:
-                snapshot.restore()
-                raise RewriteError(f"quantizing the base failed and it was restored: {type(exc).__name__}: {exc}") from exc
 
 
 _LIVE: "weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet]" = weakref.WeakKeyDictionary()
@@ -145,6 +136,19 @@ def _warn_if_quantizing_under_finetunes(model: nn.Module, the_plan: Plan) -> Non
             "(memory) and their adapter files will reload onto the quantized base. Quantize first with "
             "surgery.prepare_base(base, *rule_files), or make this fine-tune first.",
             SharedBaseWarning, stacklevel=3)
+
+
+@contextlib.contextmanager
+def _restored_on_failure(model: nn.Module, what: str):
+    """Run a change of the base; on any failure put every module and requires_grad flag back."""
+    snapshot = _Snapshot(model)
+    try:
+        yield
+    except Exception as exc:
+        snapshot.restore()
+        if isinstance(exc, SurgeryError):
+            raise
+        raise RewriteError(f"{what} failed and the base was restored: {type(exc).__name__}: {exc}") from exc
 
 
 class _Snapshot:
