@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
 import struct
@@ -277,7 +278,7 @@ def _tensors(path: Path, header: dict, data: bytes, start: int) -> dict[str, tor
                 and isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
             raise AdapterStateError(f"{path}: corrupted header entry for '{name}' (shape or offsets)")
         begin, end = offsets
-        size = ITEMSIZE[entry["dtype"]] * _product(shape)
+        size = ITEMSIZE[entry["dtype"]] * math.prod(shape)
         if not 0 <= begin <= end or end - begin != size:
             raise AdapterStateError(f"{path}: corrupted header entry for '{name}': offsets {offsets} do not hold a "
                                     f"{entry['dtype']} tensor of shape {shape}")
@@ -296,13 +297,6 @@ def _tensors(path: Path, header: dict, data: bytes, start: int) -> dict[str, tor
         raise AdapterStateError(f"{path}: {end_of_data - (spans[-1][1] if spans else 0)} stray bytes after the "
                                 "last tensor: not a file save_adapter wrote")
     return tensors
-
-
-def _product(shape: list[int]) -> int:
-    out = 1
-    for d in shape:
-        out *= d
-    return out
 
 
 def _metadata_digest(metadata: dict[str, str]) -> str:
@@ -331,7 +325,7 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     base = info.base if info is not None else model
     check_base(adapter, base)
     if info is not None:
-        if info.rules.to_json() != adapter.rules.to_json():
+        if info.rules.to_json() not in (adapter.rules.to_json(), held_storage_rules(adapter.rules, base).to_json()):
             raise AdapterStateError(f"{adapter.path}: was saved from a fine-tune with other rules than this one "
                                     f"({info.rules.source}); load it onto the base instead to rebuild it")
         _copy_into(model, adapter)

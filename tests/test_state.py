@@ -90,6 +90,7 @@ def test_adapter_from_an_fp32_base_loads_onto_the_same_checkpoint_quantized(tmp_
         loaded = surgery.load_adapter(quantized, path)
         for name, t in surgery.state.own_state(ft).items():
             assert torch.equal(surgery.state.own_state(loaded)[name], t)
+        assert surgery.load_adapter(loaded, path) is loaded  # its rules follow the base; still compatible
     half = surgery.tiny_model("tiny-llama").half()
     assert surgery.fingerprint(half).mismatch(surgery.fingerprint(surgery.tiny_model("tiny-llama"))) is None
 
