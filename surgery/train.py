@@ -150,9 +150,12 @@ def prepare(job: Job, where: World, resume: Path | None = None) -> None:
     job.scheduler = _scheduler(job.config, job.optimizer, job.total_steps)
     device_type = params[0].device.type
     job.scaler = torch.amp.GradScaler(device_type, enabled=job.config.precision == "fp16" and device_type == "cuda")
-    with torch.random.fork_rng(devices=[]):
+    cuda = device_type == "cuda"
+    with torch.random.fork_rng(devices=[params[0].device] if cuda else []):
         torch.manual_seed(job.config.seed)
         job.rng = torch.get_rng_state()
+        if cuda:
+            job.rng = torch.cat([job.rng, torch.cuda.get_rng_state(params[0].device)])
     if where.size > 1:
         _broadcast_trainables(params)
     if resume is not None:
@@ -219,9 +222,8 @@ def train_step(job: Job, where: World) -> dict:
     """One optimizer step (grad_accum micro-batches) of one job, in the job's own random state."""
     model, config = job.finetune, job.config
     model.train()
-    cpu_rng = torch.get_rng_state()
-    torch.set_rng_state(job.rng)
     device = next(p for p in model.parameters() if p.requires_grad).device
+    outer = _swap_rng(job.rng, device)  # dropout draws from the job's own stream
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
     loss_sum, tokens = 0.0, 0
     start = time.perf_counter()
@@ -245,14 +247,28 @@ def train_step(job: Job, where: World) -> dict:
     job.scaler.update()
     job.scheduler.step()
     job.optimizer.zero_grad(set_to_none=True)
-    job.rng = torch.get_rng_state()
-    torch.set_rng_state(cpu_rng)
+    job.rng = _swap_rng(outer, device)
     job.step += 1
     seconds = time.perf_counter() - start
     record = {"job": job.name, "step": job.step, "loss": loss_sum / config.grad_accum, "lr": lr,
               "tokens": tokens, "tokens_per_s": tokens / seconds if seconds > 0 else 0.0, "grad_norm": grad_norm}
     job.history.append(record)
     return record
+
+
+def _swap_rng(state: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Install a random state (CPU, plus the CUDA device's when training there); return the one it replaced.
+
+    The state is one uint8 tensor: the CPU state, followed by the CUDA state on CUDA devices.
+    """
+    cpu_size = torch.get_rng_state().numel()
+    previous = torch.get_rng_state()
+    if device.type == "cuda":
+        previous = torch.cat([previous, torch.cuda.get_rng_state(device)])
+        if state.numel() > cpu_size:
+            torch.cuda.set_rng_state(state[cpu_size:], device)
+    torch.set_rng_state(state[:cpu_size])
+    return previous
 
 
 def _rank_weight(batch: dict, where: World) -> float:
