@@ -543,3 +543,20 @@ def plot_losses(jobs: list[Job], path: Path) -> Path | None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def adapter_callback(finetune: nn.Module):
+    """A ``transformers.TrainerCallback`` that writes ``adapter.safetensors`` into each Trainer checkpoint
+    and into ``output_dir`` at the end, so Trainer runs give surgery adapter files (rank 0 only)."""
+    from transformers import TrainerCallback
+
+    class SaveAdapter(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                save_adapter(finetune, Path(args.output_dir) / f"checkpoint-{state.global_step}" / ADAPTER_FILE)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                save_adapter(finetune, Path(args.output_dir) / ADAPTER_FILE)
+
+    return SaveAdapter()

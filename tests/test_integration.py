@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 import surgery
 from surgery.data import read_examples, tokenize
+from surgery.train import adapter_callback
 from surgery_cli.app import app
 
 HERE = Path(__file__).resolve().parent
@@ -29,9 +30,13 @@ def test_a_finetune_trains_under_hf_trainer(tmp_path):
     blocks = tokenize(read_examples("upper"), surgery.tiny_tokenizer(), block_size=24)
     rows = [{k: v[i] for k, v in blocks.batch(torch.arange(len(blocks))).items()} for i in range(len(blocks))]
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=4, learning_rate=1e-2,
-                             save_strategy="no", report_to=[], use_cpu=True, logging_steps=1, disable_tqdm=True)
-    trainer = Trainer(model=ft, args=args, train_dataset=rows)
+                             save_strategy="steps", save_steps=4, report_to=[], use_cpu=True, logging_steps=1,
+                             disable_tqdm=True)
+    trainer = Trainer(model=ft, args=args, train_dataset=rows, callbacks=[adapter_callback(ft)])
     result = trainer.train()
+    assert (tmp_path / "checkpoint-4" / "adapter.safetensors").exists()
+    final = surgery.load_adapter(base, tmp_path / "adapter.safetensors")
+    assert all(torch.equal(p, surgery.state.own_state(ft)[k]) for k, p in surgery.state.own_state(final).items())
     optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     assert optimized == {id(p) for p in surgery.state.own_state(ft).values()}  # adapters + plain lm_head only
     assert all(not torch.equal(start[k], p) for k, p in surgery.state.own_state(ft).items() if k.endswith("lora_B"))
