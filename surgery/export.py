@@ -1,15 +1,20 @@
 """Export a fine-tune as a ``torch.export`` program (for ``torch.compile``, AOTInductor, serving).
 
-Adapters stay their own nodes (``lora_A`` / ``lora_B`` matmuls under the adapted module in each
-node's ``nn_module_stack``) or, with ``merge=True``, are folded into dense weights first.
-bitsandbytes layers cannot be captured: their weights carry ``CB``/``SCB``/``quant_state``
-attributes that export's fake tensors do not have. A fine-tune over a quantized base therefore
-exports with ``merge=True`` (dequantized, dense) or not at all, and the error says so.
+Adapters stay their own nodes (``lora_A`` / ``lora_B`` matmuls) or, with ``merge=True``, are folded
+into dense weights first. bitsandbytes layers cannot be captured as they are (their weights carry
+``CB``/``SCB``/``quant_state`` attributes that export's fake tensors lack), so the exported copy
+swaps each one for a small module that computes the same thing from the same tensors with
+bitsandbytes' registered ops (``int8_vectorwise_quant`` + ``int8_mixed_scaled_mm`` for LLM.int8,
+``dequantize_4bit`` + ``linear`` for 4-bit): the program stays quantized and shares the base's
+tensors; the fine-tune itself is not touched.
 """
 
 from __future__ import annotations
 
+import copy
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import RewriteError
@@ -28,20 +33,15 @@ def export_graph(finetune: nn.Module, example_inputs: dict[str, torch.Tensor] | 
 
     ``example_inputs``: ``input_ids`` or a dict of keyword tensors; batch and sequence length stay
     dynamic unless ``dynamic=False``. ``merge=True`` exports ``surgery.merge(finetune)`` instead.
+    Quantized layers stay quantized (see module docstring).
     """
     if finetune_info(finetune) is None:
         raise ExportError(f"a {type(finetune).__name__} that is not a fine-tune; export_graph takes a fine-tune")
-    quantized = [path for path, m in finetune.named_modules()
-                 if quantized_storage(m) and not getattr(m, "is_surgery_adapter", False)]
-    if quantized and not merge:
-        raise ExportError(f"{quantized[0]} (and {len(quantized) - 1} more) are bitsandbytes layers, which "
-                          "torch.export cannot capture; export with merge=True for a dense program, or export a "
-                          "fine-tune of an unquantized base")
-    model = _LogitsOf(merge_finetune(finetune) if merge else finetune)
     inputs = {"input_ids": example_inputs} if isinstance(example_inputs, torch.Tensor) else dict(example_inputs)
     unknown = sorted(set(inputs) - {"input_ids", "attention_mask"})
     if unknown or "input_ids" not in inputs:
         raise ExportError(f"example_inputs takes input_ids and optionally attention_mask, not {unknown or 'nothing'}")
+    model = _LogitsOf(merge_finetune(finetune) if merge else exportable_copy(finetune))
     if dynamic:  # export specialises a dimension of size 1; capture with 2 so batch and length stay free
         inputs = {k: _at_least_two(v) for k, v in inputs.items()}
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
@@ -71,3 +71,99 @@ def _at_least_two(t: torch.Tensor) -> torch.Tensor:
         if t.shape[dim] == 1:
             t = torch.cat([t, t], dim=dim)
     return t
+
+
+def exportable_copy(finetune: nn.Module) -> nn.Module:
+    """The fine-tune with every bitsandbytes layer swapped for an export-friendly twin over the same tensors."""
+    info = finetune_info(finetune)
+    memo: dict[int, object] = {id(info): None, id(finetune.__dict__.get("_apply")): None}
+    for path, module in finetune.named_modules():
+        if quantized_storage(module) and not getattr(module, "is_surgery_adapter", False):
+            memo[id(module)] = _twin(path, module)
+    for t in [*finetune.parameters(), *finetune.buffers()]:
+        memo[id(t)] = t  # share, never copy
+    copy_ = copy.deepcopy(finetune, memo)
+    for key in ("_surgery", "_apply"):
+        copy_.__dict__.pop(key, None)
+    return copy_
+
+
+def _twin(path: str, layer: nn.Module) -> nn.Module:
+    if getattr(getattr(layer.weight, "quant_state", None), "packing_format_for_cpu", False):
+        raise ExportError(f"{path}: bitsandbytes repacked this 4-bit weight for its CPU kernel; export before "
+                          "running the model in eval mode on this CPU, or export with merge=True")
+    if isinstance(layer, nn.Embedding):
+        return _Int8Embedding(layer) if quantized_storage(layer) == "int8" else _FourBitEmbedding(layer)
+    return _Int8Linear(layer) if quantized_storage(layer) == "int8" else _FourBitLinear(layer)
+
+
+class _Int8Linear(nn.Module):
+    """LLM.int8 as Linear8bitLt computes it (activations quantized per row, fp16 outlier columns)."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        state = layer.state
+        self.register_buffer("CB", state.CB if state.CB is not None else layer.weight.data, persistent=False)
+        self.register_buffer("SCB", state.SCB if state.SCB is not None else layer.weight.SCB, persistent=False)
+        self.bias, self.threshold = layer.bias, float(state.threshold)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = x.reshape(-1, x.shape[-1])
+        ca, sca, outliers = torch.ops.bitsandbytes.int8_vectorwise_quant(a.to(torch.float16), self.threshold)
+        if self.threshold > 0:
+            out, _ = torch.ops.bitsandbytes.int8_mixed_scaled_mm(a, ca, self.CB, sca, self.SCB, outliers, self.bias)
+        else:
+            out = torch.ops.bitsandbytes.int8_scaled_mm(ca, self.CB, sca, self.SCB, bias=self.bias, dtype=a.dtype)
+        return out.reshape(*x.shape[:-1], self.CB.shape[0])
+
+
+class _FourBitWeight(nn.Module):
+    """The packed 4-bit weight and its (de-nested) absmax, dequantized on each call as bitsandbytes does."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        qs = layer.weight.quant_state
+        absmax = qs.absmax
+        if qs.nested:
+            absmax = torch.ops.bitsandbytes.dequantize_blockwise(qs.absmax, qs.state2.absmax, qs.state2.code,
+                                                                 qs.state2.blocksize, torch.float32) + qs.offset
+        self.register_buffer("packed", layer.weight.data, persistent=False)
+        self.register_buffer("absmax", absmax, persistent=False)
+        self.blocksize, self.quant_type, self.shape, self.dtype = qs.blocksize, qs.quant_type, list(qs.shape), qs.dtype
+
+    def weight(self) -> torch.Tensor:
+        return torch.ops.bitsandbytes.dequantize_4bit(self.packed, self.absmax, self.blocksize, self.quant_type,
+                                                      self.shape, self.dtype)
+
+
+class _FourBitLinear(_FourBitWeight):
+    def __init__(self, layer: nn.Module):
+        super().__init__(layer)
+        self.bias, self.compute_dtype = layer.bias, layer.compute_dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        compute = self.compute_dtype or x.dtype
+        bias = None if self.bias is None else self.bias.to(compute)
+        return F.linear(x.to(compute), self.weight().to(compute), bias).to(x.dtype)
+
+
+class _FourBitEmbedding(_FourBitWeight):
+    def __init__(self, layer: nn.Module):
+        super().__init__(layer)
+        self.out_dtype = layer.dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight()).to(self.out_dtype)
+
+
+class _Int8Embedding(nn.Module):
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.register_buffer("CB", layer.weight.data, persistent=False)
+        self.register_buffer("SCB", layer.weight.SCB, persistent=False)
+        self.out_dtype = layer.dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(ids, self.CB)
+        scales = F.embedding(ids, self.SCB.view(-1, 1))
+        return (rows * (scales / 127.0)).to(self.out_dtype)

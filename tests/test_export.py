@@ -25,10 +25,25 @@ def test_adapters_are_their_own_nodes_and_outputs_equal_eager(model):
         assert torch.allclose(program.module()(input_ids=other), ft(input_ids=other).logits, rtol=1e-5, atol=1e-6)
 
 
-def test_a_quantized_finetune_exports_merged_and_refuses_otherwise():
+NF4_EMBEDDINGS = {"quantize": {"scheme": "nf4", "double_quant": True}, "default": "quantize", "rules": [
+    {"match": "*", "type": "embedding", "action": "adapt"}, {"match": "q_proj", "action": "adapt"}]}
+
+
+@pytest.mark.parametrize("rules", ["qv_lora", "qlora_nf4", "finetuna_default", NF4_EMBEDDINGS],
+                         ids=["int8", "nf4", "int8-embeddings", "nf4-dq-embeddings"])
+def test_a_quantized_finetune_exports_quantized_with_equal_outputs(rules):
+    ft = trained(surgery.rewrite(surgery.tiny_model("tiny-llama"), rules))
+    program = export_graph(ft, INPUTS["input_ids"])
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert any("bitsandbytes" in t for t in targets)  # still quantized in the graph
+    assert not any(type(m).__module__.startswith("surgery.export") for m in ft.modules())  # ft untouched
+    other = torch.randint(0, 256, (3, 11))
+    with torch.no_grad():
+        assert torch.equal(program.module()(input_ids=other), ft(input_ids=other).logits)
+
+
+def test_merged_export_of_a_quantized_finetune_equals_the_merged_model():
     ft = trained(surgery.rewrite(surgery.tiny_model("tiny-llama"), "qv_lora"))
-    with pytest.raises(ExportError, match="bitsandbytes layers, which torch.export cannot capture; export with merge=True"):
-        export_graph(ft, INPUTS["input_ids"])
     program = export_graph(ft, INPUTS["input_ids"], merge=True)
     assert not any("lora" in name for name in program.graph_signature.parameters)
     merged = surgery.merge(ft)
