@@ -198,3 +198,14 @@ def test_bf16_autocast_trains():
     j = job(surgery.tiny_model("tiny-llama"), precision="bf16", max_steps=3)
     train([j])
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in j.history)
+
+
+def test_loss_curve_png_when_matplotlib_is_installed(tmp_path):
+    pytest.importorskip("matplotlib")
+    from surgery.train import plot_losses
+
+    j = job(surgery.tiny_model("tiny-llama"), max_steps=3)
+    j.eval_data = j.data
+    train([j])
+    path = plot_losses([j], tmp_path / "loss.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
