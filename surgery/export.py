@@ -11,15 +11,13 @@ tensors; the fine-tune itself is not touched.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import RewriteError
 from .merge import merge as merge_finetune
-from .rewrite import finetune_info
+from .rewrite import detached_copy, finetune_info
 from .trace import quantized_storage
 
 
@@ -75,17 +73,13 @@ def _at_least_two(t: torch.Tensor) -> torch.Tensor:
 
 def exportable_copy(finetune: nn.Module) -> nn.Module:
     """The fine-tune with every bitsandbytes layer swapped for an export-friendly twin over the same tensors."""
-    info = finetune_info(finetune)
-    memo: dict[int, object] = {id(info): None, id(finetune.__dict__.get("_apply")): None}
+    memo: dict[int, object] = {}
     for path, module in finetune.named_modules():
         if quantized_storage(module) and not getattr(module, "is_surgery_adapter", False):
             memo[id(module)] = _twin(path, module)
     for t in [*finetune.parameters(), *finetune.buffers()]:
         memo[id(t)] = t  # share, never copy
-    copy_ = copy.deepcopy(finetune, memo)
-    for key in ("_surgery", "_apply"):
-        copy_.__dict__.pop(key, None)
-    return copy_
+    return detached_copy(finetune, memo)
 
 
 def _twin(path: str, layer: nn.Module) -> nn.Module:

@@ -9,7 +9,6 @@ plain transformers. ``requantize=True`` quantizes the merged weights again as th
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import torch
@@ -17,7 +16,7 @@ from torch import nn
 
 from .errors import RewriteError
 from .quantize import dequantized_weight, quantized_layer
-from .rewrite import finetune_info
+from .rewrite import detached_copy, finetune_info
 from .rules import QuantConfig
 from .trace import find_ties, quantized_storage
 
@@ -35,16 +34,14 @@ def merge(finetune: nn.Module, dtype: torch.dtype | None = None, *, requantize: 
     target = dtype or original_dtype(info.base)
     kinds = {path: d.kind for path, d in info.plan.decisions.items()}
     _check_mergeable(finetune, kinds)
-    memo: dict[int, object] = {id(info): None, id(finetune.__dict__.get("_apply")): None}
+    memo: dict[int, object] = {}
     with torch.no_grad():
         for path, module in finetune.named_modules():
             if getattr(module, "is_surgery_adapter", False):
                 memo[id(module)] = _dense_layer(module.base_layer, kinds[path], target, module)
             elif quantized_storage(module) and path in kinds:  # not an adapter's own base_layer
                 memo[id(module)] = _dense_layer(module, kinds[path], target)
-        merged = copy.deepcopy(finetune, memo)
-    for key in ("_surgery", "_apply"):
-        merged.__dict__.pop(key, None)
+        merged = detached_copy(finetune, memo)
     for p in merged.parameters():
         p.requires_grad_(False)
     if dtype is not None:

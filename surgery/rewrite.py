@@ -99,8 +99,23 @@ def rewrite(model: nn.Module, rules: RuleSet | str, *, progress: Callable | None
         if finish is not None:
             finish(finetune)
     finetune.__dict__["_apply"] = _guarded_apply(finetune)
+    from .state import own_load_state_dict  # state builds on rewrite; imported here to avoid a cycle
+
+    finetune.__dict__["load_state_dict"] = own_load_state_dict(finetune)
     _LIVE.setdefault(model, weakref.WeakSet()).add(finetune)
     return finetune
+
+
+_INSTANCE_ATTRS = ("_surgery", "_apply", "load_state_dict")  # what rewrite adds to a fine-tune's __dict__
+
+
+def detached_copy(finetune: nn.Module, memo: dict[int, Any]) -> nn.Module:
+    """``copy.deepcopy(finetune, memo)`` as a plain model: without the fine-tune's info and guards."""
+    memo = {**memo, **{id(finetune.__dict__[k]): None for k in _INSTANCE_ATTRS if k in finetune.__dict__}}
+    out = copy.deepcopy(finetune, memo)
+    for key in _INSTANCE_ATTRS:
+        out.__dict__.pop(key, None)
+    return out
 
 
 def prepare_base(model: nn.Module, *rule_sets: RuleSet | str) -> None:

@@ -404,3 +404,40 @@ def _version() -> str:
     from . import __version__
 
     return __version__
+
+
+def own_load_state_dict(finetune: nn.Module):
+    """``load_state_dict`` for a fine-tune: loads its own tensors only, never the base it shares.
+
+    A full state dict (e.g. a Trainer checkpoint's model.safetensors) may name the base's tensors too;
+    writing them through one fine-tune would change the base under every sibling, so they are
+    skipped. Missing own tensors fail under ``strict``; a shape mismatch always fails, before any copy.
+    """
+
+    def load_state_dict(state_dict, strict: bool = True, assign: bool = False):
+        own = own_state(finetune)
+        missing = [k for k in own if k not in state_dict]
+        if strict and missing:
+            raise AdapterStateError(f"load_state_dict: missing '{missing[0]}'"
+                                    + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                                    + " of this fine-tune's own tensors")
+        for name, p in own.items():
+            if name in state_dict and tuple(state_dict[name].shape) != tuple(p.shape):
+                raise AdapterStateError(f"load_state_dict: '{name}' has shape {tuple(state_dict[name].shape)}, "
+                                        f"the fine-tune needs {tuple(p.shape)}")
+        with torch.no_grad():
+            for name, p in own.items():
+                if name in state_dict:
+                    p.copy_(state_dict[name])
+        known = {n for n, _ in finetune.named_parameters(remove_duplicate=False)}
+        known |= {n for n, _ in finetune.named_buffers(remove_duplicate=False)}
+        unexpected = [k for k in state_dict if k not in known and not _bnb_state_key(k, known)]
+        return nn.modules.module._IncompatibleKeys(missing, unexpected)
+
+    return load_state_dict
+
+
+def _bnb_state_key(key: str, known: set[str]) -> bool:
+    """bitsandbytes' extra state-dict entries (weight.SCB, weight.quant_state..., absmax, ...) of a known weight."""
+    owner = key.split(".weight.", 1)[0] + ".weight" if ".weight." in key else None
+    return owner in known

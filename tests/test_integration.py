@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -43,6 +44,45 @@ def test_a_finetune_trains_under_hf_trainer(tmp_path):
     assert all(torch.equal(before[n], p) for n, p in base.named_parameters())
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     assert losses[-1] < losses[0] and result.global_step == 8
+
+
+def test_trainer_resumes_from_its_own_checkpoint_without_touching_the_shared_base(tmp_path):
+    """Trainer's resume calls load_state_dict with the whole model: a fine-tune loads only its own tensors."""
+    from transformers import Trainer, TrainingArguments
+
+    blocks = tokenize(read_examples("upper"), surgery.tiny_tokenizer(), block_size=24)
+    rows = [{k: v[i] for k, v in blocks.batch(torch.arange(len(blocks))).items()} for i in range(len(blocks))]
+
+    def run(resume=None):
+        base = surgery.tiny_model("tiny-llama")
+        ft = surgery.rewrite(base, "qv_lora_head")
+        sibling = surgery.rewrite(base, "qv_lora_head")
+        frozen = {n: p.detach().clone() for n, p in base.named_parameters()}
+        args = TrainingArguments(output_dir=str(tmp_path), max_steps=8, save_steps=4, per_device_train_batch_size=4,
+                                 learning_rate=1e-2, report_to=[], use_cpu=True, disable_tqdm=True, seed=0)
+        Trainer(model=ft, args=args, train_dataset=rows).train(resume_from_checkpoint=resume)
+        assert all(torch.equal(frozen[n], p) for n, p in base.named_parameters())
+        shared = {id(p) for p in base.parameters()}
+        assert all(id(q) in shared for q in sibling.parameters() if not q.requires_grad)
+        return {k: v.detach().clone() for k, v in surgery.state.own_state(ft).items()}
+
+    straight = run()
+    resumed = run(resume=str(tmp_path / "checkpoint-4"))
+    assert straight.keys() == resumed.keys()
+    assert all(torch.allclose(straight[k], resumed[k], rtol=1e-5, atol=1e-6) for k in straight)
+
+
+def test_load_state_dict_on_a_finetune_never_writes_the_shared_base():
+    base = surgery.tiny_model("tiny-opt")
+    ft = surgery.rewrite(base, "finetuna_default")
+    full = {n: torch.zeros_like(p) for n, p in ft.named_parameters() if p.dtype.is_floating_point}
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    result = ft.load_state_dict(full, strict=False)
+    assert all(torch.equal(before[n], p) for n, p in base.named_parameters())
+    assert all(float(p.abs().sum()) == 0 for p in surgery.state.own_state(ft).values())  # own tensors loaded
+    assert result.unexpected_keys == []
+    with pytest.raises(surgery.AdapterStateError, match="missing"):
+        ft.load_state_dict({}, strict=True)
 
 
 def _free_port() -> int:
