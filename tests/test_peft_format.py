@@ -12,7 +12,7 @@ import surgery
 from surgery import AdapterStateError
 
 from conftest import TINY
-from test_state import INPUTS, logits, trained
+from test_state import logits, trained
 
 peft = pytest.importorskip("peft")
 
