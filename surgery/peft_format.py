@@ -22,7 +22,7 @@ from torch import nn
 from .adapters import LoraEmbedding
 from .errors import AdapterStateError, PlanError
 from .rewrite import finetune_info, rewrite
-from .rules import QuantConfig, parse_rules
+from .rules import LoraConfig, QuantConfig, parse_rules
 from .state import atomic_write
 from .trace import quantized_storage
 
@@ -130,14 +130,13 @@ def import_peft(base: nn.Module, folder: str | Path, *, quantize: str | None = N
     tensors = _read_weights(folder)
     modules_to_save = config.get("modules_to_save") or []
     adapters, plain = _split_keys(folder, tensors, modules_to_save)
-    rules = parse_rules(_rules_for(base, config, adapters, plain, quantize), source=f"{folder} (PEFT)")
+    loras = {path: _lora_config(config, path, parts) for path, parts in adapters.items()}
+    rules = parse_rules(_rules_for(base, loras, plain, quantize), source=f"{folder} (PEFT)")
     values = {}
     for path, parts in adapters.items():
-        scaling = _lora_config(config, path, parts)["alpha"] / (
-            parts["A"].shape[0] ** 0.5 if config.get("use_rslora") else parts["A"].shape[0])
         values[f"{path}.lora_A"], values[f"{path}.lora_B"] = parts["A"], parts["B"]
-        if "bias" in parts:
-            values[f"{path}.lora_bias"] = parts["bias"] * scaling
+        if "bias" in parts:  # PEFT scales its lora_B bias; ours is added as is
+            values[f"{path}.lora_bias"] = parts["bias"] * LoraConfig(**loras[path]).scaling
     values.update(plain)
 
     def fill(ft: nn.Module) -> None:
@@ -253,13 +252,12 @@ def _lora_config(config: dict, path: str, parts: dict) -> dict:
             "dtype": str(parts["A"].dtype).removeprefix("torch.")}
 
 
-def _rules_for(base: nn.Module, config: dict, adapters: dict, plain: dict, quantize: str | None) -> dict:
+def _rules_for(base: nn.Module, loras: dict[str, dict], plain: dict, quantize: str | None) -> dict:
     """Rules that rebuild the adapter: one adapt rule per (LoRA settings, storage), plain rules, freeze the rest."""
-    held = {path: quantized_storage(m) for path, m in base.named_modules() if quantized_storage(m)}
+    held = {path: quantized_storage(m) for path, m in base.named_modules()}
     scheme = quantize or "none"
     groups: dict[tuple, list[str]] = {}
-    for path, parts in sorted(adapters.items()):
-        lora = _lora_config(config, path, parts)
+    for path, lora in sorted(loras.items()):
         storage = held.get(path) or scheme
         groups.setdefault((tuple(sorted(lora.items())), storage), []).append(path)
     rules = [{"match": "re:" + "|".join(re.escape(p) for p in paths), "action": "adapt", "lora": dict(lora),

@@ -19,6 +19,7 @@ import os
 import shutil
 import struct
 import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,7 +107,7 @@ def save_adapter(finetune: nn.Module, path: str | Path) -> Path:
         "rules_source": info.rules.source,
         "base_model": str(getattr(getattr(info.base, "config", None), "name_or_path", "") or ""),
         "base_class": type(info.base).__name__,
-        "base_fingerprint": fingerprint(info.base).to_json(),
+        "base_fingerprint": base_fingerprint(info.base).to_json(),
     }
     metadata["metadata_sha256"] = _metadata_digest(metadata)
     metadata["tensors_sha256"] = _tensors_digest(tensors)
@@ -314,13 +315,14 @@ def _tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
 
 # ---------------------------------------------------------------------------------------- load
 
-def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
+def load_adapter(model: nn.Module, path: str | Path | AdapterFile) -> nn.Module:
     """Load an adapter file: onto a base (a new fine-tune from the file's rules) or into a fine-tune.
 
     Loading is strict (every key present, none extra, same shapes and dtypes) and atomic: on any
-    AdapterStateError the base and the target fine-tune are exactly as before.
+    AdapterStateError the base and the target fine-tune are exactly as before. ``path`` may be an
+    AdapterFile already read with ``read_adapter``.
     """
-    adapter = read_adapter(path)
+    adapter = path if isinstance(path, AdapterFile) else read_adapter(path)
     info = finetune_info(model)
     base = info.base if info is not None else model
     check_base(adapter, base)
@@ -334,6 +336,21 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
         return rewrite(base, held_storage_rules(adapter.rules, base), finish=lambda ft: _copy_into(ft, adapter))
     except PlanError as exc:
         raise AdapterStateError(f"{adapter.path}: its rules do not plan on this base: {exc}") from exc
+
+
+_FINGERPRINTS: "weakref.WeakKeyDictionary[nn.Module, Fingerprint]" = weakref.WeakKeyDictionary()
+
+
+def base_fingerprint(base: nn.Module) -> Fingerprint:
+    """The base's fingerprint, computed once per base object (a frozen base keeps its weights).
+
+    Computed on first use, perhaps before quantization: a fingerprint of one checkpoint matches it in
+    every form it is held in, so the cached one stays valid when the base is quantized later.
+    """
+    cached = _FINGERPRINTS.get(base)
+    if cached is None:
+        cached = _FINGERPRINTS[base] = fingerprint(base)
+    return cached
 
 
 def held_storage_rules(rules: RuleSet, base: nn.Module) -> RuleSet:
@@ -364,7 +381,7 @@ def check_base(adapter: AdapterFile, base: nn.Module) -> None:
         raise AdapterStateError(f"{adapter.path}: was saved on a {adapter.base_class} "
                                 f"({adapter.base_model or 'unnamed'}), not a {type(base).__name__}; "
                                 "load it onto the model it was trained on")
-    why = adapter.fingerprint.mismatch(fingerprint(base))
+    why = adapter.fingerprint.mismatch(base_fingerprint(base))
     if why is not None:
         raise AdapterStateError(f"{adapter.path}: the base differs from the one it was saved on "
                                 f"({adapter.base_model or adapter.base_class}): {why}")

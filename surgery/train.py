@@ -97,6 +97,7 @@ class Job:
     scheduler: object = field(default=None, repr=False)
     rng: torch.Tensor | None = field(default=None, repr=False)
     scaler: object = field(default=None, repr=False)
+    order: tuple[int, torch.Tensor] | None = field(default=None, repr=False)  # (epoch, its row permutation)
 
     @property
     def done(self) -> bool:
@@ -213,8 +214,9 @@ def _rows(job: Job, micro: int, where: World) -> torch.Tensor:
     global_batch = job.config.batch_size * where.size
     per_epoch = len(job.data) // global_batch
     epoch, index = divmod(micro, per_epoch)
-    order = torch.randperm(len(job.data), generator=torch.Generator().manual_seed(job.config.seed + epoch))
-    batch = order[index * global_batch:(index + 1) * global_batch]
+    if job.order is None or job.order[0] != epoch:
+        job.order = (epoch, torch.randperm(len(job.data), generator=torch.Generator().manual_seed(job.config.seed + epoch)))
+    batch = job.order[1][index * global_batch:(index + 1) * global_batch]
     return batch[where.rank::where.size]
 
 

@@ -277,7 +277,7 @@ def _finetune_from(adapter: Path, model: Optional[str], random_init: bool):
     if not name:
         raise typer.BadParameter("the adapter file names no base model; pass --model")
     base = load_model(name, random_init=random_init).model
-    return base, load_adapter(base, adapter), name
+    return base, load_adapter(base, info), name
 
 
 def _probe_inputs(model) -> dict:
@@ -574,12 +574,12 @@ def generate(
 
     from surgery.architectures import TINY_DEFAULT
     from surgery.models import load_model, load_tokenizer
-    from surgery.state import load_adapter, read_adapter
 
-    name = model or (read_adapter(adapter).base_model if adapter else None) or TINY_DEFAULT
-    lm = load_model(name, random_init=random_init).model
     if adapter is not None:
-        lm = load_adapter(lm, adapter)
+        _, lm, name = _finetune_from(adapter, model, random_init)
+    else:
+        name = model or TINY_DEFAULT
+        lm = load_model(name, random_init=random_init).model
     lm.eval()
     tokenizer = load_tokenizer(name)
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
