@@ -12,7 +12,8 @@ from .merge import MergeError, merge
 from .models import load_model, tiny_model, tiny_tokenizer
 from .peft_format import export_peft, import_peft
 from .plan import Decision, Plan, plan
-from .rewrite import FinetuneInfo, SharedBaseWarning, finetune_info, prepare_base, rewrite
+from .finetune import FinetuneInfo, finetune_info
+from .rewrite import SharedBaseWarning, prepare_base, rewrite
 from .rules import LoraConfig, QuantConfig, Rule, RuleSet, bundled_rules, load_rules
 from .state import AdapterFile, load_adapter, read_adapter, save_adapter
 from .trace import ModelGraph, ModuleInfo, ParamInfo, trace

@@ -1,7 +1,8 @@
 """Training data: read text files into examples, tokenize them into fixed-size blocks with labels.
 
-Formats: CSV with a ``text`` column; JSONL with ``text``, or with ``prompt`` and ``completion``
-(loss only on the completion); plain ``.txt`` (one example per non-empty line). Two modes:
+Formats: CSV with a ``text`` column (quoted fields may span lines); JSONL with ``text``, or with
+``prompt`` and ``completion`` (loss only on the completion); plain ``.txt`` (one example per
+non-empty line, or in corpus mode one running text with its newlines). Two modes:
 ``corpus`` concatenates every example with EOS and cuts the stream into ``block_size`` chunks;
 ``entries`` keeps one example per row (EOS appended), truncated or padded to ``block_size``, with
 padding masked out of the loss and the attention. Every problem is a DataError naming the file
@@ -12,15 +13,20 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from .errors import SurgeryError
+from .files import GiB, read_user_text
 
 IGNORE = -100  # label of positions that carry no loss (prompt, padding), as in transformers
+MAX_DATA_BYTES = 4 * GiB
+Mode = Literal["entries", "corpus"]
 
 
 class DataError(SurgeryError):
@@ -83,47 +89,59 @@ def data_path(spec: str | Path) -> Path:
     return path
 
 
-def read_examples(path: str | Path) -> list[Example]:
+def read_examples(path: str | Path, mode: Mode = "entries") -> list[Example]:
     """Read a .csv / .jsonl / .txt file (or a bundled data set by name) into examples.
 
-    DataError with file and line on any problem.
+    A ``.txt`` is one example per non-empty line in ``entries`` mode, and one running text (newlines
+    kept) in ``corpus`` mode. DataError with file and line on any problem.
     """
     path = data_path(path)
     if not path.exists():
         raise DataError(f"{path}: no such data file (bundled data sets: {', '.join(bundled_data())})")
     if path.is_dir():
         raise DataError(f"{path}: is a directory; give a .csv, .jsonl or .txt file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text (byte {exc.start}); data files must be UTF-8") from None
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".jsonl", ".json", ".txt", ".text", ""):
+        raise DataError(f"{path}: unknown data format '{suffix}'; use .csv (text column), .jsonl (text, or "
+                        "prompt + completion) or .txt (lines, or one running text with --group-texts)")
+    text = read_user_text(path, what="data file", limit=MAX_DATA_BYTES, error=DataError)
     if not text.strip():
         raise DataError(f"{path}: is empty; it holds no examples")
-    suffix = path.suffix.lower()
     if suffix == ".csv":
         examples = _csv(path, text)
     elif suffix in (".jsonl", ".json"):
         examples = _jsonl(path, text)
-    elif suffix in (".txt", ".text", ""):
-        examples = [Example(line) for line in text.splitlines() if line.strip()]
+    elif mode == "corpus":
+        examples = [Example(text)]
     else:
-        raise DataError(f"{path}: unknown data format '{suffix}'; use .csv (text column), .jsonl (text, or "
-                        "prompt + completion) or .txt (one example per line)")
+        examples = [Example(line) for line in text.splitlines() if line.strip()]
     if not examples:
         raise DataError(f"{path}: holds no examples")
     return examples
 
 
 def _csv(path: Path, text: str) -> list[Example]:
-    rows = csv.DictReader(text.splitlines())
-    if not rows.fieldnames or "text" not in rows.fieldnames:
-        found = ", ".join(rows.fieldnames or []) or "none"
+    """CSV with the csv module's full dialect: quoted fields may hold commas, quotes and newlines."""
+    rows = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        fieldnames = rows.fieldnames
+    except csv.Error as exc:
+        raise DataError(f"{path}:1: not valid CSV ({exc})") from None
+    if not fieldnames or "text" not in fieldnames:
+        found = ", ".join(fieldnames or []) or "none"
         raise DataError(f"{path}:1: a CSV needs a `text` column (found columns: {found})")
     out = []
-    for line, row in enumerate(rows, start=2):
+    while True:
+        start = rows.line_num + 1
+        try:
+            row = next(rows)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            raise DataError(f"{path}:{start}: not valid CSV ({exc})") from None
         value = row.get("text")
         if value is None:
-            raise DataError(f"{path}:{line}: row has fewer fields than the header")
+            raise DataError(f"{path}:{start}: row has fewer fields than the header")
         if value.strip():
             out.append(Example(value))
     return out
@@ -138,6 +156,8 @@ def _jsonl(path: Path, text: str) -> list[Example]:
             row = json.loads(raw)
         except ValueError as exc:
             raise DataError(f"{path}:{line}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        except RecursionError:
+            raise DataError(f"{path}:{line}: JSON nested too deeply; each line is one flat object") from None
         if not isinstance(row, dict):
             raise DataError(f"{path}:{line}: each line must be a JSON object, not {type(row).__name__}")
         if isinstance(row.get("text"), str):
@@ -146,7 +166,7 @@ def _jsonl(path: Path, text: str) -> list[Example]:
             out.append(Example(row["completion"], row["prompt"]))
         else:
             raise DataError(f"{path}:{line}: needs a string `text`, or string `prompt` and `completion` "
-                            f"(found keys: {', '.join(row) or 'none'})")
+                            f"(found keys: {', '.join(map(str, row))[:200] or 'none'})")
     return out
 
 
@@ -205,4 +225,8 @@ def _ids(tokenizer, text: str) -> list[int]:
 
 def file_digest(path: str | Path) -> str:
     """sha256 of a file's bytes (a resumed run must see the same data)."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -50,3 +50,13 @@ class RewriteError(SurgeryError):
 
 class AdapterStateError(SurgeryError):
     """An adapter file that cannot be saved or loaded onto this base."""
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, bounded: for quoting a library's error in ours."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+class ModelConfigError(SurgeryError):
+    """A model config (or folder) that cannot build a causal language model, or a missing tokenizer."""

@@ -17,7 +17,8 @@ from torch import nn
 
 from .errors import RewriteError
 from .merge import merge as merge_finetune
-from .rewrite import detached_copy, finetune_info
+from .finetune import detached_copy, finetune_info
+from .quantize import standard_layout
 from .trace import quantized_storage
 
 
@@ -83,9 +84,7 @@ def exportable_copy(finetune: nn.Module) -> nn.Module:
 
 
 def _twin(path: str, layer: nn.Module) -> nn.Module:
-    if getattr(getattr(layer.weight, "quant_state", None), "packing_format_for_cpu", False):
-        raise ExportError(f"{path}: bitsandbytes repacked this 4-bit weight for its CPU kernel; export before "
-                          "running the model in eval mode on this CPU, or export with merge=True")
+    standard_layout(layer)  # a weight bitsandbytes repacked for its AVX512-BF16 CPU kernel is read as usual
     if isinstance(layer, nn.Embedding):
         return _Int8Embedding(layer) if quantized_storage(layer) == "int8" else _FourBitEmbedding(layer)
     return _Int8Linear(layer) if quantized_storage(layer) == "int8" else _FourBitLinear(layer)

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +38,7 @@ FOUR_BIT_BOUND = 0.2  # > half the widest gap between nf4 (0.152) or fp4 (0.167)
 HALF_STEP = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
 SUBNORMAL_HALF_STEP = {torch.float16: 2.0 ** -25}  # fp16 subnormals below 6.1e-5 have a fixed step
 SOURCE_ROUNDING = 2.0 ** -8  # a quantized weight may have been quantized from fp16 or bf16
+MAX_JSON_CHARS = 256 << 10
 
 
 @dataclass
@@ -60,24 +63,50 @@ class Fingerprint:
 
     @classmethod
     def from_json(cls, text: str) -> "Fingerprint":
-        """Parse a stored fingerprint; raises ValueError when it is not one."""
-        data = json.loads(text)
+        """Parse a stored fingerprint (untrusted: schema, sizes and finiteness checked); ValueError if not one."""
+        if len(text) > MAX_JSON_CHARS:
+            raise ValueError(f"{len(text):,} characters, more than any fingerprint holds")
+        try:
+            data = json.loads(text)
+        except RecursionError:
+            raise ValueError("nested too deeply") from None
         if not isinstance(data, dict) or not isinstance(data.get("architecture"), str):
             raise ValueError("not a fingerprint object")
-        probes, bounds = data.get("probes", {}), data.get("bounds", {})
-        if set(probes) != set(bounds) or any(len(probes[k]) != len(bounds[k]) for k in probes):
+        if not re.fullmatch(r"[0-9a-f]{64}", data["architecture"]):
+            raise ValueError("the architecture digest is not a sha256 hex digest")
+        version = data.get("version", VERSION)
+        if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= VERSION:
+            raise ValueError(f"unknown fingerprint version {version!r}")
+        probes, bounds = data.get("probes"), data.get("bounds")
+        if not isinstance(probes, dict) or not isinstance(bounds, dict) or set(probes) != set(bounds):
             raise ValueError("probes and bounds do not correspond")
-        return cls(data["architecture"], probes, bounds, int(data.get("version", VERSION)))
+        if not 1 <= len(probes) <= PROBED_TENSORS:
+            raise ValueError(f"{len(probes)} probed weights; a fingerprint has 1 to {PROBED_TENSORS}")
+        for name in probes:
+            values, limits = probes[name], bounds[name]
+            if not (isinstance(values, list) and isinstance(limits, list)
+                    and 1 <= len(values) == len(limits) <= PROBE_ROWS * PROBE_COLS):
+                raise ValueError(f"probes of {name!r} are not two lists of equal length up to {PROBE_ROWS * PROBE_COLS}")
+            if not all(_finite_number(v) for v in values) or not all(_finite_number(b) and b >= 0 for b in limits):
+                raise ValueError(f"probes of {name!r} hold a value that is not a finite number (or a negative bound)")
+        return cls(data["architecture"], probes, bounds, version)
 
     def mismatch(self, other: "Fingerprint") -> str | None:
-        """Why ``other`` is not the same checkpoint as ``self`` (the stored one), or None when it is."""
+        """Why ``other`` is not the same checkpoint as ``self`` (the stored one), or None when it is.
+
+        Never a match by default: every stored probe must exist in ``other`` and agree with it.
+        """
         if self.architecture != other.architecture:
             return (f"another architecture (digest {other.short}, the file's base has {self.short}): "
                     "other classes, layer names or sizes")
-        for name in sorted(set(self.probes) & set(other.probes)):
+        if not self.probes:
+            return "the stored fingerprint has no weight probes"
+        for name in sorted(self.probes):
+            if name not in other.probes or len(other.probes[name]) != len(self.probes[name]):
+                return f"the stored fingerprint probes {name}, which this base's fingerprint does not probe alike"
             for i, (a, b) in enumerate(zip(self.probes[name], other.probes[name])):
                 allowed = self.bounds[name][i] + other.bounds[name][i] + 1e-6 * abs(a)
-                if abs(a - b) > allowed:
+                if not abs(a - b) <= allowed:  # NaN never agrees
                     return (f"other weights of the same architecture: {name} probe {i} is {b:.6g} here but "
                             f"{a:.6g} in the file's base (allowed difference {allowed:.3g})")
         return None
@@ -103,6 +132,10 @@ def fingerprint(model: nn.Module) -> Fingerprint:
         values, bound = _probe(model.get_submodule(path))
         probes[f"{path}.weight"], bounds[f"{path}.weight"] = values, bound
     return Fingerprint(digest.hexdigest(), probes, bounds)
+
+
+def _finite_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _evenly_spaced(items: list, count: int) -> list:

@@ -16,7 +16,7 @@ from torch import nn
 
 from .errors import RewriteError
 from .quantize import dequantized_weight, quantized_layer
-from .rewrite import detached_copy, finetune_info
+from .finetune import detached_copy, finetune_info
 from .rules import QuantConfig
 from .trace import find_ties, quantized_storage
 

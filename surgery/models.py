@@ -15,8 +15,10 @@ import torch
 from torch import nn
 
 from .architectures import ARCHITECTURES, TINY_DEFAULT, TINY_MODELS, TINY_SEED
-from .errors import ModelNotFoundError
+from .errors import ModelConfigError, ModelNotFoundError, first_line
+from .files import MiB, check_user_file
 
+MAX_CONFIG_BYTES = 16 * MiB
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 
@@ -50,14 +52,32 @@ def build_from_config(config, *, device: str | torch.device = "meta", seed: int 
 
     dtype = getattr(config, "dtype", None) or torch.float32
     if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+        dtype = getattr(torch, dtype, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ModelConfigError(f"{_config_name(config)}: dtype {config.dtype!r} is not a torch dtype")
     rng = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
-    with rng:
-        if seed is not None:
-            torch.manual_seed(seed)
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    try:
+        with rng:
+            if seed is not None:
+                torch.manual_seed(seed)
+            with torch.device(device):
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except ValueError as exc:
+        if "Unrecognized configuration class" in str(exc):
+            raise ModelConfigError(f"{_config_name(config)}: a {type(config).__name__} is not a causal language model "
+                                   "architecture (AutoModelForCausalLM has no class for it); surgery works on causal "
+                                   "LMs (GPT-2, OPT, Llama, Mistral, ...)") from None
+        raise ModelConfigError(f"{_config_name(config)}: the config cannot build a model ({first_line(exc)}); check "
+                               "its sizes") from None
+    except (TypeError, RuntimeError, AssertionError, ZeroDivisionError, AttributeError, KeyError) as exc:
+        raise ModelConfigError(f"{_config_name(config)}: the config cannot build a model ({type(exc).__name__}: "
+                               f"{first_line(exc)}); check its sizes (e.g. hidden size divisible by the number of "
+                               "heads)") from None
     return model.eval()
+
+
+def _config_name(config) -> str:
+    return str(getattr(config, "name_or_path", "") or getattr(config, "model_type", "") or "the model config")
 
 
 def tiny_model(name: str = TINY_DEFAULT) -> nn.Module:
@@ -100,21 +120,30 @@ def tiny_tokenizer():
                                    eos_token="<eos>", unk_token="<unk>")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model")
+
+
 def load_tokenizer(name: str):
-    """The tokenizer of MODEL: the byte-level one for tiny models, else from the local dir or HF cache."""
+    """The tokenizer of MODEL (a tiny model's byte-level one, or a local dir / HF-cache snapshot's); never online."""
     if name in TINY_MODELS:
         return tiny_tokenizer()
-    from transformers import AutoTokenizer
-
     path = Path(name).expanduser()
     source = path if path.is_dir() else _hub_cache_dir(name)
     if source is None:
-        raise ModelNotFoundError(f"no tokenizer for '{name}': not a local directory or a model in the local HF cache")
+        raise ModelNotFoundError(f"no tokenizer for '{name}': not a local directory or a model in the local HF cache "
+                                 "(no network is used); pass --tokenizer with a folder that holds one")
+    if not any((source / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelConfigError(f"{source}: holds no tokenizer (none of {', '.join(TOKENIZER_FILES[:4])}, ...); put the "
+                               "tokenizer's files in that folder, or pass --tokenizer with a folder or model that has "
+                               "one")
+    from transformers import AutoTokenizer
+
     try:
-        return AutoTokenizer.from_pretrained(str(source if path.is_dir() else name))
-    except Exception as exc:
-        raise ModelNotFoundError(f"{name}: its tokenizer could not be loaded ({type(exc).__name__}: "
-                                 f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
+        return AutoTokenizer.from_pretrained(str(source), local_files_only=True)
+    except Exception as exc:  # transformers reports missing/broken tokenizer files in many ways
+        raise ModelConfigError(f"{source}: its tokenizer could not be loaded ({type(exc).__name__}: "
+                               f"{first_line(exc)}); pass --tokenizer with a folder that holds a working one") from None
 
 
 def load_model(name: str, *, weights: bool = True, random_init: bool = False) -> LoadedModel:
@@ -141,12 +170,14 @@ def load_model(name: str, *, weights: bool = True, random_init: bool = False) ->
 def _from_directory(path: Path, name: str, *, weights: bool, random_init: bool, source: str) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if not (path / "config.json").is_file():
+    if not (path / "config.json").exists():
         raise ModelNotFoundError(f"{path}: no config.json in this directory; is it a HuggingFace model folder?")
+    check_user_file(path / "config.json", what="model config", limit=MAX_CONFIG_BYTES, error=ModelConfigError)
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
-    except Exception as exc:  # transformers raises ValueError/OSError/KeyError for bad configs
-        raise ModelNotFoundError(f"{path / 'config.json'}: cannot be read as a transformers config: {exc}") from exc
+    except (Exception, RecursionError) as exc:  # transformers raises ValueError/OSError/KeyError for bad configs
+        raise ModelConfigError(f"{path / 'config.json'}: cannot be read as a transformers config: "
+                               f"{first_line(exc)}") from None
     has_weights = any((path / f).is_file() for f in WEIGHT_FILES)
     if not weights:
         return LoadedModel(build_from_config(config, device="meta"), name, source, has_weights)
@@ -154,7 +185,7 @@ def _from_directory(path: Path, name: str, *, weights: bool, random_init: bool, 
         try:
             model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
         except Exception as exc:
-            raise ModelNotFoundError(f"{path}: weights could not be loaded: {exc}") from exc
+            raise ModelConfigError(f"{path}: weights could not be loaded: {first_line(exc)}") from None
         return LoadedModel(model.eval(), name, source, True)
     if random_init:
         return LoadedModel(build_from_config(config, device="cpu", seed=TINY_SEED), name, source, False)

@@ -16,19 +16,23 @@ import re
 from collections import Counter
 from pathlib import Path
 
+import regex
 import torch
 from torch import nn
 
 from .adapters import LoraEmbedding
-from .errors import AdapterStateError, PlanError
-from .rewrite import finetune_info, rewrite
-from .rules import LoraConfig, QuantConfig, parse_rules
-from .state import atomic_write
+from .errors import AdapterStateError, PlanError, first_line
+from .files import MiB, atomic_write, check_user_file, read_user_text
+from .finetune import finetune_info
+from .rewrite import rewrite
+from .rules import REGEX_TIMEOUT, LoraConfig, QuantConfig, parse_rules
+from .state import MAX_ADAPTER_BYTES
 from .trace import quantized_storage
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+MAX_CONFIG_BYTES = 1 * MiB
 UNSUPPORTED = {  # adapter_config.json field -> what it means, when set to anything but its off value
     "use_dora": "DoRA (weight-decomposed LoRA)",
     "layer_replication": "layer replication",
@@ -90,8 +94,9 @@ def export_peft(finetune: nn.Module, folder: str | Path) -> Path:
         "inference_mode": True,
     }
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write(folder / WEIGHTS_FILE, save(tensors, metadata={"format": "pt"}))
-    atomic_write(folder / CONFIG_FILE, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write(folder / WEIGHTS_FILE, save(tensors, metadata={"format": "pt"}), error=AdapterStateError)
+    atomic_write(folder / CONFIG_FILE, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(),
+                 error=AdapterStateError)
     return folder
 
 
@@ -140,7 +145,7 @@ def import_peft(base: nn.Module, folder: str | Path, *, quantize: str | None = N
     values.update(plain)
 
     def fill(ft: nn.Module) -> None:
-        from .state import own_state
+        from .finetune import own_state
 
         own = own_state(ft)
         for name, p in own.items():
@@ -170,12 +175,13 @@ def _read_config(folder: Path) -> dict:
     path = folder / CONFIG_FILE
     if not folder.is_dir():
         raise AdapterStateError(f"{folder}: not a folder; a PEFT adapter is a folder with {CONFIG_FILE}")
-    if not path.is_file():
+    if not path.exists():
         raise AdapterStateError(f"{path}: missing; not a PEFT adapter folder")
+    text = read_user_text(path, what="PEFT adapter config", limit=MAX_CONFIG_BYTES, error=AdapterStateError)
     try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise AdapterStateError(f"{path}: not readable JSON ({exc})") from exc
+        config = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise AdapterStateError(f"{path}: not readable JSON ({first_line(exc)})") from None
     if not isinstance(config, dict):
         raise AdapterStateError(f"{path}: must hold a JSON object")
     if config.get("peft_type") != "LORA":
@@ -193,6 +199,9 @@ def _read_config(folder: Path) -> dict:
 
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     safe, pickled = folder / WEIGHTS_FILE, folder / "adapter_model.bin"
+    for candidate in (safe, pickled):
+        if candidate.exists():
+            check_user_file(candidate, what="PEFT adapter weights file", limit=MAX_ADAPTER_BYTES, error=AdapterStateError)
     try:
         if safe.is_file():
             from safetensors.torch import load_file
@@ -235,8 +244,17 @@ def _split_keys(folder: Path, tensors: dict, modules_to_save: list[str]):
 
 def _pattern_value(patterns: dict, path: str, default):
     """PEFT's rank/alpha pattern lookup: the first key that matches the end of the module name."""
+    if not isinstance(patterns or {}, dict):
+        raise AdapterStateError(f"adapter_config.json: rank_pattern/alpha_pattern must be a mapping, not {patterns!r}")
     for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", path):
+        try:
+            found = regex.match(rf"(.*\.)?({key})$", path, timeout=REGEX_TIMEOUT)
+        except TimeoutError:
+            raise AdapterStateError(f"adapter_config.json: pattern {key!r} takes too long to match (catastrophic "
+                                    "backtracking)") from None
+        except Exception as exc:
+            raise AdapterStateError(f"adapter_config.json: pattern {key!r} is not a valid regex ({first_line(exc)})") from None
+        if found:
             return value
     return default
 

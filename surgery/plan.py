@@ -139,6 +139,22 @@ class Plan:
 
 # ------------------------------------------------------------------------------------------ plan
 
+def _settings_differ(wanted: QuantConfig, held: QuantConfig, kind: str) -> str:
+    """The settings ``wanted`` writes explicitly that differ from how the base holds a module ('' if none).
+
+    Settings a rule file leaves out follow the base as held.
+    """
+    pairs = [("threshold", wanted.threshold, held.threshold)] if wanted.scheme == "int8" and kind != "embedding" else \
+        [("double_quant", wanted.double_quant, held.double_quant), ("blocksize", wanted.blocksize, held.blocksize),
+         ("compute_dtype", wanted.compute_dtype, held.compute_dtype)] if wanted.scheme != "int8" else []
+    return ", ".join(f"{name}: {a} (held: {b})" for name, a, b in pairs
+                     if name in wanted.given and a != b and not (name == "compute_dtype" and b is None))
+
+
+def _held_text(held: QuantConfig) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in held.to_dict().items() if v is not None)
+
+
 def plan(model_or_graph: nn.Module | ModelGraph, rules: RuleSet | str, *, finetunes: int = 1,
          check: bool = True) -> Plan:
     """Decide every parametrized module of the model by ``rules`` and check C1-C7.
@@ -206,6 +222,14 @@ def _decide(info: ModuleInfo, rule: Rule | None, rules: RuleSet) -> tuple[Decisi
                 f"{where} keeps {info.path} {target}, but the base already holds it as {info.quantized}; "
                 f"quantized weights cannot be restored or re-quantized — load the base again or drop "
                 f"{rule.label if rule else 'the default'}"), info.path))
+        elif action in ("quantize", "adapt") and info.held is not None:
+            differs = _settings_differ(quant, info.held, info.kind)
+            if differs:
+                problems.append(Violation("C1", (
+                    f"{where} asks for {info.path} as {quant.scheme} with {differs}, but the base already holds it "
+                    f"as {info.quantized} with other settings and quantized weights cannot be re-quantized; write "
+                    f"the base's settings in the rule file's `quantize:` ({_held_text(info.held)}) or load the "
+                    "base again"), info.path))
         storage = info.quantized
     elif wants_quant:
         storage, plan_quant = quant.scheme, quant

@@ -20,27 +20,11 @@ from torch import nn
 
 from .adapters import make_adapter
 from .errors import RewriteError, SurgeryError
+from .finetune import FinetuneInfo, finetune_info, install_guards, mark_shared
 from .plan import Plan, plan as make_plan
-from .quantize import quantize_base
+from .quantize import quantize_base, settle_shared_layers
 from .rules import RuleSet, load_rules
 from .trace import ModelGraph, quantized_storage, refresh, trace
-
-
-@dataclass
-class FinetuneInfo:
-    """What a fine-tune knows of itself: its rules, its plan, and the base it shares."""
-
-    rules: RuleSet
-    plan: Plan  # as planned on the base before this rewrite quantized it
-    base: nn.Module
-
-    def __repr__(self) -> str:
-        return f"FinetuneInfo(rules={self.rules.source!r}, base={type(self.base).__name__})"
-
-
-def finetune_info(model: nn.Module) -> FinetuneInfo | None:
-    """The FinetuneInfo of a fine-tune made by ``rewrite``, or None for any other model."""
-    return model.__dict__.get("_surgery")
 
 
 _GRAPHS: "weakref.WeakKeyDictionary[nn.Module, ModelGraph]" = weakref.WeakKeyDictionary()
@@ -88,34 +72,24 @@ def rewrite(model: nn.Module, rules: RuleSet | str, *, progress: Callable | None
     if finetune_info(model) is not None:
         raise RewriteError("this model is itself a fine-tune; rewrite its base instead "
                            "(surgery.finetune_info(ft).base)")
+    meta = next((name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta), None)
+    if meta is not None:
+        raise RewriteError(f"'{meta}' is on the meta device (no weights): a fine-tune needs real weights. Load the "
+                           "model with weights (or --random-init); plan and inspect work on meta models")
     rules = load_rules(rules)
     the_plan = make_plan(base_graph(model), rules)
     _warn_if_quantizing_under_finetunes(model, the_plan)
     with _restored_on_failure(model, "rewrite"):
         quantize_base(model, the_plan, progress)
         _freeze(model)
+        settle_shared_layers(model)
         finetune = _structural_copy(model, the_plan)
-        finetune.__dict__["_surgery"] = FinetuneInfo(rules, the_plan, model)
+        install_guards(finetune, FinetuneInfo(rules, the_plan, model))
         if finish is not None:
             finish(finetune)
-    finetune.__dict__["_apply"] = _guarded_apply(finetune)
-    from .state import own_load_state_dict  # state builds on rewrite; imported here to avoid a cycle
-
-    finetune.__dict__["load_state_dict"] = own_load_state_dict(finetune)
+    mark_shared(model)
     _LIVE.setdefault(model, weakref.WeakSet()).add(finetune)
     return finetune
-
-
-_INSTANCE_ATTRS = ("_surgery", "_apply", "load_state_dict")  # what rewrite adds to a fine-tune's __dict__
-
-
-def detached_copy(finetune: nn.Module, memo: dict[int, Any]) -> nn.Module:
-    """``copy.deepcopy(finetune, memo)`` as a plain model: without the fine-tune's info and guards."""
-    memo = {**memo, **{id(finetune.__dict__[k]): None for k in _INSTANCE_ATTRS if k in finetune.__dict__}}
-    out = copy.deepcopy(finetune, memo)
-    for key in _INSTANCE_ATTRS:
-        out.__dict__.pop(key, None)
-    return out
 
 
 def prepare_base(model: nn.Module, *rule_sets: RuleSet | str) -> None:
@@ -130,6 +104,7 @@ def prepare_base(model: nn.Module, *rule_sets: RuleSet | str) -> None:
             with _restored_on_failure(model, "quantizing the base"):
                 quantize_base(model, the_plan)
                 _freeze(model)
+                settle_shared_layers(model)
 
 
 _LIVE: "weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet]" = weakref.WeakKeyDictionary()
@@ -229,21 +204,3 @@ def _own_quantized_leaf(module: nn.Module) -> nn.Module:
     if state is not None:
         own.state = copy.copy(state)
     return own
-
-
-def _guarded_apply(finetune: nn.Module):
-    """Refuse .to()/.cuda()/.half()... that would give a fine-tune its own copy of the shared base."""
-    original = type(finetune)._apply
-
-    def _apply(fn, *args, **kwargs):
-        for t in finetune.parameters():
-            probe = torch.empty(0, dtype=t.dtype, device=t.device)
-            moved = fn(probe)
-            if moved.device != probe.device or moved.dtype != probe.dtype:
-                raise RewriteError(
-                    f"moving or casting a fine-tune (to {moved.device}, {moved.dtype}) would copy the base it "
-                    "shares and silently break sharing with its siblings; put the base where it should live "
-                    "(device, dtype) before creating fine-tunes with surgery.rewrite")
-        return original(finetune, fn, *args, **kwargs)
-
-    return _apply

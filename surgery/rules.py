@@ -8,19 +8,28 @@ against a model happens in ``plan``.
 from __future__ import annotations
 
 import difflib
+import functools
 import json
-import re
+import math
 from dataclasses import asdict, dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
+import regex
 import yaml
 
-from .errors import RuleFileError
+from .errors import RuleFileError, first_line
+from .files import read_user_file
 
 FORMAT_VERSION = 1
 MAX_RULE_FILE_BYTES = 1 << 20
+MAX_RULES = 1000  # rules per file, and patterns per lora_by_module
+MAX_PATTERN_CHARS = 1000
+MAX_LORA_RANK = 65536
+MAX_YAML_NODES = 100_000  # values in the document once aliases are expanded
+MAX_YAML_DEPTH = 32
+REGEX_TIMEOUT = 0.5  # seconds for one ``re:`` pattern against one module name
 ACTIONS = ("quantize", "freeze", "adapt", "plain")
 SCHEMES = ("int8", "nf4", "fp4", "none")
 KINDS = ("linear", "conv1d", "embedding", "norm", "other")
@@ -38,6 +47,7 @@ class QuantConfig:
     double_quant: bool = False  # 4-bit: quantize the absmax scales too
     compute_dtype: str | None = None  # 4-bit: dtype of the matmul (default: the input's)
     blocksize: int = 64  # 4-bit: elements per absmax block
+    given: frozenset = field(default=frozenset(), compare=False, repr=False)  # settings the file wrote explicitly
 
     @property
     def quantizes(self) -> bool:
@@ -99,12 +109,19 @@ class Rule:
     def matches(self, path: str, kind: str) -> bool:
         if self.type is not None and kind != self.type:
             return False
-        return pattern_matches(self.match, path)
+        try:
+            return pattern_matches(self.match, path)
+        except PatternTimeout as exc:
+            raise RuleFileError(f"{self.location}: {exc}") from None
 
     def lora_for(self, path: str) -> LoraConfig | None:
         """The LoRA settings of a module this rule adapts (per-module form first, then the rule's own)."""
         for pattern, config in self.lora_by_module:
-            if pattern_matches(pattern, path):
+            try:
+                found = pattern_matches(pattern, path)
+            except PatternTimeout as exc:
+                raise RuleFileError(f"{self.location}: {exc}") from None
+            if found:
                 return config
         return self.lora if self.lora is not None or self.lora_by_module else LoraConfig()
 
@@ -168,11 +185,33 @@ class RuleSet:
 # ------------------------------------------------------------------------------------ matching
 
 def pattern_matches(pattern: str, path: str) -> bool:
-    """Glob against the full dotted path and each dot-aligned suffix; ``re:`` is a full-match regex."""
+    """Glob against the full dotted path and each dot-aligned suffix; ``re:`` is a full-match regex.
+
+    A regex gets REGEX_TIMEOUT seconds per module name: a pattern that backtracks catastrophically
+    raises PatternTimeout instead of hanging (rule files and adapter files may come from anywhere).
+    """
     if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], path) is not None
+        try:
+            return compile_regex(pattern[3:]).fullmatch(path, timeout=REGEX_TIMEOUT) is not None
+        except TimeoutError:
+            raise PatternTimeout(pattern) from None
     parts = path.split(".")
     return any(fnmatchcase(".".join(parts[i:]), pattern) for i in range(len(parts)))
+
+
+class PatternTimeout(RuleFileError):
+    """A ``re:`` pattern that took longer than REGEX_TIMEOUT on one module name (catastrophic backtracking)."""
+
+    def __init__(self, pattern: str):
+        super().__init__(f"pattern '{pattern}' took over {REGEX_TIMEOUT} s to match one module name (catastrophic "
+                         "backtracking, e.g. nested repeats like (a+)+); simplify it")
+        self.pattern = pattern
+
+
+@functools.lru_cache(maxsize=256)
+def compile_regex(text: str):
+    """A compiled ``re:`` pattern (the ``regex`` package, whose matching takes a timeout)."""
+    return regex.compile(text)
 
 
 # ------------------------------------------------------------------------------------- loading
@@ -209,35 +248,65 @@ def load_rules(spec: str | Path | RuleSet | dict) -> RuleSet:
 
 
 def _read_yaml(path: Path) -> Any:
-    if path.is_dir():
-        raise RuleFileError(f"{path}: is a directory, not a rule file; pass a .yaml file")
-    try:
-        size = path.stat().st_size
-        if size > MAX_RULE_FILE_BYTES:
-            raise RuleFileError(f"{path}: is {size:,} bytes; a rule file is at most {MAX_RULE_FILE_BYTES:,} bytes "
-                                "— is this the right file?")
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise RuleFileError(f"{path}: cannot be read: {exc.strerror or exc}") from exc
+    raw = read_user_file(path, what="rule file", limit=MAX_RULE_FILE_BYTES, error=RuleFileError)
     if b"\x00" in raw:
         raise RuleFileError(f"{path}: is a binary file, not a YAML rule file")
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise RuleFileError(f"{path}: is not UTF-8 text (byte {exc.start}); a rule file is YAML text") from exc
+        line = raw[:exc.start].count(b"\n") + 1
+        raise RuleFileError(f"{path}:{line}: is not UTF-8 text (byte {exc.start}); a rule file is YAML text") from None
     if not text.strip():
         raise RuleFileError(f"{path}: is empty; a rule file needs at least `rules:` (see `surgery rules list`)")
     try:
         return yaml.load(text, Loader=_LineLoader)  # noqa: S506 - a SafeLoader subclass
     except _DuplicateKey as exc:
         raise RuleFileError(f"{path}:{exc.line}: duplicate key '{exc.key}'; each key may appear once") from None
+    except _Refused as exc:
+        raise RuleFileError(f"{path}:{exc.line}: {exc}") from None
+    except RecursionError:
+        raise RuleFileError(f"{path}: nested too deeply (at most {MAX_YAML_DEPTH} levels); a rule file is a "
+                            "short, shallow document") from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         context = f" ({exc.context} at line {exc.context_mark.line + 1})" if exc.context and exc.context_mark else ""
         raise RuleFileError(f"{where}: not valid YAML: {exc.problem or exc.context}{context}") from None
     except yaml.YAMLError as exc:
-        raise RuleFileError(f"{path}: not valid YAML: {exc}") from None
+        raise RuleFileError(f"{path}: not valid YAML: {first_line(exc)}") from None
+
+
+class _Refused(Exception):
+    """A YAML document refused before construction (too large once aliases expand, too deep, bad key)."""
+
+    def __init__(self, message: str, line: int):
+        super().__init__(message)
+        self.line = line
+
+
+def _check_size(root: yaml.Node) -> None:
+    """Refuse alias/merge-key bombs and deep nesting: count the nodes as if every alias were expanded."""
+    expanded: dict[int, int] = {}
+
+    def count(node: yaml.Node, depth: int) -> int:
+        if depth > MAX_YAML_DEPTH:
+            raise _Refused(f"nested deeper than {MAX_YAML_DEPTH} levels; a rule file is a short, shallow document",
+                           node.start_mark.line + 1)
+        if id(node) in expanded:  # an alias: the same node again, counted again (that is what expansion costs)
+            return expanded[id(node)]
+        if isinstance(node, yaml.MappingNode):
+            total = 1 + sum(count(k, depth + 1) + count(v, depth + 1) for k, v in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            total = 1 + sum(count(v, depth + 1) for v in node.value)
+        else:
+            total = 1
+        if total > MAX_YAML_NODES:
+            raise _Refused(f"more than {MAX_YAML_NODES:,} values once anchors and aliases are expanded; a rule "
+                           "file is small (alias bombs are refused)", node.start_mark.line + 1)
+        expanded[id(node)] = total
+        return total
+
+    count(root, 0)
 
 
 class _DuplicateKey(Exception):
@@ -254,12 +323,23 @@ class _Mapping(dict):
 
 
 class _LineLoader(yaml.SafeLoader):
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None:
+            _check_size(node)
+        return node
+
     def construct_mapping(self, node, deep=False):
         self.flatten_mapping(node)
         result = _Mapping()
         result.line, result.key_lines = node.start_mark.line + 1, {}
         for key_node, value_node in node.value:
             key = self.construct_object(key_node, deep=True)
+            try:
+                hash(key)
+            except TypeError:
+                raise _Refused(f"a mapping key must be a plain value, not {_kind(key)}",
+                               key_node.start_mark.line + 1) from None
             if key in result:
                 raise _DuplicateKey(key, key_node.start_mark.line + 1)
             result[key] = self.construct_object(value_node, deep=True)
@@ -315,6 +395,8 @@ def parse_rules(data: Any, source: str = "<rules>") -> RuleSet:
         raw_rules = []
     if not isinstance(raw_rules, list):
         raise top.error(f"`rules` must be a list of rules (`- match: ...`), not {_kind(raw_rules)}", "rules")
+    if len(raw_rules) > MAX_RULES:
+        raise top.error(f"{len(raw_rules):,} rules; a rule file has at most {MAX_RULES:,}", "rules")
     rules = tuple(_parse_rule(i + 1, raw, source, top) for i, raw in enumerate(raw_rules))
     return RuleSet(rules, quant, default, model, description, source, version)
 
@@ -328,11 +410,13 @@ def _parse_rule(index: int, raw: Any, source: str, top: _Where) -> Rule:
     match = raw.get("match")
     if not isinstance(match, str) or not match.strip():
         raise where.error("needs `match:`, a module-name pattern such as 'q_proj' or 're:.*proj'", "match")
+    if len(match) > MAX_PATTERN_CHARS:
+        raise where.error(f"match pattern of {len(match):,} characters; at most {MAX_PATTERN_CHARS}", "match")
     if match.startswith("re:"):
         try:
-            re.compile(match[3:])
-        except re.error as exc:
-            raise where.error(f"bad regex in match '{match}': {exc}", "match") from None
+            compile_regex(match[3:])
+        except Exception as exc:  # regex.error, OverflowError (huge repeat counts), RecursionError, ...
+            raise where.error(f"bad regex in match '{match}': {first_line(exc)}", "match") from None
     action = raw.get("action")
     if action not in ACTIONS:
         raise where.error(_unknown("action", action, ACTIONS), "action")
@@ -348,6 +432,18 @@ def _parse_rule(index: int, raw: Any, source: str, top: _Where) -> Rule:
     by_module = raw.get("lora_by_module") or {}
     if not isinstance(by_module, dict):
         raise where.error("`lora_by_module` must map module-name patterns to LoRA settings", "lora_by_module")
+    if len(by_module) > MAX_RULES:
+        raise where.error(f"{len(by_module):,} patterns in lora_by_module; at most {MAX_RULES:,}", "lora_by_module")
+    for pattern in by_module:
+        if not isinstance(pattern, str) or len(pattern) > MAX_PATTERN_CHARS:
+            raise where.error(f"lora_by_module keys must be module-name patterns of at most {MAX_PATTERN_CHARS} "
+                              "characters", "lora_by_module")
+        if pattern.startswith("re:"):
+            try:
+                compile_regex(pattern[3:])
+            except Exception as exc:
+                raise where.error(f"bad regex in lora_by_module '{pattern}': {first_line(exc)}",
+                                  "lora_by_module") from None
     lora_by_module = tuple((str(p), _parse_lora(c, where, "lora_by_module")) for p, c in by_module.items())
     quant = None
     if "quantize" in raw:
@@ -371,11 +467,11 @@ def _parse_lora(raw: Any, where: _Where, key: str) -> LoraConfig:
     _check_keys(raw, set(LoraConfig.__dataclass_fields__), inner, what="LoRA option")
     cfg = LoraConfig()
     r = raw.get("r", cfg.r)
-    if not _is_int(r) or r < 1:
-        raise inner.error(f"lora r must be an integer >= 1, got {r!r}", "r")
+    if not _is_int(r) or not 1 <= r <= MAX_LORA_RANK:
+        raise inner.error(f"lora r must be an integer from 1 to {MAX_LORA_RANK}, got {r!r}", "r")
     alpha = raw.get("alpha", cfg.alpha)
-    if not _is_number(alpha) or alpha <= 0:
-        raise inner.error(f"lora alpha must be a number > 0, got {alpha!r}", "alpha")
+    if not _is_number(alpha) or not math.isfinite(alpha) or alpha <= 0:
+        raise inner.error(f"lora alpha must be a finite number > 0, got {alpha!r}", "alpha")
     dropout = raw.get("dropout", cfg.dropout)
     if not _is_number(dropout) or not 0 <= dropout < 1:
         raise inner.error(f"lora dropout must be in [0, 1), got {dropout!r}", "dropout")
@@ -407,8 +503,8 @@ def _parse_quant(raw: Any, where: _Where, key: str) -> QuantConfig:
     inner = _Where(where.source, raw if getattr(raw, "line", None) else where.node, where.prefix)
     _check_keys(raw, allowed, inner, what=f"{scheme} option")
     threshold = raw.get("threshold", 6.0)
-    if not _is_number(threshold) or threshold < 0:
-        raise inner.error(f"int8 threshold must be a number >= 0, got {threshold!r}", "threshold")
+    if not _is_number(threshold) or not math.isfinite(threshold) or threshold < 0:
+        raise inner.error(f"int8 threshold must be a finite number >= 0, got {threshold!r}", "threshold")
     double_quant = raw.get("double_quant", False)
     if not isinstance(double_quant, bool):
         raise inner.error(f"double_quant must be true or false, got {double_quant!r}", "double_quant")
@@ -419,7 +515,8 @@ def _parse_quant(raw: Any, where: _Where, key: str) -> QuantConfig:
     if blocksize not in BLOCKSIZES or not _is_int(blocksize):
         raise inner.error(f"blocksize must be one of {', '.join(map(str, BLOCKSIZES))}, got {blocksize!r}",
                           "blocksize")
-    return QuantConfig(scheme, float(threshold), double_quant, compute_dtype, int(blocksize))
+    return QuantConfig(scheme, float(threshold), double_quant, compute_dtype, int(blocksize),
+                       frozenset(k for k in raw if k != "scheme"))
 
 
 def _check_keys(raw: dict, allowed: set, where: _Where, what: str = "key") -> None:

@@ -10,15 +10,11 @@ were. Nothing is ever unpickled.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import math
-import os
-import shutil
 import struct
-import tempfile
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,15 +22,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import AdapterStateError, PlanError, SurgeryError
+from .errors import AdapterStateError, PlanError, RuleFileError, SurgeryError, first_line
+from .files import GiB, MiB, atomic_write, read_user_file
 from .fingerprint import Fingerprint, fingerprint
 from .plan import plan as make_plan
-from .rewrite import base_graph, finetune_info, rewrite
-from .rules import QuantConfig, RuleSet, parse_rules
+from .finetune import finetune_info, own_state, require_finetune
+from .rewrite import base_graph, rewrite
+from .rules import MAX_RULE_FILE_BYTES, QuantConfig, RuleSet, parse_rules
 
 FORMAT = "surgery-adapter"
 FORMAT_VERSION = 1
-MAX_HEADER_BYTES = 100 << 20
+MAX_HEADER_BYTES = 16 * MiB  # tensor entries + rules + fingerprint: kilobytes in practice
+MAX_ADAPTER_BYTES = 64 * GiB
+MAX_RULES_JSON = MAX_RULE_FILE_BYTES
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool}
@@ -70,31 +70,11 @@ class AdapterFile:
 
 # ---------------------------------------------------------------------------------------- save
 
-def own_state(finetune: nn.Module) -> dict[str, nn.Parameter]:
-    """The fine-tune's own parameters by name: its LoRA tensors and its plain modules' private copies."""
-    info = _require_finetune(finetune)
-    plain = {d.path for d in info.plan.by_action("plain")}
-    out: dict[str, nn.Parameter] = {}
-    seen: set[int] = set()
-    for path, module in finetune.named_modules():
-        if getattr(module, "is_surgery_adapter", False):
-            params = [(n, p) for n, p in module.named_parameters(recurse=False)]
-        elif path in plain:
-            params = list(module.named_parameters(recurse=False))
-        else:
-            continue
-        for name, p in params:
-            if id(p) not in seen:  # a tie kept among plain modules is one tensor, saved once
-                seen.add(id(p))
-                out[f"{path}.{name}" if path else name] = p
-    return out
-
-
 def save_adapter(finetune: nn.Module, path: str | Path) -> Path:
     """Write the fine-tune's own tensors and metadata to ``path`` (safetensors), atomically."""
     from safetensors.torch import save
 
-    info = _require_finetune(finetune)
+    info = require_finetune(finetune, "saved")
     path = Path(path)
     if path.is_dir():
         raise AdapterStateError(f"{path}: is a directory; give a file name such as {path / 'adapter.safetensors'}")
@@ -111,75 +91,8 @@ def save_adapter(finetune: nn.Module, path: str | Path) -> Path:
     }
     metadata["metadata_sha256"] = _metadata_digest(metadata)
     metadata["tensors_sha256"] = _tensors_digest(tensors)
-    atomic_write(path, save(tensors, metadata=metadata))
+    atomic_write(path, save(tensors, metadata=metadata), error=AdapterStateError)
     return path
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder: the old file survives any failure."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise AdapterStateError(f"{path}: could not be written ({exc.strerror or exc}); "
-                                    "the previous file, if any, is unchanged") from exc
-        raise
-    _fsync_folder(path.parent)
-
-
-@contextlib.contextmanager
-def atomic_folder(path: str | Path, *, overwrite: bool = False):
-    """Yield a temp folder beside ``path``; on success it becomes ``path``, on failure it is removed.
-
-    An existing non-empty ``path`` is refused unless ``overwrite``; then it is replaced only once the
-    new folder is complete.
-    """
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise AdapterStateError(f"{path}: exists and is not a folder")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise AdapterStateError(f"{path}: exists and is not empty; choose a new folder or pass --overwrite")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_folder(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------- read
@@ -196,26 +109,26 @@ def read_adapter(path: str | Path) -> AdapterFile:
                                 "corrupted after saving; save the adapter again")
     try:
         fp = Fingerprint.from_json(metadata["base_fingerprint"])
-    except (ValueError, TypeError, KeyError) as exc:
-        raise AdapterStateError(f"{path}: unreadable base fingerprint ({exc})") from exc
+    except ValueError as exc:
+        raise AdapterStateError(f"{path}: unreadable base fingerprint ({exc})") from None
+    if len(metadata["rules"]) > MAX_RULES_JSON:
+        raise AdapterStateError(f"{path}: its stored rules are {len(metadata['rules']):,} characters of JSON; rule "
+                                f"files are at most {MAX_RULES_JSON:,}: not a file save_adapter wrote")
     try:
         rules = parse_rules(json.loads(metadata["rules"]), source=f"{path}#rules")
-    except (ValueError, SurgeryError) as exc:
-        raise AdapterStateError(f"{path}: its stored rules are invalid: {exc}") from exc
+    except (ValueError, RecursionError) as exc:
+        raise AdapterStateError(f"{path}: its stored rules are not valid JSON ({first_line(exc)})") from None
+    except SurgeryError as exc:
+        raise AdapterStateError(f"{path}: its stored rules are invalid: {exc}") from None
     return AdapterFile(path, metadata, rules, fp, tensors)
 
 
 def _read_bytes(path: Path) -> bytes:
-    if not path.exists():
-        raise AdapterStateError(f"{path}: no such adapter file")
     if path.is_dir():
         hint = " (it holds adapter_config.json: a PEFT adapter; use surgery.import_peft)" \
             if (path / "adapter_config.json").exists() else ""
         raise AdapterStateError(f"{path}: is a directory, not an adapter file{hint}")
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise AdapterStateError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
+    data = read_user_file(path, what="adapter file", limit=MAX_ADAPTER_BYTES, error=AdapterStateError)
     if not data:
         raise AdapterStateError(f"{path}: is empty; it is not an adapter file (was a save interrupted?)")
     if data[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") or data[:4] == b"PK\x03\x04":
@@ -235,8 +148,9 @@ def _parse_header(path: Path, data: bytes) -> tuple[dict, int]:
         raise AdapterStateError(f"{path}: header of {length} bytes is larger than any adapter file writes")
     try:
         header = json.loads(data[8:8 + length].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise AdapterStateError(f"{path}: corrupted header (not valid UTF-8 JSON: {exc})") from exc
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise AdapterStateError(f"{path}: corrupted header (not valid UTF-8 JSON, or nested too deeply: "
+                                f"{first_line(exc)})") from None
     if not isinstance(header, dict):
         raise AdapterStateError(f"{path}: corrupted header (a JSON {type(header).__name__}, not an object)")
     return header, 8 + length
@@ -291,9 +205,14 @@ def _tensors(path: Path, header: dict, data: bytes, start: int) -> dict[str, tor
         tensors[name] = torch.frombuffer(raw, dtype=DTYPES[entry["dtype"]]).reshape(shape) if size else \
             torch.empty(shape, dtype=DTYPES[entry["dtype"]])
     spans.sort()
+    if spans and spans[0][0] != 0:
+        raise AdapterStateError(f"{path}: corrupted header: {spans[0][0]} unused bytes before the first tensor")
     for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:]):
         if begin_b < end_a:
             raise AdapterStateError(f"{path}: corrupted header: tensors '{a}' and '{b}' overlap")
+        if begin_b > end_a:
+            raise AdapterStateError(f"{path}: corrupted header: {begin_b - end_a} unused bytes between tensors '{a}' "
+                                    f"and '{b}' (safetensors data is contiguous)")
     if (spans[-1][1] if spans else 0) != end_of_data:
         raise AdapterStateError(f"{path}: {end_of_data - (spans[-1][1] if spans else 0)} stray bytes after the "
                                 "last tensor: not a file save_adapter wrote")
@@ -326,51 +245,65 @@ def load_adapter(model: nn.Module, path: str | Path | AdapterFile) -> nn.Module:
     info = finetune_info(model)
     base = info.base if info is not None else model
     check_base(adapter, base)
-    if info is not None:
-        if info.rules.to_json() not in (adapter.rules.to_json(), held_storage_rules(adapter.rules, base).to_json()):
-            raise AdapterStateError(f"{adapter.path}: was saved from a fine-tune with other rules than this one "
-                                    f"({info.rules.source}); load it onto the base instead to rebuild it")
-        _copy_into(model, adapter)
-        return model
     try:
-        return rewrite(base, held_storage_rules(adapter.rules, base), finish=lambda ft: _copy_into(ft, adapter))
-    except PlanError as exc:
-        raise AdapterStateError(f"{adapter.path}: its rules do not plan on this base: {exc}") from exc
+        rules = held_storage_rules(adapter.rules, base)
+        if info is not None:
+            if info.rules.to_json() not in (adapter.rules.to_json(), rules.to_json()):
+                raise AdapterStateError(f"{adapter.path}: was saved from a fine-tune with other rules than this one "
+                                        f"({info.rules.source}); load it onto the base instead to rebuild it")
+            _copy_into(model, adapter)
+            return model
+        return rewrite(base, rules, finish=lambda ft: _copy_into(ft, adapter))
+    except (PlanError, RuleFileError) as exc:
+        raise AdapterStateError(f"{adapter.path}: its rules do not plan on this base: {exc}") from None
 
 
-_FINGERPRINTS: "weakref.WeakKeyDictionary[nn.Module, Fingerprint]" = weakref.WeakKeyDictionary()
+_FINGERPRINTS: "weakref.WeakKeyDictionary[nn.Module, tuple[str, Fingerprint]]" = weakref.WeakKeyDictionary()
 
 
 def base_fingerprint(base: nn.Module) -> Fingerprint:
-    """The base's fingerprint, computed once per base object (a frozen base keeps its weights).
+    """The base's fingerprint, recomputed only when its weights changed since the last call.
 
-    Computed on first use, perhaps before quantization: a fingerprint of one checkpoint matches it in
-    every form it is held in, so the cached one stays valid when the base is quantized later.
+    The cache is keyed on every parameter's identity, data pointer, version counter and a sample of
+    its stored values, so weights replaced or edited in place (even through ``.data``) are noticed.
     """
+    key = _weights_key(base)
     cached = _FINGERPRINTS.get(base)
-    if cached is None:
-        cached = _FINGERPRINTS[base] = fingerprint(base)
-    return cached
+    if cached is None or cached[0] != key:
+        cached = _FINGERPRINTS[base] = (key, fingerprint(base))
+    return cached[1]
+
+
+def _weights_key(base: nn.Module) -> str:
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for p in base.parameters():
+            flat = p.detach().reshape(-1)
+            sample = flat[::max(1, flat.numel() // 16)][:16].to("cpu").contiguous()
+            digest.update(f"{id(p)}:{p.data_ptr()}:{p._version}:{p.dtype}:{p.numel()}|".encode())
+            digest.update(sample.view(torch.uint8).numpy().tobytes() if sample.numel() else b"")
+    return digest.hexdigest()
 
 
 def held_storage_rules(rules: RuleSet, base: nn.Module) -> RuleSet:
     """The rules with their storage following the base where it is already quantized.
 
     Adapter tensors do not depend on how the base is stored, so a file saved on an fp32 base loads
-    onto the same checkpoint held as int8 or nf4: a rule (or the default) whose only conflict is that
-    it keeps an already-quantized module unquantized (C1) takes the scheme the base holds.
+    onto the same checkpoint held as int8 or nf4: a rule (or the default) whose only conflict is how
+    an already-quantized module is stored (C1: unquantized, another scheme or other settings) takes
+    the scheme and settings the base holds.
     """
     graph = base_graph(base)
     trial = make_plan(graph, rules, check=False)
     if not trial.violations or any(v.constraint != "C1" for v in trial.violations):
         return rules
-    by_rule: dict[int, set[str]] = {}
+    by_rule: dict[int, set[QuantConfig]] = {}
     for v in trial.violations:
         decision = trial.decisions[v.module]
-        by_rule.setdefault(decision.rule.index if decision.rule else 0, set()).add(graph.modules[v.module].quantized)
-    if any(len(schemes) > 1 for schemes in by_rule.values()):
+        by_rule.setdefault(decision.rule.index if decision.rule else 0, set()).add(graph.modules[v.module].held)
+    if any(len(configs) > 1 or None in configs for configs in by_rule.values()):
         return rules
-    held = {index: QuantConfig(schemes.pop()) for index, schemes in by_rule.items()}
+    held = {index: configs.pop() for index, configs in by_rule.items()}
     new_rules = tuple(dataclasses.replace(r, quantize=held[r.index]) if r.index in held else r for r in rules.rules)
     return dataclasses.replace(rules, rules=new_rules, quantize=held.get(0, rules.quantize))
 
@@ -409,52 +342,7 @@ def _copy_into(finetune: nn.Module, adapter: AdapterFile) -> None:
             p.copy_(adapter.tensors[name])
 
 
-def _require_finetune(model: nn.Module):
-    info = finetune_info(model)
-    if info is None:
-        raise AdapterStateError(f"a {type(model).__name__} that is not a fine-tune; adapter state belongs to "
-                                "fine-tunes made by surgery.rewrite or surgery.load_adapter")
-    return info
-
-
 def _version() -> str:
     from . import __version__
 
     return __version__
-
-
-def own_load_state_dict(finetune: nn.Module):
-    """``load_state_dict`` for a fine-tune: loads its own tensors only, never the base it shares.
-
-    A full state dict (e.g. a Trainer checkpoint's model.safetensors) may name the base's tensors too;
-    writing them through one fine-tune would change the base under every sibling, so they are
-    skipped. Missing own tensors fail under ``strict``; a shape mismatch always fails, before any copy.
-    """
-
-    def load_state_dict(state_dict, strict: bool = True, assign: bool = False):
-        own = own_state(finetune)
-        missing = [k for k in own if k not in state_dict]
-        if strict and missing:
-            raise AdapterStateError(f"load_state_dict: missing '{missing[0]}'"
-                                    + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-                                    + " of this fine-tune's own tensors")
-        for name, p in own.items():
-            if name in state_dict and tuple(state_dict[name].shape) != tuple(p.shape):
-                raise AdapterStateError(f"load_state_dict: '{name}' has shape {tuple(state_dict[name].shape)}, "
-                                        f"the fine-tune needs {tuple(p.shape)}")
-        with torch.no_grad():
-            for name, p in own.items():
-                if name in state_dict:
-                    p.copy_(state_dict[name])
-        known = {n for n, _ in finetune.named_parameters(remove_duplicate=False)}
-        known |= {n for n, _ in finetune.named_buffers(remove_duplicate=False)}
-        unexpected = [k for k in state_dict if k not in known and not _bnb_state_key(k, known)]
-        return nn.modules.module._IncompatibleKeys(missing, unexpected)
-
-    return load_state_dict
-
-
-def _bnb_state_key(key: str, known: set[str]) -> bool:
-    """bitsandbytes' extra state-dict entries (weight.SCB, weight.quant_state..., absmax, ...) of a known weight."""
-    owner = key.split(".weight.", 1)[0] + ".weight" if ".weight." in key else None
-    return owner in known

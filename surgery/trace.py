@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .errors import TraceError
+from .rules import DTYPES, QuantConfig
 
 KEEP_REPEATED = 3  # layers kept per repeated block: layer 0, then one odd and one even representative
 
@@ -51,6 +52,7 @@ class ModuleInfo:
     kind: str
     params: list[ParamInfo] = field(default_factory=list)
     quantized: str | None = None  # int8 / nf4 / fp4 when the module is already a bitsandbytes layer
+    held: QuantConfig | None = None  # the settings it is held with then (threshold, blocksize, ...)
     calls: int = 0
     order: int | None = None
     input_shape: tuple | None = None
@@ -172,6 +174,24 @@ def quantized_storage(module: nn.Module) -> str | None:
     return None
 
 
+def held_quant_config(module: nn.Module) -> QuantConfig | None:
+    """The QuantConfig a bitsandbytes layer (or an adapter's base) is held with, or None when not quantized."""
+    scheme = quantized_storage(module)
+    if scheme is None:
+        return None
+    layer = module.base_layer if isinstance(getattr(module, "base_layer", None), nn.Module) else module
+    if scheme == "int8":
+        state = getattr(layer, "state", None)
+        threshold = float(getattr(state, "threshold", 0.0) or 0.0) if state is not None else 0.0
+        return QuantConfig("int8", threshold=threshold)
+    qs = getattr(layer.weight, "quant_state", None)
+    compute = getattr(layer, "compute_dtype", None)
+    compute_name = str(compute).removeprefix("torch.") if isinstance(compute, torch.dtype) else None
+    return QuantConfig(scheme, double_quant=bool(getattr(qs, "nested", False)),
+                       compute_dtype=compute_name if compute_name in DTYPES else None,
+                       blocksize=int(getattr(qs, "blocksize", 64) or 64))
+
+
 def tensor_storage_bytes(t: torch.Tensor) -> int:
     """Bytes a tensor holds, including a bitsandbytes quantization state (scales, absmax, codes)."""
     total = t.numel() * t.element_size()
@@ -252,7 +272,7 @@ def trace(model: nn.Module, example_inputs: dict[str, torch.Tensor] | None = Non
 def _module_infos(model: nn.Module) -> dict[str, ModuleInfo]:
     """What the module tree alone tells about every module (no calls, no shapes)."""
     return {path: ModuleInfo(path, f"{type(m).__module__}.{type(m).__qualname__}", op_kind(m), _param_infos(m),
-                             quantized_storage(m))
+                             quantized_storage(m), held_quant_config(m))
             for path, m in model.named_modules(remove_duplicate=False)}
 
 

@@ -11,6 +11,7 @@ writes files and logs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -24,15 +25,20 @@ import torch
 from torch import nn
 
 from .data import Blocks
-from .errors import SurgeryError
-from .rewrite import finetune_info
-from .state import atomic_folder, load_adapter, save_adapter
+from .errors import SurgeryError, first_line
+from .files import MiB, atomic_folder, atomic_write, check_user_file, remove_folder
+from .finetune import finetune_info
+from .state import load_adapter, save_adapter
 
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "adamw8bit")
 STATE_FILE = "training_state.safetensors"
 ADAPTER_FILE = "adapter.safetensors"
+METRICS_FILE = "metrics.jsonl"
+LOCK_FILE = ".surgery.lock"
+MAX_STATE_BYTES = 64 << 30
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.manual_seed accepts
 
 
 class TrainError(SurgeryError):
@@ -67,10 +73,18 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise TrainError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-        if not self.lr > 0:
-            raise TrainError(f"--lr must be > 0, got {self.lr}")
-        if self.warmup < 0 or self.weight_decay < 0:
-            raise TrainError("--warmup and --weight-decay must be >= 0")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise TrainError(f"--lr must be a finite number > 0, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise TrainError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
+        if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise TrainError(f"--max-grad-norm must be a finite number > 0 (0 turns clipping off), got "
+                             f"{self.max_grad_norm}")
+        if self.warmup < 0:
+            raise TrainError(f"--warmup must be >= 0, got {self.warmup}")
+        if not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise TrainError(f"--seed must be between {SEED_RANGE[0]} and {SEED_RANGE[1]} (torch's range), got "
+                             f"{self.seed}")
         for name, allowed in (("schedule", SCHEDULES), ("precision", PRECISIONS), ("optimizer", OPTIMIZERS)):
             if getattr(self, name) not in allowed:
                 raise TrainError(f"--{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
@@ -120,12 +134,23 @@ def world() -> World:
     """Join the process group torchrun / accelerate set up (gloo on CPU, nccl on CUDA), if any."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
+        _refuse_collapsed_launch()
         return World()
     import torch.distributed as dist
 
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return World(dist.get_rank(), dist.get_world_size())
+
+
+def _refuse_collapsed_launch() -> None:
+    """``accelerate launch --cpu --num_processes N`` starts one plain process: say so instead of training alone."""
+    if "WORLD_SIZE" in os.environ or not any(k.startswith("ACCELERATE_") for k in os.environ):
+        return
+    if os.environ.get("MASTER_ADDR") or os.environ.get("ACCELERATE_NUM_PROCESSES", "1") not in ("", "1"):
+        raise TrainError("accelerate launched one process although several were asked for (its --cpu launcher "
+                         "ignores --num_processes); use `accelerate launch --multi_gpu --num_processes N` (gloo on "
+                         "CPU) or `torchrun --nproc_per_node N`")
 
 
 # ------------------------------------------------------------------------------------ setup
@@ -153,14 +178,22 @@ def prepare(job: Job, where: World, resume: Path | None = None) -> None:
     job.scaler = torch.amp.GradScaler(device_type, enabled=job.config.precision == "fp16" and device_type == "cuda")
     cuda = device_type == "cuda"
     with torch.random.fork_rng(devices=[params[0].device] if cuda else []):
-        torch.manual_seed(job.config.seed)
+        torch.manual_seed(rank_seed(job.config.seed, where.rank))
         job.rng = torch.get_rng_state()
         if cuda:
             job.rng = torch.cat([job.rng, torch.cuda.get_rng_state(params[0].device)])
     if where.size > 1:
         _broadcast_trainables(params)
     if resume is not None:
-        _resume(job, resume)
+        _resume(job, resume, where)
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The dropout seed of one rank: ``seed`` itself on rank 0, an independent stream on every other rank.
+
+    Data order and adapter init use ``seed`` alone, so they stay identical across ranks.
+    """
+    return seed if rank == 0 else (seed + rank * 0x9E3779B97F4A7C15) % (1 << 64)
 
 
 def _optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -241,9 +274,13 @@ def train_step(job: Job, where: World) -> dict:
     if where.size > 1:
         loss_sum, tokens = _all_reduce_grads(params, loss_sum, tokens, where)
     job.scaler.unscale_(job.optimizer)
-    grad_norm = None
-    if config.max_grad_norm:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf))
+    if not math.isfinite(loss_sum) or (not math.isfinite(grad_norm) and not job.scaler.is_enabled()):
+        job.rng = _swap_rng(outer, device)
+        what = f"loss {loss_sum / config.grad_accum}" if not math.isfinite(loss_sum) else f"gradient norm {grad_norm}"
+        raise TrainError(f"job {job.name}: step {job.step + 1}: {what} is not finite; training stopped before the "
+                         "optimizer step (the last checkpoint and adapter file are kept). Lower --lr, set "
+                         "--max-grad-norm, or check the data")
     lr = job.optimizer.param_groups[0]["lr"]
     job.scaler.step(job.optimizer)
     job.scaler.update()
@@ -253,7 +290,8 @@ def train_step(job: Job, where: World) -> dict:
     job.step += 1
     seconds = time.perf_counter() - start
     record = {"job": job.name, "step": job.step, "loss": loss_sum / config.grad_accum, "lr": lr,
-              "tokens": tokens, "tokens_per_s": tokens / seconds if seconds > 0 else 0.0, "grad_norm": grad_norm}
+              "tokens": tokens, "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
+              "grad_norm": grad_norm}
     job.history.append(record)
     return record
 
@@ -332,11 +370,23 @@ def train(jobs: list[Job], *, resume: dict[str, Path] | None = None,
     if len(set(names)) != len(names):
         raise TrainError(f"job names must be unique: {', '.join(names)}")
     resume = resume or {}
-    for job in jobs:  # every folder first, then every job: a bad one stops all before anything is written
-        if job.out is not None and where.main:
-            check_output_folder(job.out, resume=resume.get(job.name))
-    for job in jobs:
-        prepare(job, where, resume.get(job.name))
+    with contextlib.ExitStack() as locks:
+        for job in jobs:  # every folder first, then every job: a bad one stops all before anything is written
+            if job.out is not None and where.main:
+                locks.enter_context(run_lock(job.out))
+                check_output_folder(job.out, resume=resume.get(job.name))
+        for job in jobs:
+            prepare(job, where, resume.get(job.name))
+        for job in jobs:
+            if job.out is not None and where.main:
+                remove_leftovers(job.out)
+                if job.name in resume:
+                    truncate_metrics(job.out, job.step)
+        _run(jobs, where, on_step)
+    return jobs
+
+
+def _run(jobs: list[Job], where: World, on_step: Callable[[Job, dict], None] | None) -> None:
     while not all(job.done for job in jobs):
         for job in jobs:
             if job.done:
@@ -344,10 +394,12 @@ def train(jobs: list[Job], *, resume: dict[str, Path] | None = None,
             record = train_step(job, where)
             if job.config.eval_steps and job.eval_data is not None and job.step % job.config.eval_steps == 0:
                 record.update(evaluate(job.finetune, job.eval_data, job.config.batch_size))
+            checkpoint_due = job.config.save_steps and job.step % job.config.save_steps == 0 and not job.done
+            rngs = _gathered_rng(job, where) if checkpoint_due and job.out is not None else None
             if where.main and job.out is not None:
                 _append_metrics(job.out, record)
-                if job.config.save_steps and job.step % job.config.save_steps == 0 and not job.done:
-                    save_checkpoint(job)
+                if checkpoint_due:
+                    save_checkpoint(job, rngs)
             if on_step is not None:
                 on_step(job, record)
     if where.size > 1:
@@ -363,7 +415,6 @@ def train(jobs: list[Job], *, resume: dict[str, Path] | None = None,
             save_adapter(job.finetune, job.out / ADAPTER_FILE)
             if final is not None:
                 _append_metrics(job.out, final)
-    return jobs
 
 
 def check_output_folder(out: Path, *, resume: Path | None = None) -> None:
@@ -384,27 +435,99 @@ def check_output_folder(out: Path, *, resume: Path | None = None) -> None:
 
 
 def _append_metrics(out: Path, record: dict) -> None:
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """One JSON line per record; non-finite numbers are written as null (metrics.jsonl stays valid JSON)."""
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+    with open(out / METRICS_FILE, "a") as f:
+        f.write(json.dumps(clean, allow_nan=False) + "\n")
+
+
+def truncate_metrics(out: Path, step: int) -> None:
+    """Drop the metrics lines a killed run logged after the checkpoint we resume from (and any torn last line)."""
+    path = out / METRICS_FILE
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line)
+    atomic_write(path, "".join(f"{line}\n" for line in kept).encode(), error=TrainError)
+
+
+@contextlib.contextmanager
+def run_lock(out: Path):
+    """Hold an exclusive lock on OUT for the run: a second run on the same folder fails at once.
+
+    The lock is the kernel's (``flock`` on OUT/.surgery.lock), so a crashed run's lock is released with
+    its process; the file holds the owner's pid for the message.
+    """
+    import fcntl
+
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise TrainError(f"{out}: cannot write there ({exc.strerror or exc}); choose another --out") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            owner = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise TrainError(f"{out}: another surgery run (pid {owner}) is writing to this folder; wait for it to "
+                             "finish or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            yield
+        finally:
+            (out / LOCK_FILE).unlink(missing_ok=True)
+    finally:
+        os.close(fd)
+
+
+def remove_leftovers(out: Path) -> None:
+    """Temp files and folders a killed run left in OUT (half-written checkpoints, folders being deleted)."""
+    for path in Path(out).iterdir():
+        name = path.name
+        if name.startswith(".") and (name.endswith(".tmp") or ".deleting-" in name or ".old-" in name):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------ checkpoints
 
-def save_checkpoint(job: Job) -> Path:
-    """out/checkpoint-STEP/: adapter file + training state; keeps at most save_total_limit of them."""
+def _gathered_rng(job: Job, where: World) -> torch.Tensor:
+    """Every rank's random state, one row per rank (each rank draws its own dropout masks)."""
+    if where.size == 1:
+        return job.rng.unsqueeze(0)
+    import torch.distributed as dist
+
+    rows: list = [None] * where.size
+    dist.all_gather_object(rows, job.rng)
+    return torch.stack([r.cpu() for r in rows])
+
+
+def save_checkpoint(job: Job, rngs: torch.Tensor | None = None) -> Path:
+    """out/checkpoint-STEP/: adapter file + training state; keeps at most save_total_limit of them.
+
+    The folder is written as a temp folder and renamed: it appears complete or not at all.
+    """
     from safetensors.torch import save
 
     path = job.out / f"checkpoint-{job.step}"
     tensors, meta = _flatten_optimizer(job.optimizer.state_dict())
-    tensors["rng"] = job.rng
+    tensors["rng"] = rngs if rngs is not None else job.rng.unsqueeze(0)
     state = {
         "step": job.step, "micro": job.micro, "total_steps": job.total_steps, "identity": job.identity,
         "config": asdict(job.config), "optimizer": meta, "scheduler": job.scheduler.state_dict(),
         "scaler": job.scaler.state_dict() if job.scaler.is_enabled() else None,
     }
-    with atomic_folder(path, overwrite=True) as tmp:
+    with atomic_folder(path, overwrite=True, error=TrainError) as tmp:
         save_adapter(job.finetune, tmp / ADAPTER_FILE)
-        (tmp / STATE_FILE).write_bytes(save(tensors, metadata={"state": json.dumps(state)}))
+        atomic_write(tmp / STATE_FILE, save(tensors, metadata={"state": json.dumps(state)}), error=TrainError)
     _rotate(job)
     return path
 
@@ -416,7 +539,7 @@ def _rotate(job: Job) -> None:
     checkpoints = sorted((p for p in job.out.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
                          key=lambda p: int(p.name.split("-")[-1]))
     for old in checkpoints[:-limit]:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_folder(old)  # renamed aside first: never seen half deleted
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -442,7 +565,7 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 def read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """The JSON state and the tensors of a checkpoint folder; TrainError when it is not one."""
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -450,30 +573,104 @@ def read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if not state_file.is_file() or not (path / ADAPTER_FILE).is_file():
         raise TrainError(f"{path}: not a checkpoint folder (needs {ADAPTER_FILE} and {STATE_FILE}; checkpoints are "
                          "written as OUT/checkpoint-STEP by --save-steps)")
+    check_user_file(state_file, what="training state file", limit=MAX_STATE_BYTES, error=TrainError)
     try:
         tensors = load_file(state_file)
-        from safetensors import safe_open
-
         with safe_open(str(state_file), "pt") as f:
-            state = json.loads((f.metadata() or {})["state"])
-    except (SafetensorError, KeyError, ValueError, OSError) as exc:
-        raise TrainError(f"{state_file}: unreadable training state ({exc})") from None
+            text = (f.metadata() or {}).get("state")
+        state = json.loads(text) if isinstance(text, str) and len(text) <= 16 * MiB else None
+    except (SafetensorError, ValueError, RecursionError, OSError) as exc:
+        raise TrainError(f"{state_file}: unreadable training state ({first_line(exc)})") from None
+    if not isinstance(state, dict):
+        raise TrainError(f"{state_file}: no training state in its metadata; not a file surgery wrote")
     return state, tensors
 
 
-def _resume(job: Job, path: Path) -> None:
+def _checked_state(path: Path, state: dict, tensors: dict[str, torch.Tensor]) -> dict:
+    """The parts of a training state that resume uses, each checked for type (a file may be damaged)."""
+    where = path / STATE_FILE
+
+    def need(key: str, kind: type | tuple, container: dict = state, label: str = ""):
+        value = container.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+            raise TrainError(f"{where}: {label or key} is missing or not a {getattr(kind, '__name__', kind)} "
+                             f"(found {type(value).__name__}); the file is damaged — resume from another checkpoint")
+        return value
+
+    step, micro = need("step", int), need("micro", int)
+    if step < 0 or micro < 0:
+        raise TrainError(f"{where}: negative step or data position; the file is damaged")
+    optimizer = need("optimizer", dict)
+    need("state", dict, optimizer, "optimizer.state")
+    need("param_groups", list, optimizer, "optimizer.param_groups")
+    need("scheduler", dict)
+    rng = tensors.get("rng")
+    cpu_size = torch.get_rng_state().numel()
+    if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8 or rng.dim() not in (1, 2) \
+            or rng.shape[-1] < cpu_size:
+        raise TrainError(f"{where}: the random state 'rng' is missing or not a uint8 tensor of at least {cpu_size} "
+                         "bytes per rank; the file is damaged")
+    return state
+
+
+def _check_optimizer_state(where: Path, job: Job, loaded: dict) -> None:
+    """Every parameter's optimizer state must have the entries and shapes one step of this optimizer makes."""
+    params = [p for group in job.optimizer.param_groups for p in group["params"]]
+    stand_ins = [nn.Parameter(torch.zeros_like(p)) for p in params]
+    probe = _optimizer(job.config, stand_ins)
+    for p in stand_ins:
+        p.grad = torch.zeros_like(p)
+    probe.step()
+    expected = probe.state_dict()["state"]
+    state = loaded.get("state", {})
+    if set(state) - set(expected):
+        raise TrainError(f"{where}: optimizer state for {len(state)} parameters, but this job trains {len(params)}; "
+                         "the file is damaged or from another run")
+    for index, entries in state.items():
+        wanted = expected[index]
+        if set(entries) != set(wanted):
+            raise TrainError(f"{where}: optimizer state of parameter {index} has entries {sorted(entries)}, "
+                             f"{type(job.optimizer).__name__} needs {sorted(wanted)}; the file is damaged")
+        for key, value in entries.items():
+            if isinstance(wanted[key], torch.Tensor) and (not isinstance(value, torch.Tensor)
+                                                          or value.shape != wanted[key].shape):
+                raise TrainError(f"{where}: optimizer state '{index}.{key}' is not a tensor of shape "
+                                 f"{tuple(wanted[key].shape)}; the file is damaged")
+
+
+def _check_rng_state(state: torch.Tensor) -> None:
+    """Raise RuntimeError unless torch accepts ``state`` as a CPU random state (changes nothing)."""
+    saved = torch.get_rng_state()
+    try:
+        torch.set_rng_state(state[:saved.numel()].contiguous())
+    finally:
+        torch.set_rng_state(saved)
+
+
+def _resume(job: Job, path: Path, where: World) -> None:
     state, tensors = read_checkpoint(path)
     if state.get("identity") != job.identity:
-        differs = sorted(k for k in set(state.get("identity", {})) | set(job.identity)
-                         if state.get("identity", {}).get(k) != job.identity.get(k))
+        stored = state.get("identity") if isinstance(state.get("identity"), dict) else {}
+        differs = sorted(k for k in set(stored) | set(job.identity) if stored.get(k) != job.identity.get(k))
         raise TrainError(f"{path}: a checkpoint of another run (differs in: {', '.join(differs)}); resume only "
-                         "with the same rules, model, data and batch settings")
-    load_adapter(job.finetune, path / ADAPTER_FILE)
-    job.optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
-    job.scheduler.load_state_dict(state["scheduler"])
-    if state.get("scaler") and job.scaler.is_enabled():
-        job.scaler.load_state_dict(state["scaler"])
-    job.rng = tensors["rng"]
+                         "with the same rules, model, data and global batch settings")
+    state = _checked_state(path, state, tensors)
+    rngs = tensors["rng"] if tensors["rng"].dim() == 2 else tensors["rng"].unsqueeze(0)
+    optimizer_state = _unflatten_optimizer(tensors, state["optimizer"])
+    _check_optimizer_state(path / STATE_FILE, job, optimizer_state)
+    try:
+        load_adapter(job.finetune, path / ADAPTER_FILE)
+        job.optimizer.load_state_dict(optimizer_state)
+        job.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler") and job.scaler.is_enabled():
+            job.scaler.load_state_dict(state["scaler"])
+        _check_rng_state(rngs[where.rank % len(rngs)])
+    except SurgeryError:
+        raise
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError, RuntimeError) as exc:
+        raise TrainError(f"{path / STATE_FILE}: cannot be resumed ({type(exc).__name__}: {first_line(exc)}); the "
+                         "file is damaged or from another optimizer — resume from another checkpoint") from None
+    job.rng = rngs[where.rank % len(rngs)].clone()
     job.step, job.micro = state["step"], state["micro"]
 
 
@@ -490,17 +687,21 @@ def make_job(base: nn.Module, name: str, rules, data: str | Path, tokenizer, con
 
     config.check()
     rules = load_rules(rules)
+    vocab = _vocab_size(base)
+    if pad_token_id is not None and vocab is not None and not 0 <= pad_token_id < vocab:
+        raise DataError(f"--pad-token-id {pad_token_id} is outside the model's vocabulary (0 to {vocab - 1}); use "
+                        f"the tokenizer's EOS id ({getattr(tokenizer, 'eos_token_id', None)}) or another id below {vocab}")
     limit = model_max_length(base)
     if limit is not None and block_size > limit:
         raise DataError(f"--block-size {block_size} is above {model_name or type(base).__name__}'s maximum "
                         f"sequence length ({limit}); use at most {limit}")
     path = data_path(data)
-    blocks = tokenize(read_examples(path), tokenizer, block_size=block_size, mode=mode,
+    blocks = tokenize(read_examples(path, mode), tokenizer, block_size=block_size, mode=mode,
                       pad_token_id=pad_token_id, source=str(path))
     held_out = None
     if eval_data is not None:
         eval_path = data_path(eval_data)
-        held_out = tokenize(read_examples(eval_path), tokenizer, block_size=block_size, mode=mode,
+        held_out = tokenize(read_examples(eval_path, mode), tokenizer, block_size=block_size, mode=mode,
                             pad_token_id=pad_token_id, source=str(eval_path))
     elif eval_split:
         if not 0 < eval_split < 1:
@@ -508,18 +709,27 @@ def make_job(base: nn.Module, name: str, rules, data: str | Path, tokenizer, con
         blocks, held_out = blocks.split(eval_split, config.seed)
     identity = {"rules": rules.to_json(), "model": model_name, "data": file_digest(path),
                 "eval": file_digest(data_path(eval_data)) if eval_data is not None else eval_split,
-                "mode": mode, "block_size": block_size, "batch_size": config.batch_size,
-                "grad_accum": config.grad_accum, "seed": config.seed, "world": int(os.environ.get("WORLD_SIZE", "1"))}
+                "mode": mode, "block_size": block_size,
+                "global_batch": config.batch_size * int(os.environ.get("WORLD_SIZE", "1")),
+                "grad_accum": config.grad_accum, "seed": config.seed}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         finetune = rewrite(base, rules)
     return Job(name, finetune, blocks, config, Path(out) if out is not None else None, held_out, identity)
 
 
+def _vocab_size(base: nn.Module) -> int | None:
+    embeddings = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+    return getattr(embeddings, "num_embeddings", None) or getattr(getattr(base, "config", None), "vocab_size", None)
+
+
 def latest_checkpoint(folder: Path) -> Path | None:
-    """The checkpoint-N folder with the highest N in ``folder``, if any."""
-    found = [p for p in Path(folder).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-    return max(found, key=lambda p: int(p.name.split("-")[-1])) if found else None
+    """The complete checkpoint-N folder with the highest N in ``folder``, if any (partial ones are skipped)."""
+    numbered = [p for p in Path(folder).glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and p.is_dir()]
+    for candidate in sorted(numbered, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
+        if (candidate / ADAPTER_FILE).is_file() and (candidate / STATE_FILE).is_file():
+            return candidate
+    return None
 
 
 def plot_losses(jobs: list[Job], path: Path) -> Path | None:

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 import surgery
-from surgery.state import own_state
+from surgery.finetune import own_state
 from surgery.train import TrainConfig, make_job, train
 
 out, batch_size = sys.argv[1], int(sys.argv[2])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -27,7 +28,7 @@ def test_a_finetune_trains_under_hf_trainer(tmp_path):
     base = surgery.tiny_model("tiny-llama")
     ft = surgery.rewrite(base, "qv_lora_head")
     before = {n: p.detach().clone() for n, p in base.named_parameters()}  # the quantized base
-    start = {k: v.detach().clone() for k, v in surgery.state.own_state(ft).items()}
+    start = {k: v.detach().clone() for k, v in surgery.finetune.own_state(ft).items()}
     blocks = tokenize(read_examples("upper"), surgery.tiny_tokenizer(), block_size=24)
     rows = [{k: v[i] for k, v in blocks.batch(torch.arange(len(blocks))).items()} for i in range(len(blocks))]
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=4, learning_rate=1e-2,
@@ -37,10 +38,10 @@ def test_a_finetune_trains_under_hf_trainer(tmp_path):
     result = trainer.train()
     assert (tmp_path / "checkpoint-4" / "adapter.safetensors").exists()
     final = surgery.load_adapter(base, tmp_path / "adapter.safetensors")
-    assert all(torch.equal(p, surgery.state.own_state(ft)[k]) for k, p in surgery.state.own_state(final).items())
+    assert all(torch.equal(p, surgery.finetune.own_state(ft)[k]) for k, p in surgery.finetune.own_state(final).items())
     optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
-    assert optimized == {id(p) for p in surgery.state.own_state(ft).values()}  # adapters + plain lm_head only
-    assert all(not torch.equal(start[k], p) for k, p in surgery.state.own_state(ft).items() if k.endswith("lora_B"))
+    assert optimized == {id(p) for p in surgery.finetune.own_state(ft).values()}  # adapters + plain lm_head only
+    assert all(not torch.equal(start[k], p) for k, p in surgery.finetune.own_state(ft).items() if k.endswith("lora_B"))
     assert all(torch.equal(before[n], p) for n, p in base.named_parameters())
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     assert losses[-1] < losses[0] and result.global_step == 8
@@ -64,7 +65,7 @@ def test_trainer_resumes_from_its_own_checkpoint_without_touching_the_shared_bas
         assert all(torch.equal(frozen[n], p) for n, p in base.named_parameters())
         shared = {id(p) for p in base.parameters()}
         assert all(id(q) in shared for q in sibling.parameters() if not q.requires_grad)
-        return {k: v.detach().clone() for k, v in surgery.state.own_state(ft).items()}
+        return {k: v.detach().clone() for k, v in surgery.finetune.own_state(ft).items()}
 
     straight = run()
     resumed = run(resume=str(tmp_path / "checkpoint-4"))
@@ -79,7 +80,7 @@ def test_load_state_dict_on_a_finetune_never_writes_the_shared_base():
     before = {n: p.detach().clone() for n, p in base.named_parameters()}
     result = ft.load_state_dict(full, strict=False)
     assert all(torch.equal(before[n], p) for n, p in base.named_parameters())
-    assert all(float(p.abs().sum()) == 0 for p in surgery.state.own_state(ft).values())  # own tensors loaded
+    assert all(float(p.abs().sum()) == 0 for p in surgery.finetune.own_state(ft).values())  # own tensors loaded
     assert result.unexpected_keys == []
     with pytest.raises(surgery.AdapterStateError, match="missing"):
         ft.load_state_dict({}, strict=True)
@@ -109,6 +110,26 @@ def test_ddp_with_two_gloo_processes_equals_one_process_with_the_same_global_bat
         assert torch.allclose(rank0[key], alone[key], rtol=1e-5, atol=1e-5), key
 
 
+def test_accelerate_launch_multi_gpu_on_cpu_runs_the_same_training_as_torchrun(tmp_path):
+    pytest.importorskip("accelerate")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
+    runs = {}
+    for name, launcher in {
+        "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+                     "--master_addr", "127.0.0.1", "--master_port", str(_free_port())],
+        "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                       "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                       "--main_process_port", str(_free_port())],
+    }.items():
+        (tmp_path / name).mkdir()
+        done = subprocess.run([*launcher, str(HERE / "ddp_worker.py"), str(tmp_path / name), "4"], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, (name, done.stderr[-3000:])
+        runs[name] = load_file(tmp_path / name / "rank0-of-2.safetensors")
+    assert runs["torchrun"].keys() == runs["accelerate"].keys()
+    assert all(torch.equal(runs["torchrun"][k], runs["accelerate"][k]) for k in runs["torchrun"])
+
+
 runner = CliRunner()
 
 
@@ -127,7 +148,10 @@ def test_cli_train_many_jobs_then_generate(tmp_path):
                                 "--job", "caps=lora_plus_head,capitals", "--max-steps", "40", "--lr", "1e-2",
                                 "--block-size", "24", "--eval-split", "0.1", "--resume", str(out)])
     assert again.exit_code == 0, again.output  # continue both jobs from checkpoint-20 to step 40
-    assert len((out / "up" / "metrics.jsonl").read_text().splitlines()) == 30 + 1 + 20 + 1  # steps + final evals
+    records = [json.loads(line) for line in (out / "up" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == list(range(1, 41))  # the first run's steps 21-30 (after its last checkpoint) are not repeated
+    assert [r["step"] for r in records if "eval_loss" in r] == [40]
     other = runner.invoke(app, ["train", "--model", "tiny-opt", "--out", str(out), "--job", "up=qv_lora_head,upper",
                                 "--job", "caps=lora_plus_head,capitals", "--max-steps", "50", "--seed", "1",
                                 "--block-size", "24", "--eval-split", "0.1", "--resume", str(out)])

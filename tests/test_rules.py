@@ -87,7 +87,7 @@ BAD = [
     ("unknown type", "rules:\n  - match: q\n    type: dense\n    action: adapt\n", 3, "unknown type 'dense'"),
     ("lora on freeze", "rules:\n  - match: q_proj\n    action: freeze\n    lora: {r: 4}\n", 4,
      "only allowed on an adapt rule"),
-    ("r below 1", "rules:\n  - match: q_proj\n    action: adapt\n    lora:\n      r: 0\n", 5, "r must be an integer >= 1"),
+    ("r below 1", "rules:\n  - match: q_proj\n    action: adapt\n    lora:\n      r: 0\n", 5, "r must be an integer from 1 to"),
     ("r not an int", "rules:\n  - match: q_proj\n    action: adapt\n    lora: {r: 2.5}\n", 4, "r must be an integer"),
     ("dropout 1", "rules:\n  - match: q_proj\n    action: adapt\n    lora:\n      dropout: 1.0\n", 5, "[0, 1)"),
     ("dropout negative", "rules:\n  - match: q\n    action: adapt\n    lora: {dropout: -0.1}\n", 4, "[0, 1)"),

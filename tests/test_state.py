@@ -59,7 +59,7 @@ def test_save_then_load_is_bit_exact(tmp_path, model, rules):
     path = surgery.save_adapter(ft, tmp_path / "ft.safetensors")
     again = surgery.load_adapter(base, path)
     assert again is not ft
-    mine, theirs = surgery.state.own_state(ft), surgery.state.own_state(again)
+    mine, theirs = surgery.finetune.own_state(ft), surgery.finetune.own_state(again)
     assert mine.keys() == theirs.keys() and mine
     for name in mine:
         assert torch.equal(mine[name], theirs[name]), name
@@ -88,8 +88,8 @@ def test_adapter_from_an_fp32_base_loads_onto_the_same_checkpoint_quantized(tmp_
         quantized = surgery.tiny_model("tiny-llama")
         surgery.rewrite(quantized, held)  # the base is now int8 / nf4
         loaded = surgery.load_adapter(quantized, path)
-        for name, t in surgery.state.own_state(ft).items():
-            assert torch.equal(surgery.state.own_state(loaded)[name], t)
+        for name, t in surgery.finetune.own_state(ft).items():
+            assert torch.equal(surgery.finetune.own_state(loaded)[name], t)
         assert surgery.load_adapter(loaded, path) is loaded  # its rules follow the base; still compatible
     half = surgery.tiny_model("tiny-llama").half()
     assert surgery.fingerprint(half).mismatch(surgery.fingerprint(surgery.tiny_model("tiny-llama"))) is None
@@ -256,7 +256,7 @@ def test_storage_follows_the_base_as_held(tmp_path):
     surgery.rewrite(nf4, "qlora_nf4")
     ft = surgery.load_adapter(nf4, path)
     assert surgery.finetune_info(ft).plan.decisions["model.decoder.layers.0.self_attn.q_proj"].storage == "nf4"
-    assert torch.equal(surgery.state.own_state(ft)["model.decoder.layers.0.self_attn.q_proj.lora_B"],
+    assert torch.equal(surgery.finetune.own_state(ft)["model.decoder.layers.0.self_attn.q_proj.lora_B"],
                        surgery.read_adapter(path).tensors["model.decoder.layers.0.self_attn.q_proj.lora_B"])
 
 

@@ -22,7 +22,7 @@ def job(base, name="job", rules="qv_lora_head", data="upper", out=None, **config
 
 
 def own(ft) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in surgery.state.own_state(ft).items()}
+    return {k: v.detach().clone() for k, v in surgery.finetune.own_state(ft).items()}
 
 
 def assert_bit_identical(a: dict, b: dict) -> None:
@@ -109,7 +109,7 @@ def test_bad_setups_fail_before_training_and_keep_the_output_folder(tmp_path):
     finally:
         locked.chmod(0o700)
 
-    with pytest.raises(TrainError, match="--lr must be > 0"):
+    with pytest.raises(TrainError, match="--lr must be a finite number > 0"):
         job(base, lr=0.0)
 
 

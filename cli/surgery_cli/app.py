@@ -5,19 +5,43 @@ User errors print one message and exit with status 2; no traceback.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
 from pathlib import Path
 from typing import Optional
 
+import click
 import typer
+from typer.core import TyperGroup
 from rich.console import Console
 from rich.table import Table
 
+class _Commands(TyperGroup):
+    """The command group: every command of the app (sub-groups included) runs through ``invoke``'s one handler."""
+
+    def invoke(self, ctx):
+        from surgery.errors import SurgeryError
+
+        try:
+            return super().invoke(ctx)
+        except SurgeryError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except OSError as exc:  # a path the user gave that the library did not wrap: still one line
+            where = f"{exc.filename}: " if exc.filename else ""
+            err_console.print(f"[bold red]error:[/] {where}{exc.strerror or exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except (typer.Exit, typer.Abort, click.ClickException, KeyboardInterrupt):
+            raise
+        except Exception:
+            err_console.print("[bold red]internal error[/] (a bug in surgery, not in what you typed): please report it "
+                              "with the command you ran and the traceback below", highlight=False)
+            raise
+
+
 app = typer.Typer(help="Rule-driven model surgery for HuggingFace models: one quantized base, many fine-tunes.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, cls=_Commands)
 rules_app = typer.Typer(help="Bundled rule files.", no_args_is_help=True)
 app.add_typer(rules_app, name="rules")
 adapter_app = typer.Typer(help="Adapter files (safetensors written by surgery).", no_args_is_help=True)
@@ -29,22 +53,6 @@ err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 RULES_ARG = typer.Argument(..., help="Rule file path or bundled name (see `surgery rules list`).")
 MODEL_OPT = typer.Option(None, "--model", "-m",
                          help="Model (default: the rule file's `model:`, else the bundled tiny default).")
-
-
-def user_errors(fn):
-    """Turn a SurgeryError into one red line on stderr and exit status 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from surgery.errors import SurgeryError
-
-        try:
-            return fn(*args, **kwargs)
-        except SurgeryError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-
-    return wrapper
 
 
 def _quiet_libraries() -> None:
@@ -74,7 +82,6 @@ def _model_for(rules, model: Optional[str]) -> tuple[str, str]:
 
 
 @app.command()
-@user_errors
 def inspect(
     model: str = typer.Argument(..., help="Local directory, hub id in the local HF cache, or bundled name."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
@@ -99,7 +106,6 @@ def inspect(
 
 
 @app.command()
-@user_errors
 def plan(
     rules: str = RULES_ARG,
     model: Optional[str] = MODEL_OPT,
@@ -133,7 +139,6 @@ def plan(
 
 
 @app.command()
-@user_errors
 def apply(
     rules: str = RULES_ARG,
     model: Optional[str] = MODEL_OPT,
@@ -246,7 +251,6 @@ def rules_list():
 
 
 @rules_app.command("show")
-@user_errors
 def rules_show(rules: str = typer.Argument(..., help="Rule file path or bundled name.")):
     """Print a rule file (bundled name or path).
 
@@ -265,6 +269,7 @@ def rules_show(rules: str = typer.Argument(..., help="Rule file path or bundled 
 ADAPTER_ARG = typer.Argument(..., help="Adapter file written by surgery (apply --out, train, import-peft).")
 BASE_OPT = typer.Option(None, "--model", "-m", help="Base model (default: the base named in the adapter file).")
 RANDOM_INIT_OPT = typer.Option(False, "--random-init", help="Build random weights when none are available.")
+TOKENIZER_OPT = typer.Option(None, "--tokenizer", help="Tokenizer folder or model (default: the model's own).")
 
 
 def _finetune_from(adapter: Path, model: Optional[str], random_init: bool):
@@ -288,7 +293,6 @@ def _probe_inputs(model) -> dict:
 
 
 @adapter_app.command("show")
-@user_errors
 def adapter_show(
     adapter: Path = ADAPTER_ARG,
     show_all: bool = typer.Option(False, "--all", help="List every tensor (default: the first 40)."),
@@ -326,7 +330,6 @@ def adapter_show(
 
 
 @app.command()
-@user_errors
 def merge(
     adapter: Path = ADAPTER_ARG,
     model: Optional[str] = BASE_OPT,
@@ -345,7 +348,8 @@ def merge(
     import torch
 
     from surgery.merge import merge as merge_ft, output_error
-    from surgery.state import atomic_folder
+    from surgery.errors import AdapterStateError
+    from surgery.files import atomic_folder
 
     if dtype not in (None, "float32", "float16", "bfloat16"):
         raise typer.BadParameter(f"--dtype must be float32, float16 or bfloat16, not {dtype!r}")
@@ -353,7 +357,7 @@ def merge(
     merged = merge_ft(ft, getattr(torch, dtype) if dtype else None)
     inputs = _probe_inputs(base)
     error = output_error(ft, merged, inputs)
-    with atomic_folder(out, overwrite=overwrite) as tmp:
+    with atomic_folder(out, overwrite=overwrite, error=AdapterStateError) as tmp:
         merged.save_pretrained(tmp)
     table = Table(title=f"merged {adapter} into {name}")
     table.add_column("")
@@ -368,7 +372,6 @@ def merge(
 
 
 @app.command("export-peft")
-@user_errors
 def export_peft_cmd(
     adapter: Path = ADAPTER_ARG,
     model: Optional[str] = BASE_OPT,
@@ -382,16 +385,16 @@ def export_peft_cmd(
     """
     _quiet_libraries()
     from surgery.peft_format import export_peft
-    from surgery.state import atomic_folder
+    from surgery.errors import AdapterStateError
+    from surgery.files import atomic_folder
 
     _, ft, name = _finetune_from(adapter, model, random_init)
-    with atomic_folder(out, overwrite=overwrite) as tmp:
+    with atomic_folder(out, overwrite=overwrite, error=AdapterStateError) as tmp:
         export_peft(ft, tmp)
     console.print(f"wrote {out}: PeftModel.from_pretrained(<{name}>, {str(out)!r})", highlight=False)
 
 
 @app.command("import-peft")
-@user_errors
 def import_peft_cmd(
     folder: Path = typer.Argument(..., help="PEFT LoRA adapter folder (adapter_config.json + weights)."),
     model: Optional[str] = typer.Option(None, "--model", "-m",
@@ -431,19 +434,20 @@ def _parse_job(spec: str) -> tuple[str, str, str]:
 
 
 @app.command()
-@user_errors
 def train(
     rules: Optional[str] = typer.Argument(None, help="Rule file or bundled name (or use --job for several)."),
     model: Optional[str] = MODEL_OPT,
-    data: Optional[str] = typer.Option(None, "--data", "-d", help="Training data: .csv (text), .jsonl (text, or "
-                                       "prompt+completion), .txt, or a bundled set (capitals, upper, reverse)."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="Training data: .csv (a text column; quoted "
+                                       "fields may span lines), .jsonl (text, or prompt+completion), .txt (one "
+                                       "example per line; with --group-texts one running text), or a bundled set "
+                                       "(capitals, upper, reverse)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (one subfolder per --job)."),
     job: list[str] = typer.Option([], "--job", help="NAME=RULES,DATA: one more fine-tune on the same base "
                                   "(repeatable; all train in this process on one shared base)."),
     eval_file: Optional[str] = typer.Option(None, "--eval", help="Evaluation data file."),
     eval_split: Optional[float] = typer.Option(None, "--eval-split", help="Hold out this fraction for evaluation."),
-    group_texts: bool = typer.Option(False, "--group-texts", help="Corpus mode: concatenate with EOS and cut "
-                                     "into blocks (default: one example per row, padded)."),
+    group_texts: bool = typer.Option(False, "--group-texts", help="Corpus mode: examples (a .txt file whole) "
+                                     "joined with EOS and cut into blocks (default: one example per row, padded)."),
     block_size: int = typer.Option(128, "--block-size", help="Tokens per row."),
     pad_token_id: Optional[int] = typer.Option(None, "--pad-token-id", help="For tokenizers without a pad token."),
     batch_size: int = typer.Option(8, "--batch-size", help="Rows per micro-batch (per process)."),
@@ -464,6 +468,7 @@ def train(
     resume: Optional[Path] = typer.Option(None, "--resume", help="A checkpoint folder, or the --out folder of a "
                                           "run (each job resumes from its newest checkpoint)."),
     random_init: bool = RANDOM_INIT_OPT,
+    tokenizer_name: Optional[str] = TOKENIZER_OPT,
 ):
     """Train one fine-tune, or several on one shared base in one process; torchrun gives DDP.
 
@@ -486,7 +491,7 @@ def train(
     config.check()
     where = world()
     base = load_model(name, random_init=random_init).model
-    tokenizer = load_tokenizer(name)
+    tokenizer = load_tokenizer(tokenizer_name or name)
     prepare_base(base, *[r for _, r, _ in specs])  # quantize once for every job before any fine-tune exists
     jobs = []
     for job_name, job_rules, job_data in specs:
@@ -551,7 +556,6 @@ def _training_summary(jobs) -> None:
 
 
 @app.command()
-@user_errors
 def generate(
     prompt: str = typer.Argument(..., help="Text to continue."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model (default: the adapter's base, "
@@ -563,6 +567,7 @@ def generate(
     top_k: int = typer.Option(0, "--top-k", help="Top-k sampling (0: off)."),
     seed: int = typer.Option(0, "--seed", help="Seed for sampling."),
     random_init: bool = RANDOM_INIT_OPT,
+    tokenizer_name: Optional[str] = TOKENIZER_OPT,
 ):
     """Continue PROMPT with a model, optionally with a fine-tune's adapter, streaming to the terminal.
 
@@ -581,7 +586,7 @@ def generate(
         name = model or TINY_DEFAULT
         lm = load_model(name, random_init=random_init).model
     lm.eval()
-    tokenizer = load_tokenizer(name)
+    tokenizer = load_tokenizer(tokenizer_name or name)
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
     sampling = temperature > 0
     options = {"do_sample": sampling, "max_new_tokens": max_new_tokens,
@@ -601,7 +606,6 @@ DEMO_TASKS = (  # (data set, rule file, two prompts shown after training)
 
 
 @app.command()
-@user_errors
 def demo(
     model: str = typer.Option("tiny-opt", "--model", "-m", help="Bundled tiny model to use."),
     steps: int = typer.Option(150, "--steps", help="Training steps per fine-tune."),
@@ -687,7 +691,7 @@ def demo(
 
 
 def _rules_name(job) -> str:
-    from surgery.rewrite import finetune_info
+    from surgery.finetune import finetune_info
 
     return finetune_info(job.finetune).rules.name
 

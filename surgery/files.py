@@ -1,0 +1,154 @@
+"""Files: bounded reads of user files (never a FIFO, device or oversized file) and atomic writes.
+
+Every file a user or the internet hands to surgery (rule files, adapter files, data files, PEFT
+folders, model configs, checkpoints) is read through ``read_user_file``: it must be a regular file
+(a symlink to one is fine) no larger than the reader's limit, so no input can hang a read or exhaust
+memory. Writes go through a temp file or folder in the same directory and a rename, so a crash
+leaves the previous version intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import stat
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from .errors import SurgeryError
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+
+
+def check_user_file(path: Path, *, what: str, limit: int, error: type[SurgeryError]) -> int:
+    """The size of ``path`` if it is a regular file of at most ``limit`` bytes; else ``error`` saying why."""
+    try:
+        info = os.stat(path)  # follows symlinks: a link to /dev/zero is a device
+    except FileNotFoundError:
+        raise error(f"{path}: no such {what}") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise error(f"{path}: is a directory, not a {what}")
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a FIFO" if stat.S_ISFIFO(info.st_mode) else "a device" if \
+            stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode) else "a socket or other special file"
+        raise error(f"{path}: is {kind}, not a regular file; a {what} must be a regular file")
+    if info.st_size > limit:
+        raise error(f"{path}: is {info.st_size:,} bytes; a {what} is at most {limit:,} bytes — is this the right "
+                    "file?")
+    return info.st_size
+
+
+def read_user_file(path: str | Path, *, what: str, limit: int, error: type[SurgeryError]) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes; ``error`` (a SurgeryError) otherwise."""
+    path = Path(path)
+    size = check_user_file(path, what=what, limit=limit, error=error)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(min(size, limit) + 1)  # a file that grew since stat is still bounded
+    except OSError as exc:
+        raise error(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if len(data) > size:
+        raise error(f"{path}: changed while being read; try again once nothing writes to it")
+    return data
+
+
+def read_user_text(path: str | Path, *, what: str, limit: int, error: type[SurgeryError]) -> str:
+    """``read_user_file`` decoded as UTF-8 (a leading BOM dropped); a bad byte names its line."""
+    data = read_user_file(path, what=what, limit=limit, error=error)
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise error(f"{path}:{line}: not UTF-8 text (byte {exc.start}); a {what} must be UTF-8") from None
+
+
+def umask() -> int:
+    """The process umask (read without changing it for longer than the call)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: Path, data: bytes, *, error: type[SurgeryError]) -> None:
+    """Write ``data`` to ``path`` through a temp file in the same folder: the old file survives any failure."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise error(f"{path}: could not be written ({exc.strerror or exc}); check that the folder exists and "
+                    "is writable") from None
+    try:
+        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~umask())
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise error(f"{path}: could not be written ({exc.strerror or exc}); the previous file, if any, is "
+                        "unchanged") from exc
+        raise
+    fsync_folder(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | Path, *, error: type[SurgeryError], overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temp folder beside ``path``; on success it becomes ``path``, on failure it is removed.
+
+    An existing non-empty ``path`` is refused unless ``overwrite``; then it is replaced only once the
+    new folder is complete. The new folder gets the permissions the umask gives (not mkdtemp's 0700).
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise error(f"{path}: exists and is not a folder")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise error(f"{path}: exists and is not empty; choose a new folder or pass --overwrite")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        os.chmod(tmp, 0o777 & ~umask())
+    except OSError as exc:
+        raise error(f"{path}: cannot be created ({exc.strerror or exc}); check that the parent folder exists "
+                    "and is writable") from None
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+    fsync_folder(path.parent)
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (best effort: some file systems refuse)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_folder(path: Path) -> None:
+    """Delete a folder so that it is never seen half deleted: rename it aside first, then delete."""
+    trash = path.with_name(f".{path.name}.deleting-{os.getpid()}")
+    os.replace(path, trash)
+    fsync_folder(path.parent)
+    shutil.rmtree(trash, ignore_errors=True)

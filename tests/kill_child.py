@@ -1,0 +1,34 @@
+"""A training run for the kill-loop test, started from a fork server that imported this module once.
+
+Importing it builds tiny-llama and traces it, so every forked run starts in well under a second.
+"""
+
+import shutil
+import sys
+
+import torch
+
+torch.set_num_threads(1)  # forked children must not inherit a started OpenMP pool
+
+import surgery  # noqa: E402
+from surgery.rewrite import base_graph  # noqa: E402
+from surgery.train import TrainConfig, latest_checkpoint, make_job, train  # noqa: E402
+
+base_graph(surgery.tiny_model("tiny-llama"))  # the trace cache every forked run reuses
+
+
+def run(out: str, steps: int, ready) -> None:
+    """Train (resuming from the newest complete checkpoint, if any) with a checkpoint at every step."""
+    base = surgery.tiny_model("tiny-llama")
+    job = make_job(base, "job", "qv_lora_head", "upper", surgery.tiny_tokenizer(),
+                   TrainConfig(batch_size=4, lr=1e-2, max_steps=steps, seed=0, save_steps=1, save_total_limit=2),
+                   out=out, block_size=24, model_name="tiny-llama")
+    found = latest_checkpoint(job.out) if job.out.exists() else None
+    if found is None and job.out.exists():  # killed before its first checkpoint: start afresh, as a user would
+        shutil.rmtree(job.out)
+    ready.set()
+    train([job], resume={"job": found} if found else None)
+
+
+if __name__ == "__main__":
+    sys.exit("run through tests/test_promises.py")
