@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ MODELS = ["facebook/opt-1.3b", "meta-llama/Llama-3.1-8B", "meta-llama/Llama-3.1-
 CHILD = """
 import json, resource, sys, time
 t0 = time.perf_counter()
-from surgery.models import load_model
+from surgery.loading import load_model
 from surgery.trace import trace
 t1 = time.perf_counter()
 model = load_model(sys.argv[1], weights=False).model

@@ -30,7 +30,7 @@ def main() -> None:
 
     import surgery
     from surgery.merge import output_error
-    from surgery.models import load_model
+    from surgery.loading import load_model
 
     rows = []
     for name in args.models:

@@ -28,9 +28,9 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/siblings.json")
     args = parser.parse_args()
 
-    import surgery
-    from surgery.memory import extra_bytes, parameter_bytes
-    from surgery.models import load_model
+    from surgery.apply import apply
+    from surgery.loading import load_model
+    from surgery.memory import parameter_bytes
 
     base = load_model(args.model, random_init=True).model.float()
     loaded = parameter_bytes(base)
@@ -41,12 +41,10 @@ def main() -> None:
     gc.collect()
 
     start = time.perf_counter()
-    finetunes = [surgery.rewrite(base, args.rules) for _ in range(args.n)]
+    applied = apply(base, args.rules, args.n)
     seconds = time.perf_counter() - start
-    plan = surgery.finetune_info(finetunes[0]).plan
-    base_bytes = parameter_bytes(base)
-    adapters = [extra_bytes(ft, base) for ft in finetunes]
-    ours = base_bytes + sum(adapters)
+    plan, base_bytes, adapters, ours = applied.plan, applied.base_bytes, list(applied.own_bytes), applied.total_bytes
+    assert all(applied.equal_at_init), "a fine-tune differs from the base at init"
     bound = base_bytes + args.n * plan.finetune_bytes
     rows = {
         f"surgery: int8 base + {args.n} fine-tunes": ours,

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import surgery
 from surgery.memory import extra_bytes, parameter_bytes
-from surgery.train import TrainConfig, evaluate, make_job, train
+from surgery.job import TrainConfig, make_job
+from surgery.train import evaluate, train
 
 base = surgery.tiny_model("tiny-opt")
 tokenizer = surgery.tiny_tokenizer()

@@ -6,6 +6,7 @@ Run: python examples/qlora_walkthrough.py   (CPU, tiny bundled model, a few seco
 import torch
 
 import surgery
+from surgery.lora import LoraLayer
 from surgery.memory import extra_bytes, parameter_bytes
 
 # 1. The same checkpoint held three ways: bytes of unique parameter storage.
@@ -21,7 +22,7 @@ for name, size in sizes.items():
 # 2. A QLoRA fine-tune: nf4 base, LoRA on every Linear. Each adapter adds r * (in + out) parameters.
 base = surgery.tiny_model("tiny-llama")
 ft = surgery.rewrite(base, "qlora_nf4")
-adapters = {path: m for path, m in ft.named_modules() if getattr(m, "is_surgery_adapter", False)}
+adapters = {path: m for path, m in ft.named_modules() if isinstance(m, LoraLayer)}
 expected = sum(m.config.r * (m.in_features + m.out_features) for m in adapters.values())
 trainable = sum(p.numel() for p in ft.parameters() if p.requires_grad)
 assert trainable == expected, (trainable, expected)

@@ -10,7 +10,7 @@ from transformers import Trainer, TrainingArguments
 
 import surgery
 from surgery.data import read_examples, tokenize
-from surgery.train import adapter_callback
+from surgery.integrations import adapter_callback
 
 base = surgery.tiny_model("tiny-llama")
 ft = surgery.rewrite(base, "qv_lora_head")

@@ -21,16 +21,12 @@ from typing import Literal
 
 import torch
 
-from .errors import SurgeryError
+from .errors import DataError
 from .files import GiB, read_user_text
 
 IGNORE = -100  # label of positions that carry no loss (prompt, padding), as in transformers
 MAX_DATA_BYTES = 4 * GiB
 Mode = Literal["entries", "corpus"]
-
-
-class DataError(SurgeryError):
-    """A data file that cannot be read or does not fit the model."""
 
 
 @dataclass(frozen=True)
@@ -57,10 +53,9 @@ class Blocks:
         return {"input_ids": self.input_ids[rows], "labels": self.labels[rows],
                 "attention_mask": self.attention_mask[rows]}
 
-    @property
-    def tokens(self) -> int:
-        """Tokens that carry loss."""
-        return int((self.labels != IGNORE).sum())
+    def __repr__(self) -> str:
+        rows, width = self.input_ids.shape
+        return f"Blocks({rows} rows x {width} tokens, {self.source or 'unnamed'})"
 
     def split(self, fraction: float, seed: int) -> tuple["Blocks", "Blocks"]:
         """(train, eval): a seeded random ``fraction`` of the rows for evaluation (at least one row)."""

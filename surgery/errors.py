@@ -1,4 +1,8 @@
-"""The error classes of surgery: every user mistake ends in a SurgeryError subclass."""
+"""Every error and warning class of surgery, and what the plan's constraints C1-C7 mean.
+
+Every user mistake ends in a SurgeryError subclass whose message names the file:line or module, says
+what is wrong and what to do; the CLI prints it as one line and exits with status 2.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,15 @@ class SurgeryError(Exception):
 
 class RuleFileError(SurgeryError):
     """A rule file that cannot be read or is malformed (constraint C5)."""
+
+
+class PatternTimeout(RuleFileError):
+    """A ``re:`` pattern that took too long on one module name (catastrophic backtracking)."""
+
+    def __init__(self, pattern: str, seconds: float):
+        super().__init__(f"pattern '{pattern}' took over {seconds} s to match one module name (catastrophic "
+                         "backtracking, e.g. nested repeats like (a+)+); simplify it")
+        self.pattern = pattern
 
 
 class ModelNotFoundError(SurgeryError):
@@ -48,6 +61,22 @@ class RewriteError(SurgeryError):
     """A fine-tune that cannot be made or moved as asked; a failed rewrite has restored the base."""
 
 
+class MergeError(SurgeryError):
+    """A fine-tune that cannot be merged into a plain model (refused before anything is built)."""
+
+
+class ExportError(SurgeryError):
+    """A fine-tune that torch.export cannot capture, with the reason."""
+
+
+class DataError(SurgeryError):
+    """A data file that cannot be read or does not fit the model."""
+
+
+class TrainError(SurgeryError):
+    """A training run that cannot start, resume or go on (bad options, folders, checkpoints, non-finite loss)."""
+
+
 class AdapterStateError(SurgeryError):
     """An adapter file that cannot be saved or loaded onto this base."""
 
@@ -60,3 +89,23 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
 
 class ModelConfigError(SurgeryError):
     """A model config (or folder) that cannot build a causal language model, or a missing tokenizer."""
+
+
+class SurgeryWarning(UserWarning):
+    """Base class of surgery's warnings (the test suite turns them into errors outside pytest.warns)."""
+
+
+class SharedBaseWarning(SurgeryWarning):
+    """A rewrite quantizes modules that fine-tunes made earlier still use in full precision."""
+
+
+CONSTRAINTS = {  # what each constraint id in a PlanError means; the README's table says the same
+    "C1": "no unquantize after quantize: a module the base already holds quantized cannot be planned unquantized "
+          "or quantized again with another scheme or other settings",
+    "C2": "no trainable quantized module: `plain` on a quantized module is an error",
+    "C3": "`adapt` only on Linear, Conv1D, Embedding (and their bitsandbytes forms)",
+    "C4": "a rule that matches nothing is an error (close names suggested) unless `optional: true`",
+    "C5": "malformed rule files fail at load with file:line",
+    "C6": "ties are never split silently: a `plain` rule that splits one needs `untie: true`",
+    "C7": "per-module LoRA configs (`lora_by_module`) must cover every adapted module",
+}

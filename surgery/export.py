@@ -15,15 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import RewriteError
+from .errors import ExportError, first_line
 from .merge import merge as merge_finetune
 from .finetune import detached_copy, finetune_info
-from .quantize import standard_layout
-from .trace import quantized_storage
-
-
-class ExportError(RewriteError):
-    """A fine-tune that torch.export cannot capture as asked."""
+from .bnb import quantized_storage, standard_layout
+from .lora import LoraLayer
 
 
 def export_graph(finetune: nn.Module, example_inputs: dict[str, torch.Tensor] | torch.Tensor, *,
@@ -51,7 +47,7 @@ def export_graph(finetune: nn.Module, example_inputs: dict[str, torch.Tensor] | 
             return torch.export.export(model, (), inputs, dynamic_shapes=shapes, strict=False)
     except Exception as exc:
         raise ExportError(f"torch.export could not capture this {type(finetune).__name__}: {type(exc).__name__}: "
-                          f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}") from exc
+                          f"{first_line(exc, 300)}") from exc
 
 
 class _LogitsOf(nn.Module):
@@ -76,7 +72,7 @@ def exportable_copy(finetune: nn.Module) -> nn.Module:
     """The fine-tune with every bitsandbytes layer swapped for an export-friendly twin over the same tensors."""
     memo: dict[int, object] = {}
     for path, module in finetune.named_modules():
-        if quantized_storage(module) and not getattr(module, "is_surgery_adapter", False):
+        if quantized_storage(module) and not isinstance(module, LoraLayer):
             memo[id(module)] = _twin(path, module)
     for t in [*finetune.parameters(), *finetune.buffers()]:
         memo[id(t)] = t  # share, never copy

@@ -5,8 +5,8 @@ own objects. Everything a user can do through its public surface must leave the 
 sibling bit-identical, so a fine-tune carries a few methods of its own (installed per instance, the
 class stays the base's): ``_apply`` refuses moves and casts that would copy the base,
 ``requires_grad_(True)`` refuses to make shared tensors trainable, ``load_state_dict`` loads only its
-own tensors, ``copy.deepcopy`` makes an independent fine-tune on the same base, and pickling stores
-the base plus the fine-tune's own tensors and rebuilds it on load. Two global guards catch what
+own tensors; ``rewrite`` adds the copy methods (``copy.deepcopy`` makes an independent fine-tune on
+the same base, pickling stores the base plus the fine-tune's own tensors and rebuilds it on load). Two global guards catch what
 goes around those methods: an optimizer step over a shared tensor, and FSDP1 flattening a fine-tune.
 """
 
@@ -21,7 +21,8 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from .adapters import LoraLayer
+from .bnb import is_state_key
+from .lora import LoraLayer
 from .errors import AdapterStateError, RewriteError
 
 if TYPE_CHECKING:
@@ -83,10 +84,13 @@ def is_shared(t: torch.Tensor) -> bool:
     return getattr(t, SHARED, False)
 
 
-def install_guards(finetune: nn.Module, info: FinetuneInfo) -> None:
-    """Give a new fine-tune its info and its own methods (bound per instance; the class is the base's)."""
+def install_guards(finetune: nn.Module, info: FinetuneInfo, copying: dict) -> None:
+    """Give a new fine-tune its info and its own methods (bound per instance; the class is the base's).
+
+    ``copying`` holds the ``__deepcopy__`` and ``__reduce_ex__`` methods (they rebuild through rewrite).
+    """
     finetune.__dict__["_surgery"] = info
-    for name, method in _METHODS.items():
+    for name, method in {**_METHODS, **copying}.items():
         finetune.__dict__[name] = types.MethodType(method, finetune)
     finetune.register_forward_pre_hook(_refuse_fsdp1_flattening)
 
@@ -152,46 +156,13 @@ def _load_state_dict(self: nn.Module, state_dict, strict: bool = True, assign: b
                 p.copy_(state_dict[name])
     known = {n for n, _ in self.named_parameters(remove_duplicate=False)}
     known |= {n for n, _ in self.named_buffers(remove_duplicate=False)}
-    unexpected = [k for k in state_dict if k not in known and not _bnb_state_key(k, known)]
+    unexpected = [k for k in state_dict if k not in known and not is_state_key(k, known)]
     return nn.modules.module._IncompatibleKeys(missing, unexpected)
 
 
-def _deepcopy(self: nn.Module, memo: dict[int, Any]) -> nn.Module:
-    """An independent fine-tune on the same base (or on the base's copy, when the base is copied too)."""
-    info = finetune_info(self)
-    base = memo.get(id(info.base), info.base)
-    own = {name: p.detach().clone() for name, p in own_state(self).items()}
-    return rebuild(base, info.rules, own, [m.training for m in self.modules()])
-
-
-def _reduce_ex(self: nn.Module, protocol: int):
-    """Pickle as (base, rules, own tensors, training flags): unpickling rebuilds a fine-tune of that base."""
-    info = finetune_info(self)
-    own = {name: p.detach().to("cpu").clone() for name, p in own_state(self).items()}
-    return rebuild, (info.base, info.rules, own, [m.training for m in self.modules()])
-
-
-def rebuild(base: nn.Module, rules: "RuleSet", own: dict[str, torch.Tensor], modes: list[bool]) -> nn.Module:
-    """A fine-tune of ``base`` by ``rules`` holding ``own`` tensors, each module in the given training mode."""
-    from .rewrite import rewrite
-
-    with torch.random.fork_rng(devices=[]):  # LoRA init is overwritten: draw nothing from the caller's stream
-        finetune = rewrite(base, rules)
-    finetune.load_state_dict(own)
-    for module, training in zip(finetune.modules(), modes):
-        module.training = training
-    return finetune
-
-
-_METHODS = {"_apply": _apply, "requires_grad_": _requires_grad_, "load_state_dict": _load_state_dict,
-            "__deepcopy__": _deepcopy, "__reduce_ex__": _reduce_ex}
-_INSTANCE_ATTRS = ("_surgery", *_METHODS)
-
-
-def _bnb_state_key(key: str, known: set[str]) -> bool:
-    """bitsandbytes' extra state-dict entries (weight.SCB, weight.quant_state..., absmax, ...) of a known weight."""
-    owner = key.split(".weight.", 1)[0] + ".weight" if ".weight." in key else None
-    return owner in known
+_METHODS = {"_apply": _apply, "requires_grad_": _requires_grad_, "load_state_dict": _load_state_dict}
+COPY_METHODS = ("__deepcopy__", "__reduce_ex__")  # installed by rewrite, which copying goes through
+_INSTANCE_ATTRS = ("_surgery", *_METHODS, *COPY_METHODS)
 
 
 # ------------------------------------------------------------------------------ global guards

@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .trace import _param_infos, op_kind, quantized_storage
+from .bnb import dequantized_weight, quantized_storage
+from .trace import _param_infos, op_kind
 
 VERSION = 1
 PROBED_TENSORS = 8
@@ -154,7 +155,6 @@ def _probe(module: nn.Module) -> tuple[list[float], list[float]]:
             dense, half_step = dense.float(), HALF_STEP.get(weight.dtype, 2.0 ** -8)
             subnormal = SUBNORMAL_HALF_STEP.get(weight.dtype, 0.0)
         else:
-            from .quantize import dequantized_weight
 
             dense = dequantized_weight(module)
         rows = torch.tensor(_evenly_spaced(range(dense.shape[0]), PROBE_ROWS))

@@ -1,29 +1,116 @@
-"""Measured memory: bytes of unique tensor storage, counting bitsandbytes' quantization state."""
+"""Memory, planned and measured: the exact bytes a plan predicts, and the bytes a model holds.
+
+Planned: bitsandbytes' storage formulas per quantized weight, LoRA parameter counts, the base's
+bytes now and after quantization (each tensor once per stored form) and what one more fine-tune
+adds. Measured: bytes of unique tensor storage, bitsandbytes' quantization state included.
+"""
 
 from __future__ import annotations
 
-import torch
+import math
+from collections import defaultdict
+from typing import TYPE_CHECKING
+
 from torch import nn
 
-from .trace import quant_state_tensors
+from .rules import LoraConfig, QuantConfig
+from .bnb import state_tensors
+from .trace import ModelGraph
+
+if TYPE_CHECKING:
+    from .plan import Decision
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 1, "uint8": 1}
+
+
+# ---------------------------------------------------------------------------------------- planned
+
+def lora_param_count(kind: str, weight_shape: tuple[int, ...], lora: LoraConfig) -> int:
+    """Parameters of one LoRA adapter: r*(in+out), plus ``out`` for a trainable adapter bias."""
+    in_f, out_f = lora_dims(kind, weight_shape)
+    return lora.r * (in_f + out_f) + (out_f if lora.bias else 0)
+
+
+def lora_dims(kind: str, weight_shape: tuple[int, ...]) -> tuple[int, int]:
+    """(in, out) of a layer from its weight: Linear (out, in), Conv1D (in, out), Embedding (num, dim)."""
+    if kind == "linear":
+        return weight_shape[1], weight_shape[0]
+    return weight_shape[0], weight_shape[1]
+
+
+
+def quantized_weight_bytes(kind: str, shape: tuple[int, ...], quant: QuantConfig) -> int:
+    """Exact bytes bitsandbytes stores for one weight quantized with ``quant``.
+
+    int8 (LLM.int8): one int8 per element + one float32 scale per output row.
+    nf4/fp4: two elements per byte + float32 absmax per block + the 16-entry float32 code; with
+    double quantization the absmax is uint8 plus float32 absmax per 256 blocks, a 256-entry float32
+    code and a float32 offset.
+    """
+    numel = math.prod(shape)
+    if quant.scheme == "int8":
+        rows = shape[1] if kind == "conv1d" else shape[0]
+        return numel + 4 * rows
+    blocks = math.ceil(numel / quant.blocksize)
+    packed = (numel + 1) // 2
+    code = 16 * 4
+    if quant.double_quant:
+        absmax = blocks + 4 * math.ceil(blocks / 256) + 256 * 4 + 4
+    else:
+        absmax = 4 * blocks
+    return packed + absmax + code
+
+
+def base_bytes(graph: ModelGraph, decisions: dict[str, "Decision"]) -> tuple[int, int]:
+    """Bytes of the base now and after quantization, counting each tensor once per stored form."""
+    canon = graph.canonical_names()
+    now: dict[str, int] = {}
+    after: dict[str, dict[object, int]] = defaultdict(dict)
+    for path, decision in decisions.items():
+        info = graph.modules[path]
+        for p in info.params:
+            full = f"{path}.{p.name}" if path else p.name
+            key = canon.get(full, full)
+            now[key] = p.nbytes
+            form = decision.stored_form(p.name)
+            after[key][form] = p.nbytes if form == "original" else quantized_weight_bytes(
+                info.kind, p.shape, decision.quant)
+    return sum(now.values()), sum(sum(forms.values()) for forms in after.values())
+
+
+def finetune_cost(graph: ModelGraph, decisions: dict[str, "Decision"]) -> tuple[int, int]:
+    """Bytes and trainable parameters one more fine-tune adds: adapters + private copies of plain modules."""
+    canon = graph.canonical_names()
+    plain: dict[str, tuple[int, int]] = {}
+    nbytes = params = 0
+    for path, decision in decisions.items():
+        nbytes += decision.adapter_bytes
+        params += decision.adapter_params
+        if decision.action == "plain":
+            for p in graph.modules[path].params:
+                full = f"{path}.{p.name}" if path else p.name
+                plain[canon.get(full, full)] = (p.nbytes, p.numel)
+    return nbytes + sum(b for b, _ in plain.values()), params + sum(n for _, n in plain.values())
+
+
+def fmt_bytes(n: float) -> str:
+    """Human-readable bytes (binary units), e.g. 1.3 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+# ---------------------------------------------------------------------------------------- measured
 
 
 def _parameter_tensors(model: nn.Module):
+    """Every parameter and the quantization state behind it (see bnb.state_tensors)."""
     for module in model.modules():
         for p in module.parameters(recurse=False):
             yield p
-            for attr in ("SCB", "CB"):
-                extra = getattr(p, attr, None)
-                if isinstance(extra, torch.Tensor):
-                    yield extra
-            state = getattr(p, "quant_state", None)
-            if state is not None:
-                yield from quant_state_tensors(state)
-        state = getattr(module, "state", None)  # Linear8bitLt moves CB/SCB here on first forward
-        for attr in ("CB", "SCB"):
-            extra = getattr(state, attr, None)
-            if isinstance(extra, torch.Tensor):
-                yield extra
+            yield from state_tensors(p, module)
 
 
 def storages(model: nn.Module) -> dict[tuple, int]:

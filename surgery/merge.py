@@ -14,15 +14,13 @@ import dataclasses
 import torch
 from torch import nn
 
-from .errors import RewriteError
-from .quantize import dequantized_weight, quantized_layer
+from .errors import MergeError
+from .bnb import dequantized_weight, quantized_storage
+from .lora import LoraLayer
+from .quantize import quantized_layer
 from .finetune import detached_copy, finetune_info
 from .rules import QuantConfig
-from .trace import find_ties, quantized_storage
-
-
-class MergeError(RewriteError):
-    """A fine-tune that cannot be folded into a plain model of its class."""
+from .trace import find_ties, replace_submodule
 
 
 def merge(finetune: nn.Module, dtype: torch.dtype | None = None, *, requantize: bool = False) -> nn.Module:
@@ -37,7 +35,7 @@ def merge(finetune: nn.Module, dtype: torch.dtype | None = None, *, requantize: 
     memo: dict[int, object] = {}
     with torch.no_grad():
         for path, module in finetune.named_modules():
-            if getattr(module, "is_surgery_adapter", False):
+            if isinstance(module, LoraLayer):
                 memo[id(module)] = _dense_layer(module.base_layer, kinds[path], target, module)
             elif quantized_storage(module) and path in kinds:  # not an adapter's own base_layer
                 memo[id(module)] = _dense_layer(module, kinds[path], target)
@@ -75,7 +73,7 @@ def output_error(reference: nn.Module, other: nn.Module, inputs: dict[str, torch
 def _check_mergeable(finetune: nn.Module, kinds: dict[str, str]) -> None:
     """Every refusal before any work: a LoRA bias needs a bias in the layer it folds into."""
     for path, module in finetune.named_modules():
-        if not getattr(module, "is_surgery_adapter", False) or module.lora_bias is None:
+        if not isinstance(module, LoraLayer) or module.lora_bias is None:
             continue
         if kinds[path] == "embedding" or getattr(module.base_layer, "bias", None) is None:
             raise MergeError(f"{path}: its adapter has a bias but the {type(module.base_layer).__name__} it adapts "
@@ -137,8 +135,7 @@ def _requantize(merged: nn.Module, info) -> None:
         if quant.scheme != held:
             quant = QuantConfig(held)
         layer = quantized_layer(merged.get_submodule(path), dataclasses.replace(decision, quant=quant), shared)
-        parent, _, child = path.rpartition(".")
-        setattr(merged.get_submodule(parent) if parent else merged, child, layer)
+        replace_submodule(merged, path, layer)
 
 
 def _has(model: nn.Module, path: str) -> bool:

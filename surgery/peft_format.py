@@ -20,14 +20,15 @@ import regex
 import torch
 from torch import nn
 
-from .adapters import LoraEmbedding
+from .lora import LoraEmbedding, LoraLayer
 from .errors import AdapterStateError, PlanError, first_line
 from .files import MiB, atomic_write, check_user_file, read_user_text
 from .finetune import finetune_info
 from .rewrite import rewrite
-from .rules import REGEX_TIMEOUT, LoraConfig, QuantConfig, parse_rules
-from .state import MAX_ADAPTER_BYTES
-from .trace import quantized_storage
+from .rules import REGEX_TIMEOUT, LoraConfig, QuantConfig
+from .rule_file import parse_rules
+from .adapter_file import MAX_ADAPTER_BYTES
+from .bnb import quantized_storage
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
@@ -58,7 +59,7 @@ def export_peft(finetune: nn.Module, folder: str | Path) -> Path:
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise AdapterStateError(f"{folder}: exists and is not a folder; export_peft writes a folder")
-    adapters = {path: m for path, m in finetune.named_modules() if getattr(m, "is_surgery_adapter", False)}
+    adapters = {path: m for path, m in finetune.named_modules() if isinstance(m, LoraLayer)}
     plain = [d.path for d in info.plan.by_action("plain")]
     if not adapters:
         raise AdapterStateError("this fine-tune has no LoRA adapters; PEFT's LoRA format needs at least one "
@@ -211,7 +212,7 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
             return torch.load(pickled, map_location="cpu", weights_only=True)
     except Exception as exc:  # safetensors and torch.load report corruption in many ways
         raise AdapterStateError(f"{safe if safe.is_file() else pickled}: unreadable adapter weights "
-                                f"({type(exc).__name__}: {str(exc)[:200]})") from exc
+                                f"({type(exc).__name__}: {first_line(exc)})") from None
     raise AdapterStateError(f"{folder}: has no {WEIGHTS_FILE} (or adapter_model.bin)")
 
 

@@ -9,18 +9,18 @@ copy alive is counted and a tensor quantized once for two modules is counted onc
 from __future__ import annotations
 
 import difflib
-import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 from torch import nn
 
 from .errors import PlanError, Violation
-from .rules import ADAPTABLE_KINDS, LoraConfig, QuantConfig, Rule, RuleSet, load_rules, pattern_matches
+from .rules import ADAPTABLE_KINDS, Action, Kind, LoraConfig, QuantConfig, Rule, RuleSet, pattern_matches
+from .rule_file import load_rules, parse_rules
+from .memory import DTYPE_BYTES, base_bytes, finetune_cost, fmt_bytes, lora_param_count
 from .trace import ModelGraph, ModuleInfo, trace
 
 QUANTIZABLE_KINDS = ("linear", "conv1d", "embedding")
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 1, "uint8": 1}
 
 
 @dataclass(frozen=True)
@@ -28,8 +28,8 @@ class Decision:
     """What happens to one module: action, weight storage, trainability, adapter, and the deciding rule."""
 
     path: str
-    kind: str
-    action: str
+    kind: Kind
+    action: Action
     storage: str  # float32 / float16 / bfloat16 / int8 / nf4 / fp4
     trainable: bool
     rule: Rule | None  # None: the rule file's default
@@ -41,6 +41,13 @@ class Decision:
     @property
     def decided_by(self) -> str:
         return f"{self.rule.location} ({self.rule.label})" if self.rule else "default"
+
+    def stored_form(self, param: str) -> object:
+        """How a parameter is stored after quantization: 'original' or the quantization that produces it."""
+        if self.quant is None or param != "weight":
+            return "original"
+        q = self.quant
+        return (q.scheme,) if q.scheme == "int8" else (q.scheme, q.double_quant, q.blocksize)
 
     def __repr__(self) -> str:
         lora = f", lora r={self.lora.r}" if self.lora else ""
@@ -180,8 +187,8 @@ def plan(model_or_graph: nn.Module | ModelGraph, rules: RuleSet | str, *, finetu
         d.rule is r for d in decisions.values())]
     tie_notes, tie_violations = _ties(graph, decisions)
     violations += tie_violations
-    base_now, base_after = _base_bytes(graph, decisions)
-    ft_bytes, trainable = _finetune_cost(graph, decisions)
+    base_now, base_after = base_bytes(graph, decisions)
+    ft_bytes, trainable = finetune_cost(graph, decisions)
     result = Plan(graph, rules, decisions, tie_notes, violations, base_now, base_after, ft_bytes, trainable,
                   finetunes, shadowed)
     return result.check() if check else result
@@ -249,19 +256,6 @@ def _decide(info: ModuleInfo, rule: Rule | None, rules: RuleSet) -> tuple[Decisi
     decision = Decision(info.path, info.kind, action, storage, action == "plain", rule, lora, plan_quant,
                         adapter_params, adapter_bytes)
     return decision, problems
-
-
-def lora_param_count(kind: str, weight_shape: tuple[int, ...], lora: LoraConfig) -> int:
-    """Parameters of one LoRA adapter: r*(in+out), plus ``out`` for a trainable adapter bias."""
-    in_f, out_f = lora_dims(kind, weight_shape)
-    return lora.r * (in_f + out_f) + (out_f if lora.bias else 0)
-
-
-def lora_dims(kind: str, weight_shape: tuple[int, ...]) -> tuple[int, int]:
-    """(in, out) of a layer from its weight: Linear (out, in), Conv1D (in, out), Embedding (num, dim)."""
-    if kind == "linear":
-        return weight_shape[1], weight_shape[0]
-    return weight_shape[0], weight_shape[1]
 
 
 def _check_unmatched(rules: RuleSet, matched: dict[int, list[str]], graph: ModelGraph) -> list[Violation]:
@@ -344,13 +338,13 @@ def _ties(graph: ModelGraph, decisions: dict[str, Decision]) -> tuple[list[TieNo
                 violations.append(Violation("C6", f"{message}; {fix} to accept that, or make all of them plain",
                                             _param_owner(plain[0][0])[0]))
             continue
-        forms = {_form(d, _param_owner(n)[1]) for n, d in members}
+        forms = {d.stored_form(_param_owner(n)[1]) for n, d in members}
         if len(forms) == 1:
             storage = members[0][1].storage
             notes.append(TieNote(names, f"{names[0]} and {', '.join(names[1:])} stay one tensor ({storage})"))
             continue
-        full = [n for n, d in members if _form(d, _param_owner(n)[1]) == "original"]
-        quantized = [(n, d) for n, d in members if _form(d, _param_owner(n)[1]) != "original"]
+        full = [n for n, d in members if d.stored_form(_param_owner(n)[1]) == "original"]
+        quantized = [(n, d) for n, d in members if d.stored_form(_param_owner(n)[1]) != "original"]
         if full:
             q = ", ".join(f"{_param_owner(n)[0]} ({d.storage})" for n, d in quantized)
             notes.append(TieNote(names, (
@@ -364,74 +358,14 @@ def _ties(graph: ModelGraph, decisions: dict[str, Decision]) -> tuple[list[TieNo
     return notes, violations
 
 
-def _form(decision: Decision, param: str) -> object:
-    """How a parameter is stored after quantization: 'original' or the quantization that produces it."""
-    if decision.quant is None or param != "weight":
-        return "original"
-    q = decision.quant
-    return (q.scheme,) if q.scheme == "int8" else (q.scheme, q.double_quant, q.blocksize)
+def memory_by_scheme(graph: ModelGraph) -> dict[str, int]:
+    """Bytes of the model with every Linear/Conv1D/Embedding weight stored as float32, float16, int8, nf4.
 
-
-# ---------------------------------------------------------------------------------------- memory
-
-def quantized_weight_bytes(kind: str, shape: tuple[int, ...], quant: QuantConfig) -> int:
-    """Exact bytes bitsandbytes stores for one weight quantized with ``quant``.
-
-    int8 (LLM.int8): one int8 per element + one float32 scale per output row.
-    nf4/fp4: two elements per byte + float32 absmax per block + the 16-entry float32 code; with
-    double quantization the absmax is uint8 plus float32 absmax per 256 blocks, a 256-entry float32
-    code and a float32 offset.
+    float32/float16 count every parameter at that width; int8/nf4 are the plan's exact bytes for
+    quantizing those weights (everything else as stored).
     """
-    numel = math.prod(shape)
-    if quant.scheme == "int8":
-        rows = shape[1] if kind == "conv1d" else shape[0]
-        return numel + 4 * rows
-    blocks = math.ceil(numel / quant.blocksize)
-    packed = (numel + 1) // 2
-    code = 16 * 4
-    if quant.double_quant:
-        absmax = blocks + 4 * math.ceil(blocks / 256) + 256 * 4 + 4
-    else:
-        absmax = 4 * blocks
-    return packed + absmax + code
-
-
-def _base_bytes(graph: ModelGraph, decisions: dict[str, Decision]) -> tuple[int, int]:
-    """Bytes of the base now and after quantization, counting each tensor once per stored form."""
-    canon = graph.canonical_names()
-    now: dict[str, int] = {}
-    after: dict[str, dict[object, int]] = defaultdict(dict)
-    for path, decision in decisions.items():
-        info = graph.modules[path]
-        for p in info.params:
-            full = f"{path}.{p.name}" if path else p.name
-            key = canon.get(full, full)
-            now[key] = p.nbytes
-            form = _form(decision, p.name)
-            after[key][form] = p.nbytes if form == "original" else quantized_weight_bytes(
-                info.kind, p.shape, decision.quant)
-    return sum(now.values()), sum(sum(forms.values()) for forms in after.values())
-
-
-def _finetune_cost(graph: ModelGraph, decisions: dict[str, Decision]) -> tuple[int, int]:
-    """Bytes and trainable parameters one more fine-tune adds: adapters + private copies of plain modules."""
-    canon = graph.canonical_names()
-    plain: dict[str, tuple[int, int]] = {}
-    nbytes = params = 0
-    for path, decision in decisions.items():
-        nbytes += decision.adapter_bytes
-        params += decision.adapter_params
-        if decision.action == "plain":
-            for p in graph.modules[path].params:
-                full = f"{path}.{p.name}" if path else p.name
-                plain[canon.get(full, full)] = (p.nbytes, p.numel)
-    return nbytes + sum(b for b, _ in plain.values()), params + sum(n for _, n in plain.values())
-
-
-def fmt_bytes(n: float) -> str:
-    """Human-readable bytes (binary units), e.g. 1.3 GiB."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
+    out = {"float32": graph.numel * 4, "float16": graph.numel * 2}
+    for scheme in ("int8", "nf4"):
+        rules = parse_rules({"quantize": scheme, "default": "quantize"}, source=f"<all {scheme}>")
+        out[scheme] = plan(graph, rules, check=False).base_bytes_after
+    return out

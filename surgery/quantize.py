@@ -13,6 +13,7 @@ from torch import nn
 
 from .plan import Decision, Plan
 from .rules import QuantConfig
+from .trace import replace_submodule
 
 
 def quantize_base(model: nn.Module, plan: Plan, progress=None) -> list[str]:
@@ -26,8 +27,7 @@ def quantize_base(model: nn.Module, plan: Plan, progress=None) -> list[str]:
         if progress is not None:
             progress(i + 1, len(todo), decision.path)
     for path, layer in built.items():
-        parent, _, child = path.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, layer)
+        replace_submodule(model, path, layer)
     return list(built)
 
 
@@ -87,46 +87,3 @@ def _quantized_weight(weight: torch.Tensor, quant: QuantConfig, layer: nn.Module
     return bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=quant.blocksize,
                              compress_statistics=quant.double_quant, quant_type=quant.scheme, module=layer,
                              bnb_quantized=True)
-
-
-def settle_shared_layers(model: nn.Module) -> None:
-    """Keep every 4-bit layer of a shared base in bitsandbytes' standard layout, now and later.
-
-    On CPUs with AVX512-BF16 an eval-mode forward of ``Linear4bit`` repacks its weight in place into
-    a CPU-specific layout; the weight object is shared by the base and every fine-tune, and readers
-    (merge, fingerprint, export) expect the standard layout. So repacking is switched off on every
-    layer (fine-tunes copy the flag), and a weight repacked before surgery saw it is unpacked.
-    """
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-        if getattr(module, "weight", None) is not None:
-            standard_layout(module)
-
-
-def standard_layout(module: nn.Module) -> None:
-    """Undo bitsandbytes' CPU repacking of a 4-bit weight in place (what its own state_dict and .cuda() do)."""
-    weight = module.weight
-    quant_state = getattr(weight, "quant_state", None)
-    if getattr(quant_state, "packing_format_for_cpu", False):
-        import bitsandbytes as bnb
-
-        weight.data, weight.quant_state = bnb.functional._convert_weight_packed_for_cpu_inverse(weight.data,
-                                                                                                quant_state)
-        if getattr(module, "quant_state", None) is quant_state:
-            module.quant_state = weight.quant_state
-
-
-def dequantized_weight(module: nn.Module) -> torch.Tensor:
-    """The float32 weight a bitsandbytes layer stands for, in its logical (out, in) / (num, dim) shape."""
-    import bitsandbytes as bnb
-
-    standard_layout(module)
-    weight = module.weight
-    quant_state = getattr(weight, "quant_state", None)
-    if quant_state is not None:  # Linear4bit / Embedding4bit
-        return bnb.functional.dequantize_4bit(weight.data, quant_state).float()
-    scb = getattr(weight, "SCB", None)
-    if scb is None:  # Linear8bitLt after its first forward keeps the row scales in its matmul state
-        scb = module.state.SCB
-    return weight.data.float() * (scb.float().unsqueeze(1) / 127.0)

@@ -1,17 +1,23 @@
-"""Rich tables for graphs and plans: what ``print(plan)`` and the CLI show."""
+"""Rich tables for everything surgery shows: graphs, plans, apply, adapter files, training (renders only)."""
 
 from __future__ import annotations
 
 import re
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
 from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from .plan import Plan, fmt_bytes, plan
-from .rules import ADAPTABLE_KINDS, parse_rules
+from .memory import fmt_bytes
+from .rules import ADAPTABLE_KINDS
 from .trace import ModelGraph
+
+if TYPE_CHECKING:
+    from .adapter_file import AdapterFile
+    from .apply import Applied
+    from .plan import Plan
 
 
 def collapse(path: str) -> str:
@@ -35,25 +41,14 @@ def render_text(renderable, width: int = 120) -> str:
 
 # ------------------------------------------------------------------------------------------ graph
 
-def memory_at(graph: ModelGraph, scheme: str) -> int:
-    """Bytes of the model with every Linear/Conv1D/Embedding weight stored as ``scheme``.
-
-    float32/float16 count every parameter at that width; int8/nf4 are the plan's exact bytes for
-    quantizing those weights (everything else as stored).
-    """
-    if scheme in ("float32", "float16"):
-        return graph.numel * (4 if scheme == "float32" else 2)
-    rules = parse_rules({"quantize": scheme, "default": "quantize"}, source=f"<all {scheme}>")
-    return plan(graph, rules, check=False).base_bytes_after
-
-
-def graph_summary(graph: ModelGraph) -> dict:
+def graph_summary(graph: ModelGraph, memory: dict[str, int]) -> dict:
+    """JSON-ready facts of a graph; ``memory`` is bytes by storage scheme (``plan.memory_by_scheme``)."""
     dtypes = sorted({p.dtype for m in graph.leaves() for p in m.params})
     blocks = {path: n for path, (n, _) in graph.reduced.items()} or _block_lengths(graph)
     return {
         "model": graph.name, "class": graph.model_class, "parameters": graph.numel,
         "layers": max(blocks.values(), default=0), "dtypes": dtypes,
-        "memory": {s: memory_at(graph, s) for s in ("float32", "float16", "int8", "nf4")},
+        "memory": memory,
         "tied": [list(t) for t in graph.ties], "trace": graph.method, "trace_seconds": round(graph.seconds, 3),
         "trace_reason": graph.reason,
         "reduced_blocks": {k: {"layers": n, "traced": t} for k, (n, t) in graph.reduced.items()},
@@ -76,10 +71,11 @@ def adaptable_names(graph: ModelGraph) -> list[str]:
     return sorted({m.name for m in graph.leaves() if m.kind in ADAPTABLE_KINDS})
 
 
-def graph_renderable(graph: ModelGraph, pattern: str | None = None):
+def graph_renderable(graph: ModelGraph, memory: dict[str, int], pattern: str | None = None):
+    """``surgery inspect``: the graph's facts, then its modules (repeated blocks collapsed)."""
     from .rules import pattern_matches
 
-    s = graph_summary(graph)
+    s = graph_summary(graph, memory)
     head = Table.grid(padding=(0, 2))
     head.add_column(style="bold")
     head.add_column()
@@ -122,7 +118,7 @@ def _shape(shape) -> str:
 
 # ------------------------------------------------------------------------------------------- plan
 
-def plan_renderable(plan: Plan):
+def plan_renderable(plan: "Plan"):
     by_rule: OrderedDict[str, list] = OrderedDict()
     for d in plan.decisions.values():
         by_rule.setdefault(d.decided_by, []).append(d)
@@ -149,7 +145,7 @@ def plan_renderable(plan: Plan):
     return Group(*parts)
 
 
-def memory_table(plan: Plan, finetunes: int | None = None) -> Table:
+def memory_table(plan: "Plan", finetunes: int | None = None) -> Table:
     n = plan.finetunes if finetunes is None else finetunes
     table = Table(title=f"memory (planned, exact): base + {n} fine-tune{'s' if n != 1 else ''}")
     table.add_column("what")
@@ -163,3 +159,57 @@ def memory_table(plan: Plan, finetunes: int | None = None) -> Table:
         table.add_row(label, f"{value:,}", fmt_bytes(value))
     table.add_row("trainable parameters per fine-tune", f"{plan.trainable_params:,}", "")
     return table
+
+
+def applied_table(applied: "Applied", model: str) -> Table:
+    """``surgery apply``: measured bytes next to the plan's, for the base and each fine-tune."""
+    plan, n = applied.plan, len(applied.finetunes)
+    table = Table(title=f"{model} + {n} fine-tune{'s' if n != 1 else ''} of {plan.rules.source}: measured (unique "
+                        "parameter storage) vs planned")
+    for col in ("", "measured bytes", "planned bytes", ""):
+        table.add_column(col, justify="right" if col else "left")
+    rows = [("base as loaded", applied.loaded_bytes, plan.base_bytes_now),
+            ("base, quantized and shared", applied.base_bytes, plan.base_bytes_after),
+            *[(f"fine-tune {i + 1} (own tensors)", own, plan.finetune_bytes) for i, own in enumerate(applied.own_bytes)],
+            (f"base + {n} fine-tunes", applied.total_bytes, plan.total_bytes()),
+            (f"{n} full copies", n * applied.loaded_bytes, plan.full_copies_bytes())]
+    for label, measured, planned in rows:
+        table.add_row(label, f"{measured:,}", f"{planned:,}", fmt_bytes(measured))
+    table.add_row("trainable parameters / fine-tune", f"{applied.trainable:,}", f"{plan.trainable_params:,}", "")
+    return table
+
+
+def training_summary(runs: list, adapter_file: str) -> Table:
+    """One row per finished run: steps, first and last loss, final eval loss and perplexity, its adapter file."""
+    table = Table(title="training summary")
+    for col in ("job", "steps", "first loss", "last loss", "eval loss", "perplexity", "adapter file"):
+        table.add_column(col, justify="left" if col in ("job", "adapter file") else "right")
+    for run in runs:
+        losses = [r["loss"] for r in run.history if r.get("loss") is not None]
+        final = next((r for r in reversed(run.history) if "eval_loss" in r), {})
+        table.add_row(run.job.name, str(run.step), f"{losses[0]:.4f}" if losses else "-",
+                      f"{losses[-1]:.4f}" if losses else "-", f"{final['eval_loss']:.4f}" if final else "-",
+                      f"{final['perplexity']:.2f}" if final else "-", str(run.job.out / adapter_file))
+    return table
+
+
+def adapter_tables(adapter: "AdapterFile", show_all: bool = False, limit: int = 40) -> tuple[Table, Table]:
+    """``surgery adapter show``: the file's metadata, and its tensors with dtypes, shapes and sizes."""
+    meta = Table(title=f"{adapter.path}", show_header=False)
+    meta.add_column("field")
+    meta.add_column("value")
+    for key in ("format", "format_version", "surgery_version", "base_model", "base_class", "rules_source"):
+        meta.add_row(key, adapter.metadata.get(key, ""))
+    meta.add_row("base fingerprint", repr(adapter.fingerprint))
+    meta.add_row("checksums", "metadata and tensors verified")
+    tensors = Table(title=f"{len(adapter.tensors)} tensors, {adapter.nbytes:,} bytes ({fmt_bytes(adapter.nbytes)})")
+    for col in ("tensor", "dtype", "shape", "bytes"):
+        tensors.add_column(col, justify="right" if col == "bytes" else "left")
+    names = list(adapter.tensors)
+    for name in names if show_all else names[:limit]:
+        t = adapter.tensors[name]
+        tensors.add_row(name, str(t.dtype).removeprefix("torch."), str(tuple(t.shape)),
+                        f"{t.numel() * t.element_size():,}")
+    if not show_all and len(names) > limit:
+        tensors.add_row(f"... {len(names) - limit} more (--all)", "", "", "")
+    return meta, tensors

@@ -11,23 +11,49 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import weakref
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field
 
 import torch
+from typing import Any, Callable
+
 from torch import nn
 
-from .adapters import make_adapter
-from .errors import RewriteError, SurgeryError
-from .finetune import FinetuneInfo, finetune_info, install_guards, mark_shared
+from .lora import make_adapter
+from .errors import RewriteError, SharedBaseWarning, SurgeryError
+from .finetune import FinetuneInfo, finetune_info, install_guards, mark_shared, own_state
 from .plan import Plan, plan as make_plan
-from .quantize import quantize_base, settle_shared_layers
-from .rules import RuleSet, load_rules
-from .trace import ModelGraph, quantized_storage, refresh, trace
+from .bnb import quantized_storage, settle_shared_layers
+from .quantize import quantize_base
+from .rules import RuleSet
+from .rule_file import load_rules
+from .trace import ModelGraph, refresh, replace_submodule, trace
 
 
-_GRAPHS: "weakref.WeakKeyDictionary[nn.Module, ModelGraph]" = weakref.WeakKeyDictionary()
+log = logging.getLogger(__name__)
+@dataclass
+class BaseRecord:
+    """What surgery remembers of one base while it lives: its graph, its live fine-tunes, its fingerprint."""
+
+    graph: ModelGraph | None = None
+    finetunes: weakref.WeakSet = field(default_factory=weakref.WeakSet)
+    fingerprint: tuple | None = None  # (weights key, Fingerprint), see adapter_file.base_fingerprint
+
+    def __repr__(self) -> str:
+        return f"BaseRecord(graph={'yes' if self.graph else 'no'}, {len(self.finetunes)} live fine-tunes)"
+
+
+_BASES: "weakref.WeakKeyDictionary[nn.Module, BaseRecord]" = weakref.WeakKeyDictionary()
+
+
+def base_record(model: nn.Module) -> BaseRecord:
+    """The record of a base (made on first use, dropped with the base)."""
+    record = _BASES.get(model)
+    if record is None:
+        record = _BASES[model] = BaseRecord()
+    return record
+
 
 
 _BY_STRUCTURE: dict[tuple, ModelGraph] = {}  # a few recent traces, by architecture (see _structure_key)
@@ -40,17 +66,20 @@ def base_graph(model: nn.Module) -> ModelGraph:
     A second model of exactly the same structure and config (another load of one checkpoint) reuses
     the first one's trace: calls and shapes depend on the architecture, not on the weights.
     """
-    cached = _GRAPHS.get(model)
+    record = base_record(model)
+    cached = record.graph
     if cached is None:
         key = _structure_key(model)
         cached = _BY_STRUCTURE.get(key)
+        log.debug("graph of a %s: %s", type(model).__name__, "traced" if cached is None else
+                  "reused from a model of the same structure")
         graph = trace(model) if cached is None else refresh(cached, model)
         _BY_STRUCTURE[key] = graph
         while len(_BY_STRUCTURE) > _BY_STRUCTURE_SIZE:
             _BY_STRUCTURE.pop(next(iter(_BY_STRUCTURE)))
     else:
         graph = refresh(cached, model)
-    _GRAPHS[model] = graph
+    record.graph = graph
     return graph
 
 
@@ -84,11 +113,11 @@ def rewrite(model: nn.Module, rules: RuleSet | str, *, progress: Callable | None
         _freeze(model)
         settle_shared_layers(model)
         finetune = _structural_copy(model, the_plan)
-        install_guards(finetune, FinetuneInfo(rules, the_plan, model))
+        install_guards(finetune, FinetuneInfo(rules, the_plan, model), COPYING)
         if finish is not None:
             finish(finetune)
     mark_shared(model)
-    _LIVE.setdefault(model, weakref.WeakSet()).add(finetune)
+    base_record(model).finetunes.add(finetune)
     return finetune
 
 
@@ -107,15 +136,10 @@ def prepare_base(model: nn.Module, *rule_sets: RuleSet | str) -> None:
                 settle_shared_layers(model)
 
 
-_LIVE: "weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet]" = weakref.WeakKeyDictionary()
-
-
-class SharedBaseWarning(UserWarning):
-    """A rewrite quantizes modules that fine-tunes made earlier still use in full precision."""
 
 
 def _warn_if_quantizing_under_finetunes(model: nn.Module, the_plan: Plan) -> None:
-    live = list(_LIVE.get(model, ()))
+    live = list(base_record(model).finetunes)
     if live and the_plan.quantized:
         paths = [d.path for d in the_plan.quantized]
         import warnings
@@ -155,7 +179,7 @@ class _Snapshot:
             setattr(parent, name, child)
         for p, flag in self.flags:
             p.requires_grad_(flag)
-        _GRAPHS.pop(self.model, None)
+        base_record(self.model).graph = None
 
 
 def _freeze(model: nn.Module) -> None:
@@ -183,9 +207,7 @@ def _structural_copy(base: nn.Module, the_plan: Plan) -> nn.Module:
                     private[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=True)
                 setattr(module, name, private[id(p)])
         elif decision.action == "adapt" and decision.lora is not None:
-            parent_path, _, child = path.rpartition(".")
-            parent = finetune.get_submodule(parent_path) if parent_path else finetune
-            setattr(parent, child, make_adapter(getattr(parent, child), decision.kind, decision.lora))
+            replace_submodule(finetune, path, make_adapter(finetune.get_submodule(path), decision.kind, decision.lora))
     return finetune
 
 
@@ -204,3 +226,33 @@ def _own_quantized_leaf(module: nn.Module) -> nn.Module:
     if state is not None:
         own.state = copy.copy(state)
     return own
+
+
+# ------------------------------------------------------------------------------ copying a fine-tune
+
+def _deepcopy(self: nn.Module, memo: dict[int, Any]) -> nn.Module:
+    """An independent fine-tune on the same base (or on the base's copy, when the base is copied too)."""
+    info = finetune_info(self)
+    base = memo.get(id(info.base), info.base)
+    own = {name: p.detach().clone() for name, p in own_state(self).items()}
+    return rebuild(base, info.rules, own, [m.training for m in self.modules()])
+
+
+def _reduce_ex(self: nn.Module, protocol: int):
+    """Pickle as (base, rules, own tensors, training flags): unpickling rebuilds a fine-tune of that base."""
+    info = finetune_info(self)
+    own = {name: p.detach().to("cpu").clone() for name, p in own_state(self).items()}
+    return rebuild, (info.base, info.rules, own, [m.training for m in self.modules()])
+
+
+def rebuild(base: nn.Module, rules: "RuleSet", own: dict[str, torch.Tensor], modes: list[bool]) -> nn.Module:
+    """A fine-tune of ``base`` by ``rules`` holding ``own`` tensors, each module in the given training mode."""
+    with torch.random.fork_rng(devices=[]):  # LoRA init is overwritten: draw nothing from the caller's stream
+        finetune = rewrite(base, rules)
+    finetune.load_state_dict(own)
+    for module, training in zip(finetune.modules(), modes):
+        module.training = training
+    return finetune
+
+
+COPYING = {"__deepcopy__": _deepcopy, "__reduce_ex__": _reduce_ex}

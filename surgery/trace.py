@@ -13,6 +13,7 @@ seconds; ``reduce_repeated=False`` traces every layer.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import re
 import time
@@ -23,9 +24,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import TraceError
-from .rules import DTYPES, QuantConfig
+from .errors import TraceError, first_line
+from .bnb import held_bytes, held_quant_config, is_bnb_layer, logical_shape, plain_equivalent, quantized_storage
+from .lora import LoraLayer
+from .rules import QuantConfig
 
+log = logging.getLogger(__name__)
 KEEP_REPEATED = 3  # layers kept per repeated block: layer 0, then one odd and one even representative
 
 
@@ -133,7 +137,7 @@ def _join(prefix: str, name: str) -> str:
 def op_kind(module: nn.Module) -> str:
     """Classify a module: linear, conv1d, embedding, norm or other (bitsandbytes and LoRA forms included)."""
     base = getattr(module, "base_layer", None)
-    if isinstance(base, nn.Module) and getattr(module, "is_surgery_adapter", False):
+    if isinstance(module, LoraLayer):
         return op_kind(base)
     if isinstance(module, nn.Linear) and _standard_forward(module, nn.Linear):
         return "linear"
@@ -153,88 +157,19 @@ def _standard_forward(module: nn.Module, cls: type) -> bool:
     Subclasses with their own forward (OPT's learned positional embedding) are "other": swapping them
     for a quantized or LoRA layer would change what they compute.
     """
-    return type(module).forward is cls.forward or type(module).__module__.startswith("bitsandbytes")
-
-
-def quantized_storage(module: nn.Module) -> str | None:
-    """'int8', 'nf4' or 'fp4' when ``module`` (or an adapter's base) is a bitsandbytes quantized layer."""
-    base = getattr(module, "base_layer", None)
-    if isinstance(base, nn.Module) and getattr(module, "is_surgery_adapter", False):
-        return quantized_storage(base)
-    if not type(module).__module__.startswith("bitsandbytes"):
-        return None
-    import bitsandbytes as bnb
-
-    if isinstance(module, bnb.nn.Linear8bitLt):
-        return None if module.state.has_fp16_weights else "int8"
-    if isinstance(module, bnb.nn.Embedding8bit):
-        return "int8"
-    if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Embedding4bit)):
-        return getattr(module.weight, "quant_type", None) or "fp4"
-    return None
-
-
-def held_quant_config(module: nn.Module) -> QuantConfig | None:
-    """The QuantConfig a bitsandbytes layer (or an adapter's base) is held with, or None when not quantized."""
-    scheme = quantized_storage(module)
-    if scheme is None:
-        return None
-    layer = module.base_layer if isinstance(getattr(module, "base_layer", None), nn.Module) else module
-    if scheme == "int8":
-        state = getattr(layer, "state", None)
-        threshold = float(getattr(state, "threshold", 0.0) or 0.0) if state is not None else 0.0
-        return QuantConfig("int8", threshold=threshold)
-    qs = getattr(layer.weight, "quant_state", None)
-    compute = getattr(layer, "compute_dtype", None)
-    compute_name = str(compute).removeprefix("torch.") if isinstance(compute, torch.dtype) else None
-    return QuantConfig(scheme, double_quant=bool(getattr(qs, "nested", False)),
-                       compute_dtype=compute_name if compute_name in DTYPES else None,
-                       blocksize=int(getattr(qs, "blocksize", 64) or 64))
-
-
-def tensor_storage_bytes(t: torch.Tensor) -> int:
-    """Bytes a tensor holds, including a bitsandbytes quantization state (scales, absmax, codes)."""
-    total = t.numel() * t.element_size()
-    scb = getattr(t, "SCB", None)
-    if isinstance(scb, torch.Tensor):
-        total += scb.numel() * scb.element_size()
-    qs = getattr(t, "quant_state", None)
-    if qs is not None:
-        total += sum(x.numel() * x.element_size() for x in quant_state_tensors(qs))
-    return total
-
-
-def quant_state_tensors(qs) -> list[torch.Tensor]:
-    """The tensors of a bitsandbytes 4-bit QuantState: absmax, code, offset and the nested state."""
-    out = [qs.absmax, qs.code]
-    if getattr(qs, "offset", None) is not None:
-        out.append(qs.offset)
-    if getattr(qs, "state2", None) is not None:
-        out += [qs.state2.absmax, qs.state2.code]
-    return [x for x in out if isinstance(x, torch.Tensor)]
+    return type(module).forward is cls.forward or is_bnb_layer(module)
 
 
 def _param_infos(module: nn.Module) -> list[ParamInfo]:
-    quant = quantized_storage(module) if type(module).__module__.startswith("bitsandbytes") else None
+    quant = quantized_storage(module) if is_bnb_layer(module) else None
     infos = []
     for name, p in module.named_parameters(recurse=False):
         if quant and name == "weight":
-            shape = _logical_weight_shape(module)
-            nbytes = tensor_storage_bytes(p)
-            moved = getattr(getattr(module, "state", None), "SCB", None)  # Linear8bitLt after its first forward
-            if getattr(p, "SCB", None) is None and isinstance(moved, torch.Tensor):
-                nbytes += moved.numel() * moved.element_size()
-            infos.append(ParamInfo(name, shape, quant, nbytes))
+            infos.append(ParamInfo(name, logical_shape(module), quant, held_bytes(p, module)))
         else:
             infos.append(ParamInfo(name, tuple(p.shape), str(p.dtype).removeprefix("torch."),
                                    p.numel() * p.element_size()))
     return infos
-
-
-def _logical_weight_shape(module: nn.Module) -> tuple[int, ...]:
-    if isinstance(module, nn.Linear):
-        return (module.out_features, module.in_features)
-    return (module.num_embeddings, module.embedding_dim)
 
 
 # ----------------------------------------------------------------------------------------- trace
@@ -264,7 +199,8 @@ def trace(model: nn.Module, example_inputs: dict[str, torch.Tensor] | None = Non
         _record_calls(graph, exported, reduced)
         graph.method, graph.exported, graph.reduced = "export", exported, reduced
     except Exception as exc:  # any failure of capture: fall back, keep the reason
-        graph.reason = f"{type(exc).__name__}: {_first_line(exc)}"
+        graph.reason = f"{type(exc).__name__}: {first_line(exc, 300)}"
+        log.debug("torch.export of %s failed, module-tree fallback: %s", type(model).__name__, graph.reason)
     graph.seconds = time.perf_counter() - start
     return graph
 
@@ -276,9 +212,10 @@ def _module_infos(model: nn.Module) -> dict[str, ModuleInfo]:
             for path, m in model.named_modules(remove_duplicate=False)}
 
 
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else ""
+def replace_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    """Put ``module`` at dotted ``path`` inside ``model`` (the module that was there is let go)."""
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def find_ties(model: nn.Module) -> list[tuple[str, ...]]:
@@ -317,8 +254,8 @@ def _logical_meta_copy(model: nn.Module) -> nn.Module:
     """A structural copy on the meta device; bitsandbytes layers become their plain logical equivalents."""
     memo: dict[int, Any] = {}
     for module in model.modules():
-        if quantized_storage(module) and type(module).__module__.startswith("bitsandbytes"):
-            memo[id(module)] = _plain_equivalent(module)
+        if quantized_storage(module) and is_bnb_layer(module):
+            memo[id(module)] = plain_equivalent(module)
     for module in model.modules():
         if id(module) in memo:
             continue
@@ -329,16 +266,6 @@ def _logical_meta_copy(model: nn.Module) -> nn.Module:
                     t, nn.Parameter) else meta
     copied = copy.deepcopy(model, memo)
     return copied.eval()
-
-
-def _plain_equivalent(module: nn.Module) -> nn.Module:
-    dtype = getattr(module, "compute_dtype", None) or getattr(module, "dtype", None)
-    if not isinstance(dtype, torch.dtype):
-        dtype = torch.float16
-    if isinstance(module, nn.Linear):
-        return nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                         device="meta", dtype=dtype)
-    return nn.Embedding(module.num_embeddings, module.embedding_dim, device="meta", dtype=dtype)
 
 
 def _structure(module: nn.Module) -> tuple:

@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import os
-import warnings
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-warnings.filterwarnings("ignore")
 
 import surgery  # noqa: E402
-
-TINY = ["tiny-opt", "tiny-llama", "tiny-gpt2"]
+from surgery.architectures import TINY_MODELS  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tiny_graphs():
     """ModelGraph of each tiny model, traced once per session."""
-    return {name: surgery.trace(surgery.tiny_model(name)) for name in TINY}
+    return {name: surgery.trace(surgery.tiny_model(name)) for name in TINY_MODELS}
 
 
 @pytest.fixture()

@@ -8,7 +8,8 @@ from safetensors.torch import save_file
 
 import surgery
 from surgery.finetune import own_state
-from surgery.train import TrainConfig, make_job, train
+from surgery.job import TrainConfig, make_job
+from surgery.train import train
 
 out, batch_size = sys.argv[1], int(sys.argv[2])
 base = surgery.tiny_model("tiny-llama")

@@ -12,7 +12,9 @@ torch.set_num_threads(1)  # forked children must not inherit a started OpenMP po
 
 import surgery  # noqa: E402
 from surgery.rewrite import base_graph  # noqa: E402
-from surgery.train import TrainConfig, latest_checkpoint, make_job, train  # noqa: E402
+from surgery.checkpoint import latest_checkpoint  # noqa: E402
+from surgery.job import TrainConfig, make_job  # noqa: E402
+from surgery.train import train  # noqa: E402
 
 base_graph(surgery.tiny_model("tiny-llama"))  # the trace cache every forked run reuses
 

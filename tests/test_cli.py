@@ -1,6 +1,8 @@
 import json
 
 import pytest
+import typer
+from typer.core import TyperGroup
 from typer.testing import CliRunner
 
 from surgery_cli.app import app
@@ -75,10 +77,29 @@ def test_rules_list_shows_bundled_files():
         assert name in result.stdout
 
 
+def _commands(group: TyperGroup, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every leaf command of the app, found by walking its click groups (not a hand-written list)."""
+    out = []
+    for name, command in group.commands.items():
+        path = (*prefix, name)
+        out += _commands(command, path) if isinstance(command, TyperGroup) else [path]
+    return out
+
+
 def test_every_command_has_help_with_an_example():
-    for cmd in (["inspect"], ["plan"], ["models"], ["rules", "list"], ["rules", "show"]):
+    commands = _commands(typer.main.get_command(app))
+    assert len(commands) >= 13, commands  # demo, models, inspect, plan, apply, rules x2, adapter show, merge, export/import, ...
+    for cmd in commands:
         result = run(*cmd, "--help")
-        assert result.exit_code == 0 and "Example: surgery" in result.stdout, cmd
+        assert result.exit_code == 0 and f"Example: surgery {' '.join(cmd)}" in result.stdout, cmd
+
+
+def test_loss_curve_png_when_matplotlib_is_installed(tmp_path):
+    pytest.importorskip("matplotlib")
+    result = run("train", "qv_lora_head", "--model", "tiny-llama", "--data", "upper", "--out", str(tmp_path / "run"),
+                 "--max-steps", "3", "--block-size", "24")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "run" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_apply_as_typed_measures_what_it_planned():

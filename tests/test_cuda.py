@@ -12,7 +12,8 @@ import torch
 
 import surgery
 from surgery.memory import extra_bytes, parameter_bytes
-from surgery.train import TrainConfig, make_job, train
+from surgery.job import TrainConfig, make_job
+from surgery.train import train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -69,8 +70,8 @@ def test_training_on_cuda_learns_and_leaves_base_and_sibling_alone(scheme, preci
     before_base, before_sibling = digest(base), digest(sibling)
     config = TrainConfig(batch_size=8, lr=1e-2, max_steps=30, seed=0, precision=precision)
     job = make_job(base, "job", "lora_plus_head", "upper", TOK, config, block_size=24, model_name="tiny-llama")
-    train([job])
-    losses = [r["loss"] for r in job.history if "loss" in r]
+    (run,) = train([job])
+    losses = [r["loss"] for r in run.history if "loss" in r]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert min(losses[-5:]) < losses[0] * 0.7
     assert digest(base) == before_base and digest(sibling) == before_sibling
@@ -80,9 +81,9 @@ def test_8bit_adamw_runs_on_cuda():
     base = cuda_base()
     config = TrainConfig(batch_size=8, lr=1e-2, max_steps=10, seed=0, optimizer="adamw8bit")
     job = make_job(base, "job", "lora_plus_head", "upper", TOK, config, block_size=24, model_name="tiny-llama")
-    train([job])
-    assert type(job.optimizer).__module__.startswith("bitsandbytes")
-    assert all(torch.isfinite(torch.tensor([r["loss"] for r in job.history if "loss" in r])))
+    (run,) = train([job])
+    assert type(run.optimizer).__module__.startswith("bitsandbytes")
+    assert all(torch.isfinite(torch.tensor([r["loss"] for r in run.history if "loss" in r])))
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)

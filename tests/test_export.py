@@ -8,14 +8,14 @@ import torch
 import surgery
 from surgery.export import ExportError, export_graph
 
-from conftest import TINY
+from surgery.architectures import TINY_MODELS
 from test_state import INPUTS, trained
 
 FP32 = {"quantize": "none", "default": "freeze", "rules": [
     {"match": "*", "type": "linear", "action": "adapt"}, {"match": "*", "type": "conv1d", "action": "adapt", "optional": True}]}
 
 
-@pytest.mark.parametrize("model", TINY)
+@pytest.mark.parametrize("model", list(TINY_MODELS))
 def test_adapters_are_their_own_nodes_and_outputs_equal_eager(model):
     ft = trained(surgery.rewrite(surgery.tiny_model(model), FP32))
     program = export_graph(ft, INPUTS["input_ids"])

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import surgery
+from surgery.lora import LoraLayer
 import surgery.finetuna as ft
 from surgery.errors import PlanError
 
@@ -38,7 +39,7 @@ def test_readme_example_quantize_then_finetune():
         assert torch.equal(model_1(IDS).logits, quantized)
         assert 0 < ((quantized - fp32).norm() / fp32.norm()) < 0.03
     # every Linear/Embedding adapted except lm_head, which is trained directly (a private copy)
-    adapted = {n for n, m in model_1.named_modules() if getattr(m, "is_surgery_adapter", False)}
+    adapted = {n for n, m in model_1.named_modules() if isinstance(m, LoraLayer)}
     assert len(adapted) == 13 and "lm_head" not in adapted
     assert model_1.lm_head.weight.requires_grad and model_1.lm_head.weight is not base_model.lm_head.weight
     layer = model_1.model.decoder.layers[0].self_attn.q_proj
@@ -108,7 +109,7 @@ def test_usage_quantizing_the_head_too_makes_plain_lm_head_an_error():
         ft.new_finetuned(base_model)  # lm_head plain by default: trainable int8
     assert set(err.value.constraints) == {"C2"} and "lm_head" in str(err.value)
     ok = ft.new_finetuned(base_model, plain_layers=set())
-    assert getattr(ok.lm_head, "is_surgery_adapter", False)
+    assert isinstance(ok.lm_head, LoraLayer)
 
 
 def test_usage_adapt_layers_quantizes_everything_else():

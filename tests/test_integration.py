@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 import surgery
 from surgery.data import read_examples, tokenize
-from surgery.train import adapter_callback
+from surgery.integrations import adapter_callback
 from surgery_cli.app import app
 
 HERE = Path(__file__).resolve().parent

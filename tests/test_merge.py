@@ -7,9 +7,10 @@ import torch
 import transformers
 
 import surgery
+from surgery.lora import LoraLayer
 from surgery.merge import output_error
 
-from conftest import TINY
+from surgery.architectures import TINY_MODELS
 from test_state import INPUTS, tensors_of, trained
 
 FP32_ALL = {"quantize": "none", "default": "freeze", "rules": [
@@ -18,14 +19,14 @@ FP32_ALL = {"quantize": "none", "default": "freeze", "rules": [
     {"match": "*", "type": "embedding", "action": "adapt", "optional": True, "lora": {"r": 2, "alpha": 4}}]}
 
 
-@pytest.mark.parametrize("model", TINY)
+@pytest.mark.parametrize("model", list(TINY_MODELS))
 def test_merged_fp32_model_reloads_with_plain_transformers_to_the_same_outputs(tmp_path, model):
     base = surgery.tiny_model(model)
     ft = trained(surgery.rewrite(base, FP32_ALL))
     before = tensors_of(base)
     merged = surgery.merge(ft)
     assert type(merged) is type(base)
-    assert not any(getattr(m, "is_surgery_adapter", False) for m in merged.modules())
+    assert not any(isinstance(m, LoraLayer) for m in merged.modules())
     assert surgery.finetune_info(merged) is None
     assert output_error(ft, merged, INPUTS)["max_rel"] <= 1e-5
     merged.save_pretrained(tmp_path)

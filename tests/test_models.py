@@ -5,7 +5,7 @@ import torch
 
 import surgery
 from surgery.architectures import ARCHITECTURES
-from surgery.models import load_model
+from surgery.loading import load_model
 
 
 def test_tiny_models_are_deterministic_and_on_cpu():

@@ -11,7 +11,7 @@ import torch
 import surgery
 from surgery import AdapterStateError
 
-from conftest import TINY
+from surgery.architectures import TINY_MODELS
 from test_state import logits, trained
 
 peft = pytest.importorskip("peft")
@@ -34,7 +34,7 @@ def peft_model(base, folder):
 
 
 @pytest.mark.parametrize("rules", [MIXED, WITH_EMBEDDING], ids=["ranks-bias-plain", "embedding-rslora"])
-@pytest.mark.parametrize("model", TINY)
+@pytest.mark.parametrize("model", list(TINY_MODELS))
 def test_export_loads_in_peft_with_the_same_outputs_and_imports_back(tmp_path, model, rules):
     ft = trained(surgery.rewrite(surgery.tiny_model(model), rules))
     surgery.export_peft(ft, tmp_path / "peft")

@@ -6,14 +6,14 @@ import torch
 
 import surgery
 from surgery.errors import PlanError
-from surgery.plan import quantized_weight_bytes
+from surgery.memory import quantized_weight_bytes
 from surgery.rules import QuantConfig
-from surgery.trace import tensor_storage_bytes
-from tests.conftest import TINY
+from surgery.bnb import held_bytes
+from surgery.architectures import TINY_MODELS
 
 
 @pytest.mark.parametrize("rules", ["qv_lora", "all_linear_lora", "qlora_nf4", "finetuna_default", "full_finetune"])
-@pytest.mark.parametrize("model", TINY)
+@pytest.mark.parametrize("model", list(TINY_MODELS))
 def test_bundled_rules_plan_cleanly_on_tiny_models(tiny_graphs, model, rules):
     plan = surgery.plan(tiny_graphs[model], rules)
     assert plan.ok and plan.trainable_params > 0
@@ -23,7 +23,7 @@ def test_bundled_rules_plan_cleanly_on_tiny_models(tiny_graphs, model, rules):
 
 @pytest.fixture(scope="module")
 def big_graphs():
-    from surgery.models import load_model
+    from surgery.loading import load_model
 
     return {name: surgery.trace(load_model(name, weights=False).model)
             for name in ("facebook/opt-1.3b", "meta-llama/Llama-3.1-8B")}
@@ -79,7 +79,7 @@ def test_predicted_bytes_equal_what_bitsandbytes_allocates(tiny_graphs, model, q
         if kind == "embedding" and quant.double_quant:
             continue  # bitsandbytes' Embedding4bit has no double quantization
         predicted = quantized_weight_bytes(kind, tuple(module.weight.shape), quant)
-        assert predicted == tensor_storage_bytes(_quantize_with_bnb(module, quant)), path
+        assert predicted == held_bytes(_quantize_with_bnb(module, quant)), path
         checked += 1
     assert checked >= 10
 

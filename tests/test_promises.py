@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import os
 import pickle
 import signal
@@ -24,12 +23,15 @@ import torch
 from typer.testing import CliRunner
 
 import surgery
-from surgery.data import DataError, read_examples
+from surgery.data import read_examples
 from surgery.errors import AdapterStateError, ModelConfigError, PlanError, RewriteError, RuleFileError
 from surgery.finetune import own_state
-from surgery.rules import load_rules, parse_rules
-from surgery.train import (TrainConfig, TrainError, latest_checkpoint, make_job, rank_seed, read_checkpoint, run_lock,
-                           train, world)
+from surgery.rule_file import load_rules, parse_rules
+from surgery.checkpoint import latest_checkpoint, read_checkpoint, run_lock
+from surgery.distributed import rank_seed, world
+from surgery.errors import DataError, TrainError
+from surgery.job import TrainConfig, make_job
+from surgery.train import train
 from surgery_cli.app import app
 
 TOK = surgery.tiny_tokenizer()
@@ -41,13 +43,11 @@ SLOW_PATTERN = r"re:(.*)(.*)(.*)(.*)(.*)(.*)(.*)(.*)\1\."  # backtracks for seco
 
 def digest(model: torch.nn.Module) -> str:
     """sha256 over every parameter and buffer (bitsandbytes state included): bit-for-bit identity."""
-    from surgery.trace import quant_state_tensors
+    from surgery.bnb import state_tensors
 
     h = hashlib.sha256()
     for key, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
-        extra = [getattr(t, "SCB", None), *(quant_state_tensors(t.quant_state) if getattr(t, "quant_state", None)
-                                            is not None else [])]
-        for part in [t, *[x for x in extra if isinstance(x, torch.Tensor)]]:
+        for part in [t, *state_tensors(t)]:
             h.update(key.encode())
             h.update(part.detach().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
@@ -173,7 +173,7 @@ def test_4bit_weights_repacked_for_the_cpu_kernel_are_read_as_usual(tmp_path):
     ids = torch.tensor([[1, 2, 3, 4]])
     eager = logits(sibling, ids)
     assert (program.module()(input_ids=ids) - eager).abs().max() <= 2e-2 * eager.abs().max()
-    assert (eager - logits(merged_after_model := surgery.merge(sibling), ids)).abs().max() <= 1e-5 * eager.abs().max()
+    assert (eager - logits(surgery.merge(sibling), ids)).abs().max() <= 1e-5 * eager.abs().max()
 
 
 def test_a_base_changed_in_place_gets_a_new_fingerprint(tmp_path):
@@ -213,11 +213,11 @@ def test_a_non_finite_loss_stops_the_job_and_keeps_the_last_good_files(tmp_path)
     job = _job(base, out=out, save_steps=2, max_steps=6)
     poisoned = {"n": 0}
 
-    def poison(j, record):
+    def poison(run, record):
         poisoned["n"] += 1
-        if j.step == 3:
+        if run.step == 3:
             with torch.no_grad():
-                next(iter(own_state(j.finetune).values())).fill_(float("nan"))
+                next(iter(own_state(run.job.finetune).values())).fill_(float("nan"))
 
     with pytest.raises(TrainError, match="job job: step 4: loss nan is not finite"):
         train([job], on_step=poison)
@@ -323,7 +323,7 @@ def test_accelerate_cpu_launch_that_collapsed_to_one_process_is_refused(monkeypa
 def test_a_model_folder_without_a_tokenizer_names_the_missing_tokenizer(tmp_path):
     surgery.tiny_model("tiny-llama").save_pretrained(tmp_path / "m")
     with pytest.raises(ModelConfigError, match="holds no tokenizer.*--tokenizer"):
-        surgery.models.load_tokenizer(str(tmp_path / "m"))
+        surgery.loading.load_tokenizer(str(tmp_path / "m"))
 
 
 # ---------------------------------------------------------------------- kill loop
@@ -467,7 +467,7 @@ def _with_metadata(good: Path, out: Path, raw_header: dict | None = None, **chan
         meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
     meta.update(changes)
     rest = {k: v for k, v in meta.items() if k not in ("metadata_sha256", "tensors_sha256")}
-    meta["metadata_sha256"] = surgery.state._metadata_digest(rest)
+    meta["metadata_sha256"] = surgery.adapter_file._metadata_digest(rest)
     save_file(tensors, str(out), metadata=meta)
     return out
 
@@ -541,7 +541,7 @@ def test_a_cached_hub_model_without_a_tokenizer_fails_at_once_even_with_the_netw
     surgery.tiny_model("tiny-llama").save_pretrained(snapshot)
     (tmp_path / "hub" / "models--someone--tiny" / "refs").mkdir()
     (tmp_path / "hub" / "models--someone--tiny" / "refs" / "main").write_text("abc")
-    code = ("import time, surgery.models as m\nt = time.perf_counter()\n"
+    code = ("import time, surgery.loading as m\nt = time.perf_counter()\n"
             "try:\n    m.load_tokenizer('someone/tiny')\nexcept Exception as e:\n    print(type(e).__name__, e)\n"
             "print('seconds', time.perf_counter() - t)\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_ETAG_TIMEOUT": "20"}

@@ -6,11 +6,11 @@ import torch
 from torch import nn
 
 import surgery
-from surgery.adapters import LoraConv1D, LoraEmbedding, LoraLinear
+from surgery.lora import LoraLayer, LoraConv1D, LoraEmbedding, LoraLinear
 from surgery.errors import PlanError, RewriteError
 from surgery.memory import extra_bytes, parameter_bytes
 from surgery.rules import LoraConfig
-from tests.conftest import TINY
+from surgery.architectures import TINY_MODELS
 
 RULES = ["qv_lora", "all_linear_lora", "qlora_nf4", "finetuna_default", "full_finetune"]
 IDS = torch.tensor([[5, 17, 99, 3, 200, 41, 7, 8], [1, 2, 3, 4, 5, 6, 7, 8]])
@@ -31,7 +31,7 @@ def _hashes(model):
 
 
 @pytest.mark.parametrize("rules", RULES)
-@pytest.mark.parametrize("model", TINY)
+@pytest.mark.parametrize("model", list(TINY_MODELS))
 def test_fresh_finetune_equals_base_and_plan_equals_measurement(model, rules):
     base = surgery.tiny_model(model)
     predicted = surgery.plan(base, rules)
@@ -181,7 +181,7 @@ def test_lora_under_autocast_returns_the_base_dtype():
 
 # ----------------------------------------------------------------------------- quantization error
 
-@pytest.mark.parametrize("model", TINY)
+@pytest.mark.parametrize("model", list(TINY_MODELS))
 @pytest.mark.parametrize("rules,bound", [("qv_lora", 0.03), ("qlora_nf4", 0.25)])
 def test_quantization_error_against_fp32_is_bounded(model, rules, bound):
     """Relative logit error of the quantized base (measured: int8 ~0.01, nf4 ~0.1 on the tiny models)."""
@@ -200,7 +200,7 @@ def _peft_twin(base, ft, targets, fan_in_fan_out=False):
     cfg = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets,
                           fan_in_fan_out=fan_in_fan_out)
     twin = peft.get_peft_model(copy.deepcopy(base), cfg)
-    ours = {n: m for n, m in ft.named_modules() if getattr(m, "is_surgery_adapter", False)}
+    ours = {n: m for n, m in ft.named_modules() if isinstance(m, LoraLayer)}
     assert ours
     for name, layer in ours.items():
         theirs = twin.base_model.model.get_submodule(name)
@@ -256,7 +256,7 @@ def test_failure_midway_restores_the_base(monkeypatch):
         calls.append(1)
         if len(calls) == 3:
             raise RuntimeError("injected")
-        return surgery.adapters.make_adapter(*args, **kwargs)
+        return surgery.lora.make_adapter(*args, **kwargs)
 
     monkeypatch.setattr(rw, "make_adapter", broken)
     with pytest.raises(RewriteError, match="base was restored"):
@@ -282,7 +282,7 @@ def test_a_finetune_cannot_be_rewritten():
         surgery.rewrite(ft, "qv_lora")
 
 
-@pytest.mark.parametrize("model", TINY)
+@pytest.mark.parametrize("model", list(TINY_MODELS))
 def test_generate_matches_the_base_at_init(model):
     base = surgery.tiny_model(model)
     ft = surgery.rewrite(base, "qv_lora")

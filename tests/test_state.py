@@ -13,10 +13,10 @@ import torch
 
 import surgery
 from surgery import AdapterStateError
-from surgery.models import build_from_config, config_from_dict
+from surgery.loading import build_from_config, config_from_dict
 from surgery.architectures import TINY_MODELS
 
-from conftest import TINY
+from surgery.architectures import TINY_MODELS
 
 RULES = sorted(surgery.bundled_rules())
 INPUTS = {"input_ids": torch.tensor([[1, 5, 9, 20, 33, 7, 100, 2]])}
@@ -52,7 +52,7 @@ def logits(model) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("rules", RULES)
-@pytest.mark.parametrize("model", TINY)
+@pytest.mark.parametrize("model", list(TINY_MODELS))
 def test_save_then_load_is_bit_exact(tmp_path, model, rules):
     base = surgery.tiny_model(model)
     ft = trained(surgery.rewrite(base, rules))
@@ -200,14 +200,14 @@ def _bad_files(saved, folder) -> dict[str, tuple]:
 def _sealed(meta: dict) -> dict:
     """Metadata with a correct metadata checksum (a deliberate edit, not corruption)."""
     rest = {k: v for k, v in meta.items() if k not in ("metadata_sha256", "tensors_sha256")}
-    return {**rest, "metadata_sha256": surgery.state._metadata_digest(rest), "tensors_sha256": meta["tensors_sha256"]}
+    return {**rest, "metadata_sha256": surgery.adapter_file._metadata_digest(rest), "tensors_sha256": meta["tensors_sha256"]}
 
 
 def _resealed(good, meta: dict, change) -> dict:
     """Metadata whose tensor checksum matches the changed tensors (so the key/shape check speaks first)."""
     from safetensors.torch import load_file
 
-    return {**meta, "tensors_sha256": surgery.state._tensors_digest(change(load_file(str(good))))}
+    return {**meta, "tensors_sha256": surgery.adapter_file._tensors_digest(change(load_file(str(good))))}
 
 
 def test_every_bad_file_is_refused_and_nothing_changes(saved, tmp_path):

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import surgery
-from surgery.models import load_model
+from surgery.loading import load_model
 from surgery.trace import op_kind
 
 

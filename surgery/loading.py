@@ -9,6 +9,7 @@ import contextlib
 import os
 import re
 from dataclasses import dataclass
+from typing import Literal
 from pathlib import Path
 
 import torch
@@ -23,14 +24,18 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
                 "pytorch_model.bin.index.json")
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoadedModel:
     """A resolved model and where it came from (``source``: directory, hub-cache, bundled, tiny)."""
 
     model: nn.Module
     name: str
-    source: str
+    source: Literal["directory", "hub-cache", "bundled", "tiny"]
     has_weights: bool
+
+    def __repr__(self) -> str:
+        weights = "weights" if self.has_weights else "no weights"
+        return f"LoadedModel({self.name!r}, {type(self.model).__name__}, from {self.source}, {weights})"
 
 
 def bundled_names() -> list[str]:

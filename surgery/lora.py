@@ -18,7 +18,6 @@ from .rules import LoraConfig
 class LoraLayer(nn.Module):
     """Common part of the LoRA wrappers: the frozen base layer, A, B, optional bias, scaling."""
 
-    is_surgery_adapter = True
 
     def __init__(self, base_layer: nn.Module, config: LoraConfig, in_features: int, out_features: int):
         super().__init__()

@@ -15,7 +15,6 @@ import hashlib
 import json
 import math
 import struct
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,12 +22,13 @@ import torch
 from torch import nn
 
 from .errors import AdapterStateError, PlanError, RuleFileError, SurgeryError, first_line
-from .files import GiB, MiB, atomic_write, read_user_file
+from .files import GiB, MiB, atomic_write, read_user_file, version
 from .fingerprint import Fingerprint, fingerprint
 from .plan import plan as make_plan
 from .finetune import finetune_info, own_state, require_finetune
-from .rewrite import base_graph, rewrite
-from .rules import MAX_RULE_FILE_BYTES, QuantConfig, RuleSet, parse_rules
+from .rewrite import base_graph, base_record, rewrite
+from .rules import MAX_RULE_FILE_BYTES, QuantConfig, RuleSet
+from .rule_file import parse_rules
 
 FORMAT = "surgery-adapter"
 FORMAT_VERSION = 1
@@ -82,7 +82,7 @@ def save_adapter(finetune: nn.Module, path: str | Path) -> Path:
     metadata = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
-        "surgery_version": _version(),
+        "surgery_version": version(),
         "rules": info.rules.to_json(),
         "rules_source": info.rules.source,
         "base_model": str(getattr(getattr(info.base, "config", None), "name_or_path", "") or ""),
@@ -258,7 +258,6 @@ def load_adapter(model: nn.Module, path: str | Path | AdapterFile) -> nn.Module:
         raise AdapterStateError(f"{adapter.path}: its rules do not plan on this base: {exc}") from None
 
 
-_FINGERPRINTS: "weakref.WeakKeyDictionary[nn.Module, tuple[str, Fingerprint]]" = weakref.WeakKeyDictionary()
 
 
 def base_fingerprint(base: nn.Module) -> Fingerprint:
@@ -268,10 +267,10 @@ def base_fingerprint(base: nn.Module) -> Fingerprint:
     its stored values, so weights replaced or edited in place (even through ``.data``) are noticed.
     """
     key = _weights_key(base)
-    cached = _FINGERPRINTS.get(base)
-    if cached is None or cached[0] != key:
-        cached = _FINGERPRINTS[base] = (key, fingerprint(base))
-    return cached[1]
+    record = base_record(base)
+    if record.fingerprint is None or record.fingerprint[0] != key:
+        record.fingerprint = (key, fingerprint(base))
+    return record.fingerprint[1]
 
 
 def _weights_key(base: nn.Module) -> str:
@@ -340,9 +339,3 @@ def _copy_into(finetune: nn.Module, adapter: AdapterFile) -> None:
     with torch.no_grad():
         for name, p in own.items():
             p.copy_(adapter.tensors[name])
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__

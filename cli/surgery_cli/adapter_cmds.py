@@ -1,0 +1,127 @@
+"""Commands about adapter files: adapter show, merge, export-peft, import-peft."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from .common import ADAPTER_ARG, BASE_OPT, OVERWRITE_OPT, RANDOM_INIT_OPT, console, finetune_from, probe_inputs, quiet_libraries
+
+
+def adapter_show(
+    adapter: Path = ADAPTER_ARG,
+    show_all: bool = typer.Option(False, "--all", help="List every tensor (default: the first 40)."),
+):
+    """Show an adapter file: metadata, base fingerprint, rules, and its tensors with sizes.
+
+    Example: surgery adapter show runs/qv.safetensors
+    """
+    import yaml
+
+    from surgery.adapter_file import read_adapter
+    from surgery.report import adapter_tables
+
+    info = read_adapter(adapter)
+    meta, tensors = adapter_tables(info, show_all)
+    console.print(meta)
+    console.print("[bold]rules[/] (stored in the file; they rebuild the fine-tune):")
+    console.print(yaml.safe_dump(info.rules.to_dict(), sort_keys=False), highlight=False, markup=False)
+    console.print(tensors)
+
+
+def merge(
+    adapter: Path = ADAPTER_ARG,
+    model: Optional[str] = BASE_OPT,
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the merged model (save_pretrained format)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, float16 or bfloat16 (default: the base's)."),
+    report_requantized: bool = typer.Option(False, "--report-requantized",
+                                            help="Also measure the error of requantizing the merged weights."),
+    overwrite: bool = OVERWRITE_OPT,
+    random_init: bool = RANDOM_INIT_OPT,
+):
+    """Fold an adapter into its base and save a plain transformers model (no surgery needed to load it).
+
+    Example: surgery merge runs/qv.safetensors --out merged/
+    """
+    quiet_libraries()
+    import torch
+
+    from surgery.merge import merge as merge_ft, output_error
+    from surgery.errors import AdapterStateError
+    from surgery.files import atomic_folder
+
+    from surgery.rules import DTYPES
+
+    if dtype not in (None, *DTYPES):
+        raise typer.BadParameter(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    base, ft, name = finetune_from(adapter, model, random_init)
+    merged = merge_ft(ft, getattr(torch, dtype) if dtype else None)
+    inputs = probe_inputs(base)
+    error = output_error(ft, merged, inputs)
+    with atomic_folder(out, overwrite=overwrite, error=AdapterStateError) as tmp:
+        merged.save_pretrained(tmp)
+    table = Table(title=f"merged {adapter} into {name}")
+    table.add_column("")
+    table.add_column("max |Δlogits|", justify="right")
+    table.add_column("relative", justify="right")
+    table.add_row("merged vs fine-tune", f"{error['max_abs']:.3g}", f"{error['max_rel']:.3g}")
+    if report_requantized:
+        added = output_error(merged, merge_ft(ft, requantize=True), inputs)
+        table.add_row("requantized vs merged", f"{added['max_abs']:.3g}", f"{added['max_rel']:.3g}")
+    console.print(table)
+    console.print(f"wrote {out} (load with transformers.AutoModelForCausalLM.from_pretrained)", highlight=False)
+
+
+def export_peft_cmd(
+    adapter: Path = ADAPTER_ARG,
+    model: Optional[str] = BASE_OPT,
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for adapter_config.json + adapter_model.safetensors."),
+    overwrite: bool = OVERWRITE_OPT,
+    random_init: bool = RANDOM_INIT_OPT,
+):
+    """Write an adapter in PEFT's format (loads with peft.PeftModel.from_pretrained).
+
+    Example: surgery export-peft runs/qv.safetensors --out qv-peft/
+    """
+    quiet_libraries()
+    from surgery.peft_format import export_peft
+    from surgery.errors import AdapterStateError
+    from surgery.files import atomic_folder
+
+    _, ft, name = finetune_from(adapter, model, random_init)
+    with atomic_folder(out, overwrite=overwrite, error=AdapterStateError) as tmp:
+        export_peft(ft, tmp)
+    console.print(f"wrote {out}: PeftModel.from_pretrained(<{name}>, {str(out)!r})", highlight=False)
+
+
+def import_peft_cmd(
+    folder: Path = typer.Argument(..., help="PEFT LoRA adapter folder (adapter_config.json + weights)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m",
+                                        help="Base model (default: base_model_name_or_path of the adapter)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Adapter file to write (.safetensors)."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="Store the base as int8, nf4, fp4 or none."),
+    random_init: bool = RANDOM_INIT_OPT,
+):
+    """Read a PEFT LoRA adapter onto its base and save it as a surgery adapter file.
+
+    Example: surgery import-peft qv-peft/ --out qv.safetensors --quantize int8
+    """
+    quiet_libraries()
+    from surgery.loading import load_model
+    from surgery.peft_format import import_peft, peft_base_model
+    from surgery.adapter_file import save_adapter
+
+    from surgery.rules import SCHEMES
+
+    if quantize not in (None, *SCHEMES):
+        raise typer.BadParameter(f"--quantize must be one of {', '.join(SCHEMES)}, not {quantize!r}")
+    name = model or peft_base_model(folder)
+    if not name:
+        raise typer.BadParameter("the adapter names no base model (base_model_name_or_path); pass --model")
+    base = load_model(name, random_init=random_init).model
+    ft = import_peft(base, folder, quantize=quantize)
+    path = save_adapter(ft, out)
+    console.print(f"wrote {path} ({path.stat().st_size:,} bytes) for {name}", highlight=False)

@@ -1,0 +1,95 @@
+"""What every command shares: consoles, options, the one error handler, the warning filter, model lookup."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from typer.core import TyperGroup
+from typer.exceptions import TyperException
+
+console = Console(width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+
+RULES_ARG = typer.Argument(..., help="Rule file path or bundled name (see `surgery rules list`).")
+MODEL_OPT = typer.Option(None, "--model", "-m",
+                         help="Model (default: the rule file's `model:`, else the bundled tiny default).")
+ADAPTER_ARG = typer.Argument(..., help="Adapter file written by surgery (apply --out, train, import-peft).")
+BASE_OPT = typer.Option(None, "--model", "-m", help="Base model (default: the base named in the adapter file).")
+RANDOM_INIT_OPT = typer.Option(False, "--random-init", help="Build random weights when none are available.")
+TOKENIZER_OPT = typer.Option(None, "--tokenizer", help="Tokenizer folder or model (default: the model's own).")
+OVERWRITE_OPT = typer.Option(False, "--overwrite", help="Replace an existing non-empty --out folder.")
+NOISY_LIBRARIES = ("transformers", "torch", "bitsandbytes", "peft", "accelerate", "huggingface_hub")
+
+
+class Commands(TyperGroup):
+    """The command group: every command of the app (sub-groups included) runs through ``invoke``'s one handler."""
+
+    def invoke(self, ctx):
+        from surgery.errors import SurgeryError
+
+        try:
+            return super().invoke(ctx)
+        except SurgeryError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except OSError as exc:  # a path the user gave that the library did not wrap: still one line
+            where = f"{exc.filename}: " if exc.filename else ""
+            err_console.print(f"[bold red]error:[/] {where}{exc.strerror or exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except (typer.Exit, typer.Abort, TyperException, KeyboardInterrupt):
+            raise
+        except Exception:
+            err_console.print("[bold red]internal error[/] (a bug in surgery, not in what you typed): please report it "
+                              "with the command you ran and the traceback below", highlight=False)
+            raise
+
+
+def quiet_libraries() -> None:
+    """Silence third-party chatter by module (surgery's own warnings still show); never touch the network."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    for module in NOISY_LIBRARIES:
+        warnings.filterwarnings("ignore", module=module + r"(\.|$)")
+        logging.getLogger(module).setLevel(logging.ERROR)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+
+
+def model_for(rules, model: Optional[str]) -> tuple[str, str]:
+    """The model to use: --model, else the rule file's `model:`, else the bundled tiny default."""
+    from surgery.architectures import TINY_DEFAULT
+
+    if model:
+        return model, "--model"
+    if rules.model:
+        return rules.model, f"`model:` of {rules.source}"
+    return TINY_DEFAULT, "the bundled tiny default (no --model and no `model:` in the rule file)"
+
+
+def finetune_from(adapter: Path, model: Optional[str], random_init: bool):
+    """Load the base (from --model or the file's metadata) and the adapter onto it."""
+    from surgery.loading import load_model
+    from surgery.adapter_file import load_adapter, read_adapter
+
+    info = read_adapter(adapter)
+    name = model or info.base_model
+    if not name:
+        raise typer.BadParameter("the adapter file names no base model; pass --model")
+    base = load_model(name, random_init=random_init).model
+    return base, load_adapter(base, info), name
+
+
+def probe_inputs(model) -> dict:
+    import torch
+
+    vocab = getattr(getattr(model, "config", None), "vocab_size", 256)
+    return {"input_ids": torch.randint(0, min(vocab, 256), (2, 16), generator=torch.Generator().manual_seed(0))}

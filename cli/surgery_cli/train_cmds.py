@@ -1,0 +1,200 @@
+"""Commands that train and run fine-tunes: train, generate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .common import MODEL_OPT, RANDOM_INIT_OPT, TOKENIZER_OPT, console, finetune_from, model_for, quiet_libraries
+
+
+def _parse_job(spec: str) -> tuple[str, str, str]:
+    name, sep, rest = spec.partition("=")
+    rules, comma, data = rest.partition(",")
+    if not (sep and comma and name and rules and data):
+        raise typer.BadParameter(f"--job {spec!r}: write NAME=RULES,DATA, e.g. --job caps=lora_plus_head,capitals")
+    return name, rules, data
+
+
+def train(
+    rules: Optional[str] = typer.Argument(None, help="Rule file or bundled name (or use --job for several)."),
+    model: Optional[str] = MODEL_OPT,
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="Training data: .csv (a text column; quoted "
+                                       "fields may span lines), .jsonl (text, or prompt+completion), .txt (one "
+                                       "example per line; with --group-texts one running text), or a bundled set "
+                                       "(capitals, upper, reverse)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (one subfolder per --job)."),
+    job: list[str] = typer.Option([], "--job", help="NAME=RULES,DATA: one more fine-tune on the same base "
+                                  "(repeatable; all train in this process on one shared base)."),
+    eval_file: Optional[str] = typer.Option(None, "--eval", help="Evaluation data file."),
+    eval_split: Optional[float] = typer.Option(None, "--eval-split", help="Hold out this fraction for evaluation."),
+    group_texts: bool = typer.Option(False, "--group-texts", help="Corpus mode: examples (a .txt file whole) "
+                                     "joined with EOS and cut into blocks (default: one example per row, padded)."),
+    block_size: int = typer.Option(128, "--block-size", help="Tokens per row."),
+    pad_token_id: Optional[int] = typer.Option(None, "--pad-token-id", help="For tokenizers without a pad token."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Rows per micro-batch (per process)."),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step."),
+    lr: float = typer.Option(2e-4, "--lr", help="Peak learning rate."),
+    epochs: int = typer.Option(1, "--epochs", help="Passes over the data (unless --max-steps)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps (overrides --epochs)."),
+    warmup: int = typer.Option(0, "--warmup", help="Warmup steps."),
+    schedule: str = typer.Option("cosine", "--schedule", help="cosine, linear or constant."),
+    weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW weight decay (matrices only)."),
+    max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", help="Gradient clipping (0: off)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of adapter init, data order and dropout."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16 (autocast)."),
+    optimizer: str = typer.Option("adamw", "--optimizer", help="adamw or adamw8bit (bitsandbytes 8-bit AdamW)."),
+    eval_steps: Optional[int] = typer.Option(None, "--eval-steps", help="Evaluate every N steps."),
+    save_steps: Optional[int] = typer.Option(None, "--save-steps", help="Checkpoint every N steps."),
+    save_total_limit: Optional[int] = typer.Option(None, "--save-total-limit", help="Keep only the newest N."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="A checkpoint folder, or the --out folder of a "
+                                          "run (each job resumes from its newest checkpoint)."),
+    random_init: bool = RANDOM_INIT_OPT,
+    tokenizer_name: Optional[str] = TOKENIZER_OPT,
+):
+    """Train one fine-tune, or several on one shared base in one process; torchrun gives DDP.
+
+    Example: surgery train lora_plus_head --model tiny-opt --data capitals --out runs/caps --max-steps 100 --lr 1e-2
+    """
+    quiet_libraries()
+    from surgery.loading import load_model, load_tokenizer
+    from surgery.rewrite import prepare_base
+    from surgery.rule_file import load_rules
+    from surgery.checkpoint import ADAPTER_FILE, STATE_FILE, latest_checkpoint
+    from surgery.distributed import world
+    from surgery.job import TrainConfig, make_job
+    from surgery.report import training_summary
+
+    specs = [(None, rules, data)] if rules or data else []
+    specs += [_parse_job(j) for j in job]
+    if not specs or any(r is None or d is None for _, r, d in specs):
+        raise typer.BadParameter("give RULES with --data, or one or more --job NAME=RULES,DATA")
+    first_rules = load_rules(specs[0][1])
+    name, why = model_for(first_rules, model)
+    config = TrainConfig(batch_size, grad_accum, lr, epochs, max_steps, warmup, schedule, weight_decay,
+                         max_grad_norm or None, seed, precision, optimizer, eval_steps, save_steps, save_total_limit)
+    config.check()
+    where = world()
+    base = load_model(name, random_init=random_init).model
+    tokenizer = load_tokenizer(tokenizer_name or name)
+    prepare_base(base, *[r for _, r, _ in specs])  # quantize once for every job before any fine-tune exists
+    jobs = []
+    for job_name, job_rules, job_data in specs:
+        folder = out if job_name is None else out / job_name
+        jobs.append(make_job(base, job_name or Path(str(job_rules)).stem, job_rules, job_data, tokenizer, config,
+                             out=folder, eval_data=eval_file, eval_split=eval_split,
+                             mode="corpus" if group_texts else "entries", block_size=block_size,
+                             pad_token_id=pad_token_id, model_name=name))
+    resume_from = {}
+    if resume is not None:
+        if (resume / STATE_FILE).exists():
+            if len(jobs) > 1:
+                raise typer.BadParameter("--resume with several jobs takes the run's --out folder")
+            resume_from[jobs[0].name] = resume
+        else:
+            for j in jobs:
+                found = latest_checkpoint(j.out)
+                if found is None:
+                    raise typer.BadParameter(f"--resume {resume}: no checkpoint-N folder for job {j.name} in {j.out}")
+                resume_from[j.name] = found
+    if where.main:
+        console.print(f"model: [bold]{name}[/] (from {why}); {len(jobs)} fine-tune{'s' if len(jobs) > 1 else ''}"
+                      f"{f' x {where.size} processes' if where.size > 1 else ''}", highlight=False)
+    runs = run_with_progress(jobs, resume_from, show=where.main)
+    if not where.main:
+        return
+    console.print(training_summary(runs, ADAPTER_FILE))
+    png = plot_losses(runs, out / "loss.png")
+    console.print(f"loss curve: {png}" if png else "loss curve: not drawn (pip install 'surgery[plot]' for matplotlib)",
+                  highlight=False, markup=False)
+
+
+def run_with_progress(jobs, resume_from: dict, *, show: bool) -> list:
+    """Train the jobs with a rich progress bar per job (shown on rank 0 only); the finished runs."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from surgery.train import train
+
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:,.0f} tok/s"),
+               TimeElapsedColumn()]
+    with Progress(*columns, console=console, disable=not show) as progress:
+        bars = {}
+
+        def on_step(run, record):
+            if run.job.name not in bars:
+                bars[run.job.name] = progress.add_task(run.job.name, total=run.total_steps, loss=0.0, lr=0.0, tps=0.0)
+            progress.update(bars[run.job.name], completed=run.step, loss=record["loss"], lr=record["lr"],
+                            tps=record["tokens_per_s"])
+
+        return train(jobs, resume=resume_from, on_step=on_step)
+
+
+def plot_losses(runs, path: Path) -> Path | None:
+    """A PNG of every run's training (and eval) loss by step; None when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    figure, axes = plt.subplots(figsize=(7, 4))
+    for run in runs:
+        steps = [(r["step"], r["loss"]) for r in run.history if r.get("loss") is not None]
+        evals = [(r["step"], r["eval_loss"]) for r in run.history if r.get("eval_loss") is not None]
+        if steps:
+            axes.plot(*zip(*steps), label=f"{run.job.name} train")
+        if evals:
+            axes.plot(*zip(*evals), "o--", label=f"{run.job.name} eval")
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def generate(
+    prompt: str = typer.Argument(..., help="Text to continue."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model (default: the adapter's base, "
+                                        "else the bundled tiny default)."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", "-a", help="Adapter file to apply."),
+    max_new_tokens: int = typer.Option(40, "--max-new-tokens", "-n", help="Tokens to generate."),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy; > 0 samples."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling (with --temperature > 0)."),
+    top_k: int = typer.Option(0, "--top-k", help="Top-k sampling (0: off)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for sampling."),
+    random_init: bool = RANDOM_INIT_OPT,
+    tokenizer_name: Optional[str] = TOKENIZER_OPT,
+):
+    """Continue PROMPT with a model, optionally with a fine-tune's adapter, streaming to the terminal.
+
+    Example: surgery generate "The capital of Peru is" --adapter runs/caps/adapter.safetensors -n 8
+    """
+    quiet_libraries()
+    import torch
+    from transformers import TextStreamer
+
+    from surgery.architectures import TINY_DEFAULT
+    from surgery.loading import load_model, load_tokenizer
+
+    if adapter is not None:
+        _, lm, name = finetune_from(adapter, model, random_init)
+    else:
+        name = model or TINY_DEFAULT
+        lm = load_model(name, random_init=random_init).model
+    lm.eval()
+    tokenizer = load_tokenizer(tokenizer_name or name)
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    sampling = temperature > 0
+    options = {"do_sample": sampling, "max_new_tokens": max_new_tokens,
+               "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id}
+    if sampling:
+        options.update(temperature=temperature, top_p=top_p, top_k=top_k or None)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        lm.generate(ids, streamer=TextStreamer(tokenizer), **options)

@@ -1,0 +1,149 @@
+"""All surgery knows about reading bitsandbytes layers: what they hold and how to read it back.
+
+Which scheme a layer holds and with which settings, the extra tensors behind a quantized weight
+(LLM.int8 row scales, 4-bit quantization state), its logical shape, a plain layer of the same
+shape, the float weight it stands for, and the 4-bit layout bitsandbytes may repack in place.
+``quantize`` builds such layers; every other module asks this one about them.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Literal
+
+import torch
+from torch import nn
+
+from .lora import LoraLayer
+from .rules import DTYPES, QuantConfig
+
+Storage = Literal["int8", "nf4", "fp4"]
+
+
+def is_bnb_layer(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("bitsandbytes")
+
+
+def quantized_storage(module: nn.Module) -> Storage | None:
+    """'int8', 'nf4' or 'fp4' when ``module`` (or a LoRA layer's base) is a bitsandbytes quantized layer."""
+    if isinstance(module, LoraLayer):
+        return quantized_storage(module.base_layer)
+    if not is_bnb_layer(module):
+        return None
+    import bitsandbytes as bnb
+
+    if isinstance(module, bnb.nn.Linear8bitLt):
+        return None if module.state.has_fp16_weights else "int8"
+    if isinstance(module, bnb.nn.Embedding8bit):
+        return "int8"
+    if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Embedding4bit)):
+        return getattr(module.weight, "quant_type", None) or "fp4"
+    return None
+
+
+def held_quant_config(module: nn.Module) -> QuantConfig | None:
+    """The QuantConfig a bitsandbytes layer (or a LoRA layer's base) is held with, or None when not quantized."""
+    scheme = quantized_storage(module)
+    if scheme is None:
+        return None
+    layer = module.base_layer if isinstance(module, LoraLayer) else module
+    if scheme == "int8":
+        state = getattr(layer, "state", None)
+        threshold = float(getattr(state, "threshold", 0.0) or 0.0) if state is not None else 0.0
+        return QuantConfig("int8", threshold=threshold)
+    qs = getattr(layer.weight, "quant_state", None)
+    compute = getattr(layer, "compute_dtype", None)
+    compute_name = str(compute).removeprefix("torch.") if isinstance(compute, torch.dtype) else None
+    return QuantConfig(scheme, double_quant=bool(getattr(qs, "nested", False)),
+                       compute_dtype=compute_name if compute_name in DTYPES else None,
+                       blocksize=int(getattr(qs, "blocksize", 64) or 64))
+
+
+def state_tensors(weight: torch.Tensor, layer: nn.Module | None = None) -> Iterator[torch.Tensor]:
+    """The tensors a quantized weight needs beyond its own data: LLM.int8 row scales, 4-bit quant state.
+
+    Linear8bitLt moves its scales from the weight to ``layer.state`` on its first forward; both
+    places are looked at.
+    """
+    scales = getattr(weight, "SCB", None)
+    if scales is None and layer is not None:
+        scales = getattr(getattr(layer, "state", None), "SCB", None)
+    if isinstance(scales, torch.Tensor):
+        yield scales
+    qs = getattr(weight, "quant_state", None)
+    if qs is not None:
+        nested = getattr(qs, "state2", None)
+        parts = [qs.absmax, qs.code, getattr(qs, "offset", None),
+                 *([nested.absmax, nested.code] if nested is not None else [])]
+        yield from (t for t in parts if isinstance(t, torch.Tensor))
+
+
+def held_bytes(weight: torch.Tensor, layer: nn.Module | None = None) -> int:
+    """Bytes a (quantized) weight holds: its data plus its quantization state."""
+    return sum(t.numel() * t.element_size() for t in (weight, *state_tensors(weight, layer)))
+
+
+def logical_shape(module: nn.Module) -> tuple[int, ...]:
+    """The (out, in) or (num, dim) shape a bitsandbytes layer's weight stands for (packed data has another)."""
+    if isinstance(module, nn.Linear):
+        return (module.out_features, module.in_features)
+    return (module.num_embeddings, module.embedding_dim)
+
+
+def plain_equivalent(module: nn.Module) -> nn.Module:
+    """A plain Linear/Embedding of the layer's logical shape on the meta device (for tracing)."""
+    dtype = getattr(module, "compute_dtype", None) or getattr(module, "dtype", None)
+    if not isinstance(dtype, torch.dtype):
+        dtype = torch.float16
+    if isinstance(module, nn.Linear):
+        return nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                         device="meta", dtype=dtype)
+    return nn.Embedding(module.num_embeddings, module.embedding_dim, device="meta", dtype=dtype)
+
+
+def is_state_key(key: str, known: set[str]) -> bool:
+    """A bitsandbytes state-dict entry (weight.SCB, weight.quant_state..., absmax, ...) of a known weight."""
+    owner = key.split(".weight.", 1)[0] + ".weight" if ".weight." in key else None
+    return owner in known
+
+
+def settle_shared_layers(model: nn.Module) -> None:
+    """Keep every 4-bit layer of a shared base in bitsandbytes' standard layout, now and later.
+
+    On CPUs with AVX512-BF16 an eval-mode forward of ``Linear4bit`` repacks its weight in place into
+    a CPU-specific layout; the weight object is shared by the base and every fine-tune, and readers
+    (merge, fingerprint, export) expect the standard layout. So repacking is switched off on every
+    layer (fine-tunes copy the flag), and a weight repacked before surgery saw it is unpacked.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+        if getattr(module, "weight", None) is not None:
+            standard_layout(module)
+
+
+def standard_layout(module: nn.Module) -> None:
+    """Undo bitsandbytes' CPU repacking of a 4-bit weight in place (what its own state_dict and .cuda() do)."""
+    weight = module.weight
+    quant_state = getattr(weight, "quant_state", None)
+    if getattr(quant_state, "packing_format_for_cpu", False):
+        import bitsandbytes as bnb
+
+        weight.data, weight.quant_state = bnb.functional._convert_weight_packed_for_cpu_inverse(weight.data,
+                                                                                                quant_state)
+        if getattr(module, "quant_state", None) is quant_state:
+            module.quant_state = weight.quant_state
+
+
+def dequantized_weight(module: nn.Module) -> torch.Tensor:
+    """The float32 weight a bitsandbytes layer stands for, in its logical (out, in) / (num, dim) shape."""
+    import bitsandbytes as bnb
+
+    standard_layout(module)
+    weight = module.weight
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is not None:  # Linear4bit / Embedding4bit
+        return bnb.functional.dequantize_4bit(weight.data, quant_state).float()
+    scb = getattr(weight, "SCB", None)
+    if scb is None:  # Linear8bitLt after its first forward keeps the row scales in its matmul state
+        scb = module.state.SCB
+    return weight.data.float() * (scb.float().unsqueeze(1) / 127.0)
