@@ -17,7 +17,7 @@ from torch import nn
 
 from .errors import ExportError, first_line
 from .merge import merge as merge_finetune
-from .finetune import detached_copy, finetune_info
+from .finetune import detached_copy, require_finetune
 from .bnb import quantized_storage, standard_layout
 from .lora import LoraLayer
 
@@ -30,8 +30,7 @@ def export_graph(finetune: nn.Module, example_inputs: dict[str, torch.Tensor] | 
     dynamic unless ``dynamic=False``. ``merge=True`` exports ``surgery.merge(finetune)`` instead.
     Quantized layers stay quantized (see module docstring).
     """
-    if finetune_info(finetune) is None:
-        raise ExportError(f"a {type(finetune).__name__} that is not a fine-tune; export_graph takes a fine-tune")
+    require_finetune(finetune, "exported with export_graph", ExportError)
     inputs = {"input_ids": example_inputs} if isinstance(example_inputs, torch.Tensor) else dict(example_inputs)
     unknown = sorted(set(inputs) - {"input_ids", "attention_mask"})
     if unknown or "input_ids" not in inputs:

@@ -18,17 +18,14 @@ from .errors import MergeError
 from .bnb import dequantized_weight, quantized_storage
 from .lora import LoraLayer
 from .quantize import quantized_layer
-from .finetune import detached_copy, finetune_info
+from .finetune import detached_copy, require_finetune
 from .rules import QuantConfig
 from .trace import find_ties, replace_submodule
 
 
 def merge(finetune: nn.Module, dtype: torch.dtype | None = None, *, requantize: bool = False) -> nn.Module:
     """A new plain model of the base's class with every adapter folded in (see module docstring)."""
-    info = finetune_info(finetune)
-    if info is None:
-        raise MergeError(f"a {type(finetune).__name__} that is not a fine-tune; merge takes a fine-tune made by "
-                         "surgery.rewrite or surgery.load_adapter")
+    info = require_finetune(finetune, "merged", MergeError)
     target = dtype or original_dtype(info.base)
     kinds = {path: d.kind for path, d in info.plan.decisions.items()}
     _check_mergeable(finetune, kinds)

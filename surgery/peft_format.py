@@ -23,7 +23,7 @@ from torch import nn
 from .lora import LoraEmbedding, LoraLayer
 from .errors import AdapterStateError, PlanError, first_line
 from .files import MiB, atomic_write, check_user_file, read_user_text
-from .finetune import finetune_info
+from .finetune import require_finetune
 from .rewrite import rewrite
 from .rules import REGEX_TIMEOUT, LoraConfig, QuantConfig
 from .rule_file import parse_rules
@@ -53,9 +53,7 @@ def export_peft(finetune: nn.Module, folder: str | Path) -> Path:
     """Write the fine-tune as a PEFT LoRA adapter folder that ``PeftModel.from_pretrained`` loads."""
     from safetensors.torch import save
 
-    info = finetune_info(finetune)
-    if info is None:
-        raise AdapterStateError(f"a {type(finetune).__name__} that is not a fine-tune; export_peft takes a fine-tune")
+    info = require_finetune(finetune, "exported to PEFT")
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise AdapterStateError(f"{folder}: exists and is not a folder; export_peft writes a folder")
