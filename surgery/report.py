@@ -15,6 +15,8 @@ from .rules import ADAPTABLE_KINDS
 from .trace import ModelGraph
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from .adapter_file import AdapterFile
     from .apply import Applied
     from .plan import Plan
@@ -213,3 +215,40 @@ def adapter_tables(adapter: "AdapterFile", show_all: bool = False, limit: int = 
     if not show_all and len(names) > limit:
         tensors.add_row(f"... {len(names) - limit} more (--all)", "", "", "")
     return meta, tensors
+
+
+def demo_memory_table(base_bytes: int, loaded_bytes: int, own: list[tuple[str, int]]) -> Table:
+    """The demo's memory: one quantized base, each fine-tune's own tensors, against full copies."""
+    table = Table(title=f"2. memory: one int8 base shared by {len(own)} fine-tunes (unique parameter storage)")
+    table.add_column("")
+    table.add_column("bytes", justify="right")
+    table.add_column("", justify="right")
+    total = base_bytes + sum(n for _, n in own)
+    for label, n in [("base, quantized once (int8)", base_bytes), *own, (f"[bold]base + {len(own)} fine-tunes[/]", total),
+                     (f"{len(own)} full fp32 copies", len(own) * loaded_bytes)]:
+        table.add_row(label, f"{n:,}", fmt_bytes(n))
+    return table
+
+
+def demo_results_table(rows: list[tuple[str, float, float, str, str, str]]) -> Table:
+    """(fine-tune, loss before, loss after, prompt, generated, expected) rows; a fine-tune's losses shown once."""
+    table = Table(title="4. loss on each task's data, and what each fine-tune now generates (greedy)")
+    for col in ("fine-tune", "loss before", "loss after", "prompt", "generated", "expected"):
+        table.add_column(col, justify="right" if "loss" in col else "left")
+    shown = set()
+    for name, before, after, prompt, generated, expected in rows:
+        first = name not in shown
+        shown.add(name)
+        table.add_row(name if first else "", f"{before:.3f}" if first else "", f"{after:.3f}" if first else "",
+                      prompt, repr(generated), repr(expected))
+    return table
+
+
+def demo_files_table(checked: list[tuple["Path", bool]]) -> Table:
+    """Each adapter file the demo wrote, its size, and whether reloading it gave the trained fine-tune back."""
+    table = Table(title="5. adapter files: written, reloaded onto the base, verified")
+    for col in ("file", "bytes", "reloaded == trained"):
+        table.add_column(col, justify="right" if col == "bytes" else "left")
+    for path, same in checked:
+        table.add_row(str(path), f"{path.stat().st_size:,}", "[green]yes, bit for bit[/]" if same else "[red]NO[/]")
+    return table

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.table import Table
 
 from .common import console, quiet_libraries
 from .train_cmds import run_with_progress
@@ -35,12 +34,13 @@ def demo(
 
     import torch
 
-    from surgery.memory import extra_bytes, parameter_bytes
-    from surgery.loading import load_model, load_tokenizer
-    from surgery.memory import fmt_bytes
-    from surgery.rewrite import prepare_base
     from surgery.adapter_file import load_adapter
+    from surgery.checkpoint import ADAPTER_FILE
     from surgery.job import TrainConfig, make_job
+    from surgery.loading import load_model, load_tokenizer
+    from surgery.memory import extra_bytes, parameter_bytes
+    from surgery.report import demo_files_table, demo_memory_table, demo_results_table
+    from surgery.rewrite import prepare_base
     from surgery.train import evaluate
 
     start = time.perf_counter()
@@ -55,50 +55,31 @@ def demo(
     jobs = [make_job(base, task, rules, task, tokenizer, config, out=out / task, block_size=32, model_name=model)
             for task, rules, _ in DEMO_TASKS]
 
-    table = Table(title="2. memory: one int8 base shared by three fine-tunes (unique parameter storage)")
-    table.add_column("")
-    table.add_column("bytes", justify="right")
-    table.add_column("", justify="right")
     base_bytes = parameter_bytes(base)
-    table.add_row("base, quantized once (int8)", f"{base_bytes:,}", fmt_bytes(base_bytes))
-    for job in jobs:
-        own = extra_bytes(job.finetune, base)
-        table.add_row(f"fine-tune '{job.name}' ({_rules_name(job)}): own tensors", f"{own:,}", fmt_bytes(own))
-    total = base_bytes + sum(extra_bytes(job.finetune, base) for job in jobs)
-    table.add_row("[bold]base + 3 fine-tunes[/]", f"{total:,}", fmt_bytes(total))
-    table.add_row("3 full fp32 copies", f"{3 * loaded_bytes:,}", fmt_bytes(3 * loaded_bytes))
-    console.print(table)
+    own = [(f"fine-tune '{job.name}' ({_rules_name(job)}): own tensors", extra_bytes(job.finetune, base)) for job in jobs]
+    console.print(demo_memory_table(base_bytes, loaded_bytes, own))
 
     before = {job.name: evaluate(job.finetune, job.data)["eval_loss"] for job in jobs}
     console.print(f"[bold]3. training[/] the three together, {steps} steps each, on the one base:")
     run_with_progress(jobs, {}, show=True)
-    results = Table(title="4. loss on each task's data, and what each fine-tune now generates (greedy)")
-    for col in ("fine-tune", "loss before", "loss after", "prompt", "generated", "expected"):
-        results.add_column(col, justify="right" if "loss" in col else "left")
-    expected = {task: _expected_answers(task) for task, _, _ in DEMO_TASKS}
+    rows = []
     for job, (task, _, prompts) in zip(jobs, DEMO_TASKS):
-        after = evaluate(job.finetune, job.data)["eval_loss"]
-        for i, prompt in enumerate(prompts):
-            text = _greedy(job.finetune, tokenizer, prompt)
-            results.add_row(job.name if i == 0 else "", f"{before[job.name]:.3f}" if i == 0 else "",
-                            f"{after:.3f}" if i == 0 else "", prompt, repr(text), repr(expected[task].get(prompt, "")))
-    console.print(results)
+        after, expected = evaluate(job.finetune, job.data)["eval_loss"], _expected_answers(task)
+        rows += [(job.name, before[job.name], after, prompt, _greedy(job.finetune, tokenizer, prompt),
+                  expected.get(prompt, "")) for prompt in prompts]
+    console.print(demo_results_table(rows))
 
-    files = Table(title="5. adapter files: written, reloaded onto the base, verified")
-    for col in ("file", "bytes", "reloaded == trained"):
-        files.add_column(col, justify="right" if col == "bytes" else "left")
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
-    verified = True
+    checked = []
     for job in jobs:
-        path = job.out / "adapter.safetensors"
+        path = job.out / ADAPTER_FILE
         again = load_adapter(base, path)
         with torch.no_grad():
-            same = torch.equal(again(ids).logits, job.finetune.eval()(ids).logits)
-        verified &= same
-        files.add_row(str(path), f"{path.stat().st_size:,}", "[green]yes, bit for bit[/]" if same else "[red]NO[/]")
-    console.print(files)
-    console.print(f"done in {time.perf_counter() - start:.1f} s. Next: surgery adapter show {jobs[1].out}/adapter.safetensors;"
-                  f" surgery generate \"The capital of Peru is\" --adapter {jobs[1].out}/adapter.safetensors",
+            checked.append((path, torch.equal(again(ids).logits, job.finetune.eval()(ids).logits)))
+    console.print(demo_files_table(checked))
+    verified = all(same for _, same in checked)
+    console.print(f"done in {time.perf_counter() - start:.1f} s. Next: surgery adapter show {jobs[1].out / ADAPTER_FILE};"
+                  f" surgery generate \"The capital of Peru is\" --adapter {jobs[1].out / ADAPTER_FILE}",
                   highlight=False, markup=False)
     if not verified:
         raise typer.Exit(1)
