@@ -107,7 +107,7 @@ def detached_copy(finetune: nn.Module, memo: dict[int, Any]) -> nn.Module:
 
 # ------------------------------------------------------------------------------ per-instance methods
 
-def _apply(self: nn.Module, fn, *args, **kwargs):
+def guarded_apply(self: nn.Module, fn, *args, **kwargs):
     """Refuse .to()/.cuda()/.half()... that would give a fine-tune its own copy of the shared base."""
     for t in self.parameters():
         probe = torch.empty(0, dtype=t.dtype, device=t.device)
@@ -160,7 +160,7 @@ def _load_state_dict(self: nn.Module, state_dict, strict: bool = True, assign: b
     return nn.modules.module._IncompatibleKeys(missing, unexpected)
 
 
-_METHODS = {"_apply": _apply, "requires_grad_": _requires_grad_, "load_state_dict": _load_state_dict}
+_METHODS = {"_apply": guarded_apply, "requires_grad_": _requires_grad_, "load_state_dict": _load_state_dict}
 COPY_METHODS = ("__deepcopy__", "__reduce_ex__")  # installed by rewrite, which copying goes through
 _INSTANCE_ATTRS = ("_surgery", *_METHODS, *COPY_METHODS)
 

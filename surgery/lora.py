@@ -16,8 +16,11 @@ from .rules import LoraConfig
 
 
 class LoraLayer(nn.Module):
-    """Common part of the LoRA wrappers: the frozen base layer, A, B, optional bias, scaling."""
+    """Common part of the LoRA wrappers: the frozen base layer, A, B, optional bias, scaling.
 
+    ``forward(x) == update(base_layer(x), x)``: a batched view computes the base layer once for the
+    rows of many fine-tunes and lets each fine-tune's adapter ``update`` its own rows.
+    """
 
     def __init__(self, base_layer: nn.Module, config: LoraConfig, in_features: int, out_features: int):
         super().__init__()
@@ -63,7 +66,10 @@ class LoraLinear(LoraLayer):
         super().__init__(base_layer, config, base_layer.in_features, base_layer.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
+        return self.update(self.base_layer(x), x)
+
+    def update(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The base layer's output ``result`` for input ``x``, with this adapter's part added."""
         h = self.dropout(x)
         if not torch.is_autocast_enabled(h.device.type):
             h = h.to(self.lora_A.dtype)
@@ -78,6 +84,7 @@ class LoraConv1D(LoraLayer):
         super().__init__(base_layer, config, in_f, out_f)
 
     forward = LoraLinear.forward
+    update = LoraLinear.update
 
 
 class LoraEmbedding(LoraLayer):
@@ -92,7 +99,10 @@ class LoraEmbedding(LoraLayer):
             nn.init.normal_(self.lora_B)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(ids)
+        return self.update(self.base_layer(ids), ids)
+
+    def update(self, result: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The base embedding's output ``result`` for ``ids``, with this adapter's part added."""
         h = F.embedding(ids, self.lora_A.t())
         out = F.linear(h, self.lora_B) * self.scaling
         if self.lora_bias is not None:

@@ -187,8 +187,8 @@ def _freeze(model: nn.Module) -> None:
         p.requires_grad_(False)
 
 
-def _structural_copy(base: nn.Module, the_plan: Plan) -> nn.Module:
-    """New module objects, the base's own tensors; then LoRA wrappers and private plain copies."""
+def shared_copy(base: nn.Module) -> nn.Module:
+    """A copy of the base with new module objects (own flags, hooks, LLM.int8 state) over the base's tensors."""
     memo: dict[int, Any] = {}
     for module in base.modules():
         if quantized_storage(module):
@@ -197,7 +197,12 @@ def _structural_copy(base: nn.Module, the_plan: Plan) -> nn.Module:
         for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
             memo[id(t)] = t
     memo.pop(id(base), None)
-    finetune = copy.deepcopy(base, memo)
+    return copy.deepcopy(base, memo)
+
+
+def _structural_copy(base: nn.Module, the_plan: Plan) -> nn.Module:
+    """New module objects, the base's own tensors; then LoRA wrappers and private plain copies."""
+    finetune = shared_copy(base)
     private: dict[int, nn.Parameter] = {}
     for path, decision in the_plan.decisions.items():
         if decision.action == "plain":

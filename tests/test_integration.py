@@ -156,9 +156,18 @@ def test_cli_train_many_jobs_then_generate(tmp_path):
                                 "--job", "caps=lora_plus_head,capitals", "--max-steps", "50", "--seed", "1",
                                 "--block-size", "24", "--eval-split", "0.1", "--resume", str(out)])
     assert other.exit_code == 2 and "another run (differs in: seed)" in other.output
-    result = runner.invoke(app, ["generate", "owl ->", "--adapter", str(out / "up" / "adapter.safetensors"), "-n", "4"])
+    result = runner.invoke(app, ["generate", "owl ->", "--adapter", str(out / "up" / "adapter.safetensors"),
+                                 "--adapter", str(out / "caps" / "adapter.safetensors"), "--base", "-n", "4"])
     assert result.exit_code == 0, result.output
-    assert result.stdout.startswith("owl ->")
+    assert "one batched pass" in result.stdout and result.stdout.count("owl ->") == 3  # two fine-tunes + the base
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("owl ->\ncat ->\n")
+    result = runner.invoke(app, ["generate", "--prompts", str(prompts), "--adapter",
+                                 str(out / "up" / "adapter.safetensors"), "--base", "-n", "4"])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(r["model"] == "base", r["prompt"]) for r in lines] == [(False, "owl ->"), (False, "cat ->"),
+                                                                   (True, "owl ->"), (True, "cat ->")]
 
 
 def test_cli_train_errors_are_one_line(tmp_path):

@@ -17,8 +17,6 @@ from surgery import AdapterStateError
 from surgery.loading import build_from_config, config_from_dict
 from surgery.architectures import TINY_MODELS
 
-from surgery.architectures import TINY_MODELS
-
 RULES = sorted(surgery.bundled_rules())
 INPUTS = {"input_ids": torch.tensor([[1, 5, 9, 20, 33, 7, 100, 2]])}
 

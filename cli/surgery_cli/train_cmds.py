@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .common import MODEL_OPT, RANDOM_INIT_OPT, TOKENIZER_OPT, console, finetune_from, model_for, quiet_libraries
+from .common import MODEL_OPT, RANDOM_INIT_OPT, TOKENIZER_OPT, console, model_for, quiet_libraries
 
 
 def _parse_job(spec: str) -> tuple[str, str, str]:
@@ -159,42 +159,58 @@ def plot_losses(runs, path: Path) -> Path | None:
 
 
 def generate(
-    prompt: str = typer.Argument(..., help="Text to continue."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model (default: the adapter's base, "
+    prompt: Optional[str] = typer.Argument(None, help="Text to continue (or use --prompts)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model (default: the first adapter's base, "
                                         "else the bundled tiny default)."),
-    adapter: Optional[Path] = typer.Option(None, "--adapter", "-a", help="Adapter file to apply."),
+    adapter: list[Path] = typer.Option([], "--adapter", "-a", help="Adapter file (repeatable: every fine-tune "
+                                       "answers, all in one batched pass over the shared base)."),
+    with_base: bool = typer.Option(False, "--base", help="Also answer with the bare base (always, without adapters)."),
+    prompts_file: Optional[Path] = typer.Option(None, "--prompts", help="A .txt (one prompt per line) or .jsonl "
+                                                "(`text`, or `prompt` + `completion`: the prompt is asked) file; prints JSON lines."),
     max_new_tokens: int = typer.Option(40, "--max-new-tokens", "-n", help="Tokens to generate."),
     temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy; > 0 samples."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling (with --temperature > 0)."),
     top_k: int = typer.Option(0, "--top-k", help="Top-k sampling (0: off)."),
-    seed: int = typer.Option(0, "--seed", help="Seed for sampling."),
+    seed: int = typer.Option(0, "--seed", help="Seed for sampling (one per call)."),
     random_init: bool = RANDOM_INIT_OPT,
     tokenizer_name: Optional[str] = TOKENIZER_OPT,
 ):
-    """Continue PROMPT with a model, optionally with a fine-tune's adapter, streaming to the terminal.
+    """Answer one or many prompts with one or several fine-tunes (and the base), in one batched generate.
 
-    Example: surgery generate "The capital of Peru is" --adapter runs/caps/adapter.safetensors -n 8
+    Example: surgery generate "The capital of Peru is" --adapter runs/caps/adapter.safetensors --base -n 8
     """
     quiet_libraries()
-    import torch
-    from transformers import TextStreamer
+    import json
 
+    from rich.table import Table
+
+    from surgery.adapter_file import load_adapter, read_adapter
     from surgery.architectures import TINY_DEFAULT
+    from surgery.batched import generate as generate_batched
+    from surgery.data import read_examples
     from surgery.loading import load_model, load_tokenizer
+    from surgery.rewrite import prepare_base
 
-    if adapter is not None:
-        _, lm, name = finetune_from(adapter, model, random_init)
-    else:
-        name = model or TINY_DEFAULT
-        lm = load_model(name, random_init=random_init).model
-    lm.eval()
-    tokenizer = load_tokenizer(tokenizer_name or name)
-    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
-    sampling = temperature > 0
-    options = {"do_sample": sampling, "max_new_tokens": max_new_tokens,
-               "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id}
-    if sampling:
-        options.update(temperature=temperature, top_p=top_p, top_k=top_k or None)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        lm.generate(ids, streamer=TextStreamer(tokenizer), **options)
+    if (prompt is None) == (prompts_file is None):
+        raise typer.BadParameter("give one PROMPT or --prompts FILE")
+    prompts = [prompt] if prompt is not None else [e.prompt or e.completion for e in read_examples(prompts_file)]
+    files = [read_adapter(path) for path in adapter]
+    name = model or (files[0].base_model if files else "") or TINY_DEFAULT
+    base = load_model(name, random_init=random_init).model
+    prepare_base(base, *[f.rules for f in files])  # quantize once for every adapter's rules, then load them
+    entries = [load_adapter(base, f) for f in files] + ([None] if with_base or not files else [])
+    labels = [str(path) for path in adapter] + (["base"] if with_base or not files else [])
+    answers = generate_batched(base, entries, prompts, load_tokenizer(tokenizer_name or name),
+                               max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                               seed=seed)
+    if prompts_file is not None:
+        for label, texts in zip(labels, answers):
+            for p, text in zip(prompts, texts):
+                print(json.dumps({"model": label, "prompt": p, "answer": text}))
+        return
+    table = Table(title=f"{name}: {len(entries)} model{'s' if len(entries) != 1 else ''}, one batched pass")
+    table.add_column("model")
+    table.add_column("answer")
+    for label, texts in zip(labels, answers):
+        table.add_row(label, prompt + texts[0])
+    console.print(table)
