@@ -108,8 +108,12 @@ def remove_leftovers(out: Path) -> None:
     """Temp files and folders a killed run left in OUT (half-written checkpoints, folders being deleted)."""
     for path in Path(out).iterdir():
         name = path.name
-        if name.startswith(".") and (name.endswith(".tmp") or ".deleting-" in name or ".old-" in name):
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        if not (name.startswith(".") and (name.endswith(".tmp") or ".deleting-" in name or ".old-" in name)):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def save_checkpoint(run: Run, rngs: torch.Tensor | None = None) -> Path:

@@ -9,16 +9,12 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import TYPE_CHECKING
-
 from torch import nn
 
 from .rules import LoraConfig, QuantConfig
 from .bnb import state_tensors
 from .trace import ModelGraph
 
-if TYPE_CHECKING:
-    from .plan import Decision
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 1, "uint8": 1}
 
@@ -61,8 +57,11 @@ def quantized_weight_bytes(kind: str, shape: tuple[int, ...], quant: QuantConfig
     return packed + absmax + code
 
 
-def base_bytes(graph: ModelGraph, decisions: dict[str, "Decision"]) -> tuple[int, int]:
-    """Bytes of the base now and after quantization, counting each tensor once per stored form."""
+def base_bytes(graph: ModelGraph, decisions: dict) -> tuple[int, int]:
+    """Bytes of the base now and after quantization, counting each tensor once per stored form.
+
+    ``decisions`` are the plan's (``plan.Decision`` by module path); memory does not import the plan.
+    """
     canon = graph.canonical_names()
     now: dict[str, int] = {}
     after: dict[str, dict[object, int]] = defaultdict(dict)
@@ -78,7 +77,7 @@ def base_bytes(graph: ModelGraph, decisions: dict[str, "Decision"]) -> tuple[int
     return sum(now.values()), sum(sum(forms.values()) for forms in after.values())
 
 
-def finetune_cost(graph: ModelGraph, decisions: dict[str, "Decision"]) -> tuple[int, int]:
+def finetune_cost(graph: ModelGraph, decisions: dict) -> tuple[int, int]:
     """Bytes and trainable parameters one more fine-tune adds: adapters + private copies of plain modules."""
     canon = graph.canonical_names()
     plain: dict[str, tuple[int, int]] = {}

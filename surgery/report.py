@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 from rich.console import Console, Group
 from rich.table import Table
@@ -13,13 +13,6 @@ from rich.text import Text
 from .memory import fmt_bytes
 from .rules import ADAPTABLE_KINDS
 from .trace import ModelGraph
-
-if TYPE_CHECKING:
-    from pathlib import Path
-
-    from .adapter_file import AdapterFile
-    from .apply import Applied
-    from .plan import Plan
 
 
 def collapse(path: str) -> str:
@@ -120,7 +113,8 @@ def _shape(shape) -> str:
 
 # ------------------------------------------------------------------------------------------- plan
 
-def plan_renderable(plan: "Plan"):
+def plan_renderable(plan):
+    """A plan as rich tables: decisions grouped by rule, ties, memory (a ``plan.Plan``)."""
     by_rule: OrderedDict[str, list] = OrderedDict()
     for d in plan.decisions.values():
         by_rule.setdefault(d.decided_by, []).append(d)
@@ -147,7 +141,7 @@ def plan_renderable(plan: "Plan"):
     return Group(*parts)
 
 
-def memory_table(plan: "Plan", finetunes: int | None = None) -> Table:
+def memory_table(plan, finetunes: int | None = None) -> Table:
     n = plan.finetunes if finetunes is None else finetunes
     table = Table(title=f"memory (planned, exact): base + {n} fine-tune{'s' if n != 1 else ''}")
     table.add_column("what")
@@ -163,8 +157,8 @@ def memory_table(plan: "Plan", finetunes: int | None = None) -> Table:
     return table
 
 
-def applied_table(applied: "Applied", model: str) -> Table:
-    """``surgery apply``: measured bytes next to the plan's, for the base and each fine-tune."""
+def applied_table(applied, model: str) -> Table:
+    """``surgery apply``: measured bytes next to the plan's, for the base and each fine-tune (an ``apply.Applied``)."""
     plan, n = applied.plan, len(applied.finetunes)
     table = Table(title=f"{model} + {n} fine-tune{'s' if n != 1 else ''} of {plan.rules.source}: measured (unique "
                         "parameter storage) vs planned")
@@ -195,8 +189,8 @@ def training_summary(runs: list, adapter_file: str) -> Table:
     return table
 
 
-def adapter_tables(adapter: "AdapterFile", show_all: bool = False, limit: int = 40) -> tuple[Table, Table]:
-    """``surgery adapter show``: the file's metadata, and its tensors with dtypes, shapes and sizes."""
+def adapter_tables(adapter, show_all: bool = False, limit: int = 40) -> tuple[Table, Table]:
+    """``surgery adapter show``: an ``AdapterFile``'s metadata, and its tensors with dtypes, shapes and sizes."""
     meta = Table(title=f"{adapter.path}", show_header=False)
     meta.add_column("field")
     meta.add_column("value")
@@ -244,7 +238,7 @@ def demo_results_table(rows: list[tuple[str, float, float, str, str, str]]) -> T
     return table
 
 
-def demo_files_table(checked: list[tuple["Path", bool]]) -> Table:
+def demo_files_table(checked: list[tuple[Path, bool]]) -> Table:
     """Each adapter file the demo wrote, its size, and whether reloading it gave the trained fine-tune back."""
     table = Table(title="5. adapter files: written, reloaded onto the base, verified")
     for col in ("file", "bytes", "reloaded == trained"):

@@ -2,14 +2,32 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import surgery  # noqa: E402
 from surgery.architectures import TINY_MODELS  # noqa: E402
+from surgery.bnb import state_tensors  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def digest():
+    """sha256 of a model over every parameter and buffer, bitsandbytes quantization state included."""
+
+    def of(model) -> str:
+        h = hashlib.sha256()
+        for key, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+            for part in [t, *state_tensors(t)]:
+                h.update(key.encode())
+                h.update(part.detach().contiguous().view(torch.uint8).cpu().numpy().tobytes())
+        return h.hexdigest()
+
+    return of
 
 
 @pytest.fixture(scope="session")

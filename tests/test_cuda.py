@@ -5,8 +5,6 @@ Skipped without a CUDA device (this project's CI has none); run where one is len
 
 from __future__ import annotations
 
-import hashlib
-
 import pytest
 import torch
 
@@ -23,16 +21,6 @@ SCHEMES = {"int8": "qv_lora", "nf4": "qlora_nf4"}
 
 def cuda_base(name: str = "tiny-llama") -> torch.nn.Module:
     return surgery.tiny_model(name).to("cuda").eval()
-
-
-def digest(model: torch.nn.Module) -> str:
-    """sha256 over every parameter and buffer, bitsandbytes quantization state included."""
-    h = hashlib.sha256()
-    for key, value in sorted(model.state_dict(keep_vars=True).items()):
-        if isinstance(value, torch.Tensor):
-            h.update(key.encode())
-            h.update(value.detach().contiguous().view(torch.uint8).cpu().numpy().tobytes())
-    return h.hexdigest()
 
 
 def inputs(rows: int = 2, length: int = 12) -> torch.Tensor:
@@ -63,7 +51,7 @@ def test_a_new_finetune_computes_the_quantized_base_on_cuda(scheme):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_training_on_cuda_learns_and_leaves_base_and_sibling_alone(scheme, precision):
+def test_training_on_cuda_learns_and_leaves_base_and_sibling_alone(scheme, precision, digest):
     base = cuda_base()
     surgery.prepare_base(base, SCHEMES[scheme])
     sibling = surgery.rewrite(base, SCHEMES[scheme])

@@ -41,18 +41,6 @@ FP32_RULES = {"quantize": "none", "default": "freeze",
 SLOW_PATTERN = r"re:(.*)(.*)(.*)(.*)(.*)(.*)(.*)(.*)\1\."  # backtracks for seconds on any module name
 
 
-def digest(model: torch.nn.Module) -> str:
-    """sha256 over every parameter and buffer (bitsandbytes state included): bit-for-bit identity."""
-    from surgery.bnb import state_tensors
-
-    h = hashlib.sha256()
-    for key, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
-        for part in [t, *state_tensors(t)]:
-            h.update(key.encode())
-            h.update(part.detach().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def folder_digest(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
@@ -90,7 +78,7 @@ def step(ft, seed=0):
 
 # ============================================================================ 1. isolation
 
-def test_nothing_done_through_a_finetune_reaches_the_base_or_a_sibling():
+def test_nothing_done_through_a_finetune_reaches_the_base_or_a_sibling(digest):
     base = surgery.tiny_model("tiny-llama")
     sibling = surgery.rewrite(base, FP32_RULES)
     ft = surgery.rewrite(base, FP32_RULES)
@@ -136,7 +124,7 @@ def test_a_meta_model_is_refused_by_rewrite_but_planned():
     ({"scheme": "nf4", "compute_dtype": "float32"}, {"scheme": "nf4", "compute_dtype": "bfloat16"}, "compute_dtype"),
     ({"scheme": "int8"}, {"scheme": "int8", "threshold": 0.0}, "threshold"),
 ])
-def test_other_quantization_settings_on_a_quantized_base_are_a_c1_violation(first, second, setting):
+def test_other_quantization_settings_on_a_quantized_base_are_a_c1_violation(first, second, setting, digest):
     base = surgery.tiny_model("tiny-llama")
     surgery.rewrite(base, {"quantize": first, "rules": [{"match": "q_proj", "action": "adapt"}]})
     before = digest(base)
@@ -211,10 +199,7 @@ def test_a_non_finite_loss_stops_the_job_and_keeps_the_last_good_files(tmp_path)
     base = surgery.tiny_model("tiny-llama")
     out = tmp_path / "run"
     job = _job(base, out=out, save_steps=2, max_steps=6)
-    poisoned = {"n": 0}
-
     def poison(run, record):
-        poisoned["n"] += 1
         if run.step == 3:
             with torch.no_grad():
                 next(iter(own_state(run.job.finetune).values())).fill_(float("nan"))
@@ -434,7 +419,7 @@ def test_hostile_yaml_is_refused_quickly_with_file_and_line(write_rules, case, t
     assert str(info.value).startswith(str(path))
 
 
-def test_a_backtracking_pattern_cannot_hang_plan_or_load_adapter(write_rules, tmp_path, tiny_graphs):
+def test_a_backtracking_pattern_cannot_hang_plan_or_load_adapter(write_rules, tmp_path, tiny_graphs, digest):
     path = write_rules(f"rules:\n  - match: '{SLOW_PATTERN}'\n    action: adapt\n")
     started = time.perf_counter()
     with pytest.raises(RuleFileError, match=r"rules.yaml:2: .*catastrophic backtracking"):
@@ -498,7 +483,7 @@ def _fingerprint_json(good: Path, change) -> str:
     ("digest not hex", "base_fingerprint", lambda good: _fingerprint_json(
         good, lambda d: d.__setitem__("architecture", "x" * 64)), "sha256"),
 ])
-def test_crafted_adapter_metadata_is_refused_quickly(tmp_path, case, field, value, message):
+def test_crafted_adapter_metadata_is_refused_quickly(tmp_path, case, field, value, message, digest):
     good, base = _saved_adapter(tmp_path)
     crafted = _with_metadata(good, tmp_path / "crafted.safetensors", **{field: value(good)})
     before = digest(base)
