@@ -17,6 +17,7 @@ masks are drawn from its own random state (``Routing.rngs``) when one is given.
 
 from __future__ import annotations
 
+import math
 import types
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from torch import nn
 from .errors import DataError, RewriteError
 from .finetune import finetune_info, guarded_apply, own_state
 from .lora import LoraLayer
+from .random_state import swap_rng
 from .rewrite import shared_copy
 from .trace import replace_submodule
 
@@ -37,6 +39,7 @@ class Routing:
 
     counts: list[int] = field(default_factory=list)
     rngs: list[torch.Tensor | None] | None = None  # per entry: its own random state for LoRA dropout
+    lengths: list[int] | None = None  # per entry: its tokens per row before right padding to the call's length
 
     def segments(self, n: int) -> list[slice]:
         """Row slices of a tensor with ``n`` rows: the routed rows, or rows·T for layers that flatten."""
@@ -71,23 +74,26 @@ class RoutedLayer(nn.Module):
             if part is None:
                 outputs.append(result[rows])
             elif isinstance(part, LoraLayer):
-                outputs.append(self._with_rng(i, part, lambda: part.update(result[rows], x[rows])))
+                outputs.append(self._lora_rows(i, part, result[rows], x[rows]))
             else:
                 outputs.append(part(x[rows]))
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
-    def _with_rng(self, index: int, part: LoraLayer, compute):
-        """Run ``compute`` in entry ``index``'s own random state when its adapter draws dropout masks."""
-        rngs = self.routing.rngs
-        if rngs is None or rngs[index] is None or not (part.training and isinstance(part.dropout, nn.Dropout)):
-            return compute()
-        outer = torch.get_rng_state()
-        torch.set_rng_state(rngs[index])
+    def _lora_rows(self, index: int, part: LoraLayer, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Entry ``index``'s adapter update on its rows; dropout masks drawn from its own state, in its own shape."""
+        if not (part.training and isinstance(part.dropout, nn.Dropout)) or self.routing.rngs is None \
+                or self.routing.rngs[index] is None:
+            return part.update(result, x)
+        lengths = self.routing.lengths
+        length = lengths[index] if lengths is not None and x.dim() >= 3 else None
+        outer = swap_rng(self.routing.rngs[index], x.device)
         try:
-            return compute()
+            if length is None or length >= x.shape[1]:
+                return part.update(result, x)
+            # right padding beyond the entry's own length: draw the masks the entry would draw alone
+            return torch.cat([part.update(result[:, :length], x[:, :length]), result[:, length:]], dim=1)
         finally:
-            rngs[index] = torch.get_rng_state()
-            torch.set_rng_state(outer)
+            self.routing.rngs[index] = swap_rng(outer, x.device)
 
     def extra_repr(self) -> str:
         kinds = ["base" if p is None else "lora" if isinstance(p, LoraLayer) else "plain" for p in self.parts]
@@ -131,13 +137,23 @@ def batched_info(view: nn.Module) -> BatchedInfo:
     return info
 
 
-def route(view: nn.Module, counts: Sequence[int], rngs: list[torch.Tensor | None] | None = None) -> None:
-    """Route the next calls of ``view``: ``counts[i]`` consecutive rows belong to entry i (0 rows allowed)."""
+def route(view: nn.Module, counts: Sequence[int], rngs: list[torch.Tensor | None] | None = None,
+          lengths: Sequence[int] | None = None) -> None:
+    """Route the next calls of ``view``: ``counts[i]`` consecutive rows belong to entry i (0 rows allowed).
+
+    ``rngs[i]``, when given, is entry i's random state: its LoRA dropout draws from it (and it is
+    advanced in place); ``lengths[i]`` is entry i's row length before right padding, so its masks
+    keep the shape they have when it runs alone.
+    """
     info = batched_info(view)
-    if len(counts) != len(info.entries) or any(c < 0 for c in counts):
-        raise RewriteError(f"route() needs one row count >= 0 per entry ({len(info.entries)}), got {list(counts)}")
+    for name, values in (("row count", counts), ("random state", rngs), ("length", lengths)):
+        if values is not None and len(values) != len(info.entries):
+            raise RewriteError(f"route() needs one {name} per entry ({len(info.entries)}), got {len(values)}")
+    if any(c < 0 for c in counts):
+        raise RewriteError(f"route() needs row counts >= 0, got {list(counts)}")
     info.routing.counts = list(counts)
     info.routing.rngs = rngs
+    info.routing.lengths = list(lengths) if lengths is not None else None
 
 
 def _check_entry(base: nn.Module, index: int, ft: nn.Module | None) -> set[str]:
@@ -166,8 +182,11 @@ def generate(base: nn.Module, entries: Sequence[nn.Module | None], prompts: Sequ
     """Every entry's answer to every prompt, from one batched ``generate`` (KV cache, left padding).
 
     Returns ``answers[entry][prompt]``. Greedy (temperature 0) gives each fine-tune's own greedy
-    answer; sampling is seeded once per call (rows do not reproduce their solo samples).
+    answer. Sampling draws prompt i's tokens from its own generator seeded ``seed + i``, in every
+    entry: an entry's samples do not depend on which others share the batch, and fine-tunes
+    compared on one prompt see the same random numbers.
     """
+    _check_sampling(max_new_tokens, temperature, top_p, top_k)
     if not prompts:
         raise DataError("no prompts to answer; give at least one")
     view = batched(base, entries)
@@ -184,16 +203,16 @@ def generate(base: nn.Module, entries: Sequence[nn.Module | None], prompts: Sequ
     rows = len(entries)
     modes = [(m, m.training) for ft in entries if ft is not None for m in ft.modules()]
     route(view, [len(prompts)] * rows)
-    options = {"max_new_tokens": max_new_tokens, "do_sample": temperature > 0, "pad_token_id": pad,
+    options = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": pad,
                "eos_token_id": tokenizer.eos_token_id}
-    if temperature > 0:
-        options.update(temperature=temperature, top_p=top_p, top_k=top_k or None)
+    if temperature > 0:  # greedy over scores where only the row's own sample is left
+        seeds = [seed + i for i in range(len(prompts))] * rows
+        options["logits_processor"] = [RowSampler(seeds, temperature, top_p, top_k, device)]
     try:
         for ft in entries:
             if ft is not None:
                 ft.eval()
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with torch.no_grad():
             out = view.eval().generate(input_ids=ids.repeat(rows, 1).to(device),
                                        attention_mask=mask.repeat(rows, 1).to(device), **options)
     finally:
@@ -201,3 +220,42 @@ def generate(base: nn.Module, entries: Sequence[nn.Module | None], prompts: Sequ
             module.training = training
     texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
     return [texts[i * len(prompts):(i + 1) * len(prompts)] for i in range(rows)]
+
+
+def _check_sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int) -> None:
+    if max_new_tokens < 1:
+        raise DataError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise DataError(f"--temperature must be a finite number >= 0 (0: greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise DataError(f"--top-p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise DataError(f"--top-k must be >= 0 (0: off), got {top_k}")
+
+
+class RowSampler:
+    """A logits processor that samples each row from its own generator (temperature, top-k, top-p).
+
+    It leaves only the sampled token possible, so a greedy ``generate`` emits it: row r's draws
+    depend on ``seeds[r]`` and its own scores only, never on the other rows of the batch.
+    """
+
+    def __init__(self, seeds: Sequence[int], temperature: float, top_p: float, top_k: int, device: torch.device):
+        self.generators = [torch.Generator(device).manual_seed(s) for s in seeds]
+        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        probs = self._probabilities(scores.float() / self.temperature)
+        chosen = torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, self.generators)])
+        return torch.full_like(scores, -math.inf).scatter_(1, chosen[:, None], 0.0)
+
+    def _probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.top_k:
+            kth = logits.topk(min(self.top_k, logits.shape[-1])).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, -math.inf)
+        if self.top_p < 1:
+            ordered, order = logits.sort(descending=True)
+            probs = ordered.softmax(-1)
+            beyond = probs.cumsum(-1) - probs > self.top_p  # tokens after the nucleus is full (the first stays)
+            logits = logits.scatter(1, order, ordered.masked_fill(beyond, -math.inf))
+        return logits.softmax(-1)

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
 
 import surgery
+from surgery.architectures import TINY_MODELS
 from surgery.batched import batched, generate, route
-from surgery.errors import DataError, RewriteError
+from surgery.errors import DataError, RewriteError, TrainError
 from surgery.finetune import own_state
+from surgery.job import TrainConfig, make_job
+from surgery.loading import build_from_config, config_from_dict
+from surgery.train import train
+from surgery_cli.app import app
 
 TOK = surgery.tiny_tokenizer()
 FP32 = [{"quantize": "none", "default": "freeze", "rules": [{"match": "q_proj", "action": "adapt", "lora": {"r": 8}}]},
@@ -118,6 +125,19 @@ def test_batched_generation_equals_each_finetunes_own_greedy_generate(rules):
         assert got == TOK.batch_decode(out[:, encoded.input_ids.shape[1]:], skip_special_tokens=True)
 
 
+def test_sampled_rows_draw_from_their_own_seed_whatever_shares_the_batch():
+    base, fts = finetunes("tiny-llama", FP32)
+    prompts = ["owl ->", "The capital of Peru is", "x"]
+    options = {"max_new_tokens": 12, "temperature": 0.9, "top_p": 0.9, "top_k": 50}
+    together = generate(base, [fts[0], fts[1], None], prompts, TOK, seed=3, **options)
+    assert generate(base, [fts[1]], prompts, TOK, seed=3, **options) == [together[1]]
+    assert generate(base, [None], prompts[1:], TOK, seed=4, **options) == [together[2][1:]]  # prompt i: seed + i
+    assert generate(base, [fts[1]], prompts, TOK, seed=5, **options) != [together[1]]
+    greedy = generate(base, fts, prompts, TOK, max_new_tokens=12)
+    assert generate(base, fts, prompts, TOK, max_new_tokens=12, temperature=1.0, top_k=1, seed=9) == greedy
+    assert generate(base, fts, prompts, TOK, max_new_tokens=12, temperature=1.0, top_p=1e-6, seed=9) == greedy
+
+
 def test_bad_batches_are_refused():
     base, fts = finetunes("tiny-llama", FP32)
     other_base, other = finetunes("tiny-llama", FP32)
@@ -127,8 +147,12 @@ def test_bad_batches_are_refused():
         batched(base, [base])
     with pytest.raises(DataError, match="no prompts"):
         generate(base, fts, [], TOK)
+    for bad, message in (({"temperature": -1.0}, "--temperature"), ({"top_p": 0.0}, "--top-p"),
+                         ({"top_k": -1}, "--top-k"), ({"max_new_tokens": 0}, "--max-new-tokens")):
+        with pytest.raises(DataError, match=message):
+            generate(base, fts, ["x"], TOK, **bad)
     view = batched(base, fts)
-    with pytest.raises(RewriteError, match="one row count >= 0 per entry"):
+    with pytest.raises(RewriteError, match="one row count per entry"):
         route(view, [1, 1])
     route(view, [1, 1, 1])
     with pytest.raises(RewriteError, match="routed for 3"):
@@ -142,3 +166,103 @@ def test_a_finetune_whose_base_was_quantized_again_is_refused():
         surgery.rewrite(base, "qlora_nf4")  # quantizes modules the early fine-tune still holds in fp32
     with pytest.raises(RewriteError, match="not the base's tensor any more"):
         batched(base, [early])
+
+
+# ------------------------------------------------------------------------------------ batched training
+
+NO_DROPOUT = {"tiny-opt": {"dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0},
+              "tiny-gpt2": {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}}
+NAMES = {"tiny-gpt2": {"q_proj": "c_attn", "v_proj": "c_proj"}}
+
+
+def base_without_dropout(model: str) -> torch.nn.Module:
+    """A tiny model whose base has no dropout (tiny-llama has none), so batched and alone draw alike."""
+    spec = {**TINY_MODELS[model], **NO_DROPOUT.get(model, {})}
+    return build_from_config(config_from_dict(spec), device="cpu", seed=0)
+
+
+def training_jobs(base, model: str, quantize: str, out=None, **config) -> list:
+    """Three jobs that differ in everything batching must cope with: rules (ranks, LoRA dropout, a plain
+    lm_head), data, batch size, block size, gradient accumulation and step count (one ends early)."""
+    names = NAMES.get(model, {})
+    lora = {"quantize": quantize, "default": "freeze", "rules": [
+        {"match": names.get("q_proj", "q_proj"), "action": "adapt", "lora": {"r": 8, "dropout": 0.1}}]}
+    head = {"quantize": quantize, "default": "freeze", "rules": [
+        {"match": names.get("v_proj", "v_proj"), "action": "adapt", "lora": {"r": 2, "alpha": 4}},
+        {"match": "lm_head", "action": "plain", "untie": True}]}
+    specs = [("a", lora, "upper", 4, 1, 5, 24), ("b", head, "capitals", 2, 2, 3, 32), ("c", lora, "reverse", 3, 1, 4, 16)]
+    surgery.prepare_base(base, lora, head)
+    return [make_job(base, name, rules, data, TOK, TrainConfig(batch_size=batch, grad_accum=accum, lr=1e-2,
+                                                                  max_steps=steps, seed=i, **config),
+                     out=out / name if out else None, block_size=block, model_name=model)
+            for i, (name, rules, data, batch, accum, steps, block) in enumerate(specs)]
+
+
+def assert_same_adapters(runs_a, runs_b, rtol: float) -> None:
+    for a, b in zip(runs_a, runs_b):
+        mine, theirs = own_state(a.job.finetune), own_state(b.job.finetune)
+        assert mine.keys() == theirs.keys() and mine
+        for k in mine:
+            assert (mine[k] - theirs[k]).abs().max() <= rtol * theirs[k].abs().max(), (a.job.name, k)
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-opt", "tiny-gpt2"])
+@pytest.mark.parametrize("quantize", ["none", "nf4"])
+def test_batched_training_equals_taking_turns(model, quantize):
+    base = base_without_dropout(model)
+    alone = train(training_jobs(base, model, quantize))
+    together = train(training_jobs(base, model, quantize), batched=True)
+    assert [r.step for r in together] == [5, 3, 4]
+    assert_same_adapters(together, alone, rtol=1e-5)
+    for a, b in zip(together, alone):
+        assert [r["loss"] for r in a.history] == pytest.approx([r["loss"] for r in b.history], rel=1e-5)
+
+
+def test_base_dropout_makes_batched_training_match_only_statistically():
+    """tiny-opt has base dropout 0.1: drawn once over the whole pass, so the adapters differ from turn-taking."""
+    alone = train(training_jobs(surgery.tiny_model("tiny-opt"), "tiny-opt", "none"))
+    together = train(training_jobs(surgery.tiny_model("tiny-opt"), "tiny-opt", "none"), batched=True)
+    first = [(a.history[0]["loss"], b.history[0]["loss"]) for a, b in zip(together, alone)]
+    assert all(x != y and x == pytest.approx(y, rel=0.02) for x, y in first)
+
+
+def test_a_memory_cap_splits_the_pass_into_sub_groups_with_the_same_result():
+    base = base_without_dropout("tiny-llama")
+    whole = train(training_jobs(base, "tiny-llama", "none"), batched=True)
+    capped = train(training_jobs(base, "tiny-llama", "none"), batched=True, max_batched_tokens=100)  # < 4 x 24
+    assert_same_adapters(capped, whole, rtol=1e-5)
+    with pytest.raises(TrainError, match="--max-batched-tokens must be at least 1"):
+        train(training_jobs(base, "tiny-llama", "none"), batched=True, max_batched_tokens=0)
+    with pytest.raises(TrainError, match="add --batched"):
+        train(training_jobs(base, "tiny-llama", "none"), max_batched_tokens=100)
+
+
+def test_a_batched_run_resumes_exactly_and_records_its_grouping(tmp_path):
+    base = base_without_dropout("tiny-llama")
+    straight = train(training_jobs(base, "tiny-llama", "none", out=tmp_path / "straight", save_steps=2),
+                     batched=True)
+    checkpoints = {r.job.name: tmp_path / "straight" / r.job.name / "checkpoint-2" for r in straight}
+    with pytest.raises(TrainError, match="checkpoint of another run.*batched"):
+        train(training_jobs(base, "tiny-llama", "none", out=tmp_path / "alone"), resume=checkpoints)
+    resumed = train(training_jobs(base, "tiny-llama", "none", out=tmp_path / "resumed"), batched=True,
+                    resume=checkpoints)
+    assert [r.history[0]["step"] for r in resumed] == [3, 3, 3]
+    assert_same_adapters(resumed, straight, rtol=1e-6)
+    for a, b in zip(resumed, straight):
+        assert [r["loss"] for r in a.history] == pytest.approx([r["loss"] for r in b.history[2:]], rel=1e-6)
+
+
+def test_cli_train_batched_writes_the_adapters_taking_turns_writes(tmp_path):
+    args = ["train", "--model", "tiny-llama", "--job", "caps=lora_plus_head,capitals", "--job", "up=qv_lora,upper",
+            "--max-steps", "6", "--lr", "1e-2", "--block-size", "24"]
+    runner = CliRunner()
+    for name, extra in (("turns", []), ("batched", ["--batched", "--max-batched-tokens", "200"])):
+        result = runner.invoke(app, [*args, "--out", str(tmp_path / name), *extra])
+        assert result.exit_code == 0, result.output
+    for job in ("caps", "up"):
+        turns, together = (load_file(tmp_path / name / job / "adapter.safetensors") for name in ("turns", "batched"))
+        assert turns.keys() == together.keys() and turns
+        for k in turns:
+            assert torch.allclose(together[k], turns[k], rtol=1e-5, atol=1e-6), (job, k)
+    refused = runner.invoke(app, [*args, "--out", str(tmp_path / "x"), "--max-batched-tokens", "64"])
+    assert refused.exit_code == 2 and "add --batched" in refused.output and not (tmp_path / "x").exists()

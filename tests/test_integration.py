@@ -92,17 +92,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_with_two_gloo_processes_equals_one_process_with_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("mode", ["alone", "batched"])
+def test_ddp_with_two_gloo_processes_equals_one_process_with_the_same_global_batch(tmp_path, mode):
+    """Batched: the job shares its passes with a second job (other rules, batch, length, accumulation)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
     launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(HERE / "ddp_worker.py"),
-              str(tmp_path), "4"]
+              str(tmp_path), "4", mode]
     done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     single = subprocess.run([sys.executable, str(HERE / "ddp_worker.py"), str(tmp_path), "8"], env=env,
                             capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
-    rank0, rank1 = load_file(tmp_path / "rank0-of-2.safetensors"), load_file(tmp_path / "rank1-of-2.safetensors")
+    suffix = "-batched" if mode == "batched" else ""
+    rank0 = load_file(tmp_path / f"rank0-of-2{suffix}.safetensors")
+    rank1 = load_file(tmp_path / f"rank1-of-2{suffix}.safetensors")
     alone = load_file(tmp_path / "rank0-of-1.safetensors")
     assert rank0.keys() == rank1.keys() == alone.keys()
     for key in rank0:

@@ -51,17 +51,26 @@ def train(
     save_total_limit: Optional[int] = typer.Option(None, "--save-total-limit", help="Keep only the newest N."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="A checkpoint folder, or the --out folder of a "
                                           "run (each job resumes from its newest checkpoint)."),
+    batched: bool = typer.Option(False, "--batched", help="Several --job: run every job's micro-batch through "
+                                 "one shared base pass per micro-step (same results as taking turns, faster)."),
+    max_batched_tokens: Optional[int] = typer.Option(None, "--max-batched-tokens", help="With --batched: at most "
+                                                     "this many padded tokens (rows x length) per pass; jobs beyond "
+                                                     "it go in further passes (bounds activation memory)."),
     random_init: bool = RANDOM_INIT_OPT,
     tokenizer_name: Optional[str] = TOKENIZER_OPT,
 ):
     """Train one fine-tune, or several on one shared base in one process; torchrun gives DDP.
 
     Example: surgery train lora_plus_head --model tiny-opt --data capitals --out runs/caps --max-steps 100 --lr 1e-2
+
+    Example (two fine-tunes sharing each base pass): surgery train --model tiny-llama --out runs --batched
+    --job caps=lora_plus_head,capitals --job up=qv_lora,upper --max-steps 50
     """
     quiet_libraries()
     from surgery.loading import load_model, load_tokenizer
     from surgery.rewrite import prepare_base
     from surgery.rule_file import load_rules
+    from surgery.batched_train import check_batching
     from surgery.checkpoint import ADAPTER_FILE, STATE_FILE, latest_checkpoint
     from surgery.distributed import world
     from surgery.job import TrainConfig, make_job
@@ -76,6 +85,7 @@ def train(
     config = TrainConfig(batch_size, grad_accum, lr, epochs, max_steps, warmup, schedule, weight_decay,
                          max_grad_norm or None, seed, precision, optimizer, eval_steps, save_steps, save_total_limit)
     config.check()
+    check_batching(batched, max_batched_tokens)
     where = world()
     base = load_model(name, random_init=random_init).model
     tokenizer = load_tokenizer(tokenizer_name or name)
@@ -102,7 +112,8 @@ def train(
     if where.main:
         console.print(f"model: [bold]{name}[/] (from {why}); {len(jobs)} fine-tune{'s' if len(jobs) > 1 else ''}"
                       f"{f' x {where.size} processes' if where.size > 1 else ''}", highlight=False)
-    runs = run_with_progress(jobs, resume_from, show=where.main)
+    runs = run_with_progress(jobs, resume_from, show=where.main, batched=batched,
+                             max_batched_tokens=max_batched_tokens)
     if not where.main:
         return
     console.print(training_summary(runs, ADAPTER_FILE))
@@ -111,7 +122,8 @@ def train(
                   highlight=False, markup=False)
 
 
-def run_with_progress(jobs, resume_from: dict, *, show: bool) -> list:
+def run_with_progress(jobs, resume_from: dict, *, show: bool, batched: bool = False,
+                      max_batched_tokens: int | None = None) -> list:
     """Train the jobs with a rich progress bar per job (shown on rank 0 only); the finished runs."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -129,7 +141,8 @@ def run_with_progress(jobs, resume_from: dict, *, show: bool) -> list:
             progress.update(bars[run.job.name], completed=run.step, loss=record["loss"], lr=record["lr"],
                             tps=record["tokens_per_s"])
 
-        return train(jobs, resume=resume_from, on_step=on_step)
+        return train(jobs, resume=resume_from, on_step=on_step, batched=batched,
+                     max_batched_tokens=max_batched_tokens)
 
 
 def plot_losses(runs, path: Path) -> Path | None:
@@ -171,7 +184,7 @@ def generate(
     temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy; > 0 samples."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling (with --temperature > 0)."),
     top_k: int = typer.Option(0, "--top-k", help="Top-k sampling (0: off)."),
-    seed: int = typer.Option(0, "--seed", help="Seed for sampling (one per call)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for sampling: prompt i draws from seed + i, for every fine-tune."),
     random_init: bool = RANDOM_INIT_OPT,
     tokenizer_name: Optional[str] = TOKENIZER_OPT,
 ):

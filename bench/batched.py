@@ -1,0 +1,204 @@
+"""Many fine-tunes, one base pass: batched vs one after another, for generation and for training.
+
+OPT-125m shape (random init), LoRA r=8 (no dropout) on every decoder Linear, one thread, CPU time
+per process (``time.process_time``); the two contenders alternate repetition by repetition in one
+process, so drift hits both alike; medians with the spread (min-max) are reported.
+
+- generate: N fine-tunes answer one prompt (25 tokens) with 64 new greedy tokens each: one
+  ``surgery.batched.generate`` over N rows vs N calls with one fine-tune each (the same code path).
+- train: N jobs, per-job micro-batch 1 x 128 random tokens, AdamW: one batched micro-step
+  (``batched_train.micro_step``: every job's optimizer steps) vs every job's ``train_step`` in turn.
+  Activation memory is the bytes autograd saves for backward in one pass (the largest single job's
+  pass when taking turns, the group's pass when batched).
+
+Usage: python bench/batched.py [--quick] [--n 1 2 4 8] [--repeats 10] [--out bench/results/batched.json]
+``--quick``: N = 1 and 8 only, fewer repetitions (3 for generation, 4 for training).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+warnings.filterwarnings("ignore")
+
+MODEL = "facebook/opt-125m"
+LINEARS = r"re:.*layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|fc1|fc2)"
+
+
+def rules_for(base: str) -> dict:
+    quantize = {"fp32": "none", "int8": "int8", "nf4": "nf4"}[base]
+    return {"quantize": quantize, "default": "freeze" if base == "fp32" else "quantize",
+            "rules": [{"match": "lm_head", "action": "freeze"}, {"match": "*", "type": "embedding", "action": "freeze"},
+                      {"match": LINEARS, "action": "adapt", "lora": {"r": 8, "alpha": 16, "dropout": 0.0}}]}
+
+
+def finetunes(base_kind: str, n: int):
+    """A base of MODEL's shape stored as ``base_kind`` and ``n`` fine-tunes with distinct (nonzero) adapters."""
+    import torch
+
+    import surgery
+    from surgery.finetune import own_state
+    from surgery.loading import load_model
+
+    base = load_model(MODEL, random_init=True).model.float()  # the published config says fp16: slow on a CPU
+    rules = rules_for(base_kind)
+    surgery.prepare_base(base, rules)
+    fts = []
+    for i in range(n):
+        torch.manual_seed(i)
+        ft = surgery.rewrite(base, rules)
+        with torch.no_grad():
+            for name, p in own_state(ft).items():
+                if "lora_B" in name:
+                    p.normal_(0, 0.02)
+        fts.append(ft)
+    return base, fts
+
+
+def alternate(contenders: dict, repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """CPU seconds of each repetition of each contender; they take turns repetition by repetition."""
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for i in range(warmup + repeats):
+        for name, work in contenders.items():
+            start = time.process_time()
+            work()
+            if i >= warmup:
+                times[name].append(time.process_time() - start)
+    return times
+
+
+def bench_generate(base_kind: str, n: int, repeats: int, new_tokens: int) -> dict:
+    import surgery
+    from surgery.batched import generate
+
+    base, fts = finetunes(base_kind, n)
+    tokenizer = surgery.tiny_tokenizer()
+    prompt = ["the quick brown fox jumps"]
+
+    def alone():
+        for ft in fts:
+            generate(base, [ft], prompt, tokenizer, max_new_tokens=new_tokens)
+
+    def together():
+        generate(base, fts, prompt, tokenizer, max_new_tokens=new_tokens)
+
+    times = alternate({"alone": alone, "batched": together}, repeats)
+    return summarise("generate", base_kind, n, times, n * new_tokens, {"new_tokens": new_tokens})
+
+
+def bench_train(base_kind: str, n: int, repeats: int, seq: int) -> dict:
+    import torch
+
+    from surgery.batched_train import make_group, micro_step
+    from surgery.data import Blocks
+    from surgery.distributed import World
+    from surgery.job import Job, TrainConfig
+    from surgery.step import train_step
+    from surgery.train import prepare
+
+    where = World()
+    _, fts = finetunes(base_kind, n)
+    steps = 2 * (repeats + 1)
+
+    def runs_for(fts):
+        out = []
+        for i, ft in enumerate(fts):
+            ids = torch.randint(3, 20000, (steps, seq), generator=torch.Generator().manual_seed(i))
+            data = Blocks(ids, ids.clone(), torch.ones_like(ids), f"random tokens {i}")
+            config = TrainConfig(batch_size=1, lr=1e-4, max_steps=steps, max_grad_norm=None, seed=i)
+            out.append(prepare(Job(f"job{i}", ft, data, config), where))
+        return out
+
+    turns = runs_for(fts)
+    group_runs = runs_for(finetunes(base_kind, n)[1])
+    group = make_group(group_runs)
+
+    def alone():
+        for run in turns:
+            train_step(run, where)
+
+    def together():
+        micro_step(group, where, None)
+
+    times = alternate({"alone": alone, "batched": together}, repeats)
+    memory = {"activation_mib_alone": saved_mib(lambda: train_step(turns[0], where)),
+              "activation_mib_batched": saved_mib(together)}
+    return summarise("train", base_kind, n, times, n * seq, {"seq": seq, **memory})
+
+
+def saved_mib(work) -> float:
+    """MiB of distinct tensors autograd saves for backward while ``work`` runs its forward passes."""
+    import torch
+
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        if not t.is_leaf:  # activations (and weights dequantized for the pass), not parameters or inputs
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        work()
+    return sum(seen.values()) / 2**20
+
+
+def summarise(mode: str, base_kind: str, n: int, times: dict, tokens: int, extra: dict) -> dict:
+    alone, together = statistics.median(times["alone"]), statistics.median(times["batched"])
+    return {"mode": mode, "n": n, "base": base_kind, "device": "cpu (1 thread)", "model": MODEL,
+            "speedup": alone / together, "tokens_per_s_alone": tokens / alone, "tokens_per_s_batched": tokens / together,
+            "cpu_s_alone": times["alone"], "cpu_s_batched": times["batched"], "repeats": len(times["alone"]), **extra}
+
+
+def spread(values: list[float]) -> str:
+    return f"{min(values):.2f}-{max(values):.2f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="N = 1 and 8, fewer repetitions")
+    parser.add_argument("--n", type=int, nargs="+", default=None)
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--modes", nargs="+", default=["generate", "train"], choices=["generate", "train"])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--out", default="bench/results/batched.json")
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(1)
+    ns = args.n or ([1, 8] if args.quick else [1, 2, 4, 8])
+    rows = []
+    for mode in args.modes:
+        repeats = args.repeats or ((3 if mode == "generate" else 4) if args.quick else 10)
+        for base_kind in (["fp32", "int8", "nf4"] if mode == "generate" else ["fp32", "nf4"]):
+            for n in ns:
+                row = (bench_generate(base_kind, n, repeats, args.new_tokens) if mode == "generate"
+                       else bench_train(base_kind, n, repeats, args.seq))
+                rows.append(row)
+                print(f"{mode:8s} {base_kind:4s} N={n}: {row['speedup']:.2f}x "
+                      f"(alone {spread(row['cpu_s_alone'])} s, batched {spread(row['cpu_s_batched'])} s)", flush=True)
+    print()
+    print(f"{'mode':8s} {'base':4s} {'N':>2s} {'alone tok/s':>11s} {'batched tok/s':>13s} {'speedup':>7s} "
+          f"{'spread alone s':>14s} {'spread batched s':>16s} {'act. MiB alone/batched':>22s}")
+    for r in rows:
+        memory = (f"{r['activation_mib_alone']:.0f} / {r['activation_mib_batched']:.0f}"
+                  if "activation_mib_alone" in r else "-")
+        print(f"{r['mode']:8s} {r['base']:4s} {r['n']:2d} {r['tokens_per_s_alone']:11.1f} "
+              f"{r['tokens_per_s_batched']:13.1f} {r['speedup']:6.2f}x {spread(r['cpu_s_alone']):>14s} "
+              f"{spread(r['cpu_s_batched']):>16s} {memory:>22s}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": platform.platform(), "torch": torch.__version__, "threads": 1,
+                               "gpu": "none available: no GPU rows", "rows": rows}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
