@@ -1,24 +1,28 @@
 """Many fine-tunes, one base pass: batched vs one after another, for generation and for training.
 
-OPT-125m shape (random init), LoRA r=8 (no dropout) on every decoder Linear, one thread, CPU time
-per process (``time.process_time``); the two contenders alternate repetition by repetition in one
-process, so drift hits both alike; medians with the spread (min-max) are reported.
+OPT-125m shape (random init, fp32 compute), LoRA r=8 (no dropout) on every decoder Linear, one
+thread, CPU time per process (``time.process_time``); the contenders alternate repetition by
+repetition in one process, so drift hits both alike; medians and the spread (min-max) are reported.
+"One after another" is measured as one fine-tune's call or step: the N calls of a turn-taking run
+are the same work on the same shapes, so their throughput (tokens/s) is that of one call.
 
-- generate: N fine-tunes answer one prompt (25 tokens) with 64 new greedy tokens each: one
-  ``surgery.batched.generate`` over N rows vs N calls with one fine-tune each (the same code path).
+- generate: N fine-tunes answer one prompt (5 tokens) with NEW greedy tokens each: one
+  ``surgery.batched.generate`` over N rows vs one call with a single fine-tune (the same code path).
 - train: N jobs, per-job micro-batch 1 x 128 random tokens, AdamW: one batched micro-step
-  (``batched_train.micro_step``: every job's optimizer steps) vs every job's ``train_step`` in turn.
-  Activation memory is the bytes autograd saves for backward in one pass (the largest single job's
-  pass when taking turns, the group's pass when batched).
+  (``batched_train.micro_step``: every job's optimizer steps) vs one job's ``train_step``.
+  Activation memory is the bytes autograd saves for backward in one pass (one job's pass when
+  taking turns, the group's pass when batched).
 
-Usage: python bench/batched.py [--quick] [--n 1 2 4 8] [--repeats 10] [--out bench/results/batched.json]
-``--quick``: N = 1 and 8 only, fewer repetitions (3 for generation, 4 for training).
+Usage: python bench/batched.py [--quick] [--n 1 2 4 8] [--repeats 10] [--new-tokens 64]
+``--quick``: N = 1 and 8 only, 24 new tokens, 2 repetitions for generation and 3 for training.
+Writes bench/results/batched.json (--out).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import platform
 import statistics
 import time
@@ -26,6 +30,7 @@ import warnings
 from pathlib import Path
 
 warnings.filterwarnings("ignore")
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # a cast notice on every int8 call
 
 MODEL = "facebook/opt-125m"
 LINEARS = r"re:.*layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|fc1|fc2)"
@@ -73,26 +78,23 @@ def alternate(contenders: dict, repeats: int, warmup: int = 1) -> dict[str, list
     return times
 
 
-def bench_generate(base_kind: str, n: int, repeats: int, new_tokens: int) -> dict:
+def bench_generate(base_kind: str, ns: list[int], repeats: int, new_tokens: int) -> list[dict]:
     import surgery
     from surgery.batched import generate
 
-    base, fts = finetunes(base_kind, n)
+    base, fts = finetunes(base_kind, max(ns))
     tokenizer = surgery.tiny_tokenizer()
     prompt = ["the quick brown fox jumps"]
-
-    def alone():
-        for ft in fts:
-            generate(base, [ft], prompt, tokenizer, max_new_tokens=new_tokens)
-
-    def together():
-        generate(base, fts, prompt, tokenizer, max_new_tokens=new_tokens)
-
-    times = alternate({"alone": alone, "batched": together}, repeats)
-    return summarise("generate", base_kind, n, times, n * new_tokens, {"new_tokens": new_tokens})
+    rows = []
+    for n in ns:
+        times = alternate({"alone": lambda: generate(base, fts[:1], prompt, tokenizer, max_new_tokens=new_tokens),
+                           "batched": lambda: generate(base, fts[:n], prompt, tokenizer, max_new_tokens=new_tokens)},
+                          repeats)
+        rows.append(summarise("generate", base_kind, n, times, new_tokens, {"new_tokens": new_tokens}))
+    return rows
 
 
-def bench_train(base_kind: str, n: int, repeats: int, seq: int) -> dict:
+def bench_train(base_kind: str, ns: list[int], repeats: int, seq: int) -> list[dict]:
     import torch
 
     from surgery.batched_train import make_group, micro_step
@@ -103,33 +105,24 @@ def bench_train(base_kind: str, n: int, repeats: int, seq: int) -> dict:
     from surgery.train import prepare
 
     where = World()
-    _, fts = finetunes(base_kind, n)
-    steps = 2 * (repeats + 1)
+    _, fts = finetunes(base_kind, 1 + max(ns))
+    steps = repeats + 3
 
-    def runs_for(fts):
-        out = []
-        for i, ft in enumerate(fts):
-            ids = torch.randint(3, 20000, (steps, seq), generator=torch.Generator().manual_seed(i))
-            data = Blocks(ids, ids.clone(), torch.ones_like(ids), f"random tokens {i}")
-            config = TrainConfig(batch_size=1, lr=1e-4, max_steps=steps, max_grad_norm=None, seed=i)
-            out.append(prepare(Job(f"job{i}", ft, data, config), where))
-        return out
+    def run_for(i: int):
+        ids = torch.randint(3, 20000, (steps, seq), generator=torch.Generator().manual_seed(i))
+        data = Blocks(ids, ids.clone(), torch.ones_like(ids), f"random tokens {i}")
+        config = TrainConfig(batch_size=1, lr=1e-4, max_steps=steps, max_grad_norm=None, seed=i)
+        return prepare(Job(f"job{i}", fts[i], data, config), where)
 
-    turns = runs_for(fts)
-    group_runs = runs_for(finetunes(base_kind, n)[1])
-    group = make_group(group_runs)
-
-    def alone():
-        for run in turns:
-            train_step(run, where)
-
-    def together():
-        micro_step(group, where, None)
-
-    times = alternate({"alone": alone, "batched": together}, repeats)
-    memory = {"activation_mib_alone": saved_mib(lambda: train_step(turns[0], where)),
-              "activation_mib_batched": saved_mib(together)}
-    return summarise("train", base_kind, n, times, n * seq, {"seq": seq, **memory})
+    rows = []
+    for n in ns:
+        alone = run_for(0)
+        group = make_group([run_for(i) for i in range(1, n + 1)])
+        step_alone, step_batched = (lambda: train_step(alone, where)), (lambda: micro_step(group, where, None))
+        times = alternate({"alone": step_alone, "batched": step_batched}, repeats)
+        memory = {"activation_mib_alone": saved_mib(step_alone), "activation_mib_batched": saved_mib(step_batched)}
+        rows.append(summarise("train", base_kind, n, times, seq, {"seq": seq, **memory}))
+    return rows
 
 
 def saved_mib(work) -> float:
@@ -148,11 +141,14 @@ def saved_mib(work) -> float:
     return sum(seen.values()) / 2**20
 
 
-def summarise(mode: str, base_kind: str, n: int, times: dict, tokens: int, extra: dict) -> dict:
+def summarise(mode: str, base_kind: str, n: int, times: dict, tokens_alone: int, extra: dict) -> dict:
+    """One row: throughput of one fine-tune alone (tokens_alone per call) vs n batched (n x as many)."""
     alone, together = statistics.median(times["alone"]), statistics.median(times["batched"])
+    per_s_alone, per_s_batched = tokens_alone / alone, n * tokens_alone / together
     return {"mode": mode, "n": n, "base": base_kind, "device": "cpu (1 thread)", "model": MODEL,
-            "speedup": alone / together, "tokens_per_s_alone": tokens / alone, "tokens_per_s_batched": tokens / together,
-            "cpu_s_alone": times["alone"], "cpu_s_batched": times["batched"], "repeats": len(times["alone"]), **extra}
+            "speedup": per_s_batched / per_s_alone, "tokens_per_s_alone": per_s_alone,
+            "tokens_per_s_batched": per_s_batched, "cpu_s_one_alone": times["alone"], "cpu_s_batched": times["batched"],
+            "repeats": len(times["alone"]), **extra}
 
 
 def spread(values: list[float]) -> str:
@@ -165,7 +161,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, nargs="+", default=None)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--modes", nargs="+", default=["generate", "train"], choices=["generate", "train"])
-    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=None)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--out", default="bench/results/batched.json")
     args = parser.parse_args()
@@ -174,28 +170,29 @@ def main() -> None:
 
     torch.set_num_threads(1)
     ns = args.n or ([1, 8] if args.quick else [1, 2, 4, 8])
+    new_tokens = args.new_tokens or (24 if args.quick else 64)
     rows = []
     for mode in args.modes:
-        repeats = args.repeats or ((3 if mode == "generate" else 4) if args.quick else 10)
+        repeats = args.repeats or ((2 if mode == "generate" else 3) if args.quick else 10)
         for base_kind in (["fp32", "int8", "nf4"] if mode == "generate" else ["fp32", "nf4"]):
-            for n in ns:
-                row = (bench_generate(base_kind, n, repeats, args.new_tokens) if mode == "generate"
-                       else bench_train(base_kind, n, repeats, args.seq))
-                rows.append(row)
-                print(f"{mode:8s} {base_kind:4s} N={n}: {row['speedup']:.2f}x "
-                      f"(alone {spread(row['cpu_s_alone'])} s, batched {spread(row['cpu_s_batched'])} s)", flush=True)
+            found = (bench_generate(base_kind, ns, repeats, new_tokens) if mode == "generate"
+                     else bench_train(base_kind, ns, repeats, args.seq))
+            for row in found:
+                print(f"{mode:8s} {base_kind:4s} N={row['n']}: {row['speedup']:.2f}x (one alone "
+                      f"{spread(row['cpu_s_one_alone'])} s, batched {spread(row['cpu_s_batched'])} s)", flush=True)
+            rows += found
     print()
     print(f"{'mode':8s} {'base':4s} {'N':>2s} {'alone tok/s':>11s} {'batched tok/s':>13s} {'speedup':>7s} "
-          f"{'spread alone s':>14s} {'spread batched s':>16s} {'act. MiB alone/batched':>22s}")
+          f"{'one alone s':>14s} {'spread batched s':>16s} {'act. MiB alone/batched':>22s}")
     for r in rows:
         memory = (f"{r['activation_mib_alone']:.0f} / {r['activation_mib_batched']:.0f}"
                   if "activation_mib_alone" in r else "-")
         print(f"{r['mode']:8s} {r['base']:4s} {r['n']:2d} {r['tokens_per_s_alone']:11.1f} "
-              f"{r['tokens_per_s_batched']:13.1f} {r['speedup']:6.2f}x {spread(r['cpu_s_alone']):>14s} "
+              f"{r['tokens_per_s_batched']:13.1f} {r['speedup']:6.2f}x {spread(r['cpu_s_one_alone']):>14s} "
               f"{spread(r['cpu_s_batched']):>16s} {memory:>22s}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": platform.platform(), "torch": torch.__version__, "threads": 1,
+    out.write_text(json.dumps({"quick": args.quick, "machine": platform.platform(), "torch": torch.__version__, "threads": 1,
                                "gpu": "none available: no GPU rows", "rows": rows}, indent=2))
     print(f"wrote {out}")
 
