@@ -10,7 +10,7 @@ from .adapter_file import AdapterFile, load_adapter, read_adapter, save_adapter
 from .compat import finetuna
 from .errors import (AdapterStateError, DataError, ExportError, MergeError, ModelConfigError, ModelNotFoundError,
                      PlanError, RewriteError, RuleFileError, SharedBaseWarning, SurgeryError, SurgeryWarning,
-                     TraceError, TrainError, Violation)
+                     TraceError, TrainError, TruncationWarning, Violation)
 from .export import export_graph
 from .files import version as _version
 from .fingerprint import Fingerprint, fingerprint
@@ -31,8 +31,8 @@ __all__ = [
     "AdapterFile", "AdapterStateError", "DataError", "Decision", "ExportError", "FinetuneInfo", "Fingerprint",
     "LoraConfig", "MergeError", "ModelConfigError", "ModelGraph", "ModelNotFoundError", "ModuleInfo", "ParamInfo",
     "Plan", "PlanError", "QuantConfig", "RewriteError", "Rule", "RuleFileError", "RuleSet", "SharedBaseWarning",
-    "SurgeryError", "SurgeryWarning", "TraceError", "TrainError", "Violation", "bundled_rules", "export_graph",
-    "export_peft", "finetune_info", "finetuna", "fingerprint", "import_peft", "load_adapter", "load_model",
-    "load_rules", "merge", "plan", "prepare_base", "read_adapter", "rewrite", "save_adapter", "tiny_model",
-    "tiny_tokenizer", "trace", "__version__",
+    "SurgeryError", "SurgeryWarning", "TraceError", "TrainError", "TruncationWarning", "Violation", "bundled_rules",
+    "export_graph", "export_peft", "finetune_info", "finetuna", "fingerprint", "import_peft", "load_adapter",
+    "load_model", "load_rules", "merge", "plan", "prepare_base", "read_adapter", "rewrite", "save_adapter",
+    "tiny_model", "tiny_tokenizer", "trace", "__version__",
 ]

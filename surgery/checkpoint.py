@@ -32,21 +32,60 @@ LOCK_FILE = ".surgery.lock"
 MAX_STATE_BYTES = 64 << 30
 
 
-def check_output_folder(out: Path, *, resume: Path | None = None) -> None:
-    """The folder must be writable, and hold no earlier run unless we resume that run."""
+def earlier_run(out: Path) -> list[str]:
+    """The names of what an earlier run left in OUT (adapter file, metrics, checkpoints), sorted."""
     out = Path(out)
+    if not out.is_dir():
+        return []
+    return sorted(p.name for p in out.iterdir()
+                  if p.name in (ADAPTER_FILE, METRICS_FILE) or p.name.startswith("checkpoint-"))
+
+
+def check_output_folder(out: Path, *, resume: Path | None = None, overwrite: bool = False) -> None:
+    """OUT must be writable (or creatable) and hold no earlier run unless we resume it or may move it aside.
+
+    Creates nothing, so the CLI checks every --out before loading a model.
+    """
+    out = Path(out)
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise TrainError(f"{out}: cannot write there ({existing} is not a folder); choose another --out")
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".surgery-write-test-{os.getpid()}"
+        probe = existing / f".surgery-write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
         raise TrainError(f"{out}: cannot write there ({exc.strerror or exc}); choose another --out") from None
-    earlier = [p.name for p in out.iterdir() if p.name in (ADAPTER_FILE, "metrics.jsonl") or
-               p.name.startswith("checkpoint-")]
-    if earlier and resume is None:
-        raise TrainError(f"{out}: holds an earlier run ({', '.join(sorted(earlier)[:3])}); choose a new --out, "
-                         f"or continue it with --resume {out / 'checkpoint-N'}")
+    earlier = earlier_run(out)
+    if earlier and resume is None and not overwrite:
+        shown = ", ".join(earlier[:4]) + (f" and {len(earlier) - 4} more" if len(earlier) > 4 else "")
+        has_checkpoint = any(name.startswith("checkpoint-") for name in earlier)
+        advice = (f"continue it with --resume {out}, " if has_checkpoint else
+                  "it has no checkpoint to resume from; ")
+        raise TrainError(f"{out}: holds an earlier run ({shown}); {advice}choose a new --out, or pass --overwrite "
+                         f"to move it aside (to {aside_path(out)}; nothing is deleted)")
+
+
+def aside_path(out: Path) -> Path:
+    """Where --overwrite moves an earlier run: the first free OUT.replaced-N beside it."""
+    n = 1
+    while out.with_name(f"{out.name}.replaced-{n}").exists():
+        n += 1
+    return out.with_name(f"{out.name}.replaced-{n}")
+
+
+def move_aside(out: Path) -> Path | None:
+    """Rename OUT, if it holds an earlier run, to OUT.replaced-N in one atomic step; where it went, or None."""
+    out = Path(out)
+    if not earlier_run(out):
+        return None
+    target = aside_path(out)
+    try:
+        os.rename(out, target)
+    except OSError as exc:
+        raise TrainError(f"{out}: cannot move the earlier run aside to {target} ({exc.strerror or exc}); move or "
+                         "remove it yourself") from None
+    return target
 
 
 def append_metrics(out: Path, record: dict) -> None:

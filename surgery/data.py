@@ -15,13 +15,14 @@ import csv
 import hashlib
 import io
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-from .errors import DataError
+from .errors import DataError, TruncationWarning
 from .files import GiB, read_user_text
 
 IGNORE = -100  # label of positions that carry no loss (prompt, padding), as in transformers
@@ -211,7 +212,25 @@ def tokenize(examples: list[Example], tokenizer, *, block_size: int, mode: str =
         ids_t[row, :len(seq)] = torch.tensor(seq)
         labels_t[row, :len(lab)] = torch.tensor(lab)
         mask[row, :len(seq)] = 1
+    _check_truncation(labels_t, pieces, block_size, source)
     return Blocks(ids_t, labels_t, mask, source)
+
+
+def _check_truncation(labels: torch.Tensor, pieces: list[tuple[list[int], list[int]]], block_size: int,
+                      source: str) -> None:
+    """Refuse data whose rows all lost their loss tokens to the block size; warn when some did."""
+    empty = int((labels[:, 1:] == IGNORE).all(dim=1).sum())  # the first token is never predicted
+    if empty == 0:
+        return
+    longest = max(len(prompt) for prompt, _ in pieces)
+    fits = max(len(prompt) + len(completion) + 1 for prompt, completion in pieces)
+    if empty == len(pieces):
+        raise DataError(f"{source}: every example's completion lies beyond --block-size {block_size} (the longest "
+                        f"prompt has {longest} tokens): training would learn nothing. Use --block-size {fits} "
+                        "(fits every example whole) or shorter prompts")
+    warnings.warn(f"{source}: {empty} of {len(pieces)} examples have no completion token within --block-size "
+                  f"{block_size} and teach nothing (the longest prompt has {longest} tokens); --block-size {fits} "
+                  "fits every example whole", TruncationWarning, stacklevel=3)
 
 
 def _ids(tokenizer, text: str) -> list[int]:

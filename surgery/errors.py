@@ -99,6 +99,10 @@ class SharedBaseWarning(SurgeryWarning):
     """A rewrite quantizes modules that fine-tunes made earlier still use in full precision."""
 
 
+class TruncationWarning(SurgeryWarning):
+    """Some training rows lost every loss token to --block-size (their prompts fill the block)."""
+
+
 CONSTRAINTS = {  # what each constraint id in a PlanError means; the README's table says the same
     "C1": "no unquantize after quantize: a module the base already holds quantized cannot be planned unquantized "
           "or quantized again with another scheme or other settings",

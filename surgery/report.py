@@ -90,13 +90,14 @@ def graph_renderable(graph: ModelGraph, memory: dict[str, int], pattern: str | N
     if s["uncalled"]:
         head.add_row("never called", ", ".join(s["uncalled"]))
 
-    table = Table(title="modules (repeated blocks collapsed)", show_lines=False)
-    for col, justify in (("module", "left"), ("×", "right"), ("class", "left"), ("kind", "left"),
-                         ("params", "right"), ("weight", "left"), ("dtype", "left"), ("calls", "right"),
-                         ("input → output", "left")):
-        table.add_column(col, justify=justify)
     leaves = [m for m in graph.leaves() if pattern is None or pattern_matches(pattern, m.path)]
-    for key, paths in grouped([m.path for m in leaves]).items():
+    groups = grouped([m.path for m in leaves])
+    table = Table(title="modules (repeated blocks collapsed)", show_lines=False)
+    add_name_column(table, "module", groups)
+    for col, justify in (("×", "right"), ("class", "left"), ("kind", "left"), ("params", "right"),
+                         ("weight", "left"), ("dtype", "left"), ("calls", "right"), ("input → output", "left")):
+        table.add_column(col, justify=justify)
+    for key, paths in groups.items():
         m = graph.modules[paths[0]]
         w = m.param("weight") or (m.params[0] if m.params else None)
         shapes = f"{_shape(m.input_shape)} → {_shape(m.output_shape)}" if m.input_shape else ""
@@ -105,6 +106,12 @@ def graph_renderable(graph: ModelGraph, memory: dict[str, int], pattern: str | N
                       str(m.calls) if graph.method == "export" else "-", shapes)
     adapt = Text("adaptable modules (LoRA): ", style="bold") + Text(", ".join(s["adaptable"]))
     return Group(head, table, adapt)
+
+
+def add_name_column(table: Table, header: str, names) -> None:
+    """A column of module names (one per line) that is never cut: it keeps the longest name's width while
+    the other columns wrap or shorten, and folds a name onto the next line only beyond the console width."""
+    table.add_column(header, no_wrap=True, overflow="fold")
 
 
 def _shape(shape) -> str:
@@ -119,12 +126,14 @@ def plan_renderable(plan):
     for d in plan.decisions.values():
         by_rule.setdefault(d.decided_by, []).append(d)
     table = Table(title=f"plan: {plan.rules.source} on {plan.graph.name or plan.graph.model_class}")
-    for col, justify in (("decided by", "left"), ("action", "left"), ("modules", "left"), ("n", "right"),
-                         ("storage", "left"), ("LoRA", "left"), ("trainable / fine-tune", "right")):
+    table.add_column("decided by", overflow="fold")
+    table.add_column("action")
+    add_name_column(table, "modules", grouped([d.path for d in plan.decisions.values()]))
+    for col, justify in (("n", "right"), ("storage", "left"), ("LoRA", "left"), ("trainable / fine-tune", "right")):
         table.add_column(col, justify=justify)
     for who, decisions in by_rule.items():
         names = list(grouped([d.path for d in decisions]))
-        shown = ", ".join(names[:4]) + (f", … (+{len(names) - 4})" if len(names) > 4 else "")
+        shown = "\n".join(names[:4]) + (f"\n… (+{len(names) - 4})" if len(names) > 4 else "")
         storages = ", ".join(sorted({d.storage for d in decisions}))
         loras = sorted({f"r={d.lora.r} α={d.lora.alpha:g}" for d in decisions if d.lora})
         trainable = sum(d.adapter_params for d in decisions) + sum(
@@ -199,9 +208,10 @@ def adapter_tables(adapter, show_all: bool = False, limit: int = 40) -> tuple[Ta
     meta.add_row("base fingerprint", repr(adapter.fingerprint))
     meta.add_row("checksums", "metadata and tensors verified")
     tensors = Table(title=f"{len(adapter.tensors)} tensors, {adapter.nbytes:,} bytes ({fmt_bytes(adapter.nbytes)})")
-    for col in ("tensor", "dtype", "shape", "bytes"):
-        tensors.add_column(col, justify="right" if col == "bytes" else "left")
     names = list(adapter.tensors)
+    add_name_column(tensors, "tensor", names)
+    for col in ("dtype", "shape", "bytes"):
+        tensors.add_column(col, justify="right" if col == "bytes" else "left")
     for name in names if show_all else names[:limit]:
         t = adapter.tensors[name]
         tensors.add_row(name, str(t.dtype).removeprefix("torch."), str(tuple(t.shape)),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 from pathlib import Path
 from typing import Callable
@@ -19,8 +20,8 @@ import torch
 from torch import nn
 
 from .adapter_file import save_adapter
-from .checkpoint import (ADAPTER_FILE, append_metrics, check_output_folder, remove_leftovers, resume as resume_run,
-                         run_lock, save_checkpoint, truncate_metrics)
+from .checkpoint import (ADAPTER_FILE, append_metrics, check_output_folder, move_aside, remove_leftovers,
+                         resume as resume_run, run_lock, save_checkpoint, truncate_metrics)
 from .batched_train import check_batching, group_jobs, run_batched
 from .data import Blocks
 from .distributed import World, broadcast_trainables, gathered_rng, rank_seed, world
@@ -31,6 +32,7 @@ from .random_state import new_rng
 from .step import train_step
 
 StepCallback = Callable[[Run, dict], None]
+logger = logging.getLogger(__name__)
 
 
 def prepare(job: Job, where: World, resume: Path | None = None) -> Run:
@@ -80,11 +82,13 @@ def evaluate(model: nn.Module, data: Blocks, batch_size: int = 8) -> dict:
 
 
 def train(jobs: list[Job], *, resume: dict[str, Path] | None = None, on_step: StepCallback | None = None,
-          batched: bool = False, max_batched_tokens: int | None = None) -> list[Run]:
+          batched: bool = False, max_batched_tokens: int | None = None, overwrite: bool = False) -> list[Run]:
     """Train every job to its end; checkpoints, eval and files as configured.
 
     Jobs take turns, one step each; with ``batched=True`` the micro-batches of jobs on one base share
     each base pass (at most ``max_batched_tokens`` padded tokens per pass; more go in sub-groups).
+    ``overwrite=True`` moves an earlier run in a job's folder aside (OUT.replaced-N) once every job
+    is ready to start; nothing is deleted.
     """
     where = world()
     names = [job.name for job in jobs]
@@ -98,8 +102,14 @@ def train(jobs: list[Job], *, resume: dict[str, Path] | None = None, on_step: St
         for job in jobs:  # every folder first, then every job: a bad one stops all before anything is written
             if job.out is not None and where.main:
                 locks.enter_context(run_lock(job.out))
-                check_output_folder(job.out, resume=resume.get(job.name))
+                check_output_folder(job.out, resume=resume.get(job.name), overwrite=overwrite)
         runs = [prepare(job, where, resume.get(job.name)) for job in jobs]
+        for job in jobs:
+            if overwrite and job.out is not None and where.main and job.name not in resume:
+                moved = move_aside(job.out)  # our lock moves with it; the fresh folder gets its own
+                if moved is not None:
+                    logger.warning("moved the earlier run in %s aside to %s", job.out, moved)
+                    locks.enter_context(run_lock(job.out))
         for run in runs:
             if run.job.out is not None and where.main:
                 remove_leftovers(run.job.out)

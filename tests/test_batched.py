@@ -190,7 +190,7 @@ def training_jobs(base, model: str, quantize: str, out=None, **config) -> list:
     head = {"quantize": quantize, "default": "freeze", "rules": [
         {"match": names.get("v_proj", "v_proj"), "action": "adapt", "lora": {"r": 2, "alpha": 4}},
         {"match": "lm_head", "action": "plain", "untie": True}]}
-    specs = [("a", lora, "upper", 4, 1, 5, 24), ("b", head, "capitals", 2, 2, 3, 32), ("c", lora, "reverse", 3, 1, 4, 16)]
+    specs = [("a", lora, "upper", 4, 1, 5, 24), ("b", head, "capitals", 2, 2, 3, 40), ("c", lora, "reverse", 3, 1, 4, 16)]
     surgery.prepare_base(base, lora, head)
     return [make_job(base, name, rules, data, TOK, TrainConfig(batch_size=batch, grad_accum=accum, lr=1e-2,
                                                                   max_steps=steps, seed=i, **config),
@@ -254,7 +254,7 @@ def test_a_batched_run_resumes_exactly_and_records_its_grouping(tmp_path):
 
 def test_cli_train_batched_writes_the_adapters_taking_turns_writes(tmp_path):
     args = ["train", "--model", "tiny-llama", "--job", "caps=lora_plus_head,capitals", "--job", "up=qv_lora,upper",
-            "--max-steps", "6", "--lr", "1e-2", "--block-size", "24"]
+            "--max-steps", "6", "--lr", "1e-2", "--block-size", "40"]
     runner = CliRunner()
     for name, extra in (("turns", []), ("batched", ["--batched", "--max-batched-tokens", "200"])):
         result = runner.invoke(app, [*args, "--out", str(tmp_path / name), *extra])

@@ -141,7 +141,7 @@ def test_cli_train_many_jobs_then_generate(tmp_path):
     out = tmp_path / "runs"
     result = runner.invoke(app, ["train", "--model", "tiny-opt", "--out", str(out), "--job", "up=qv_lora_head,upper",
                                  "--job", "caps=lora_plus_head,capitals", "--max-steps", "30", "--lr", "1e-2",
-                                 "--block-size", "24", "--eval-split", "0.1", "--save-steps", "10",
+                                 "--block-size", "40", "--eval-split", "0.1", "--save-steps", "10",
                                  "--save-total-limit", "1"])
     assert result.exit_code == 0, result.output
     assert "training summary" in result.stdout
@@ -150,7 +150,7 @@ def test_cli_train_many_jobs_then_generate(tmp_path):
         assert "adapter.safetensors" in files and "checkpoint-20" in files and "metrics.jsonl" in files
     again = runner.invoke(app, ["train", "--model", "tiny-opt", "--out", str(out), "--job", "up=qv_lora_head,upper",
                                 "--job", "caps=lora_plus_head,capitals", "--max-steps", "40", "--lr", "1e-2",
-                                "--block-size", "24", "--eval-split", "0.1", "--resume", str(out)])
+                                "--block-size", "40", "--eval-split", "0.1", "--resume", str(out)])
     assert again.exit_code == 0, again.output  # continue both jobs from checkpoint-20 to step 40
     records = [json.loads(line) for line in (out / "up" / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records if "loss" in r]
@@ -158,7 +158,7 @@ def test_cli_train_many_jobs_then_generate(tmp_path):
     assert [r["step"] for r in records if "eval_loss" in r] == [40]
     other = runner.invoke(app, ["train", "--model", "tiny-opt", "--out", str(out), "--job", "up=qv_lora_head,upper",
                                 "--job", "caps=lora_plus_head,capitals", "--max-steps", "50", "--seed", "1",
-                                "--block-size", "24", "--eval-split", "0.1", "--resume", str(out)])
+                                "--block-size", "40", "--eval-split", "0.1", "--resume", str(out)])
     assert other.exit_code == 2 and "another run (differs in: seed)" in other.output
     result = runner.invoke(app, ["generate", "owl ->", "--adapter", str(out / "up" / "adapter.safetensors"),
                                  "--adapter", str(out / "caps" / "adapter.safetensors"), "--base", "-n", "4"])

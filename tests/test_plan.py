@@ -210,3 +210,22 @@ def test_plan_is_pure(tiny_graphs):
     surgery.plan(model, "finetuna_default")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("width", [80, 120, 160])
+def test_tables_never_cut_module_names(width):
+    from surgery.plan import memory_by_scheme
+    from surgery.report import graph_renderable, grouped, render_text
+
+    graph = surgery.trace(surgery.tiny_model("tiny-opt"))
+    names = list(grouped([m.path for m in graph.leaves()]))
+    assert "model.decoder.layers.*.self_attn.out_proj" in names
+    inspect_text = render_text(graph_renderable(graph, memory_by_scheme(graph)), width=width)
+    assert [n for n in names if n not in inspect_text] == []
+    the_plan = surgery.plan(graph, "qv_lora_head")
+    plan_text = render_text(the_plan, width=width)
+    by_rule = {}
+    for d in the_plan.decisions.values():
+        by_rule.setdefault(d.decided_by, []).append(d.path)
+    shown = [n for paths in by_rule.values() for n in list(grouped(paths))[:4]]  # a plan row lists up to 4
+    assert len(shown) > 4 and [n for n in shown if n not in plan_text] == []

@@ -18,9 +18,9 @@ from surgery.train import evaluate, train
 TOK = surgery.tiny_tokenizer()
 
 
-def job(base, name="job", rules="qv_lora_head", data="upper", out=None, **config):
+def job(base, name="job", rules="qv_lora_head", data="upper", out=None, block_size=24, **config):
     settings = {"batch_size": 8, "lr": 1e-2, "max_steps": 10, "seed": 0, **config}
-    return make_job(base, name, rules, data, TOK, TrainConfig(**settings), out=out, block_size=24,
+    return make_job(base, name, rules, data, TOK, TrainConfig(**settings), out=out, block_size=block_size,
                     model_name="tiny-llama")
 
 
@@ -64,6 +64,21 @@ def test_csv_and_jsonl_text_are_read(tmp_path):
     (tmp_path / "b.jsonl").write_text('{"text": "one"}\n\n{"prompt": "p", "completion": "c"}\n')
     assert [e.completion for e in read_examples(tmp_path / "a.csv")] == ["first, with comma", "second"]
     assert read_examples(tmp_path / "b.jsonl")[1] == surgery.data.Example("c", "p")
+
+
+def test_completions_cut_away_by_the_block_size_are_refused_or_counted(tmp_path):
+    path = tmp_path / "long.jsonl"
+    long_prompt = "describe this at length: " + "x" * 40
+    path.write_text(json.dumps({"prompt": long_prompt, "completion": " fine"}) + "\n")
+    with pytest.raises(DataError, match=r"long.jsonl: every example's completion lies beyond --block-size 16 "
+                                        r"\(the longest prompt has 65 tokens\).*--block-size 71"):
+        tokenize(read_examples(path), TOK, block_size=16, source=str(path))
+    with path.open("a") as f:
+        f.write(json.dumps({"prompt": "short ->", "completion": " ok"}) + "\n")
+    with pytest.warns(surgery.TruncationWarning, match="1 of 2 examples have no completion token"):
+        blocks = tokenize(read_examples(path), TOK, block_size=16, source=str(path))
+    assert (blocks.labels[1, 1:] != IGNORE).any() and (blocks.labels[0, 1:] == IGNORE).all()
+    assert tokenize(read_examples(path), TOK, block_size=71, source=str(path)).labels[0, -1] == TOK.eos_token_id
 
 
 @pytest.mark.parametrize("name,content,message", [
@@ -116,6 +131,30 @@ def test_bad_setups_fail_before_training_and_keep_the_output_folder(tmp_path):
         job(base, lr=0.0)
 
 
+def test_overwrite_moves_an_earlier_run_aside_and_the_cli_checks_out_before_loading(tmp_path):
+    from typer.testing import CliRunner
+
+    from surgery_cli.app import app
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("earlier\n")  # a killed run: metrics, no checkpoint
+    runner = CliRunner()
+    refused = runner.invoke(app, ["train", "qv_lora", "--model", "no-such-model", "--data", "upper",
+                                  "--out", str(out)])
+    assert refused.exit_code == 2, refused.output
+    assert "holds an earlier run (metrics.jsonl); it has no checkpoint to resume from" in refused.output
+    assert "--overwrite" in refused.output and "no-such-model" not in refused.output  # before any model loads
+    (run,) = train([job(surgery.tiny_model("tiny-llama"), out=out, max_steps=2)], overwrite=True)
+    assert (tmp_path / "run.replaced-1" / "metrics.jsonl").read_text() == "earlier\n"  # kept, not deleted
+    assert (out / "adapter.safetensors").is_file() and run.step == 2
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    again = runner.invoke(app, ["train", "qv_lora", "--model", "tiny-llama", "--data", "upper", "--out", str(out),
+                                "--max-steps", "1", "--block-size", "24", "--overwrite"])
+    assert again.exit_code == 0, again.output
+    assert (tmp_path / "run.replaced-2" / "adapter.safetensors").is_file()
+
+
 def test_a_resume_folder_from_another_run_is_refused(tmp_path):
     base = surgery.tiny_model("tiny-llama")
     first = job(base, out=tmp_path / "a", save_steps=5)
@@ -161,10 +200,10 @@ def test_many_finetunes_on_one_base_equal_each_trained_alone():
     """Three rule files that store the base alike (every Linear but lm_head int8), so alone means the same base."""
     specs = [("caps", "lora_plus_head", "capitals"), ("up", "qv_lora", "upper"), ("rev", "all_linear_lora", "reverse")]
     base = surgery.tiny_model("tiny-llama")
-    together = [job(base, name, rules, data, max_steps=8) for name, rules, data in specs]
+    together = [job(base, name, rules, data, max_steps=8, block_size=40) for name, rules, data in specs]
     train(together)
     for (name, rules, data), trained in zip(specs, together):
-        alone = job(surgery.tiny_model("tiny-llama"), name, rules, data, max_steps=8)
+        alone = job(surgery.tiny_model("tiny-llama"), name, rules, data, max_steps=8, block_size=40)
         train([alone])
         assert_bit_identical(own(trained.finetune), own(alone.finetune))
     shared = {id(p) for p in base.parameters()}

@@ -56,6 +56,8 @@ def train(
     max_batched_tokens: Optional[int] = typer.Option(None, "--max-batched-tokens", help="With --batched: at most "
                                                      "this many padded tokens (rows x length) per pass; jobs beyond "
                                                      "it go in further passes (bounds activation memory)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Move an earlier run in --out aside (to "
+                                   "OUT.replaced-N, nothing deleted) when training starts."),
     random_init: bool = RANDOM_INIT_OPT,
     tokenizer_name: Optional[str] = TOKENIZER_OPT,
 ):
@@ -71,7 +73,7 @@ def train(
     from surgery.rewrite import prepare_base
     from surgery.rule_file import load_rules
     from surgery.batched_train import check_batching
-    from surgery.checkpoint import ADAPTER_FILE, STATE_FILE, latest_checkpoint
+    from surgery.checkpoint import ADAPTER_FILE, STATE_FILE, check_output_folder, latest_checkpoint
     from surgery.distributed import world
     from surgery.job import TrainConfig, make_job
     from surgery.report import training_summary
@@ -87,6 +89,9 @@ def train(
     config.check()
     check_batching(batched, max_batched_tokens)
     where = world()
+    if where.main:  # every output folder is checked before anything is loaded
+        for job_name, _, _ in specs:
+            check_output_folder(out if job_name is None else out / job_name, resume=resume, overwrite=overwrite)
     base = load_model(name, random_init=random_init).model
     tokenizer = load_tokenizer(tokenizer_name or name)
     prepare_base(base, *[r for _, r, _ in specs])  # quantize once for every job before any fine-tune exists
@@ -113,7 +118,7 @@ def train(
         console.print(f"model: [bold]{name}[/] (from {why}); {len(jobs)} fine-tune{'s' if len(jobs) > 1 else ''}"
                       f"{f' x {where.size} processes' if where.size > 1 else ''}", highlight=False)
     runs = run_with_progress(jobs, resume_from, show=where.main, batched=batched,
-                             max_batched_tokens=max_batched_tokens)
+                             max_batched_tokens=max_batched_tokens, overwrite=overwrite)
     if not where.main:
         return
     console.print(training_summary(runs, ADAPTER_FILE))
@@ -123,7 +128,7 @@ def train(
 
 
 def run_with_progress(jobs, resume_from: dict, *, show: bool, batched: bool = False,
-                      max_batched_tokens: int | None = None) -> list:
+                      max_batched_tokens: int | None = None, overwrite: bool = False) -> list:
     """Train the jobs with a rich progress bar per job (shown on rank 0 only); the finished runs."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -142,7 +147,7 @@ def run_with_progress(jobs, resume_from: dict, *, show: bool, batched: bool = Fa
                             tps=record["tokens_per_s"])
 
         return train(jobs, resume=resume_from, on_step=on_step, batched=batched,
-                     max_batched_tokens=max_batched_tokens)
+                     max_batched_tokens=max_batched_tokens, overwrite=overwrite)
 
 
 def plot_losses(runs, path: Path) -> Path | None:
