@@ -146,6 +146,9 @@ def test_adapter_files_through_the_cli_apply_show_merge_export_import(tmp_path):
     ids = torch.tensor([[3, 4, 5, 6]])
     with torch.no_grad():
         assert torch.equal(merged(ids).logits, expected(ids).logits)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "merged")  # the folder is complete
+    assert tokenizer("owl")["input_ids"] == surgery.tiny_tokenizer()("owl")["input_ids"]
+    assert (tmp_path / "merged" / "generation_config.json").is_file()
     again = run("merge", str(first), "--out", str(tmp_path / "merged"))
     assert again.exit_code == 2 and "not empty" in again.output
 

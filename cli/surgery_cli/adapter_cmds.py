@@ -50,7 +50,8 @@ def merge(
     import torch
 
     from surgery.merge import merge as merge_ft, output_error
-    from surgery.errors import AdapterStateError
+    from surgery.errors import AdapterStateError, SurgeryError
+    from surgery.loading import load_tokenizer
     from surgery.files import atomic_folder
 
     from surgery.rules import DTYPES
@@ -61,8 +62,15 @@ def merge(
     merged = merge_ft(ft, getattr(torch, dtype) if dtype else None)
     inputs = probe_inputs(base)
     error = output_error(ft, merged, inputs)
+    tokenizer, no_tokenizer = None, ""
+    try:
+        tokenizer = load_tokenizer(name)
+    except SurgeryError as exc:
+        no_tokenizer = str(exc)
     with atomic_folder(out, overwrite=overwrite, error=AdapterStateError) as tmp:
-        merged.save_pretrained(tmp)
+        merged.save_pretrained(tmp)  # with its generation config
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)  # so AutoTokenizer.from_pretrained(out) works (chat template included)
     table = Table(title=f"merged {adapter} into {name}")
     table.add_column("")
     table.add_column("max |Δlogits|", justify="right")
@@ -73,6 +81,8 @@ def merge(
         table.add_row("requantized vs merged", f"{added['max_abs']:.3g}", f"{added['max_rel']:.3g}")
     console.print(table)
     console.print(f"wrote {out} (load with transformers.AutoModelForCausalLM.from_pretrained)", highlight=False)
+    if no_tokenizer:
+        console.print(f"no tokenizer written: {no_tokenizer}", highlight=False, markup=False)
 
 
 def export_peft_cmd(
