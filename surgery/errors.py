@@ -37,11 +37,13 @@ class TraceError(SurgeryError):
 class PlanError(SurgeryError):
     """A plan that violates one or more constraints; ``violations`` lists them all."""
 
-    def __init__(self, violations: list["Violation"]):
+    def __init__(self, violations: list["Violation"], lines: list[str] | None = None, note: str = ""):
         self.violations = violations
-        lines = [f"[{v.constraint}] {v.message}" for v in violations]
+        self.lines = lines or [f"[{v.constraint}] {v.message}" for v in violations]
+        self.note = note
         head = f"{len(violations)} constraint violation{'s' if len(violations) != 1 else ''}:"
-        super().__init__(lines[0] if len(lines) == 1 else "\n".join([head, *lines]))
+        text = self.lines[0] if len(violations) == 1 else "\n".join([head, *self.lines])
+        super().__init__(f"{note}\n{text}" if note else text)
 
     @property
     def constraints(self) -> list[str]:

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .errors import PlanError, Violation
-from .rules import ADAPTABLE_KINDS, Action, Kind, LoraConfig, QuantConfig, Rule, RuleSet, pattern_matches
+from .rules import (ADAPTABLE_KINDS, Action, Kind, LoraConfig, QuantConfig, Rule, RuleSet, grouped,
+                    pattern_matches)
 from .rule_file import load_rules, parse_rules
 from .memory import DTYPE_BYTES, base_bytes, finetune_cost, fmt_bytes, lora_param_count
 from .trace import ModelGraph, ModuleInfo, trace
@@ -87,7 +88,7 @@ class Plan:
     def check(self) -> "Plan":
         """Raise PlanError listing every violation; return self when there is none."""
         if self.violations:
-            raise PlanError(self.violations)
+            raise PlanError(self.violations, violation_lines(self.violations))
         return self
 
     def total_bytes(self, finetunes: int | None = None) -> int:
@@ -197,6 +198,24 @@ def plan(model_or_graph: nn.Module | ModelGraph, rules: RuleSet | str, *, finetu
 def _plannable(graph: ModelGraph) -> list[ModuleInfo]:
     """Modules that hold parameters of their own, excluding the insides of surgery's adapter wrappers."""
     return [m for m in graph.leaves() if not _inside_adapter(m.path, graph)]
+
+
+def violation_lines(violations: list[Violation]) -> list[str]:
+    """One line per constraint and cause: violations that differ only in their module become one line
+    naming how many modules and their patterns (repeated blocks collapsed)."""
+    causes: dict[tuple[str, str], list[Violation]] = {}
+    for v in violations:
+        cause = v.message.replace(v.module, "{module}") if v.module else v.message
+        causes.setdefault((v.constraint, cause), []).append(v)
+    lines = []
+    for (constraint, cause), members in causes.items():
+        if len(members) == 1:
+            lines.append(f"[{constraint}] {members[0].message}")
+            continue
+        patterns = list(grouped([v.module for v in members]))
+        shown = ", ".join(patterns[:3]) + (f" and {len(patterns) - 3} more patterns" if len(patterns) > 3 else "")
+        lines.append(f"[{constraint}] " + cause.replace("{module}", f"{len(members)} modules ({shown})"))
+    return lines
 
 
 def _inside_adapter(path: str, graph: ModelGraph) -> bool:

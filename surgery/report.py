@@ -11,20 +11,8 @@ from rich.table import Table
 from rich.text import Text
 
 from .memory import fmt_bytes
-from .rules import ADAPTABLE_KINDS
+from .rules import ADAPTABLE_KINDS, grouped
 from .trace import ModelGraph
-
-
-def collapse(path: str) -> str:
-    """A module path with layer indices replaced by '*', so repeated blocks share one row."""
-    return re.sub(r"(?<=\.)\d+(?=\.|$)", "*", path)
-
-
-def grouped(paths: list[str]) -> "OrderedDict[str, list[str]]":
-    groups: OrderedDict[str, list[str]] = OrderedDict()
-    for path in paths:
-        groups.setdefault(collapse(path), []).append(path)
-    return groups
 
 
 def render_text(renderable, width: int = 120) -> str:

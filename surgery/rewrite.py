@@ -21,7 +21,7 @@ from typing import Any, Callable
 from torch import nn
 
 from .lora import make_adapter
-from .errors import RewriteError, SharedBaseWarning, SurgeryError
+from .errors import PlanError, RewriteError, SharedBaseWarning, SurgeryError
 from .finetune import FinetuneInfo, finetune_info, install_guards, mark_shared, own_state
 from .plan import Plan, plan as make_plan
 from .bnb import quantized_storage, settle_shared_layers
@@ -127,9 +127,19 @@ def prepare_base(model: nn.Module, *rule_sets: RuleSet | str) -> None:
     Each rule file is planned against the base as the previous ones left it (all PlanErrors first is
     not possible across files: a later file is checked after the earlier ones quantized).
     """
-    for rules in rule_sets:
-        the_plan = make_plan(base_graph(model), load_rules(rules))
+    done: list[str] = []
+    for rules in map(load_rules, rule_sets):
+        try:
+            the_plan = make_plan(base_graph(model), rules)
+        except PlanError as exc:
+            if not done or "C1" not in exc.constraints:
+                raise
+            raise PlanError(exc.violations, exc.lines, note=(
+                f"{rules.source} and {', '.join(done)} (planned first, which quantized the shared base) disagree on "
+                "how the base is stored: all fine-tunes of one base need the same quantization, so write the same "
+                "`quantize:` in every rule file (or train these jobs on separate bases)")) from None
         if the_plan.quantized:
+            done.append(rules.source)
             with _restored_on_failure(model, "quantizing the base"):
                 quantize_base(model, the_plan)
                 _freeze(model)

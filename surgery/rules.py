@@ -8,7 +8,9 @@ it; matching a whole model happens in ``plan``.
 from __future__ import annotations
 
 import functools
+import re
 import json
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -216,3 +218,16 @@ def bundled_rules_dir() -> Path:
 def bundled_rules() -> dict[str, Path]:
     """Bundled rule files by bare name (``qv_lora`` -> .../qv_lora.yaml)."""
     return {p.stem: p for p in sorted(bundled_rules_dir().glob("*.yaml"))}
+
+
+def collapse(path: str) -> str:
+    """A module path with layer indices replaced by '*', so repeated blocks share one row."""
+    return re.sub(r"(?<=\.)\d+(?=\.|$)", "*", path)
+
+
+def grouped(paths: list[str]) -> "OrderedDict[str, list[str]]":
+    """Paths by their collapsed pattern, in first-seen order."""
+    groups: OrderedDict[str, list[str]] = OrderedDict()
+    for path in paths:
+        groups.setdefault(collapse(path), []).append(path)
+    return groups

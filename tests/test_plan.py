@@ -152,7 +152,7 @@ def test_c2_no_trainable_quantized_module(write_rules):
 def test_c3_adapt_only_on_supported_kinds(write_rules):
     graph = surgery.trace(surgery.tiny_model("tiny-llama"))
     msg, path = _violation(graph, "rules:\n  - match: input_layernorm\n    action: adapt\n", write_rules, "C3")
-    assert f"{path}:2:" in msg and "model.layers.0.input_layernorm" in msg and "kind norm" in msg
+    assert f"{path}:2:" in msg and "adapts 2 modules (model.layers.*.input_layernorm)" in msg and "kind norm" in msg
 
 
 def test_c4_rule_that_matches_nothing_suggests_close_names(tiny_graphs, write_rules):
@@ -189,7 +189,7 @@ def test_c7_per_module_lora_configs_cover_every_adapted_module(tiny_graphs, writ
     text = ("rules:\n  - match: re:.*(q_proj|v_proj)\n    action: adapt\n    lora_by_module:\n"
             "      q_proj: {r: 4}\n")
     msg, path = _violation(tiny_graphs["tiny-opt"], text, write_rules, "C7")
-    assert f"{path}:2:" in msg and "model.decoder.layers.0.self_attn.v_proj" in msg and "no entry" in msg
+    assert f"{path}:2:" in msg and "2 modules (model.decoder.layers.*.self_attn.v_proj)" in msg and "no entry" in msg
     full = surgery.plan(tiny_graphs["tiny-opt"], {"rules": [{"match": "re:.*(q_proj|v_proj)", "action": "adapt",
                                                              "lora_by_module": {"q_proj": {"r": 4},
                                                                                 "v_proj": {"r": 2}}}]})
@@ -215,7 +215,8 @@ def test_plan_is_pure(tiny_graphs):
 @pytest.mark.parametrize("width", [80, 120, 160])
 def test_tables_never_cut_module_names(width):
     from surgery.plan import memory_by_scheme
-    from surgery.report import graph_renderable, grouped, render_text
+    from surgery.report import graph_renderable, render_text
+    from surgery.rules import grouped
 
     graph = surgery.trace(surgery.tiny_model("tiny-opt"))
     names = list(grouped([m.path for m in graph.leaves()]))
@@ -229,3 +230,14 @@ def test_tables_never_cut_module_names(width):
         by_rule.setdefault(d.decided_by, []).append(d.path)
     shown = [n for paths in by_rule.values() for n in list(grouped(paths))[:4]]  # a plan row lists up to 4
     assert len(shown) > 4 and [n for n in shown if n not in plan_text] == []
+
+
+def test_violations_of_one_rule_and_cause_are_one_line_and_a_conflict_between_jobs_says_so():
+    base = surgery.tiny_model("tiny-llama")
+    with pytest.raises(PlanError) as caught:
+        surgery.prepare_base(base, "qv_lora", "qlora_nf4")
+    message = str(caught.value)
+    assert len(caught.value.violations) == 14 and len(message.splitlines()) == 3  # note, count, one grouped line
+    assert "keeps 14 modules (model.layers.*.self_attn.q_proj," in message
+    assert "all fine-tunes of one base need the same quantization" in message and "qv_lora.yaml" in message
+    assert all(isinstance(m, bnb.nn.Linear8bitLt) for n, m in base.named_modules() if n.endswith("q_proj"))

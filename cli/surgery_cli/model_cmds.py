@@ -47,7 +47,6 @@ def plan(
     Example: surgery plan qv_lora --model facebook/opt-1.3b --finetunes 8
     """
     quiet_libraries()
-    from surgery.errors import PlanError
     from surgery.loading import load_model
     from surgery.plan import plan as make_plan
     from surgery.rule_file import load_rules
@@ -65,7 +64,7 @@ def plan(
             console.print(f"model: [bold]{name}[/] (from {why})")
         console.print(result)
     if result.violations:
-        raise PlanError(result.violations)
+        result.check()
 
 
 def apply(
