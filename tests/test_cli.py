@@ -151,6 +151,15 @@ def test_adapter_files_through_the_cli_apply_show_merge_export_import(tmp_path):
     assert (tmp_path / "merged" / "generation_config.json").is_file()
     again = run("merge", str(first), "--out", str(tmp_path / "merged"))
     assert again.exit_code == 2 and "not empty" in again.output
+    assert "note: requantizing" not in result.stdout  # int8: about 1 % on tiny-llama
+    nf4 = tmp_path / "nf4.safetensors"
+    trained = surgery.rewrite(surgery.tiny_model("tiny-llama"), "qlora_nf4")
+    with torch.no_grad():  # a trained-looking adapter (a new one has B = 0 and merges to the base itself)
+        for tensor in surgery.finetune.own_state(trained).values():
+            tensor.add_(torch.randn(tensor.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
+    surgery.save_adapter(trained, nf4)
+    result = run("merge", str(nf4), "--out", str(tmp_path / "merged-nf4"), "--report-requantized")
+    assert result.exit_code == 0 and "note: requantizing moves the logits by" in result.stdout, result.output
 
     result = run("export-peft", str(first), "--out", str(tmp_path / "peft"))
     assert result.exit_code == 0, result.output

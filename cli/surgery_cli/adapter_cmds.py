@@ -32,6 +32,9 @@ def adapter_show(
     console.print(tensors)
 
 
+LARGE_REQUANTIZATION_ERROR = 0.05  # relative to the largest logit: beyond it, --report-requantized explains
+
+
 def merge(
     adapter: Path = ADAPTER_ARG,
     model: Optional[str] = BASE_OPT,
@@ -80,6 +83,11 @@ def merge(
         added = output_error(merged, merge_ft(ft, requantize=True), inputs)
         table.add_row("requantized vs merged", f"{added['max_abs']:.3g}", f"{added['max_rel']:.3g}")
     console.print(table)
+    if report_requantized and added["max_rel"] > LARGE_REQUANTIZATION_ERROR:
+        console.print(f"note: requantizing moves the logits by {added['max_rel']:.1%} of the largest one (the merge "
+                      f"itself: {error['max_rel']:.1%}): quantizing the merged weights again re-rounds every weight "
+                      "of the adapted layers. Serve this fine-tune merged in 16/32-bit (this folder, or --dtype "
+                      "bfloat16) or unmerged on its quantized base, not requantized.", highlight=False, markup=False)
     console.print(f"wrote {out} (load with transformers.AutoModelForCausalLM.from_pretrained)", highlight=False)
     if no_tokenizer:
         console.print(f"no tokenizer written: {no_tokenizer}", highlight=False, markup=False)
