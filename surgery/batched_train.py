@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .batched import batched, route
+from .data import IGNORE
 from .distributed import World, rank_weight
 from .errors import TrainError
 from .finetune import finetune_info
@@ -204,7 +205,7 @@ def _pad_right(batch: dict[str, torch.Tensor], width: int) -> dict[str, torch.Te
     extra = width - batch["input_ids"].shape[1]
     if extra == 0:
         return batch
-    fill = {"input_ids": 0, "attention_mask": 0, "labels": -100}
+    fill = {"input_ids": 0, "attention_mask": 0, "labels": IGNORE}
     return {k: F.pad(v, (0, extra), value=fill[k]) for k, v in batch.items()}
 
 
@@ -212,7 +213,7 @@ def _causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Token-mean next-token cross-entropy, as transformers computes a causal LM's loss (fp32 logits)."""
     logits = logits.float()
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                           ignore_index=-100)
+                           ignore_index=IGNORE)
 
 
 def _pass_seed(runs: list[Run], members: list[int], where: World) -> int:
