@@ -288,7 +288,7 @@ def _check_rng_state(state: torch.Tensor) -> None:
     """Raise RuntimeError unless torch accepts ``state`` as a CPU random state (changes nothing)."""
     saved = torch.get_rng_state()
     try:
-        torch.set_rng_state(state[:saved.numel()].contiguous())
+        torch.set_rng_state(state[:saved.numel()].clone())  # a copy: a view into a bigger tensor crashes it
     finally:
         torch.set_rng_state(saved)
 

@@ -27,6 +27,6 @@ def swap_rng(state: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         previous = torch.cat([previous, torch.cuda.get_rng_state(device)])
         if state.numel() > cpu_size:
-            torch.cuda.set_rng_state(state[cpu_size:], device)
-    torch.set_rng_state(state[:cpu_size])
+            torch.cuda.set_rng_state(state[cpu_size:].clone(), device)
+    torch.set_rng_state(state[:cpu_size].clone())  # a copy: a view into a bigger tensor crashes it
     return previous

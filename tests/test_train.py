@@ -241,3 +241,16 @@ def test_bf16_autocast_computes_in_bf16_and_trains():
     (run,) = train([j])
     assert seen == {torch.bfloat16}  # the matmuls ran under bf16 autocast
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in run.history)
+
+
+def test_a_random_state_read_from_a_row_of_saved_states_installs_exactly():
+    """A checkpoint keeps one state per rank in one tensor; rank 1's row is a view at an offset."""
+    from surgery.random_state import new_rng, swap_rng
+
+    cpu = torch.device("cpu")
+    rows = torch.stack([new_rng(0, cpu), new_rng(5, cpu)])
+    outer = swap_rng(rows[1], cpu)
+    drawn = torch.rand(3)
+    swap_rng(outer, cpu)
+    torch.manual_seed(5)
+    assert torch.equal(drawn, torch.rand(3))
