@@ -1,8 +1,9 @@
 """Many fine-tunes, one base pass: batched vs one after another, for generation and for training.
 
-OPT-125m shape (random init, fp32 compute), LoRA r=8 (no dropout) on every decoder Linear, one
-thread, CPU time per process (``time.process_time``); the contenders alternate repetition by
-repetition in one process, so drift hits both alike; medians and the spread (min-max) are reported.
+OPT-125m shape (random init, fp32 compute), LoRA r=8 (no dropout) on every decoder Linear. On the
+CPU: one thread, CPU time per process (``time.process_time``); with ``--device cuda``: wall time
+after ``torch.cuda.synchronize``. The contenders alternate repetition by repetition in one process,
+so drift hits both alike; medians and the spread (min-max) are reported.
 "One after another" is measured as one fine-tune's call or step: the N calls of a turn-taking run
 are the same work on the same shapes, so their throughput (tokens/s) is that of one call.
 
@@ -11,11 +12,11 @@ are the same work on the same shapes, so their throughput (tokens/s) is that of 
 - train: N jobs, per-job micro-batch 1 x 128 random tokens, AdamW: one batched micro-step
   (``batched_train.micro_step``: every job's optimizer steps) vs one job's ``train_step``.
   Activation memory is the bytes autograd saves for backward in one pass (one job's pass when
-  taking turns, the group's pass when batched).
+  taking turns, the group's pass when batched); on CUDA also the peak allocated during a step.
 
-Usage: python bench/batched.py [--quick] [--n 1 2 4 8] [--repeats 10] [--new-tokens 64]
+Usage: python bench/batched.py [--quick] [--device cpu|cuda] [--n 1 2 4 8] [--repeats 10] [--new-tokens 64]
 ``--quick``: N = 1 and 8 only, 24 new tokens, 2 repetitions for generation and 3 for training.
-Writes bench/results/batched.json (--out).
+Writes bench/results/batched.json (--out; bench/results/batched_cuda.json with --device cuda).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def rules_for(base: str) -> dict:
                       {"match": LINEARS, "action": "adapt", "lora": {"r": 8, "alpha": 16, "dropout": 0.0}}]}
 
 
-def finetunes(base_kind: str, n: int):
+def finetunes(base_kind: str, n: int, device: str):
     """A base of MODEL's shape stored as ``base_kind`` and ``n`` fine-tunes with distinct (nonzero) adapters."""
     import torch
 
@@ -51,7 +52,7 @@ def finetunes(base_kind: str, n: int):
     from surgery.finetune import own_state
     from surgery.loading import load_model
 
-    base = load_model(MODEL, random_init=True).model.float()  # the published config says fp16: slow on a CPU
+    base = load_model(MODEL, random_init=True).model.float().to(device)  # the config says fp16: slow on a CPU
     rules = rules_for(base_kind)
     surgery.prepare_base(base, rules)
     fts = []
@@ -66,35 +67,49 @@ def finetunes(base_kind: str, n: int):
     return base, fts
 
 
-def alternate(contenders: dict, repeats: int, warmup: int = 1) -> dict[str, list[float]]:
-    """CPU seconds of each repetition of each contender; they take turns repetition by repetition."""
+def seconds(work, device: str) -> float:
+    """CPU seconds of ``work`` on the CPU; wall seconds until the GPU is done on CUDA."""
+    import torch
+
+    if device == "cpu":
+        start = time.process_time()
+        work()
+        return time.process_time() - start
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    work()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def alternate(contenders: dict, repeats: int, device: str, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds of each repetition of each contender; they take turns repetition by repetition."""
     times: dict[str, list[float]] = {name: [] for name in contenders}
     for i in range(warmup + repeats):
         for name, work in contenders.items():
-            start = time.process_time()
-            work()
+            took = seconds(work, device)
             if i >= warmup:
-                times[name].append(time.process_time() - start)
+                times[name].append(took)
     return times
 
 
-def bench_generate(base_kind: str, ns: list[int], repeats: int, new_tokens: int) -> list[dict]:
+def bench_generate(base_kind: str, ns: list[int], repeats: int, new_tokens: int, device: str) -> list[dict]:
     import surgery
     from surgery.batched import generate
 
-    base, fts = finetunes(base_kind, max(ns))
+    base, fts = finetunes(base_kind, max(ns), device)
     tokenizer = surgery.tiny_tokenizer()
     prompt = ["the quick brown fox jumps"]
     rows = []
     for n in ns:
         times = alternate({"alone": lambda: generate(base, fts[:1], prompt, tokenizer, max_new_tokens=new_tokens),
                            "batched": lambda: generate(base, fts[:n], prompt, tokenizer, max_new_tokens=new_tokens)},
-                          repeats)
-        rows.append(summarise("generate", base_kind, n, times, new_tokens, {"new_tokens": new_tokens}))
+                          repeats, device)
+        rows.append(summarise("generate", base_kind, n, times, new_tokens, device, {"new_tokens": new_tokens}))
     return rows
 
 
-def bench_train(base_kind: str, ns: list[int], repeats: int, seq: int) -> list[dict]:
+def bench_train(base_kind: str, ns: list[int], repeats: int, seq: int, device: str) -> list[dict]:
     import torch
 
     from surgery.batched_train import make_group, micro_step
@@ -105,7 +120,7 @@ def bench_train(base_kind: str, ns: list[int], repeats: int, seq: int) -> list[d
     from surgery.train import prepare
 
     where = World()
-    _, fts = finetunes(base_kind, 1 + max(ns))
+    _, fts = finetunes(base_kind, 1 + max(ns), device)
     steps = repeats + 3
 
     def run_for(i: int):
@@ -119,9 +134,11 @@ def bench_train(base_kind: str, ns: list[int], repeats: int, seq: int) -> list[d
         alone = run_for(0)
         group = make_group([run_for(i) for i in range(1, n + 1)])
         step_alone, step_batched = (lambda: train_step(alone, where)), (lambda: micro_step(group, where, None))
-        times = alternate({"alone": step_alone, "batched": step_batched}, repeats)
+        times = alternate({"alone": step_alone, "batched": step_batched}, repeats, device)
         memory = {"activation_mib_alone": saved_mib(step_alone), "activation_mib_batched": saved_mib(step_batched)}
-        rows.append(summarise("train", base_kind, n, times, seq, {"seq": seq, **memory}))
+        if device == "cuda":
+            memory |= {"peak_mib_alone": peak_mib(step_alone), "peak_mib_batched": peak_mib(step_batched)}
+        rows.append(summarise("train", base_kind, n, times, seq, device, {"seq": seq, **memory}))
     return rows
 
 
@@ -141,14 +158,31 @@ def saved_mib(work) -> float:
     return sum(seen.values()) / 2**20
 
 
-def summarise(mode: str, base_kind: str, n: int, times: dict, tokens_alone: int, extra: dict) -> dict:
+def peak_mib(work) -> float:
+    """MiB of GPU memory allocated at the peak of ``work`` (everything held, models included)."""
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    work()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def summarise(mode: str, base_kind: str, n: int, times: dict, tokens_alone: int, device: str, extra: dict) -> dict:
     """One row: throughput of one fine-tune alone (tokens_alone per call) vs n batched (n x as many)."""
     alone, together = statistics.median(times["alone"]), statistics.median(times["batched"])
     per_s_alone, per_s_batched = tokens_alone / alone, n * tokens_alone / together
-    return {"mode": mode, "n": n, "base": base_kind, "device": "cpu (1 thread)", "model": MODEL,
+    return {"mode": mode, "n": n, "base": base_kind, "device": device_name(device), "model": MODEL,
             "speedup": per_s_batched / per_s_alone, "tokens_per_s_alone": per_s_alone,
-            "tokens_per_s_batched": per_s_batched, "cpu_s_one_alone": times["alone"], "cpu_s_batched": times["batched"],
+            "tokens_per_s_batched": per_s_batched, "s_one_alone": times["alone"], "s_batched": times["batched"],
             "repeats": len(times["alone"]), **extra}
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    return "cpu (1 thread)" if device == "cpu" else torch.cuda.get_device_name()
 
 
 def spread(values: list[float]) -> str:
@@ -163,37 +197,42 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["generate", "train"], choices=["generate", "train"])
     parser.add_argument("--new-tokens", type=int, default=None)
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--out", default="bench/results/batched.json")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
     import torch
 
-    torch.set_num_threads(1)
+    if args.device == "cpu":
+        torch.set_num_threads(1)
     ns = args.n or ([1, 8] if args.quick else [1, 2, 4, 8])
     new_tokens = args.new_tokens or (24 if args.quick else 64)
     rows = []
     for mode in args.modes:
         repeats = args.repeats or ((2 if mode == "generate" else 3) if args.quick else 10)
         for base_kind in (["fp32", "int8", "nf4"] if mode == "generate" else ["fp32", "nf4"]):
-            found = (bench_generate(base_kind, ns, repeats, new_tokens) if mode == "generate"
-                     else bench_train(base_kind, ns, repeats, args.seq))
+            found = (bench_generate(base_kind, ns, repeats, new_tokens, args.device) if mode == "generate"
+                     else bench_train(base_kind, ns, repeats, args.seq, args.device))
             for row in found:
                 print(f"{mode:8s} {base_kind:4s} N={row['n']}: {row['speedup']:.2f}x (one alone "
-                      f"{spread(row['cpu_s_one_alone'])} s, batched {spread(row['cpu_s_batched'])} s)", flush=True)
+                      f"{spread(row['s_one_alone'])} s, batched {spread(row['s_batched'])} s)", flush=True)
             rows += found
     print()
     print(f"{'mode':8s} {'base':4s} {'N':>2s} {'alone tok/s':>11s} {'batched tok/s':>13s} {'speedup':>7s} "
-          f"{'one alone s':>14s} {'spread batched s':>16s} {'act. MiB alone/batched':>22s}")
+          f"{'one alone s':>14s} {'spread batched s':>16s} {'act. MiB alone/batched':>22s}"
+          + (f" {'peak MiB alone/batched':>22s}" if args.device == "cuda" else ""))
     for r in rows:
         memory = (f"{r['activation_mib_alone']:.0f} / {r['activation_mib_batched']:.0f}"
                   if "activation_mib_alone" in r else "-")
+        peak = f" {r['peak_mib_alone']:.0f} / {r['peak_mib_batched']:.0f}" if "peak_mib_alone" in r else ""
+        
         print(f"{r['mode']:8s} {r['base']:4s} {r['n']:2d} {r['tokens_per_s_alone']:11.1f} "
-              f"{r['tokens_per_s_batched']:13.1f} {r['speedup']:6.2f}x {spread(r['cpu_s_one_alone']):>14s} "
-              f"{spread(r['cpu_s_batched']):>16s} {memory:>22s}")
-    out = Path(args.out)
+              f"{r['tokens_per_s_batched']:13.1f} {r['speedup']:6.2f}x {spread(r['s_one_alone']):>14s} "
+              f"{spread(r['s_batched']):>16s} {memory:>22s}{peak}")
+    out = Path(args.out or ("bench/results/batched.json" if args.device == "cpu" else "bench/results/batched_cuda.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"quick": args.quick, "machine": platform.platform(), "torch": torch.__version__, "threads": 1,
-                               "gpu": "none available: no GPU rows", "rows": rows}, indent=2))
+    out.write_text(json.dumps({"quick": args.quick, "machine": platform.platform(), "torch": torch.__version__,
+                               "device": device_name(args.device), "rows": rows}, indent=2))
     print(f"wrote {out}")
 
 
