@@ -9,8 +9,8 @@ import sys
 from .adapter_file import AdapterFile, load_adapter, read_adapter, save_adapter
 from .compat import finetuna
 from .errors import (AdapterStateError, DataError, ExportError, MergeError, ModelConfigError, ModelNotFoundError,
-                     PlanError, RewriteError, RuleFileError, SharedBaseWarning, SurgeryError, SurgeryWarning,
-                     TraceError, TrainError, TruncationWarning, Violation)
+                     PlanError, RewriteError, RuleFileError, SharedBaseWarning, ShardingError, ShardingWarning,
+                     SurgeryError, SurgeryWarning, TraceError, TrainError, TruncationWarning, Violation)
 from .export import export_graph
 from .files import version as _version
 from .fingerprint import Fingerprint, fingerprint
@@ -20,6 +20,7 @@ from .merge import merge
 from .peft_format import export_peft, import_peft
 from .plan import Decision, Plan, plan
 from .rewrite import prepare_base, rewrite
+from .sharding import shard_base
 from .rules import LoraConfig, QuantConfig, Rule, RuleSet, bundled_rules
 from .rule_file import load_rules
 from .trace import ModelGraph, ModuleInfo, ParamInfo, trace
@@ -31,8 +32,9 @@ __all__ = [
     "AdapterFile", "AdapterStateError", "DataError", "Decision", "ExportError", "FinetuneInfo", "Fingerprint",
     "LoraConfig", "MergeError", "ModelConfigError", "ModelGraph", "ModelNotFoundError", "ModuleInfo", "ParamInfo",
     "Plan", "PlanError", "QuantConfig", "RewriteError", "Rule", "RuleFileError", "RuleSet", "SharedBaseWarning",
+    "ShardingError", "ShardingWarning",
     "SurgeryError", "SurgeryWarning", "TraceError", "TrainError", "TruncationWarning", "Violation", "bundled_rules",
     "export_graph", "export_peft", "finetune_info", "finetuna", "fingerprint", "import_peft", "load_adapter",
     "load_model", "load_rules", "merge", "plan", "prepare_base", "read_adapter", "rewrite", "save_adapter",
-    "tiny_model", "tiny_tokenizer", "trace", "__version__",
+    "shard_base", "tiny_model", "tiny_tokenizer", "trace", "__version__",
 ]

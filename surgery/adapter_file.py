@@ -266,8 +266,10 @@ def base_fingerprint(base: nn.Module) -> Fingerprint:
     The cache is keyed on every parameter's identity, data pointer, version counter and a sample of
     its stored values, so weights replaced or edited in place (even through ``.data``) are noticed.
     """
-    key = _weights_key(base)
     record = base_record(base)
+    if record.sharded is not None:  # pinned by shard_base: frozen, and no rank holds the whole weights
+        return record.fingerprint[1]
+    key = _weights_key(base)
     if record.fingerprint is None or record.fingerprint[0] != key:
         record.fingerprint = (key, fingerprint(base))
     return record.fingerprint[1]

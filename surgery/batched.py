@@ -30,6 +30,7 @@ from .finetune import finetune_info, guarded_apply, own_state
 from .lora import LoraLayer
 from .random_state import swap_rng
 from .rewrite import shared_copy
+from .sharding import refuse_sharded
 from .trace import replace_submodule
 
 
@@ -114,6 +115,8 @@ def batched(base: nn.Module, entries: Sequence[nn.Module | None]) -> nn.Module:
     entries = tuple(entries)
     if not entries:
         raise RewriteError("batched() needs at least one fine-tune (or None for the base)")
+    refuse_sharded(base, "a batched view (batched generate, --batched training)", "let the fine-tunes take turns "
+                   "(train without --batched), or generate in one process on an unsharded base")
     plain_paths = [_check_entry(base, i, ft) for i, ft in enumerate(entries)]
     routed = sorted({path for ft, plain in zip(entries, plain_paths) if ft is not None
                      for path in [*plain, *(p for p, m in ft.named_modules() if isinstance(m, LoraLayer))]})

@@ -14,13 +14,18 @@ import torch
 from torch import nn
 
 from .lora import LoraLayer
-from .rules import DTYPES, QuantConfig
+from .rules import DTYPES, STORAGES, QuantConfig
 
 Storage = Literal["int8", "nf4", "fp4"]
 
 
 def is_bnb_layer(module: nn.Module) -> bool:
-    return type(module).__module__.startswith("bitsandbytes")
+    return own_class(module).__module__.startswith("bitsandbytes")
+
+
+def own_class(module: nn.Module) -> type:
+    """The module's own class: FSDP2's ``fully_shard`` puts a generated ``FSDP<Class>`` in front of it."""
+    return next(c for c in type(module).__mro__ if not c.__module__.startswith("torch.distributed.fsdp"))
 
 
 def quantized_storage(module: nn.Module) -> Storage | None:
@@ -36,8 +41,14 @@ def quantized_storage(module: nn.Module) -> Storage | None:
     if isinstance(module, bnb.nn.Embedding8bit):
         return "int8"
     if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Embedding4bit)):
-        return getattr(module.weight, "quant_type", None) or "fp4"
+        qs = quant_state_of(module)
+        return getattr(module.weight, "quant_type", None) or getattr(qs, "quant_type", None) or "fp4"
     return None
+
+
+def quant_state_of(layer: nn.Module):
+    """A 4-bit layer's quantization state: on its weight, or on the layer when FSDP holds the weight sharded."""
+    return getattr(layer.weight, "quant_state", None) or getattr(layer, "quant_state", None)
 
 
 def held_quant_config(module: nn.Module) -> QuantConfig | None:
@@ -50,12 +61,14 @@ def held_quant_config(module: nn.Module) -> QuantConfig | None:
         state = getattr(layer, "state", None)
         threshold = float(getattr(state, "threshold", 0.0) or 0.0) if state is not None else 0.0
         return QuantConfig("int8", threshold=threshold)
-    qs = getattr(layer.weight, "quant_state", None)
+    qs = quant_state_of(layer)
     compute = getattr(layer, "compute_dtype", None)
     compute_name = str(compute).removeprefix("torch.") if isinstance(compute, torch.dtype) else None
+    storage = str(layer.weight.dtype).removeprefix("torch.")
     return QuantConfig(scheme, double_quant=bool(getattr(qs, "nested", False)),
                        compute_dtype=compute_name if compute_name in DTYPES else None,
-                       blocksize=int(getattr(qs, "blocksize", 64) or 64))
+                       blocksize=int(getattr(qs, "blocksize", 64) or 64),
+                       storage=storage if storage in STORAGES else "uint8")
 
 
 def state_tensors(weight: torch.Tensor, layer: nn.Module | None = None) -> Iterator[torch.Tensor]:
@@ -70,6 +83,8 @@ def state_tensors(weight: torch.Tensor, layer: nn.Module | None = None) -> Itera
     if isinstance(scales, torch.Tensor):
         yield scales
     qs = getattr(weight, "quant_state", None)
+    if qs is None and layer is not None and weight is getattr(layer, "weight", None):
+        qs = getattr(layer, "quant_state", None)  # FSDP holds the weight sharded; the state stays on the layer
     if qs is not None:
         nested = getattr(qs, "state2", None)
         parts = [qs.absmax, qs.code, getattr(qs, "offset", None),

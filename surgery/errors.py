@@ -93,12 +93,20 @@ class ModelConfigError(SurgeryError):
     """A model config (or folder) that cannot build a causal language model, or a missing tokenizer."""
 
 
+class ShardingError(SurgeryError):
+    """A base that cannot be sharded with FSDP2 as asked, or an operation a sharded base cannot do."""
+
+
 class SurgeryWarning(UserWarning):
     """Base class of surgery's warnings (the test suite turns them into errors outside pytest.warns)."""
 
 
 class SharedBaseWarning(SurgeryWarning):
     """A rewrite quantizes modules that fine-tunes made earlier still use in full precision."""
+
+
+class ShardingWarning(SurgeryWarning):
+    """Sharding that saves nothing (one process) or needs care."""
 
 
 class TruncationWarning(SurgeryWarning):

@@ -18,6 +18,7 @@ from torch import nn
 from .errors import ExportError, first_line
 from .merge import merge as merge_finetune
 from .finetune import detached_copy, require_finetune
+from .sharding import refuse_sharded
 from .bnb import quantized_storage, standard_layout
 from .lora import LoraLayer
 
@@ -31,6 +32,8 @@ def export_graph(finetune: nn.Module, example_inputs: dict[str, torch.Tensor] | 
     Quantized layers stay quantized (see module docstring).
     """
     require_finetune(finetune, "exported with export_graph", ExportError)
+    refuse_sharded(finetune, "export_graph", "load the adapter file the run saved onto an unsharded base in one "
+                   "process and export that fine-tune")
     inputs = {"input_ids": example_inputs} if isinstance(example_inputs, torch.Tensor) else dict(example_inputs)
     unknown = sorted(set(inputs) - {"input_ids", "attention_mask"})
     if unknown or "input_ids" not in inputs:

@@ -188,7 +188,8 @@ def _refuse_fsdp1_flattening(module: nn.Module, args) -> None:
         raise RewriteError(
             "this fine-tune was wrapped by FSDP1 (torch.distributed.fsdp.FullyShardedDataParallel, also accelerate's "
             "and Trainer's FSDP setting), which rewrites the tensors it shares with its base and siblings; FSDP1 is "
-            "not supported on fine-tunes. Reload the base, and train with DDP (torchrun) instead")
+            "not supported on fine-tunes. Reload the base, and train with DDP (torchrun) or shard the shared base with "
+            "FSDP2 (`surgery train --fsdp`, surgery.sharding.shard_base) instead")
 
 
 register_optimizer_step_pre_hook(_refuse_stepping_shared)

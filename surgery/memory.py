@@ -77,6 +77,38 @@ def base_bytes(graph: ModelGraph, decisions: dict) -> tuple[int, int]:
     return sum(now.values()), sum(sum(forms.values()) for forms in after.values())
 
 
+def sharded_base_bytes(graph: ModelGraph, decisions: dict, world_size: int) -> int:
+    """Bytes one rank holds of the base after quantization, sharded with FSDP2 over ``world_size`` ranks.
+
+    FSDP2 splits every tensor along dim 0 into ``world_size`` chunks and gives each rank a buffer of
+    the largest chunk (ceil); packed 4-bit weights are split as their storage rows, and their
+    quantization statistics stay whole on every rank. LLM.int8 weights cannot be sharded: counted whole.
+    """
+    canon = graph.canonical_names()
+    held: dict[str, dict[object, int]] = defaultdict(dict)
+    for path, decision in decisions.items():
+        info = graph.modules[path]
+        for p in info.params:
+            full = f"{path}.{p.name}" if path else p.name
+            form = decision.stored_form(p.name)
+            if form != "original":
+                quant = decision.quant
+            elif info.quantized and p.name == "weight":  # quantized before this plan: as the base holds it
+                quant = info.held
+            else:
+                rows = p.shape[0] if p.shape else 1
+                held[canon.get(full, full)][form] = math.ceil(rows / world_size) * (p.nbytes // max(rows, 1))
+                continue
+            if quant.scheme == "int8":
+                held[canon.get(full, full)][form] = quantized_weight_bytes(info.kind, p.shape, quant)
+            else:
+                packed = (math.prod(p.shape) + 1) // 2
+                width = DTYPE_BYTES[quant.storage]
+                statistics = quantized_weight_bytes(info.kind, p.shape, quant) - packed
+                held[canon.get(full, full)][form] = math.ceil(packed // width / world_size) * width + statistics
+    return sum(sum(forms.values()) for forms in held.values())
+
+
 def finetune_cost(graph: ModelGraph, decisions: dict) -> tuple[int, int]:
     """Bytes and trainable parameters one more fine-tune adds: adapters + private copies of plain modules."""
     canon = graph.canonical_names()

@@ -19,6 +19,7 @@ from .bnb import dequantized_weight, quantized_storage
 from .lora import LoraLayer
 from .quantize import quantized_layer
 from .finetune import detached_copy, require_finetune
+from .sharding import refuse_sharded
 from .rules import QuantConfig
 from .trace import find_ties, replace_submodule
 
@@ -26,6 +27,8 @@ from .trace import find_ties, replace_submodule
 def merge(finetune: nn.Module, dtype: torch.dtype | None = None, *, requantize: bool = False) -> nn.Module:
     """A new plain model of the base's class with every adapter folded in (see module docstring)."""
     info = require_finetune(finetune, "merged", MergeError)
+    refuse_sharded(finetune, "merge", "merge in one process without --fsdp, from the adapter file the run saved "
+                   "(`surgery merge ADAPTER --out DIR`)")
     target = dtype or original_dtype(info.base)
     kinds = {path: d.kind for path, d in info.plan.decisions.items()}
     _check_mergeable(finetune, kinds)

@@ -24,6 +24,7 @@ from .lora import LoraEmbedding, LoraLayer
 from .errors import AdapterStateError, PlanError, first_line
 from .files import MiB, atomic_write, check_user_file, read_user_text
 from .finetune import require_finetune
+from .sharding import refuse_sharded
 from .rewrite import rewrite
 from .rules import REGEX_TIMEOUT, LoraConfig, QuantConfig
 from .rule_file import parse_rules
@@ -54,6 +55,8 @@ def export_peft(finetune: nn.Module, folder: str | Path) -> Path:
     from safetensors.torch import save
 
     info = require_finetune(finetune, "exported to PEFT")
+    refuse_sharded(finetune, "export_peft", "export in one process without --fsdp, from the adapter file the run "
+                   "saved (`surgery export-peft ADAPTER --out DIR`)")
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise AdapterStateError(f"{folder}: exists and is not a folder; export_peft writes a folder")

@@ -154,6 +154,33 @@ def memory_table(plan, finetunes: int | None = None) -> Table:
     return table
 
 
+def per_device(plan, world_size: int, fsdp: bool, finetunes: int | None = None) -> dict[str, int]:
+    """Bytes on each device of a launch: the base (whole, or an FSDP2 shard) and each training fine-tune.
+
+    A training fine-tune holds its own tensors, their gradients and AdamW's two moments (4 x), all replicated.
+    """
+    n = plan.finetunes if finetunes is None else finetunes
+    base = plan.base_bytes_per_rank(world_size, fsdp)
+    return {"world_size": world_size, "fsdp": fsdp, "base_bytes": base, "finetune_bytes": plan.finetune_bytes,
+            "finetune_training_bytes": 4 * plan.finetune_bytes,
+            "total_training_bytes": base + n * 4 * plan.finetune_bytes}
+
+
+def per_device_table(plan, world_size: int, fsdp: bool) -> Table:
+    facts = per_device(plan, world_size, fsdp)
+    how = "sharded with FSDP2 (--fsdp)" if fsdp else "a whole copy on each (DDP)"
+    table = Table(title=f"memory per device: {world_size} devices, base {how}")
+    table.add_column("what")
+    table.add_column("bytes", justify="right")
+    table.add_column("", justify="right")
+    n = plan.finetunes
+    for label, key in (("base", "base_bytes"), ("each fine-tune (adapters + plain copies)", "finetune_bytes"),
+                       ("each fine-tune training (+ gradients + AdamW moments)", "finetune_training_bytes"),
+                       (f"base + {n} fine-tune{'s' if n != 1 else ''} training", "total_training_bytes")):
+        table.add_row(label, f"{facts[key]:,}", fmt_bytes(facts[key]))
+    return table
+
+
 def applied_table(applied, model: str) -> Table:
     """``surgery apply``: measured bytes next to the plan's, for the base and each fine-tune (an ``apply.Applied``)."""
     plan, n = applied.plan, len(applied.finetunes)

@@ -24,10 +24,11 @@ from .lora import make_adapter
 from .errors import PlanError, RewriteError, SharedBaseWarning, SurgeryError
 from .finetune import FinetuneInfo, finetune_info, install_guards, mark_shared, own_state
 from .plan import Plan, plan as make_plan
-from .bnb import quantized_storage, settle_shared_layers
+from .bnb import own_class, quantized_storage, settle_shared_layers
 from .quantize import quantize_base
 from .rules import RuleSet
 from .rule_file import load_rules
+from .sharding import holds_tensors, run_through_root
 from .trace import ModelGraph, refresh, replace_submodule, trace
 
 
@@ -39,6 +40,7 @@ class BaseRecord:
     graph: ModelGraph | None = None
     finetunes: weakref.WeakSet = field(default_factory=weakref.WeakSet)
     fingerprint: tuple | None = None  # (weights key, Fingerprint), see adapter_file.base_fingerprint
+    sharded: nn.Module | None = None  # the FSDP2 root once sharding.shard_base ran
 
     def __repr__(self) -> str:
         return f"BaseRecord(graph={'yes' if self.graph else 'no'}, {len(self.finetunes)} live fine-tunes)"
@@ -198,16 +200,29 @@ def _freeze(model: nn.Module) -> None:
 
 
 def shared_copy(base: nn.Module) -> nn.Module:
-    """A copy of the base with new module objects (own flags, hooks, LLM.int8 state) over the base's tensors."""
+    """A copy of the base with new module objects (own flags, hooks, LLM.int8 state) over the base's tensors.
+
+    On a sharded base the modules that hold tensors are the base's own objects (FSDP2's hooks live on
+    them) and the copy's forward runs through FSDP2's root (see sharding).
+    """
+    root = base_record(base).sharded
     memo: dict[int, Any] = {}
     for module in base.modules():
+        if root is not None and holds_tensors(module):
+            memo[id(module)] = module
+            continue
         if quantized_storage(module):
             memo[id(module)] = _own_quantized_leaf(module)
             continue
         for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
             memo[id(t)] = t
     memo.pop(id(base), None)
-    return copy.deepcopy(base, memo)
+    if root is not None:
+        memo[id(root)] = root  # the base's own forward goes through the root too
+    out = copy.deepcopy(base, memo)
+    if root is not None:
+        run_through_root(out, root)
+    return out
 
 
 def _structural_copy(base: nn.Module, the_plan: Plan) -> nn.Module:
@@ -217,6 +232,9 @@ def _structural_copy(base: nn.Module, the_plan: Plan) -> nn.Module:
     for path, decision in the_plan.decisions.items():
         if decision.action == "plain":
             module = finetune.get_submodule(path)
+            if base_record(base).sharded is not None:  # the leaf is the base's own: the copy gets its own module
+                module = _unsharded_module(module)
+                replace_submodule(finetune, path, module)
             for name, p in list(module.named_parameters(recurse=False)):
                 if id(p) not in private:
                     private[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=True)
@@ -224,6 +242,20 @@ def _structural_copy(base: nn.Module, the_plan: Plan) -> nn.Module:
         elif decision.action == "adapt" and decision.lora is not None:
             replace_submodule(finetune, path, make_adapter(finetune.get_submodule(path), decision.kind, decision.lora))
     return finetune
+
+
+def _unsharded_module(module: nn.Module) -> nn.Module:
+    """A module of the leaf's own class (no FSDP) holding the whole tensors: gathered from every rank's shard."""
+    cls = own_class(module)
+    out = cls.__new__(cls)
+    nn.Module.__init__(out)
+    out.__dict__.update({k: v for k, v in module.__dict__.items() if not k.startswith("_")})
+    for name, p in module.named_parameters(recurse=False):
+        whole = p.full_tensor() if hasattr(p, "full_tensor") else p
+        out.register_parameter(name, nn.Parameter(whole.detach(), requires_grad=False))
+    for name, b in module.named_buffers(recurse=False):
+        out.register_buffer(name, b)
+    return out
 
 
 def _own_quantized_leaf(module: nn.Module) -> nn.Module:

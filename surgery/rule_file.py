@@ -17,7 +17,7 @@ import yaml
 from .errors import RuleFileError, first_line
 from .files import read_user_file
 from .rules import (ACTIONS, ADAPTABLE_KINDS, BLOCKSIZES, DTYPES, FORMAT_VERSION, KINDS, MAX_LORA_RANK, MAX_PATTERN_CHARS,
-                    MAX_RULE_FILE_BYTES, MAX_RULES, MAX_YAML_DEPTH, MAX_YAML_NODES, SCHEMES, LoraConfig, QuantConfig,
+                    MAX_RULE_FILE_BYTES, MAX_RULES, MAX_YAML_DEPTH, MAX_YAML_NODES, SCHEMES, STORAGES, LoraConfig, QuantConfig,
                     Rule, RuleSet, bundled_rules, compile_regex)
 
 
@@ -292,8 +292,8 @@ def _parse_quant(raw: Any, where: _Where, key: str) -> QuantConfig:
     scheme = raw.get("scheme")
     if scheme not in SCHEMES:
         raise where.error(_unknown("quantization scheme", scheme, SCHEMES), key)
-    allowed = {"int8": {"scheme", "threshold"}, "nf4": {"scheme", "double_quant", "compute_dtype", "blocksize"},
-               "none": {"scheme"}}.get(scheme, {"scheme", "double_quant", "compute_dtype", "blocksize"})
+    four_bit = {"scheme", "double_quant", "compute_dtype", "blocksize", "storage"}
+    allowed = {"int8": {"scheme", "threshold"}, "none": {"scheme"}}.get(scheme, four_bit)
     inner = _Where(where.source, raw if getattr(raw, "line", None) else where.node, where.prefix)
     _check_keys(raw, allowed, inner, what=f"{scheme} option")
     threshold = raw.get("threshold", 6.0)
@@ -309,8 +309,11 @@ def _parse_quant(raw: Any, where: _Where, key: str) -> QuantConfig:
     if blocksize not in BLOCKSIZES or not _is_int(blocksize):
         raise inner.error(f"blocksize must be one of {', '.join(map(str, BLOCKSIZES))}, got {blocksize!r}",
                           "blocksize")
-    return QuantConfig(scheme, float(threshold), double_quant, compute_dtype, int(blocksize),
-                       frozenset(k for k in raw if k != "scheme"))
+    storage = raw.get("storage", "uint8")
+    if storage not in STORAGES:
+        raise inner.error(_unknown("4-bit storage", storage, STORAGES), "storage")
+    return QuantConfig(scheme, float(threshold), double_quant, compute_dtype, int(blocksize), storage,
+                       given=frozenset(k for k in raw if k != "scheme"))
 
 
 def _check_keys(raw: dict, allowed: set, where: _Where, what: str = "key") -> None:

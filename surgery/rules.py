@@ -37,6 +37,8 @@ SCHEMES: tuple[Scheme, ...] = ("int8", "nf4", "fp4", "none")
 KINDS: tuple[Kind, ...] = ("linear", "conv1d", "embedding", "norm", "other")
 ADAPTABLE_KINDS: tuple[Kind, ...] = ("linear", "conv1d", "embedding")
 DTYPES: tuple[DtypeName, ...] = ("float32", "float16", "bfloat16")
+StorageName = Literal["uint8", "float16", "bfloat16"]
+STORAGES: tuple[StorageName, ...] = ("uint8", "float16", "bfloat16")  # how packed 4-bit bytes are typed
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
@@ -49,6 +51,7 @@ class QuantConfig:
     double_quant: bool = False  # 4-bit: quantize the absmax scales too
     compute_dtype: DtypeName | None = None  # 4-bit: dtype of the matmul (default: the input's)
     blocksize: int = 64  # 4-bit: elements per absmax block
+    storage: StorageName = "uint8"  # 4-bit: dtype the packed bytes are stored as (FSDP shards float dtypes alike)
     given: frozenset = field(default=frozenset(), compare=False, repr=False)  # settings the file wrote explicitly
 
     @property
@@ -59,8 +62,8 @@ class QuantConfig:
         if self.scheme == "int8":
             return {"scheme": "int8", "threshold": self.threshold}
         if self.scheme in ("nf4", "fp4"):
-            return {"scheme": self.scheme, "double_quant": self.double_quant,
-                    "compute_dtype": self.compute_dtype, "blocksize": self.blocksize}
+            return {"scheme": self.scheme, "double_quant": self.double_quant, "compute_dtype": self.compute_dtype,
+                    "blocksize": self.blocksize, **({"storage": self.storage} if self.storage != "uint8" else {})}
         return {"scheme": "none"}
 
 

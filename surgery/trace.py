@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .errors import TraceError, first_line
-from .bnb import held_bytes, held_quant_config, is_bnb_layer, logical_shape, plain_equivalent, quantized_storage
+from .bnb import held_bytes, held_quant_config, is_bnb_layer, logical_shape, own_class, plain_equivalent, quantized_storage
 from .lora import LoraLayer
 from .rules import QuantConfig
 
@@ -143,7 +143,7 @@ def op_kind(module: nn.Module) -> str:
         return "linear"
     if isinstance(module, nn.Embedding) and _standard_forward(module, nn.Embedding):
         return "embedding"
-    if type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers"):
+    if own_class(module).__name__ == "Conv1D" and own_class(module).__module__.startswith("transformers"):
         return "conv1d"
     if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)) or type(module).__name__.endswith(
             ("RMSNorm", "LayerNorm", "Norm")):
@@ -207,7 +207,7 @@ def trace(model: nn.Module, example_inputs: dict[str, torch.Tensor] | None = Non
 
 def _module_infos(model: nn.Module) -> dict[str, ModuleInfo]:
     """What the module tree alone tells about every module (no calls, no shapes)."""
-    return {path: ModuleInfo(path, f"{type(m).__module__}.{type(m).__qualname__}", op_kind(m), _param_infos(m),
+    return {path: ModuleInfo(path, f"{own_class(m).__module__}.{own_class(m).__qualname__}", op_kind(m), _param_infos(m),
                              quantized_storage(m), held_quant_config(m))
             for path, m in model.named_modules(remove_duplicate=False)}
 

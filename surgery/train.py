@@ -29,6 +29,7 @@ from .errors import TrainError
 from .finetune import require_finetune
 from .job import Job, Run, build_optimizer, build_scheduler
 from .random_state import new_rng
+from .sharding import refuse_sharded
 from .step import train_step
 
 StepCallback = Callable[[Run, dict], None]
@@ -96,6 +97,8 @@ def train(jobs: list[Job], *, resume: dict[str, Path] | None = None, on_step: St
         raise TrainError(f"job names must be unique: {', '.join(names)}")
     check_batching(batched, max_batched_tokens)
     if batched:
+        for job in jobs:
+            refuse_sharded(job.finetune, "--batched training", "train without --batched (the jobs take turns)")
         jobs = group_jobs(jobs, max_batched_tokens)
     resume = resume or {}
     with contextlib.ExitStack() as locks:

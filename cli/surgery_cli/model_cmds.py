@@ -40,15 +40,20 @@ def plan(
     rules: str = RULES_ARG,
     model: Optional[str] = MODEL_OPT,
     finetunes: int = typer.Option(1, "--finetunes", "-n", min=1, help="Fine-tunes to plan memory for."),
+    world_size: int = typer.Option(1, "--world-size", "-w", min=1, help="Devices of the launch: memory per device."),
+    fsdp: bool = typer.Option(False, "--fsdp", help="Per device with the base sharded by FSDP2 (train --fsdp)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ):
     """Decide every module of MODEL by RULES, check every constraint, and show memory for N fine-tunes.
 
     Example: surgery plan qv_lora --model facebook/opt-1.3b --finetunes 8
+
+    Example (per GPU, 70B in nf4 over 4 GPUs): surgery plan qlora_nf4 --model meta-llama/Llama-3.1-70B -w 4 --fsdp
     """
     quiet_libraries()
     from surgery.loading import load_model
     from surgery.plan import plan as make_plan
+    from surgery.report import per_device, per_device_table
     from surgery.rule_file import load_rules
     from surgery.trace import trace
 
@@ -57,12 +62,16 @@ def plan(
     graph = trace(load_model(name, weights=False).model)
     graph.name = name
     result = make_plan(graph, ruleset, finetunes=finetunes, check=False)
+    devices = world_size > 1 or fsdp
     if as_json:
-        print(json.dumps(result.to_dict(), indent=2))
+        print(json.dumps({**result.to_dict(), **({"per_device": per_device(result, world_size, fsdp)}
+                                                 if devices else {})}, indent=2))
     else:
         if why != "--model":
             console.print(f"model: [bold]{name}[/] (from {why})")
         console.print(result)
+        if devices:
+            console.print(per_device_table(result, world_size, fsdp))
     if result.violations:
         result.check()
 

@@ -56,6 +56,8 @@ def train(
     max_batched_tokens: Optional[int] = typer.Option(None, "--max-batched-tokens", help="With --batched: at most "
                                                      "this many padded tokens (rows x length) per pass; jobs beyond "
                                                      "it go in further passes (bounds activation memory)."),
+    fsdp: bool = typer.Option(False, "--fsdp", help="Under torchrun / accelerate launch: shard the shared base "
+                              "over the processes with FSDP2 (each holds about 1/N of it); nf4 or unquantized bases."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Move an earlier run in --out aside (to "
                                    "OUT.replaced-N, nothing deleted) when training starts."),
     random_init: bool = RANDOM_INIT_OPT,
@@ -67,6 +69,9 @@ def train(
 
     Example (two fine-tunes sharing each base pass): surgery train --model tiny-llama --out runs --batched
     --job caps=lora_plus_head,capitals --job up=qv_lora,upper --max-steps 50
+
+    Example (the base sharded over 2 processes): torchrun --nproc_per_node 2 -m surgery_cli.app train qlora_nf4
+    --model tiny-llama --data upper --out runs/up --fsdp --max-steps 50
     """
     quiet_libraries()
     from surgery.loading import load_model, load_tokenizer
@@ -77,6 +82,7 @@ def train(
     from surgery.distributed import world
     from surgery.job import TrainConfig, make_job
     from surgery.report import training_summary
+    from surgery.sharding import check_sharding, rank_device, shard_base
 
     specs = [(None, rules, data)] if rules or data else []
     specs += [_parse_job(j) for j in job]
@@ -88,13 +94,18 @@ def train(
                          max_grad_norm or None, seed, precision, optimizer, eval_steps, save_steps, save_total_limit)
     config.check()
     check_batching(batched, max_batched_tokens)
+    check_sharding(fsdp, batched)
     where = world()
     if where.main:  # every output folder is checked before anything is loaded
         for job_name, _, _ in specs:
             check_output_folder(out if job_name is None else out / job_name, resume=resume, overwrite=overwrite)
     base = load_model(name, random_init=random_init).model
     tokenizer = load_tokenizer(tokenizer_name or name)
+    if fsdp:
+        base.to(rank_device(where))  # quantized where it will compute; the 4-bit statistics are not moved later
     prepare_base(base, *[r for _, r, _ in specs])  # quantize once for every job before any fine-tune exists
+    if fsdp:
+        shard_base(base)
     jobs = []
     for job_name, job_rules, job_data in specs:
         folder = out if job_name is None else out / job_name
@@ -116,7 +127,8 @@ def train(
                 resume_from[j.name] = found
     if where.main:
         console.print(f"model: [bold]{name}[/] (from {why}); {len(jobs)} fine-tune{'s' if len(jobs) > 1 else ''}"
-                      f"{f' x {where.size} processes' if where.size > 1 else ''}", highlight=False)
+                      f"{f' x {where.size} processes' if where.size > 1 else ''}"
+                      f"{', base sharded with FSDP2' if fsdp else ''}", highlight=False)
     runs = run_with_progress(jobs, resume_from, show=where.main, batched=batched,
                              max_batched_tokens=max_batched_tokens, overwrite=overwrite)
     if not where.main:

@@ -1,0 +1,205 @@
+"""One shared base sharded with FSDP2 across a launch's ranks, computed through by every fine-tune.
+
+``shard_base(base)`` runs once per process under torchrun / accelerate, after the base is quantized
+and before any fine-tune of it exists. It groups the frozen leaf modules (the modules that hold
+tensors) of each decoder layer into one FSDP2 group (``fully_shard([...])``) and puts the rest
+(embeddings, final norm, head) in the group of a root, ``ShardedBase``. Fine-tunes made afterwards
+share those leaf module objects instead of copying them, and their forward runs through the root,
+so FSDP gathers each layer's weights for its forward and backward and frees them after: a rank
+holds about 1/world of the base plus its jobs' own tensors. Trainable tensors (LoRA, plain copies)
+stay outside FSDP, replicated, their gradients all-reduced as under DDP, so optimizers, adapter
+files, checkpoints and resume are unchanged. LLM.int8 cannot be sharded (its row scales live
+beside the weight in a per-layer matmul state); 4-bit weights shard as packed bytes, their
+quantization state replicated on every rank.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import types
+import warnings
+
+import torch
+from torch import nn
+
+from .bnb import quantized_storage, state_tensors
+from .distributed import World, world
+from .errors import ShardingError, ShardingWarning
+from .finetune import finetune_info
+
+
+class ShardedBase(nn.Module):
+    """FSDP2's root: holds the base; ``root(model, ...)`` runs ``model`` (the base, a fine-tune or a view) through it."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+
+    def forward(self, model: nn.Module, *args, **kwargs):
+        return type(model).forward(model, *args, **kwargs)
+
+
+def holds_tensors(module: nn.Module) -> bool:
+    """A leaf of sharing: a module with parameters of its own (its children aside)."""
+    return next(module.parameters(recurse=False), None) is not None
+
+
+def sharded_root(model: nn.Module) -> ShardedBase | None:
+    """The FSDP2 root of a sharded base (or of the base a fine-tune or view shares), else None."""
+    from .rewrite import base_record
+
+    info = finetune_info(model)
+    view = model.__dict__.get("_surgery_batched")
+    base = info.base if info is not None else view.base if view is not None else model
+    return base_record(base).sharded
+
+
+def refuse_sharded(model: nn.Module, what: str, remedy: str) -> None:
+    """``what`` cannot run on a sharded base: say so, and what to do instead."""
+    root = sharded_root(model)
+    if root is not None:
+        raise ShardingError(f"{what} needs the whole base, which is sharded with FSDP2 over {root.world_size} "
+                            f"processes here; {remedy}")
+
+
+def run_through_root(model: nn.Module, root: ShardedBase) -> None:
+    """Make ``model(...)`` (also HF ``generate``) enter FSDP2's root, which gathers the shards it needs."""
+    model.__dict__["forward"] = types.MethodType(_forward_through_root, model)
+    model.__dict__["_surgery_root"] = root
+
+
+def _forward_through_root(self: nn.Module, *args, **kwargs):
+    return self.__dict__["_surgery_root"](self, *args, **kwargs)
+
+
+def decoder_layers(base: nn.Module) -> list[nn.Module]:
+    """The repeated blocks to shard one by one: transformers' ``_no_split_modules`` classes, else the longest ModuleList."""
+    names = set(getattr(base, "_no_split_modules", None) or [])
+    layers = [m for m in base.modules() if type(m).__name__ in names]
+    if layers:
+        return layers
+    lists = [m for m in base.modules() if isinstance(m, nn.ModuleList)]
+    return list(max(lists, key=len)) if lists else []
+
+
+def rank_device(where: World) -> torch.device:
+    """Where this rank computes: its own GPU (LOCAL_RANK) with CUDA, else the CPU."""
+    import os
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def check_sharding(fsdp: bool, batched: bool) -> None:
+    """The launch options around --fsdp, checked before anything loads."""
+    import os
+
+    if fsdp and batched:
+        raise ShardingError("--batched does not run on a sharded base yet; drop --batched (the jobs take turns on "
+                            "the sharded base) or drop --fsdp")
+    if not fsdp and os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        raise ShardingError("accelerate's FSDP setting (ACCELERATE_USE_FSDP) does not apply to surgery's training "
+                            "loop, and FSDP1 cannot wrap fine-tunes that share a base; launch with `accelerate "
+                            "launch --multi_gpu` without an FSDP config and pass --fsdp to shard the base with FSDP2")
+
+
+def shard_base(base: nn.Module) -> ShardedBase:
+    """Shard ``base`` over this launch's ranks with FSDP2, once; fine-tunes made afterwards compute through it.
+
+    Every rank must call it with the same base (same weights, same quantization); checked.
+    """
+    from .adapter_file import base_fingerprint
+    from .rewrite import base_record
+
+    record = base_record(base)
+    if record.sharded is not None:
+        return record.sharded
+    where = world()
+    _check_shardable(base, where, len(record.finetunes))
+    fully_shard, mesh = _fsdp2(where)
+    base_fingerprint(base)  # pinned now: probing needs the whole weights (see adapter_file.base_fingerprint)
+    _check_same_base_everywhere(base, where)
+    if where.size == 1:
+        warnings.warn("sharding the base over 1 process saves no memory; launch several with `torchrun "
+                      "--nproc_per_node N` (or `accelerate launch --multi_gpu --num_processes N`)",
+                      ShardingWarning, stacklevel=2)
+    for layer in decoder_layers(base):
+        leaves = [m for m in layer.modules() if holds_tensors(m)]
+        if leaves:
+            fully_shard(leaves, mesh=mesh)
+    root = ShardedBase(base)
+    fully_shard(root, mesh=mesh, reshard_after_forward=True)
+    root.world_size = where.size
+    record.sharded = root
+    run_through_root(base, root)
+    return root
+
+
+def _check_shardable(base: nn.Module, where: World, live_finetunes: int) -> None:
+    if finetune_info(base) is not None:
+        raise ShardingError("this model is a fine-tune; shard its base (surgery.finetune_info(ft).base) before "
+                            "making fine-tunes")
+    if live_finetunes:
+        raise ShardingError(f"{live_finetunes} fine-tune(s) of this base exist already and hold its tensors whole; "
+                            "shard the base first (after prepare_base), then make the fine-tunes")
+    int8 = next((path for path, m in base.named_modules() if quantized_storage(m) == "int8"), None)
+    if int8 is not None:
+        raise ShardingError(f"'{int8}' is stored as LLM.int8, which FSDP cannot shard (its row scales live in a "
+                            "per-layer matmul state); quantize the base as nf4 (`quantize: nf4`, optionally "
+                            "`storage: bfloat16`) to shard it, or train with DDP without --fsdp")
+    device = rank_device(where)
+    for name, t in [*base.named_parameters(), *base.named_buffers()]:
+        if t.device != device and not (device.type == "cuda" and t.device.type == "cuda" and
+                                        t.device.index in (None, device.index)):
+            raise ShardingError(f"'{name}' is on {t.device}, but rank {where.rank} computes on {device}; load the "
+                                f"base onto each rank's own device ({device}) before quantizing and sharding it")
+
+
+def _fsdp2(where: World):
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+    except ImportError as exc:
+        raise ShardingError(f"--fsdp needs FSDP2 (torch.distributed.fsdp.fully_shard), which torch "
+                            f"{torch.__version__} does not have; install a newer torch") from exc
+    import torch.distributed as dist
+
+    device = rank_device(where)
+    if not dist.is_initialized():  # one process without a launcher: a group of one
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
+    return fully_shard, init_device_mesh(device.type, (where.size,))
+
+
+def _check_same_base_everywhere(base: nn.Module, where: World) -> None:
+    """Every rank keeps only its shard and replicates the 4-bit statistics: the bases must be identical."""
+    from .adapter_file import base_fingerprint
+
+    if where.size == 1:
+        return
+    import torch.distributed as dist
+
+    digest = hashlib.sha256(base_fingerprint(base).to_json().encode())
+    with torch.no_grad():
+        for module in base.modules():
+            for p in module.parameters(recurse=False):
+                for t in state_tensors(p, module):
+                    digest.update(t.detach().reshape(-1).to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    digests: list = [None] * where.size
+    dist.all_gather_object(digests, digest.hexdigest())
+    if len(set(digests)) > 1:
+        raise ShardingError("the ranks hold different bases (weights or quantization statistics differ); every "
+                            "rank must load the same checkpoint (or seed random init alike) and quantize it alike")
+
+
+def resident_bytes(model: nn.Module) -> int:
+    """Bytes of base storage this rank holds: local shards (with FSDP's padding) plus replicated tensors."""
+    seen: dict[int, int] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            local = p.to_local() if hasattr(p, "to_local") else p
+            seen[local.untyped_storage().data_ptr()] = local.untyped_storage().nbytes()
+            for t in state_tensors(p, module):
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())

@@ -1,0 +1,202 @@
+"""A shared base sharded with FSDP2 (`--fsdp`): 2 gloo processes against one process, bytes per rank, resume,
+launchers, and what a sharded base refuses."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+import surgery
+from surgery.job import TrainConfig, make_job
+from surgery.train import train
+
+HERE = Path(__file__).parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
+STEPS = 20
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="needs torch.distributed with gloo")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *args]
+
+
+def run(command: list[str]) -> None:
+    done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """One process per base kind; two sharded ranks per base kind; a sharded run stopped at 10 and resumed."""
+    out = tmp_path_factory.mktemp("fsdp")
+    worker = str(HERE / "fsdp_worker.py")
+    for kind in ("fp32", "nf4"):
+        run([sys.executable, worker, str(out), kind, str(STEPS)])
+    for kind in ("fp32", "nf4", "nf4-bf16"):
+        run(torchrun(worker, str(out), kind, str(STEPS), "shard"))
+    stopped = out / "stopped"
+    stopped.mkdir()
+    run(torchrun(worker, str(stopped), "fp32", str(STEPS), "shard", "stop=10"))
+    run(torchrun(worker, str(stopped), "fp32", str(STEPS), "shard", "resume"))
+    return out
+
+
+def result(folder: Path, tag: str) -> dict[str, torch.Tensor]:
+    return load_file(folder / f"{tag}.safetensors")
+
+
+@pytest.mark.parametrize("kind", ["fp32", "nf4", "nf4-bf16"])
+def test_two_sharded_ranks_train_two_jobs_like_one_process(runs, kind):
+    """nf4-bf16 stores the same packed bits as nf4, so it is held to the same one-process run."""
+    rank0, rank1 = result(runs, f"{kind}-sharded-rank0-of-2"), result(runs, f"{kind}-sharded-rank1-of-2")
+    alone = result(runs, f"{kind.split('-')[0]}-whole-rank0-of-1")
+    assert rank0.keys() == rank1.keys() == alone.keys()
+    assert any(k.startswith("a.") for k in alone) and any(k.startswith("b.") for k in alone)
+    tolerance = 1e-5 if kind == "fp32" else 1e-4
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+        error = (rank0[key] - alone[key]).norm() / alone[key].norm()
+        assert error <= tolerance, (key, float(error))
+
+
+@pytest.mark.parametrize("kind", ["fp32", "nf4", "nf4-bf16"])
+def test_each_rank_holds_half_the_base_exactly_as_planned(runs, kind):
+    for rank in (0, 1):
+        facts = json.loads((runs / f"{kind}-sharded-rank{rank}-of-2.json").read_text())
+        assert facts["resident_bytes"] == facts["planned_bytes"]
+        assert 0.45 * facts["whole_bytes"] < facts["resident_bytes"] < 0.56 * facts["whole_bytes"]
+
+
+def test_resume_under_fsdp_is_exact(runs):
+    straight = result(runs, "fp32-sharded-rank0-of-2")
+    resumed = result(runs / "stopped", "fp32-sharded-resumed-rank0-of-2")
+    for key in (k for k in straight if k.startswith("a.")):
+        assert torch.equal(straight[key], resumed[key]), key
+
+
+@pytest.mark.parametrize("kind", ["fp32", "nf4-bf16"])
+def test_adapter_file_saved_under_fsdp_loads_on_an_unsharded_base(runs, kind):
+    sharded_logits = result(runs, f"{kind}-sharded-rank0-of-2")["logits"]
+    ft = surgery.load_adapter(surgery.tiny_model("tiny-llama"), runs / f"{kind}-sharded-a" / "adapter.safetensors")
+    with torch.no_grad():
+        logits = ft(torch.arange(3, 19).reshape(2, 8)).logits
+    torch.testing.assert_close(logits, sharded_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_accelerate_and_the_cli_shard_the_base_as_torchrun_does(runs, tmp_path):
+    pytest.importorskip("accelerate")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(_free_port())]
+    run([*launch, str(HERE / "fsdp_worker.py"), str(tmp_path), "fp32", str(STEPS), "shard"])
+    by_accelerate, by_torchrun = result(tmp_path, "fp32-sharded-rank0-of-2"), result(runs, "fp32-sharded-rank0-of-2")
+    assert all(torch.equal(by_accelerate[k], by_torchrun[k]) for k in by_torchrun)
+    run(torchrun("-m", "surgery_cli.app", "train", "qlora_nf4", "--model", "tiny-llama", "--data", "upper",
+                 "--out", str(tmp_path / "cli"), "--fsdp", "--max-steps", "3", "--batch-size", "2"))
+    assert surgery.read_adapter(tmp_path / "cli" / "adapter.safetensors").rules.quantize.scheme == "nf4"
+
+
+# ------------------------------------------------------------------ one process: works, warns, refuses
+
+RULES = {"quantize": "nf4", "default": "quantize", "rules": [
+    {"match": "lm_head", "action": "freeze"}, {"match": "*", "type": "embedding", "action": "freeze"},
+    {"match": "re:.*(q_proj|v_proj)", "action": "adapt"}]}
+
+
+def _job(base, name="job"):
+    return make_job(base, name, RULES, "upper", surgery.tiny_tokenizer(),
+                    TrainConfig(batch_size=4, lr=1e-2, max_steps=3, seed=0), mode="corpus", block_size=16)
+
+
+def test_a_base_sharded_over_one_process_warns_and_trains_like_an_unsharded_one():
+    reference = surgery.tiny_model("tiny-llama")
+    (alone,) = train([_job(reference)])
+    base = surgery.tiny_model("tiny-llama")
+    surgery.prepare_base(base, RULES)
+    with pytest.warns(surgery.ShardingWarning, match="saves no memory"):
+        surgery.shard_base(base)
+    (sharded,) = train([_job(base)])
+    for (name, a), (_, b) in zip(sorted(alone.job.finetune.named_parameters()),
+                                 sorted(sharded.job.finetune.named_parameters())):
+        if a.requires_grad:
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+    ft = sharded.job.finetune
+    prompt = torch.arange(3, 11).reshape(1, 8)
+    with torch.no_grad():  # greedy generate through FSDP2's root gives what the unsharded fine-tune gives
+        assert torch.equal(ft.generate(prompt, max_new_tokens=4, do_sample=False),
+                           alone.job.finetune.generate(prompt, max_new_tokens=4, do_sample=False))
+    with pytest.raises(surgery.ShardingError, match="merge needs the whole base"):
+        surgery.merge(ft)
+    with pytest.raises(surgery.ShardingError, match="export_peft needs the whole base"):
+        surgery.export_peft(ft, "unused")
+    from surgery.batched import batched
+
+    with pytest.raises(surgery.ShardingError, match="batched view"):
+        batched(base, [ft])
+    with pytest.raises(surgery.ShardingError, match="--batched training"):
+        train([_job(base, "again")], batched=True)
+
+
+def test_sharding_refuses_int8_live_finetunes_and_a_base_on_another_device():
+    base = surgery.tiny_model("tiny-llama")
+    surgery.prepare_base(base, "qv_lora")  # LLM.int8
+    with pytest.raises(surgery.ShardingError, match="LLM.int8.*nf4"):
+        surgery.shard_base(base)
+    base = surgery.tiny_model("tiny-llama")
+    ft = surgery.rewrite(base, RULES)
+    with pytest.raises(surgery.ShardingError, match="1 fine-tune.*shard the base first"):
+        surgery.shard_base(base)
+    del ft
+    base = surgery.tiny_model("tiny-llama").to("meta")
+    with pytest.raises(surgery.ShardingError, match="is on meta, but rank 0 computes on cpu"):
+        surgery.shard_base(base)
+
+
+def test_cli_refuses_fsdp_with_batched_and_accelerates_fsdp1_config(tmp_path, monkeypatch):
+    from surgery_cli.app import app
+
+    runner = CliRunner()
+    args = ["train", "qlora_nf4", "--model", "tiny-llama", "--data", "upper", "--out", str(tmp_path / "o")]
+    done = runner.invoke(app, [*args, "--fsdp", "--batched"])
+    assert done.exit_code != 0 and "--batched does not run on a sharded base" in done.output
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    done = runner.invoke(app, args)
+    assert done.exit_code != 0 and "pass --fsdp to shard the base with FSDP2" in done.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_plan_per_device_and_the_storage_option(tmp_path):
+    from surgery_cli.app import app
+
+    done = CliRunner().invoke(app, ["plan", "qlora_nf4", "--model", "tiny-llama", "--world-size", "2", "--fsdp",
+                                    "--json"])
+    assert done.exit_code == 0, done.output
+    facts = json.loads(done.output)["per_device"]
+    planned = surgery.plan(surgery.trace(surgery.tiny_model("tiny-llama")), "qlora_nf4")
+    assert facts["base_bytes"] == planned.base_bytes_per_rank(2, fsdp=True) < planned.base_bytes_after
+    assert facts["total_training_bytes"] == facts["base_bytes"] + 4 * planned.finetune_bytes
+    memory = json.loads(CliRunner().invoke(app, ["inspect", "tiny-llama", "--json"]).output)["memory"]
+    everything_nf4 = surgery.plan(surgery.trace(surgery.tiny_model("tiny-llama")), {"quantize": "nf4",
+                                                                                     "default": "quantize"})
+    assert memory["nf4 FSDP2/4"] == everything_nf4.base_bytes_per_rank(4, fsdp=True) < memory["nf4"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("quantize:\n  scheme: nf4\n  storage: int4\n")
+    with pytest.raises(surgery.RuleFileError, match="bad.yaml:3.*storage"):
+        surgery.load_rules(bad)
