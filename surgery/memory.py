@@ -13,7 +13,7 @@ from torch import nn
 
 from .rules import LoraConfig, QuantConfig
 from .bnb import state_tensors
-from .trace import ModelGraph
+from .trace import ModelGraph, ModuleInfo, ParamInfo
 
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 1, "uint8": 1}
@@ -57,10 +57,12 @@ def quantized_weight_bytes(kind: str, shape: tuple[int, ...], quant: QuantConfig
     return packed + absmax + code
 
 
-def base_bytes(graph: ModelGraph, decisions: dict) -> tuple[int, int]:
+def base_bytes(graph: ModelGraph, decisions: dict, world_size: int = 1) -> tuple[int, int]:
     """Bytes of the base now and after quantization, counting each tensor once per stored form.
 
-    ``decisions`` are the plan's (``plan.Decision`` by module path); memory does not import the plan.
+    ``world_size`` > 1: the bytes after are those one rank holds when FSDP2 shards the base (see
+    ``stored_bytes``). ``decisions`` are the plan's (``plan.Decision`` by module path); memory does
+    not import the plan.
     """
     canon = graph.canonical_names()
     now: dict[str, int] = {}
@@ -72,41 +74,28 @@ def base_bytes(graph: ModelGraph, decisions: dict) -> tuple[int, int]:
             key = canon.get(full, full)
             now[key] = p.nbytes
             form = decision.stored_form(p.name)
-            after[key][form] = p.nbytes if form == "original" else quantized_weight_bytes(
-                info.kind, p.shape, decision.quant)
+            after[key][form] = stored_bytes(info, p, form, decision.quant, world_size)
     return sum(now.values()), sum(sum(forms.values()) for forms in after.values())
 
 
-def sharded_base_bytes(graph: ModelGraph, decisions: dict, world_size: int) -> int:
-    """Bytes one rank holds of the base after quantization, sharded with FSDP2 over ``world_size`` ranks.
+def stored_bytes(info: ModuleInfo, p: ParamInfo, form: object, quant: QuantConfig, world_size: int = 1) -> int:
+    """Bytes of one tensor stored in ``form`` ("original" or quantized with ``quant``) on one of ``world_size`` ranks.
 
     FSDP2 splits every tensor along dim 0 into ``world_size`` chunks and gives each rank a buffer of
     the largest chunk (ceil); packed 4-bit weights are split as their storage rows, and their
-    quantization statistics stay whole on every rank. LLM.int8 weights cannot be sharded: counted whole.
+    quantization statistics stay whole on every rank. LLM.int8 weights cannot be sharded: whole.
     """
-    canon = graph.canonical_names()
-    held: dict[str, dict[object, int]] = defaultdict(dict)
-    for path, decision in decisions.items():
-        info = graph.modules[path]
-        for p in info.params:
-            full = f"{path}.{p.name}" if path else p.name
-            form = decision.stored_form(p.name)
-            if form != "original":
-                quant = decision.quant
-            elif info.quantized and p.name == "weight":  # quantized before this plan: as the base holds it
-                quant = info.held
-            else:
-                rows = p.shape[0] if p.shape else 1
-                held[canon.get(full, full)][form] = math.ceil(rows / world_size) * (p.nbytes // max(rows, 1))
-                continue
-            if quant.scheme == "int8":
-                held[canon.get(full, full)][form] = quantized_weight_bytes(info.kind, p.shape, quant)
-            else:
-                packed = (math.prod(p.shape) + 1) // 2
-                width = DTYPE_BYTES[quant.storage]
-                statistics = quantized_weight_bytes(info.kind, p.shape, quant) - packed
-                held[canon.get(full, full)][form] = math.ceil(packed // width / world_size) * width + statistics
-    return sum(sum(forms.values()) for forms in held.values())
+    if world_size == 1:
+        return p.nbytes if form == "original" else quantized_weight_bytes(info.kind, p.shape, quant)
+    if form == "original" and not (info.quantized and p.name == "weight"):
+        rows = p.shape[0] if p.shape else 1
+        return math.ceil(rows / world_size) * (p.nbytes // max(rows, 1))
+    quant = info.held if form == "original" else quant  # quantized before this plan: as the base holds it
+    whole = quantized_weight_bytes(info.kind, p.shape, quant)
+    if quant.scheme == "int8":
+        return whole
+    packed, width = (math.prod(p.shape) + 1) // 2, DTYPE_BYTES[quant.storage]
+    return math.ceil(packed // width / world_size) * width + whole - packed
 
 
 def finetune_cost(graph: ModelGraph, decisions: dict) -> tuple[int, int]:
@@ -137,10 +126,10 @@ def fmt_bytes(n: float) -> str:
 
 
 def _parameter_tensors(model: nn.Module):
-    """Every parameter and the quantization state behind it (see bnb.state_tensors)."""
+    """Every parameter (this rank's shard, when FSDP2 holds it) and the quantization state behind it."""
     for module in model.modules():
         for p in module.parameters(recurse=False):
-            yield p
+            yield p.to_local() if hasattr(p, "to_local") else p
             yield from state_tensors(p, module)
 
 

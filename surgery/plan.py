@@ -18,7 +18,7 @@ from .errors import PlanError, Violation
 from .rules import (ADAPTABLE_KINDS, Action, Kind, LoraConfig, QuantConfig, Rule, RuleSet, grouped,
                     pattern_matches)
 from .rule_file import load_rules, parse_rules
-from .memory import DTYPE_BYTES, base_bytes, finetune_cost, fmt_bytes, lora_param_count, sharded_base_bytes
+from .memory import DTYPE_BYTES, base_bytes, finetune_cost, fmt_bytes, lora_param_count
 from .trace import ModelGraph, ModuleInfo, trace
 
 QUANTIZABLE_KINDS = ("linear", "conv1d", "embedding")
@@ -98,7 +98,7 @@ class Plan:
 
     def base_bytes_per_rank(self, world_size: int, fsdp: bool) -> int:
         """Bytes of the base on each of ``world_size`` devices: a whole copy (DDP), or one FSDP2 shard."""
-        return sharded_base_bytes(self.graph, self.decisions, world_size) if fsdp else self.base_bytes_after
+        return base_bytes(self.graph, self.decisions, world_size)[1] if fsdp else self.base_bytes_after
 
     def full_copies_bytes(self, finetunes: int | None = None) -> int:
         """The same number of fine-tunes as full copies of the model as it is now."""
@@ -392,6 +392,7 @@ def memory_by_scheme(graph: ModelGraph) -> dict[str, int]:
         rules = parse_rules({"quantize": scheme, "default": "quantize"}, source=f"<all {scheme}>")
         found = plan(graph, rules, check=False)
         out[scheme] = found.base_bytes_after
-    for world_size in (2, 4, 8):  # what --fsdp would hold per device
-        out[f"nf4 FSDP2/{world_size}"] = found.base_bytes_per_rank(world_size, fsdp=True)
+        if scheme == "nf4":
+            for world_size in (2, 4, 8):  # what --fsdp would hold per device
+                out[f"nf4 FSDP2/{world_size}"] = found.base_bytes_per_rank(world_size, fsdp=True)
     return out

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import types
 import weakref
 from dataclasses import dataclass, field
 
@@ -28,7 +29,6 @@ from .bnb import own_class, quantized_storage, settle_shared_layers
 from .quantize import quantize_base
 from .rules import RuleSet
 from .rule_file import load_rules
-from .sharding import holds_tensors, run_through_root
 from .trace import ModelGraph, refresh, replace_submodule, trace
 
 
@@ -197,6 +197,32 @@ class _Snapshot:
 def _freeze(model: nn.Module) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
+
+
+class ShardedBase(nn.Module):
+    """FSDP2's root: holds the base; ``root(model, ...)`` runs ``model`` (the base, a fine-tune or a view) through it."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+
+    def forward(self, model: nn.Module, *args, **kwargs):
+        return type(model).forward(model, *args, **kwargs)
+
+
+def holds_tensors(module: nn.Module) -> bool:
+    """A leaf of sharing: a module with parameters of its own (its children aside)."""
+    return next(module.parameters(recurse=False), None) is not None
+
+
+def run_through_root(model: nn.Module, root: ShardedBase) -> None:
+    """Make ``model(...)`` (also HF ``generate``) enter FSDP2's root, which gathers the shards it needs."""
+    model.__dict__["forward"] = types.MethodType(_forward_through_root, model)
+    model.__dict__["_surgery_root"] = root
+
+
+def _forward_through_root(self: nn.Module, *args, **kwargs):
+    return self.__dict__["_surgery_root"](self, *args, **kwargs)
 
 
 def shared_copy(base: nn.Module) -> nn.Module:

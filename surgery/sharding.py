@@ -16,38 +16,21 @@ quantization state replicated on every rank.
 from __future__ import annotations
 
 import hashlib
-import types
 import warnings
 
 import torch
 from torch import nn
 
+from .adapter_file import base_fingerprint
 from .bnb import quantized_storage, state_tensors
 from .distributed import World, world
 from .errors import ShardingError, ShardingWarning
 from .finetune import finetune_info
-
-
-class ShardedBase(nn.Module):
-    """FSDP2's root: holds the base; ``root(model, ...)`` runs ``model`` (the base, a fine-tune or a view) through it."""
-
-    def __init__(self, base: nn.Module):
-        super().__init__()
-        self.base = base
-
-    def forward(self, model: nn.Module, *args, **kwargs):
-        return type(model).forward(model, *args, **kwargs)
-
-
-def holds_tensors(module: nn.Module) -> bool:
-    """A leaf of sharing: a module with parameters of its own (its children aside)."""
-    return next(module.parameters(recurse=False), None) is not None
+from .rewrite import ShardedBase, base_record, holds_tensors, run_through_root
 
 
 def sharded_root(model: nn.Module) -> ShardedBase | None:
     """The FSDP2 root of a sharded base (or of the base a fine-tune or view shares), else None."""
-    from .rewrite import base_record
-
     info = finetune_info(model)
     view = model.__dict__.get("_surgery_batched")
     base = info.base if info is not None else view.base if view is not None else model
@@ -60,16 +43,6 @@ def refuse_sharded(model: nn.Module, what: str, remedy: str) -> None:
     if root is not None:
         raise ShardingError(f"{what} needs the whole base, which is sharded with FSDP2 over {root.world_size} "
                             f"processes here; {remedy}")
-
-
-def run_through_root(model: nn.Module, root: ShardedBase) -> None:
-    """Make ``model(...)`` (also HF ``generate``) enter FSDP2's root, which gathers the shards it needs."""
-    model.__dict__["forward"] = types.MethodType(_forward_through_root, model)
-    model.__dict__["_surgery_root"] = root
-
-
-def _forward_through_root(self: nn.Module, *args, **kwargs):
-    return self.__dict__["_surgery_root"](self, *args, **kwargs)
 
 
 def decoder_layers(base: nn.Module) -> list[nn.Module]:
@@ -109,9 +82,6 @@ def shard_base(base: nn.Module) -> ShardedBase:
 
     Every rank must call it with the same base (same weights, same quantization); checked.
     """
-    from .adapter_file import base_fingerprint
-    from .rewrite import base_record
-
     record = base_record(base)
     if record.sharded is not None:
         return record.sharded
@@ -150,8 +120,7 @@ def _check_shardable(base: nn.Module, where: World, live_finetunes: int) -> None
                             "`storage: bfloat16`) to shard it, or train with DDP without --fsdp")
     device = rank_device(where)
     for name, t in [*base.named_parameters(), *base.named_buffers()]:
-        if t.device != device and not (device.type == "cuda" and t.device.type == "cuda" and
-                                        t.device.index in (None, device.index)):
+        if t.device.type != device.type or t.device.index not in (None, device.index):
             raise ShardingError(f"'{name}' is on {t.device}, but rank {where.rank} computes on {device}; load the "
                                 f"base onto each rank's own device ({device}) before quantizing and sharding it")
 
@@ -174,8 +143,6 @@ def _fsdp2(where: World):
 
 def _check_same_base_everywhere(base: nn.Module, where: World) -> None:
     """Every rank keeps only its shard and replicates the 4-bit statistics: the bases must be identical."""
-    from .adapter_file import base_fingerprint
-
     if where.size == 1:
         return
     import torch.distributed as dist
@@ -191,15 +158,3 @@ def _check_same_base_everywhere(base: nn.Module, where: World) -> None:
     if len(set(digests)) > 1:
         raise ShardingError("the ranks hold different bases (weights or quantization statistics differ); every "
                             "rank must load the same checkpoint (or seed random init alike) and quantize it alike")
-
-
-def resident_bytes(model: nn.Module) -> int:
-    """Bytes of base storage this rank holds: local shards (with FSDP's padding) plus replicated tensors."""
-    seen: dict[int, int] = {}
-    for module in model.modules():
-        for p in module.parameters(recurse=False):
-            local = p.to_local() if hasattr(p, "to_local") else p
-            seen[local.untyped_storage().data_ptr()] = local.untyped_storage().nbytes()
-            for t in state_tensors(p, module):
-                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    return sum(seen.values())

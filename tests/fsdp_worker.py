@@ -18,7 +18,6 @@ import surgery
 from surgery.finetune import own_state
 from surgery.job import TrainConfig, make_job
 from surgery.memory import parameter_bytes
-from surgery.sharding import resident_bytes
 from surgery.train import train
 
 out, base_kind, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -73,6 +72,6 @@ with torch.no_grad():
 tensors = {f"{j.name}.{k}": v.detach().contiguous() for j in jobs for k, v in own_state(j.finetune).items()}
 save_file({**tensors, "logits": logits.contiguous()}, os.path.join(out, f"{tag}.safetensors"))
 with open(os.path.join(out, f"{tag}.json"), "w") as f:
-    json.dump({"whole_bytes": whole, "resident_bytes": resident_bytes(base), "planned_bytes": planned}, f)
+    json.dump({"whole_bytes": whole, "resident_bytes": parameter_bytes(base), "planned_bytes": planned}, f)
 if torch.distributed.is_initialized():
     torch.distributed.destroy_process_group()

@@ -125,7 +125,15 @@ def _job(base, name="job"):
                     TrainConfig(batch_size=4, lr=1e-2, max_steps=3, seed=0), mode="corpus", block_size=16)
 
 
-def test_a_base_sharded_over_one_process_warns_and_trains_like_an_unsharded_one():
+@pytest.fixture
+def group_of_one():
+    """shard_base without a launcher makes a process group of one; later tests must not find it."""
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def test_a_base_sharded_over_one_process_warns_and_trains_like_an_unsharded_one(group_of_one):
     reference = surgery.tiny_model("tiny-llama")
     (alone,) = train([_job(reference)])
     base = surgery.tiny_model("tiny-llama")
