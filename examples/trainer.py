@@ -10,7 +10,6 @@ from transformers import Trainer, TrainingArguments
 
 import surgery
 from surgery.data import read_examples, tokenize
-from surgery.integrations import adapter_callback
 
 base = surgery.tiny_model("tiny-llama")
 ft = surgery.rewrite(base, "qv_lora_head")
@@ -18,8 +17,10 @@ blocks = tokenize(read_examples("upper"), surgery.tiny_tokenizer(), block_size=2
 rows = [{k: v[i] for k, v in blocks.batch(torch.arange(len(blocks))).items()} for i in range(len(blocks))]
 out = tempfile.mkdtemp(prefix="trainer-")
 args = TrainingArguments(output_dir=out, max_steps=30, per_device_train_batch_size=8, learning_rate=1e-2,
-                         save_strategy="no", report_to=[], use_cpu=True, logging_steps=10, disable_tqdm=True)
-# Trainer's own checkpoints hold the whole model; the callback adds surgery adapter files (a few KB here).
-trainer = Trainer(model=ft, args=args, train_dataset=rows, callbacks=[adapter_callback(ft)])
+                         save_steps=10, report_to=[], use_cpu=True, logging_steps=10, disable_tqdm=True)
+# Checkpoints and output_dir hold the adapter folder only (ft.save_pretrained): PEFT's files, surgery's
+# adapter.safetensors, and model.safetensors for Trainer's own resume_from_checkpoint; never the base.
+trainer = Trainer(model=ft, args=args, train_dataset=rows)
 trainer.train()
-print("adapter:", f"{out}/adapter.safetensors")
+trainer.save_model()
+print("adapter folder:", out, "- load with surgery.load_adapter(base, out) or peft.PeftModel.from_pretrained")

@@ -6,6 +6,7 @@ of it, chosen per module by a rule file and checked before anything is changed.
 
 import sys
 
+from . import adapter_folder  # noqa: F401  (gives every fine-tune its save_pretrained)
 from .adapter_file import AdapterFile, load_adapter, read_adapter, save_adapter
 from .compat import finetuna
 from .errors import (AdapterStateError, DataError, ExportError, MergeError, ModelConfigError, ModelNotFoundError,

@@ -30,6 +30,7 @@ from .rewrite import base_graph, base_record, rewrite
 from .rules import MAX_RULE_FILE_BYTES, QuantConfig, RuleSet
 from .rule_file import parse_rules
 
+ADAPTER_FILE = "adapter.safetensors"  # the adapter file's name in folders: save_pretrained, train runs, checkpoints
 FORMAT = "surgery-adapter"
 FORMAT_VERSION = 1
 MAX_HEADER_BYTES = 16 * MiB  # tensor entries + rules + fingerprint: kilobytes in practice
@@ -72,34 +73,52 @@ class AdapterFile:
 
 def save_adapter(finetune: nn.Module, path: str | Path) -> Path:
     """Write the fine-tune's own tensors and metadata to ``path`` (safetensors), atomically."""
+    path = Path(path)
+    if path.is_dir():
+        raise AdapterStateError(f"{path}: is a directory; give a file name such as {path / ADAPTER_FILE} "
+                                "(or write a whole adapter folder with ft.save_pretrained)")
+    atomic_write(path, adapter_bytes(finetune), error=AdapterStateError)
+    return path
+
+
+def adapter_bytes(finetune: nn.Module, values: dict[str, torch.Tensor] | None = None) -> bytes:
+    """The adapter file of a fine-tune, as bytes: its own tensors (or ``values`` for them) and metadata."""
     from safetensors.torch import save
 
     info = require_finetune(finetune, "saved")
-    path = Path(path)
-    if path.is_dir():
-        raise AdapterStateError(f"{path}: is a directory; give a file name such as {path / 'adapter.safetensors'}")
-    tensors = {name: p.detach().to("cpu").contiguous() for name, p in own_state(finetune).items()}
+    own = own_state(finetune)
+    values = own if values is None else values
+    tensors = {name: values[name].detach().to("cpu").contiguous() for name in own}
     metadata = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
         "surgery_version": version(),
         "rules": info.rules.to_json(),
         "rules_source": info.rules.source,
-        "base_model": str(getattr(getattr(info.base, "config", None), "name_or_path", "") or ""),
+        "base_model": base_name(info.base),
         "base_class": type(info.base).__name__,
         "base_fingerprint": base_fingerprint(info.base).to_json(),
     }
     metadata["metadata_sha256"] = _metadata_digest(metadata)
     metadata["tensors_sha256"] = _tensors_digest(tensors)
-    atomic_write(path, save(tensors, metadata=metadata), error=AdapterStateError)
-    return path
+    return save(tensors, metadata=metadata)
+
+
+def base_name(base: nn.Module) -> str:
+    """The name or path the base was loaded from (``config.name_or_path``), or ''."""
+    return str(getattr(getattr(base, "config", None), "name_or_path", "") or "")
 
 
 # ---------------------------------------------------------------------------------------- read
 
 def read_adapter(path: str | Path) -> AdapterFile:
-    """Read and validate an adapter file completely (structure, metadata, checksums); changes nothing."""
+    """Read and validate an adapter file completely (structure, metadata, checksums); changes nothing.
+
+    ``path`` may be a folder ``save_pretrained`` wrote (or a Trainer checkpoint): its adapter file is read.
+    """
     path = Path(path)
+    if path.is_dir() and (path / ADAPTER_FILE).is_file():
+        path = path / ADAPTER_FILE
     data = _read_bytes(path)
     header, data_start = _parse_header(path, data)
     metadata = _check_metadata(path, header.pop("__metadata__", None))
@@ -127,7 +146,7 @@ def _read_bytes(path: Path) -> bytes:
     if path.is_dir():
         hint = " (it holds adapter_config.json: a PEFT adapter; use surgery.import_peft)" \
             if (path / "adapter_config.json").exists() else ""
-        raise AdapterStateError(f"{path}: is a directory, not an adapter file{hint}")
+        raise AdapterStateError(f"{path}: is a directory without {ADAPTER_FILE}, not an adapter file{hint}")
     data = read_user_file(path, what="adapter file", limit=MAX_ADAPTER_BYTES, error=AdapterStateError)
     if not data:
         raise AdapterStateError(f"{path}: is empty; it is not an adapter file (was a save interrupted?)")

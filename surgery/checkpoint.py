@@ -19,14 +19,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapter_file import load_adapter, save_adapter
+from .adapter_file import ADAPTER_FILE, load_adapter, save_adapter
 from .distributed import World
 from .errors import SurgeryError, TrainError, first_line
 from .files import MiB, atomic_folder, atomic_write, check_user_file, remove_folder
 from .job import Job, Run, build_optimizer
 
 STATE_FILE = "training_state.safetensors"
-ADAPTER_FILE = "adapter.safetensors"
+
 METRICS_FILE = "metrics.jsonl"
 LOCK_FILE = ".surgery.lock"
 MAX_STATE_BYTES = 64 << 30

@@ -98,7 +98,8 @@ def install_guards(finetune: nn.Module, info: FinetuneInfo, copying: dict) -> No
 def detached_copy(finetune: nn.Module, memo: dict[int, Any]) -> nn.Module:
     """``copy.deepcopy(finetune, memo)`` as a plain model: without the fine-tune's info and guards."""
     shell = object.__new__(type(finetune))
-    shell.__dict__.update({k: v for k, v in finetune.__dict__.items() if k not in _INSTANCE_ATTRS})
+    instance_attrs = ("_surgery", *_METHODS, *COPY_METHODS)
+    shell.__dict__.update({k: v for k, v in finetune.__dict__.items() if k not in instance_attrs})
     out = copy.deepcopy(shell, memo)
     out._forward_pre_hooks = type(out._forward_pre_hooks)(
         (k, h) for k, h in out._forward_pre_hooks.items() if h is not _refuse_fsdp1_flattening)
@@ -162,7 +163,15 @@ def _load_state_dict(self: nn.Module, state_dict, strict: bool = True, assign: b
 
 _METHODS = {"_apply": guarded_apply, "requires_grad_": _requires_grad_, "load_state_dict": _load_state_dict}
 COPY_METHODS = ("__deepcopy__", "__reduce_ex__")  # installed by rewrite, which copying goes through
-_INSTANCE_ATTRS = ("_surgery", *_METHODS, *COPY_METHODS)
+
+
+def add_method(name: str, method) -> None:
+    """Give every fine-tune made from now on a method defined by a higher layer (``save_pretrained``).
+
+    The layers that write files import this module, not the other way round; ``surgery`` imports
+    them all, so every fine-tune a user makes has the whole surface.
+    """
+    _METHODS[name] = method
 
 
 # ------------------------------------------------------------------------------ global guards

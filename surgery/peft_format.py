@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import regex
@@ -22,7 +23,8 @@ from torch import nn
 
 from .lora import LoraEmbedding, LoraLayer
 from .errors import AdapterStateError, PlanError, first_line
-from .files import MiB, atomic_write, check_user_file, read_user_text
+from .fingerprint import Fingerprint
+from .files import MiB, atomic_write, check_user_file, read_user_text, version
 from .finetune import require_finetune
 from .sharding import refuse_sharded
 from .rewrite import rewrite
@@ -30,6 +32,7 @@ from .rules import REGEX_TIMEOUT, LoraConfig, QuantConfig
 from .rule_file import parse_rules
 from .adapter_file import MAX_ADAPTER_BYTES
 from .bnb import quantized_storage
+from .serving import Target, check_servable
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
@@ -50,16 +53,33 @@ UNSUPPORTED = {  # adapter_config.json field -> what it means, when set to anyth
 
 # -------------------------------------------------------------------------------------- export
 
-def export_peft(finetune: nn.Module, folder: str | Path) -> Path:
-    """Write the fine-tune as a PEFT LoRA adapter folder that ``PeftModel.from_pretrained`` loads."""
-    from safetensors.torch import save
+def export_peft(finetune: nn.Module, folder: str | Path, *, target: Target = "peft") -> Path:
+    """Write the fine-tune as a PEFT LoRA adapter folder that ``PeftModel.from_pretrained`` loads.
 
-    info = require_finetune(finetune, "exported to PEFT")
+    ``target`` ("peft", "vllm", "lorax") first checks the export against that server's loading rules
+    (``serving.check_servable``); nothing is written when it does not fit.
+    """
     refuse_sharded(finetune, "export_peft", "export in one process without --fsdp, from the adapter file the run "
                    "saved (`surgery export-peft ADAPTER --out DIR`)")
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise AdapterStateError(f"{folder}: exists and is not a folder; export_peft writes a folder")
+    config, tensors, metadata = peft_adapter(finetune)
+    check_servable(finetune, config, target)
+    for name, data in peft_files(config, tensors, metadata).items():
+        atomic_write(folder / name, data, error=AdapterStateError)
+    return folder
+
+
+def peft_adapter(finetune: nn.Module) -> tuple[dict, dict[str, torch.Tensor], dict[str, str]]:
+    """The fine-tune in PEFT's terms: adapter_config.json's fields, the weights by PEFT key, and metadata.
+
+    The metadata (stored in the weights file's header, which PEFT and servers ignore) names the base
+    and holds its fingerprint, so ``surgery adapter show`` and ``import_peft`` can tell which base it needs.
+    """
+    from .adapter_file import base_fingerprint, base_name
+
+    info = require_finetune(finetune, "exported to PEFT")
     adapters = {path: m for path, m in finetune.named_modules() if isinstance(m, LoraLayer)}
     plain = [d.path for d in info.plan.by_action("plain")]
     if not adapters:
@@ -79,7 +99,7 @@ def export_peft(finetune: nn.Module, folder: str | Path) -> Path:
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": str(getattr(getattr(info.base, "config", None), "name_or_path", "") or "") or None,
+        "base_model_name_or_path": base_name(info.base) or None,
         "r": r,
         "lora_alpha": alpha,
         "rank_pattern": {p: c.r for p, c in sorted(configs.items()) if c.r != r},
@@ -95,11 +115,24 @@ def export_peft(finetune: nn.Module, folder: str | Path) -> Path:
         "init_lora_weights": True,
         "inference_mode": True,
     }
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write(folder / WEIGHTS_FILE, save(tensors, metadata={"format": "pt"}), error=AdapterStateError)
-    atomic_write(folder / CONFIG_FILE, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(),
-                 error=AdapterStateError)
-    return folder
+    metadata = {"format": "pt", "surgery_version": version(), "surgery_base_model": base_name(info.base),
+                "surgery_base_class": type(info.base).__name__,
+                "surgery_base_fingerprint": base_fingerprint(info.base).to_json(),
+                "surgery_base_storage": json.dumps(_base_storage(info.base), sort_keys=True)}
+    return config, tensors, metadata
+
+
+def peft_files(config: dict, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, bytes]:
+    """The bytes of ``adapter_model.safetensors`` and ``adapter_config.json``, in the order to write them."""
+    from safetensors.torch import save
+
+    return {WEIGHTS_FILE: save(tensors, metadata=metadata),
+            CONFIG_FILE: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()}
+
+
+def _base_storage(base: nn.Module) -> dict[str, int]:
+    """How the base the adapter was trained on is stored: module count per form (int8, nf4, ...)."""
+    return dict(Counter(s for _, m in base.named_modules() if (s := quantized_storage(m))))
 
 
 def _check_exportable(adapters: dict[str, nn.Module]) -> None:
@@ -127,14 +160,50 @@ def _peft_tensors(path: str, m: nn.Module, with_bias: bool) -> dict[str, torch.T
 
 # -------------------------------------------------------------------------------------- import
 
+@dataclass
+class PeftFolder:
+    """A PEFT LoRA adapter folder, read and checked: its config, weights, and surgery's metadata if any."""
+
+    path: Path
+    config: dict
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+    fingerprint: Fingerprint | None  # of the base it was exported from, when surgery wrote it
+
+    @property
+    def base_model(self) -> str:
+        return self.config.get("base_model_name_or_path") or self.metadata.get("surgery_base_model", "")
+
+
+def read_peft_folder(folder: str | Path) -> PeftFolder:
+    """Read a PEFT adapter folder completely (config, weights, metadata); changes nothing."""
+    folder = Path(folder)
+    config = _read_config(folder)
+    tensors, metadata = _read_weights(folder)
+    fingerprint = None
+    if "surgery_base_fingerprint" in metadata:
+        try:
+            fingerprint = Fingerprint.from_json(metadata["surgery_base_fingerprint"])
+        except ValueError as exc:
+            raise AdapterStateError(f"{folder / WEIGHTS_FILE}: unreadable base fingerprint ({exc})") from None
+    return PeftFolder(folder, config, tensors, metadata, fingerprint)
+
+
 def import_peft(base: nn.Module, folder: str | Path, *, quantize: str | None = None) -> nn.Module:
     """A fine-tune of ``base`` with a PEFT LoRA adapter folder's weights, giving PEFT's outputs.
 
     ``quantize`` (int8, nf4, fp4, none) sets how the base is stored; by default it is kept as it is held.
+    A folder surgery exported names its base's fingerprint: another base is refused.
     """
-    folder = Path(folder)
-    config = _read_config(folder)
-    tensors = _read_weights(folder)
+    from .adapter_file import base_fingerprint
+
+    adapter = read_peft_folder(folder)
+    folder, config, tensors = adapter.path, adapter.config, adapter.tensors
+    if adapter.fingerprint is not None:
+        why = adapter.fingerprint.mismatch(base_fingerprint(base))
+        if why is not None:
+            raise AdapterStateError(f"{folder}: was exported from another base ({adapter.base_model or 'unnamed'}) "
+                                    f"than this {type(base).__name__}: {why}")
     modules_to_save = config.get("modules_to_save") or []
     adapters, plain = _split_keys(folder, tensors, modules_to_save)
     loras = {path: _lora_config(config, path, parts) for path, parts in adapters.items()}
@@ -199,18 +268,20 @@ def _read_config(folder: Path) -> dict:
     return config
 
 
-def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+def _read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The weights by key, and the safetensors header's metadata ({} for the legacy .bin)."""
     safe, pickled = folder / WEIGHTS_FILE, folder / "adapter_model.bin"
     for candidate in (safe, pickled):
         if candidate.exists():
             check_user_file(candidate, what="PEFT adapter weights file", limit=MAX_ADAPTER_BYTES, error=AdapterStateError)
     try:
         if safe.is_file():
-            from safetensors.torch import load_file
+            from safetensors import safe_open
 
-            return load_file(safe)
+            with safe_open(safe, framework="pt") as f:
+                return {key: f.get_tensor(key) for key in f.keys()}, dict(f.metadata() or {})
         if pickled.is_file():  # legacy PEFT format; tensors only, never arbitrary objects
-            return torch.load(pickled, map_location="cpu", weights_only=True)
+            return torch.load(pickled, map_location="cpu", weights_only=True), {}
     except Exception as exc:  # safetensors and torch.load report corruption in many ways
         raise AdapterStateError(f"{safe if safe.is_file() else pickled}: unreadable adapter weights "
                                 f"({type(exc).__name__}: {first_line(exc)})") from None

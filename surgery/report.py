@@ -222,18 +222,46 @@ def adapter_tables(adapter, show_all: bool = False, limit: int = 40) -> tuple[Ta
         meta.add_row(key, adapter.metadata.get(key, ""))
     meta.add_row("base fingerprint", repr(adapter.fingerprint))
     meta.add_row("checksums", "metadata and tensors verified")
-    tensors = Table(title=f"{len(adapter.tensors)} tensors, {adapter.nbytes:,} bytes ({fmt_bytes(adapter.nbytes)})")
-    names = list(adapter.tensors)
-    add_name_column(tensors, "tensor", names)
+    return meta, tensors_table(adapter.tensors, show_all, limit)
+
+
+def peft_tables(folder, show_all: bool = False, limit: int = 40) -> tuple[Table, Table]:
+    """``surgery adapter show`` of a PEFT folder: its config's main fields, the base it needs, its tensors."""
+    meta = Table(title=f"{folder.path} (PEFT LoRA adapter)", show_header=False)
+    meta.add_column("field")
+    meta.add_column("value")
+    config = folder.config
+    targets = config.get("target_modules") or []
+    rows = {"base_model_name_or_path": str(config.get("base_model_name_or_path") or ""),
+            "base class": folder.metadata.get("surgery_base_class", ""),
+            "base fingerprint": repr(folder.fingerprint) if folder.fingerprint else "none (not exported by surgery)",
+            "base storage": folder.metadata.get("surgery_base_storage", ""),
+            "r / lora_alpha": f"{config.get('r')} / {config.get('lora_alpha')}"
+                              + (" (rsLoRA)" if config.get("use_rslora") else ""),
+            "rank_pattern / alpha_pattern": f"{len(config.get('rank_pattern') or {})} / "
+                                            f"{len(config.get('alpha_pattern') or {})} entries",
+            "target_modules": f"{len(targets)}: {', '.join(targets[:3])}{', ...' if len(targets) > 3 else ''}"
+                              if isinstance(targets, list) else str(targets),
+            "modules_to_save": ", ".join(config.get("modules_to_save") or []) or "none",
+            "lora_bias": str(bool(config.get("lora_bias")))}
+    for key, value in rows.items():
+        meta.add_row(key, value)
+    return meta, tensors_table(folder.tensors, show_all, limit)
+
+
+def tensors_table(tensors: dict, show_all: bool, limit: int) -> Table:
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    table = Table(title=f"{len(tensors)} tensors, {nbytes:,} bytes ({fmt_bytes(nbytes)})")
+    names = list(tensors)
+    add_name_column(table, "tensor", names)
     for col in ("dtype", "shape", "bytes"):
-        tensors.add_column(col, justify="right" if col == "bytes" else "left")
+        table.add_column(col, justify="right" if col == "bytes" else "left")
     for name in names if show_all else names[:limit]:
-        t = adapter.tensors[name]
-        tensors.add_row(name, str(t.dtype).removeprefix("torch."), str(tuple(t.shape)),
-                        f"{t.numel() * t.element_size():,}")
+        t = tensors[name]
+        table.add_row(name, str(t.dtype).removeprefix("torch."), str(tuple(t.shape)), f"{t.numel() * t.element_size():,}")
     if not show_all and len(names) > limit:
-        tensors.add_row(f"... {len(names) - limit} more (--all)", "", "", "")
-    return meta, tensors
+        table.add_row(f"... {len(names) - limit} more (--all)", "", "", "")
+    return table
 
 
 def demo_memory_table(base_bytes: int, loaded_bytes: int, own: list[tuple[str, int]]) -> Table:

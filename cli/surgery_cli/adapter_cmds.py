@@ -12,18 +12,24 @@ from .common import ADAPTER_ARG, BASE_OPT, OVERWRITE_OPT, RANDOM_INIT_OPT, conso
 
 
 def adapter_show(
-    adapter: Path = ADAPTER_ARG,
+    adapter: Path = typer.Argument(..., help="Adapter file, adapter folder (save_pretrained, a Trainer checkpoint) "
+                                   "or PEFT folder (export-peft)."),
     show_all: bool = typer.Option(False, "--all", help="List every tensor (default: the first 40)."),
 ):
-    """Show an adapter file: metadata, base fingerprint, rules, and its tensors with sizes.
+    """Show an adapter: metadata, base fingerprint, rules (or PEFT config), and its tensors with sizes.
 
     Example: surgery adapter show runs/qv.safetensors
     """
     import yaml
 
-    from surgery.adapter_file import read_adapter
-    from surgery.report import adapter_tables
+    from surgery.adapter_file import ADAPTER_FILE, read_adapter
+    from surgery.peft_format import CONFIG_FILE, read_peft_folder
+    from surgery.report import adapter_tables, peft_tables
 
+    if adapter.is_dir() and not (adapter / ADAPTER_FILE).exists() and (adapter / CONFIG_FILE).exists():
+        for table in peft_tables(read_peft_folder(adapter), show_all):
+            console.print(table)
+        return
     info = read_adapter(adapter)
     meta, tensors = adapter_tables(info, show_all)
     console.print(meta)
@@ -97,22 +103,40 @@ def export_peft_cmd(
     adapter: Path = ADAPTER_ARG,
     model: Optional[str] = BASE_OPT,
     out: Path = typer.Option(..., "--out", "-o", help="Folder for adapter_config.json + adapter_model.safetensors."),
+    target: str = typer.Option("peft", "--for", help="peft, vllm or lorax: first check that this server loads the "
+                               "export as it is (nothing is written when it would not)."),
     overwrite: bool = OVERWRITE_OPT,
     random_init: bool = RANDOM_INIT_OPT,
 ):
-    """Write an adapter in PEFT's format (loads with peft.PeftModel.from_pretrained).
+    """Write an adapter in PEFT's format (loads with peft.PeftModel.from_pretrained; --for vllm/lorax to serve it).
 
     Example: surgery export-peft runs/qv.safetensors --out qv-peft/
+
+    Example (checked against vLLM's loading rules): surgery export-peft runs/qv.safetensors --out qv-vllm/ --for vllm
     """
+    from surgery.serving import TARGETS
+
+    if target not in TARGETS:
+        raise typer.BadParameter(f"--for must be one of {', '.join(TARGETS)}, not {target!r}")
     quiet_libraries()
     from surgery.peft_format import export_peft
     from surgery.errors import AdapterStateError
     from surgery.files import atomic_folder
+    from surgery.serving import launch_hints
 
     _, ft, name = finetune_from(adapter, model, random_init)
     with atomic_folder(out, overwrite=overwrite, error=AdapterStateError) as tmp:
-        export_peft(ft, tmp)
+        export_peft(ft, tmp, target=target)
     console.print(f"wrote {out}: PeftModel.from_pretrained(<{name}>, {str(out)!r})", highlight=False)
+    if target == "vllm":
+        import json
+
+        config = json.loads((out / "adapter_config.json").read_text())
+        console.print(f"serve with: vllm serve {name} {' '.join(launch_hints(config, target))} "
+                      f"--lora-modules ADAPTER_NAME={out}", highlight=False, markup=False)
+    elif target == "lorax":
+        console.print(f"serve with: lorax-launcher --model-id {name}; request with adapter_id={out} "
+                      "(adapter_source local)", highlight=False, markup=False)
 
 
 def import_peft_cmd(

@@ -35,7 +35,7 @@ def demo(
     import torch
 
     from surgery.adapter_file import load_adapter
-    from surgery.checkpoint import ADAPTER_FILE
+    from surgery.adapter_file import ADAPTER_FILE
     from surgery.job import TrainConfig, make_job
     from surgery.loading import load_model, load_tokenizer
     from surgery.memory import extra_bytes, parameter_bytes
