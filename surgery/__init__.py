@@ -4,11 +4,8 @@ One frozen, quantized base in memory, any number of independently trainable fine
 of it, chosen per module by a rule file and checked before anything is changed.
 """
 
-import sys
-
-from . import adapter_folder  # noqa: F401  (gives every fine-tune its save_pretrained)
+from . import finetuna
 from .adapter_file import AdapterFile, load_adapter, read_adapter, save_adapter
-from .compat import finetuna
 from .errors import (AdapterStateError, DataError, ExportError, MergeError, ModelConfigError, ModelNotFoundError,
                      PlanError, RewriteError, RuleFileError, SharedBaseWarning, ShardingError, ShardingWarning,
                      SurgeryError, SurgeryWarning, TraceError, TrainError, TruncationWarning, Violation)
@@ -24,9 +21,9 @@ from .rewrite import prepare_base, rewrite
 from .sharding import shard_base
 from .rules import LoraConfig, QuantConfig, Rule, RuleSet, bundled_rules
 from .rule_file import load_rules
-from .trace import ModelGraph, ModuleInfo, ParamInfo, trace
+from .graph import ModelGraph, ModuleInfo, ParamInfo
+from .trace import trace
 
-sys.modules[__name__ + ".finetuna"] = finetuna  # `import surgery.finetuna`, as finetuna's users write it
 __version__ = _version()
 
 __all__ = [

@@ -98,8 +98,7 @@ def install_guards(finetune: nn.Module, info: FinetuneInfo, copying: dict) -> No
 def detached_copy(finetune: nn.Module, memo: dict[int, Any]) -> nn.Module:
     """``copy.deepcopy(finetune, memo)`` as a plain model: without the fine-tune's info and guards."""
     shell = object.__new__(type(finetune))
-    instance_attrs = ("_surgery", *_METHODS, *COPY_METHODS)
-    shell.__dict__.update({k: v for k, v in finetune.__dict__.items() if k not in instance_attrs})
+    shell.__dict__.update({k: v for k, v in finetune.__dict__.items() if k not in _INSTANCE_ATTRS})
     out = copy.deepcopy(shell, memo)
     out._forward_pre_hooks = type(out._forward_pre_hooks)(
         (k, h) for k, h in out._forward_pre_hooks.items() if h is not _refuse_fsdp1_flattening)
@@ -161,17 +160,17 @@ def _load_state_dict(self: nn.Module, state_dict, strict: bool = True, assign: b
     return nn.modules.module._IncompatibleKeys(missing, unexpected)
 
 
-_METHODS = {"_apply": guarded_apply, "requires_grad_": _requires_grad_, "load_state_dict": _load_state_dict}
+def _save_pretrained(self: nn.Module, save_directory, **kwargs):
+    """transformers' ``save_pretrained`` on a fine-tune writes its adapter folder, never the base."""
+    from .adapter_folder import save_pretrained  # the file-writing layer sits above this one
+
+    return save_pretrained(self, save_directory, **kwargs)
+
+
+_METHODS = {"_apply": guarded_apply, "requires_grad_": _requires_grad_, "load_state_dict": _load_state_dict,
+            "save_pretrained": _save_pretrained}
 COPY_METHODS = ("__deepcopy__", "__reduce_ex__")  # installed by rewrite, which copying goes through
-
-
-def add_method(name: str, method) -> None:
-    """Give every fine-tune made from now on a method defined by a higher layer (``save_pretrained``).
-
-    The layers that write files import this module, not the other way round; ``surgery`` imports
-    them all, so every fine-tune a user makes has the whole surface.
-    """
-    _METHODS[name] = method
+_INSTANCE_ATTRS = ("_surgery", *_METHODS, *COPY_METHODS)
 
 
 # ------------------------------------------------------------------------------ global guards

@@ -9,15 +9,16 @@ import contextlib
 import os
 import re
 from dataclasses import dataclass
-from typing import Literal
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Literal
 
 from .architectures import ARCHITECTURES, TINY_DEFAULT, TINY_MODELS, TINY_SEED
-from .errors import ModelConfigError, ModelNotFoundError, first_line
-from .files import MiB, check_user_file
+from .errors import ModelConfigError, ModelNotFoundError, SurgeryError, first_line
+from .files import MiB, check_user_file, read_user_file
+
+if TYPE_CHECKING:  # torch is imported where a model is built: resolving a name or a config needs none
+    import torch
+    from torch import nn
 
 MAX_CONFIG_BYTES = 16 * MiB
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -53,6 +54,7 @@ def config_from_dict(spec: dict):
 
 def build_from_config(config, *, device: str | torch.device = "meta", seed: int | None = None) -> nn.Module:
     """Instantiate a causal LM from a config; on meta it costs no memory, elsewhere weights are random."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     dtype = getattr(config, "dtype", None) or torch.float32
@@ -170,6 +172,28 @@ def load_model(name: str, *, weights: bool = True, random_init: bool = False) ->
     if name in ARCHITECTURES:
         return _from_architecture(name, weights=weights, random_init=random_init)
     raise ModelNotFoundError(_not_found_message(name))
+
+
+def config_identity(name: str) -> dict | None:
+    """What ``load_model(name, weights=False)`` builds from, as plain JSON data, read without transformers.
+
+    The trace cache keys on it. None when the name does not resolve to a readable config (loading
+    then reports why).
+    """
+    import json
+
+    if name in TINY_MODELS:
+        return {"tiny": TINY_MODELS[name]}
+    path = Path(name).expanduser()
+    folder = path if path.is_dir() else None if path.exists() else _hub_cache_dir(name)
+    if folder is None:
+        return {"bundled": ARCHITECTURES[name]} if name in ARCHITECTURES else None
+    try:
+        config = json.loads(read_user_file(folder / "config.json", what="model config", limit=MAX_CONFIG_BYTES,
+                                           error=ModelConfigError))
+    except (SurgeryError, ValueError, RecursionError):
+        return None
+    return {"config.json": config} if isinstance(config, dict) else None
 
 
 def _from_directory(path: Path, name: str, *, weights: bool, random_init: bool, source: str) -> LoadedModel:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from torch import nn
+from typing import TYPE_CHECKING
 
 from .rules import LoraConfig, QuantConfig
-from .bnb import state_tensors
-from .trace import ModelGraph, ModuleInfo, ParamInfo
+from .graph import ModelGraph, ModuleInfo, ParamInfo
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 1, "uint8": 1}
@@ -127,6 +129,8 @@ def fmt_bytes(n: float) -> str:
 
 def _parameter_tensors(model: nn.Module):
     """Every parameter (this rank's shard, when FSDP2 holds it) and the quantization state behind it."""
+    from .bnb import state_tensors  # measuring a live model; planning from a graph needs no torch
+
     for module in model.modules():
         for p in module.parameters(recurse=False):
             yield p.to_local() if hasattr(p, "to_local") else p

@@ -11,15 +11,17 @@ from __future__ import annotations
 import difflib
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from .errors import PlanError, Violation
 from .rules import (ADAPTABLE_KINDS, Action, Kind, LoraConfig, QuantConfig, Rule, RuleSet, grouped,
                     pattern_matches)
 from .rule_file import load_rules, parse_rules
 from .memory import DTYPE_BYTES, base_bytes, finetune_cost, fmt_bytes, lora_param_count
-from .trace import ModelGraph, ModuleInfo, trace
+from .graph import ModelGraph, ModuleInfo
+
+if TYPE_CHECKING:
+    from torch import nn
 
 QUANTIZABLE_KINDS = ("linear", "conv1d", "embedding")
 
@@ -173,6 +175,8 @@ def plan(model_or_graph: nn.Module | ModelGraph, rules: RuleSet | str, *, finetu
 
     Raises PlanError with every violation unless ``check=False`` (then they are in ``plan.violations``).
     """
+    from .trace import trace  # a graph (e.g. from the trace cache) needs no torch model code
+
     graph = model_or_graph if isinstance(model_or_graph, ModelGraph) else trace(model_or_graph)
     rules = load_rules(rules)
     violations: list[Violation] = []

@@ -12,7 +12,7 @@ from rich.text import Text
 
 from .memory import fmt_bytes
 from .rules import ADAPTABLE_KINDS, grouped
-from .trace import ModelGraph
+from .graph import ModelGraph
 
 
 def render_text(renderable, width: int = 120) -> str:
@@ -264,15 +264,17 @@ def tensors_table(tensors: dict, show_all: bool, limit: int) -> Table:
     return table
 
 
-def demo_memory_table(base_bytes: int, loaded_bytes: int, own: list[tuple[str, int]]) -> Table:
+def demo_memory_table(base_bytes: int, loaded_bytes: int, own: list[tuple[str, int]], scheme: str = "int8",
+                      loaded_dtype: str = "fp32") -> Table:
     """The demo's memory: one quantized base, each fine-tune's own tensors, against full copies."""
-    table = Table(title=f"2. memory: one int8 base shared by {len(own)} fine-tunes (unique parameter storage)")
+    table = Table(title=f"2. memory: one {scheme} base shared by {len(own)} fine-tunes (unique parameter storage)")
     table.add_column("")
     table.add_column("bytes", justify="right")
     table.add_column("", justify="right")
     total = base_bytes + sum(n for _, n in own)
-    for label, n in [("base, quantized once (int8)", base_bytes), *own, (f"[bold]base + {len(own)} fine-tunes[/]", total),
-                     (f"{len(own)} full fp32 copies", len(own) * loaded_bytes)]:
+    for label, n in [(f"base, quantized once ({scheme})", base_bytes), *own,
+                     (f"[bold]base + {len(own)} fine-tunes[/]", total),
+                     (f"{len(own)} full {loaded_dtype} copies", len(own) * loaded_bytes)]:
         table.add_row(label, f"{n:,}", fmt_bytes(n))
     return table
 

@@ -29,7 +29,8 @@ from .bnb import own_class, quantized_storage, settle_shared_layers
 from .quantize import quantize_base
 from .rules import RuleSet
 from .rule_file import load_rules
-from .trace import ModelGraph, refresh, replace_submodule, trace
+from .graph import ModelGraph
+from .trace import refresh, replace_submodule, trace
 
 
 log = logging.getLogger(__name__)

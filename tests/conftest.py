@@ -15,6 +15,12 @@ from surgery.architectures import TINY_MODELS  # noqa: E402
 from surgery.bnb import state_tensors  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="session")
+def trace_cache_in_a_temporary_folder(tmp_path_factory):
+    """CLI commands cache traces; the tests' cache lives in a temporary folder, never in ~/.cache."""
+    os.environ["SURGERY_CACHE"] = str(tmp_path_factory.mktemp("surgery-cache"))
+
+
 @pytest.fixture(scope="session")
 def digest():
     """sha256 of a model over every parameter and buffer, bitsandbytes quantization state included."""

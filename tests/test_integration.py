@@ -160,3 +160,17 @@ def test_demo_runs_offline_and_verifies_its_files(tmp_path):
     assert result.exit_code == 0, result.output
     assert "3 full fp32 copies" in result.stdout and "bit for bit" in result.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["capitals", "reverse", "upper"]
+
+
+def test_demo_runs_on_a_model_folder_with_rule_files_for_a_pretrained_model(tmp_path):
+    folder = tmp_path / "my-model"
+    surgery.tiny_model("tiny-llama").save_pretrained(folder)
+    surgery.tiny_tokenizer().save_pretrained(folder)
+    result = runner.invoke(app, ["demo", "--model", str(folder), "--steps", "6", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "rule files for pretrained, under 3B parameters models" in result.stdout
+    assert "reverse=all_linear_lora, capitals=qv_lora, upper=all_linear_lora" in result.stdout
+    assert "bit for bit" in result.stdout
+    for task in ("capitals", "reverse", "upper"):  # LoRA only: no lm_head among the adapter's tensors
+        tensors = surgery.read_adapter(tmp_path / "out" / task / "adapter.safetensors").tensors
+        assert tensors and not any("lm_head" in name for name in tensors)

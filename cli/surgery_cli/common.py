@@ -25,6 +25,8 @@ BASE_OPT = typer.Option(None, "--model", "-m", help="Base model (default: the ba
 RANDOM_INIT_OPT = typer.Option(False, "--random-init", help="Build random weights when none are available.")
 TOKENIZER_OPT = typer.Option(None, "--tokenizer", help="Tokenizer folder or model (default: the model's own).")
 OVERWRITE_OPT = typer.Option(False, "--overwrite", help="Replace an existing non-empty --out folder.")
+NO_CACHE_OPT = typer.Option(False, "--no-cache", help="Trace the model again instead of reading the trace cache "
+                            "($SURGERY_CACHE, else $XDG_CACHE_HOME/surgery, else ~/.cache/surgery).")
 NOISY_LIBRARIES = ("transformers", "torch", "bitsandbytes", "peft", "accelerate", "huggingface_hub")
 
 
@@ -52,16 +54,22 @@ class Commands(TyperGroup):
 
 
 def quiet_libraries() -> None:
-    """Silence third-party chatter by module (surgery's own warnings still show); never touch the network."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    """Silence third-party chatter by module (surgery's own warnings still show); never touch the network.
+
+    transformers is not imported for it (commands that never build a model never pay for it): its
+    verbosity and progress bars follow these variables when it is imported later.
+    """
+    for variable, value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"),
+                            ("TRANSFORMERS_VERBOSITY", "error"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1")):
+        os.environ.setdefault(variable, value)
     for module in NOISY_LIBRARIES:
         warnings.filterwarnings("ignore", module=module + r"(\.|$)")
         logging.getLogger(module).setLevel(logging.ERROR)
-    from transformers.utils import logging as transformers_logging
+    if "transformers" in sys.modules:  # already imported: its logging read the variables before they were set
+        from transformers.utils import logging as transformers_logging
 
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
+        transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
 
 
 def model_for(rules, model: Optional[str]) -> tuple[str, str]:

@@ -7,26 +7,46 @@ from typing import Optional
 
 import typer
 
-from .common import console, quiet_libraries
+from .common import RANDOM_INIT_OPT, console, quiet_libraries
 from .train_cmds import run_with_progress
 
 
-DEMO_TASKS = (  # (data set, rule file, two prompts shown after training)
-    ("reverse", "finetuna_default", ("owl <-", "van <-")),
-    ("capitals", "lora_plus_head", ("The capital of Japan is", "The capital of Peru is")),
-    ("upper", "qv_lora_head", ("owl ->", "van ->")),
-)
+TASKS = {  # data set -> two prompts shown after training
+    "reverse": ("owl <-", "van <-"),
+    "capitals": ("The capital of Japan is", "The capital of Peru is"),
+    "upper": ("owl ->", "van ->"),
+}
+RULE_SETS = {  # which rule file trains which task, by the kind of model (see choose_rules)
+    "random weights": {"reverse": "finetuna_default", "capitals": "lora_plus_head", "upper": "qv_lora_head"},
+    "pretrained, under 3B parameters": {"reverse": "all_linear_lora", "capitals": "qv_lora", "upper": "all_linear_lora"},
+    "pretrained, 3B parameters or more": {"reverse": "qlora_nf4", "capitals": "qlora_nf4", "upper": "qlora_nf4"},
+}
+LEARNING_RATES = {"random weights": 1e-2, "pretrained, under 3B parameters": 2e-3,
+                  "pretrained, 3B parameters or more": 1e-3}
+
+
+def choose_rules(random_weights: bool, parameters: int) -> str:
+    """Random weights need a trainable lm_head to learn a toy task in a minute; a pretrained model learns it with
+    LoRA alone (int8 base), and from 3B parameters up its base is stored in nf4 to fit in memory."""
+    if random_weights:
+        return "random weights"
+    return "pretrained, under 3B parameters" if parameters < 3_000_000_000 else "pretrained, 3B parameters or more"
 
 
 def demo(
-    model: str = typer.Option("tiny-opt", "--model", "-m", help="Bundled tiny model to use."),
+    model: str = typer.Option("tiny-opt", "--model", "-m", help="Model: a bundled tiny model (default, offline), a "
+                              "local model folder, a model in the local HF cache, or a bundled architecture with "
+                              "--random-init."),
     steps: int = typer.Option(150, "--steps", help="Training steps per fine-tune."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for the adapter files (default: a new "
                                        "temporary folder)."),
+    random_init: bool = RANDOM_INIT_OPT,
 ):
-    """The whole story offline in under a minute: one int8 base, three fine-tunes trained on it, saved, reloaded.
+    """The whole story offline in under a minute: one quantized base, three fine-tunes trained on it, saved, reloaded.
 
     Example: surgery demo
+
+    Example (your own model; rule files chosen by its size): surgery demo --model ./my-model --steps 100
     """
     quiet_libraries()
     import tempfile
@@ -34,42 +54,54 @@ def demo(
 
     import torch
 
-    from surgery.adapter_file import load_adapter
-    from surgery.adapter_file import ADAPTER_FILE
+    from surgery.adapter_file import ADAPTER_FILE, load_adapter
+    from surgery.architectures import TINY_MODELS
     from surgery.job import TrainConfig, make_job
-    from surgery.loading import load_model, load_tokenizer
+    from surgery.loading import load_model
     from surgery.memory import extra_bytes, parameter_bytes
     from surgery.report import demo_files_table, demo_memory_table, demo_results_table
     from surgery.rewrite import prepare_base
+    from surgery.rule_file import load_rules
     from surgery.train import evaluate
 
     start = time.perf_counter()
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="surgery-demo-"))
-    base = load_model(model).model
-    tokenizer = load_tokenizer(model)
+    loaded = load_model(model, random_init=random_init)
+    base = loaded.model
+    tokenizer = _tokenizer(model, base, random_init)
     loaded_bytes = parameter_bytes(base)
-    console.print(f"[bold]1. base[/]: {model} ({type(base).__name__}, {loaded_bytes:,} bytes fp32); "
-                  "three fine-tunes with three rule files, each on its own toy task", highlight=False)
-    config = TrainConfig(batch_size=8, lr=1e-2, max_steps=steps, warmup=max(1, steps // 10), seed=0)
-    prepare_base(base, *[rules for _, rules, _ in DEMO_TASKS])  # one quantization for all three
-    jobs = [make_job(base, task, rules, task, tokenizer, config, out=out / task, block_size=32, model_name=model)
-            for task, rules, _ in DEMO_TASKS]
+    parameters = sum(p.numel() for p in base.parameters())
+    kind = choose_rules(model in TINY_MODELS or not loaded.has_weights, parameters)
+    tasks = [(task, RULE_SETS[kind][task], prompts) for task, prompts in TASKS.items()]
+    dtype = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(
+        str(next(base.parameters()).dtype).removeprefix("torch."), "fp32")
+    console.print(f"[bold]1. base[/]: {model} ({type(base).__name__}, {parameters:,} parameters, {loaded_bytes:,} "
+                  f"bytes {dtype}); three fine-tunes, each on its own toy task, with the rule files for {kind} "
+                  f"models: {', '.join(f'{task}={rules}' for task, rules, _ in tasks)}", highlight=False)
+    config = TrainConfig(batch_size=8, lr=LEARNING_RATES[kind], max_steps=steps, warmup=max(1, steps // 10), seed=0)
+    rule_sets = [load_rules(rules) for _, rules, _ in tasks]
+    prepare_base(base, *rule_sets)  # one quantization for all three
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    jobs = [make_job(base, task, rules, task, tokenizer, config, out=out / task, block_size=32, model_name=model,
+                     pad_token_id=pad) for task, rules, _ in tasks]
 
     base_bytes = parameter_bytes(base)
     own = [(f"fine-tune '{job.name}' ({_rules_name(job)}): own tensors", extra_bytes(job.finetune, base)) for job in jobs]
-    console.print(demo_memory_table(base_bytes, loaded_bytes, own))
+    scheme = " + ".join(sorted({r.quantize.scheme for r in rule_sets}))
+    console.print(demo_memory_table(base_bytes, loaded_bytes, own, scheme, dtype))
 
     before = {job.name: evaluate(job.finetune, job.data)["eval_loss"] for job in jobs}
     console.print(f"[bold]3. training[/] the three together, {steps} steps each, on the one base:")
     run_with_progress(jobs, {}, show=True)
     rows = []
-    for job, (task, _, prompts) in zip(jobs, DEMO_TASKS):
+    for job, (task, _, prompts) in zip(jobs, tasks):
         after, expected = evaluate(job.finetune, job.data)["eval_loss"], _expected_answers(task)
         rows += [(job.name, before[job.name], after, prompt, _greedy(job.finetune, tokenizer, prompt),
                   expected.get(prompt, "")) for prompt in prompts]
     console.print(demo_results_table(rows))
 
-    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    vocab = getattr(base.config, "vocab_size", 256)
+    ids = torch.randint(0, min(vocab, 256), (2, 16), generator=torch.Generator().manual_seed(0))
     checked = []
     for job in jobs:
         path = job.out / ADAPTER_FILE
@@ -79,10 +111,25 @@ def demo(
     console.print(demo_files_table(checked))
     verified = all(same for _, same in checked)
     console.print(f"done in {time.perf_counter() - start:.1f} s. Next: surgery adapter show {jobs[1].out / ADAPTER_FILE};"
-                  f" surgery generate \"The capital of Peru is\" --adapter {jobs[1].out / ADAPTER_FILE}",
+                  f" surgery generate \"{TASKS['capitals'][1]}\" --model {model} --adapter {jobs[1].out / ADAPTER_FILE}",
                   highlight=False, markup=False)
     if not verified:
         raise typer.Exit(1)
+
+
+def _tokenizer(model: str, base, random_init: bool):
+    """The model's tokenizer; a bundled architecture built with --random-init has none and gets the byte tokenizer."""
+    from surgery.errors import SurgeryError
+    from surgery.loading import load_tokenizer, tiny_tokenizer
+
+    try:
+        return load_tokenizer(model)
+    except SurgeryError:
+        if not random_init or getattr(base.config, "vocab_size", 0) < 260:
+            raise
+        console.print(f"{model} has no tokenizer here: using the bundled byte-level tokenizer (ids 0-259)",
+                      highlight=False, markup=False)
+        return tiny_tokenizer()
 
 
 def _rules_name(job) -> str:

@@ -9,27 +9,25 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .common import MODEL_OPT, RANDOM_INIT_OPT, RULES_ARG, console, model_for, quiet_libraries
+from .common import MODEL_OPT, NO_CACHE_OPT, RANDOM_INIT_OPT, RULES_ARG, console, model_for, quiet_libraries
 
 
 def inspect(
     model: str = typer.Argument(..., help="Local directory, hub id in the local HF cache, or bundled name."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
     modules: Optional[str] = typer.Option(None, "--modules", help="Only modules matching this pattern."),
+    no_cache: bool = NO_CACHE_OPT,
 ):
     """Trace MODEL and show its modules, parameters, ties and memory at fp32/fp16/int8/nf4.
 
     Example: surgery inspect facebook/opt-1.3b --modules "self_attn.*"
     """
     quiet_libraries()
-    from surgery.loading import load_model
     from surgery.plan import memory_by_scheme
     from surgery.report import graph_renderable, graph_summary
-    from surgery.trace import trace
+    from surgery.trace_cache import graph_of
 
-    loaded = load_model(model, weights=False)
-    graph = trace(loaded.model)
-    graph.name = model
+    graph = graph_of(model, use_cache=not no_cache)
     if as_json:
         print(json.dumps(graph_summary(graph, memory_by_scheme(graph)), indent=2))
     else:
@@ -43,6 +41,7 @@ def plan(
     world_size: int = typer.Option(1, "--world-size", "-w", min=1, help="Devices of the launch: memory per device."),
     fsdp: bool = typer.Option(False, "--fsdp", help="Per device with the base sharded by FSDP2 (train --fsdp)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+    no_cache: bool = NO_CACHE_OPT,
 ):
     """Decide every module of MODEL by RULES, check every constraint, and show memory for N fine-tunes.
 
@@ -51,16 +50,14 @@ def plan(
     Example (per GPU, 70B in nf4 over 4 GPUs): surgery plan qlora_nf4 --model meta-llama/Llama-3.1-70B -w 4 --fsdp
     """
     quiet_libraries()
-    from surgery.loading import load_model
     from surgery.plan import plan as make_plan
     from surgery.report import per_device, per_device_table
     from surgery.rule_file import load_rules
-    from surgery.trace import trace
+    from surgery.trace_cache import graph_of
 
     ruleset = load_rules(rules)
     name, why = model_for(ruleset, model)
-    graph = trace(load_model(name, weights=False).model)
-    graph.name = name
+    graph = graph_of(name, use_cache=not no_cache)
     result = make_plan(graph, ruleset, finetunes=finetunes, check=False)
     devices = world_size > 1 or fsdp
     if as_json:

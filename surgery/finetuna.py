@@ -19,12 +19,12 @@ from typing import Iterable, Mapping
 
 from torch import nn
 
-from ..errors import PlanError, Violation
-from ..plan import plan as make_plan
-from ..quantize import quantize_base
-from ..rewrite import base_graph, rewrite
-from ..rules import ADAPTABLE_KINDS, RuleSet
-from ..rule_file import parse_rules
+from .errors import PlanError, Violation
+from .plan import plan as make_plan
+from .quantize import quantize_base
+from .rewrite import base_graph, rewrite
+from .rules import ADAPTABLE_KINDS, RuleSet
+from .rule_file import parse_rules
 
 SOURCE = "<finetuna>"
 
