@@ -4,7 +4,7 @@ One frozen, quantized base in memory, any number of independently trainable fine
 of it, chosen per module by a rule file and checked before anything is changed.
 """
 
-from . import finetuna
+from . import adapter_folder, finetuna  # adapter_folder gives every fine-tune its save_pretrained
 from .adapter_file import AdapterFile, load_adapter, read_adapter, save_adapter
 from .errors import (AdapterStateError, DataError, ExportError, MergeError, ModelConfigError, ModelNotFoundError,
                      PlanError, RewriteError, RuleFileError, SharedBaseWarning, ShardingError, ShardingWarning,

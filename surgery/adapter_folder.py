@@ -29,7 +29,7 @@ from .bnb import quantized_storage
 from .adapter_file import ADAPTER_FILE, adapter_bytes, base_fingerprint, base_name
 from .errors import AdapterStateError, SurgeryError, SurgeryWarning
 from .files import atomic_write, fsync_folder
-from .finetune import own_state, require_finetune
+from .finetune import add_method, own_state, require_finetune
 from .peft_format import CONFIG_FILE, peft_adapter, peft_files
 from .sharding import refuse_sharded
 
@@ -188,3 +188,5 @@ def _storage_note(base: nn.Module) -> str:
     return (f"It was trained on the base stored as {' and '.join(forms)} (bitsandbytes); for the same outputs load "
             f"the base the same way, e.g. `quantization_config={how[forms[0]]}`.")
 
+
+add_method("save_pretrained", save_pretrained)

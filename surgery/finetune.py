@@ -160,17 +160,19 @@ def _load_state_dict(self: nn.Module, state_dict, strict: bool = True, assign: b
     return nn.modules.module._IncompatibleKeys(missing, unexpected)
 
 
-def _save_pretrained(self: nn.Module, save_directory, **kwargs):
-    """transformers' ``save_pretrained`` on a fine-tune writes its adapter folder, never the base."""
-    from .adapter_folder import save_pretrained  # the file-writing layer sits above this one
-
-    return save_pretrained(self, save_directory, **kwargs)
-
-
-_METHODS = {"_apply": guarded_apply, "requires_grad_": _requires_grad_, "load_state_dict": _load_state_dict,
-            "save_pretrained": _save_pretrained}
+_METHODS = {"_apply": guarded_apply, "requires_grad_": _requires_grad_, "load_state_dict": _load_state_dict}
 COPY_METHODS = ("__deepcopy__", "__reduce_ex__")  # installed by rewrite, which copying goes through
-_INSTANCE_ATTRS = ("_surgery", *_METHODS, *COPY_METHODS)
+_INSTANCE_ATTRS = ["_surgery", *_METHODS, *COPY_METHODS]
+
+
+def add_method(name: str, method) -> None:
+    """Give every fine-tune a method defined by a layer above this one (``save_pretrained``, which writes files).
+
+    That layer imports this module and registers here; ``surgery/__init__`` imports it, and every
+    ``import surgery.<module>`` runs the package init first, so no fine-tune is made without it.
+    """
+    _METHODS[name] = method
+    _INSTANCE_ATTRS.append(name)
 
 
 # ------------------------------------------------------------------------------ global guards

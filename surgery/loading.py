@@ -159,19 +159,32 @@ def load_model(name: str, *, weights: bool = True, random_init: bool = False) ->
     ``weights=False`` builds on the meta device from the config alone (inspect, plan).
     ``random_init`` builds real random weights when none are available.
     """
-    if name in TINY_MODELS:
+    source, folder = _locate(name)
+    if source == "tiny":
         return LoadedModel(tiny_model(name), name, "tiny", True)
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return _from_directory(path, name, weights=weights, random_init=random_init, source="directory")
-    if path.exists():
+    if source in ("directory", "hub-cache"):
+        return _from_directory(folder, name, weights=weights, random_init=random_init, source=source)
+    if source == "file":
         raise ModelNotFoundError(f"{name}: is a file, not a model directory; pass the folder holding config.json")
-    cached = _hub_cache_dir(name)
-    if cached is not None:
-        return _from_directory(cached, name, weights=weights, random_init=random_init, source="hub-cache")
-    if name in ARCHITECTURES:
+    if source == "bundled":
         return _from_architecture(name, weights=weights, random_init=random_init)
     raise ModelNotFoundError(_not_found_message(name))
+
+
+def _locate(name: str) -> tuple[str, Path | None]:
+    """Where MODEL comes from, in the order load_model tries: tiny, directory, file (an error), hub-cache,
+    bundled; ("missing", None) when nowhere. The folder for directory and hub-cache."""
+    if name in TINY_MODELS:
+        return "tiny", None
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return "directory", path
+    if path.exists():
+        return "file", path
+    cached = _hub_cache_dir(name)
+    if cached is not None:
+        return "hub-cache", cached
+    return ("bundled", None) if name in ARCHITECTURES else ("missing", None)
 
 
 def config_identity(name: str) -> dict | None:
@@ -182,12 +195,11 @@ def config_identity(name: str) -> dict | None:
     """
     import json
 
-    if name in TINY_MODELS:
-        return {"tiny": TINY_MODELS[name]}
-    path = Path(name).expanduser()
-    folder = path if path.is_dir() else None if path.exists() else _hub_cache_dir(name)
-    if folder is None:
-        return {"bundled": ARCHITECTURES[name]} if name in ARCHITECTURES else None
+    source, folder = _locate(name)
+    if source in ("tiny", "bundled"):
+        return {source: (TINY_MODELS if source == "tiny" else ARCHITECTURES)[name]}
+    if folder is None or source == "file":
+        return None
     try:
         config = json.loads(read_user_file(folder / "config.json", what="model config", limit=MAX_CONFIG_BYTES,
                                            error=ModelConfigError))

@@ -56,7 +56,7 @@ def test_a_clean_export_passes_for_every_target_and_the_cli_prints_the_vllm_flag
     assert result.exit_code == 0, result.output
     assert "--enable-lora --max-lora-rank 8" in result.stdout
     refused = runner.invoke(app, ["export-peft", str(path), "--out", str(tmp_path / "x"), "--for", "tgi"])
-    assert refused.exit_code == 2 and "--for must be one of peft, vllm, lorax" in refused.output
+    assert refused.exit_code == 2 and "unknown export target 'tgi'; choose one of peft, vllm, lorax" in refused.output
     assert not (tmp_path / "x").exists()
 
 

@@ -114,10 +114,9 @@ def export_peft_cmd(
 
     Example (checked against vLLM's loading rules): surgery export-peft runs/qv.safetensors --out qv-vllm/ --for vllm
     """
-    from surgery.serving import TARGETS
+    from surgery.serving import check_target
 
-    if target not in TARGETS:
-        raise typer.BadParameter(f"--for must be one of {', '.join(TARGETS)}, not {target!r}")
+    check_target(target)  # before anything loads
     quiet_libraries()
     from surgery.peft_format import export_peft
     from surgery.errors import AdapterStateError

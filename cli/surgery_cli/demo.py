@@ -16,16 +16,15 @@ TASKS = {  # data set -> two prompts shown after training
     "capitals": ("The capital of Japan is", "The capital of Peru is"),
     "upper": ("owl ->", "van ->"),
 }
-RULE_SETS = {  # which rule file trains which task, by the kind of model (see choose_rules)
-    "random weights": {"reverse": "finetuna_default", "capitals": "lora_plus_head", "upper": "qv_lora_head"},
-    "pretrained, under 3B parameters": {"reverse": "all_linear_lora", "capitals": "qv_lora", "upper": "all_linear_lora"},
-    "pretrained, 3B parameters or more": {"reverse": "qlora_nf4", "capitals": "qlora_nf4", "upper": "qlora_nf4"},
+RULE_SETS = {  # kind of model (see model_kind) -> (learning rate, the rule file that trains each task)
+    "random weights": (1e-2, {"reverse": "finetuna_default", "capitals": "lora_plus_head", "upper": "qv_lora_head"}),
+    "pretrained, under 3B parameters": (2e-3, {"reverse": "all_linear_lora", "capitals": "qv_lora",
+                                               "upper": "all_linear_lora"}),
+    "pretrained, 3B parameters or more": (1e-3, {"reverse": "qlora_nf4", "capitals": "qlora_nf4", "upper": "qlora_nf4"}),
 }
-LEARNING_RATES = {"random weights": 1e-2, "pretrained, under 3B parameters": 2e-3,
-                  "pretrained, 3B parameters or more": 1e-3}
 
 
-def choose_rules(random_weights: bool, parameters: int) -> str:
+def model_kind(random_weights: bool, parameters: int) -> str:
     """Random weights need a trainable lm_head to learn a toy task in a minute; a pretrained model learns it with
     LoRA alone (int8 base), and from 3B parameters up its base is stored in nf4 to fit in memory."""
     if random_weights:
@@ -71,14 +70,15 @@ def demo(
     tokenizer = _tokenizer(model, base, random_init)
     loaded_bytes = parameter_bytes(base)
     parameters = sum(p.numel() for p in base.parameters())
-    kind = choose_rules(model in TINY_MODELS or not loaded.has_weights, parameters)
-    tasks = [(task, RULE_SETS[kind][task], prompts) for task, prompts in TASKS.items()]
+    kind = model_kind(model in TINY_MODELS or not loaded.has_weights, parameters)
+    lr, rule_files = RULE_SETS[kind]
+    tasks = [(task, rule_files[task], prompts) for task, prompts in TASKS.items()]
     dtype = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(
         str(next(base.parameters()).dtype).removeprefix("torch."), "fp32")
     console.print(f"[bold]1. base[/]: {model} ({type(base).__name__}, {parameters:,} parameters, {loaded_bytes:,} "
                   f"bytes {dtype}); three fine-tunes, each on its own toy task, with the rule files for {kind} "
                   f"models: {', '.join(f'{task}={rules}' for task, rules, _ in tasks)}", highlight=False)
-    config = TrainConfig(batch_size=8, lr=LEARNING_RATES[kind], max_steps=steps, warmup=max(1, steps // 10), seed=0)
+    config = TrainConfig(batch_size=8, lr=lr, max_steps=steps, warmup=max(1, steps // 10), seed=0)
     rule_sets = [load_rules(rules) for _, rules, _ in tasks]
     prepare_base(base, *rule_sets)  # one quantization for all three
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
