@@ -75,29 +75,36 @@ def base_bytes(graph: ModelGraph, decisions: dict, world_size: int = 1) -> tuple
             full = f"{path}.{p.name}" if path else p.name
             key = canon.get(full, full)
             now[key] = p.nbytes
-            form = decision.stored_form(p.name)
+            form = decision.stored_form(p.name, p.dtype)
             after[key][form] = stored_bytes(info, p, form, decision.quant, world_size)
     return sum(now.values()), sum(sum(forms.values()) for forms in after.values())
 
 
 def stored_bytes(info: ModuleInfo, p: ParamInfo, form: object, quant: QuantConfig, world_size: int = 1) -> int:
-    """Bytes of one tensor stored in ``form`` ("original" or quantized with ``quant``) on one of ``world_size`` ranks.
+    """Bytes of one tensor stored in ``form`` (see ``plan.Decision.stored_form``) on one of ``world_size`` ranks.
 
     FSDP2 splits every tensor along dim 0 into ``world_size`` chunks and gives each rank a buffer of
     the largest chunk (ceil); packed 4-bit weights are split as their storage rows, and their
     quantization statistics stay whole on every rank. LLM.int8 weights cannot be sharded: whole.
     """
+    if isinstance(form, tuple) and form[0] == "cast":
+        return _rows_bytes(p, p.numel * DTYPE_BYTES[form[1]], world_size)
     if world_size == 1:
         return p.nbytes if form == "original" else quantized_weight_bytes(info.kind, p.shape, quant)
     if form == "original" and not (info.quantized and p.name == "weight"):
-        rows = p.shape[0] if p.shape else 1
-        return math.ceil(rows / world_size) * (p.nbytes // max(rows, 1))
+        return _rows_bytes(p, p.nbytes, world_size)
     quant = info.held if form == "original" else quant  # quantized before this plan: as the base holds it
     whole = quantized_weight_bytes(info.kind, p.shape, quant)
     if quant.scheme == "int8":
         return whole
     packed, width = (math.prod(p.shape) + 1) // 2, DTYPE_BYTES[quant.storage]
     return math.ceil(packed // width / world_size) * width + whole - packed
+
+
+def _rows_bytes(p: ParamInfo, nbytes: int, world_size: int) -> int:
+    """One rank's bytes of a plain tensor of ``nbytes`` that FSDP2 splits along dim 0 (ceil chunks)."""
+    rows = p.shape[0] if p.shape else 1
+    return math.ceil(rows / world_size) * (nbytes // max(rows, 1))
 
 
 def finetune_cost(graph: ModelGraph, decisions: dict) -> tuple[int, int]:

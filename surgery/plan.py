@@ -45,12 +45,24 @@ class Decision:
     def decided_by(self) -> str:
         return f"{self.rule.location} ({self.rule.label})" if self.rule else "default"
 
-    def stored_form(self, param: str) -> object:
-        """How a parameter is stored after quantization: 'original' or the quantization that produces it."""
-        if self.quant is None or param != "weight":
-            return "original"
+    def stored_form(self, param: str, dtype: str) -> object:
+        """How a parameter (local name, dtype now) is stored after quantization.
+
+        'original'; the quantization that produces a weight (an embedding's and a linear layer's are
+        stored apart, also for one tied tensor: bitsandbytes' layers keep different state); or
+        ("cast", dtype) for a 4-bit layer's
+        bias, which bitsandbytes computes in its compute dtype (quantizing casts it once, exactly as
+        bitsandbytes' first forward would, so the plan's bytes hold before and after that forward).
+        """
         q = self.quant
-        return (q.scheme,) if q.scheme == "int8" else (q.scheme, q.double_quant, q.blocksize)
+        if q is None:
+            return "original"
+        if param == "weight":
+            layout = "embedding" if self.kind == "embedding" else "linear"
+            return (q.scheme, layout) if q.scheme == "int8" else (q.scheme, layout, q.double_quant, q.blocksize)
+        if param == "bias" and q.scheme != "int8" and q.compute_dtype not in (None, dtype):
+            return ("cast", q.compute_dtype)
+        return "original"
 
     def __repr__(self) -> str:
         lora = f", lora r={self.lora.r}" if self.lora else ""
@@ -365,13 +377,14 @@ def _ties(graph: ModelGraph, decisions: dict[str, Decision]) -> tuple[list[TieNo
                 violations.append(Violation("C6", f"{message}; {fix} to accept that, or make all of them plain",
                                             _param_owner(plain[0][0])[0]))
             continue
-        forms = {d.stored_form(_param_owner(n)[1]) for n, d in members}
+        dtype = info.dtype if info else ""
+        forms = {d.stored_form(_param_owner(n)[1], dtype) for n, d in members}
         if len(forms) == 1:
             storage = members[0][1].storage
             notes.append(TieNote(names, f"{names[0]} and {', '.join(names[1:])} stay one tensor ({storage})"))
             continue
-        full = [n for n, d in members if d.stored_form(_param_owner(n)[1]) == "original"]
-        quantized = [(n, d) for n, d in members if d.stored_form(_param_owner(n)[1]) != "original"]
+        full = [n for n, d in members if d.stored_form(_param_owner(n)[1], dtype) == "original"]
+        quantized = [(n, d) for n, d in members if d.stored_form(_param_owner(n)[1], dtype) != "original"]
         if full:
             q = ", ".join(f"{_param_owner(n)[0]} ({d.storage})" for n, d in quantized)
             notes.append(TieNote(names, (
@@ -379,9 +392,10 @@ def _ties(graph: ModelGraph, decisions: dict[str, Decision]) -> tuple[list[TieNo
                 f"{info.dtype if info else ''} weight alive for {', '.join(_param_owner(n)[0] for n in full)} "
                 f"(+{fmt_bytes(full_bytes)})"), full_bytes, 0))
         else:
+            shown = ", ".join(sorted(f"{form[0]} as {form[1]}" for form in forms))
             notes.append(TieNote(names, (
-                f"{', '.join(names)} are one tensor quantized in {len(forms)} ways "
-                f"({', '.join(sorted(str(f) for f in forms))}): each form is stored")))
+                f"{', '.join(names)} are one tensor quantized in {len(forms)} ways ({shown}): "
+                "each form is stored")))
     return notes, violations
 
 

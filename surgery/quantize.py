@@ -48,14 +48,22 @@ def quantized_layer(module: nn.Module, decision: Decision, shared: dict | None =
             in_f, out_f = weight.shape[1], weight.shape[0]
             bias = getattr(module, "bias", None)
             layer = _linear(in_f, out_f, bias is not None, quant, weight.dtype, bnb)
-            if bias is not None:  # the same Parameter object: fine-tunes made earlier keep sharing it
-                layer.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias.detach(), requires_grad=False)
+            if bias is not None:
+                layer.bias = _bias(bias, getattr(layer, "compute_dtype", None))
         if key not in shared:
             shared[key] = _quantized_weight(weight, quant, layer, bnb)
         layer.weight = shared[key]
         if quant.scheme != "int8":
             layer.quant_state = layer.weight.quant_state
     return layer.requires_grad_(False).train(module.training)
+
+
+def _bias(bias: torch.Tensor, compute: torch.dtype | None) -> nn.Parameter:
+    """The quantized layer's bias: the same Parameter (fine-tunes made earlier keep sharing it), or a copy
+    in a 4-bit layer's compute dtype, the cast bitsandbytes' first forward would make in place."""
+    if compute is not None and bias.dtype != compute:
+        return nn.Parameter(bias.detach().to(compute), requires_grad=False)
+    return bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias.detach(), requires_grad=False)
 
 
 def _linear(in_f: int, out_f: int, bias: bool, quant: QuantConfig, dtype: torch.dtype, bnb) -> nn.Module:

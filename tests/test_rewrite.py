@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import surgery
+from surgery.apply import apply
 from surgery.lora import LoraLayer, LoraConv1D, LoraEmbedding, LoraLinear
 from surgery.errors import PlanError, RewriteError
 from surgery.memory import extra_bytes, parameter_bytes
@@ -349,3 +350,20 @@ def test_quantizing_more_under_existing_finetunes_warns_and_prepare_base_avoids_
         first = surgery.rewrite(fresh, "qv_lora_head")
         surgery.rewrite(fresh, "lora_plus_head")
     assert type(first.model.decoder.layers[0].fc1).__name__ == "Linear8bitLt"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("quantize", ["int8", "{scheme: nf4, compute_dtype: float32}", "nf4"])
+def test_plan_is_byte_exact_on_half_precision_bases_before_and_after_forward(dtype, quantize, write_rules):
+    """bitsandbytes casts a 4-bit layer's bias to its compute dtype on the first forward: planned, done once."""
+    rules = write_rules(f"version: 1\nquantize: {quantize}\ndefault: quantize\nrules:\n"
+                        "  - {match: 're:.*q_proj', action: adapt, lora: {r: 4}}\n")
+    base = surgery.tiny_model("tiny-opt").to(dtype)
+    assert base.model.decoder.layers[0].fc1.bias is not None  # OPT's biases are what bitsandbytes casts
+    applied = apply(base, rules, finetunes=2)  # runs each fine-tune and the base once
+    assert applied.base_bytes == applied.plan.base_bytes_after
+    assert applied.own_bytes == (applied.plan.finetune_bytes,) * 2
+    with torch.no_grad():
+        applied.finetunes[0](IDS)
+    assert parameter_bytes(base) == applied.plan.base_bytes_after
+    assert surgery.plan(base, rules).base_bytes_after == applied.plan.base_bytes_after  # nothing left to cast
