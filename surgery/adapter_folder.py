@@ -22,19 +22,17 @@ import warnings
 from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
 
-from .bnb import quantized_storage
-from .adapter_file import ADAPTER_FILE, adapter_bytes, base_fingerprint, base_name
+from .adapter_file import ADAPTER_FILE, adapter_bytes
 from .errors import AdapterStateError, SurgeryError, SurgeryWarning
 from .files import atomic_write, fsync_folder
 from .finetune import add_method, own_state, require_finetune
+from .model_card import CARD_FILE, adapter_card
 from .peft_format import CONFIG_FILE, peft_adapter, peft_files
 from .sharding import refuse_sharded
 
 TRAINER_FILE = "model.safetensors"  # the file name transformers.Trainer loads a checkpoint's weights from
-CARD_FILE = "README.md"
 IGNORED_KEYWORDS = {  # transformers' save_pretrained keywords that mean nothing for an adapter folder
     "max_shard_size": "adapter files are written whole",
     "safe_serialization": "surgery writes safetensors only",
@@ -75,7 +73,7 @@ def adapter_folder_files(finetune: nn.Module, values: dict[str, torch.Tensor]) -
     files = {ADAPTER_FILE: adapter_bytes(finetune, values)}
     peft, why_not = _peft_layout(finetune)
     files.update(peft)
-    files[CARD_FILE] = model_card(finetune, values, why_not).encode()
+    files[CARD_FILE] = adapter_card(finetune, values, "adapter_folder", why_not).encode()
     return files
 
 
@@ -138,55 +136,6 @@ def _link_for_trainer(folder: Path) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise AdapterStateError(f"{folder / TRAINER_FILE}: could not be written ({exc.strerror or exc})") from None
     fsync_folder(folder)
-
-
-def model_card(finetune: nn.Module, values: dict[str, torch.Tensor], no_peft: str = "") -> str:
-    """README.md of an adapter folder: what it is, what it needs, and how to load it three ways."""
-    info = require_finetune(finetune, "described")
-    base = base_name(info.base) or type(info.base).__name__
-    adapted = len(info.plan.by_action("adapt"))
-    plain = [d.path for d in info.plan.by_action("plain")]
-    count = sum(t.numel() for t in values.values())
-    size = sum(t.numel() * t.element_size() for t in values.values())
-    rules = yaml.safe_dump(info.rules.to_dict(), sort_keys=False).rstrip()
-    header = ["---", "library_name: surgery" if no_peft else "library_name: peft"]
-    header += [f"base_model: {base}"] if base_name(info.base) else []
-    header += ["tags: [surgery, lora]", "---"]
-    peft_lines = ([f"PEFT cannot represent this fine-tune ({no_peft}), so the folder holds no PEFT layout."]
-                  if no_peft else [
-                      "With PEFT (the same outputs on the same base; see the quantization note below):", "",
-                      "```python", "from peft import PeftModel", "from transformers import AutoModelForCausalLM", "",
-                      f"base = AutoModelForCausalLM.from_pretrained({base!r})",
-                      "model = PeftModel.from_pretrained(base, \"THIS_FOLDER\")", "```"])
-    storage = _storage_note(info.base)
-    return "\n".join([
-        *header, "",
-        f"# A surgery fine-tune of {base}", "",
-        f"LoRA on {adapted} module{'s' if adapted != 1 else ''}"
-        + (f", {len(plain)} module{'s' if len(plain) != 1 else ''} trained in full ({', '.join(plain)})" if plain else "")
-        + f": {count:,} trainable parameters ({size:,} bytes). The base is not in this folder.", "",
-        f"Base: `{base}` ({type(info.base).__name__}), fingerprint `{base_fingerprint(info.base).short}` "
-        "(loading checks it).", storage, "",
-        "## Load", "",
-        "```python", "import surgery", "",
-        f"base = surgery.load_model({base!r}).model",
-        "ft = surgery.load_adapter(base, \"THIS_FOLDER\")", "```", "",
-        "From the command line: `surgery generate \"...\" --adapter THIS_FOLDER`.", "",
-        *peft_lines, "",
-        "## Rules", "", "```yaml", rules, "```", "",
-        "Files: `adapter.safetensors` (surgery's adapter file), `model.safetensors` (the same file, the name "
-        "transformers.Trainer resumes from), `adapter_config.json` + `adapter_model.safetensors` (PEFT).", ""])
-
-
-def _storage_note(base: nn.Module) -> str:
-    forms = sorted({s for _, m in base.named_modules() if (s := quantized_storage(m))})
-    if not forms:
-        return "It was trained on the base unquantized."
-    how = {"int8": "BitsAndBytesConfig(load_in_8bit=True)",
-           "nf4": "BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=\"nf4\")",
-           "fp4": "BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=\"fp4\")"}
-    return (f"It was trained on the base stored as {' and '.join(forms)} (bitsandbytes); for the same outputs load "
-            f"the base the same way, e.g. `quantization_config={how[forms[0]]}`.")
 
 
 add_method("save_pretrained", save_pretrained)

@@ -8,6 +8,7 @@ shape, the float weight it stands for, and the 4-bit layout bitsandbytes may rep
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterator, Literal
 
 import torch
@@ -162,3 +163,80 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
     if scb is None:  # Linear8bitLt after its first forward keeps the row scales in its matmul state
         scb = module.state.SCB
     return weight.data.float() * (scb.float().unsqueeze(1) / 127.0)
+
+
+# --------------------------------------------------------------------- loading the base elsewhere
+
+def bitsandbytes_config_text(quant: QuantConfig) -> str:
+    """transformers' ``BitsAndBytesConfig(...)`` (as Python source) that stores weights as ``quant`` does."""
+    if quant.scheme == "int8":
+        return f"BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold={quant.threshold!r})"
+    args = ["load_in_4bit=True", f'bnb_4bit_quant_type="{quant.scheme}"',
+            f"bnb_4bit_use_double_quant={quant.double_quant}"]
+    if quant.compute_dtype:
+        args.append(f"bnb_4bit_compute_dtype=torch.{quant.compute_dtype}")
+    if quant.storage != "uint8":
+        args.append(f"bnb_4bit_quant_storage=torch.{quant.storage}")
+    return f"BitsAndBytesConfig({', '.join(args)})"
+
+
+@dataclass(frozen=True)
+class BaseLoading:
+    """How a base holds its weights, in transformers' terms: what to load it with elsewhere for the same outputs."""
+
+    schemes: tuple[str, ...]  # bitsandbytes schemes held; () for an unquantized base
+    modules: int  # quantized modules
+    quantization_config: str | None  # BitsAndBytesConfig(...) source, None where transformers cannot express it
+    inexpressible: tuple[str, ...] = ()  # what transformers' BitsAndBytesConfig cannot reproduce
+
+    def from_pretrained(self, name: str) -> str:
+        """Python source that loads the base like this (transformers), or "" where transformers cannot."""
+        if not self.schemes:
+            return f"AutoModelForCausalLM.from_pretrained({name!r})"
+        if self.quantization_config is None:
+            return ""
+        return f"AutoModelForCausalLM.from_pretrained({name!r}, quantization_config={self.quantization_config})"
+
+    def note(self, name: str) -> str:
+        """One paragraph for a model card or the terminal."""
+        if not self.schemes:
+            return (f"The adapter was trained on {name} unquantized: load it without a quantization_config "
+                    "(a quantized base gives other outputs).")
+        text = (f"The adapter was trained on {name} with {self.modules} modules stored as "
+                f"{' and '.join(self.schemes)} by bitsandbytes. For the same outputs load the base the same way")
+        if self.quantization_config is None:
+            text += (f": with surgery (`surgery.load_model({name!r})` and this adapter's rules), since transformers' "
+                     f"BitsAndBytesConfig cannot express {', '.join(self.inexpressible)}")
+        else:
+            text += f": `{self.from_pretrained(name)}`"
+        return text + ". On a base loaded otherwise (e.g. unquantized) the outputs differ by the quantization error."
+
+
+def base_loading(base: nn.Module) -> BaseLoading:
+    """How ``base`` holds its weights as transformers would load them: the ``quantization_config`` for
+    ``from_pretrained`` (unquantized linear layers as ``llm_int8_skip_modules``), or what it cannot express."""
+    held = {path: q for path, m in base.named_modules() if (q := held_quant_config(m)) is not None}
+    configs = sorted(set(held.values()), key=repr)
+    schemes = tuple(sorted({q.scheme for q in configs}))
+    inexpressible = []
+    if any(isinstance(base.get_submodule(path), nn.Embedding) for path in held):
+        inexpressible.append("quantized embeddings (transformers keeps embeddings unquantized)")
+    if any(q.scheme != "int8" and q.blocksize != 64 for q in configs):
+        inexpressible.append("a 4-bit block size other than 64")
+    if len(configs) > 1:
+        inexpressible.append("different settings per module")
+    if not held or inexpressible:
+        return BaseLoading(schemes, len(held), None, tuple(inexpressible))
+    linears = [path for path, m in base.named_modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"]
+    skip = _skip_modules([path for path in linears if path not in held], list(held))
+    # llm_int8_skip_modules is given even when empty: without it transformers leaves lm_head unquantized
+    config = bitsandbytes_config_text(configs[0])[:-1] + f", llm_int8_skip_modules={skip!r})"
+    return BaseLoading(schemes, len(held), config)
+
+
+def _skip_modules(skipped: list[str], quantized: list[str]) -> list[str]:
+    """``llm_int8_skip_modules`` naming exactly ``skipped``: last name parts where no quantized module shares one."""
+    local = {path.rpartition(".")[2] for path in skipped}
+    if local & {path.rpartition(".")[2] for path in quantized}:
+        return skipped
+    return sorted(local)

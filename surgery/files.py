@@ -113,7 +113,8 @@ def atomic_folder(path: str | Path, *, error: type[SurgeryError], overwrite: boo
     """Yield a temp folder beside ``path``; on success it becomes ``path``, on failure it is removed.
 
     An existing non-empty ``path`` is refused unless ``overwrite``; then it is replaced only once the
-    new folder is complete. The new folder gets the permissions the umask gives (not mkdtemp's 0700).
+    new folder is complete. The new folder and everything in it get the permissions the umask gives
+    (not mkdtemp's 0700, nor the 0600 of files libraries write through temp files, as transformers does).
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -132,6 +133,7 @@ def atomic_folder(path: str | Path, *, error: type[SurgeryError], overwrite: boo
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _umask_permissions(tmp)
     if path.exists():
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
         os.replace(path, old)
@@ -140,6 +142,14 @@ def atomic_folder(path: str | Path, *, error: type[SurgeryError], overwrite: boo
     else:
         os.replace(tmp, path)
     fsync_folder(path.parent)
+
+
+def _umask_permissions(folder: Path) -> None:
+    """Folders 0777 and files 0666, less the umask, below ``folder`` (surgery writes no executables)."""
+    mask = umask()
+    for item in folder.rglob("*"):
+        if not item.is_symlink():
+            os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
 
 
 def fsync_folder(folder: Path) -> None:

@@ -32,6 +32,7 @@ from .rules import REGEX_TIMEOUT, LoraConfig, QuantConfig
 from .rule_file import parse_rules
 from .adapter_file import MAX_ADAPTER_BYTES
 from .bnb import quantized_storage
+from .model_card import CARD_FILE, adapter_card
 from .serving import Target, check_servable
 
 PREFIX = "base_model.model."
@@ -56,7 +57,8 @@ UNSUPPORTED = {  # adapter_config.json field -> what it means, when set to anyth
 def export_peft(finetune: nn.Module, folder: str | Path, *, target: Target = "peft") -> Path:
     """Write the fine-tune as a PEFT LoRA adapter folder that ``PeftModel.from_pretrained`` loads.
 
-    ``target`` ("peft", "vllm", "lorax") first checks the export against that server's loading rules
+    With a ``README.md`` card saying how the base must be loaded (its ``BitsAndBytesConfig``) for the
+    same outputs. ``target`` ("peft", "vllm", "lorax") first checks the export against that server's loading rules
     (``serving.check_servable``); nothing is written when it does not fit.
     """
     refuse_sharded(finetune, "export_peft", "export in one process without --fsdp, from the adapter file the run "
@@ -66,7 +68,9 @@ def export_peft(finetune: nn.Module, folder: str | Path, *, target: Target = "pe
         raise AdapterStateError(f"{folder}: exists and is not a folder; export_peft writes a folder")
     config, tensors, metadata = peft_adapter(finetune)
     check_servable(finetune, config, target)
-    for name, data in peft_files(config, tensors, metadata).items():
+    files = peft_files(config, tensors, metadata)
+    files[CARD_FILE] = adapter_card(finetune, tensors, "peft").encode()
+    for name, data in files.items():
         atomic_write(folder / name, data, error=AdapterStateError)
     return folder
 

@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import typer
@@ -149,6 +150,12 @@ def test_adapter_files_through_the_cli_apply_show_merge_export_import(tmp_path):
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "merged")  # the folder is complete
     assert tokenizer("owl")["input_ids"] == surgery.tiny_tokenizer()("owl")["input_ids"]
     assert (tmp_path / "merged" / "generation_config.json").is_file()
+    mask = os.umask(0)
+    os.umask(mask)
+    assert {f.stat().st_mode & 0o777 for f in (tmp_path / "merged").iterdir()} == {0o666 & ~mask}  # none 0600
+    card = (tmp_path / "merged" / "README.md").read_text()
+    assert "no quantization_config" in card and "trained on tiny-llama with 14 modules stored as int8" in card
+    assert "load_in_8bit=True" in result.stdout and "llm_int8_skip_modules=['lm_head']" in result.stdout
     again = run("merge", str(first), "--out", str(tmp_path / "merged"))
     assert again.exit_code == 2 and "not empty" in again.output
     assert "note: requantizing" not in result.stdout  # int8: about 1 % on tiny-llama
@@ -164,6 +171,8 @@ def test_adapter_files_through_the_cli_apply_show_merge_export_import(tmp_path):
     result = run("export-peft", str(first), "--out", str(tmp_path / "peft"))
     assert result.exit_code == 0, result.output
     assert (tmp_path / "peft" / "adapter_config.json").exists()
+    assert "BitsAndBytesConfig(load_in_8bit=True" in result.stdout
+    assert "BitsAndBytesConfig(load_in_8bit=True" in (tmp_path / "peft" / "README.md").read_text()
     result = run("import-peft", str(tmp_path / "peft"), "--out", str(tmp_path / "back.safetensors"), "--quantize", "int8")
     assert result.exit_code == 0, result.output
     back = surgery.read_adapter(tmp_path / "back.safetensors")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import pytest
@@ -65,6 +66,28 @@ def test_export_and_import_on_a_quantized_base_match_peft_on_that_base(tmp_path,
     assert info.plan.decisions["model.decoder.layers.0.self_attn.q_proj"].storage == ("int8" if rules == "qv_lora" else "nf4")
 
 
+@pytest.mark.parametrize("rules", ["qv_lora", "qlora_nf4", MIXED], ids=["int8", "nf4", "unquantized"])
+def test_the_exports_card_says_how_to_load_the_base_for_the_same_outputs_in_transformers(tmp_path, rules):
+    """The README's from_pretrained call (BitsAndBytesConfig included), run as written, then PEFT: equal logits."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    surgery.tiny_model("tiny-opt").save_pretrained(tmp_path / "base")
+    base = surgery.load_model(str(tmp_path / "base")).model
+    ft = trained(surgery.rewrite(base, rules))
+    ft.eval()
+    surgery.export_peft(ft, tmp_path / "peft")
+    card = (tmp_path / "peft" / "README.md").read_text()
+    call = re.search(r"^base = (AutoModelForCausalLM\.from_pretrained\(.*\))$", card, re.M).group(1)
+    assert ("quantization_config" in call) == (rules is not MIXED)
+    loaded = eval(call, {"AutoModelForCausalLM": AutoModelForCausalLM, "BitsAndBytesConfig": BitsAndBytesConfig,
+                         "torch": torch})
+    assert torch.equal(logits(peft_model(loaded, tmp_path / "peft")), logits(ft))
+    if rules is not MIXED:  # the same adapter on the base loaded unquantized: other outputs, as the card says
+        plain = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+        assert not torch.allclose(logits(peft_model(plain, tmp_path / "peft")), logits(ft), atol=1e-3)
+        assert "differ by the quantization error" in card
+
+
 def test_import_of_a_peft_trained_adapter_matches_peft(tmp_path):
     """An adapter made by PEFT itself (its own init, per-module rank), not by our export."""
     base = surgery.tiny_model("tiny-llama")
@@ -117,3 +140,16 @@ def test_exports_peft_cannot_express_are_refused(tmp_path):
     with pytest.raises(AdapterStateError, match="lora_bias is one switch"):
         surgery.export_peft(ft, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_base_transformers_cannot_store_the_same_way_is_loaded_with_surgery():
+    from surgery.bnb import base_loading
+
+    base = surgery.tiny_model("tiny-opt")
+    surgery.rewrite(base, {"quantize": {"scheme": "nf4", "blocksize": 128}, "default": "quantize",
+                           "rules": [{"match": "q_proj", "action": "adapt"}]})
+    loading = base_loading(base)
+    assert loading.schemes == ("nf4",) and loading.quantization_config is None and not loading.from_pretrained("x")
+    note = loading.note("tiny-opt")
+    assert "surgery.load_model('tiny-opt')" in note
+    assert "quantized embeddings" in note and "block size other than 64" in note

@@ -62,7 +62,8 @@ def merge(
     from surgery.errors import AdapterStateError, SurgeryError
     from surgery.loading import load_tokenizer
     from surgery.files import atomic_folder
-
+    from surgery.bnb import base_loading
+    from surgery.model_card import CARD_FILE, merged_card
     from surgery.rules import DTYPES
 
     if dtype not in (None, *DTYPES):
@@ -76,10 +77,12 @@ def merge(
         tokenizer = load_tokenizer(name)
     except SurgeryError as exc:
         no_tokenizer = str(exc)
+    merged_dtype = next(merged.parameters()).dtype
     with atomic_folder(out, overwrite=overwrite, error=AdapterStateError) as tmp:
         merged.save_pretrained(tmp)  # with its generation config
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)  # so AutoTokenizer.from_pretrained(out) works (chat template included)
+        (tmp / CARD_FILE).write_text(merged_card(ft, str(adapter), merged_dtype, error))
     table = Table(title=f"merged {adapter} into {name}")
     table.add_column("")
     table.add_column("max |Δlogits|", justify="right")
@@ -94,7 +97,10 @@ def merge(
                       f"itself: {error['max_rel']:.1%}): quantizing the merged weights again re-rounds every weight "
                       "of the adapted layers. Serve this fine-tune merged in 16/32-bit (this folder, or --dtype "
                       "bfloat16) or unmerged on its quantized base, not requantized.", highlight=False, markup=False)
-    console.print(f"wrote {out} (load with transformers.AutoModelForCausalLM.from_pretrained)", highlight=False)
+    dtype_name = str(merged_dtype).removeprefix("torch.")
+    console.print(f"wrote {out}: a plain {dtype_name} model, load it with AutoModelForCausalLM.from_pretrained("
+                  f"{str(out)!r}) and no quantization_config (see its README.md)", highlight=False, markup=False)
+    console.print(f"the fine-tune's base: {base_loading(base).note(name)}", highlight=False, markup=False)
     if no_tokenizer:
         console.print(f"no tokenizer written: {no_tokenizer}", highlight=False, markup=False)
 
@@ -119,14 +125,16 @@ def export_peft_cmd(
     check_target(target)  # before anything loads
     quiet_libraries()
     from surgery.peft_format import export_peft
+    from surgery.bnb import base_loading
     from surgery.errors import AdapterStateError
     from surgery.files import atomic_folder
     from surgery.serving import launch_hints
 
-    _, ft, name = finetune_from(adapter, model, random_init)
+    base, ft, name = finetune_from(adapter, model, random_init)
     with atomic_folder(out, overwrite=overwrite, error=AdapterStateError) as tmp:
         export_peft(ft, tmp, target=target)
     console.print(f"wrote {out}: PeftModel.from_pretrained(<{name}>, {str(out)!r})", highlight=False)
+    console.print(base_loading(base).note(name), highlight=False, markup=False)
     if target == "vllm":
         import json
 
