@@ -4,8 +4,8 @@ Formats: CSV with a ``text`` column (quoted fields may span lines); JSONL with `
 ``prompt`` and ``completion`` (loss only on the completion); plain ``.txt`` (one example per
 non-empty line, or in corpus mode one running text with its newlines). Two modes:
 ``corpus`` concatenates every example with EOS and cuts the stream into ``block_size`` chunks;
-``entries`` keeps one example per row (EOS appended), truncated or padded to ``block_size``, with
-padding masked out of the loss and the attention. Every problem is a DataError naming the file
+``entries`` keeps one example per row (EOS appended), truncated to ``block_size`` and padded on the
+right, with padding masked out of the loss and the attention; a micro-batch is cut to its longest row. Every problem is a DataError naming the file
 (and line) before any training starts.
 """
 
@@ -51,8 +51,12 @@ class Blocks:
         return self.input_ids.shape[0]
 
     def batch(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.input_ids[rows], "labels": self.labels[rows],
-                "attention_mask": self.attention_mask[rows]}
+        """The rows as a micro-batch padded only to its longest row (dynamic padding): rows are padded on
+        the right, so the columns cut hold padding alone (no attention, no loss)."""
+        mask = self.attention_mask[rows]
+        width = int(mask.sum(dim=1).max()) if len(mask) else 0
+        return {"input_ids": self.input_ids[rows, :width], "labels": self.labels[rows, :width],
+                "attention_mask": mask[:, :width]}
 
     def __repr__(self) -> str:
         rows, width = self.input_ids.shape

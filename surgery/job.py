@@ -47,6 +47,7 @@ class TrainConfig:
     eval_steps: int | None = None
     save_steps: int | None = None
     save_total_limit: int | None = None
+    gradient_checkpointing: bool = False  # recompute decoder layers' activations in backward (less memory)
 
     def check(self) -> "TrainConfig":
         """Raise TrainError naming the first option out of range (NaN and inf included); return self."""
@@ -163,6 +164,9 @@ def make_job(base: nn.Module, name: str, rules, data: str | Path, tokenizer, con
 
     config.check()
     rules = load_rules(rules)
+    if config.gradient_checkpointing and not getattr(base, "supports_gradient_checkpointing", False):
+        raise TrainError(f"--gradient-checkpointing: {type(base).__name__} does not support transformers' activation "
+                         "checkpointing; train without it")
     vocab = _vocab_size(base)
     if pad_token_id is not None and vocab is not None and not 0 <= pad_token_id < vocab:
         raise DataError(f"--pad-token-id {pad_token_id} is outside the model's vocabulary (0 to {vocab - 1}); use "
@@ -191,7 +195,20 @@ def make_job(base: nn.Module, name: str, rules, data: str | Path, tokenizer, con
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         finetune = rewrite(base, rules)
+    if config.gradient_checkpointing:
+        checkpoint_activations(finetune)
     return Job(name, finetune, blocks, config, Path(out) if out is not None else None, held_out, identity)
+
+
+def checkpoint_activations(finetune: nn.Module) -> None:
+    """Recompute each decoder layer's activations in backward instead of keeping them (transformers'
+    activation checkpointing, non-reentrant; the dropout masks are replayed), on this fine-tune's own
+    module objects: the base and other fine-tunes are untouched."""
+    enable = getattr(finetune, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable({"use_reentrant": False})
+    else:  # transformers before activation_checkpointing_enable
+        finetune.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _vocab_size(base: nn.Module) -> int | None:

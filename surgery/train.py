@@ -95,7 +95,7 @@ def train(jobs: list[Job], *, resume: dict[str, Path] | None = None, on_step: St
     names = [job.name for job in jobs]
     if len(set(names)) != len(names):
         raise TrainError(f"job names must be unique: {', '.join(names)}")
-    check_batching(batched, max_batched_tokens)
+    check_batching(batched, max_batched_tokens, any(job.config.gradient_checkpointing for job in jobs))
     if batched:
         for job in jobs:
             refuse_sharded(job.finetune, "--batched training", "train without --batched (the jobs take turns)")

@@ -213,7 +213,12 @@ def test_batched_training_equals_taking_turns(model, quantize):
     alone = train(training_jobs(base, model, quantize))
     together = train(training_jobs(base, model, quantize), batched=True)
     assert [r.step for r in together] == [5, 3, 4]
-    assert_same_adapters(together, alone, rtol=1e-5)
+    # Turn-taking cuts each micro-batch to its longest row, the pass pads every job's to the longest of all:
+    # other matmul shapes, fp32 rounding. Losses agree to 1e-5 (below); the adapters less tightly, because
+    # AdamW's first steps move each element of B (0 at init) by about lr whatever its gradient's size, so a
+    # gradient element near 0 whose sign rounding flips moves the other way (seen: 5e-4 of the largest).
+    # The gradients of one pass are compared to 1e-5 in test_batched_gradients_equal_each_finetune_alone.
+    assert_same_adapters(together, alone, rtol=1e-3)
     for a, b in zip(together, alone):
         assert [r["loss"] for r in a.history] == pytest.approx([r["loss"] for r in b.history], rel=1e-5)
 
@@ -230,7 +235,7 @@ def test_a_memory_cap_splits_the_pass_into_sub_groups_with_the_same_result():
     base = base_without_dropout("tiny-llama")
     whole = train(training_jobs(base, "tiny-llama", "none"), batched=True)
     capped = train(training_jobs(base, "tiny-llama", "none"), batched=True, max_batched_tokens=100)  # < 4 x 24
-    assert_same_adapters(capped, whole, rtol=1e-5)
+    assert_same_adapters(capped, whole, rtol=1e-3)  # sub-groups pad to their own longest row: see above
     with pytest.raises(TrainError, match="--max-batched-tokens must be at least 1"):
         train(training_jobs(base, "tiny-llama", "none"), batched=True, max_batched_tokens=0)
     with pytest.raises(TrainError, match="add --batched"):

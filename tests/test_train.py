@@ -48,6 +48,30 @@ def test_prompt_tokens_and_padding_carry_no_loss():
     assert blocks.attention_mask[0].tolist() == [1] * n + [0] * (16 - n)
 
 
+def test_micro_batches_are_padded_to_their_longest_row_with_the_same_loss_and_gradients():
+    """Dynamic padding: a micro-batch is cut to its longest row; the loss and gradients are those of the
+    batch padded to --block-size (the unmodified computation), to fp32 rounding."""
+    blocks = tokenize(read_examples("upper"), TOK, block_size=64, mode="entries")
+    rows = torch.arange(8)
+    batch = blocks.batch(rows)
+    longest = int(blocks.attention_mask[rows].sum(dim=1).max())
+    assert batch["input_ids"].shape == (8, longest) and longest < 64 // 2
+    full = {"input_ids": blocks.input_ids[rows], "labels": blocks.labels[rows],
+            "attention_mask": blocks.attention_mask[rows]}
+    results = []
+    for inputs in (batch, full):
+        torch.manual_seed(0)  # the same adapter init for both
+        ft = surgery.rewrite(surgery.tiny_model("tiny-llama"), "qv_lora_head")
+        ft.eval()  # no dropout: the two computations must agree
+        loss = ft(**inputs, use_cache=False).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in ft.named_parameters() if p.requires_grad}))
+    (short, short_grads), (padded, padded_grads) = results
+    torch.testing.assert_close(short, padded, rtol=1e-6, atol=0)
+    for name in padded_grads:
+        torch.testing.assert_close(short_grads[name], padded_grads[name], rtol=1e-5, atol=1e-7)
+
+
 def test_corpus_mode_concatenates_with_eos_and_cuts_blocks(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_text("hello world\nsecond line\n")
@@ -254,3 +278,29 @@ def test_a_random_state_read_from_a_row_of_saved_states_installs_exactly():
     swap_rng(outer, cpu)
     torch.manual_seed(5)
     assert torch.equal(drawn, torch.rand(3))
+
+
+def test_gradient_checkpointing_recomputes_layers_and_trains_the_same():
+    """--gradient-checkpointing: each decoder layer runs again in backward; the trained adapter equals the one
+    trained without (dropout on: its masks are replayed); the base and other fine-tunes keep their activations."""
+    results, calls = [], []
+    for checkpointing in (False, True):
+        base = surgery.tiny_model("tiny-llama")
+        the_job = job(base, max_steps=3, gradient_checkpointing=checkpointing)
+        sibling = surgery.rewrite(base, "qv_lora_head")
+        layer = the_job.finetune.model.layers[0].self_attn  # inside the checkpointed forward: again in backward
+        count = [0]
+        layer.register_forward_hook(lambda *args: count.__setitem__(0, count[0] + 1))
+        train([the_job])
+        results.append(own(the_job.finetune))
+        calls.append(count[0])
+        for model in (base, sibling):
+            assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    assert calls == [3, 6]  # 3 steps of one micro-batch; with checkpointing each forward runs twice
+    for name in results[0]:
+        torch.testing.assert_close(results[1][name], results[0][name], rtol=1e-5, atol=1e-7)
+
+
+def test_gradient_checkpointing_with_batched_training_is_refused_before_loading():
+    with pytest.raises(TrainError, match="--gradient-checkpointing does not run with --batched"):
+        train([job(surgery.tiny_model("tiny-llama"), gradient_checkpointing=True)], batched=True)

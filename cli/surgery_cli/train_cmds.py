@@ -58,6 +58,9 @@ def train(
                                                      "it go in further passes (bounds activation memory)."),
     fsdp: bool = typer.Option(False, "--fsdp", help="Under torchrun / accelerate launch: shard the shared base "
                               "over the processes with FSDP2 (each holds about 1/N of it); nf4 or unquantized bases."),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Recompute each decoder "
+                                                "layer's activations in backward instead of keeping them: less "
+                                                "memory, about a third more compute."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Move an earlier run in --out aside (to "
                                    "OUT.replaced-N, nothing deleted) when training starts."),
     random_init: bool = RANDOM_INIT_OPT,
@@ -91,9 +94,10 @@ def train(
     first_rules = load_rules(specs[0][1])
     name, why = model_for(first_rules, model)
     config = TrainConfig(batch_size, grad_accum, lr, epochs, max_steps, warmup, schedule, weight_decay,
-                         max_grad_norm or None, seed, precision, optimizer, eval_steps, save_steps, save_total_limit)
+                         max_grad_norm or None, seed, precision, optimizer, eval_steps, save_steps, save_total_limit,
+                         gradient_checkpointing)
     config.check()
-    check_batching(batched, max_batched_tokens)
+    check_batching(batched, max_batched_tokens, gradient_checkpointing)
     check_sharding(fsdp, batched)
     where = world()
     if where.main:  # every output folder is checked before anything is loaded
