@@ -168,13 +168,14 @@ class Plan:
 def _settings_differ(wanted: QuantConfig, held: QuantConfig, kind: str) -> str:
     """The settings ``wanted`` writes explicitly that differ from how the base holds a module ('' if none).
 
-    Settings a rule file leaves out follow the base as held.
+    Settings a rule file leaves out follow the base as held; ``compute_dtype: null`` (the input's dtype)
+    accepts any held compute dtype.
     """
     pairs = [("threshold", wanted.threshold, held.threshold)] if wanted.scheme == "int8" and kind != "embedding" else \
         [("double_quant", wanted.double_quant, held.double_quant), ("blocksize", wanted.blocksize, held.blocksize),
          ("compute_dtype", wanted.compute_dtype, held.compute_dtype)] if wanted.scheme != "int8" else []
     return ", ".join(f"{name}: {a} (held: {b})" for name, a, b in pairs
-                     if name in wanted.given and a != b and not (name == "compute_dtype" and b is None))
+                     if name in wanted.given and a != b and not (name == "compute_dtype" and None in (a, b)))
 
 
 def _held_text(held: QuantConfig) -> str:

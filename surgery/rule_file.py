@@ -350,3 +350,38 @@ def _is_number(x: Any) -> bool:
 def _kind(x: Any) -> str:
     return {list: "a list", dict: "a mapping", str: "a string", type(None): "nothing"}.get(type(x), type(x).__name__)
 
+
+
+# ------------------------------------------------------------------------------------- shorthand
+
+ALL_LINEAR = "all-linear"  # PEFT's name for every Linear/Conv1D but the output layer
+
+
+def shorthand_rules(target_modules: list[str], *, r: int = 8, alpha: float | None = None, dropout: float = 0.0,
+                    quantize: str = "none") -> RuleSet:
+    """The rule file that ``--target-modules`` (PEFT-style names, or ``all-linear``), ``--lora-r``,
+    ``--lora-alpha`` (default: r), ``--lora-dropout`` and ``--quantize`` stand for.
+
+    The targets are adapted, the output layer stays frozen in full precision unless targeted, every
+    other Linear/Conv1D is quantized when ``quantize`` is int8 or nf4 (as transformers'
+    ``BitsAndBytesConfig`` does), everything else is frozen. Bad values are RuleFileErrors naming the flag.
+    """
+    targets = [t.strip() for t in target_modules if t.strip()]
+    if not targets:
+        raise RuleFileError("--target-modules: name at least one module (e.g. q_proj,v_proj) or all-linear")
+    lora = {"r": r, "alpha": r if alpha is None else alpha, "dropout": dropout}
+    if targets == [ALL_LINEAR]:
+        adapt = [{"match": "lm_head", "action": "freeze"},
+                 {"type": "linear", "match": "*", "action": "adapt", "lora": lora},
+                 {"type": "conv1d", "match": "*", "action": "adapt", "optional": True, "lora": lora}]
+    elif ALL_LINEAR in targets:
+        raise RuleFileError(f"--target-modules: {ALL_LINEAR} stands alone (it already names every linear layer)")
+    else:
+        adapt = [{"match": t, "action": "adapt", "lora": lora} for t in targets]
+        adapt.append({"match": "lm_head", "action": "freeze", "optional": True})
+    quantized = [{"type": kind, "match": "*", "action": "quantize", "optional": True} for kind in ("linear", "conv1d")]
+    flags = f"--target-modules {','.join(targets)} --lora-r {r} --lora-alpha {lora['alpha']:g}"
+    flags += f" --lora-dropout {dropout:g} --quantize {quantize}"
+    data = {"version": 1, "description": f"from the command line: {flags}", "quantize": quantize,
+            "default": "freeze", "rules": adapt + (quantized if quantize != "none" else [])}
+    return parse_rules(data, source="--target-modules/--lora-r/--lora-alpha/--lora-dropout/--quantize")

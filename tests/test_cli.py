@@ -188,3 +188,41 @@ def test_a_bad_adapter_file_is_one_line_and_exit_2(tmp_path):
         result = run(*args)
         assert result.exit_code == 2 and "never unpickles" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "m").exists()
+
+
+def test_lora_shorthand_flags_train_and_record_the_rule_file_they_stand_for(tmp_path):
+    import torch
+    import yaml
+
+    import surgery
+
+    common = ["--model", "tiny-llama", "--data", "upper", "--max-steps", "3", "--lr", "1e-2"]
+    result = run("train", "--target-modules", "q_proj,v_proj", "--lora-r", "4", "--lora-alpha", "8", "--quantize",
+                 "nf4", *common, "--out", str(tmp_path / "a"))
+    assert result.exit_code == 0, result.output
+    recorded = tmp_path / "a" / "rules.yaml"
+    assert "rules.yaml" in result.stdout
+    first = surgery.read_adapter(tmp_path / "a" / "adapter.safetensors")
+    plan = first.rules
+    assert plan.quantize.scheme == "nf4" and {r.lora.r for r in plan.rules if r.lora} == {4}
+    assert yaml.safe_load(recorded.read_text()) == plan.to_dict()
+    # the recorded file trains the same fine-tune again, bit for bit
+    result = run("train", str(recorded), *common, "--out", str(tmp_path / "b"))
+    assert result.exit_code == 0, result.output
+    again = surgery.read_adapter(tmp_path / "b" / "adapter.safetensors")
+    assert again.tensors.keys() == first.tensors.keys()
+    assert all(torch.equal(again.tensors[k], first.tensors[k]) for k in first.tensors)
+    adapted = [k for k in first.tensors if "lora_A" in k]
+    assert len(adapted) == 4 and all("q_proj" in k or "v_proj" in k for k in adapted)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lora-r", "4", "--data", "upper"], "--lora-r belongs with --target-modules"),
+    (["qv_lora", "--target-modules", "q_proj", "--data", "upper"], "--target-modules replaces RULES"),
+    (["--target-modules", "q_proj,all-linear", "--data", "upper"], "all-linear stands alone"),
+    (["--target-modules", "q_proj", "--quantize", "int3", "--data", "upper"], "int3"),
+])
+def test_lora_shorthand_mistakes_are_one_clear_error(tmp_path, args, message):
+    result = run("train", *args, "--out", str(tmp_path / "o"))
+    assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+    assert not (tmp_path / "o").exists()

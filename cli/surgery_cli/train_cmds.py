@@ -58,6 +58,16 @@ def train(
                                                      "it go in further passes (bounds activation memory)."),
     fsdp: bool = typer.Option(False, "--fsdp", help="Under torchrun / accelerate launch: shard the shared base "
                               "over the processes with FSDP2 (each holds about 1/N of it); nf4 or unquantized bases."),
+    target_modules: Optional[str] = typer.Option(None, "--target-modules", help="Instead of RULES, a one-off LoRA: "
+                                                 "module names to adapt (q_proj,v_proj) or all-linear; the rule "
+                                                 "file they stand for is written to OUT/rules.yaml."),
+    lora_r: Optional[int] = typer.Option(None, "--lora-r", help="With --target-modules: LoRA rank (default 8)."),
+    lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha", help="With --target-modules: LoRA alpha "
+                                               "(default: the rank)."),
+    lora_dropout: Optional[float] = typer.Option(None, "--lora-dropout", help="With --target-modules: LoRA "
+                                                 "dropout (default 0)."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="With --target-modules: none, int8, nf4 or fp4 "
+                                           "for every other linear layer and the adapted ones' base (default none)."),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Recompute each decoder "
                                                 "layer's activations in backward instead of keeping them: less "
                                                 "memory, about a third more compute."),
@@ -69,6 +79,9 @@ def train(
     """Train one fine-tune, or several on one shared base in one process; torchrun gives DDP.
 
     Example: surgery train lora_plus_head --model tiny-opt --data capitals --out runs/caps --max-steps 100 --lr 1e-2
+
+    Example (a one-off LoRA without a rule file): surgery train --target-modules q_proj,v_proj --lora-r 16
+    --lora-alpha 32 --quantize nf4 --model tiny-llama --data upper --out runs/up --max-steps 50
 
     Example (two fine-tunes sharing each base pass): surgery train --model tiny-llama --out runs --batched
     --job caps=lora_plus_head,capitals --job up=qv_lora,upper --max-steps 50
@@ -87,7 +100,8 @@ def train(
     from surgery.report import training_summary
     from surgery.sharding import check_sharding, rank_device, shard_base
 
-    specs = [(None, rules, data)] if rules or data else []
+    shorthand = _shorthand_rules(rules, job, target_modules, lora_r, lora_alpha, lora_dropout, quantize)
+    specs = [(None, shorthand or rules, data)] if rules or data or shorthand else []
     specs += [_parse_job(j) for j in job]
     if not specs or any(r is None or d is None for _, r, d in specs):
         raise typer.BadParameter("give RULES with --data, or one or more --job NAME=RULES,DATA")
@@ -113,7 +127,7 @@ def train(
     jobs = []
     for job_name, job_rules, job_data in specs:
         folder = out if job_name is None else out / job_name
-        jobs.append(make_job(base, job_name or Path(str(job_rules)).stem, job_rules, job_data, tokenizer, config,
+        jobs.append(make_job(base, job_name or ("lora" if shorthand else Path(str(job_rules)).stem), job_rules, job_data, tokenizer, config,
                              out=folder, eval_data=eval_file, eval_split=eval_split,
                              mode="corpus" if group_texts else "entries", block_size=block_size,
                              pad_token_id=pad_token_id, model_name=name))
@@ -138,9 +152,41 @@ def train(
     if not where.main:
         return
     console.print(training_summary(runs, ADAPTER_FILE))
+    if shorthand is not None:
+        console.print(f"rules: {_record_rules(shorthand, out)} (what the flags stood for; train the same way with "
+                      f"`surgery train {out / 'rules.yaml'} ...`)", highlight=False, markup=False)
     png = plot_losses(runs, out / "loss.png")
     console.print(f"loss curve: {png}" if png else "loss curve: not drawn (pip install 'surgery[plot]' for matplotlib)",
                   highlight=False, markup=False)
+
+
+def _shorthand_rules(rules, job, target_modules, r, alpha, dropout, quantize):
+    """The RuleSet that --target-modules and its companions stand for, or None when they are not given."""
+    given = {"--lora-r": r, "--lora-alpha": alpha, "--lora-dropout": dropout, "--quantize": quantize}
+    if target_modules is None:
+        stray = [flag for flag, value in given.items() if value is not None]
+        if stray:
+            raise typer.BadParameter(f"{stray[0]} belongs with --target-modules (a one-off LoRA); with a rule file, "
+                                     "write it there")
+        return None
+    if rules is not None or job:
+        raise typer.BadParameter("--target-modules replaces RULES and --job: give one of them")
+    from surgery.rule_file import shorthand_rules
+
+    return shorthand_rules(target_modules.split(","), r=8 if r is None else r, alpha=alpha,
+                           dropout=dropout or 0.0, quantize=quantize or "none")
+
+
+def _record_rules(rules, out: Path) -> Path:
+    """OUT/rules.yaml: the rule file a shorthand run used, next to its adapter."""
+    import yaml
+
+    from surgery.errors import TrainError
+    from surgery.files import atomic_write
+
+    text = f"# {rules.description}\n" + yaml.safe_dump(rules.to_dict(), sort_keys=False)
+    atomic_write(out / "rules.yaml", text.encode(), error=TrainError)
+    return out / "rules.yaml"
 
 
 def run_with_progress(jobs, resume_from: dict, *, show: bool, batched: bool = False,
