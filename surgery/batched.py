@@ -179,6 +179,14 @@ def _check_entry(base: nn.Module, index: int, ft: nn.Module | None) -> set[str]:
     return {d.path for d in info.plan.by_action("plain")}
 
 
+def _stop_ids(tokenizer, base: nn.Module) -> list[int]:
+    """Tokens that end an answer: the tokenizer's EOS and the model's generation config's (an instruct
+    model's end-of-turn token is often only there)."""
+    configured = getattr(getattr(base, "generation_config", None), "eos_token_id", None)
+    configured = configured if isinstance(configured, list) else [configured]
+    return list(dict.fromkeys(i for i in [tokenizer.eos_token_id, *configured] if isinstance(i, int)))
+
+
 def generate(base: nn.Module, entries: Sequence[nn.Module | None], prompts: Sequence[str], tokenizer, *,
              max_new_tokens: int = 40, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
              seed: int = 0) -> list[list[str]]:
@@ -207,7 +215,7 @@ def generate(base: nn.Module, entries: Sequence[nn.Module | None], prompts: Sequ
     modes = [(m, m.training) for ft in entries if ft is not None for m in ft.modules()]
     route(view, [len(prompts)] * rows)
     options = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": pad,
-               "eos_token_id": tokenizer.eos_token_id}
+               "eos_token_id": _stop_ids(tokenizer, base)}
     if temperature > 0:  # greedy over scores where only the row's own sample is left
         seeds = [seed + i for i in range(len(prompts))] * rows
         options["logits_processor"] = [RowSampler(seeds, temperature, top_p, top_k, device)]

@@ -1,7 +1,9 @@
 """Training data: read text files into examples, tokenize them into fixed-size blocks with labels.
 
-Formats: CSV with a ``text`` column (quoted fields may span lines); JSONL with ``text``, or with
-``prompt`` and ``completion`` (loss only on the completion); plain ``.txt`` (one example per
+Formats: CSV with a ``text`` column (quoted fields may span lines); JSONL with ``text``, with
+``prompt`` and ``completion`` (loss only on the completion), or with ``messages`` (a conversation
+that the tokenizer's chat template renders; loss only on the last assistant turn; ``chat_examples``
+also wraps prompt/completion rows in the template); plain ``.txt`` (one example per
 non-empty line, or in corpus mode one running text with its newlines). Two modes:
 ``corpus`` concatenates every example with EOS and cuts the stream into ``block_size`` chunks;
 ``entries`` keeps one example per row (EOS appended), truncated to ``block_size`` and padded on the
@@ -16,13 +18,13 @@ import hashlib
 import io
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-from .errors import DataError, TruncationWarning
+from .errors import DataError, TruncationWarning, first_line
 from .files import GiB, read_user_text
 
 IGNORE = -100  # label of positions that carry no loss (prompt, padding), as in transformers
@@ -32,10 +34,13 @@ Mode = Literal["entries", "corpus"]
 
 @dataclass(frozen=True)
 class Example:
-    """One row: the text the loss is on, and an optional prompt before it that carries no loss."""
+    """One row: the text the loss is on and an optional prompt before it that carries no loss, or a
+    conversation (``messages``: (role, content) pairs) for the tokenizer's chat template to render."""
 
     completion: str
     prompt: str = ""
+    messages: tuple[tuple[str, str], ...] = ()
+    where: str = field(default="", compare=False)  # file:line, for errors about this row
 
 
 @dataclass
@@ -160,14 +165,85 @@ def _jsonl(path: Path, text: str) -> list[Example]:
             raise DataError(f"{path}:{line}: JSON nested too deeply; each line is one flat object") from None
         if not isinstance(row, dict):
             raise DataError(f"{path}:{line}: each line must be a JSON object, not {type(row).__name__}")
+        where = f"{path}:{line}"
         if isinstance(row.get("text"), str):
-            out.append(Example(row["text"]))
+            out.append(Example(row["text"], where=where))
         elif isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
-            out.append(Example(row["completion"], row["prompt"]))
+            out.append(Example(row["completion"], row["prompt"], where=where))
+        elif "messages" in row:
+            out.append(Example("", messages=_messages(row["messages"], where), where=where))
         else:
-            raise DataError(f"{path}:{line}: needs a string `text`, or string `prompt` and `completion` "
+            raise DataError(f"{where}: needs a string `text`, string `prompt` and `completion`, or `messages` "
                             f"(found keys: {', '.join(map(str, row))[:200] or 'none'})")
     return out
+
+
+def _messages(raw, where: str) -> tuple[tuple[str, str], ...]:
+    """A JSONL row's ``messages``: a non-empty list of {"role": str, "content": str} objects."""
+    if not isinstance(raw, list) or not raw:
+        raise DataError(f"{where}: `messages` must be a non-empty list of {{\"role\": ..., \"content\": ...}} objects")
+    out = []
+    for i, message in enumerate(raw):
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str)):
+            raise DataError(f"{where}: messages[{i}] needs a string `role` and a string `content`")
+        out.append((message["role"], message["content"]))
+    return tuple(out)
+
+
+def chat_examples(examples: list[Example], tokenizer, source: str) -> list[Example]:
+    """Examples rendered by the tokenizer's chat template: the prompt is the conversation up to the last
+    assistant turn (with the template's generation prompt), the completion that turn as the template
+    writes it (its end-of-turn marker included). Prompt/completion rows are one user and one assistant turn."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{source}: the tokenizer has no chat template; drop --chat-template (and `messages` rows), "
+                        "or pass --tokenizer with one that has a template")
+    out = []
+    for ex in examples:
+        where = ex.where or source
+        if ex.messages:
+            messages = ex.messages
+        elif ex.prompt:
+            messages = (("user", ex.prompt), ("assistant", ex.completion))
+        else:
+            raise DataError(f"{where}: a `text` row has no roles for a chat template; write `prompt` + `completion` "
+                            "or `messages` rows, or drop --chat-template")
+        if messages[-1][0] != "assistant":
+            raise DataError(f"{where}: the conversation ends with a {messages[-1][0]!r} turn; training needs it "
+                            "to end with the assistant's answer (the loss is on that turn)")
+        prompt = render_chat(tokenizer, messages[:-1], where, generation_prompt=True)
+        whole = render_chat(tokenizer, messages, where, generation_prompt=False)
+        if not whole.startswith(prompt):
+            raise DataError(f"{where}: the chat template writes the conversation differently once the last answer "
+                            "is added, so the answer's tokens cannot be told apart; use prompt/completion rows "
+                            "without --chat-template")
+        out.append(Example(whole[len(prompt):], prompt, where=ex.where))
+    return out
+
+
+def chat_prompt(example: Example, tokenizer, source: str) -> str:
+    """A prompt for generation in the tokenizer's chat template: the conversation up to its last user turn
+    (a trailing assistant answer is left out), or the row's prompt (or text) as one user turn."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{source}: the tokenizer has no chat template; drop --chat-template (and `messages` rows), "
+                        "or pass --tokenizer with one that has a template")
+    messages = example.messages or (("user", example.prompt or example.completion),)
+    if messages[-1][0] == "assistant" and len(messages) > 1:
+        messages = messages[:-1]
+    return render_chat(tokenizer, messages, example.where or source, generation_prompt=True)
+
+
+def render_chat(tokenizer, messages: tuple[tuple[str, str], ...], where: str, *, generation_prompt: bool) -> str:
+    """The tokenizer's chat template applied to ``messages`` as text (its errors as DataErrors)."""
+    try:
+        text = tokenizer.apply_chat_template([{"role": role, "content": content} for role, content in messages],
+                                             tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as exc:  # jinja's TemplateError, the template's own raise_exception, ...
+        raise DataError(f"{where}: the tokenizer's chat template refused this conversation "
+                        f"({type(exc).__name__}: {first_line(exc)})") from None
+    if not isinstance(text, str):
+        raise DataError(f"{where}: the tokenizer's chat template returned {type(text).__name__}, not text")
+    return text
 
 
 def model_max_length(model) -> int | None:
@@ -190,7 +266,11 @@ def tokenize(examples: list[Example], tokenizer, *, block_size: int, mode: str =
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError("the tokenizer has no EOS token; examples cannot be separated")
+    if any(ex.messages for ex in examples):
+        raise DataError(f"{source}: `messages` rows need the tokenizer's chat template (data.chat_examples) first")
     pieces = [(_ids(tokenizer, ex.prompt), _ids(tokenizer, ex.completion)) for ex in examples]
+    pieces = [(prompt, completion[:-1] if completion[-1:] == [eos] else completion)  # EOS is appended once
+              for prompt, completion in pieces]
     if mode == "corpus":
         ids, labels = [], []
         for prompt, completion in pieces:

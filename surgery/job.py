@@ -156,9 +156,12 @@ def build_scheduler(config: TrainConfig, optimizer, total: int):
 def make_job(base: nn.Module, name: str, rules, data: str | Path, tokenizer, config: TrainConfig, *,
              out: Path | None = None, eval_data: str | Path | None = None, eval_split: float | None = None,
              mode: Mode = "entries", block_size: int = 128, pad_token_id: int | None = None,
-             model_name: str = "") -> Job:
-    """Read and check everything a job needs, then make its fine-tune (seeded): errors come first."""
-    from .data import data_path, file_digest, model_max_length, read_examples, tokenize
+             model_name: str = "", chat_template: bool = False) -> Job:
+    """Read and check everything a job needs, then make its fine-tune (seeded): errors come first.
+
+    ``chat_template``: render prompt/completion rows with the tokenizer's chat template (``messages``
+    rows always are)."""
+    from .data import data_path, file_digest, model_max_length, tokenize
     from .rewrite import rewrite
     from .rule_file import load_rules
 
@@ -176,13 +179,14 @@ def make_job(base: nn.Module, name: str, rules, data: str | Path, tokenizer, con
         raise DataError(f"--block-size {block_size} is above {model_name or type(base).__name__}'s maximum "
                         f"sequence length ({limit}); use at most {limit}")
     path = data_path(data)
-    blocks = tokenize(read_examples(path, mode), tokenizer, block_size=block_size, mode=mode,
-                      pad_token_id=pad_token_id, source=str(path))
+    examples, templated = _examples(path, mode, tokenizer, chat_template)
+    blocks = tokenize(examples, tokenizer, block_size=block_size, mode=mode, pad_token_id=pad_token_id,
+                      source=str(path))
     held_out = None
     if eval_data is not None:
         eval_path = data_path(eval_data)
-        held_out = tokenize(read_examples(eval_path, mode), tokenizer, block_size=block_size, mode=mode,
-                            pad_token_id=pad_token_id, source=str(eval_path))
+        held_out = tokenize(_examples(eval_path, mode, tokenizer, chat_template)[0], tokenizer,
+                            block_size=block_size, mode=mode, pad_token_id=pad_token_id, source=str(eval_path))
     elif eval_split:
         if not 0 < eval_split < 1:
             raise DataError(f"--eval-split must be between 0 and 1, got {eval_split}")
@@ -191,13 +195,25 @@ def make_job(base: nn.Module, name: str, rules, data: str | Path, tokenizer, con
                 "eval": file_digest(data_path(eval_data)) if eval_data is not None else eval_split,
                 "mode": mode, "block_size": block_size,
                 "global_batch": config.batch_size * int(os.environ.get("WORLD_SIZE", "1")),
-                "grad_accum": config.grad_accum, "seed": config.seed}
+                "grad_accum": config.grad_accum, "seed": config.seed,
+                **({"chat_template": tokenizer.chat_template} if templated else {})}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         finetune = rewrite(base, rules)
     if config.gradient_checkpointing:
         checkpoint_activations(finetune)
     return Job(name, finetune, blocks, config, Path(out) if out is not None else None, held_out, identity)
+
+
+def _examples(path: Path, mode: Mode, tokenizer, chat_template: bool) -> tuple[list, bool]:
+    """A data file's examples, and whether the tokenizer's chat template rendered them (when asked, or
+    when rows hold messages)."""
+    from .data import chat_examples, read_examples
+
+    examples = read_examples(path, mode)
+    if chat_template or any(ex.messages for ex in examples):
+        return chat_examples(examples, tokenizer, str(path)), True
+    return examples, False
 
 
 def checkpoint_activations(finetune: nn.Module) -> None:

@@ -226,3 +226,38 @@ def test_lora_shorthand_mistakes_are_one_clear_error(tmp_path, args, message):
     result = run("train", *args, "--out", str(tmp_path / "o"))
     assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_chat_template_training_and_generation_through_the_cli(tmp_path):
+    """train --chat-template on a tiny model whose tokenizer has a template; generate --chat-template answers
+    as transformers' own generate does on the prompt the template writes."""
+    import torch
+
+    import surgery
+    from test_train import CHAT_TEMPLATE
+
+    folder = tmp_path / "tiny-chat"
+    surgery.tiny_model("tiny-llama").save_pretrained(folder)
+    tokenizer = surgery.tiny_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    result = run("train", "qv_lora_head", "--model", str(folder), "--data", "upper", "--chat-template",
+                 "--out", str(tmp_path / "run"), "--max-steps", "40", "--lr", "1e-2", "--block-size", "48")
+    assert result.exit_code == 0, result.output
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < 0.5 * losses[0]
+    adapter = tmp_path / "run" / "adapter.safetensors"
+    prompts = tmp_path / "ask.jsonl"
+    prompts.write_text(json.dumps({"messages": [{"role": "user", "content": "owl ->"}]}) + "\n")
+    result = run("generate", "--prompts", str(prompts), "--adapter", str(adapter), "-n", "12")
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    assert answer["prompt"] == "owl ->"
+    ft = surgery.load_adapter(surgery.load_model(str(folder)).model, adapter).eval()
+    ids = tokenizer("<user>owl -></user>\n<assistant>", add_special_tokens=False, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = ft.generate(input_ids=ids, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                          eos_token_id=tokenizer.eos_token_id)
+    assert answer["answer"] == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    result = run("generate", "owl ->", "--chat-template", "--adapter", str(adapter), "-n", "12")
+    assert result.exit_code == 0 and answer["answer"].strip()[:3] in result.stdout, result.output

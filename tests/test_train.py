@@ -304,3 +304,65 @@ def test_gradient_checkpointing_recomputes_layers_and_trains_the_same():
 def test_gradient_checkpointing_with_batched_training_is_refused_before_loading():
     with pytest.raises(TrainError, match="--gradient-checkpointing does not run with --batched"):
         train([job(surgery.tiny_model("tiny-llama"), gradient_checkpointing=True)], batched=True)
+
+
+# ------------------------------------------------------------------------------------ chat templates
+
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def chat_tokenizer():
+    tokenizer = surgery.tiny_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def test_chat_template_puts_the_loss_on_the_assistants_answer_only(tmp_path):
+    from surgery.data import chat_examples
+
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"prompt": "cat", "completion": "CAT"}) + "\n" + json.dumps({"messages": [
+        {"role": "system", "content": "shout"}, {"role": "user", "content": "dog"},
+        {"role": "assistant", "content": "DOG"}, {"role": "user", "content": "owl"},
+        {"role": "assistant", "content": "OWL"}]}) + "\n")
+    tok = chat_tokenizer()
+    examples = chat_examples(read_examples(path), tok, str(path))
+    assert [(e.prompt, e.completion) for e in examples] == [
+        ("<user>cat</user>\n<assistant>", "CAT</assistant>\n"),
+        ("<system>shout</system>\n<user>dog</user>\n<assistant>DOG</assistant>\n<user>owl</user>\n<assistant>",
+         "OWL</assistant>\n")]
+    blocks = tokenize(examples, tok, block_size=128)
+    prompt = tok(examples[1].prompt, add_special_tokens=False)["input_ids"]
+    answer = tok(examples[1].completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    n = len(prompt) + len(answer)
+    assert blocks.input_ids[1, :n].tolist() == prompt + answer
+    assert blocks.labels[1, :n].tolist() == [IGNORE] * len(prompt) + answer  # earlier turns carry no loss
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"text": "plain"}, "a `text` row has no roles"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "ends with a 'user' turn"),
+    ({"messages": [{"role": "user"}]}, "messages[0] needs a string `role` and a string `content`"),
+    ({"messages": "hi"}, "`messages` must be a non-empty list"),
+    ({"messages": [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}]},
+     "chat template refused this conversation (TemplateError: no tools here)"),
+])
+def test_chat_data_mistakes_name_the_line(tmp_path, row, message):
+    from surgery.data import chat_examples
+
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n" + json.dumps(row) + "\n")
+    tok = chat_tokenizer()
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tools here') }}"
+                         "{% endif %}{% endfor %}" + CHAT_TEMPLATE)
+    with pytest.raises(DataError, match=f"{path}:2: .*" + message.replace("(", r"\(").replace(")", r"\)")
+                       .replace("[", r"\[").replace("]", r"\]")):
+        chat_examples(read_examples(path), tok, str(path))
+
+
+def test_chat_template_needs_a_tokenizer_with_one():
+    from surgery.data import chat_examples
+
+    with pytest.raises(DataError, match="the tokenizer has no chat template"):
+        chat_examples(read_examples("upper"), TOK, "upper")

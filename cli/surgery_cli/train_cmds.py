@@ -30,6 +30,9 @@ def train(
                                   "(repeatable; all train in this process on one shared base)."),
     eval_file: Optional[str] = typer.Option(None, "--eval", help="Evaluation data file."),
     eval_split: Optional[float] = typer.Option(None, "--eval-split", help="Hold out this fraction for evaluation."),
+    chat_template: bool = typer.Option(False, "--chat-template", help="Render prompt/completion rows with the "
+                                       "tokenizer's chat template (`messages` rows always are); loss on the "
+                                       "assistant's answer only."),
     group_texts: bool = typer.Option(False, "--group-texts", help="Corpus mode: examples (a .txt file whole) "
                                      "joined with EOS and cut into blocks (default: one example per row, padded)."),
     block_size: int = typer.Option(128, "--block-size", help="Tokens per row."),
@@ -130,7 +133,7 @@ def train(
         jobs.append(make_job(base, job_name or ("lora" if shorthand else Path(str(job_rules)).stem), job_rules, job_data, tokenizer, config,
                              out=folder, eval_data=eval_file, eval_split=eval_split,
                              mode="corpus" if group_texts else "entries", block_size=block_size,
-                             pad_token_id=pad_token_id, model_name=name))
+                             pad_token_id=pad_token_id, model_name=name, chat_template=chat_template))
     resume_from = {}
     if resume is not None:
         if (resume / STATE_FILE).exists():
@@ -187,6 +190,12 @@ def _record_rules(rules, out: Path) -> Path:
     text = f"# {rules.description}\n" + yaml.safe_dump(rules.to_dict(), sort_keys=False)
     atomic_write(out / "rules.yaml", text.encode(), error=TrainError)
     return out / "rules.yaml"
+
+
+def _asked(example) -> str:
+    """What a prompt row asks, as printed: its prompt, its text, or its conversation's last user turn."""
+    users = [content for role, content in example.messages if role == "user"]
+    return example.prompt or example.completion or (users or [example.messages[-1][1]])[-1]
 
 
 def run_with_progress(jobs, resume_from: dict, *, show: bool, batched: bool = False,
@@ -252,12 +261,17 @@ def generate(
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling (with --temperature > 0)."),
     top_k: int = typer.Option(0, "--top-k", help="Top-k sampling (0: off)."),
     seed: int = typer.Option(0, "--seed", help="Seed for sampling: prompt i draws from seed + i, for every fine-tune."),
+    chat_template: bool = typer.Option(False, "--chat-template", help="Ask each prompt as a user turn in the "
+                                       "tokenizer's chat template (`messages` rows of --prompts always are)."),
     random_init: bool = RANDOM_INIT_OPT,
     tokenizer_name: Optional[str] = TOKENIZER_OPT,
 ):
     """Answer one or many prompts with one or several fine-tunes (and the base), in one batched generate.
 
     Example: surgery generate "The capital of Peru is" --adapter runs/caps/adapter.safetensors --base -n 8
+
+    Example (an instruct model's chat template): surgery generate "What is the capital of Peru?" --chat-template
+    --model ./my-instruct --adapter runs/chat/adapter.safetensors
     """
     quiet_libraries()
     import json
@@ -267,30 +281,35 @@ def generate(
     from surgery.adapter_file import load_adapter, read_adapter
     from surgery.architectures import TINY_DEFAULT
     from surgery.batched import generate as generate_batched
-    from surgery.data import read_examples
+    from surgery.data import Example, chat_prompt, read_examples
     from surgery.loading import load_model, load_tokenizer
     from surgery.rewrite import prepare_base
 
     if (prompt is None) == (prompts_file is None):
         raise typer.BadParameter("give one PROMPT or --prompts FILE")
-    prompts = [prompt] if prompt is not None else [e.prompt or e.completion for e in read_examples(prompts_file)]
+    examples = [Example("", prompt)] if prompt is not None else read_examples(prompts_file)
+    shown = [_asked(e) for e in examples]
     files = [read_adapter(path) for path in adapter]
     name = model or (files[0].base_model if files else "") or TINY_DEFAULT
+    tokenizer = load_tokenizer(tokenizer_name or name)
+    chat = chat_template or any(e.messages for e in examples)
+    source = str(prompts_file or "PROMPT")
+    prompts = [chat_prompt(e, tokenizer, source) for e in examples] if chat else shown
     base = load_model(name, random_init=random_init).model
     prepare_base(base, *[f.rules for f in files])  # quantize once for every adapter's rules, then load them
     entries = [load_adapter(base, f) for f in files] + ([None] if with_base or not files else [])
     labels = [str(path) for path in adapter] + (["base"] if with_base or not files else [])
-    answers = generate_batched(base, entries, prompts, load_tokenizer(tokenizer_name or name),
+    answers = generate_batched(base, entries, prompts, tokenizer,
                                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                seed=seed)
     if prompts_file is not None:
         for label, texts in zip(labels, answers):
-            for p, text in zip(prompts, texts):
+            for p, text in zip(shown, texts):
                 print(json.dumps({"model": label, "prompt": p, "answer": text}))
         return
     table = Table(title=f"{name}: {len(entries)} model{'s' if len(entries) != 1 else ''}, one batched pass")
     table.add_column("model")
     table.add_column("answer")
     for label, texts in zip(labels, answers):
-        table.add_row(label, prompt + texts[0])
+        table.add_row(label, texts[0] if chat else prompt + texts[0])
     console.print(table)
