@@ -23,9 +23,11 @@ from .adapter_file import ADAPTER_FILE, load_adapter, save_adapter
 from .distributed import World
 from .errors import SurgeryError, TrainError, first_line
 from .files import MiB, atomic_folder, atomic_write, check_user_file, remove_folder
+from .finetune import own_state
 from .job import Job, Run, build_optimizer
 
 STATE_FILE = "training_state.safetensors"
+BEST = "early_stopping.best."  # key prefix of early stopping's best weights in the state file
 
 METRICS_FILE = "metrics.jsonl"
 LOCK_FILE = ".surgery.lock"
@@ -171,6 +173,11 @@ def save_checkpoint(run: Run, rngs: torch.Tensor | None = None) -> Path:
         "config": asdict(job.config), "optimizer": meta, "scheduler": run.scheduler.state_dict(),
         "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
     }
+    if run.early is not None:  # early stopping's record and best weights, so a resumed run stops alike
+        early = run.early
+        state["early_stopping"] = {"best_loss": early.best_loss if math.isfinite(early.best_loss) else None,
+                                   "best_step": early.best_step, "evals_since_best": early.evals_since_best}
+        tensors.update({f"{BEST}{name}": t.detach().to("cpu").contiguous() for name, t in early.best_weights.items()})
     with atomic_folder(path, overwrite=True, error=TrainError) as tmp:
         save_adapter(job.finetune, tmp / ADAPTER_FILE)
         atomic_write(tmp / STATE_FILE, save(tensors, metadata={"state": json.dumps(state)}), error=TrainError)
@@ -318,8 +325,31 @@ def resume(run: Run, path: Path, where: World) -> None:
     except (KeyError, ValueError, TypeError, IndexError, AttributeError, RuntimeError) as exc:
         raise TrainError(f"{path / STATE_FILE}: cannot be resumed ({type(exc).__name__}: {first_line(exc)}); the "
                          "file is damaged or from another optimizer — resume from another checkpoint") from None
+    if run.early is not None and "early_stopping" in state:
+        _resume_early_stopping(run, path / STATE_FILE, state["early_stopping"], tensors)
     run.rng = rngs[where.rank % len(rngs)].clone()
     run.step, run.micro = state["step"], state["micro"]
+
+
+def _resume_early_stopping(run: Run, where: Path, saved, tensors: dict[str, torch.Tensor]) -> None:
+    """Early stopping's best loss, step, count and weights from a checkpoint, each checked."""
+    ok = isinstance(saved, dict) and (saved.get("best_loss") is None or _is_number(saved.get("best_loss")))
+    counts = [saved.get(k) if isinstance(saved, dict) else None for k in ("best_step", "evals_since_best")]
+    if not ok or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+        raise TrainError(f"{where}: early_stopping is not {{best_loss, best_step, evals_since_best}}; the file is "
+                         "damaged — resume from another checkpoint")
+    own = own_state(run.job.finetune)
+    best = {name[len(BEST):]: t for name, t in tensors.items() if name.startswith(BEST)}
+    if best and (best.keys() != own.keys() or any(best[k].shape != own[k].shape for k in own)):
+        raise TrainError(f"{where}: the best weights kept for early stopping do not match this fine-tune's "
+                         "tensors; the file is damaged or from another run")
+    run.early.best_loss = math.inf if saved["best_loss"] is None else float(saved["best_loss"])
+    run.early.best_step, run.early.evals_since_best = counts
+    run.early.best_weights = {name: t.to(own[name].device, own[name].dtype) for name, t in best.items()}
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def latest_checkpoint(folder: Path) -> Path | None:

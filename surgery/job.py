@@ -48,13 +48,15 @@ class TrainConfig:
     save_steps: int | None = None
     save_total_limit: int | None = None
     gradient_checkpointing: bool = False  # recompute decoder layers' activations in backward (less memory)
+    early_stopping_patience: int | None = None  # stop after this many evaluations without a better eval loss
+    early_stopping_threshold: float = 0.0  # an eval loss must beat the best by more than this to count
 
     def check(self) -> "TrainConfig":
         """Raise TrainError naming the first option out of range (NaN and inf included); return self."""
         for name in ("batch_size", "grad_accum", "epochs"):
             if getattr(self, name) < 1:
                 raise TrainError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_steps", "eval_steps", "save_steps", "save_total_limit"):
+        for name in ("max_steps", "eval_steps", "save_steps", "save_total_limit", "early_stopping_patience"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise TrainError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -65,6 +67,9 @@ class TrainConfig:
         if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
             raise TrainError(f"--max-grad-norm must be a finite number > 0 (0 turns clipping off), got "
                              f"{self.max_grad_norm}")
+        if not (math.isfinite(self.early_stopping_threshold) and self.early_stopping_threshold >= 0):
+            raise TrainError(f"--early-stopping-threshold must be a finite number >= 0, got "
+                             f"{self.early_stopping_threshold}")
         if self.warmup < 0:
             raise TrainError(f"--warmup must be >= 0, got {self.warmup}")
         if not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
@@ -94,6 +99,18 @@ class Job:
 
 
 @dataclass
+class EarlyStopping:
+    """Early stopping on eval loss: the best loss so far, its step and the trainable weights it had, and
+    the evaluations since; ``stopped`` once ``early_stopping_patience`` of them brought no improvement."""
+
+    best_loss: float = math.inf
+    best_step: int = 0
+    evals_since_best: int = 0
+    best_weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    stopped: bool = False
+
+
+@dataclass
 class Run:
     """A job's progress while it trains: step, data position, optimizer, scheduler, random state, log."""
 
@@ -107,10 +124,11 @@ class Run:
     micro: int = 0  # micro-batches consumed (data position)
     history: list[dict] = field(default_factory=list)
     order: tuple[int, torch.Tensor] | None = None  # (epoch, its row permutation)
+    early: EarlyStopping | None = None  # with --early-stopping-patience
 
     @property
     def done(self) -> bool:
-        return self.step >= self.total_steps
+        return self.step >= self.total_steps or (self.early is not None and self.early.stopped)
 
     def __repr__(self) -> str:
         return f"Run({self.job.name!r}, step {self.step}/{self.total_steps})"
@@ -178,6 +196,9 @@ def make_job(base: nn.Module, name: str, rules, data: str | Path, tokenizer, con
     if limit is not None and block_size > limit:
         raise DataError(f"--block-size {block_size} is above {model_name or type(base).__name__}'s maximum "
                         f"sequence length ({limit}); use at most {limit}")
+    if config.early_stopping_patience and not (config.eval_steps and (eval_data is not None or eval_split)):
+        raise TrainError("--early-stopping-patience stops on the eval loss: add --eval-steps N and --eval FILE "
+                         "or --eval-split FRACTION")
     path = data_path(data)
     examples, templated = _examples(path, mode, tokenizer, chat_template)
     blocks = tokenize(examples, tokenizer, block_size=block_size, mode=mode, pad_token_id=pad_token_id,

@@ -26,8 +26,8 @@ from .batched_train import check_batching, group_jobs, run_batched
 from .data import Blocks
 from .distributed import World, broadcast_trainables, gathered_rng, rank_seed, world
 from .errors import TrainError
-from .finetune import require_finetune
-from .job import Job, Run, build_optimizer, build_scheduler
+from .finetune import own_state, require_finetune
+from .job import EarlyStopping, Job, Run, build_optimizer, build_scheduler
 from .random_state import new_rng
 from .sharding import refuse_sharded
 from .step import train_step
@@ -55,7 +55,8 @@ def prepare(job: Job, where: World, resume: Path | None = None) -> Run:
     device = params[0].device
     scaler = torch.amp.GradScaler(device.type, enabled=job.config.precision == "fp16" and device.type == "cuda")
     rng = new_rng(rank_seed(job.config.seed, where.rank), device)
-    run = Run(job, total_steps, optimizer, build_scheduler(job.config, optimizer, total_steps), scaler, rng)
+    run = Run(job, total_steps, optimizer, build_scheduler(job.config, optimizer, total_steps), scaler, rng,
+              early=EarlyStopping() if job.config.early_stopping_patience else None)
     if where.size > 1:
         broadcast_trainables(params)
     if resume is not None:
@@ -138,6 +139,8 @@ def _finish(runs: list[Run], where: World) -> None:
         dist.barrier()
     for run in runs:
         job, final = run.job, None
+        if run.early is not None and run.early.best_weights:
+            _restore_best(run)
         if job.eval_data is not None:
             final = {"job": job.name, "step": run.step, **evaluate(job.finetune, job.eval_data, job.config.batch_size)}
             run.history.append(final)
@@ -147,11 +150,37 @@ def _finish(runs: list[Run], where: World) -> None:
                 append_metrics(job.out, final)
 
 
+def _watch_eval_loss(run: Run, record: dict) -> None:
+    """Early stopping: keep the trainable weights of the best eval loss; stop after ``patience`` evaluations
+    without beating it by more than the threshold (the record says so)."""
+    config, early = run.job.config, run.early
+    if record["eval_loss"] < early.best_loss - config.early_stopping_threshold:
+        early.best_loss, early.best_step, early.evals_since_best = record["eval_loss"], run.step, 0
+        early.best_weights = {name: t.detach().clone() for name, t in own_state(run.job.finetune).items()}
+        return
+    early.evals_since_best += 1
+    if early.evals_since_best >= config.early_stopping_patience:
+        early.stopped = True
+        record["early_stopping"] = {"stopped_at": run.step, "best_step": early.best_step,
+                                    "best_eval_loss": early.best_loss}
+        logger.warning("job %s: no better eval loss in %d evaluations; stopped at step %d, keeping step %d's weights",
+                       run.job.name, early.evals_since_best, run.step, early.best_step)
+
+
+def _restore_best(run: Run) -> None:
+    """Put the best eval loss's trainable weights back (what the final adapter file then holds)."""
+    with torch.no_grad():
+        for name, tensor in own_state(run.job.finetune).items():
+            tensor.copy_(run.early.best_weights[name])
+
+
 def _record_step(run: Run, record: dict, where: World, on_step: StepCallback | None) -> None:
     """After one step of one run: its eval, metrics line and checkpoint when they are due."""
     job, config = run.job, run.job.config
     if config.eval_steps and job.eval_data is not None and run.step % config.eval_steps == 0:
         record.update(evaluate(job.finetune, job.eval_data, config.batch_size))
+        if run.early is not None:
+            _watch_eval_loss(run, record)
     checkpoint_due = config.save_steps and run.step % config.save_steps == 0 and not run.done
     rngs = gathered_rng(run.rng, where) if checkpoint_due and job.out is not None else None
     if where.main and job.out is not None:

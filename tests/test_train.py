@@ -366,3 +366,44 @@ def test_chat_template_needs_a_tokenizer_with_one():
 
     with pytest.raises(DataError, match="the tokenizer has no chat template"):
         chat_examples(read_examples("upper"), TOK, "upper")
+
+
+# ------------------------------------------------------------------------------------ early stopping
+
+def early_job(base, out=None, **config):
+    # a threshold no eval loss can beat: the first evaluation is the best, the next two stop the run
+    settings = {"max_steps": 20, "eval_steps": 2, "early_stopping_patience": 2, "early_stopping_threshold": 100.0,
+                "schedule": "constant"}  # the learning rate of a step does not depend on max_steps
+    return make_job(base, "early", "qv_lora_head", "upper", TOK, TrainConfig(**{"batch_size": 4, "lr": 1e-2,
+                    **settings, **config}), out=out, eval_split=0.2, block_size=24, model_name="tiny-llama")
+
+
+def test_early_stopping_stops_and_keeps_the_best_weights(tmp_path):
+    run, = train([early_job(surgery.tiny_model("tiny-llama"), out=tmp_path / "e")])
+    assert run.step == 6 and run.early.stopped  # evaluations at 2 (best), 4, 6: two without a better loss
+    reference, = train([early_job(surgery.tiny_model("tiny-llama"), max_steps=2, early_stopping_patience=None)])
+    assert_bit_identical(own(run.job.finetune), own(reference.job.finetune))  # the weights of step 2
+    lines = [json.loads(line) for line in (tmp_path / "e" / "metrics.jsonl").read_text().splitlines()]
+    stop = [line for line in lines if "early_stopping" in line]
+    assert stop and stop[0]["early_stopping"] == {"stopped_at": 6, "best_step": 2,
+                                                  "best_eval_loss": lines[1]["eval_loss"]}
+    assert lines[-1]["eval_loss"] == lines[1]["eval_loss"]  # the final eval is of the restored weights
+    saved = surgery.read_adapter(tmp_path / "e" / "adapter.safetensors").tensors
+    assert_bit_identical({k: saved[k] for k in saved}, {k: v for k, v in own(reference.job.finetune).items()})
+
+
+def test_early_stopping_resumes_with_its_best_weights_and_count(tmp_path):
+    straight, = train([early_job(surgery.tiny_model("tiny-llama"))])
+    first, = train([early_job(surgery.tiny_model("tiny-llama"), out=tmp_path / "r", save_steps=4)])
+    assert first.step == 6 and (tmp_path / "r" / "checkpoint-4").is_dir()  # evaluations since the best: 1
+    resumed_job = early_job(surgery.tiny_model("tiny-llama"), out=tmp_path / "r", save_steps=4)
+    resumed, = train([resumed_job], resume={"early": tmp_path / "r" / "checkpoint-4"})
+    assert resumed.step == 6 and resumed.early.best_step == 2
+    assert_bit_identical(own(resumed.job.finetune), own(straight.job.finetune))
+
+
+def test_early_stopping_needs_an_evaluation():
+    with pytest.raises(TrainError, match="add --eval-steps N and --eval FILE or --eval-split"):
+        job(surgery.tiny_model("tiny-llama"), early_stopping_patience=2)
+    with pytest.raises(TrainError, match="--early-stopping-patience must be at least 1"):
+        early_job(surgery.tiny_model("tiny-llama"), early_stopping_patience=0)

@@ -52,6 +52,11 @@ def train(
     eval_steps: Optional[int] = typer.Option(None, "--eval-steps", help="Evaluate every N steps."),
     save_steps: Optional[int] = typer.Option(None, "--save-steps", help="Checkpoint every N steps."),
     save_total_limit: Optional[int] = typer.Option(None, "--save-total-limit", help="Keep only the newest N."),
+    early_stopping_patience: Optional[int] = typer.Option(None, "--early-stopping-patience", help="Stop a job after "
+                                                          "N evaluations (--eval-steps) without a better eval loss; "
+                                                          "its adapter keeps the best weights."),
+    early_stopping_threshold: float = typer.Option(0.0, "--early-stopping-threshold", help="How much an eval loss "
+                                                   "must beat the best to count as better."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="A checkpoint folder, or the --out folder of a "
                                           "run (each job resumes from its newest checkpoint)."),
     batched: bool = typer.Option(False, "--batched", help="Several --job: run every job's micro-batch through "
@@ -112,7 +117,7 @@ def train(
     name, why = model_for(first_rules, model)
     config = TrainConfig(batch_size, grad_accum, lr, epochs, max_steps, warmup, schedule, weight_decay,
                          max_grad_norm or None, seed, precision, optimizer, eval_steps, save_steps, save_total_limit,
-                         gradient_checkpointing)
+                         gradient_checkpointing, early_stopping_patience, early_stopping_threshold)
     config.check()
     check_batching(batched, max_batched_tokens, gradient_checkpointing)
     check_sharding(fsdp, batched)
