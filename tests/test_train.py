@@ -296,6 +296,7 @@ def test_gradient_checkpointing_recomputes_layers_and_trains_the_same():
         calls.append(count[0])
         for model in (base, sibling):
             assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+            assert not model.get_input_embeddings()._forward_hooks  # transformers' input-grad hook: ours only
     assert calls == [3, 6]  # 3 steps of one micro-batch; with checkpointing each forward runs twice
     for name in results[0]:
         torch.testing.assert_close(results[1][name], results[0][name], rtol=1e-5, atol=1e-7)
