@@ -19,10 +19,11 @@ def _parse_job(spec: str) -> tuple[str, str, str]:
 
 
 def train(
-    rules: Optional[str] = typer.Argument(None, help="Rule file or bundled name (or use --job for several)."),
+    rules: Optional[str] = typer.Argument(None, help="Rule file or bundled name (or --job for several, or "
+                                          "--target-modules for a one-off LoRA)."),
     model: Optional[str] = MODEL_OPT,
     data: Optional[str] = typer.Option(None, "--data", "-d", help="Training data: .csv (a text column; quoted "
-                                       "fields may span lines), .jsonl (text, or prompt+completion), .txt (one "
+                                       "fields may span lines), .jsonl (text, prompt+completion or messages), .txt (one "
                                        "example per line; with --group-texts one running text), or a bundled set "
                                        "(capitals, upper, reverse)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (one subfolder per --job)."),
