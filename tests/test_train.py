@@ -408,3 +408,24 @@ def test_early_stopping_needs_an_evaluation():
         job(surgery.tiny_model("tiny-llama"), early_stopping_patience=2)
     with pytest.raises(TrainError, match="--early-stopping-patience must be at least 1"):
         early_job(surgery.tiny_model("tiny-llama"), early_stopping_patience=0)
+
+
+@pytest.mark.parametrize("damage", ["count", "weights"])
+def test_a_damaged_early_stopping_state_is_refused_on_resume(tmp_path, damage):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    train([early_job(surgery.tiny_model("tiny-llama"), out=tmp_path / "r", save_steps=4)])
+    state_file = tmp_path / "r" / "checkpoint-4" / "training_state.safetensors"
+    tensors = load_file(state_file)
+    with safe_open(str(state_file), "pt") as f:
+        state = json.loads(f.metadata()["state"])
+    if damage == "count":
+        state["early_stopping"]["evals_since_best"] = -1
+    else:
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("early_stopping.best.") or "q_proj" in k}
+    save_file(tensors, state_file, metadata={"state": json.dumps(state)})
+    resumed = early_job(surgery.tiny_model("tiny-llama"), out=tmp_path / "r", save_steps=4)
+    message = "early_stopping is not" if damage == "count" else "best weights kept for early stopping do not match"
+    with pytest.raises(TrainError, match=message):
+        train([resumed], resume={"early": tmp_path / "r" / "checkpoint-4"})
