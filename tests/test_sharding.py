@@ -118,9 +118,9 @@ RULES = {"quantize": "nf4", "default": "quantize", "rules": [
     {"match": "re:.*(q_proj|v_proj)", "action": "adapt"}]}
 
 
-def _job(base, name="job"):
+def _job(base, name="job", **config):
     return make_job(base, name, RULES, "upper", surgery.tiny_tokenizer(),
-                    TrainConfig(batch_size=4, lr=1e-2, max_steps=3, seed=0), mode="corpus", block_size=16)
+                    TrainConfig(batch_size=4, lr=1e-2, max_steps=3, seed=0, **config), mode="corpus", block_size=16)
 
 
 @pytest.fixture
@@ -129,6 +129,19 @@ def group_of_one():
     yield
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def test_gradient_checkpointing_on_a_sharded_base_trains_like_an_unsharded_base_without_it(group_of_one):
+    (alone,) = train([_job(surgery.tiny_model("tiny-llama"))])
+    base = surgery.tiny_model("tiny-llama")
+    surgery.prepare_base(base, RULES)
+    with pytest.warns(surgery.ShardingWarning):
+        surgery.shard_base(base)
+    (sharded,) = train([_job(base, gradient_checkpointing=True)])
+    for (name, a), (_, b) in zip(sorted(alone.job.finetune.named_parameters()),
+                                 sorted(sharded.job.finetune.named_parameters())):
+        if a.requires_grad:
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_a_base_sharded_over_one_process_warns_and_trains_like_an_unsharded_one(group_of_one):
