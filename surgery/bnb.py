@@ -167,17 +167,19 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
 
 # --------------------------------------------------------------------- loading the base elsewhere
 
-def bitsandbytes_config_text(quant: QuantConfig) -> str:
-    """transformers' ``BitsAndBytesConfig(...)`` (as Python source) that stores weights as ``quant`` does."""
+def bitsandbytes_config_text(quant: QuantConfig, skip_modules: list[str]) -> str:
+    """transformers' ``BitsAndBytesConfig(...)`` (as Python source) that stores weights as ``quant`` does,
+    leaving ``skip_modules`` unquantized (given even when empty: without it transformers skips lm_head)."""
     if quant.scheme == "int8":
-        return f"BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold={quant.threshold!r})"
-    args = ["load_in_4bit=True", f'bnb_4bit_quant_type="{quant.scheme}"',
-            f"bnb_4bit_use_double_quant={quant.double_quant}"]
-    if quant.compute_dtype:
-        args.append(f"bnb_4bit_compute_dtype=torch.{quant.compute_dtype}")
-    if quant.storage != "uint8":
-        args.append(f"bnb_4bit_quant_storage=torch.{quant.storage}")
-    return f"BitsAndBytesConfig({', '.join(args)})"
+        args = ["load_in_8bit=True", f"llm_int8_threshold={quant.threshold!r}"]
+    else:
+        args = ["load_in_4bit=True", f'bnb_4bit_quant_type="{quant.scheme}"',
+                f"bnb_4bit_use_double_quant={quant.double_quant}"]
+        if quant.compute_dtype:
+            args.append(f"bnb_4bit_compute_dtype=torch.{quant.compute_dtype}")
+        if quant.storage != "uint8":
+            args.append(f"bnb_4bit_quant_storage=torch.{quant.storage}")
+    return f"BitsAndBytesConfig({', '.join([*args, f'llm_int8_skip_modules={skip_modules!r}'])})"
 
 
 @dataclass(frozen=True)
@@ -229,9 +231,7 @@ def base_loading(base: nn.Module) -> BaseLoading:
         return BaseLoading(schemes, len(held), None, tuple(inexpressible))
     linears = [path for path, m in base.named_modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"]
     skip = _skip_modules([path for path in linears if path not in held], list(held))
-    # llm_int8_skip_modules is given even when empty: without it transformers leaves lm_head unquantized
-    config = bitsandbytes_config_text(configs[0])[:-1] + f", llm_int8_skip_modules={skip!r})"
-    return BaseLoading(schemes, len(held), config)
+    return BaseLoading(schemes, len(held), bitsandbytes_config_text(configs[0], skip))
 
 
 def _skip_modules(skipped: list[str], quantized: list[str]) -> list[str]:

@@ -191,13 +191,20 @@ def _messages(raw, where: str) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
+def load_examples(path: Path, mode: Mode, tokenizer, chat_template: bool) -> tuple[list[Example], bool]:
+    """A data file's examples for training, and whether the tokenizer's chat template rendered them
+    (when ``chat_template`` is asked for, or when rows hold messages)."""
+    examples = read_examples(path, mode)
+    if chat_template or any(ex.messages for ex in examples):
+        return chat_examples(examples, tokenizer, str(path)), True
+    return examples, False
+
+
 def chat_examples(examples: list[Example], tokenizer, source: str) -> list[Example]:
     """Examples rendered by the tokenizer's chat template: the prompt is the conversation up to the last
     assistant turn (with the template's generation prompt), the completion that turn as the template
     writes it (its end-of-turn marker included). Prompt/completion rows are one user and one assistant turn."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise DataError(f"{source}: the tokenizer has no chat template; drop --chat-template (and `messages` rows), "
-                        "or pass --tokenizer with one that has a template")
+    _require_template(tokenizer, source)
     out = []
     for ex in examples:
         where = ex.where or source
@@ -224,13 +231,17 @@ def chat_examples(examples: list[Example], tokenizer, source: str) -> list[Examp
 def chat_prompt(example: Example, tokenizer, source: str) -> str:
     """A prompt for generation in the tokenizer's chat template: the conversation up to its last user turn
     (a trailing assistant answer is left out), or the row's prompt (or text) as one user turn."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise DataError(f"{source}: the tokenizer has no chat template; drop --chat-template (and `messages` rows), "
-                        "or pass --tokenizer with one that has a template")
+    _require_template(tokenizer, source)
     messages = example.messages or (("user", example.prompt or example.completion),)
     if messages[-1][0] == "assistant" and len(messages) > 1:
         messages = messages[:-1]
     return render_chat(tokenizer, messages, example.where or source, generation_prompt=True)
+
+
+def _require_template(tokenizer, source: str) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{source}: the tokenizer has no chat template; drop --chat-template (and `messages` rows), "
+                        "or pass --tokenizer with one that has a template")
 
 
 def render_chat(tokenizer, messages: tuple[tuple[str, str], ...], where: str, *, generation_prompt: bool) -> str:

@@ -179,7 +179,7 @@ def make_job(base: nn.Module, name: str, rules, data: str | Path, tokenizer, con
 
     ``chat_template``: render prompt/completion rows with the tokenizer's chat template (``messages``
     rows always are)."""
-    from .data import data_path, file_digest, model_max_length, tokenize
+    from .data import data_path, file_digest, load_examples, model_max_length, tokenize
     from .rewrite import rewrite
     from .rule_file import load_rules
 
@@ -200,13 +200,13 @@ def make_job(base: nn.Module, name: str, rules, data: str | Path, tokenizer, con
         raise TrainError("--early-stopping-patience stops on the eval loss: add --eval-steps N and --eval FILE "
                          "or --eval-split FRACTION")
     path = data_path(data)
-    examples, templated = _examples(path, mode, tokenizer, chat_template)
+    examples, templated = load_examples(path, mode, tokenizer, chat_template)
     blocks = tokenize(examples, tokenizer, block_size=block_size, mode=mode, pad_token_id=pad_token_id,
                       source=str(path))
     held_out = None
     if eval_data is not None:
         eval_path = data_path(eval_data)
-        held_out = tokenize(_examples(eval_path, mode, tokenizer, chat_template)[0], tokenizer,
+        held_out = tokenize(load_examples(eval_path, mode, tokenizer, chat_template)[0], tokenizer,
                             block_size=block_size, mode=mode, pad_token_id=pad_token_id, source=str(eval_path))
     elif eval_split:
         if not 0 < eval_split < 1:
@@ -224,17 +224,6 @@ def make_job(base: nn.Module, name: str, rules, data: str | Path, tokenizer, con
     if config.gradient_checkpointing:
         checkpoint_activations(finetune)
     return Job(name, finetune, blocks, config, Path(out) if out is not None else None, held_out, identity)
-
-
-def _examples(path: Path, mode: Mode, tokenizer, chat_template: bool) -> tuple[list, bool]:
-    """A data file's examples, and whether the tokenizer's chat template rendered them (when asked, or
-    when rows hold messages)."""
-    from .data import chat_examples, read_examples
-
-    examples = read_examples(path, mode)
-    if chat_template or any(ex.messages for ex in examples):
-        return chat_examples(examples, tokenizer, str(path)), True
-    return examples, False
 
 
 def checkpoint_activations(finetune: nn.Module) -> None:

@@ -27,8 +27,7 @@ def adapter_card(finetune: nn.Module, values: dict[str, torch.Tensor], layout: L
     ``values``: the fine-tune's own tensors as saved; ``no_peft``: why an adapter folder has no PEFT files.
     """
     info = require_finetune(finetune, "described")
-    name = base_name(info.base)
-    base = name or type(info.base).__name__
+    name, base = _base_names(info)
     loading = base_loading(info.base)
     header = ["---", "library_name: surgery" if no_peft else "library_name: peft"]
     header += [f"base_model: {name}"] if name else []
@@ -52,15 +51,14 @@ def adapter_card(finetune: nn.Module, values: dict[str, torch.Tensor], layout: L
         *(["From the command line: `surgery generate \"...\" --adapter THIS_FOLDER`.", ""]
           if layout == "adapter_folder" else []),
         *_peft_lines(loading.from_pretrained(base), no_peft), "",
-        "## Rules", "", "```yaml", yaml.safe_dump(info.rules.to_dict(), sort_keys=False).rstrip(), "```", "",
+        *_rules_section(info),
         _files_line(layout, no_peft), ""])
 
 
 def merged_card(finetune: nn.Module, source: str, dtype: torch.dtype, error: dict[str, float]) -> str:
     """README.md of a merged model: a plain transformers model made from an adapter ``source`` and its base."""
     info = require_finetune(finetune, "described")
-    name = base_name(info.base)
-    base = name or type(info.base).__name__
+    name, base = _base_names(info)
     loading = base_loading(info.base)
     dtype_name = str(dtype).removeprefix("torch.")
     stored = (f"its base stored as {' and '.join(loading.schemes)} (bitsandbytes), dequantized to {dtype_name} "
@@ -82,7 +80,17 @@ def merged_card(finetune: nn.Module, source: str, dtype: torch.dtype, error: dic
         "export the adapter (`surgery export-peft`) instead.", "",
         "## The fine-tune's base", "",
         loading.note(base), "",
-        "## Rules", "", "```yaml", yaml.safe_dump(info.rules.to_dict(), sort_keys=False).rstrip(), "```", ""])
+        *_rules_section(info)])
+
+
+def _base_names(info) -> tuple[str, str]:
+    """The base's model name ('' when unknown) and the name to show (its class when unknown)."""
+    name = base_name(info.base)
+    return name, name or type(info.base).__name__
+
+
+def _rules_section(info) -> list[str]:
+    return ["## Rules", "", "```yaml", yaml.safe_dump(info.rules.to_dict(), sort_keys=False).rstrip(), "```", ""]
 
 
 def _summary(info, values: dict[str, torch.Tensor]) -> str:

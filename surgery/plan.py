@@ -50,9 +50,9 @@ class Decision:
 
         'original'; the quantization that produces a weight (an embedding's and a linear layer's are
         stored apart, also for one tied tensor: bitsandbytes' layers keep different state); or
-        ("cast", dtype) for a 4-bit layer's
-        bias, which bitsandbytes computes in its compute dtype (quantizing casts it once, exactly as
-        bitsandbytes' first forward would, so the plan's bytes hold before and after that forward).
+        ("cast", dtype) for a 4-bit layer's bias, which bitsandbytes computes in its compute dtype
+        (quantizing casts it once, exactly as bitsandbytes' first forward would, so the plan's bytes
+        hold before and after that forward).
         """
         q = self.quant
         if q is None:
