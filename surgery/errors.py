@@ -93,6 +93,10 @@ class ModelConfigError(SurgeryError):
     """A model config (or folder) that cannot build a causal language model, or a missing tokenizer."""
 
 
+class DeviceError(SurgeryError):
+    """A device that is not there (--device cuda without CUDA, cuda:N past the last GPU) or a bad --max-memory."""
+
+
 class ShardingError(SurgeryError):
     """A base that cannot be sharded with FSDP2 as asked, or an operation a sharded base cannot do."""
 

@@ -10,7 +10,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Sequence
 
 from .architectures import ARCHITECTURES, TINY_DEFAULT, TINY_MODELS, TINY_SEED
 from .errors import ModelConfigError, ModelNotFoundError, SurgeryError, first_line
@@ -19,6 +19,8 @@ from .files import MiB, check_user_file, read_user_file
 if TYPE_CHECKING:  # torch is imported where a model is built: resolving a name or a config needs none
     import torch
     from torch import nn
+
+    from .rules import RuleSet
 
 MAX_CONFIG_BYTES = 16 * MiB
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -153,22 +155,106 @@ def load_tokenizer(name: str):
                                f"{first_line(exc)}); pass --tokenizer with a folder that holds a working one") from None
 
 
-def load_model(name: str, *, weights: bool = True, random_init: bool = False) -> LoadedModel:
+def load_model(name: str, *, weights: bool = True, random_init: bool = False,
+               rules: "RuleSet | str | Sequence[RuleSet | str]" = (), device: "str | torch.device | None" = None,
+               device_map: "str | dict | None" = None, max_memory: dict | None = None,
+               attn_implementation: str | None = None) -> LoadedModel:
     """Resolve MODEL: (a) local directory, (b) hub id in the local HF cache, (c) bundled architecture, (d) tiny.
 
     ``weights=False`` builds on the meta device from the config alone (inspect, plan).
     ``random_init`` builds real random weights when none are available.
+    ``rules`` (one rule file or several, as ``prepare_base`` takes them): the base comes back quantized for
+    them, planned and checked before anything is read; a checkpoint is quantized while it loads, one tensor
+    at a time on its target device, never held whole in full precision.
+    ``device`` (auto, cpu, cuda, cuda:N; default cpu) or ``device_map`` (auto, balanced, or transformers'
+    module -> device dict) with ``max_memory`` place the base, as transformers' ``from_pretrained`` does.
     """
+    from .devices import resolve_device
+
+    rule_sets = _rule_sets(rules)
+    target = resolve_device(device or "cpu")
+    placement = Placement(target, device_map, max_memory, attn_implementation)
     source, folder = _locate(name)
     if source == "tiny":
-        return LoadedModel(tiny_model(name), name, "tiny", True)
-    if source in ("directory", "hub-cache"):
-        return _from_directory(folder, name, weights=weights, random_init=random_init, source=source)
-    if source == "file":
+        loaded = LoadedModel(tiny_model(name), name, "tiny", True)
+    elif source in ("directory", "hub-cache"):
+        loaded = _from_directory(folder, name, weights=weights, random_init=random_init, source=source,
+                                 rule_sets=rule_sets, placement=placement)
+    elif source == "file":
         raise ModelNotFoundError(f"{name}: is a file, not a model directory; pass the folder holding config.json")
-    if source == "bundled":
-        return _from_architecture(name, weights=weights, random_init=random_init)
-    raise ModelNotFoundError(_not_found_message(name))
+    elif source == "bundled":
+        loaded = _from_architecture(name, weights=weights, random_init=random_init)
+    else:
+        raise ModelNotFoundError(_not_found_message(name))
+    if weights and not _is_meta(loaded.model):
+        _place_and_quantize(loaded.model, rule_sets, placement)
+    return loaded
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a loaded base goes: one device, or transformers' device map (with max_memory) over several."""
+
+    device: torch.device
+    device_map: str | dict | None = None
+    max_memory: dict | None = None
+    attn_implementation: str | None = None
+
+    def loading_kwargs(self) -> dict:
+        """``from_pretrained`` keywords that place the weights as they load."""
+        out: dict = {}
+        if self.device_map is not None:
+            out["device_map"] = self.device_map
+            if self.max_memory is not None:
+                out["max_memory"] = self.max_memory
+        elif self.device.type != "cpu":
+            out["device_map"] = {"": self.device}
+        if self.attn_implementation is not None:
+            out["attn_implementation"] = self.attn_implementation
+        return out
+
+
+def _rule_sets(rules) -> list:
+    from .rule_file import load_rules
+
+    if isinstance(rules, (str, Path)) or hasattr(rules, "rules"):
+        rules = [rules]
+    return [load_rules(r) for r in rules]
+
+
+def _is_meta(model: nn.Module) -> bool:
+    return any(p.is_meta for p in model.parameters())
+
+
+def _place_and_quantize(model: nn.Module, rule_sets: list, placement: Placement) -> None:
+    """Move a base built in memory (tiny, random) to its device, then quantize it there for every rule set;
+    a base that loaded quantized gets only what loading left (tied weights, later rule files)."""
+    from .rewrite import prepare_base
+
+    if placement.device_map is None and next(model.parameters()).device != placement.device:
+        model.to(placement.device)
+    if rule_sets:
+        prepare_base(model, *_for_device(rule_sets, placement.device))
+
+
+def _for_device(rule_sets: list, device: torch.device) -> list:
+    """The rule sets with a 4-bit compute dtype the file leaves open set for ``device`` (bf16 on CUDA)."""
+    from .devices import default_compute_dtype
+
+    dtype = default_compute_dtype(device)
+    return [r.with_compute_dtype(dtype) for r in rule_sets] if dtype else rule_sets
+
+
+def graph_of(name: str, *, use_cache: bool = True):
+    """The graph of MODEL as ``plan``/``inspect`` need it (built on meta, no weights), from the trace cache if
+    there."""
+    from .trace import trace
+    from .trace_cache import cached_graph
+
+    graph = cached_graph(config_identity(name) if use_cache else None,
+                         lambda: trace(load_model(name, weights=False).model))
+    graph.name = name
+    return graph
 
 
 def _locate(name: str) -> tuple[str, Path | None]:
@@ -208,8 +294,9 @@ def config_identity(name: str) -> dict | None:
     return {"config.json": config} if isinstance(config, dict) else None
 
 
-def _from_directory(path: Path, name: str, *, weights: bool, random_init: bool, source: str) -> LoadedModel:
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _from_directory(path: Path, name: str, *, weights: bool, random_init: bool, source: str,
+                    rule_sets: list = (), placement: Placement | None = None) -> LoadedModel:
+    from transformers import AutoConfig
 
     if not (path / "config.json").exists():
         raise ModelNotFoundError(f"{path}: no config.json in this directory; is it a HuggingFace model folder?")
@@ -223,16 +310,57 @@ def _from_directory(path: Path, name: str, *, weights: bool, random_init: bool, 
     if not weights:
         return LoadedModel(build_from_config(config, device="meta"), name, source, has_weights)
     if has_weights:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
-        except Exception as exc:
-            raise ModelConfigError(f"{path}: weights could not be loaded: {first_line(exc)}") from None
+        model = _from_checkpoint(path, name, config, rule_sets, placement or Placement(_cpu()))
         return LoadedModel(model.eval(), name, source, True)
     if random_init:
         return LoadedModel(build_from_config(config, device="cpu", seed=TINY_SEED), name, source, False)
     raise ModelNotFoundError(
         f"{path}: has a config but no weights ({', '.join(WEIGHT_FILES[::2])}); "
         "pass --random-init to build it with random weights, or point to a folder with weights")
+
+
+def _cpu():
+    import torch
+
+    return torch.device("cpu")
+
+
+def _from_checkpoint(path: Path, name: str, config, rule_sets: list, placement: Placement) -> nn.Module:
+    """``from_pretrained`` onto the placement; with rule files, the first that quantizes is planned (every error
+    before a byte is read) and its quantized modules are quantized as their tensors load."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = placement.loading_kwargs()
+    plan = None
+    if rule_sets and getattr(config, "quantization_config", None) is None:  # a pre-quantized checkpoint loads as is
+        plan = _loading_plan(name, _for_device(rule_sets, placement.device))
+        if plan is not None:
+            from .quantizer import loading_config
+
+            kwargs["quantization_config"] = loading_config(plan)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
+    except SurgeryError:
+        raise
+    except Exception as exc:
+        raise ModelConfigError(f"{path}: weights could not be loaded: {first_line(exc)}") from None
+    if plan is not None:  # the meta trace is this model's graph: calls and shapes do not depend on weights
+        from .rewrite import base_record, settle_base
+        from .trace import refresh
+
+        settle_base(model)
+        base_record(model).graph = refresh(plan.graph, model)
+    return model
+
+
+def _loading_plan(name: str, rule_sets: list):
+    """The plan of the first rule set that quantizes anything, on the meta graph (as ``prepare_base`` would
+    plan it first); None when none quantizes. Raises PlanError for any rule set's violations."""
+    from .plan import plan as make_plan
+
+    graph = graph_of(name)
+    plans = [make_plan(graph, rules) for rules in rule_sets]
+    return next((p for p in plans if p.quantized), None)
 
 
 def _from_architecture(name: str, *, weights: bool, random_init: bool) -> LoadedModel:

@@ -33,29 +33,51 @@ def quantize_base(model: nn.Module, plan: Plan, progress=None) -> list[str]:
 
 def quantized_layer(module: nn.Module, decision: Decision, shared: dict | None = None) -> nn.Module:
     """The bitsandbytes form of ``module`` (weights quantized on the module's own device)."""
+    quant = decision.quant
+    shared = {} if shared is None else shared
+    layer = empty_layer(module, decision)
+    bias = getattr(module, "bias", None) if decision.kind != "embedding" else None
+    if bias is not None:
+        layer.bias = _bias(bias, getattr(layer, "compute_dtype", None))
+    key = (id(module.weight), decision.kind == "embedding", quant.scheme, quant.double_quant, quant.blocksize)
+    with torch.no_grad():
+        if key not in shared:
+            shared[key] = quantized_weight(float_weight(module.weight.detach(), decision), quant, layer)
+    layer.weight = shared[key]
+    return finished_layer(layer, quant).train(module.training)
+
+
+def empty_layer(module: nn.Module, decision: Decision) -> nn.Module:
+    """The bitsandbytes layer that will hold ``module`` quantized, on the meta device, weights not yet set.
+
+    A 4-bit layer's bias is planned in its compute dtype (what bitsandbytes' first forward casts it
+    to); an int8 layer's stays in the weight's dtype. A loader that fills the layer casts to these.
+    """
     import bitsandbytes as bnb
 
     quant = decision.quant
-    shared = {} if shared is None else shared
-    weight = module.weight.detach()
-    if decision.kind == "conv1d":
-        weight = weight.t()  # Conv1D stores (in, out); bitsandbytes wants (out, in)
-    key = (id(module.weight), decision.kind == "embedding", quant.scheme, quant.double_quant, quant.blocksize)
-    with torch.no_grad():
-        if decision.kind == "embedding":
-            layer = _embedding(module, quant, bnb)
-        else:
-            in_f, out_f = weight.shape[1], weight.shape[0]
-            bias = getattr(module, "bias", None)
-            layer = _linear(in_f, out_f, bias is not None, quant, weight.dtype, bnb)
-            if bias is not None:
-                layer.bias = _bias(bias, getattr(layer, "compute_dtype", None))
-        if key not in shared:
-            shared[key] = _quantized_weight(weight, quant, layer, bnb)
-        layer.weight = shared[key]
-        if quant.scheme != "int8":
-            layer.quant_state = layer.weight.quant_state
-    return layer.requires_grad_(False).train(module.training)
+    if decision.kind == "embedding":
+        return _embedding(module, quant, bnb)
+    weight = module.weight
+    out_f, in_f = (weight.shape[1], weight.shape[0]) if decision.kind == "conv1d" else weight.shape
+    bias = getattr(module, "bias", None)
+    layer = _linear(in_f, out_f, bias is not None, quant, weight.dtype, bnb)
+    if bias is not None:
+        dtype = getattr(layer, "compute_dtype", None) or bias.dtype
+        layer.bias = nn.Parameter(torch.empty(out_f, dtype=dtype, device="meta"), requires_grad=False)
+    return layer
+
+
+def float_weight(weight: torch.Tensor, decision: Decision) -> torch.Tensor:
+    """The weight as bitsandbytes quantizes it: (out, in), so a Conv1D's (in, out) is transposed."""
+    return weight.t() if decision.kind == "conv1d" else weight
+
+
+def finished_layer(layer: nn.Module, quant: QuantConfig) -> nn.Module:
+    """A layer whose quantized weight is set: frozen, and a 4-bit layer's quantization state on the layer too."""
+    if quant.scheme != "int8":
+        layer.quant_state = layer.weight.quant_state
+    return layer.requires_grad_(False)
 
 
 def _bias(bias: torch.Tensor, compute: torch.dtype | None) -> nn.Parameter:
@@ -86,8 +108,11 @@ def _embedding(module: nn.Embedding, quant: QuantConfig, bnb) -> nn.Module:
     return layer
 
 
-def _quantized_weight(weight: torch.Tensor, quant: QuantConfig, layer: nn.Module, bnb) -> nn.Parameter:
-    """Quantize one weight as bitsandbytes' own ``.to(device)`` would, without a device round trip."""
+def quantized_weight(weight: torch.Tensor, quant: QuantConfig, layer: nn.Module) -> nn.Parameter:
+    """Quantize one (out, in) weight on its own device as bitsandbytes' own ``.to(device)`` would, without a
+    device round trip; ``layer`` is the 4-bit layer that will hold it."""
+    import bitsandbytes as bnb
+
     if quant.scheme == "int8":
         cb, scb, _ = bnb.functional.int8_vectorwise_quant(weight.contiguous().to(torch.float16))
         return bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False, CB=cb, SCB=scb)

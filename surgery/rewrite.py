@@ -113,8 +113,7 @@ def rewrite(model: nn.Module, rules: RuleSet | str, *, progress: Callable | None
     _warn_if_quantizing_under_finetunes(model, the_plan)
     with _restored_on_failure(model, "rewrite"):
         quantize_base(model, the_plan, progress)
-        _freeze(model)
-        settle_shared_layers(model)
+        settle_base(model)
         finetune = _structural_copy(model, the_plan)
         install_guards(finetune, FinetuneInfo(rules, the_plan, model), COPYING)
         if finish is not None:
@@ -145,8 +144,7 @@ def prepare_base(model: nn.Module, *rule_sets: RuleSet | str) -> None:
             done.append(rules.source)
             with _restored_on_failure(model, "quantizing the base"):
                 quantize_base(model, the_plan)
-                _freeze(model)
-                settle_shared_layers(model)
+                settle_base(model)
 
 
 
@@ -195,9 +193,11 @@ class _Snapshot:
         base_record(self.model).graph = None
 
 
-def _freeze(model: nn.Module) -> None:
+def settle_base(model: nn.Module) -> None:
+    """A base that holds quantized layers: every parameter frozen, bitsandbytes' CPU repack off for good."""
     for p in model.parameters():
         p.requires_grad_(False)
+    settle_shared_layers(model)
 
 
 class ShardedBase(nn.Module):

@@ -11,7 +11,7 @@ import functools
 import re
 import json
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Literal
@@ -164,6 +164,17 @@ class RuleSet:
 
     def quant_for(self, rule: Rule | None) -> QuantConfig:
         return rule.quantize if rule is not None and rule.quantize is not None else self.quantize
+
+    def with_compute_dtype(self, dtype: DtypeName) -> "RuleSet":
+        """The same rules with ``dtype`` as the compute dtype of every 4-bit setting that leaves it out (a file
+        that writes ``compute_dtype:``, null included, keeps its own)."""
+        def fill(q: QuantConfig | None) -> QuantConfig | None:
+            if q is None or q.scheme not in ("nf4", "fp4") or q.compute_dtype or "compute_dtype" in q.given:
+                return q
+            return replace(q, compute_dtype=dtype)
+
+        return replace(self, quantize=fill(self.quantize),
+                       rules=tuple(replace(r, quantize=fill(r.quantize)) for r in self.rules))
 
     def to_dict(self) -> dict:
         out: dict[str, Any] = {"version": self.version, "quantize": self.quantize.to_dict(), "default": self.default,

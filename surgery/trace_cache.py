@@ -15,7 +15,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .errors import SurgeryError
 from .files import MiB, atomic_write, read_user_file, version
@@ -34,20 +34,16 @@ def cache_folder() -> Path:
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "surgery"
 
 
-def graph_of(name: str, *, use_cache: bool = True) -> ModelGraph:
-    """The graph of MODEL as ``plan``/``inspect`` need it (built on meta, no weights), from the cache if there."""
-    from .loading import config_identity, load_model
-    from .trace import trace
-
-    identity = config_identity(name) if use_cache else None
+def cached_graph(identity: dict | None, build: Callable[[], ModelGraph]) -> ModelGraph:
+    """The graph cached for ``identity`` (a model's config as plain data, ``loading.config_identity``), else
+    ``build()``'s, written to the cache; ``identity`` None skips the cache (``--no-cache``, unreadable config)."""
     key = _key(identity) if identity is not None else None
     path = cache_folder() / "traces" / f"{_digest(key)}.json" if key is not None else None
     graph = _read(path, key) if path is not None else None
     if graph is None:
-        graph = trace(load_model(name, weights=False).model)
+        graph = build()
         if path is not None:
             _write(path, key, graph)
-    graph.name = name
     return graph
 
 

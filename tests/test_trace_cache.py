@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 
 from surgery.plan import plan
 from surgery.rule_file import load_rules
-from surgery.trace_cache import cache_folder, graph_of, graph_to_data
+from surgery.loading import graph_of
+from surgery.trace_cache import cache_folder, graph_to_data
 from surgery_cli.app import app
 
 runner = CliRunner()

@@ -25,7 +25,7 @@ def inspect(
     quiet_libraries()
     from surgery.plan import memory_by_scheme
     from surgery.report import graph_renderable, graph_summary
-    from surgery.trace_cache import graph_of
+    from surgery.loading import graph_of
 
     graph = graph_of(model, use_cache=not no_cache)
     if as_json:
@@ -53,7 +53,7 @@ def plan(
     from surgery.plan import plan as make_plan
     from surgery.report import per_device, per_device_table
     from surgery.rule_file import load_rules
-    from surgery.trace_cache import graph_of
+    from surgery.loading import graph_of
 
     ruleset = load_rules(rules)
     name, why = model_for(ruleset, model)

@@ -1,0 +1,106 @@
+"""Where a model computes: ``--device auto|cpu|cuda|cuda:N``, each rank's GPU under torchrun, ``--max-memory``.
+
+One resolution for the CLI and the library: ``auto`` is CUDA when there is a GPU, else the CPU;
+under torchrun / accelerate every rank computes on ``cuda:$LOCAL_RANK``. A 4-bit base computes in
+bf16 on CUDA unless its rule file says otherwise (QLoRA's setting; fp16 where the GPU has no bf16).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import TYPE_CHECKING
+
+from .errors import DeviceError
+
+if TYPE_CHECKING:
+    import torch
+
+DEVICE_HELP = "auto (CUDA when there is a GPU, else the CPU), cpu, cuda or cuda:N"
+_SPEC = re.compile(r"(auto|cpu|cuda)(?::(\d+))?")
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)?", re.IGNORECASE)
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def local_rank() -> int | None:
+    """This process's LOCAL_RANK under torchrun / accelerate, None when launched alone."""
+    value = os.environ.get("LOCAL_RANK")
+    return int(value) if value is not None and value.isdigit() and int(os.environ.get("WORLD_SIZE", "1")) > 1 \
+        else None
+
+
+def resolve_device(spec: "str | torch.device | None" = "auto") -> "torch.device":
+    """The device ``spec`` names, checked: one DeviceError (what is wrong, what to pass) when it is not there."""
+    import torch
+
+    if isinstance(spec, torch.device):
+        spec = str(spec)
+    text = (spec or "auto").strip().lower()
+    found = _SPEC.fullmatch(text)
+    if found is None or (found.group(2) is not None and found.group(1) != "cuda"):
+        raise DeviceError(f"--device {spec!r}: write {DEVICE_HELP}")
+    kind, index = found.group(1), found.group(2)
+    rank = local_rank()
+    if kind == "cpu" or (kind == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise DeviceError(f"--device {spec}: this machine has no CUDA GPU that torch can use (torch "
+                          f"{torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); pass --device cpu, or "
+                          "install a CUDA build of torch on a machine with a GPU")
+    count = torch.cuda.device_count()
+    if index is not None and rank is not None and int(index) != rank:
+        raise DeviceError(f"--device {spec}: under torchrun each process computes on its own GPU (this one is "
+                          f"LOCAL_RANK {rank}, cuda:{rank}); pass --device cuda")
+    number = int(index) if index is not None else (rank or 0)
+    if number >= count:
+        raise DeviceError(f"--device cuda:{number}: this machine has {count} GPU{'s' if count != 1 else ''} "
+                          f"(cuda:0{f' to cuda:{count - 1}' if count > 1 else ''}); pass one of them")
+    return torch.device("cuda", number)
+
+
+def use_device(device: "torch.device") -> None:
+    """Make ``device`` the current CUDA device (collectives and ``current_device()`` follow it) and allow TF32
+    matmuls there, as PyTorch training scripts do; nothing on the CPU."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def default_compute_dtype(device: "torch.device") -> str | None:
+    """The compute dtype of a 4-bit base whose rule file names none: bf16 on CUDA (fp16 without bf16), else
+    None (the input's dtype, as bitsandbytes does)."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+
+
+def parse_size(text: str, what: str) -> int:
+    """Bytes of a size written as transformers writes them (``20GiB``, ``500MB``, ``1e9`` is not accepted)."""
+    found = _SIZE.fullmatch(text.strip())
+    if found is None:
+        raise DeviceError(f"{what} {text!r}: write a size such as 20GiB, 500MiB or 24GB")
+    return int(float(found.group(1)) * _UNITS[(found.group(2) or "B").upper()])
+
+
+def parse_max_memory(text: str) -> dict[int | str, int]:
+    """``0=20GiB,1=20GiB,cpu=64GiB`` -> ``{0: ..., 1: ..., "cpu": ...}`` in bytes, as accelerate takes it."""
+    out: dict[int | str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        device, sep, size = part.partition("=")
+        device = device.strip().lower().removeprefix("cuda:")
+        if not sep or not (device.isdigit() or device in ("cpu", "disk")):
+            raise DeviceError(f"--max-memory {part!r}: write DEVICE=SIZE pairs, e.g. 0=20GiB,1=20GiB,cpu=64GiB "
+                              "(DEVICE a GPU index, cpu or disk)")
+        key: int | str = int(device) if device.isdigit() else device
+        if key in out:
+            raise DeviceError(f"--max-memory: {device} is given twice")
+        out[key] = parse_size(size, f"--max-memory {device}=")
+    if not out:
+        raise DeviceError("--max-memory is empty: write DEVICE=SIZE pairs, e.g. 0=20GiB,1=20GiB")
+    return out
