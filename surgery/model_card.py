@@ -112,7 +112,14 @@ def _peft_lines(from_pretrained: str, no_peft: str) -> list[str]:
                                                                    else "")
     return ["With PEFT (the same outputs on the base loaded this way):", "",
             "```python", *(["import torch"] if "torch." in load else []), "from peft import PeftModel", imports, "",
-            f"base = {load}", "model = PeftModel.from_pretrained(base, \"THIS_FOLDER\")", "```"]
+            f"base = {load}", *([CPU_KERNEL_LINE] if "load_in_4bit" in load else []),
+            "model = PeftModel.from_pretrained(base, \"THIS_FOLDER\")", "```"]
+
+
+# bitsandbytes repacks 4-bit weights in place for its AVX512-BF16 CPU kernel on the first eval-mode forward (other
+# rounding, and a weight no longer in the standard layout); surgery keeps it off, so the card says how to match.
+CPU_KERNEL_LINE = ("for m in base.modules(): m.support_avx512bf16_for_cpu = False  "
+                   "# on a CPU: the 4-bit kernel surgery trains with")
 
 
 def _files_line(layout: Layout, no_peft: str) -> str:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import surgery
+from surgery.model_card import CPU_KERNEL_LINE
 from surgery import AdapterStateError
 
 from surgery.architectures import TINY_MODELS
@@ -81,6 +82,9 @@ def test_the_exports_card_says_how_to_load_the_base_for_the_same_outputs_in_tran
     assert ("quantization_config" in call) == (rules is not MIXED)
     loaded = eval(call, {"AutoModelForCausalLM": AutoModelForCausalLM, "BitsAndBytesConfig": BitsAndBytesConfig,
                          "torch": torch})
+    if "load_in_4bit" in call:  # the card's next line: bitsandbytes' CPU repack (AVX512-BF16) off, as surgery has it
+        assert CPU_KERNEL_LINE in card
+        exec(CPU_KERNEL_LINE, {"base": loaded})
     assert torch.equal(logits(peft_model(loaded, tmp_path / "peft")), logits(ft))
     if rules is not MIXED:  # the same adapter on the base loaded unquantized: other outputs, as the card says
         plain = AutoModelForCausalLM.from_pretrained(tmp_path / "base")

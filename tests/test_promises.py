@@ -204,7 +204,9 @@ def test_a_non_finite_loss_stops_the_job_and_keeps_the_last_good_files(tmp_path)
             with torch.no_grad():
                 next(iter(own_state(run.job.finetune).values())).fill_(float("nan"))
 
-    with pytest.raises(TrainError, match="job job: step 4: loss nan is not finite"):
+    # Which check fires first (the loss, or the gradient norm when the CPU's kernels keep the loss finite) is not
+    # the promise; that step 4 is never taken and the last good files stay is.
+    with pytest.raises(TrainError, match="job job: step 4: (loss|gradient norm) nan is not finite"):
         train([job], on_step=poison)
     assert latest_checkpoint(out).name == "checkpoint-2"
     assert not (out / "adapter.safetensors").exists()
