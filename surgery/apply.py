@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .devices import input_device
 from .memory import extra_bytes, parameter_bytes
 from .plan import Plan, plan as make_plan
 from .rewrite import base_graph, rewrite
@@ -53,7 +54,7 @@ def apply(base: nn.Module, rules: RuleSet | str, finetunes: int = 1, *, progress
         made.append(rewrite(base, rules))
         report("creating fine-tunes", i + 1, finetunes)
     vocab = getattr(getattr(base, "config", None), "vocab_size", 256)
-    device = next(base.parameters()).device
+    device = input_device(base)
     ids = torch.randint(0, min(vocab, 256), (2, 16), generator=torch.Generator().manual_seed(0)).to(device)
     with torch.no_grad():
         reference = base(ids).logits

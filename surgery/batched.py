@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .devices import input_device
 from .errors import DataError, RewriteError
 from .finetune import finetune_info, guarded_apply, own_state
 from .lora import LoraLayer
@@ -210,7 +211,7 @@ def generate(base: nn.Module, entries: Sequence[nn.Module | None], prompts: Sequ
         raise DataError("every prompt is empty after tokenization; give some text")
     ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
     mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
-    device = next(base.parameters()).device
+    device = input_device(base)
     rows = len(entries)
     modes = [(m, m.training) for ft in entries if ft is not None for m in ft.modules()]
     route(view, [len(prompts)] * rows)

@@ -34,7 +34,7 @@ from .distributed import World, rank_weight
 from .errors import TrainError
 from .finetune import finetune_info
 from .job import Job, Run
-from .step import autocast, micro_batch, optimizer_step, trainable_device
+from .step import autocast, micro_batch, model_inputs, optimizer_step, tokens, trainable_device
 
 AfterStep = Callable[[Run, dict], None]
 
@@ -146,8 +146,8 @@ def micro_step(group: Group, where: World, max_batched_tokens: int | None) -> li
         totals = group.pending.setdefault(i, [0.0, 0, 0.0])
         totals[2] += seconds
         if run.micro % run.job.config.grad_accum == 0:
-            loss_sum, tokens, spent = group.pending.pop(i)
-            stepped.append((run, optimizer_step(run, where, loss_sum, int(tokens), spent)))
+            loss_sum, count, spent = group.pending.pop(i)
+            stepped.append((run, optimizer_step(run, where, loss_sum, int(count), spent)))
     return stepped
 
 
@@ -196,8 +196,8 @@ def _forward_backward(group: Group, members: list[int], batches: dict[int, dict]
             run.scaler.scale(loss / run.job.config.grad_accum).backward()
         del logits
         totals = group.pending.setdefault(i, [0.0, 0, 0.0])
-        totals[0] += loss.item()
-        totals[1] += int(batches[i]["attention_mask"].sum())
+        totals[0] = totals[0] + loss.detach()  # read once per step, in optimizer_step
+        totals[1] += tokens(batches[i])
     if hidden.requires_grad and detached.grad is not None:
         hidden.backward(detached.grad)
     for i in members:
@@ -206,6 +206,7 @@ def _forward_backward(group: Group, members: list[int], batches: dict[int, dict]
 
 def _pad_right(batch: dict[str, torch.Tensor], width: int) -> dict[str, torch.Tensor]:
     """A micro-batch padded on the right to ``width`` tokens (masked, no loss): causal rows are unchanged."""
+    batch = model_inputs(batch)
     extra = width - batch["input_ids"].shape[1]
     if extra == 0:
         return batch

@@ -150,19 +150,28 @@ def standard_layout(module: nn.Module) -> None:
             module.quant_state = weight.quant_state
 
 
-def dequantized_weight(module: nn.Module) -> torch.Tensor:
-    """The float32 weight a bitsandbytes layer stands for, in its logical (out, in) / (num, dim) shape."""
+def dequantized_weight(module: nn.Module, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+    """The weight a bitsandbytes layer stands for, in its logical (out, in) / (num, dim) shape, as ``dtype``
+    (None: a 4-bit weight's own dtype, no fp32 copy of the whole matrix)."""
     import bitsandbytes as bnb
 
     standard_layout(module)
     weight = module.weight
     quant_state = getattr(weight, "quant_state", None)
     if quant_state is not None:  # Linear4bit / Embedding4bit
-        return bnb.functional.dequantize_4bit(weight.data, quant_state).float()
-    scb = getattr(weight, "SCB", None)
+        dense = bnb.functional.dequantize_4bit(weight.data, quant_state)
+        return dense if dtype is None else dense.to(dtype)
+    return int8_rows(module, slice(None)).to(dtype or torch.float32)
+
+
+def int8_rows(module: nn.Module, rows) -> torch.Tensor:
+    """Rows of an LLM.int8 weight dequantized to fp32 (only those rows are copied)."""
+    scb = getattr(module.weight, "SCB", None)
     if scb is None:  # Linear8bitLt after its first forward keeps the row scales in its matmul state
         scb = module.state.SCB
-    return weight.data.float() * (scb.float().unsqueeze(1) / 127.0)
+    if isinstance(rows, torch.Tensor):
+        rows = rows.to(scb.device)
+    return module.weight.data[rows].float() * (scb[rows].float().unsqueeze(1) / 127.0)
 
 
 # --------------------------------------------------------------------- loading the base elsewhere

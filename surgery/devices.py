@@ -59,6 +59,13 @@ def resolve_device(spec: "str | torch.device | None" = "auto") -> "torch.device"
     return torch.device("cuda", number)
 
 
+def input_device(model) -> "torch.device":
+    """Where a model's token ids go: the device of its input embedding (the first layer of a split base)."""
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    first = next(embedding.parameters(), None) if embedding is not None else None
+    return (first if first is not None else next(model.parameters())).device
+
+
 def use_device(device: "torch.device") -> None:
     """Make ``device`` the current CUDA device (collectives and ``current_device()`` follow it) and allow TF32
     matmuls there, as PyTorch training scripts do; nothing on the CPU."""

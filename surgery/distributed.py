@@ -30,7 +30,12 @@ class World:
 
 
 def world() -> World:
-    """Join the process group torchrun / accelerate set up (gloo on CPU, nccl on CUDA), if any."""
+    """Join the process group torchrun / accelerate set up, if any.
+
+    With CUDA each rank is bound to ``cuda:$LOCAL_RANK`` first (so ``current_device()``, FSDP2's mesh and
+    NCCL all use that GPU, not GPU 0) and the group runs CUDA tensors over NCCL and CPU tensors (loss and
+    token sums, object collectives, a base kept on the CPU) over gloo; without CUDA everything is gloo.
+    """
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         _refuse_collapsed_launch()
@@ -38,7 +43,12 @@ def world() -> World:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+            dist.init_process_group("cpu:gloo,cuda:nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
     return World(dist.get_rank(), dist.get_world_size())
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .bnb import dequantized_weight, quantized_storage
+from .bnb import dequantized_weight, int8_rows, logical_shape, quantized_storage
 from .trace import _param_infos, op_kind
 
 VERSION = 1
@@ -146,30 +146,46 @@ def _evenly_spaced(items: list, count: int) -> list:
 
 
 def _probe(module: nn.Module) -> tuple[list[float], list[float]]:
-    """PROBE_ROWS x PROBE_COLS values of a weight in (out, in) orientation, with their error bounds."""
+    """PROBE_ROWS x PROBE_COLS values of a weight in (out, in) orientation, with their error bounds.
+
+    Only the probed rows are copied to fp32 (an 8B model's embedding whole in fp32 would be 2 GB); a 4-bit
+    weight is dequantized once in its own dtype, since its blocks run across rows.
+    """
     form = quantized_storage(module)
     with torch.no_grad():
+        if form == "nf4" or form == "fp4":
+            return _probe_4bit(module)
         if form is None:
             weight = module.weight.detach()
             dense = weight.t() if op_kind(module) == "conv1d" else weight
-            dense, half_step = dense.float(), HALF_STEP.get(weight.dtype, 2.0 ** -8)
-            subnormal = SUBNORMAL_HALF_STEP.get(weight.dtype, 0.0)
+            rows, cols = _probed(dense.shape)
+            chosen = dense[rows.to(dense.device)].float()
+            half_step, subnormal = HALF_STEP.get(weight.dtype, 2.0 ** -8), SUBNORMAL_HALF_STEP.get(weight.dtype, 0.0)
         else:
-
-            dense = dequantized_weight(module)
-        rows = torch.tensor(_evenly_spaced(range(dense.shape[0]), PROBE_ROWS))
-        cols = torch.tensor(_evenly_spaced(range(dense.shape[1]), PROBE_COLS))
-        values = dense[rows][:, cols].to("cpu")
+            chosen = int8_rows(module, rows := _probed(logical_shape(module))[0])
+            cols = _probed(logical_shape(module))[1]
+        values = chosen[:, cols.to(chosen.device)].to("cpu")
         if form is None:
             bound = values.abs() * half_step + subnormal
-        elif form == "int8":
-            bound = dense[rows].abs().amax(dim=1, keepdim=True).cpu() / 254.0 + values.abs() * SOURCE_ROUNDING
-            bound = bound.expand_as(values)
         else:
-            blocksize = module.weight.quant_state.blocksize
-            flat = dense.reshape(-1)
-            index = rows.to(dense.device).unsqueeze(1) * dense.shape[1] + cols.to(dense.device).unsqueeze(0)
-            starts = (index // blocksize) * blocksize
-            block_max = torch.stack([flat[s:s + blocksize].abs().max() for s in starts.reshape(-1).tolist()])
-            bound = block_max.reshape(values.shape).cpu() * FOUR_BIT_BOUND + values.abs() * SOURCE_ROUNDING
+            bound = chosen.abs().amax(dim=1, keepdim=True).cpu() / 254.0 + values.abs() * SOURCE_ROUNDING
+            bound = bound.expand_as(values)
+    return values.reshape(-1).tolist(), bound.reshape(-1).tolist()
+
+
+def _probed(shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.tensor(_evenly_spaced(range(shape[0]), PROBE_ROWS)),
+            torch.tensor(_evenly_spaced(range(shape[1]), PROBE_COLS)))
+
+
+def _probe_4bit(module: nn.Module) -> tuple[list[float], list[float]]:
+    dense = dequantized_weight(module, dtype=None)
+    rows, cols = _probed(dense.shape)
+    values = dense[rows.to(dense.device)][:, cols.to(dense.device)].float().to("cpu")
+    blocksize = module.weight.quant_state.blocksize
+    flat = dense.reshape(-1)
+    index = rows.to(dense.device).unsqueeze(1) * dense.shape[1] + cols.to(dense.device).unsqueeze(0)
+    starts = (index // blocksize) * blocksize
+    block_max = torch.stack([flat[s:s + blocksize].abs().max() for s in starts.reshape(-1).tolist()]).float()
+    bound = block_max.reshape(values.shape).cpu() * FOUR_BIT_BOUND + values.abs() * SOURCE_ROUNDING
     return values.reshape(-1).tolist(), bound.reshape(-1).tolist()

@@ -18,6 +18,7 @@ from torch import nn
 
 from .data import Blocks, Mode
 from .errors import DataError, TrainError, first_line
+from .random_state import forked_rng
 
 Schedule = Literal["cosine", "linear", "constant"]
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -218,7 +219,7 @@ def make_job(base: nn.Module, name: str, rules, data: str | Path, tokenizer, con
                 "global_batch": config.batch_size * int(os.environ.get("WORLD_SIZE", "1")),
                 "grad_accum": config.grad_accum, "seed": config.seed,
                 **({"chat_template": tokenizer.chat_template} if templated else {})}
-    with torch.random.fork_rng(devices=[]):
+    with forked_rng():
         torch.manual_seed(config.seed)
         finetune = rewrite(base, rules)
     if config.gradient_checkpointing:

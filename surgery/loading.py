@@ -59,12 +59,14 @@ def build_from_config(config, *, device: str | torch.device = "meta", seed: int 
     import torch
     from transformers import AutoModelForCausalLM
 
+    from .random_state import forked_rng
+
     dtype = getattr(config, "dtype", None) or torch.float32
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
         if not isinstance(dtype, torch.dtype):
             raise ModelConfigError(f"{_config_name(config)}: dtype {config.dtype!r} is not a torch dtype")
-    rng = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
+    rng = forked_rng() if seed is not None else contextlib.nullcontext()
     try:
         with rng:
             if seed is not None:
@@ -243,6 +245,12 @@ def _for_device(rule_sets: list, device: torch.device) -> list:
 
     dtype = default_compute_dtype(device)
     return [r.with_compute_dtype(dtype) for r in rule_sets] if dtype else rule_sets
+
+
+def target_rules(rules, cuda: bool):
+    """The rules as a base loaded for a CUDA device (``cuda``) or the CPU would hold them, for planning a run on
+    a machine that need not have that device: CUDA is taken to have bf16 (every GPU since Ampere)."""
+    return rules.with_compute_dtype("bfloat16") if cuda else rules
 
 
 def graph_of(name: str, *, use_cache: bool = True):

@@ -71,7 +71,8 @@ class LoraLinear(LoraLayer):
     def update(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The base layer's output ``result`` for input ``x``, with this adapter's part added."""
         h = self.dropout(x)
-        if not torch.is_autocast_enabled(h.device.type):
+        kind = h.device.type
+        if not (torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)):
             h = h.to(self.lora_A.dtype)
         return (result + self.delta(h)).to(result.dtype)  # add in the wider dtype, round once (as PEFT)
 

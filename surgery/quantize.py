@@ -77,6 +77,8 @@ def finished_layer(layer: nn.Module, quant: QuantConfig) -> nn.Module:
     """A layer whose quantized weight is set: frozen, and a 4-bit layer's quantization state on the layer too."""
     if quant.scheme != "int8":
         layer.quant_state = layer.weight.quant_state
+        if hasattr(layer, "compute_dtype"):  # bitsandbytes < 0.46 would replace it by the input's dtype otherwise
+            layer.compute_type_is_set = True
     return layer.requires_grad_(False)
 
 

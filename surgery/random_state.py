@@ -30,3 +30,9 @@ def swap_rng(state: torch.Tensor, device: torch.device) -> torch.Tensor:
             torch.cuda.set_rng_state(state[cpu_size:].clone(), device)
     torch.set_rng_state(state[:cpu_size].clone())  # a copy: a view into a bigger tensor crashes it
     return previous
+
+
+def forked_rng():
+    """``torch.random.fork_rng`` over the CPU and every CUDA device: seeding inside (``manual_seed`` seeds CUDA
+    too) leaves the caller's streams as they were."""
+    return torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if torch.cuda.is_available() else [])

@@ -23,6 +23,7 @@ from torch import nn
 
 from .lora import make_adapter
 from .errors import PlanError, RewriteError, SharedBaseWarning, SurgeryError
+from .random_state import forked_rng
 from .finetune import FinetuneInfo, finetune_info, install_guards, mark_shared, own_state
 from .plan import Plan, plan as make_plan
 from .bnb import own_class, quantized_storage, settle_shared_layers
@@ -321,7 +322,7 @@ def _reduce_ex(self: nn.Module, protocol: int):
 
 def rebuild(base: nn.Module, rules: "RuleSet", own: dict[str, torch.Tensor], modes: list[bool]) -> nn.Module:
     """A fine-tune of ``base`` by ``rules`` holding ``own`` tensors, each module in the given training mode."""
-    with torch.random.fork_rng(devices=[]):  # LoRA init is overwritten: draw nothing from the caller's stream
+    with forked_rng():  # LoRA init is overwritten: draw nothing from the caller's stream
         finetune = rewrite(base, rules)
     finetune.load_state_dict(own)
     for module, training in zip(finetune.modules(), modes):

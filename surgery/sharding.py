@@ -55,19 +55,14 @@ def decoder_layers(base: nn.Module) -> list[nn.Module]:
     return list(max(lists, key=len)) if lists else []
 
 
-def rank_device(where: World) -> torch.device:
-    """Where this rank computes: its own GPU (LOCAL_RANK) with CUDA, else the CPU."""
+def check_sharding(fsdp: bool, batched: bool, device_map: str | None = None) -> None:
+    """The launch options around --fsdp and --device-map, checked before anything loads."""
     import os
 
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
-def check_sharding(fsdp: bool, batched: bool) -> None:
-    """The launch options around --fsdp, checked before anything loads."""
-    import os
-
+    if device_map is not None and (fsdp or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        raise ShardingError("--device-map places one process's base over the GPUs; under torchrun each process "
+                            "holds its own: shard one base over the processes with --fsdp, or launch one process "
+                            "with --device-map")
     if fsdp and batched:
         raise ShardingError("--batched does not run on a sharded base yet; drop --batched (the jobs take turns on "
                             "the sharded base) or drop --fsdp")
@@ -87,7 +82,7 @@ def shard_base(base: nn.Module) -> ShardedBase:
         return record.sharded
     where = world()
     _check_shardable(base, where, len(record.finetunes))
-    fully_shard, mesh = _fsdp2(where)
+    fully_shard, mesh = _fsdp2(where, rank_device(base))
     base_fingerprint(base)  # pinned now: probing needs the whole weights (see adapter_file.base_fingerprint)
     _check_same_base_everywhere(base, where)
     if where.size == 1:
@@ -118,14 +113,27 @@ def _check_shardable(base: nn.Module, where: World, live_finetunes: int) -> None
         raise ShardingError(f"'{int8}' is stored as LLM.int8, which FSDP cannot shard (its row scales live in a "
                             "per-layer matmul state); quantize the base as nf4 (`quantize: nf4`, optionally "
                             "`storage: bfloat16`) to shard it, or train with DDP without --fsdp")
-    device = rank_device(where)
+    device = rank_device(base)
     for name, t in [*base.named_parameters(), *base.named_buffers()]:
-        if t.device.type != device.type or t.device.index not in (None, device.index):
-            raise ShardingError(f"'{name}' is on {t.device}, but rank {where.rank} computes on {device}; load the "
-                                f"base onto each rank's own device ({device}) before quantizing and sharding it")
+        if t.device != device:
+            raise ShardingError(f"'{name}' is on {t.device}, but rank {where.rank} computes on {device}: load the "
+                                "whole base onto this rank's device (load_model(..., device=...)) before sharding it")
+    if device.type == "cuda" and torch.cuda.current_device() != device.index:
+        raise ShardingError(f"rank {where.rank}'s base is on {device} but its current CUDA device is "
+                            f"cuda:{torch.cuda.current_device()}; load each rank's base with --device cuda (it "
+                            "takes cuda:$LOCAL_RANK) so FSDP2 and NCCL use that GPU")
 
 
-def _fsdp2(where: World):
+def rank_device(base: nn.Module) -> torch.device:
+    """Where this rank's base computes: the device its tensors are on (checked to hold them all), or where the
+    launch would compute when they are on meta (no weights)."""
+    from .devices import resolve_device
+
+    device = next(base.parameters()).device
+    return resolve_device("auto") if device.type == "meta" else device
+
+
+def _fsdp2(where: World, device: torch.device):
     try:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -134,10 +142,9 @@ def _fsdp2(where: World):
                             f"{torch.__version__} does not have; install a newer torch") from exc
     import torch.distributed as dist
 
-    device = rank_device(where)
     if not dist.is_initialized():  # one process without a launcher: a group of one
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
-                                world_size=1)
+        dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(),
+                                rank=0, world_size=1)
     return fully_shard, init_device_mesh(device.type, (where.size,))
 
 

@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from .devices import input_device
 from .distributed import World, all_reduce_grads, rank_weight
 from .errors import TrainError
 from .job import Run, TrainConfig
@@ -19,7 +20,9 @@ from .random_state import swap_rng
 
 
 def micro_batch(run: Run, where: World, device: torch.device) -> dict[str, torch.Tensor]:
-    """The job's next micro-batch (this rank's share of it), on ``device``; advances the data position."""
+    """The job's next micro-batch (this rank's share of it), on ``device`` (copied without waiting: the rows
+    are pinned first on CUDA); advances the data position. Its token count is ``tokens(batch)``, read on the
+    host."""
     job = run.job
     global_batch = job.config.batch_size * where.size
     epoch, index = divmod(run.micro, len(job.data) // global_batch)
@@ -28,7 +31,26 @@ def micro_batch(run: Run, where: World, device: torch.device) -> dict[str, torch
         run.order = (epoch, torch.randperm(len(job.data), generator=generator))
     rows = run.order[1][index * global_batch:(index + 1) * global_batch][where.rank::where.size]
     run.micro += 1
-    return {k: v.to(device) for k, v in job.data.batch(rows).items()}
+    host = job.data.batch(rows)
+    if device.type != "cuda":
+        return host
+    moved = {k: v.pin_memory().to(device, non_blocking=True) for k, v in host.items()}
+    moved[TOKENS] = int(host["attention_mask"].sum())
+    return moved
+
+
+TOKENS = "_tokens"  # a micro-batch's real token count, counted on the host (no device sync per micro-batch)
+
+
+def tokens(batch: dict) -> int:
+    """Real (unpadded) tokens of a micro-batch made by ``micro_batch``."""
+    count = batch.get(TOKENS)
+    return count if count is not None else int(batch["attention_mask"].sum())
+
+
+def model_inputs(batch: dict) -> dict:
+    """The micro-batch as the model takes it."""
+    return {k: v for k, v in batch.items() if k != TOKENS}
 
 
 def autocast(config: TrainConfig, device: torch.device) -> torch.autocast:
@@ -38,7 +60,8 @@ def autocast(config: TrainConfig, device: torch.device) -> torch.autocast:
 
 
 def trainable_device(run: Run) -> torch.device:
-    return next(p for group in run.optimizer.param_groups for p in group["params"]).device
+    """Where a job's micro-batches go: its fine-tune's input embedding (the first GPU of a split base)."""
+    return input_device(run.job.finetune)
 
 
 def train_step(run: Run, where: World) -> dict:
@@ -46,25 +69,26 @@ def train_step(run: Run, where: World) -> dict:
     job, config = run.job, run.job.config
     job.finetune.train()
     device = trainable_device(run)
-    loss_sum, tokens = 0.0, 0
+    loss_sum, count = 0.0, 0
     start = time.perf_counter()
     outer = swap_rng(run.rng, device)  # dropout draws from the job's own stream
     try:
         for _ in range(config.grad_accum):
             batch = micro_batch(run, where, device)
             with autocast(config, device):
-                loss = job.finetune(**batch, use_cache=False).loss * rank_weight(batch, where)
+                loss = job.finetune(**model_inputs(batch), use_cache=False).loss * rank_weight(batch, where)
             run.scaler.scale(loss / config.grad_accum).backward()
-            loss_sum += loss.item()
-            tokens += int(batch["attention_mask"].sum())
+            loss_sum = loss_sum + loss.detach()  # read once per step (optimizer_step), not per micro-batch
+            count += tokens(batch)
     finally:
         run.rng = swap_rng(outer, device)
-    return optimizer_step(run, where, loss_sum, tokens, time.perf_counter() - start)
+    return optimizer_step(run, where, loss_sum, count, time.perf_counter() - start)
 
 
-def optimizer_step(run: Run, where: World, loss_sum: float, tokens: int, seconds: float) -> dict:
+def optimizer_step(run: Run, where: World, loss_sum: float | torch.Tensor, tokens: int, seconds: float) -> dict:
     """End a step whose gradients are accumulated: all-reduce, clip, check, step; the step's metrics record."""
     job, config = run.job, run.job.config
+    loss_sum = float(loss_sum)  # the step's one wait for the device
     params = [p for group in run.optimizer.param_groups for p in group["params"]]
     if where.size > 1:
         loss_sum, tokens = all_reduce_grads(params, loss_sum, tokens, where)

@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .devices import input_device
 from .adapter_file import save_adapter
 from .checkpoint import (ADAPTER_FILE, append_metrics, check_output_folder, move_aside, remove_leftovers,
                          resume as resume_run, run_lock, save_checkpoint, truncate_metrics)
@@ -68,7 +69,7 @@ def evaluate(model: nn.Module, data: Blocks, batch_size: int = 8) -> dict:
     """Token-weighted mean loss and perplexity on ``data`` (eval mode, no gradients)."""
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    device = input_device(model)
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(data), batch_size):

@@ -11,7 +11,7 @@ import torch
 import surgery
 from surgery.architectures import TINY_MODELS
 from surgery.bnb import is_bnb_layer, state_tensors
-from surgery.errors import DeviceError, PlanError
+from surgery.errors import PlanError
 from surgery.loading import load_model, tiny_model
 from surgery.rewrite import prepare_base
 from surgery.rules import bundled_rules
@@ -167,31 +167,3 @@ def test_a_4bit_base_computes_in_the_rule_files_dtype_or_the_devices_default():
     assert open_rules.with_compute_dtype("bfloat16").quantize.compute_dtype == "bfloat16"
     loaded = load_model("tiny-llama", rules=open_rules, device="cpu").model  # the CPU keeps the input's dtype
     assert loaded.model.layers[0].self_attn.k_proj.compute_dtype == torch.float32
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
-@pytest.mark.parametrize("spec", ["cuda", "cuda:0", "CUDA:1"])
-def test_a_cuda_device_without_cuda_is_one_clear_error(spec):
-    with pytest.raises(DeviceError, match="no CUDA GPU.*--device cpu"):
-        load_model("tiny-llama", device=spec)
-
-
-@pytest.mark.parametrize("spec", ["gpu", "cuda:x", "cpu:0", "auto:1", ""])
-def test_a_device_that_is_not_one_is_named(spec):
-    from surgery.devices import resolve_device
-
-    if spec == "":
-        assert resolve_device(spec).type in ("cpu", "cuda")  # empty means auto
-        return
-    with pytest.raises(DeviceError, match="auto.*cpu.*cuda"):
-        resolve_device(spec)
-
-
-def test_auto_is_the_cpu_without_cuda_and_max_memory_reads_like_accelerate():
-    from surgery.devices import parse_max_memory, resolve_device
-
-    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert parse_max_memory("0=20GiB, cuda:1=500MiB,cpu=1.5GB") == {0: 20 * 2**30, 1: 500 * 2**20, "cpu": 1.5e9}
-    for bad in ("0=20 parsecs", "gpu0=1GiB", "0=1GiB,0=2GiB", "20GiB", ","):
-        with pytest.raises(DeviceError, match="--max-memory"):
-            parse_max_memory(bad)

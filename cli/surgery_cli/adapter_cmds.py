@@ -8,7 +8,8 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .common import ADAPTER_ARG, BASE_OPT, OVERWRITE_OPT, RANDOM_INIT_OPT, console, finetune_from, probe_inputs, quiet_libraries
+from .common import (ADAPTER_ARG, BASE_OPT, DEVICE_OPT, OVERWRITE_OPT, RANDOM_INIT_OPT, console, finetune_from, placement,
+                     probe_inputs, quiet_libraries, where_text)
 
 
 def adapter_show(
@@ -50,6 +51,7 @@ def merge(
                                             help="Also measure the error of requantizing the merged weights."),
     overwrite: bool = OVERWRITE_OPT,
     random_init: bool = RANDOM_INIT_OPT,
+    device: str = DEVICE_OPT,
 ):
     """Fold an adapter into its base and save a plain transformers model (no surgery needed to load it).
 
@@ -68,7 +70,9 @@ def merge(
 
     if dtype not in (None, *DTYPES):
         raise typer.BadParameter(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
-    base, ft, name = finetune_from(adapter, model, random_init)
+    where = placement(device)
+    base, ft, name = finetune_from(adapter, model, random_init, where)
+    console.print(f"model: [bold]{name}[/]; {where_text(where)}", highlight=False)
     merged = merge_ft(ft, getattr(torch, dtype) if dtype else None)
     inputs = probe_inputs(base)
     error = output_error(ft, merged, inputs)
@@ -113,6 +117,7 @@ def export_peft_cmd(
                                "export as it is (nothing is written when it would not)."),
     overwrite: bool = OVERWRITE_OPT,
     random_init: bool = RANDOM_INIT_OPT,
+    device: str = DEVICE_OPT,
 ):
     """Write an adapter in PEFT's format (loads with peft.PeftModel.from_pretrained; --for vllm/lorax to serve it).
 
@@ -130,7 +135,7 @@ def export_peft_cmd(
     from surgery.files import atomic_folder
     from surgery.serving import launch_hints
 
-    base, ft, name = finetune_from(adapter, model, random_init)
+    base, ft, name = finetune_from(adapter, model, random_init, placement(device))
     with atomic_folder(out, overwrite=overwrite, error=AdapterStateError) as tmp:
         export_peft(ft, tmp, target=target)
     console.print(f"wrote {out}: PeftModel.from_pretrained(<{name}>, {str(out)!r})", highlight=False)
@@ -153,6 +158,7 @@ def import_peft_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Adapter file to write (.safetensors)."),
     quantize: Optional[str] = typer.Option(None, "--quantize", help="Store the base as int8, nf4, fp4 or none."),
     random_init: bool = RANDOM_INIT_OPT,
+    device: str = DEVICE_OPT,
 ):
     """Read a PEFT LoRA adapter onto its base and save it as a surgery adapter file.
 
@@ -167,10 +173,11 @@ def import_peft_cmd(
 
     if quantize not in (None, *SCHEMES):
         raise typer.BadParameter(f"--quantize must be one of {', '.join(SCHEMES)}, not {quantize!r}")
+    where = placement(device)
     name = model or peft_base_model(folder)
     if not name:
         raise typer.BadParameter("the adapter names no base model (base_model_name_or_path); pass --model")
-    base = load_model(name, random_init=random_init).model
+    base = load_model(name, random_init=random_init, **where).model
     ft = import_peft(base, folder, quantize=quantize)
     path = save_adapter(ft, out)
     console.print(f"wrote {path} ({path.stat().st_size:,} bytes) for {name}", highlight=False)

@@ -27,6 +27,17 @@ TOKENIZER_OPT = typer.Option(None, "--tokenizer", help="Tokenizer folder or mode
 OVERWRITE_OPT = typer.Option(False, "--overwrite", help="Replace an existing non-empty --out folder.")
 NO_CACHE_OPT = typer.Option(False, "--no-cache", help="Trace the model again instead of reading the trace cache "
                             "($SURGERY_CACHE, else $XDG_CACHE_HOME/surgery, else ~/.cache/surgery).")
+DEVICE_PANEL = "Device & distributed"
+DEVICE_OPT = typer.Option("auto", "--device", rich_help_panel=DEVICE_PANEL, help="Where the model computes: auto "
+                          "(CUDA when there is a GPU, else the CPU), cpu, cuda or cuda:N; under torchrun each "
+                          "process takes cuda:$LOCAL_RANK.")
+DEVICE_MAP_OPT = typer.Option(None, "--device-map", rich_help_panel=DEVICE_PANEL, help="auto or balanced: place "
+                              "the base's layers over every GPU (accelerate's placement, no FSDP); adapters sit on "
+                              "their layer's GPU.")
+MAX_MEMORY_OPT = typer.Option(None, "--max-memory", rich_help_panel=DEVICE_PANEL, help="With --device-map: "
+                              "the most each device holds, e.g. 0=20GiB,1=20GiB,cpu=64GiB.")
+ATTN_OPT = typer.Option(None, "--attn-implementation", rich_help_panel=DEVICE_PANEL, help="sdpa, eager or "
+                        "flash_attention_2 (where installed); default: transformers' choice for the model.")
 NOISY_LIBRARIES = ("transformers", "torch", "bitsandbytes", "peft", "accelerate", "huggingface_hub")
 
 
@@ -83,8 +94,41 @@ def model_for(rules, model: Optional[str]) -> tuple[str, str]:
     return TINY_DEFAULT, "the bundled tiny default (no --model and no `model:` in the rule file)"
 
 
-def finetune_from(adapter: Path, model: Optional[str], random_init: bool):
-    """Load the base (from --model or the file's metadata) and the adapter onto it."""
+def placement(device: str = "auto", device_map: Optional[str] = None, max_memory: Optional[str] = None,
+              attn_implementation: Optional[str] = None) -> dict:
+    """``load_model`` keywords for the device options, checked (one clear error for a device that is not there)."""
+    from surgery.devices import parse_max_memory, resolve_device, use_device
+
+    if device_map not in (None, "auto", "balanced"):
+        raise typer.BadParameter(f"--device-map must be auto or balanced, not {device_map!r}")
+    if max_memory is not None and device_map is None:
+        raise typer.BadParameter("--max-memory belongs with --device-map (it bounds what each device takes)")
+    if attn_implementation not in (None, "sdpa", "eager", "flash_attention_2"):
+        raise typer.BadParameter(f"--attn-implementation must be sdpa, eager or flash_attention_2, not "
+                                 f"{attn_implementation!r}")
+    target = resolve_device(device)
+    use_device(target)
+    return {"device": target, "device_map": device_map, "attn_implementation": attn_implementation,
+            "max_memory": parse_max_memory(max_memory) if max_memory else None}
+
+
+def where_text(where: dict) -> str:
+    """The device part of a command's first line: 'device cuda:0', or the device map asked for."""
+    if where.get("device_map"):
+        return f"device map {where['device_map']} over {_gpus()}"
+    return f"device {where['device']}"
+
+
+def _gpus() -> str:
+    import torch
+
+    count = torch.cuda.device_count()
+    return f"{count} GPU{'s' if count != 1 else ''}" if count else "the CPU"
+
+
+def finetune_from(adapter: Path, model: Optional[str], random_init: bool, where: dict | None = None):
+    """Load the base (from --model or the file's metadata), quantized for the adapter's rules as it loads, on the
+    device asked for, and the adapter onto it."""
     from surgery.loading import load_model
     from surgery.adapter_file import load_adapter, read_adapter
 
@@ -92,12 +136,16 @@ def finetune_from(adapter: Path, model: Optional[str], random_init: bool):
     name = model or info.base_model
     if not name:
         raise typer.BadParameter("the adapter file names no base model; pass --model")
-    base = load_model(name, random_init=random_init).model
+    base = load_model(name, random_init=random_init, rules=info.rules, **(where or {})).model
     return base, load_adapter(base, info), name
 
 
 def probe_inputs(model) -> dict:
+    """Fixed token ids (seeded on the CPU, so the same everywhere) on the device of the model's input embedding."""
     import torch
 
+    from surgery.devices import input_device
+
     vocab = getattr(getattr(model, "config", None), "vocab_size", 256)
-    return {"input_ids": torch.randint(0, min(vocab, 256), (2, 16), generator=torch.Generator().manual_seed(0))}
+    ids = torch.randint(0, min(vocab, 256), (2, 16), generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids.to(input_device(model))}

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .common import RANDOM_INIT_OPT, console, quiet_libraries
+from .common import DEVICE_OPT, RANDOM_INIT_OPT, console, placement, quiet_libraries, where_text
 from .train_cmds import run_with_progress
 
 
@@ -40,12 +40,15 @@ def demo(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for the adapter files (default: a new "
                                        "temporary folder)."),
     random_init: bool = RANDOM_INIT_OPT,
+    device: str = DEVICE_OPT,
 ):
     """The whole story offline in under a minute: one quantized base, three fine-tunes trained on it, saved, reloaded.
 
     Example: surgery demo
 
     Example (your own model; rule files chosen by its size): surgery demo --model ./my-model --steps 100
+
+    Example (on a GPU): surgery demo --device cuda
     """
     quiet_libraries()
     import tempfile
@@ -59,28 +62,29 @@ def demo(
     from surgery.loading import load_model
     from surgery.memory import extra_bytes, parameter_bytes
     from surgery.report import demo_files_table, demo_memory_table, demo_results_table
-    from surgery.rewrite import prepare_base
     from surgery.rule_file import load_rules
     from surgery.train import evaluate
 
     start = time.perf_counter()
+    where = placement(device)
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="surgery-demo-"))
-    loaded = load_model(model, random_init=random_init)
-    base = loaded.model
-    tokenizer = _tokenizer(model, base, random_init)
-    loaded_bytes = parameter_bytes(base)
-    parameters = sum(p.numel() for p in base.parameters())
-    kind = model_kind(model in TINY_MODELS or not loaded.has_weights, parameters)
+    layout = load_model(model, weights=False)  # the model as it would load (meta: no memory) picks the rule files
+    loaded_bytes = sum(p.numel() * p.element_size() for p in layout.model.parameters())  # tied ones once
+    parameters = sum(p.numel() for p in layout.model.parameters())
+    kind = model_kind(model in TINY_MODELS or not layout.has_weights, parameters)
     lr, rule_files = RULE_SETS[kind]
     tasks = [(task, rule_files[task], prompts) for task, prompts in TASKS.items()]
     dtype = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(
-        str(next(base.parameters()).dtype).removeprefix("torch."), "fp32")
-    console.print(f"[bold]1. base[/]: {model} ({type(base).__name__}, {parameters:,} parameters, {loaded_bytes:,} "
-                  f"bytes {dtype}); three fine-tunes, each on its own toy task, with the rule files for {kind} "
-                  f"models: {', '.join(f'{task}={rules}' for task, rules, _ in tasks)}", highlight=False)
+        str(next(layout.model.parameters()).dtype).removeprefix("torch."), "fp32")
+    console.print(f"[bold]1. base[/]: {model} on {where_text(where).removeprefix('device ')} "
+                  f"({type(layout.model).__name__}, {parameters:,} parameters, {loaded_bytes:,} bytes {dtype})",
+                  highlight=False)
+    console.print(f"three fine-tunes on toy tasks, rule files for {kind} models: "
+                  f"{', '.join(f'{task}={rules}' for task, rules, _ in tasks)}", highlight=False)
     config = TrainConfig(batch_size=8, lr=lr, max_steps=steps, warmup=max(1, steps // 10), seed=0)
     rule_sets = [load_rules(rules) for _, rules, _ in tasks]
-    prepare_base(base, *rule_sets)  # one quantization for all three
+    base = load_model(model, random_init=random_init, rules=rule_sets, **where).model  # one quantization for all
+    tokenizer = _tokenizer(model, base, random_init)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     jobs = [make_job(base, task, rules, task, tokenizer, config, out=out / task, block_size=32, model_name=model,
                      pad_token_id=pad) for task, rules, _ in tasks]
@@ -101,7 +105,7 @@ def demo(
     console.print(demo_results_table(rows))
 
     vocab = getattr(base.config, "vocab_size", 256)
-    ids = torch.randint(0, min(vocab, 256), (2, 16), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, min(vocab, 256), (2, 16), generator=torch.Generator().manual_seed(0)).to(where["device"])
     checked = []
     for job in jobs:
         path = job.out / ADAPTER_FILE
@@ -147,7 +151,10 @@ def _expected_answers(task: str) -> dict[str, str]:
 def _greedy(model, tokenizer, prompt: str, max_new_tokens: int = 12) -> str:
     import torch
 
+    from surgery.devices import input_device
+
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    ids = ids.to(input_device(model))
     with torch.no_grad():
         out = model.eval().generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)

@@ -9,7 +9,8 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .common import MODEL_OPT, NO_CACHE_OPT, RANDOM_INIT_OPT, RULES_ARG, console, model_for, quiet_libraries
+from .common import (DEVICE_OPT, MODEL_OPT, NO_CACHE_OPT, RANDOM_INIT_OPT, RULES_ARG, console, model_for, placement,
+                     quiet_libraries, where_text)
 
 
 def inspect(
@@ -34,6 +35,9 @@ def inspect(
         console.print(graph_renderable(graph, memory_by_scheme(graph), modules))
 
 
+TRAINING_PANEL = "Training run (predicted peak per device)"
+
+
 def plan(
     rules: str = RULES_ARG,
     model: Optional[str] = MODEL_OPT,
@@ -42,35 +46,106 @@ def plan(
     fsdp: bool = typer.Option(False, "--fsdp", help="Per device with the base sharded by FSDP2 (train --fsdp)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
     no_cache: bool = NO_CACHE_OPT,
+    device: str = typer.Option("auto", "--device", rich_help_panel=TRAINING_PANEL, help="The device the run is "
+                               "for: cpu or cuda (nothing is checked: plan a GPU run anywhere); decides a 4-bit "
+                               "base's compute dtype (bf16 on CUDA unless the rule file names one)."),
+    device_memory: Optional[str] = typer.Option(None, "--device-memory", rich_help_panel=TRAINING_PANEL,
+                                                help="Memory of one GPU (e.g. 24GiB): say whether the run fits."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, rich_help_panel=TRAINING_PANEL,
+                                             help="Rows per micro-batch: predict the peak of a training run."),
+    block_size: int = typer.Option(2048, "--block-size", min=1, rich_help_panel=TRAINING_PANEL,
+                                   help="Tokens per row of that run."),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", rich_help_panel=TRAINING_PANEL,
+                                                help="The run recomputes each decoder layer in backward."),
+    optimizer: str = typer.Option("adamw", "--optimizer", rich_help_panel=TRAINING_PANEL, help="adamw or adamw8bit."),
+    precision: str = typer.Option("bf16", "--precision", rich_help_panel=TRAINING_PANEL, help="fp32, bf16 or fp16."),
+    attn_implementation: str = typer.Option("sdpa", "--attn-implementation", rich_help_panel=TRAINING_PANEL,
+                                            help="sdpa / flash_attention_2 (fused kernels) or eager."),
 ):
-    """Decide every module of MODEL by RULES, check every constraint, and show memory for N fine-tunes.
+    """Decide every module of MODEL by RULES, check every constraint, and show memory for N fine-tunes; with
+    --batch-size, the predicted peak of a training run on each device and whether it fits --device-memory.
 
     Example: surgery plan qv_lora --model facebook/opt-1.3b --finetunes 8
 
     Example (per GPU, 70B in nf4 over 4 GPUs): surgery plan qlora_nf4 --model meta-llama/Llama-3.1-70B -w 4 --fsdp
+
+    Example (does QLoRA of an 8B model fit a 16 GB card?): surgery plan qlora_nf4 --model meta-llama/Llama-3.1-8B
+    --device cuda --device-memory 16GiB --batch-size 1 --block-size 2048 --gradient-checkpointing
     """
     quiet_libraries()
+    from surgery.devices import parse_size
     from surgery.plan import plan as make_plan
     from surgery.report import per_device, per_device_table
     from surgery.rule_file import load_rules
-    from surgery.loading import graph_of
+    from surgery.loading import graph_of, target_rules
 
     ruleset = load_rules(rules)
     name, why = model_for(ruleset, model)
+    budget = parse_size(device_memory, "--device-memory") if device_memory else None
+    cuda = device.startswith("cuda") or (device == "auto" and (budget is not None or _has_cuda()))
+    planned_rules = target_rules(ruleset, cuda)
     graph = graph_of(name, use_cache=not no_cache)
-    result = make_plan(graph, ruleset, finetunes=finetunes, check=False)
+    result = make_plan(graph, planned_rules, finetunes=finetunes, check=False)
     devices = world_size > 1 or fsdp
+    peak = _training_peak(result, name, cuda, batch_size, block_size, gradient_checkpointing, optimizer, precision,
+                          attn_implementation, finetunes, world_size, fsdp) if batch_size else None
     if as_json:
-        print(json.dumps({**result.to_dict(), **({"per_device": per_device(result, world_size, fsdp)}
-                                                 if devices else {})}, indent=2))
+        extra = {"per_device": per_device(result, world_size, fsdp)} if devices else {}
+        if peak is not None:
+            extra["training_peak"] = {**{label: value for label, value, _ in peak[0].rows()},
+                                      "total": peak[0].total, "device_memory": budget,
+                                      "fits": None if budget is None else peak[0].total <= budget}
+        print(json.dumps({**result.to_dict(), **extra}, indent=2))
     else:
         if why != "--model":
             console.print(f"model: [bold]{name}[/] (from {why})")
         console.print(result)
+        console.print(f"4-bit compute dtype: {_compute_text(result)}", highlight=False)
         if devices:
             console.print(per_device_table(result, world_size, fsdp))
+        if peak is not None:
+            _print_peak(*peak, budget)
     if result.violations:
         result.check()
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _compute_text(result) -> str:
+    dtypes = sorted({d.quant.compute_dtype or "the input's dtype" for d in result.quantized
+                     if d.quant.scheme in ("nf4", "fp4")})
+    return ", ".join(dtypes) if dtypes else "none (no 4-bit layer)"
+
+
+def _training_peak(result, name, cuda, batch_size, block_size, checkpointing, optimizer, precision, attention,
+                   finetunes, world_size, fsdp):
+    from surgery.job import OPTIMIZERS, PRECISIONS
+    from surgery.loading import load_model
+    from surgery.training_memory import TrainingShape, training_peak
+
+    for flag, value, allowed in (("--optimizer", optimizer, OPTIMIZERS), ("--precision", precision, PRECISIONS),
+                                 ("--attn-implementation", attention, ("sdpa", "flash_attention_2", "eager"))):
+        if value not in allowed:
+            raise typer.BadParameter(f"{flag} must be one of {', '.join(allowed)}, not {value!r}")
+    shape = TrainingShape(batch_size, block_size, checkpointing, optimizer, precision, finetunes, world_size, fsdp,
+                          "math" if attention == "eager" else "fused")
+    layout = load_model(name, weights=False).model  # meta: the activations are counted without memory
+    return training_peak(result, layout, shape, cuda=cuda), shape
+
+
+def _print_peak(peak, shape, budget) -> None:
+    from surgery.training_memory import peak_table
+
+    how = (f"{shape.batch_size} x {shape.block_size} tokens, {shape.precision}, {shape.optimizer}"
+           f"{', gradient checkpointing' if shape.gradient_checkpointing else ''}"
+           f"{f', {shape.finetunes} fine-tunes' if shape.finetunes > 1 else ''}")
+    console.print(peak_table(peak, budget, shape, f"training peak per device: {how}"))
+    for tip in peak.advice(budget, shape) if budget is not None else []:
+        console.print(f"  to fit: {tip}", highlight=False)
 
 
 def apply(
@@ -80,6 +155,7 @@ def apply(
     random_init: bool = RANDOM_INIT_OPT,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write each fine-tune's initial adapter file "
                                        "(FILE for one; FILE-1, FILE-2, ... for several)."),
+    device: str = DEVICE_OPT,
 ):
     """Plan, quantize the base once, create N fine-tunes sharing it, verify them, and measure memory.
 
@@ -96,8 +172,9 @@ def apply(
 
     ruleset = load_rules(rules)
     name, why = model_for(ruleset, model)
-    console.print(f"model: [bold]{name}[/] (from {why})")
-    base = load_model(name, random_init=random_init).model
+    where = placement(device)
+    console.print(f"model: [bold]{name}[/] (from {why}); {where_text(where)}")
+    base = load_model(name, random_init=random_init, rules=ruleset, **where).model  # quantized as it loads
     with Progress(console=console, transient=True) as progress:
         bar = progress.add_task("planning", total=1)
         applied = apply_rules(base, ruleset, finetunes, progress=lambda what, done, total: progress.update(

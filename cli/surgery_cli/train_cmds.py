@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from .common import MODEL_OPT, RANDOM_INIT_OPT, TOKENIZER_OPT, console, model_for, quiet_libraries
+from .common import (ATTN_OPT, DEVICE_MAP_OPT, DEVICE_OPT, MAX_MEMORY_OPT, MODEL_OPT, RANDOM_INIT_OPT, TOKENIZER_OPT,
+                     console, model_for, placement, quiet_libraries, where_text)
 
 
 def _parse_job(spec: str) -> tuple[str, str, str]:
@@ -84,6 +85,10 @@ def train(
                                    "OUT.replaced-N, nothing deleted) when training starts."),
     random_init: bool = RANDOM_INIT_OPT,
     tokenizer_name: Optional[str] = TOKENIZER_OPT,
+    device: str = DEVICE_OPT,
+    device_map: Optional[str] = DEVICE_MAP_OPT,
+    max_memory: Optional[str] = MAX_MEMORY_OPT,
+    attn_implementation: Optional[str] = ATTN_OPT,
 ):
     """Train one fine-tune, or several on one shared base in one process; torchrun gives DDP.
 
@@ -94,6 +99,9 @@ def train(
 
     Example (two fine-tunes sharing each base pass): surgery train --model tiny-llama --out runs --batched
     --job caps=lora_plus_head,capitals --job up=qv_lora,upper --max-steps 50
+
+    Example (on a GPU, the nf4 base quantized as it loads): surgery train qlora_nf4 --model ./Llama-3.1-8B --data
+    chat.jsonl --chat-template --out runs/chat --device cuda --gradient-checkpointing
 
     Example (the base sharded over 2 processes): torchrun --nproc_per_node 2 -m surgery_cli.app train qlora_nf4
     --model tiny-llama --data upper --out runs/up --fsdp --max-steps 50
@@ -107,7 +115,7 @@ def train(
     from surgery.distributed import world
     from surgery.job import TrainConfig, make_job
     from surgery.report import training_summary
-    from surgery.sharding import check_sharding, rank_device, shard_base
+    from surgery.sharding import check_sharding, shard_base
 
     shorthand = _shorthand_rules(rules, job, target_modules, lora_r, lora_alpha, lora_dropout, quantize)
     specs = [(None, shorthand or rules, data)] if rules or data or shorthand else []
@@ -121,16 +129,15 @@ def train(
                          gradient_checkpointing, early_stopping_patience, early_stopping_threshold)
     config.check()
     check_batching(batched, max_batched_tokens, gradient_checkpointing)
-    check_sharding(fsdp, batched)
+    check_sharding(fsdp, batched, device_map)
+    placed = placement(device, device_map, max_memory, attn_implementation)
     where = world()
     if where.main:  # every output folder is checked before anything is loaded
         for job_name, _, _ in specs:
             check_output_folder(out if job_name is None else out / job_name, resume=resume, overwrite=overwrite)
-    base = load_model(name, random_init=random_init).model
+    # quantized once for every job, as it loads, on the device each process computes on
+    base = load_model(name, random_init=random_init, rules=[r for _, r, _ in specs], **placed).model
     tokenizer = load_tokenizer(tokenizer_name or name)
-    if fsdp:
-        base.to(rank_device(where))  # quantized where it will compute; the 4-bit statistics are not moved later
-    prepare_base(base, *[r for _, r, _ in specs])  # quantize once for every job before any fine-tune exists
     if fsdp:
         shard_base(base)
     jobs = []
@@ -155,7 +162,7 @@ def train(
     if where.main:
         console.print(f"model: [bold]{name}[/] (from {why}); {len(jobs)} fine-tune{'s' if len(jobs) > 1 else ''}"
                       f"{f' x {where.size} processes' if where.size > 1 else ''}"
-                      f"{', base sharded with FSDP2' if fsdp else ''}", highlight=False)
+                      f"{', base sharded with FSDP2' if fsdp else ''}; {where_text(placed)}", highlight=False)
     runs = run_with_progress(jobs, resume_from, show=where.main, batched=batched,
                              max_batched_tokens=max_batched_tokens, overwrite=overwrite)
     if not where.main:
@@ -271,6 +278,10 @@ def generate(
                                        "tokenizer's chat template (`messages` rows of --prompts always are)."),
     random_init: bool = RANDOM_INIT_OPT,
     tokenizer_name: Optional[str] = TOKENIZER_OPT,
+    device: str = DEVICE_OPT,
+    device_map: Optional[str] = DEVICE_MAP_OPT,
+    max_memory: Optional[str] = MAX_MEMORY_OPT,
+    attn_implementation: Optional[str] = ATTN_OPT,
 ):
     """Answer one or many prompts with one or several fine-tunes (and the base), in one batched generate.
 
@@ -301,8 +312,12 @@ def generate(
     chat = chat_template or any(e.messages for e in examples)
     source = str(prompts_file or "PROMPT")
     prompts = [chat_prompt(e, tokenizer, source) for e in examples] if chat else shown
-    base = load_model(name, random_init=random_init).model
-    prepare_base(base, *[f.rules for f in files])  # quantize once for every adapter's rules, then load them
+    placed = placement(device, device_map, max_memory, attn_implementation)
+    if prompts_file is None:
+        console.print(f"model: [bold]{name}[/]; {where_text(placed)}", highlight=False)
+    # quantized once for every adapter's rules as it loads; then the adapters are loaded onto it
+    base = load_model(name, random_init=random_init, rules=[f.rules for f in files], **placed).model
+    base.requires_grad_(False)  # only answered with: the bare base too (a base no rule file froze was refused)
     entries = [load_adapter(base, f) for f in files] + ([None] if with_base or not files else [])
     labels = [str(path) for path in adapter] + (["base"] if with_base or not files else [])
     answers = generate_batched(base, entries, prompts, tokenizer,
