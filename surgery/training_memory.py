@@ -70,21 +70,28 @@ class TrainingPeak:
                 ("activations (estimated)", self.activations, "saved for backward, meta-device forward"),
                 ("CUDA context margin", self.context, "context, workspaces, allocator slack")]
 
-    def advice(self, device_memory: int, shape: TrainingShape) -> list[str]:
-        """What to change when the run does not fit ``device_memory``, most effective first."""
+    def advice(self, device_memory: int, shape: TrainingShape, all_4bit: bool = False) -> list[str]:
+        """What to change when the run does not fit ``device_memory``, most effective first (``all_4bit``: every
+        quantized layer of the plan is 4-bit already)."""
         if self.total <= device_memory:
             return []
         over, tips = self.total - device_memory, []
         if not shape.gradient_checkpointing and self.activations > over / 4:
             tips.append("--gradient-checkpointing (keeps one input per decoder layer instead of its activations)")
         if shape.batch_size > 1 and self.activations > over / 4:
-            tips.append(f"a smaller --batch-size (activations grow with it; --grad-accum keeps the global batch)")
-        if self.base > over:
+            tips.append("a smaller --batch-size (activations grow with it; --grad-accum keeps the global batch)")
+        if self.base > over and not all_4bit:
             tips.append("store the base in nf4 (`quantize: nf4`, e.g. the bundled qlora_nf4)")
-            tips.append("--fsdp over several GPUs (each holds 1/N of the base)")
+        if self.base > over:
+            tips.append(f"--fsdp over more GPUs (each holds about 1/N of the base; now {shape.world_size})"
+                        if shape.fsdp else "--fsdp over several GPUs (each holds about 1/N of the base)")
+        trained = self.own + self.gradients + self.optimizer
         if shape.optimizer == "adamw" and self.optimizer > over / 4:
             tips.append("--optimizer adamw8bit (a quarter of AdamW's state)")
-        return tips or ["a GPU with more memory, or fewer trainable modules"]
+        if trained > over / 2:
+            tips.append("a smaller LoRA rank or fewer adapted modules (adapters, gradients and optimizer state: "
+                        f"{fmt_bytes(trained)})")
+        return tips or ["a GPU with more memory"]
 
 
 def optimizer_state_bytes(tensors: list[tuple[int, int]], optimizer: OptimizerName) -> int:

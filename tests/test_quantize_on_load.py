@@ -160,8 +160,11 @@ def test_tiny_models_and_several_rule_files_are_quantized_as_prepare_base_does(d
 def test_a_4bit_base_computes_in_the_rule_files_dtype_or_the_devices_default():
     from surgery.rule_file import load_rules
 
-    rules = load_rules("qlora_nf4")  # writes compute_dtype: float32
-    assert rules.with_compute_dtype("bfloat16").quantize.compute_dtype == "float32"
+    assert load_rules("qlora_nf4").with_compute_dtype("bfloat16").quantize.compute_dtype == "bfloat16"
+    written = surgery.rule_file.parse_rules({"quantize": {"scheme": "nf4", "compute_dtype": "float32"}})
+    assert written.with_compute_dtype("bfloat16").quantize.compute_dtype == "float32"  # the file's own wins
+    null = surgery.rule_file.parse_rules({"quantize": {"scheme": "nf4", "compute_dtype": None}})
+    assert null.with_compute_dtype("bfloat16").quantize.compute_dtype is None
     open_rules = surgery.rule_file.shorthand_rules(["q_proj"], r=4, alpha=None, dropout=0.0, quantize="nf4")
     assert open_rules.quantize.compute_dtype is None
     assert open_rules.with_compute_dtype("bfloat16").quantize.compute_dtype == "bfloat16"

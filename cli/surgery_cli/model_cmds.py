@@ -104,7 +104,7 @@ def plan(
         if devices:
             console.print(per_device_table(result, world_size, fsdp))
         if peak is not None:
-            _print_peak(*peak, budget)
+            _print_peak(*peak, budget, result)
     if result.violations:
         result.check()
 
@@ -137,14 +137,15 @@ def _training_peak(result, name, cuda, batch_size, block_size, checkpointing, op
     return training_peak(result, layout, shape, cuda=cuda), shape
 
 
-def _print_peak(peak, shape, budget) -> None:
+def _print_peak(peak, shape, budget, result) -> None:
     from surgery.training_memory import peak_table
 
     how = (f"{shape.batch_size} x {shape.block_size} tokens, {shape.precision}, {shape.optimizer}"
            f"{', gradient checkpointing' if shape.gradient_checkpointing else ''}"
            f"{f', {shape.finetunes} fine-tunes' if shape.finetunes > 1 else ''}")
     console.print(peak_table(peak, budget, shape, f"training peak per device: {how}"))
-    for tip in peak.advice(budget, shape) if budget is not None else []:
+    four_bit = bool(result.quantized) and all(d.quant.scheme in ("nf4", "fp4") for d in result.quantized)
+    for tip in peak.advice(budget, shape, four_bit) if budget is not None else []:
         console.print(f"  to fit: {tip}", highlight=False)
 
 
