@@ -137,8 +137,10 @@ def main() -> None:
         for scheme in args.schemes:
             for loader in ("surgery", "transformers"):  # alternating, each in a fresh process
                 out = subprocess.run([sys.executable, __file__, "--device", args.device, "--child", loader, scheme,
-                                      str(folder)], capture_output=True, text=True, check=True,
+                                      str(folder)], capture_output=True, text=True,
                                      env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                if out.returncode != 0:
+                    raise SystemExit(f"{loader} {scheme} failed:\n{out.stderr[-3000:]}")
                 row = json.loads(out.stdout.strip().splitlines()[-1])
                 row["planned_base_bytes"] = planned_base(str(folder), scheme)
                 row["device_goal_bytes"] = int((row["planned_base_bytes"] + largest) * 1.05)

@@ -219,7 +219,7 @@ class Placement:
 def _rule_sets(rules) -> list:
     from .rule_file import load_rules
 
-    if isinstance(rules, (str, Path)) or hasattr(rules, "rules"):
+    if isinstance(rules, (str, Path, dict)) or hasattr(rules, "rules"):  # one rule file (a dict: its content)
         rules = [rules]
     return [load_rules(r) for r in rules]
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .adapter_file import base_fingerprint
-from .bnb import quantized_storage, state_tensors
+from .bnb import own_class, quantized_storage, state_tensors
 from .distributed import World, world
 from .errors import ShardingError, ShardingWarning
 from .finetune import finetune_info
@@ -108,6 +108,11 @@ def _check_shardable(base: nn.Module, where: World, live_finetunes: int) -> None
     if live_finetunes:
         raise ShardingError(f"{live_finetunes} fine-tune(s) of this base exist already and hold its tensors whole; "
                             "shard the base first (after prepare_base), then make the fine-tunes")
+    embedding = next((path for path, m in base.named_modules()
+                      if own_class(m).__name__ == "Embedding4bit"), None)
+    if embedding is not None:
+        raise ShardingError(f"'{embedding}' is a 4-bit embedding, which FSDP2 cannot shard (bitsandbytes' "
+                            f"Embedding4bit has no quant_storage to rebuild its weight from a shard); {_EMBEDDING_FIX}")
     int8 = next((path for path, m in base.named_modules() if quantized_storage(m) == "int8"), None)
     if int8 is not None:
         raise ShardingError(f"'{int8}' is stored as LLM.int8, which FSDP cannot shard (its row scales live in a "
@@ -122,6 +127,37 @@ def _check_shardable(base: nn.Module, where: World, live_finetunes: int) -> None
         raise ShardingError(f"rank {where.rank}'s base is on {device} but its current CUDA device is "
                             f"cuda:{torch.cuda.current_device()}; load each rank's base with --device cuda (it "
                             "takes cuda:$LOCAL_RANK) so FSDP2 and NCCL use that GPU")
+
+
+_EMBEDDING_FIX = ("keep embeddings unquantized under --fsdp (a rule `- {match: \"*\", type: embedding, action: "
+                  "freeze}` before the one that quantizes them), or train without --fsdp")
+
+
+def refuse_unshardable(plan) -> None:
+    """What a plan would quantize that FSDP2 cannot shard, named with its rule and the remedy, before anything
+    loads: LLM.int8 layers and 4-bit embeddings."""
+    for decision in plan.quantized:
+        rule = decision.decided_by if decision.rule else f"{plan.rules.source} (`default: {plan.rules.default}`)"
+        where = f"{rule} stores '{decision.path}'"
+        if decision.quant.scheme == "int8":
+            raise ShardingError(f"{where} as LLM.int8, which FSDP cannot shard (its row scales live in a per-layer "
+                                "matmul state); quantize the base as nf4 (`quantize: nf4`) to shard it, or train "
+                                "with DDP without --fsdp")
+        if decision.kind == "embedding":
+            raise ShardingError(f"{where} (an embedding) as {decision.quant.scheme}, which FSDP2 cannot shard "
+                                f"(bitsandbytes' Embedding4bit has no quant_storage); {_EMBEDDING_FIX}")
+
+
+def refuse_unshardable_rules(model: str, rule_sets: list) -> None:
+    """``refuse_unshardable`` for each rule file's plan of MODEL (on meta, from the trace cache): --fsdp's check
+    before a byte of weights is read."""
+    from .loading import graph_of
+    from .plan import plan as make_plan
+    from .rule_file import load_rules
+
+    graph = graph_of(model)
+    for rules in rule_sets:
+        refuse_unshardable(make_plan(graph, load_rules(rules)))
 
 
 def rank_device(base: nn.Module) -> torch.device:

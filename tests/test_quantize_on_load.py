@@ -155,6 +155,9 @@ def test_tiny_models_and_several_rule_files_are_quantized_as_prepare_base_does(d
     reference = tiny_model("tiny-llama")
     prepare_base(reference, "qv_lora", "lora_plus_head")
     assert digest(loaded) == digest(reference)
+    as_data = {"quantize": "nf4", "default": "quantize", "rules": []}  # a rule file given as its content
+    loaded = load_model("tiny-llama", rules=as_data).model
+    assert type(loaded.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
 
 
 def test_a_4bit_base_computes_in_the_rule_files_dtype_or_the_devices_default():

@@ -219,3 +219,38 @@ def test_plan_per_device_and_the_storage_option(tmp_path):
     bad.write_text("quantize:\n  scheme: nf4\n  storage: int4\n")
     with pytest.raises(surgery.RuleFileError, match="bad.yaml:3.*storage"):
         surgery.load_rules(bad)
+
+
+QUANTIZED_EMBEDDING = "version: 1\nquantize: {scheme: nf4, storage: bfloat16}\ndefault: quantize\nrules:\n" \
+                      "  - match: q_proj\n    action: adapt\n"
+
+
+def test_a_4bit_embedding_is_refused_for_sharding_with_its_rule_and_the_remedy(write_rules):
+    from surgery.loading import graph_of
+    from surgery.sharding import refuse_unshardable
+
+    rules = write_rules(QUANTIZED_EMBEDDING)
+    with pytest.raises(surgery.ShardingError, match=r"rules.yaml.*default.*embed_tokens.*embedding.*type: embedding"):
+        refuse_unshardable(surgery.plan(graph_of("tiny-llama"), rules))
+    base = surgery.tiny_model("tiny-llama")
+    surgery.prepare_base(base, rules)
+    with pytest.raises(surgery.ShardingError, match="'model.embed_tokens' is a 4-bit embedding.*type: embedding"):
+        surgery.shard_base(base)
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_fsdp_with_a_quantized_embedding_is_refused_before_loading_under_both_launchers(write_rules, tmp_path,
+                                                                                        launcher):
+    rules = write_rules(QUANTIZED_EMBEDDING)
+    args = ["-m", "surgery_cli.app", "train", str(rules), "--model", "tiny-llama", "--data", "upper", "--out",
+            str(tmp_path / "run"), "--fsdp", "--max-steps", "2"]
+    if launcher == "torchrun":
+        command = torchrun(*args)
+    else:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", str(_free_port()), *args]
+    done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "FSDP2 cannot shard" in done.stderr + done.stdout and "internal error" not in done.stderr + done.stdout
+    assert not (tmp_path / "run").exists()

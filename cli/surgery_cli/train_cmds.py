@@ -115,7 +115,7 @@ def train(
     from surgery.distributed import world
     from surgery.job import TrainConfig, make_job
     from surgery.report import training_summary
-    from surgery.sharding import check_sharding, shard_base
+    from surgery.sharding import check_sharding, refuse_unshardable_rules, shard_base
 
     shorthand = _shorthand_rules(rules, job, target_modules, lora_r, lora_alpha, lora_dropout, quantize)
     specs = [(None, shorthand or rules, data)] if rules or data or shorthand else []
@@ -130,6 +130,8 @@ def train(
     config.check()
     check_batching(batched, max_batched_tokens, gradient_checkpointing)
     check_sharding(fsdp, batched, device_map)
+    if fsdp:
+        refuse_unshardable_rules(name, [r for _, r, _ in specs])
     placed = placement(device, device_map, max_memory, attn_implementation)
     where = world()
     if where.main:  # every output folder is checked before anything is loaded
