@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .errors import AdapterStateError, PlanError, RuleFileError, SurgeryError, first_line
-from .files import GiB, MiB, atomic_write, read_user_file, version
+from .files import GiB, MiB, atomic_write, check_folder_files, read_user_file, version
 from .fingerprint import Fingerprint, fingerprint
 from .plan import plan as make_plan
 from .finetune import finetune_info, own_state, require_finetune
@@ -118,6 +118,7 @@ def read_adapter(path: str | Path) -> AdapterFile:
     """
     path = Path(path)
     if path.is_dir() and (path / ADAPTER_FILE).is_file():
+        check_folder_files(path, error=AdapterStateError)
         path = path / ADAPTER_FILE
     data = _read_bytes(path)
     header, data_start = _parse_header(path, data)

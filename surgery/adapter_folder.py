@@ -11,13 +11,13 @@ The folder holds what PEFT users and tools expect next to surgery's own file:
   through the fine-tune's own ``load_state_dict``, which loads its own tensors only;
 * ``README.md``: a model card (base, rules, trainable parameters, how to load).
 
-Every byte is computed before the first write; each file is written atomically.
+Every byte is computed before the first write, and the files are written as one set (``files.write_folder_files``):
+a reader sees the folder as it was or as it is now, never a mix.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from torch import nn
 
 from .adapter_file import ADAPTER_FILE, adapter_bytes
 from .errors import AdapterStateError, SurgeryError, SurgeryWarning
-from .files import atomic_write, fsync_folder
+from .files import write_folder_files
 from .finetune import add_method, own_state, require_finetune
 from .model_card import CARD_FILE, adapter_card
 from .peft_format import CONFIG_FILE, peft_adapter, peft_files
@@ -61,10 +61,7 @@ def save_pretrained(finetune: nn.Module, save_directory: str | os.PathLike, *, i
     files = adapter_folder_files(finetune, _own_values(finetune, state_dict))
     if not is_main_process:
         return folder
-    for name, data in files.items():
-        atomic_write(folder / name, data, error=AdapterStateError)
-        if name == ADAPTER_FILE:
-            _link_for_trainer(folder)
+    write_folder_files(folder, files, error=AdapterStateError, links={TRAINER_FILE: ADAPTER_FILE})
     return folder
 
 
@@ -119,23 +116,6 @@ def _peft_layout(finetune: nn.Module) -> tuple[dict[str, bytes], str]:
         warnings.warn(f"save_pretrained: no PEFT layout ({CONFIG_FILE}) for this fine-tune: {why}; the folder "
                       f"holds surgery's {ADAPTER_FILE} only", SurgeryWarning, stacklevel=4)
         return {}, why
-
-
-def _link_for_trainer(folder: Path) -> None:
-    """``model.safetensors`` as a hard link to the adapter file (a copy where links are not possible)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{TRAINER_FILE}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    os.unlink(tmp)
-    try:
-        try:
-            os.link(folder / ADAPTER_FILE, tmp)
-        except OSError:
-            atomic_write(Path(tmp), (folder / ADAPTER_FILE).read_bytes(), error=AdapterStateError)
-        os.replace(tmp, folder / TRAINER_FILE)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise AdapterStateError(f"{folder / TRAINER_FILE}: could not be written ({exc.strerror or exc})") from None
-    fsync_folder(folder)
 
 
 add_method("save_pretrained", save_pretrained)

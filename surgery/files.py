@@ -152,6 +152,95 @@ def _umask_permissions(folder: Path) -> None:
             os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
 
 
+# ------------------------------------------------------------------------- a set of files, whole or not at all
+
+MANIFEST_FILE = ".surgery-files.json"  # what the last complete write of a folder's files put there
+MAX_MANIFEST_BYTES = 64 * 1024
+
+
+def write_folder_files(folder: str | Path, files: dict[str, bytes], *, error: type[SurgeryError],
+                       links: dict[str, str] | None = None) -> None:
+    """Write ``files`` (name -> bytes; ``links``: name -> the file of ``files`` it is a hard link to, a copy
+    where links fail) into ``folder`` so that every reader sees the old set or the new set, never a mix:
+    the new files go to temp names first; the folder's manifest says "writing" while they are renamed into
+    place, then lists each file's sha256 (``check_folder_files``). Other files in the folder are left alone.
+    """
+    import hashlib
+    import json
+
+    folder, links = Path(folder), links or {}
+    temps: dict[str, str] = {}
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, data in files.items():
+            temps[name] = _written_temp(folder, name, data)
+        for name, target in links.items():
+            temps[name] = _linked_temp(folder, name, temps[target])
+        atomic_write(folder / MANIFEST_FILE, json.dumps({"format": 1, "writing": sorted(temps)}).encode(),
+                     error=error)
+        for name, tmp in temps.items():
+            os.replace(tmp, folder / name)
+        temps.clear()
+        fsync_folder(folder)
+        digests = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+        digests.update({name: digests[target] for name, target in links.items()})
+        atomic_write(folder / MANIFEST_FILE, json.dumps({"format": 1, "files": digests}, indent=1).encode(),
+                     error=error)
+    except OSError as exc:
+        raise error(f"{folder}: could not be written ({exc.strerror or exc}); files written before are as they "
+                    "were") from None
+    finally:
+        for tmp in temps.values():
+            Path(tmp).unlink(missing_ok=True)
+
+
+def _written_temp(folder: Path, name: str, data: bytes) -> str:
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    try:
+        os.chmod(tmp, 0o666 & ~umask())
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _linked_temp(folder: Path, name: str, source: str) -> str:
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    os.unlink(tmp)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    return tmp
+
+
+def check_folder_files(folder: str | Path, *, error: type[SurgeryError]) -> None:
+    """Refuse a folder whose last write of its files did not finish (its manifest still says "writing": the files
+    may mix two saves). A folder without a manifest (from before manifests, or another tool) passes; files edited
+    after a complete save are each read and checked as usual (the manifest's sha256 list records what was saved)."""
+    import json
+
+    folder = Path(folder)
+    manifest = folder / MANIFEST_FILE
+    if not manifest.exists() and not manifest.is_symlink():
+        return
+    try:
+        entry = json.loads(read_user_file(manifest, what="folder manifest", limit=MAX_MANIFEST_BYTES, error=error))
+    except (ValueError, RecursionError):
+        entry = None
+    if not isinstance(entry, dict) or not ("writing" in entry or isinstance(entry.get("files"), dict)):
+        raise error(f"{manifest}: not a manifest surgery wrote (it lists the files of the folder's last save); "
+                    "save the folder again, or delete that file if the folder's files are whole")
+    if "writing" in entry:
+        raise error(f"{folder}: its files were being written when that was interrupted ({MANIFEST_FILE} says so), "
+                    "so they may mix two saves; save the folder again")
+
+
 def fsync_folder(folder: Path) -> None:
     """Make a rename in ``folder`` durable (best effort: some file systems refuse)."""
     try:

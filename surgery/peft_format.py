@@ -24,7 +24,7 @@ from torch import nn
 from .lora import LoraEmbedding, LoraLayer
 from .errors import AdapterStateError, PlanError, first_line
 from .fingerprint import Fingerprint
-from .files import MiB, atomic_write, check_user_file, read_user_text, version
+from .files import MiB, check_folder_files, check_user_file, read_user_text, version, write_folder_files
 from .finetune import require_finetune
 from .sharding import refuse_sharded
 from .rewrite import rewrite
@@ -70,8 +70,7 @@ def export_peft(finetune: nn.Module, folder: str | Path, *, target: Target = "pe
     check_servable(finetune, config, target)
     files = peft_files(config, tensors, metadata)
     files[CARD_FILE] = adapter_card(finetune, tensors, "peft").encode()
-    for name, data in files.items():
-        atomic_write(folder / name, data, error=AdapterStateError)
+    write_folder_files(folder, files, error=AdapterStateError)
     return folder
 
 
@@ -182,6 +181,8 @@ class PeftFolder:
 def read_peft_folder(folder: str | Path) -> PeftFolder:
     """Read a PEFT adapter folder completely (config, weights, metadata); changes nothing."""
     folder = Path(folder)
+    if folder.is_dir():
+        check_folder_files(folder, error=AdapterStateError)
     config = _read_config(folder)
     tensors, metadata = _read_weights(folder)
     fingerprint = None

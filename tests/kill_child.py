@@ -32,5 +32,32 @@ def run(out: str, steps: int, ready) -> None:
     train([job], resume={"job": found} if found else None)
 
 
+def two_finetunes():
+    """Two fine-tunes of tiny-llama with different (seeded) adapter values: what the folder writers alternate."""
+    base = surgery.tiny_model("tiny-llama")
+    out = []
+    for seed in (1, 2):
+        ft = surgery.rewrite(base, "qv_lora")
+        with torch.no_grad():
+            generator = torch.Generator().manual_seed(seed)
+            for p in ft.parameters():
+                if p.requires_grad:
+                    p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+        out.append(ft)
+    return out
+
+
+def write_folders(folder: str, kind: str, ready) -> None:
+    """Write the folder again and again, alternating the two fine-tunes, until killed."""
+    finetunes = two_finetunes()
+    ready.set()
+    for i in range(1_000_000):
+        ft = finetunes[i % 2]
+        if kind == "adapter":
+            ft.save_pretrained(folder)
+        else:
+            surgery.export_peft(ft, folder)
+
+
 if __name__ == "__main__":
     sys.exit("run through tests/test_promises.py")

@@ -41,8 +41,9 @@ def test_save_pretrained_writes_an_adapter_folder_that_peft_and_surgery_load(tmp
     base = surgery.tiny_model(model)
     ft = trained(surgery.rewrite(base, WITH_PLAIN))
     ft.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "adapter.safetensors", "adapter_config.json",
-                                                           "adapter_model.safetensors", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".surgery-files.json", "README.md", "adapter.safetensors",
+                                                           "adapter_config.json", "adapter_model.safetensors",
+                                                           "model.safetensors"]
     base_names = {n for n, _ in base.named_parameters()} - set(own_state(ft))
     for name in ("adapter.safetensors", "adapter_model.safetensors", "model.safetensors"):
         assert not {k.removeprefix("base_model.model.") for k in keys_in(tmp_path / name)} & base_names, name
@@ -119,8 +120,8 @@ def test_push_to_hub_uploads_the_adapter_folder(tmp_path, monkeypatch):
     ft = surgery.rewrite(surgery.tiny_model("tiny-llama"), "qv_lora")
     ft.push_to_hub("me/qv")
     own_bytes = sum(t.numel() * t.element_size() for t in own_state(ft).values())
-    assert set(uploaded) == {"README.md", "adapter.safetensors", "adapter_config.json", "adapter_model.safetensors",
-                             "model.safetensors"}
+    assert set(uploaded) == {".surgery-files.json", "README.md", "adapter.safetensors", "adapter_config.json",
+                             "adapter_model.safetensors", "model.safetensors"}
     assert uploaded["adapter.safetensors"] < own_bytes + 64 * 1024  # no base tensor
 
 

@@ -351,6 +351,83 @@ def test_killed_runs_lose_nothing_and_always_resume(tmp_path, monkeypatch):
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # leftovers cleaned up
 
 
+@pytest.mark.parametrize("kind", ["adapter", "peft"])
+def test_a_folder_killed_while_written_loads_as_before_as_after_or_is_refused(tmp_path, monkeypatch, kind):
+    """kill -9 at random points of save_pretrained / export_peft rewriting one folder with two fine-tunes in turn."""
+    import multiprocessing
+    import random
+
+    here = str(Path(__file__).parent)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([here, *filter(None, [os.environ.get("PYTHONPATH")])]))
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["kill_child"])
+    import kill_child
+
+    from surgery.peft_format import read_peft_folder
+
+    finetunes = kill_child.two_finetunes()
+    expected = [{k: v.detach().clone() for k, v in own_state(ft).items()} for ft in finetunes]
+    folder, rng, outcomes = tmp_path / "folder", random.Random(kind), []
+    for _ in range(10):
+        ready = context.Event()
+        child = context.Process(target=kill_child.write_folders, args=(str(folder), kind, ready))
+        child.start()
+        assert ready.wait(60), "the writing child did not start"
+        time.sleep(rng.uniform(0.05, 0.4))
+        child.kill()
+        child.join()
+        try:
+            if kind == "adapter":
+                got = surgery.read_adapter(folder).tensors
+                outcomes.append(next(i for i, e in enumerate(expected)
+                                     if e.keys() == got.keys() and all(torch.equal(e[k], got[k]) for k in e)))
+            else:
+                got = read_peft_folder(folder).tensors
+                exports = [len(t) == len(got) and all(torch.equal(got[k], t[k]) for k in got)
+                           for t in (kill_child_peft_tensors(ft) for ft in finetunes)]
+                outcomes.append(exports.index(True))
+        except AdapterStateError as exc:  # the only other acceptable state: refused, saying why
+            assert "interrupted" in str(exc), exc
+            outcomes.append("refused")
+    assert len(outcomes) == 10 and set(outcomes) <= {0, 1, "refused"}, outcomes  # never a mix, never a crash
+
+
+@pytest.mark.parametrize("kind", ["adapter", "peft"])
+def test_a_crash_between_two_files_of_a_folder_is_refused_not_mixed(tmp_path, monkeypatch, kind):
+    """The window the kill loop may miss, made certain: the process dies after the first file is renamed."""
+    import kill_child
+    from surgery.peft_format import read_peft_folder
+
+    first, second = kill_child.two_finetunes()
+    write = (lambda ft: ft.save_pretrained(tmp_path)) if kind == "adapter" else \
+        (lambda ft: surgery.export_peft(ft, tmp_path))
+    read = surgery.read_adapter if kind == "adapter" else read_peft_folder
+    write(first)
+    real, calls = os.replace, []
+
+    def dies_on_the_second_file(src, dst):
+        if not str(dst).endswith(".surgery-files.json"):
+            calls.append(dst)
+            if len(calls) == 2:
+                raise KeyboardInterrupt("killed")  # no cleanup code of surgery's runs past this point
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", dies_on_the_second_file)
+    with pytest.raises(KeyboardInterrupt):
+        write(second)
+    monkeypatch.setattr(os, "replace", real)
+    with pytest.raises(AdapterStateError, match="interrupted.*save the folder again"):
+        read(tmp_path)
+    write(second)  # saving again mends it
+    assert read(tmp_path) is not None
+
+
+def kill_child_peft_tensors(ft) -> dict:
+    from surgery.peft_format import peft_adapter
+
+    return peft_adapter(ft)[1]
+
+
 # ============================================================================ 3. no hang, no exhaustion
 
 def _special_files(tmp_path: Path) -> dict[str, Path]:
