@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .errors import AdapterStateError, PlanError, RuleFileError, SurgeryError, first_line
-from .files import GiB, MiB, atomic_write, check_folder_files, read_user_file, version
+from .files import GiB, MiB, atomic_write, check_folder_files, check_inside, read_user_file, version
 from .fingerprint import Fingerprint, fingerprint
 from .plan import plan as make_plan
 from .finetune import finetune_info, own_state, require_finetune
@@ -117,8 +117,9 @@ def read_adapter(path: str | Path) -> AdapterFile:
     ``path`` may be a folder ``save_pretrained`` wrote (or a Trainer checkpoint): its adapter file is read.
     """
     path = Path(path)
-    if path.is_dir() and (path / ADAPTER_FILE).is_file():
+    if path.is_dir() and ((path / ADAPTER_FILE).is_file() or (path / ADAPTER_FILE).is_symlink()):
         check_folder_files(path, error=AdapterStateError)
+        check_inside(path, ADAPTER_FILE, error=AdapterStateError)
         path = path / ADAPTER_FILE
     data = _read_bytes(path)
     header, data_start = _parse_header(path, data)
@@ -273,11 +274,38 @@ def load_adapter(model: nn.Module, path: str | Path | AdapterFile) -> nn.Module:
                                         f"({info.rules.source}); load it onto the base instead to rebuild it")
             _copy_into(model, adapter)
             return model
-        return rewrite(base, rules, finish=lambda ft: _copy_into(ft, adapter))
+        return rewrite(base, rules, finish=lambda ft: _fill_and_check(ft, adapter))
     except (PlanError, RuleFileError) as exc:
         raise AdapterStateError(f"{adapter.path}: its rules do not plan on this base: {exc}") from None
 
 
+
+
+def _fill_and_check(finetune: nn.Module, adapter: AdapterFile) -> None:
+    """Load the adapter's tensors; in a folder that also holds PEFT's layout, that layout must be the same
+    fine-tune (a folder from the internet may pair one adapter's config or weights with another's)."""
+    _copy_into(finetune, adapter)
+    folder = adapter.path.parent
+    if adapter.path.name != ADAPTER_FILE or not (folder / "adapter_config.json").is_file():
+        return
+    from .peft_format import peft_adapter, read_peft_folder
+
+    theirs = read_peft_folder(folder)
+    config, tensors, _ = peft_adapter(finetune)
+    fields = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "modules_to_save")
+    differ = [f for f in fields if _canonical(config.get(f)) != _canonical(theirs.config.get(f))]
+    if not differ and (tensors.keys() != theirs.tensors.keys() or
+                       not all(torch.equal(tensors[k], theirs.tensors[k].to(tensors[k].dtype)) for k in tensors)):
+        differ = ["adapter_model.safetensors' tensors"]
+    if differ:
+        raise AdapterStateError(f"{folder}: its PEFT layout (adapter_config.json, adapter_model.safetensors) is "
+                                f"not the fine-tune in {ADAPTER_FILE} (they differ in {', '.join(differ)}); the "
+                                "folder mixes two adapters: save it again, or keep one of the two layouts")
+
+
+def _canonical(value):
+    """A config value compared without regard to list order (PEFT writes target_modules as a set)."""
+    return sorted(map(str, value)) if isinstance(value, (list, tuple)) else value
 
 
 def base_fingerprint(base: nn.Module) -> Fingerprint:

@@ -68,7 +68,7 @@ def save_pretrained(finetune: nn.Module, save_directory: str | os.PathLike, *, i
 def adapter_folder_files(finetune: nn.Module, values: dict[str, torch.Tensor]) -> dict[str, bytes]:
     """Every file of the adapter folder except the Trainer link, by name, as bytes (nothing written)."""
     files = {ADAPTER_FILE: adapter_bytes(finetune, values)}
-    peft, why_not = _peft_layout(finetune)
+    peft, why_not = _peft_layout(finetune, values)
     files.update(peft)
     files[CARD_FILE] = adapter_card(finetune, values, "adapter_folder", why_not).encode()
     return files
@@ -106,11 +106,11 @@ def _check_keywords(push_to_hub: bool, kwargs: dict) -> None:
                                 f"(it takes is_main_process, state_dict and {', '.join(sorted(IGNORED_KEYWORDS))})")
 
 
-def _peft_layout(finetune: nn.Module) -> tuple[dict[str, bytes], str]:
+def _peft_layout(finetune: nn.Module, values: dict[str, torch.Tensor]) -> tuple[dict[str, bytes], str]:
     """PEFT's two files, or no files and the reason PEFT cannot represent this fine-tune."""
     try:
         refuse_sharded(finetune, "the PEFT layout", "")
-        return peft_files(*peft_adapter(finetune)), ""
+        return peft_files(*peft_adapter(finetune, values)), ""
     except SurgeryError as exc:
         why = str(exc).split(";")[0]
         warnings.warn(f"save_pretrained: no PEFT layout ({CONFIG_FILE}) for this fine-tune: {why}; the folder "

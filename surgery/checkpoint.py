@@ -43,6 +43,18 @@ def earlier_run(out: Path) -> list[str]:
                   if p.name in (ADAPTER_FILE, METRICS_FILE) or p.name.startswith("checkpoint-"))
 
 
+RUN_FILES = ("rules.yaml", "loss.png")  # what the CLI writes into OUT besides the run's own files
+
+
+def _not_a_run(out: Path) -> list[str]:
+    """Entries of OUT that no surgery run writes (a user's own files), sorted."""
+    if not out.is_dir():
+        return []
+    return sorted(p.name for p in out.iterdir()
+                  if not (p.name in (ADAPTER_FILE, METRICS_FILE, LOCK_FILE, *RUN_FILES) or p.name.startswith(".")
+                          or p.name.startswith("checkpoint-") or (p.is_dir() and earlier_run(p))))
+
+
 def check_output_folder(out: Path, *, resume: Path | None = None, overwrite: bool = False) -> None:
     """OUT must be writable (or creatable) and hold no earlier run unless we resume it or may move it aside.
 
@@ -59,6 +71,11 @@ def check_output_folder(out: Path, *, resume: Path | None = None, overwrite: boo
     except OSError as exc:
         raise TrainError(f"{out}: cannot write there ({exc.strerror or exc}); choose another --out") from None
     earlier = earlier_run(out)
+    foreign = _not_a_run(out)
+    if overwrite and foreign:
+        shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
+        raise TrainError(f"{out}: holds files that are not a surgery run ({shown}); --overwrite moves only an "
+                         "earlier run aside, so nothing was moved: choose a new --out")
     if earlier and resume is None and not overwrite:
         shown = ", ".join(earlier[:4]) + (f" and {len(earlier) - 4} more" if len(earlier) > 4 else "")
         has_checkpoint = any(name.startswith("checkpoint-") for name in earlier)

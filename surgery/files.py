@@ -241,6 +241,21 @@ def check_folder_files(folder: str | Path, *, error: type[SurgeryError]) -> None
                     "so they may mix two saves; save the folder again")
 
 
+def check_inside(folder: Path, name: str, *, error: type[SurgeryError]) -> None:
+    """Refuse a file of a folder that is a link to somewhere outside the folder (or a link loop): a folder from
+    the internet must not make surgery read other files."""
+    path = folder / name
+    if not path.is_symlink():
+        return
+    try:
+        target = path.resolve(strict=True)
+    except (OSError, RuntimeError):
+        raise error(f"{path}: is a link that leads nowhere (a loop or a missing target); replace it with the file")
+    if not target.is_relative_to(folder.resolve()):
+        raise error(f"{path}: is a link to {target}, outside its folder; surgery reads only the folder's own files "
+                    "(copy the file in)")
+
+
 def fsync_folder(folder: Path) -> None:
     """Make a rename in ``folder`` durable (best effort: some file systems refuse)."""
     try:

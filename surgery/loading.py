@@ -87,6 +87,30 @@ def build_from_config(config, *, device: str | torch.device = "meta", seed: int 
     return model.eval()
 
 
+def random_model(config, name: str) -> nn.Module:
+    """The model of ``config`` with seeded random weights on the CPU, refused before allocating when its weights
+    would not fit in this machine's available memory (a config may claim any size)."""
+    layout = build_from_config(config, device="meta")
+    needed = sum(p.numel() * p.element_size() for p in layout.parameters())
+    available = _available_memory()
+    if available is not None and needed > 0.9 * available:
+        raise ModelConfigError(f"{name}: --random-init would build {needed / 2**30:,.1f} GiB of weights in memory "
+                               f"and {available / 2**30:,.1f} GiB is available; plan and inspect it without weights "
+                               "(`surgery plan`, `surgery inspect` build it on meta), or pick a smaller model")
+    return build_from_config(config, device="cpu", seed=TINY_SEED)
+
+
+def _available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), else None (no check)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def _config_name(config) -> str:
     return str(getattr(config, "name_or_path", "") or getattr(config, "model_type", "") or "the model config")
 
@@ -321,7 +345,7 @@ def _from_directory(path: Path, name: str, *, weights: bool, random_init: bool, 
         model = _from_checkpoint(path, name, config, rule_sets, placement or Placement(_cpu()))
         return LoadedModel(model.eval(), name, source, True)
     if random_init:
-        return LoadedModel(build_from_config(config, device="cpu", seed=TINY_SEED), name, source, False)
+        return LoadedModel(random_model(config, str(path)), name, source, False)
     raise ModelNotFoundError(
         f"{path}: has a config but no weights ({', '.join(WEIGHT_FILES[::2])}); "
         "pass --random-init to build it with random weights, or point to a folder with weights")
@@ -377,7 +401,7 @@ def _from_architecture(name: str, *, weights: bool, random_init: bool) -> Loaded
     if not weights:
         return LoadedModel(build_from_config(config, device="meta"), name, "bundled", False)
     if random_init:
-        return LoadedModel(build_from_config(config, device="cpu", seed=TINY_SEED), name, "bundled", False)
+        return LoadedModel(random_model(config, name), name, "bundled", False)
     raise ModelNotFoundError(
         f"{name}: only its architecture is bundled (no weights) and it is not in the local HF cache; "
         "pass --random-init to build it with random weights, download it into the HF cache, "

@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from .lora import LoraEmbedding, LoraLayer
-from .errors import AdapterStateError, PlanError, first_line
+from .errors import AdapterStateError, PlanError, RuleFileError, first_line
 from .fingerprint import Fingerprint
-from .files import MiB, check_folder_files, check_user_file, read_user_text, version, write_folder_files
+from .files import MiB, check_folder_files, check_inside, check_user_file, read_user_text, version, write_folder_files
 from .finetune import require_finetune
 from .sharding import refuse_sharded
 from .rewrite import rewrite
@@ -74,8 +74,12 @@ def export_peft(finetune: nn.Module, folder: str | Path, *, target: Target = "pe
     return folder
 
 
-def peft_adapter(finetune: nn.Module) -> tuple[dict, dict[str, torch.Tensor], dict[str, str]]:
+def peft_adapter(finetune: nn.Module, values: dict[str, torch.Tensor] | None = None
+                 ) -> tuple[dict, dict[str, torch.Tensor], dict[str, str]]:
     """The fine-tune in PEFT's terms: adapter_config.json's fields, the weights by PEFT key, and metadata.
+
+    ``values`` (the fine-tune's own tensors by name, as ``save_pretrained(state_dict=...)`` passes them) replace
+    the live tensors.
 
     The metadata (stored in the weights file's header, which PEFT and servers ignore) names the base
     and holds its fingerprint, so ``surgery adapter show`` and ``import_peft`` can tell which base it needs.
@@ -94,11 +98,15 @@ def peft_adapter(finetune: nn.Module) -> tuple[dict, dict[str, torch.Tensor], di
     alpha = Counter(c.alpha for c in configs.values()).most_common(1)[0][0]
     with_bias = any(c.bias for c in configs.values())
     tensors: dict[str, torch.Tensor] = {}
+    def own(path: str, name: str, live: torch.Tensor | None) -> torch.Tensor | None:
+        value = values.get(f"{path}.{name}", live) if values is not None and live is not None else live
+        return value.detach().to("cpu").contiguous() if value is not None else None
+
     for path, m in adapters.items():
-        tensors.update(_peft_tensors(path, m, with_bias))
+        tensors.update(_peft_tensors(path, m, with_bias, lambda name, live, path=path: own(path, name, live)))
     for path in plain:
         for name, p in finetune.get_submodule(path).named_parameters(recurse=False):
-            tensors[f"{PREFIX}{path}.{name}"] = p.detach().to("cpu").contiguous()
+            tensors[f"{PREFIX}{path}.{name}"] = own(path, name, p)
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -149,14 +157,15 @@ def _check_exportable(adapters: dict[str, nn.Module]) -> None:
                                 "train with `bias: false` or without embedding adapters to export to PEFT")
 
 
-def _peft_tensors(path: str, m: nn.Module, with_bias: bool) -> dict[str, torch.Tensor]:
-    a, b = m.lora_A.detach().to("cpu").contiguous(), m.lora_B.detach().to("cpu").contiguous()
+def _peft_tensors(path: str, m: nn.Module, with_bias: bool, own) -> dict[str, torch.Tensor]:
+    """One LoRA layer's PEFT tensors; ``own(name, live)`` gives the value of its tensor ``name`` on the CPU."""
+    a, b = own("lora_A", m.lora_A), own("lora_B", m.lora_B)
     if isinstance(m, LoraEmbedding):
         return {f"{PREFIX}{path}.lora_embedding_A": a, f"{PREFIX}{path}.lora_embedding_B": b}
     out = {f"{PREFIX}{path}.lora_A.weight": a, f"{PREFIX}{path}.lora_B.weight": b}
     if with_bias:
-        bias = m.lora_bias.detach().to("cpu") / m.scaling if m.lora_bias is not None else torch.zeros(
-            b.shape[0], dtype=b.dtype)
+        lora_bias = own("lora_bias", m.lora_bias)
+        bias = lora_bias / m.scaling if lora_bias is not None else torch.zeros(b.shape[0], dtype=b.dtype)
         out[f"{PREFIX}{path}.lora_B.bias"] = bias.contiguous()
     return out
 
@@ -183,6 +192,8 @@ def read_peft_folder(folder: str | Path) -> PeftFolder:
     folder = Path(folder)
     if folder.is_dir():
         check_folder_files(folder, error=AdapterStateError)
+        for name in (CONFIG_FILE, WEIGHTS_FILE, "adapter_model.bin"):
+            check_inside(folder, name, error=AdapterStateError)
     config = _read_config(folder)
     tensors, metadata = _read_weights(folder)
     fingerprint = None
@@ -210,9 +221,17 @@ def import_peft(base: nn.Module, folder: str | Path, *, quantize: str | None = N
             raise AdapterStateError(f"{folder}: was exported from another base ({adapter.base_model or 'unnamed'}) "
                                     f"than this {type(base).__name__}: {why}")
     modules_to_save = config.get("modules_to_save") or []
+    names = {path.rsplit(".", 1)[-1] for path, _ in base.named_modules()} | {p for p, _ in base.named_modules()}
+    unknown = [m for m in modules_to_save if not isinstance(m, str) or m not in names]
+    if unknown:
+        raise AdapterStateError(f"{folder / CONFIG_FILE}: modules_to_save names {unknown[0]!r}, which this "
+                                f"{type(base).__name__} has no module of; the adapter is for another model")
     adapters, plain = _split_keys(folder, tensors, modules_to_save)
     loras = {path: _lora_config(config, path, parts) for path, parts in adapters.items()}
-    rules = parse_rules(_rules_for(base, loras, plain, quantize), source=f"{folder} (PEFT)")
+    try:
+        rules = parse_rules(_rules_for(base, loras, plain, quantize), source=f"{folder} (PEFT)")
+    except RuleFileError as exc:  # a value of adapter_config.json out of range: name the file it came from
+        raise AdapterStateError(f"{folder / CONFIG_FILE}: a setting is out of range ({exc})") from None
     values = {}
     for path, parts in adapters.items():
         values[f"{path}.lora_A"], values[f"{path}.lora_B"] = parts["A"], parts["B"]

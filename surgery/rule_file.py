@@ -21,6 +21,9 @@ from .rules import (ACTIONS, ADAPTABLE_KINDS, BLOCKSIZES, DTYPES, FORMAT_VERSION
                     Rule, RuleSet, bundled_rules, compile_regex)
 
 
+MAX_LORA_ALPHA = 1e6  # alpha / r scales the update; beyond this it overflows half precision at once
+
+
 def load_rules(spec: str | Path | RuleSet | dict) -> RuleSet:
     """Load a rule file by path or bundled name; a RuleSet passes through, a dict is parsed as a file would be."""
     if isinstance(spec, RuleSet):
@@ -266,6 +269,9 @@ def _parse_lora(raw: Any, where: _Where, key: str) -> LoraConfig:
     alpha = raw.get("alpha", cfg.alpha)
     if not _is_number(alpha) or not math.isfinite(alpha) or alpha <= 0:
         raise inner.error(f"lora alpha must be a finite number > 0, got {alpha!r}", "alpha")
+    if alpha > MAX_LORA_ALPHA:
+        raise inner.error(f"lora alpha {alpha:g} is beyond {MAX_LORA_ALPHA:g}: its scaling would swamp the base's "
+                          "outputs (alpha is usually r or 2r)", "alpha")
     dropout = raw.get("dropout", cfg.dropout)
     if not _is_number(dropout) or not 0 <= dropout < 1:
         raise inner.error(f"lora dropout must be in [0, 1), got {dropout!r}", "dropout")

@@ -156,10 +156,11 @@ def train(
                 raise typer.BadParameter("--resume with several jobs takes the run's --out folder")
             resume_from[jobs[0].name] = resume
         else:
-            for j in jobs:
-                found = latest_checkpoint(j.out)
+            for (job_name, _, _), j in zip(specs, jobs):
+                folder = resume if job_name is None else resume / job_name  # the earlier run's --out, as written
+                found = latest_checkpoint(folder) if folder.is_dir() else None
                 if found is None:
-                    raise typer.BadParameter(f"--resume {resume}: no checkpoint-N folder for job {j.name} in {j.out}")
+                    raise typer.BadParameter(f"--resume {resume}: no checkpoint-N folder for job {j.name} in {folder}")
                 resume_from[j.name] = found
     if where.main:
         console.print(f"model: [bold]{name}[/] (from {why}); {len(jobs)} fine-tune{'s' if len(jobs) > 1 else ''}"
