@@ -80,6 +80,25 @@ def base_bytes(graph: ModelGraph, decisions: dict, world_size: int = 1) -> tuple
     return sum(now.values()), sum(sum(forms.values()) for forms in after.values())
 
 
+def base_bytes_by_device(graph: ModelGraph, decisions: dict, device_of) -> dict[str, int]:
+    """Bytes of the base after quantization on each device of a device map (``device_of(module path)``), each
+    tensor once per stored form, on the device of the first module that holds it."""
+    canon = graph.canonical_names()
+    placed: dict[str, dict[object, tuple[str, int]]] = defaultdict(dict)
+    for path, decision in decisions.items():
+        info = graph.modules[path]
+        for p in info.params:
+            full = f"{path}.{p.name}" if path else p.name
+            form = decision.stored_form(p.name, p.dtype)
+            placed[canon.get(full, full)].setdefault(form, (str(device_of(path)),
+                                                            stored_bytes(info, p, form, decision.quant)))
+    out: dict[str, int] = defaultdict(int)
+    for forms in placed.values():
+        for device, nbytes in forms.values():
+            out[device] += nbytes
+    return dict(out)
+
+
 def stored_bytes(info: ModuleInfo, p: ParamInfo, form: object, quant: QuantConfig, world_size: int = 1) -> int:
     """Bytes of one tensor stored in ``form`` (see ``plan.Decision.stored_form``) on one of ``world_size`` ranks.
 

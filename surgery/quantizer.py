@@ -133,3 +133,35 @@ def loading_config(plan: Plan) -> PlanQuantizationConfig:
     register()
     tied = {name.rpartition(".")[0] for names in plan.graph.ties for name in names}
     return PlanQuantizationConfig({d.path: d for d in plan.quantized if d.path not in tied})
+
+
+def planned_device_map(model: nn.Module, plan: Plan, max_memory: dict, *, balanced: bool = False) -> dict[str, object]:
+    """The device map transformers would compute for ``plan``'s base (``device_map="auto"`` or "balanced" with
+    ``max_memory``), from the model on meta with the planned layers in place: what ``from_pretrained`` places
+    when the plan loads, computed without a GPU (accelerate only warns about GPUs it cannot see)."""
+    import copy
+
+    from transformers.integrations.accelerate import get_balanced_memory, infer_auto_device_map
+
+    quantizer = PlanQuantizer(loading_config(plan))
+    twin = copy.deepcopy(model).to("meta")
+    quantizer._process_model_before_weight_loading(twin)
+    no_split = getattr(twin, "_no_split_modules", None) or []
+    memory = dict(max_memory)
+    if balanced:
+        memory = get_balanced_memory(twin, max_memory=memory, no_split_module_classes=no_split,
+                                     hf_quantizer=quantizer)
+    return infer_auto_device_map(twin, max_memory=memory, no_split_module_classes=no_split, hf_quantizer=quantizer)
+
+
+def device_of(device_map: dict[str, object]):
+    """``path -> device`` for a device map of module prefixes (the longest prefix that holds the path)."""
+    prefixes = sorted(device_map, key=len, reverse=True)
+
+    def lookup(path: str) -> object:
+        for prefix in prefixes:
+            if prefix == "" or path == prefix or path.startswith(prefix + "."):
+                return device_map[prefix]
+        return "cpu"
+
+    return lookup

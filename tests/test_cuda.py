@@ -183,3 +183,15 @@ def test_generation_on_cuda_answers_like_the_cpu_greedily():
         base = surgery.load_model("tiny-llama", device=device).model.requires_grad_(False)
         answers[device] = generate(base, [None], ["owl ->", "van ->"], tok, max_new_tokens=6)
     assert answers["cuda"] == answers["cpu"]  # fp32, greedy: argmax ties aside, the same tokens
+
+
+def test_the_planned_device_map_is_the_one_the_loader_uses(tmp_path):
+    from surgery.loading import graph_of, load_model
+    from surgery.quantizer import planned_device_map
+
+    surgery.tiny_model("tiny-llama").save_pretrained(tmp_path / "m")
+    memory = {0: 200 * 1024, "cpu": 2**30}  # a tiny budget on the GPU: part of the base goes to the CPU
+    planned = planned_device_map(load_model(str(tmp_path / "m"), weights=False).model,
+                                 surgery.plan(graph_of(str(tmp_path / "m")), "qlora_nf4"), memory)
+    base = load_model(str(tmp_path / "m"), rules="qlora_nf4", device_map="auto", max_memory=memory).model
+    assert {k: str(v) for k, v in base.hf_device_map.items()} == {k: str(v) for k, v in planned.items()}

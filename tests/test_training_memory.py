@@ -104,3 +104,17 @@ def test_the_estimate_holds_on_a_smollm2_sized_layer(tmp_path):
         logits = ft(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, use_cache=False).logits
     real = saved.bytes + logits.numel() * 4
     assert abs(estimate - real) <= 0.15 * real, (estimate, real)
+
+
+def test_plan_device_map_puts_the_exact_base_on_each_device_as_transformers_would_place_it():
+    limits = {0: 3 * 2**30, 1: 3 * 2**30, "cpu": 64 * 2**30}
+    done = CliRunner().invoke(app, ["plan", "qlora_nf4", "--model", "meta-llama/Llama-3.1-8B", "--json",
+                                    "--device-map", "auto", "--max-memory", "0=3GiB,1=3GiB,cpu=64GiB"])
+    assert done.exit_code == 0, done.output
+    data = json.loads(done.stdout[done.stdout.index("{"):])
+    placed = data["base_bytes_by_device"]
+    assert sum(placed.values()) == data["memory"]["base_bytes_after"]  # every tensor once, exactly
+    assert set(placed) == {"0", "1", "cpu"}  # the 3 GiB GPUs are full, the rest goes to the CPU
+    assert all(placed[str(k)] <= limits[k] for k in (0, 1))
+    bad = CliRunner().invoke(app, ["plan", "qlora_nf4", "--model", "tiny-llama", "--device-map", "auto"])
+    assert bad.exit_code == 2 and "with --max-memory" in bad.output

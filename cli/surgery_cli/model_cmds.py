@@ -61,6 +61,11 @@ def plan(
     precision: str = typer.Option("bf16", "--precision", rich_help_panel=TRAINING_PANEL, help="fp32, bf16 or fp16."),
     attn_implementation: str = typer.Option("sdpa", "--attn-implementation", rich_help_panel=TRAINING_PANEL,
                                             help="sdpa / flash_attention_2 (fused kernels) or eager."),
+    device_map: Optional[str] = typer.Option(None, "--device-map", rich_help_panel=TRAINING_PANEL, help="auto or "
+                                             "balanced: the base's bytes on each device as transformers would "
+                                             "place it (with --max-memory)."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", rich_help_panel=TRAINING_PANEL,
+                                             help="With --device-map: e.g. 0=20GiB,1=20GiB,cpu=64GiB."),
 ):
     """Decide every module of MODEL by RULES, check every constraint, and show memory for N fine-tunes; with
     --batch-size, the predicted peak of a training run on each device and whether it fits --device-memory.
@@ -87,6 +92,7 @@ def plan(
     graph = graph_of(name, use_cache=not no_cache)
     result = make_plan(graph, planned_rules, finetunes=finetunes, check=False)
     devices = world_size > 1 or fsdp
+    placed = _placed_bytes(result, name, device_map, max_memory) if device_map or max_memory else None
     peak = _training_peak(result, name, cuda, batch_size, block_size, gradient_checkpointing, optimizer, precision,
                           attn_implementation, finetunes, world_size, fsdp) if batch_size else None
     if as_json:
@@ -95,6 +101,8 @@ def plan(
             extra["training_peak"] = {**{label: value for label, value, _ in peak[0].rows()},
                                       "total": peak[0].total, "device_memory": budget,
                                       "fits": None if budget is None else peak[0].total <= budget}
+        if placed is not None:
+            extra["base_bytes_by_device"] = placed
         print(json.dumps({**result.to_dict(), **extra}, indent=2))
     else:
         if why != "--model":
@@ -103,6 +111,11 @@ def plan(
         console.print(f"4-bit compute dtype: {_compute_text(result)}", highlight=False)
         if devices:
             console.print(per_device_table(result, world_size, fsdp))
+        if placed is not None:
+            from surgery.memory import fmt_bytes
+
+            console.print(f"base per device (--device-map {device_map}, transformers' placement): " + ", ".join(
+                f"{device}: {fmt_bytes(n)}" for device, n in placed.items()), highlight=False)
         if peak is not None:
             _print_peak(*peak, budget, result)
     if result.violations:
@@ -135,6 +148,20 @@ def _training_peak(result, name, cuda, batch_size, block_size, checkpointing, op
                           "math" if attention == "eager" else "fused")
     layout = load_model(name, weights=False).model  # meta: the activations are counted without memory
     return training_peak(result, layout, shape, cuda=cuda), shape
+
+
+def _placed_bytes(result, name, device_map, max_memory) -> dict[str, int]:
+    from surgery.devices import parse_max_memory
+    from surgery.loading import load_model
+    from surgery.memory import base_bytes_by_device
+    from surgery.quantizer import device_of, planned_device_map
+
+    if device_map not in ("auto", "balanced") or not max_memory:
+        raise typer.BadParameter("plan --device-map takes auto or balanced, with --max-memory (e.g. 0=20GiB,1=20GiB):"
+                                 " the plan may run where those GPUs are not")
+    layout = load_model(name, weights=False).model
+    where = planned_device_map(layout, result, parse_max_memory(max_memory), balanced=device_map == "balanced")
+    return base_bytes_by_device(result.graph, result.decisions, device_of(where))
 
 
 def _print_peak(peak, shape, budget, result) -> None:
