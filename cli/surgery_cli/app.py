@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from . import adapter_cmds, demo, model_cmds, train_cmds
+from . import adapter_cmds, demo, generate_cmd, model_cmds, train_cmds
 from .common import Commands
 
 app = typer.Typer(help="Rule-driven model surgery for HuggingFace models: one quantized base, many fine-tunes.",
@@ -33,7 +33,7 @@ app.command()(adapter_cmds.merge)
 app.command("export-peft")(adapter_cmds.export_peft_cmd)
 app.command("import-peft")(adapter_cmds.import_peft_cmd)
 app.command()(train_cmds.train)
-app.command()(train_cmds.generate)
+app.command()(generate_cmd.generate)
 
 
 def main() -> None:

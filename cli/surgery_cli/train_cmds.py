@@ -8,7 +8,15 @@ from typing import Optional
 import typer
 
 from .common import (ATTN_OPT, DEVICE_MAP_OPT, DEVICE_OPT, MAX_MEMORY_OPT, MODEL_OPT, RANDOM_INIT_OPT, TOKENIZER_OPT,
-                     console, model_for, placement, quiet_libraries, where_text)
+                     DEVICE_PANEL, console, model_for, placement, quiet_libraries, where_text)
+
+
+DATA = "Data"
+SCHEDULE = "Schedule & optimizer"
+SHORTHAND = "LoRA shorthand (instead of RULES)"
+EVALUATION = "Evaluation & early stopping"
+CHECKPOINTS = "Checkpoints"
+OUTPUT = "Output"
 
 
 def _parse_job(spec: str) -> tuple[str, str, str]:
@@ -23,65 +31,65 @@ def train(
     rules: Optional[str] = typer.Argument(None, help="Rule file or bundled name (or --job for several, or "
                                           "--target-modules for a one-off LoRA)."),
     model: Optional[str] = MODEL_OPT,
-    data: Optional[str] = typer.Option(None, "--data", "-d", help="Training data: .csv (a text column; quoted "
+    data: Optional[str] = typer.Option(None, "--data", "-d", rich_help_panel=DATA, help="Training data: .csv (a text column; quoted "
                                        "fields may span lines), .jsonl (text, prompt+completion or messages), .txt (one "
                                        "example per line; with --group-texts one running text), or a bundled set "
                                        "(capitals, upper, reverse)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output folder (one subfolder per --job)."),
-    job: list[str] = typer.Option([], "--job", help="NAME=RULES,DATA: one more fine-tune on the same base "
+    out: Path = typer.Option(..., "--out", "-o", rich_help_panel=OUTPUT, help="Output folder (one subfolder per --job)."),
+    job: list[str] = typer.Option([], "--job", rich_help_panel=DATA, help="NAME=RULES,DATA: one more fine-tune on the same base "
                                   "(repeatable; all train in this process on one shared base)."),
-    eval_file: Optional[str] = typer.Option(None, "--eval", help="Evaluation data file."),
-    eval_split: Optional[float] = typer.Option(None, "--eval-split", help="Hold out this fraction for evaluation."),
-    chat_template: bool = typer.Option(False, "--chat-template", help="Render prompt/completion rows with the "
+    eval_file: Optional[str] = typer.Option(None, "--eval", rich_help_panel=EVALUATION, help="Evaluation data file."),
+    eval_split: Optional[float] = typer.Option(None, "--eval-split", rich_help_panel=EVALUATION, help="Hold out this fraction for evaluation."),
+    chat_template: bool = typer.Option(False, "--chat-template", rich_help_panel=DATA, help="Render prompt/completion rows with the "
                                        "tokenizer's chat template (`messages` rows always are); loss on the "
                                        "assistant's answer only."),
-    group_texts: bool = typer.Option(False, "--group-texts", help="Corpus mode: examples (a .txt file whole) "
+    group_texts: bool = typer.Option(False, "--group-texts", rich_help_panel=DATA, help="Corpus mode: examples (a .txt file whole) "
                                      "joined with EOS and cut into blocks (default: one example per row, padded)."),
-    block_size: int = typer.Option(128, "--block-size", help="Tokens per row."),
-    pad_token_id: Optional[int] = typer.Option(None, "--pad-token-id", help="For tokenizers without a pad token."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Rows per micro-batch (per process)."),
-    grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step."),
-    lr: float = typer.Option(2e-4, "--lr", help="Peak learning rate."),
-    epochs: int = typer.Option(1, "--epochs", help="Passes over the data (unless --max-steps)."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps (overrides --epochs)."),
-    warmup: int = typer.Option(0, "--warmup", help="Warmup steps."),
-    schedule: str = typer.Option("cosine", "--schedule", help="cosine, linear or constant."),
-    weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW weight decay (matrices only)."),
-    max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", help="Gradient clipping (0: off)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of adapter init, data order and dropout."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16 (autocast)."),
-    optimizer: str = typer.Option("adamw", "--optimizer", help="adamw or adamw8bit (bitsandbytes 8-bit AdamW)."),
-    eval_steps: Optional[int] = typer.Option(None, "--eval-steps", help="Evaluate every N steps."),
-    save_steps: Optional[int] = typer.Option(None, "--save-steps", help="Checkpoint every N steps."),
-    save_total_limit: Optional[int] = typer.Option(None, "--save-total-limit", help="Keep only the newest N."),
-    early_stopping_patience: Optional[int] = typer.Option(None, "--early-stopping-patience", help="Stop a job after "
+    block_size: int = typer.Option(128, "--block-size", rich_help_panel=DATA, help="Tokens per row."),
+    pad_token_id: Optional[int] = typer.Option(None, "--pad-token-id", rich_help_panel=DATA, help="For tokenizers without a pad token."),
+    batch_size: int = typer.Option(8, "--batch-size", rich_help_panel=SCHEDULE, help="Rows per micro-batch (per process)."),
+    grad_accum: int = typer.Option(1, "--grad-accum", rich_help_panel=SCHEDULE, help="Micro-batches per optimizer step."),
+    lr: float = typer.Option(2e-4, "--lr", rich_help_panel=SCHEDULE, help="Peak learning rate."),
+    epochs: int = typer.Option(1, "--epochs", rich_help_panel=SCHEDULE, help="Passes over the data (unless --max-steps)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", rich_help_panel=SCHEDULE, help="Optimizer steps (overrides --epochs)."),
+    warmup: int = typer.Option(0, "--warmup", rich_help_panel=SCHEDULE, help="Warmup steps."),
+    schedule: str = typer.Option("cosine", "--schedule", rich_help_panel=SCHEDULE, help="cosine, linear or constant."),
+    weight_decay: float = typer.Option(0.0, "--weight-decay", rich_help_panel=SCHEDULE, help="AdamW weight decay (matrices only)."),
+    max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", rich_help_panel=SCHEDULE, help="Gradient clipping (0: off)."),
+    seed: int = typer.Option(0, "--seed", rich_help_panel=SCHEDULE, help="Seed of adapter init, data order and dropout."),
+    precision: str = typer.Option("fp32", "--precision", rich_help_panel=SCHEDULE, help="fp32, bf16 or fp16 (autocast)."),
+    optimizer: str = typer.Option("adamw", "--optimizer", rich_help_panel=SCHEDULE, help="adamw or adamw8bit (bitsandbytes 8-bit AdamW)."),
+    eval_steps: Optional[int] = typer.Option(None, "--eval-steps", rich_help_panel=EVALUATION, help="Evaluate every N steps."),
+    save_steps: Optional[int] = typer.Option(None, "--save-steps", rich_help_panel=CHECKPOINTS, help="Checkpoint every N steps."),
+    save_total_limit: Optional[int] = typer.Option(None, "--save-total-limit", rich_help_panel=CHECKPOINTS, help="Keep only the newest N."),
+    early_stopping_patience: Optional[int] = typer.Option(None, "--early-stopping-patience", rich_help_panel=EVALUATION, help="Stop a job after "
                                                           "N evaluations (--eval-steps) without a better eval loss; "
                                                           "its adapter keeps the best weights."),
-    early_stopping_threshold: float = typer.Option(0.0, "--early-stopping-threshold", help="How much an eval loss "
+    early_stopping_threshold: float = typer.Option(0.0, "--early-stopping-threshold", rich_help_panel=EVALUATION, help="How much an eval loss "
                                                    "must beat the best to count as better."),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="A checkpoint folder, or the --out folder of a "
+    resume: Optional[Path] = typer.Option(None, "--resume", rich_help_panel=CHECKPOINTS, help="A checkpoint folder, or the --out folder of a "
                                           "run (each job resumes from its newest checkpoint)."),
-    batched: bool = typer.Option(False, "--batched", help="Several --job: run every job's micro-batch through "
+    batched: bool = typer.Option(False, "--batched", rich_help_panel=DEVICE_PANEL, help="Several --job: run every job's micro-batch through "
                                  "one shared base pass per micro-step (same results as taking turns, faster)."),
-    max_batched_tokens: Optional[int] = typer.Option(None, "--max-batched-tokens", help="With --batched: at most "
+    max_batched_tokens: Optional[int] = typer.Option(None, "--max-batched-tokens", rich_help_panel=DEVICE_PANEL, help="With --batched: at most "
                                                      "this many padded tokens (rows x length) per pass; jobs beyond "
                                                      "it go in further passes (bounds activation memory)."),
-    fsdp: bool = typer.Option(False, "--fsdp", help="Under torchrun / accelerate launch: shard the shared base "
+    fsdp: bool = typer.Option(False, "--fsdp", rich_help_panel=DEVICE_PANEL, help="Under torchrun / accelerate launch: shard the shared base "
                               "over the processes with FSDP2 (each holds about 1/N of it); nf4 or unquantized bases."),
-    target_modules: Optional[str] = typer.Option(None, "--target-modules", help="Instead of RULES, a one-off LoRA: "
+    target_modules: Optional[str] = typer.Option(None, "--target-modules", rich_help_panel=SHORTHAND, help="Instead of RULES, a one-off LoRA: "
                                                  "module names to adapt (q_proj,v_proj) or all-linear; the rule "
                                                  "file they stand for is written to OUT/rules.yaml."),
-    lora_r: Optional[int] = typer.Option(None, "--lora-r", help="With --target-modules: LoRA rank (default 8)."),
-    lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha", help="With --target-modules: LoRA alpha "
+    lora_r: Optional[int] = typer.Option(None, "--lora-r", rich_help_panel=SHORTHAND, help="With --target-modules: LoRA rank (default 8)."),
+    lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha", rich_help_panel=SHORTHAND, help="With --target-modules: LoRA alpha "
                                                "(default: the rank)."),
-    lora_dropout: Optional[float] = typer.Option(None, "--lora-dropout", help="With --target-modules: LoRA "
+    lora_dropout: Optional[float] = typer.Option(None, "--lora-dropout", rich_help_panel=SHORTHAND, help="With --target-modules: LoRA "
                                                  "dropout (default 0)."),
-    quantize: Optional[str] = typer.Option(None, "--quantize", help="With --target-modules: none, int8, nf4 or fp4 "
+    quantize: Optional[str] = typer.Option(None, "--quantize", rich_help_panel=SHORTHAND, help="With --target-modules: none, int8, nf4 or fp4 "
                                            "for every other linear layer and the adapted ones' base (default none)."),
-    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Recompute each decoder "
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", rich_help_panel=SCHEDULE, help="Recompute each decoder "
                                                 "layer's activations in backward instead of keeping them: less "
                                                 "memory, about a third more compute."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Move an earlier run in --out aside (to "
+    overwrite: bool = typer.Option(False, "--overwrite", rich_help_panel=OUTPUT, help="Move an earlier run in --out aside (to "
                                    "OUT.replaced-N, nothing deleted) when training starts."),
     random_init: bool = RANDOM_INIT_OPT,
     tokenizer_name: Optional[str] = TOKENIZER_OPT,
@@ -108,7 +116,6 @@ def train(
     """
     quiet_libraries()
     from surgery.loading import load_model, load_tokenizer
-    from surgery.rewrite import prepare_base
     from surgery.rule_file import load_rules
     from surgery.batched_train import check_batching
     from surgery.checkpoint import ADAPTER_FILE, STATE_FILE, check_output_folder, latest_checkpoint
@@ -208,12 +215,6 @@ def _record_rules(rules, out: Path) -> Path:
     return out / "rules.yaml"
 
 
-def _asked(example) -> str:
-    """What a prompt row asks, as printed: its prompt, its text, or its conversation's last user turn."""
-    users = [content for role, content in example.messages if role == "user"]
-    return example.prompt or example.completion or (users or [example.messages[-1][1]])[-1]
-
-
 def run_with_progress(jobs, resume_from: dict, *, show: bool, batched: bool = False,
                       max_batched_tokens: int | None = None, overwrite: bool = False) -> list:
     """Train the jobs with a rich progress bar per job (shown on rank 0 only); the finished runs."""
@@ -261,79 +262,3 @@ def plot_losses(runs, path: Path) -> Path | None:
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
-
-
-def generate(
-    prompt: Optional[str] = typer.Argument(None, help="Text to continue (or use --prompts)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model (default: the first adapter's base, "
-                                        "else the bundled tiny default)."),
-    adapter: list[Path] = typer.Option([], "--adapter", "-a", help="Adapter file (repeatable: every fine-tune "
-                                       "answers, all in one batched pass over the shared base)."),
-    with_base: bool = typer.Option(False, "--base", help="Also answer with the bare base (always, without adapters)."),
-    prompts_file: Optional[Path] = typer.Option(None, "--prompts", help="A .txt (one prompt per line) or .jsonl "
-                                                "(`text`, or `prompt` + `completion`: the prompt is asked) file; prints JSON lines."),
-    max_new_tokens: int = typer.Option(40, "--max-new-tokens", "-n", help="Tokens to generate."),
-    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy; > 0 samples."),
-    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling (with --temperature > 0)."),
-    top_k: int = typer.Option(0, "--top-k", help="Top-k sampling (0: off)."),
-    seed: int = typer.Option(0, "--seed", help="Seed for sampling: prompt i draws from seed + i, for every fine-tune."),
-    chat_template: bool = typer.Option(False, "--chat-template", help="Ask each prompt as a user turn in the "
-                                       "tokenizer's chat template (`messages` rows of --prompts always are)."),
-    random_init: bool = RANDOM_INIT_OPT,
-    tokenizer_name: Optional[str] = TOKENIZER_OPT,
-    device: str = DEVICE_OPT,
-    device_map: Optional[str] = DEVICE_MAP_OPT,
-    max_memory: Optional[str] = MAX_MEMORY_OPT,
-    attn_implementation: Optional[str] = ATTN_OPT,
-):
-    """Answer one or many prompts with one or several fine-tunes (and the base), in one batched generate.
-
-    Example: surgery generate "The capital of Peru is" --adapter runs/caps/adapter.safetensors --base -n 8
-
-    Example (an instruct model's chat template): surgery generate "What is the capital of Peru?" --chat-template
-    --model ./my-instruct --adapter runs/chat/adapter.safetensors
-    """
-    quiet_libraries()
-    import json
-
-    from rich.table import Table
-
-    from surgery.adapter_file import load_adapter, read_adapter
-    from surgery.architectures import TINY_DEFAULT
-    from surgery.batched import generate as generate_batched
-    from surgery.data import Example, chat_prompt, read_examples
-    from surgery.loading import load_model, load_tokenizer
-    from surgery.rewrite import prepare_base
-
-    if (prompt is None) == (prompts_file is None):
-        raise typer.BadParameter("give one PROMPT or --prompts FILE")
-    examples = [Example("", prompt)] if prompt is not None else read_examples(prompts_file)
-    shown = [_asked(e) for e in examples]
-    files = [read_adapter(path) for path in adapter]
-    name = model or (files[0].base_model if files else "") or TINY_DEFAULT
-    tokenizer = load_tokenizer(tokenizer_name or name)
-    chat = chat_template or any(e.messages for e in examples)
-    source = str(prompts_file or "PROMPT")
-    prompts = [chat_prompt(e, tokenizer, source) for e in examples] if chat else shown
-    placed = placement(device, device_map, max_memory, attn_implementation)
-    if prompts_file is None:
-        console.print(f"model: [bold]{name}[/]; {where_text(placed)}", highlight=False)
-    # quantized once for every adapter's rules as it loads; then the adapters are loaded onto it
-    base = load_model(name, random_init=random_init, rules=[f.rules for f in files], **placed).model
-    base.requires_grad_(False)  # only answered with: the bare base too (a base no rule file froze was refused)
-    entries = [load_adapter(base, f) for f in files] + ([None] if with_base or not files else [])
-    labels = [str(path) for path in adapter] + (["base"] if with_base or not files else [])
-    answers = generate_batched(base, entries, prompts, tokenizer,
-                               max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                               seed=seed)
-    if prompts_file is not None:
-        for label, texts in zip(labels, answers):
-            for p, text in zip(shown, texts):
-                print(json.dumps({"model": label, "prompt": p, "answer": text}))
-        return
-    table = Table(title=f"{name}: {len(entries)} model{'s' if len(entries) != 1 else ''}, one batched pass")
-    table.add_column("model")
-    table.add_column("answer")
-    for label, texts in zip(labels, answers):
-        table.add_row(label, texts[0] if chat else prompt + texts[0])
-    console.print(table)

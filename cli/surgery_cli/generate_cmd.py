@@ -1,0 +1,92 @@
+"""`surgery generate`: answer prompts with one or several fine-tunes (and the base) in one batched pass."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .common import (ATTN_OPT, DEVICE_MAP_OPT, DEVICE_OPT, MAX_MEMORY_OPT, RANDOM_INIT_OPT, TOKENIZER_OPT, console,
+                     placement, quiet_libraries, where_text)
+
+
+def _asked(example) -> str:
+    """What a prompt row asks, as printed: its prompt, its text, or its conversation's last user turn."""
+    users = [content for role, content in example.messages if role == "user"]
+    return example.prompt or example.completion or (users or [example.messages[-1][1]])[-1]
+
+
+def generate(
+    prompt: Optional[str] = typer.Argument(None, help="Text to continue (or use --prompts)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model (default: the first adapter's base, "
+                                        "else the bundled tiny default)."),
+    adapter: list[Path] = typer.Option([], "--adapter", "-a", help="Adapter file (repeatable: every fine-tune "
+                                       "answers, all in one batched pass over the shared base)."),
+    with_base: bool = typer.Option(False, "--base", help="Also answer with the bare base (always, without adapters)."),
+    prompts_file: Optional[Path] = typer.Option(None, "--prompts", help="A .txt (one prompt per line) or .jsonl "
+                                                "(`text`, or `prompt` + `completion`: the prompt is asked) file; prints JSON lines."),
+    max_new_tokens: int = typer.Option(40, "--max-new-tokens", "-n", help="Tokens to generate."),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy; > 0 samples."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling (with --temperature > 0)."),
+    top_k: int = typer.Option(0, "--top-k", help="Top-k sampling (0: off)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for sampling: prompt i draws from seed + i, for every fine-tune."),
+    chat_template: bool = typer.Option(False, "--chat-template", help="Ask each prompt as a user turn in the "
+                                       "tokenizer's chat template (`messages` rows of --prompts always are)."),
+    random_init: bool = RANDOM_INIT_OPT,
+    tokenizer_name: Optional[str] = TOKENIZER_OPT,
+    device: str = DEVICE_OPT,
+    device_map: Optional[str] = DEVICE_MAP_OPT,
+    max_memory: Optional[str] = MAX_MEMORY_OPT,
+    attn_implementation: Optional[str] = ATTN_OPT,
+):
+    """Answer one or many prompts with one or several fine-tunes (and the base), in one batched generate.
+
+    Example: surgery generate "The capital of Peru is" --adapter runs/caps/adapter.safetensors --base -n 8
+
+    Example (an instruct model's chat template): surgery generate "What is the capital of Peru?" --chat-template
+    --model ./my-instruct --adapter runs/chat/adapter.safetensors
+    """
+    quiet_libraries()
+    import json
+
+    from rich.table import Table
+
+    from surgery.adapter_file import load_adapter, read_adapter
+    from surgery.architectures import TINY_DEFAULT
+    from surgery.batched import generate as generate_batched
+    from surgery.data import Example, chat_prompt, read_examples
+    from surgery.loading import load_model, load_tokenizer
+
+    if (prompt is None) == (prompts_file is None):
+        raise typer.BadParameter("give one PROMPT or --prompts FILE")
+    examples = [Example("", prompt)] if prompt is not None else read_examples(prompts_file)
+    shown = [_asked(e) for e in examples]
+    files = [read_adapter(path) for path in adapter]
+    name = model or (files[0].base_model if files else "") or TINY_DEFAULT
+    tokenizer = load_tokenizer(tokenizer_name or name)
+    chat = chat_template or any(e.messages for e in examples)
+    source = str(prompts_file or "PROMPT")
+    prompts = [chat_prompt(e, tokenizer, source) for e in examples] if chat else shown
+    placed = placement(device, device_map, max_memory, attn_implementation)
+    if prompts_file is None:
+        console.print(f"model: [bold]{name}[/]; {where_text(placed)}", highlight=False)
+    # quantized once for every adapter's rules as it loads; then the adapters are loaded onto it
+    base = load_model(name, random_init=random_init, rules=[f.rules for f in files], **placed).model
+    base.requires_grad_(False)  # only answered with: the bare base too (a base no rule file froze was refused)
+    entries = [load_adapter(base, f) for f in files] + ([None] if with_base or not files else [])
+    labels = [str(path) for path in adapter] + (["base"] if with_base or not files else [])
+    answers = generate_batched(base, entries, prompts, tokenizer,
+                               max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                               seed=seed)
+    if prompts_file is not None:
+        for label, texts in zip(labels, answers):
+            for p, text in zip(shown, texts):
+                print(json.dumps({"model": label, "prompt": p, "answer": text}))
+        return
+    table = Table(title=f"{name}: {len(entries)} model{'s' if len(entries) != 1 else ''}, one batched pass")
+    table.add_column("model")
+    table.add_column("answer")
+    for label, texts in zip(labels, answers):
+        table.add_row(label, texts[0] if chat else prompt + texts[0])
+    console.print(table)
