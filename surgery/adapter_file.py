@@ -281,31 +281,15 @@ def load_adapter(model: nn.Module, path: str | Path | AdapterFile) -> nn.Module:
 
 
 
+FOLDER_CHECKS: list = []  # check(finetune, adapter) after loading from a folder; adapter_folder adds the PEFT one
+
+
 def _fill_and_check(finetune: nn.Module, adapter: AdapterFile) -> None:
-    """Load the adapter's tensors; in a folder that also holds PEFT's layout, that layout must be the same
-    fine-tune (a folder from the internet may pair one adapter's config or weights with another's)."""
+    """Load the adapter's tensors; one loaded from a folder then passes the folder's checks (FOLDER_CHECKS)."""
     _copy_into(finetune, adapter)
-    folder = adapter.path.parent
-    if adapter.path.name != ADAPTER_FILE or not (folder / "adapter_config.json").is_file():
-        return
-    from .peft_format import peft_adapter, read_peft_folder
-
-    theirs = read_peft_folder(folder)
-    config, tensors, _ = peft_adapter(finetune)
-    fields = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "modules_to_save")
-    differ = [f for f in fields if _canonical(config.get(f)) != _canonical(theirs.config.get(f))]
-    if not differ and (tensors.keys() != theirs.tensors.keys() or
-                       not all(torch.equal(tensors[k], theirs.tensors[k].to(tensors[k].dtype)) for k in tensors)):
-        differ = ["adapter_model.safetensors' tensors"]
-    if differ:
-        raise AdapterStateError(f"{folder}: its PEFT layout (adapter_config.json, adapter_model.safetensors) is "
-                                f"not the fine-tune in {ADAPTER_FILE} (they differ in {', '.join(differ)}); the "
-                                "folder mixes two adapters: save it again, or keep one of the two layouts")
-
-
-def _canonical(value):
-    """A config value compared without regard to list order (PEFT writes target_modules as a set)."""
-    return sorted(map(str, value)) if isinstance(value, (list, tuple)) else value
+    if adapter.path.name == ADAPTER_FILE:
+        for check in FOLDER_CHECKS:
+            check(finetune, adapter)
 
 
 def base_fingerprint(base: nn.Module) -> Fingerprint:

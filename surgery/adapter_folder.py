@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapter_file import ADAPTER_FILE, adapter_bytes
+from .adapter_file import ADAPTER_FILE, FOLDER_CHECKS, adapter_bytes
 from .errors import AdapterStateError, SurgeryError, SurgeryWarning
 from .files import write_folder_files
 from .finetune import add_method, own_state, require_finetune
 from .model_card import CARD_FILE, adapter_card
-from .peft_format import CONFIG_FILE, peft_adapter, peft_files
+from .peft_format import CONFIG_FILE, peft_adapter, peft_files, read_peft_folder
 from .sharding import refuse_sharded
 
 TRAINER_FILE = "model.safetensors"  # the file name transformers.Trainer loads a checkpoint's weights from
@@ -118,4 +118,29 @@ def _peft_layout(finetune: nn.Module, values: dict[str, torch.Tensor]) -> tuple[
         return {}, why
 
 
+def check_peft_layout(finetune: nn.Module, adapter) -> None:
+    """A folder that also holds PEFT's layout: that layout must be the fine-tune just loaded from its adapter file
+    (a folder from the internet may pair one adapter's config or weights with another's)."""
+    folder = adapter.path.parent
+    if not (folder / CONFIG_FILE).is_file():
+        return
+    theirs = read_peft_folder(folder)
+    config, tensors, _ = peft_adapter(finetune)
+    fields = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "modules_to_save")
+    differ = [f for f in fields if _canonical(config.get(f)) != _canonical(theirs.config.get(f))]
+    if not differ and (tensors.keys() != theirs.tensors.keys() or
+                       not all(torch.equal(tensors[k], theirs.tensors[k].to(tensors[k].dtype)) for k in tensors)):
+        differ = ["adapter_model.safetensors' tensors"]
+    if differ:
+        raise AdapterStateError(f"{folder}: its PEFT layout ({CONFIG_FILE}, adapter_model.safetensors) is not the "
+                                f"fine-tune in {ADAPTER_FILE} (they differ in {', '.join(differ)}); the folder mixes "
+                                "two adapters: save it again, or keep one of the two layouts")
+
+
+def _canonical(value):
+    """A config value compared without regard to list order (PEFT writes target_modules as a set)."""
+    return sorted(map(str, value)) if isinstance(value, (list, tuple)) else value
+
+
 add_method("save_pretrained", save_pretrained)
+FOLDER_CHECKS.append(check_peft_layout)
