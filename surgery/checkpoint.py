@@ -28,6 +28,7 @@ from .job import Job, Run, build_optimizer
 
 STATE_FILE = "training_state.safetensors"
 BEST = "early_stopping.best."  # key prefix of early stopping's best weights in the state file
+MASTER = "master."  # key prefix of the fp32 masters of half-precision trainable tensors
 
 METRICS_FILE = "metrics.jsonl"
 LOCK_FILE = ".surgery.lock"
@@ -185,6 +186,8 @@ def save_checkpoint(run: Run, rngs: torch.Tensor | None = None) -> Path:
     path = job.out / f"checkpoint-{run.step}"
     tensors, meta = _flatten_optimizer(run.optimizer.state_dict())
     tensors["rng"] = rngs if rngs is not None else run.rng.unsqueeze(0)
+    tensors.update({f"{MASTER}{index}": master.detach().to("cpu").contiguous()
+                    for index, (_, master) in enumerate(run.masters.pairs)})
     state = {
         "step": run.step, "micro": run.micro, "total_steps": run.total_steps, "identity": job.identity,
         "config": asdict(job.config), "optimizer": meta, "scheduler": run.scheduler.state_dict(),
@@ -330,8 +333,10 @@ def resume(run: Run, path: Path, where: World) -> None:
     rngs = tensors["rng"] if tensors["rng"].dim() == 2 else tensors["rng"].unsqueeze(0)
     optimizer_state = _unflatten_optimizer(tensors, state["optimizer"])
     _check_optimizer_state(path / STATE_FILE, run, optimizer_state)
+    masters = _checked_masters(path / STATE_FILE, run, tensors)
     try:
         load_adapter(job.finetune, path / ADAPTER_FILE)
+        run.masters.reload(masters)
         run.optimizer.load_state_dict(optimizer_state)
         run.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler") and run.scaler.is_enabled():
@@ -346,6 +351,20 @@ def resume(run: Run, path: Path, where: World) -> None:
         _resume_early_stopping(run, path / STATE_FILE, state["early_stopping"], tensors)
     run.rng = rngs[where.rank % len(rngs)].clone()
     run.step, run.micro = state["step"], state["micro"]
+
+
+def _checked_masters(where: Path, run: Run, tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """The checkpoint's fp32 masters, one per half trainable tensor of this run, each of its shape."""
+    saved = [tensors.get(f"{MASTER}{index}") for index in range(len(run.masters.pairs))]
+    if sum(name.startswith(MASTER) for name in tensors) > len(saved):
+        raise TrainError(f"{where}: more fp32 masters than this run's {len(saved)} half-precision trainable "
+                         "tensors; the file is from another run — resume from another checkpoint")
+    for index, ((p, _), master) in enumerate(zip(run.masters.pairs, saved)):
+        if not isinstance(master, torch.Tensor) or master.dtype != torch.float32 or master.shape != p.shape:
+            raise TrainError(f"{where}: the fp32 master '{MASTER}{index}' of a half-precision trainable tensor of "
+                             f"shape {tuple(p.shape)} is missing or is not float32 of that shape; the file is damaged "
+                             "or from another run — resume from another checkpoint")
+    return saved
 
 
 def _resume_early_stopping(run: Run, where: Path, saved, tensors: dict[str, torch.Tensor]) -> None:

@@ -18,6 +18,7 @@ from torch import nn
 
 from .data import Blocks, Mode
 from .errors import DataError, TrainError, first_line
+from .master_weights import MasterWeights
 from .random_state import forked_rng
 
 Schedule = Literal["cosine", "linear", "constant"]
@@ -126,6 +127,7 @@ class Run:
     history: list[dict] = field(default_factory=list)
     order: tuple[int, torch.Tensor] | None = None  # (epoch, its row permutation)
     early: EarlyStopping | None = None  # with --early-stopping-patience
+    masters: MasterWeights = field(default_factory=MasterWeights)  # fp32 masters of half trainable tensors
 
     @property
     def done(self) -> bool:

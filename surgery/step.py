@@ -101,6 +101,7 @@ def optimizer_step(run: Run, where: World, loss_sum: float | torch.Tensor, token
                          "--max-grad-norm, or check the data")
     lr = run.optimizer.param_groups[0]["lr"]
     run.scaler.step(run.optimizer)
+    run.masters.write_back()
     run.scaler.update()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)

@@ -29,6 +29,7 @@ from .distributed import World, broadcast_trainables, gathered_rng, rank_seed, w
 from .errors import TrainError
 from .finetune import own_state, require_finetune
 from .job import EarlyStopping, Job, Run, build_optimizer, build_scheduler
+from .master_weights import MasterWeights
 from .random_state import new_rng
 from .sharding import refuse_sharded
 from .step import train_step
@@ -52,16 +53,21 @@ def prepare(job: Job, where: World, resume: Path | None = None) -> Run:
     micro_per_epoch = len(job.data) // global_batch
     steps_per_epoch = max(1, micro_per_epoch // job.config.grad_accum)
     total_steps = job.config.max_steps or steps_per_epoch * job.config.epochs
-    optimizer = build_optimizer(job.config, params)
-    device = params[0].device
-    scaler = torch.amp.GradScaler(device.type, enabled=job.config.precision == "fp16" and device.type == "cuda")
-    rng = new_rng(rank_seed(job.config.seed, where.rank), device)
-    run = Run(job, total_steps, optimizer, build_scheduler(job.config, optimizer, total_steps), scaler, rng,
-              early=EarlyStopping() if job.config.early_stopping_patience else None)
     if where.size > 1:
         broadcast_trainables(params)
-    if resume is not None:
-        resume_run(run, resume, where)
+    stepped, masters = MasterWeights.of(params)
+    try:
+        optimizer = build_optimizer(job.config, stepped)
+        device = params[0].device
+        scaler = torch.amp.GradScaler(device.type, enabled=job.config.precision == "fp16" and device.type == "cuda")
+        rng = new_rng(rank_seed(job.config.seed, where.rank), device)
+        run = Run(job, total_steps, optimizer, build_scheduler(job.config, optimizer, total_steps), scaler, rng,
+                  early=EarlyStopping() if job.config.early_stopping_patience else None, masters=masters)
+        if resume is not None:
+            resume_run(run, resume, where)
+    except BaseException:
+        masters.close()  # a run that does not start leaves the fine-tune as it was
+        raise
     return run
 
 
@@ -108,7 +114,10 @@ def train(jobs: list[Job], *, resume: dict[str, Path] | None = None, on_step: St
             if job.out is not None and where.main:
                 locks.enter_context(run_lock(job.out))
                 check_output_folder(job.out, resume=resume.get(job.name), overwrite=overwrite)
-        runs = [prepare(job, where, resume.get(job.name)) for job in jobs]
+        runs = []
+        for job in jobs:
+            runs.append(prepare(job, where, resume.get(job.name)))
+            locks.callback(runs[-1].masters.close)  # the fine-tune's tensors get their own gradients again
         for job in jobs:
             if overwrite and job.out is not None and where.main and job.name not in resume:
                 moved = move_aside(job.out)  # our lock moves with it; the fresh folder gets its own
@@ -173,6 +182,7 @@ def _restore_best(run: Run) -> None:
     with torch.no_grad():
         for name, tensor in own_state(run.job.finetune).items():
             tensor.copy_(run.early.best_weights[name])
+    run.masters.reload()
 
 
 def _record_step(run: Run, record: dict, where: World, on_step: StepCallback | None) -> None:

@@ -1,9 +1,10 @@
 """The peak memory of a training run on each device, predicted before anything is downloaded or loaded.
 
 peak = base (exact, from the plan) + per training fine-tune: its own tensors, their gradients and the
-optimizer's state (exact: AdamW keeps two moments in each parameter's dtype; bitsandbytes' 8-bit
-AdamW two uint8 states and a float32 absmax per 256 elements, or two float32 states under 4096
-elements) + activations (estimated) + a margin for the CUDA context and allocator.
+optimizer's state (exact: each half-precision tensor gets an fp32 master with an fp32 gradient;
+AdamW keeps two moments in the dtype it steps; bitsandbytes' 8-bit AdamW two uint8 states and a
+float32 absmax per 256 elements, or two float32 states under 4096 elements) + activations
+(estimated) + a margin for the CUDA context and allocator.
 
 Activations are estimated by running the fine-tune's forward and loss on the meta device (no memory,
 no weights) and counting every tensor autograd saves for backward, each storage once, plus the
@@ -65,8 +66,8 @@ class TrainingPeak:
     def rows(self) -> list[tuple[str, int, str]]:
         return [("base (exact)", self.base, "the plan's bytes on this device"),
                 ("adapters + plain copies (exact)", self.own, "each training fine-tune's own tensors"),
-                ("gradients (exact)", self.gradients, "one per trainable tensor, its dtype"),
-                ("optimizer state (exact)", self.optimizer, "AdamW moments / 8-bit states"),
+                ("gradients (exact)", self.gradients, "one per trainable tensor, fp32 for half ones"),
+                ("optimizer state (exact)", self.optimizer, "AdamW moments / 8-bit states, fp32 masters"),
                 ("activations (estimated)", self.activations, "saved for backward, meta-device forward"),
                 ("CUDA context margin", self.context, "context, workspaces, allocator slack")]
 
@@ -131,11 +132,13 @@ def training_peak(plan: "Plan", model: "nn.Module | None", shape: TrainingShape,
     """The predicted peak on one device of a training run of ``plan``; ``model`` is the model on meta (for the
     activation estimate; None leaves activations out)."""
     tensors = trainable_tensors(plan)
-    trainable = sum(n * s for n, s in tensors)
+    stepped = [(numel, 4 if size == 2 else size) for numel, size in tensors]  # half tensors step an fp32 master
+    masters = sum(numel * 4 for numel, size in tensors if size == 2)
     n = shape.finetunes
     activations = activation_bytes(model, plan, shape) if model is not None else 0
     return TrainingPeak(base=plan.base_bytes_per_rank(shape.world_size, shape.fsdp), own=n * plan.finetune_bytes,
-                        gradients=n * trainable, optimizer=n * optimizer_state_bytes(tensors, shape.optimizer),
+                        gradients=n * sum(numel * size for numel, size in stepped),
+                        optimizer=n * (optimizer_state_bytes(stepped, shape.optimizer) + masters),
                         activations=activations, context=CUDA_CONTEXT_BYTES if cuda else 0)
 
 

@@ -261,3 +261,26 @@ def test_chat_template_training_and_generation_through_the_cli(tmp_path):
     assert answer["answer"] == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     result = run("generate", "owl ->", "--chat-template", "--adapter", str(adapter), "-n", "12")
     assert result.exit_code == 0 and answer["answer"].strip()[:3] in result.stdout, result.output
+
+
+def test_bitsandbytes_warnings_about_the_run_show_once_and_its_noise_not_at_all(caplog):
+    import logging
+
+    import torch
+
+    import surgery
+    from surgery_cli.common import BNB_RUN_WARNINGS, OnceEach, quiet_libraries
+
+    for name in BNB_RUN_WARNINGS:  # a fresh filter: earlier commands in this process may have shown it
+        logger = logging.getLogger(name)
+        for f in [f for f in logger.filters if isinstance(f, OnceEach)]:
+            logger.removeFilter(f)
+    quiet_libraries()
+    ft = surgery.rewrite(surgery.tiny_model("tiny-llama"), "qv_lora")
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            ft(input_ids=torch.tensor([[1, 2, 3]]))
+        logging.getLogger("bitsandbytes.backends.cpu.ops").warning("Failed to load CPU gemm_4bit_forward")
+    said = [r.getMessage() for r in caplog.records if r.name.startswith("bitsandbytes")]
+    assert said == ["bitsandbytes: MatMul8bitLt: inputs will be cast from torch.float32 to float16 during "
+                    "quantization"]

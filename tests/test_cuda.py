@@ -65,6 +65,19 @@ def test_training_on_cuda_learns_and_leaves_base_and_sibling_alone(scheme, preci
     assert digest(base) == before_base and digest(sibling) == before_sibling
 
 
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_a_bf16_base_trains_its_plain_head_through_fp32_masters_on_cuda(scheme):
+    base = surgery.tiny_model("tiny-llama").to("cuda", torch.bfloat16).eval()
+    config = TrainConfig(batch_size=8, lr=1e-2, max_steps=20, seed=0, precision="bf16")
+    job = make_job(base, "job", "lora_plus_head", "upper", TOK, config, block_size=24, model_name="tiny-llama")
+    (run,) = train([job])
+    (head, master), = run.masters.pairs
+    assert head.is_cuda and head.dtype == torch.bfloat16 and master.dtype == torch.float32
+    assert torch.equal(head, master.bfloat16())
+    losses = [r["loss"] for r in run.history if "loss" in r]
+    assert min(losses[-5:]) < losses[0] * 0.7
+
+
 def test_8bit_adamw_runs_on_cuda():
     base = cuda_base()
     config = TrainConfig(batch_size=8, lr=1e-2, max_steps=10, seed=0, optimizer="adamw8bit")

@@ -39,6 +39,9 @@ MAX_MEMORY_OPT = typer.Option(None, "--max-memory", rich_help_panel=DEVICE_PANEL
 ATTN_OPT = typer.Option(None, "--attn-implementation", rich_help_panel=DEVICE_PANEL, help="sdpa, eager or "
                         "flash_attention_2 (where installed); default: transformers' choice for the model.")
 NOISY_LIBRARIES = ("transformers", "torch", "bitsandbytes", "peft", "accelerate", "huggingface_hub")
+# bitsandbytes' warnings that concern the run itself (a matmul slower or less precise than asked), by logger
+BNB_RUN_WARNINGS = {"bitsandbytes.nn.modules": ("Input type into Linear4bit", "Embedding size"),
+                    "bitsandbytes.autograd._functions": ("MatMul8bitLt: inputs will be cast",)}
 
 
 class Commands(TyperGroup):
@@ -64,6 +67,22 @@ class Commands(TyperGroup):
             raise
 
 
+class OnceEach(logging.Filter):
+    """Let through records whose message starts with one of ``prefixes``, each distinct message once."""
+
+    def __init__(self, prefixes: tuple[str, ...]):
+        super().__init__()
+        self.prefixes, self.seen = prefixes, set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith(self.prefixes) or message in self.seen:
+            return False
+        self.seen.add(message)
+        record.msg, record.args = f"bitsandbytes: {message}", ()
+        return True
+
+
 def quiet_libraries() -> None:
     """Silence third-party chatter by module (surgery's own warnings still show); never touch the network.
 
@@ -76,6 +95,11 @@ def quiet_libraries() -> None:
     for module in NOISY_LIBRARIES:
         warnings.filterwarnings("ignore", module=module + r"(\.|$)")
         logging.getLogger(module).setLevel(logging.ERROR)
+    for name, prefixes in BNB_RUN_WARNINGS.items():
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.WARNING)
+        if not any(isinstance(f, OnceEach) for f in logger.filters):
+            logger.addFilter(OnceEach(prefixes))
     if "transformers" in sys.modules:  # already imported: its logging read the variables before they were set
         from transformers.utils import logging as transformers_logging
 
