@@ -4,7 +4,8 @@ peak = base (exact, from the plan) + per training fine-tune: its own tensors, th
 optimizer's state (exact: each half-precision tensor gets an fp32 master with an fp32 gradient;
 AdamW keeps two moments in the dtype it steps; bitsandbytes' 8-bit AdamW two uint8 states and a
 float32 absmax per 256 elements, or two float32 states under 4096 elements) + activations
-(estimated) + a margin for the CUDA context and allocator.
+(estimated) + a margin for the CUDA context and allocator; under ``--fsdp`` each rank holds its shard
+plus what FSDP2 gathers at once (``gathered_bytes``).
 
 Activations are estimated by running the fine-tune's forward and loss on the meta device (no memory,
 no weights) and counting every tensor autograd saves for backward, each storage once, plus the
@@ -17,10 +18,11 @@ are live again while it is recomputed.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from .memory import DTYPE_BYTES, fmt_bytes, lora_dims
+from .memory import DTYPE_BYTES, base_bytes_by_device, fmt_bytes, lora_dims
 
 if TYPE_CHECKING:
     from torch import nn
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
 
 GiB = 1 << 30
 CUDA_CONTEXT_BYTES = GiB  # the CUDA context, cuBLAS workspaces and allocator slack (measured ~0.5-0.9 GiB)
+ROOT_GROUP = "root"
 OptimizerName = Literal["adamw", "adamw8bit"]
 PrecisionName = Literal["fp32", "bf16", "fp16"]
 
@@ -58,13 +61,15 @@ class TrainingPeak:
     optimizer: int
     activations: int
     context: int
+    gathered: int = 0  # --fsdp: the unsharded copies FSDP2 all-gathers for compute
 
     @property
     def total(self) -> int:
-        return self.base + self.own + self.gradients + self.optimizer + self.activations + self.context
+        return self.base + self.gathered + self.own + self.gradients + self.optimizer + self.activations + self.context
 
     def rows(self) -> list[tuple[str, int, str]]:
-        return [("base (exact)", self.base, "the plan's bytes on this device"),
+        gathered = [("FSDP2 gathered (exact bytes)", self.gathered, "root group + two decoder layers unsharded")]
+        return [("base (exact)", self.base, "the plan's bytes on this device"), *(gathered if self.gathered else []),
                 ("adapters + plain copies (exact)", self.own, "each training fine-tune's own tensors"),
                 ("gradients (exact)", self.gradients, "one per trainable tensor, fp32 for half ones"),
                 ("optimizer state (exact)", self.optimizer, "AdamW moments / 8-bit states, fp32 masters"),
@@ -108,6 +113,20 @@ def optimizer_state_bytes(tensors: list[tuple[int, int]], optimizer: OptimizerNa
     return total + (2 * 256 * 4 if optimizer == "adamw8bit" and tensors else 0)  # the two quantization maps
 
 
+def gathered_bytes(plan: "Plan") -> int:
+    """What FSDP2 holds unsharded at once besides each rank's shard (``sharding.shard_base``'s groups): the
+    root group (embeddings, final norm, head; FSDP2 keeps the root gathered from forward into backward) and
+    two decoder layers (the one computing and the next, prefetched)."""
+    groups = base_bytes_by_device(plan.graph, plan.decisions, layer_group)
+    return groups.pop(ROOT_GROUP, 0) + 2 * max(groups.values(), default=0)
+
+
+def layer_group(path: str) -> str:
+    """The decoder layer a module belongs to (its path up to the first index, ``model.layers.3``), else the root."""
+    match = re.match(r"(.*?\.\d+)(\.|$)", path)
+    return match.group(1) if match else ROOT_GROUP
+
+
 def trainable_tensors(plan: "Plan") -> list[tuple[int, int]]:
     """(elements, bytes per element) of every tensor one fine-tune trains: LoRA A, B, bias; plain copies."""
     out: list[tuple[int, int]] = []
@@ -136,7 +155,9 @@ def training_peak(plan: "Plan", model: "nn.Module | None", shape: TrainingShape,
     masters = sum(numel * 4 for numel, size in tensors if size == 2)
     n = shape.finetunes
     activations = activation_bytes(model, plan, shape) if model is not None else 0
+    sharded = shape.fsdp and shape.world_size > 1
     return TrainingPeak(base=plan.base_bytes_per_rank(shape.world_size, shape.fsdp), own=n * plan.finetune_bytes,
+                        gathered=gathered_bytes(plan) if sharded else 0,
                         gradients=n * sum(numel * size for numel, size in stepped),
                         optimizer=n * (optimizer_state_bytes(stepped, shape.optimizer) + masters),
                         activations=activations, context=CUDA_CONTEXT_BYTES if cuda else 0)

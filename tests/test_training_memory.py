@@ -118,3 +118,19 @@ def test_plan_device_map_puts_the_exact_base_on_each_device_as_transformers_woul
     assert all(placed[str(k)] <= limits[k] for k in (0, 1))
     bad = CliRunner().invoke(app, ["plan", "qlora_nf4", "--model", "tiny-llama", "--device-map", "auto"])
     assert bad.exit_code == 2 and "with --max-memory" in bad.output
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt"])
+def test_fsdp_counts_the_root_group_and_two_decoder_layers_unsharded(name):
+    from surgery.memory import extra_bytes, parameter_bytes
+    from surgery.sharding import decoder_layers
+
+    base = surgery.tiny_model(name)
+    surgery.prepare_base(base, "qlora_nf4")  # the base as the rules store it: what FSDP2 gathers
+    layers = decoder_layers(base)
+    root = extra_bytes(base, *layers)  # everything outside the decoder layers: FSDP2's root group
+    planned = plan(graph_of(name), "qlora_nf4")
+    sharded = training_peak(planned, None, TrainingShape(2, 16, world_size=2, fsdp=True), cuda=False)
+    assert sharded.gathered == root + 2 * max(parameter_bytes(layer) for layer in layers)
+    assert training_peak(planned, None, TrainingShape(2, 16), cuda=False).gathered == 0
+    assert "FSDP2 gathered (exact bytes)" in [row[0] for row in sharded.rows()]
