@@ -17,7 +17,8 @@ from .loading import load_model, tiny_model, tiny_tokenizer
 from .merge import merge
 from .peft_format import export_peft, import_peft
 from .plan import Decision, Plan, plan
-from .rewrite import prepare_base, rewrite
+from .rewrite import rewrite
+from .shared_base import prepare_base
 from .sharding import shard_base
 from .rules import LoraConfig, QuantConfig, Rule, RuleSet, bundled_rules
 from .rule_file import load_rules

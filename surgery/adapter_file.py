@@ -23,10 +23,11 @@ from torch import nn
 
 from .errors import AdapterStateError, PlanError, RuleFileError, SurgeryError, first_line
 from .files import GiB, MiB, atomic_write, check_folder_files, check_inside, read_user_file, version
-from .fingerprint import Fingerprint, fingerprint
+from .fingerprint import Fingerprint, base_fingerprint
 from .plan import plan as make_plan
 from .finetune import finetune_info, own_state, require_finetune
-from .rewrite import base_graph, base_record, rewrite
+from .rewrite import rewrite
+from .shared_base import base_graph
 from .rules import MAX_RULE_FILE_BYTES, QuantConfig, RuleSet
 from .rule_file import parse_rules
 
@@ -290,32 +291,6 @@ def _fill_and_check(finetune: nn.Module, adapter: AdapterFile) -> None:
     if adapter.path.name == ADAPTER_FILE:
         for check in FOLDER_CHECKS:
             check(finetune, adapter)
-
-
-def base_fingerprint(base: nn.Module) -> Fingerprint:
-    """The base's fingerprint, recomputed only when its weights changed since the last call.
-
-    The cache is keyed on every parameter's identity, data pointer, version counter and a sample of
-    its stored values, so weights replaced or edited in place (even through ``.data``) are noticed.
-    """
-    record = base_record(base)
-    if record.sharded is not None:  # pinned by shard_base: frozen, and no rank holds the whole weights
-        return record.fingerprint[1]
-    key = _weights_key(base)
-    if record.fingerprint is None or record.fingerprint[0] != key:
-        record.fingerprint = (key, fingerprint(base))
-    return record.fingerprint[1]
-
-
-def _weights_key(base: nn.Module) -> str:
-    digest = hashlib.sha256()
-    with torch.no_grad():
-        for p in base.parameters():
-            flat = p.detach().reshape(-1)
-            sample = flat[::max(1, flat.numel() // 16)][:16].to("cpu").contiguous()
-            digest.update(f"{id(p)}:{p.data_ptr()}:{p._version}:{p.dtype}:{p.numel()}|".encode())
-            digest.update(sample.view(torch.uint8).numpy().tobytes() if sample.numel() else b"")
-    return digest.hexdigest()
 
 
 def held_storage_rules(rules: RuleSet, base: nn.Module) -> RuleSet:

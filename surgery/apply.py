@@ -15,7 +15,8 @@ from torch import nn
 from .devices import input_device
 from .memory import extra_bytes, parameter_bytes
 from .plan import Plan, plan as make_plan
-from .rewrite import base_graph, rewrite
+from .rewrite import rewrite
+from .shared_base import base_graph
 from .rules import RuleSet
 from .rule_file import load_rules
 

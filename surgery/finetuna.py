@@ -22,7 +22,8 @@ from torch import nn
 from .errors import PlanError, Violation
 from .plan import plan as make_plan
 from .quantize import quantize_base
-from .rewrite import base_graph, rewrite
+from .rewrite import rewrite
+from .shared_base import base_graph
 from .rules import ADAPTABLE_KINDS, RuleSet
 from .rule_file import parse_rules
 

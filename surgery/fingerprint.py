@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .bnb import dequantized_weight, int8_rows, logical_shape, quantized_storage
+from .shared_base import base_record
 from .trace import _param_infos, op_kind
 
 VERSION = 1
@@ -189,3 +190,29 @@ def _probe_4bit(module: nn.Module) -> tuple[list[float], list[float]]:
     block_max = torch.stack([flat[s:s + blocksize].abs().max() for s in starts.reshape(-1).tolist()]).float()
     bound = block_max.reshape(values.shape).cpu() * FOUR_BIT_BOUND + values.abs() * SOURCE_ROUNDING
     return values.reshape(-1).tolist(), bound.reshape(-1).tolist()
+
+
+def base_fingerprint(base: nn.Module) -> Fingerprint:
+    """The base's fingerprint, recomputed only when its weights changed since the last call.
+
+    The cache is keyed on every parameter's identity, data pointer, version counter and a sample of
+    its stored values, so weights replaced or edited in place (even through ``.data``) are noticed.
+    """
+    record = base_record(base)
+    if record.sharded is not None:  # pinned by shard_base: frozen, and no rank holds the whole weights
+        return record.fingerprint[1]
+    key = _weights_key(base)
+    if record.fingerprint is None or record.fingerprint[0] != key:
+        record.fingerprint = (key, fingerprint(base))
+    return record.fingerprint[1]
+
+
+def _weights_key(base: nn.Module) -> str:
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for p in base.parameters():
+            flat = p.detach().reshape(-1)
+            sample = flat[::max(1, flat.numel() // 16)][:16].to("cpu").contiguous()
+            digest.update(f"{id(p)}:{p.data_ptr()}:{p._version}:{p.dtype}:{p.numel()}|".encode())
+            digest.update(sample.view(torch.uint8).numpy().tobytes() if sample.numel() else b"")
+    return digest.hexdigest()

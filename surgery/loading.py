@@ -255,7 +255,7 @@ def _is_meta(model: nn.Module) -> bool:
 def _place_and_quantize(model: nn.Module, rule_sets: list, placement: Placement) -> None:
     """Move a base built in memory (tiny, random) to its device, then quantize it there for every rule set;
     a base that loaded quantized gets only what loading left (tied weights, later rule files)."""
-    from .rewrite import prepare_base
+    from .shared_base import prepare_base
 
     if placement.device_map is None and next(model.parameters()).device != placement.device:
         model.to(placement.device)
@@ -377,7 +377,7 @@ def _from_checkpoint(path: Path, name: str, config, rule_sets: list, placement: 
     except Exception as exc:
         raise ModelConfigError(f"{path}: weights could not be loaded: {first_line(exc)}") from None
     if plan is not None:  # the meta trace is this model's graph: calls and shapes do not depend on weights
-        from .rewrite import base_record, settle_base
+        from .shared_base import base_record, settle_base
         from .trace import refresh
 
         settle_base(model)

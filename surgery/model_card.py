@@ -13,7 +13,8 @@ import torch
 import yaml
 from torch import nn
 
-from .adapter_file import base_fingerprint, base_name
+from .adapter_file import base_name
+from .fingerprint import base_fingerprint
 from .bnb import base_loading
 from .finetune import require_finetune
 

@@ -84,7 +84,8 @@ def peft_adapter(finetune: nn.Module, values: dict[str, torch.Tensor] | None = N
     The metadata (stored in the weights file's header, which PEFT and servers ignore) names the base
     and holds its fingerprint, so ``surgery adapter show`` and ``import_peft`` can tell which base it needs.
     """
-    from .adapter_file import base_fingerprint, base_name
+    from .adapter_file import base_name
+    from .fingerprint import base_fingerprint
 
     info = require_finetune(finetune, "exported to PEFT")
     adapters = {path: m for path, m in finetune.named_modules() if isinstance(m, LoraLayer)}

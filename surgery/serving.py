@@ -102,7 +102,7 @@ def _refuse_mixed_scaling(adapters: dict[str, nn.Module], config: dict, server: 
 
 def _check_vllm_targets(finetune: nn.Module, adapters: dict[str, nn.Module]) -> None:
     """vLLM adapts linear layers (attention and MLP projections), the input embedding and the output head."""
-    from .sharding import decoder_layers
+    from .trace import decoder_layers
 
     in_layers = {id(sub) for layer in decoder_layers(finetune) for sub in layer.modules()}
     head, embedding = finetune.get_output_embeddings(), finetune.get_input_embeddings()

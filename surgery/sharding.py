@@ -21,12 +21,13 @@ import warnings
 import torch
 from torch import nn
 
-from .adapter_file import base_fingerprint
+from .fingerprint import base_fingerprint
 from .bnb import own_class, quantized_storage, state_tensors
 from .distributed import World, world
 from .errors import ShardingError, ShardingWarning
 from .finetune import finetune_info
-from .rewrite import ShardedBase, base_record, holds_tensors, run_through_root
+from .trace import decoder_layers
+from .shared_base import ShardedBase, base_record, holds_tensors, run_through_root
 
 
 def sharded_root(model: nn.Module) -> ShardedBase | None:
@@ -43,16 +44,6 @@ def refuse_sharded(model: nn.Module, what: str, remedy: str) -> None:
     if root is not None:
         raise ShardingError(f"{what} needs the whole base, which is sharded with FSDP2 over {root.world_size} "
                             f"processes here; {remedy}")
-
-
-def decoder_layers(base: nn.Module) -> list[nn.Module]:
-    """The repeated blocks to shard one by one: transformers' ``_no_split_modules`` classes, else the longest ModuleList."""
-    names = set(getattr(base, "_no_split_modules", None) or [])
-    layers = [m for m in base.modules() if type(m).__name__ in names]
-    if layers:
-        return layers
-    lists = [m for m in base.modules() if isinstance(m, nn.ModuleList)]
-    return list(max(lists, key=len)) if lists else []
 
 
 def check_sharding(fsdp: bool, batched: bool, device_map: str | None = None) -> None:

@@ -308,3 +308,13 @@ def refresh(graph: ModelGraph, model: nn.Module) -> ModelGraph:
                 old.calls, old.order, old.input_shape, old.output_shape)
     return ModelGraph(graph.model_class, modules, find_ties(model), graph.method, graph.seconds, graph.reason,
                       graph.reduced, graph.exported, graph.config, graph.name)
+
+
+def decoder_layers(base: nn.Module) -> list[nn.Module]:
+    """The repeated blocks to shard one by one: transformers' ``_no_split_modules`` classes, else the longest ModuleList."""
+    names = set(getattr(base, "_no_split_modules", None) or [])
+    layers = [m for m in base.modules() if type(m).__name__ in names]
+    if layers:
+        return layers
+    lists = [m for m in base.modules() if isinstance(m, nn.ModuleList)]
+    return list(max(lists, key=len)) if lists else []

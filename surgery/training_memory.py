@@ -230,7 +230,7 @@ class SavedBytes:
 
 
 def _decoder_layers(model: "nn.Module") -> list:
-    from .sharding import decoder_layers
+    from .trace import decoder_layers
 
     return decoder_layers(model)
 

@@ -11,7 +11,7 @@ import torch
 torch.set_num_threads(1)  # forked children must not inherit a started OpenMP pool
 
 import surgery  # noqa: E402
-from surgery.rewrite import base_graph  # noqa: E402
+from surgery.shared_base import base_graph  # noqa: E402
 from surgery.checkpoint import latest_checkpoint  # noqa: E402
 from surgery.job import TrainConfig, make_job  # noqa: E402
 from surgery.train import train  # noqa: E402

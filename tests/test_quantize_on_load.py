@@ -13,10 +13,10 @@ from surgery.architectures import TINY_MODELS
 from surgery.bnb import is_bnb_layer, state_tensors
 from surgery.errors import PlanError
 from surgery.loading import load_model, tiny_model
-from surgery.rewrite import prepare_base
+from surgery.shared_base import prepare_base
 from surgery.rules import bundled_rules
 
-rewrite_module = importlib.import_module("surgery.rewrite")  # surgery.rewrite is also the function
+rewrite_module = importlib.import_module("surgery.shared_base")  # where the base is quantized
 RULE_FILES = sorted(bundled_rules())
 MIXED = """
 version: 1

@@ -123,7 +123,7 @@ def test_plan_device_map_puts_the_exact_base_on_each_device_as_transformers_woul
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt"])
 def test_fsdp_counts_the_root_group_and_two_decoder_layers_unsharded(name):
     from surgery.memory import extra_bytes, parameter_bytes
-    from surgery.sharding import decoder_layers
+    from surgery.trace import decoder_layers
 
     base = surgery.tiny_model(name)
     surgery.prepare_base(base, "qlora_nf4")  # the base as the rules store it: what FSDP2 gathers
