@@ -8,7 +8,7 @@ so drift hits both alike; medians and the spread (min-max) are reported.
 are the same work on the same shapes, so their throughput (tokens/s) is that of one call.
 
 - generate: N fine-tunes answer one prompt (5 tokens) with NEW greedy tokens each: one
-  ``surgery.batched.generate`` over N rows vs one call with a single fine-tune (the same code path).
+  ``surgery.finetune.batched.generate`` over N rows vs one call with a single fine-tune (the same code path).
 - train: N jobs, per-job micro-batch 1 x 128 random tokens, AdamW: one batched micro-step
   (``batched_train.micro_step``: every job's optimizer steps) vs one job's ``train_step``.
   Activation memory is the bytes autograd saves for backward in one pass (one job's pass when
@@ -49,8 +49,8 @@ def finetunes(base_kind: str, n: int, device: str):
     import torch
 
     import surgery
-    from surgery.finetune import own_state
-    from surgery.loading import load_model
+    from surgery.finetune.state import own_state
+    from surgery.base.loading import load_model
 
     base = load_model(MODEL, random_init=True).model.float().to(device)  # the config says fp16: slow on a CPU
     rules = rules_for(base_kind)
@@ -95,7 +95,7 @@ def alternate(contenders: dict, repeats: int, device: str, warmup: int = 1) -> d
 
 def bench_generate(base_kind: str, ns: list[int], repeats: int, new_tokens: int, device: str) -> list[dict]:
     import surgery
-    from surgery.batched import generate
+    from surgery.finetune.batched import generate
 
     base, fts = finetunes(base_kind, max(ns), device)
     tokenizer = surgery.tiny_tokenizer()
@@ -112,12 +112,12 @@ def bench_generate(base_kind: str, ns: list[int], repeats: int, new_tokens: int,
 def bench_train(base_kind: str, ns: list[int], repeats: int, seq: int, device: str) -> list[dict]:
     import torch
 
-    from surgery.batched_train import make_group, micro_step
-    from surgery.data import Blocks
+    from surgery.train.batched_train import make_group, micro_step
+    from surgery.train.data import Blocks
     from surgery.distributed import World
-    from surgery.job import Job, TrainConfig
-    from surgery.step import train_step
-    from surgery.train import prepare
+    from surgery.train.job import Job, TrainConfig
+    from surgery.train.step import train_step
+    from surgery.train.loop import prepare
 
     where = World()
     _, fts = finetunes(base_kind, 1 + max(ns), device)

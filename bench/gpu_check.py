@@ -62,11 +62,11 @@ def plan_peak(out: Path) -> None:
     from transformers import AutoConfig
 
     import surgery
-    from surgery.job import TrainConfig, make_job
-    from surgery.loading import graph_of, load_model
-    from surgery.plan import plan
-    from surgery.train import train
-    from surgery.training_memory import TrainingShape, training_peak
+    from surgery.train.job import TrainConfig, make_job
+    from surgery.base.loading import graph_of, load_model
+    from surgery.planning.decisions import plan
+    from surgery.train.loop import train
+    from surgery.planning.training_memory import TrainingShape, training_peak
 
     spec = dict(SMOLLM2_135M)
     folder = Path(tempfile.mkdtemp(prefix="smollm2-shape-"))

@@ -32,8 +32,8 @@ def measure(model: str, batch: int, seq: int, device: str, checkpointing: bool) 
     import torch
 
     import surgery
-    from surgery.job import checkpoint_activations
-    from surgery.loading import load_model
+    from surgery.train.job import checkpoint_activations
+    from surgery.base.loading import load_model
 
     base = load_model(model, random_init=True).model.float().to(device)
     torch.manual_seed(0)

@@ -19,8 +19,8 @@ MODELS = ["facebook/opt-1.3b", "meta-llama/Llama-3.1-8B", "meta-llama/Llama-3.1-
 CHILD = """
 import json, resource, sys, time
 t0 = time.perf_counter()
-from surgery.loading import load_model
-from surgery.trace import trace
+from surgery.base.loading import load_model
+from surgery.model.tracing import trace
 t1 = time.perf_counter()
 model = load_model(sys.argv[1], weights=False).model
 graph = trace(model)

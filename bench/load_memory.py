@@ -89,7 +89,7 @@ def child(loader: str, scheme: str, folder: str, device: str) -> dict:
     threading.Thread(target=sample, daemon=True).start()
     start = time.perf_counter()
     if loader == "surgery":
-        from surgery.loading import load_model
+        from surgery.base.loading import load_model
 
         model = load_model(folder, rules=RULES[scheme], device=device).model
     else:
@@ -104,7 +104,7 @@ def child(loader: str, scheme: str, folder: str, device: str) -> dict:
     seconds = time.perf_counter() - start
     done.set()
     peak[0] = max(peak[0], rss_anon())
-    from surgery.memory import parameter_bytes
+    from surgery.planning.memory import parameter_bytes
 
     return {"loader": loader, "scheme": scheme, "seconds": seconds, "imports_anon_bytes": baseline,
             "peak_anon_bytes": peak[0], "loading_anon_bytes": peak[0] - baseline,
@@ -113,8 +113,8 @@ def child(loader: str, scheme: str, folder: str, device: str) -> dict:
 
 
 def planned_base(folder: str, scheme: str) -> int:
-    from surgery.loading import graph_of
-    from surgery.plan import plan
+    from surgery.base.loading import graph_of
+    from surgery.planning.decisions import plan
 
     return plan(graph_of(folder), RULES[scheme]).base_bytes_after
 

@@ -29,8 +29,8 @@ def main() -> None:
     import torch
 
     import surgery
-    from surgery.merge import output_error
-    from surgery.loading import load_model
+    from surgery.finetune.merging import output_error
+    from surgery.base.loading import load_model
 
     rows = []
     for name in args.models:

@@ -28,9 +28,9 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/siblings.json")
     args = parser.parse_args()
 
-    from surgery.apply import apply
-    from surgery.loading import load_model
-    from surgery.memory import parameter_bytes
+    from surgery.finetune.apply import apply
+    from surgery.base.loading import load_model
+    from surgery.planning.memory import parameter_bytes
 
     base = load_model(args.model, random_init=True).model.float()
     loaded = parameter_bytes(base)
@@ -74,7 +74,7 @@ def peft_model_bytes(base) -> int | None:
         import peft
     except ImportError:
         return None
-    from surgery.memory import parameter_bytes
+    from surgery.planning.memory import parameter_bytes
 
     cfg = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"])
     model = peft.get_peft_model(copy.deepcopy(base), cfg)

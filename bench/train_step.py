@@ -30,7 +30,7 @@ def rules_for(storage: str) -> dict:
 
 def fresh_base(name: str, storage: str, device: str):
     import surgery
-    from surgery.loading import load_model
+    from surgery.base.loading import load_model
 
     base = load_model(name, random_init=True).model.float().to(device)
     if storage != "fp32":

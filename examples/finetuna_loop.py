@@ -7,7 +7,7 @@ import torch
 
 import surgery
 import surgery.finetuna as finetuna
-from surgery.data import read_examples, tokenize
+from surgery.train.data import read_examples, tokenize
 
 base = surgery.tiny_model("tiny-opt")
 finetuna.quantize_base_model(base)  # int8 everything but lm_head, frozen

@@ -7,9 +7,9 @@ import tempfile
 from pathlib import Path
 
 import surgery
-from surgery.memory import extra_bytes, parameter_bytes
-from surgery.job import TrainConfig, make_job
-from surgery.train import evaluate, train
+from surgery.planning.memory import extra_bytes, parameter_bytes
+from surgery.train.job import TrainConfig, make_job
+from surgery.train.loop import evaluate, train
 
 base = surgery.tiny_model("tiny-opt")
 tokenizer = surgery.tiny_tokenizer()

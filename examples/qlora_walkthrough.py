@@ -6,8 +6,8 @@ Run: python examples/qlora_walkthrough.py   (CPU, tiny bundled model, a few seco
 import torch
 
 import surgery
-from surgery.lora import LoraLayer
-from surgery.memory import extra_bytes, parameter_bytes
+from surgery.layers.lora import LoraLayer
+from surgery.planning.memory import extra_bytes, parameter_bytes
 
 # 1. The same checkpoint held three ways: bytes of unique parameter storage.
 sizes = {"fp32": parameter_bytes(surgery.tiny_model("tiny-llama"))}

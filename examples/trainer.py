@@ -9,7 +9,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 import surgery
-from surgery.data import read_examples, tokenize
+from surgery.train.data import read_examples, tokenize
 
 base = surgery.tiny_model("tiny-llama")
 ft = surgery.rewrite(base, "qv_lora_head")

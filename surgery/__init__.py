@@ -2,38 +2,87 @@
 
 One frozen, quantized base in memory, any number of independently trainable fine-tunes on top
 of it, chosen per module by a rule file and checked before anything is changed.
+
+The package reads as the pipeline, one folder per stage, each importing only the ones before it:
+``rules`` (rule files) -> ``layers`` (LoRA, bitsandbytes) -> ``model`` (graphs of models) ->
+``planning`` (rules + graph -> plan, memory) -> ``base`` (the quantized, shared base) -> ``finetune``
+(fine-tunes of it) -> ``files`` (adapter files, PEFT, exports) -> ``train`` (training runs).
+``import surgery`` imports none of torch, transformers or bitsandbytes: each public name below is
+imported from its stage on first use (PEP 562).
 """
 
-from . import adapter_folder, finetuna  # adapter_folder gives every fine-tune its save_pretrained
-from .adapter_file import AdapterFile, load_adapter, read_adapter, save_adapter
-from .errors import (AdapterStateError, DataError, ExportError, MergeError, ModelConfigError, ModelNotFoundError,
-                     PlanError, RewriteError, RuleFileError, SharedBaseWarning, ShardingError, ShardingWarning,
-                     SurgeryError, SurgeryWarning, TraceError, TrainError, TruncationWarning, Violation)
-from .export import export_graph
-from .files import version as _version
-from .fingerprint import Fingerprint, fingerprint
-from .finetune import FinetuneInfo, finetune_info
-from .loading import load_model, tiny_model, tiny_tokenizer
-from .merge import merge
-from .peft_format import export_peft, import_peft
-from .plan import Decision, Plan, plan
-from .rewrite import rewrite
-from .shared_base import prepare_base
-from .sharding import shard_base
-from .rules import LoraConfig, QuantConfig, Rule, RuleSet, bundled_rules
-from .rule_file import load_rules
-from .graph import ModelGraph, ModuleInfo, ParamInfo
-from .trace import trace
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from .disk import version as _version
+
+_ERRORS = ("AdapterStateError", "DataError", "ExportError", "MergeError", "ModelConfigError", "ModelNotFoundError",
+           "PlanError", "RewriteError", "RuleFileError", "SharedBaseWarning", "ShardingError", "ShardingWarning",
+           "SurgeryError", "SurgeryWarning", "TraceError", "TrainError", "TruncationWarning", "Violation")
+_PUBLIC = {  # public name -> the module that defines it
+    **{name: "surgery.errors" for name in _ERRORS},
+    **{name: "surgery.rules.ruleset" for name in ("LoraConfig", "QuantConfig", "Rule", "RuleSet", "bundled_rules")},
+    "load_rules": "surgery.rules.rule_file",
+    **{name: "surgery.model.graph" for name in ("ModelGraph", "ModuleInfo", "ParamInfo")},
+    "trace": "surgery.model.tracing",
+    **{name: "surgery.planning.decisions" for name in ("Decision", "Plan", "plan")},
+    **{name: "surgery.base.loading" for name in ("load_model", "tiny_model", "tiny_tokenizer")},
+    "prepare_base": "surgery.base.shared_base",
+    **{name: "surgery.base.fingerprints" for name in ("Fingerprint", "fingerprint")},
+    **{name: "surgery.finetune.state" for name in ("FinetuneInfo", "finetune_info")},
+    "rewrite": "surgery.finetune.rewriting",
+    "merge": "surgery.finetune.merging",
+    "shard_base": "surgery.finetune.sharding",
+    **{name: "surgery.files.adapter_file" for name in ("AdapterFile", "load_adapter", "read_adapter", "save_adapter")},
+    **{name: "surgery.files.peft_format" for name in ("export_peft", "import_peft")},
+    "export_graph": "surgery.files.graph_export",
+}
+_MODULES = {"finetuna": "surgery.finetuna"}  # public modules: finetuna's API, above the stages
+_STAGES = ("rules", "layers", "model", "planning", "base", "finetune", "files", "train")
+_LIGHT = ("surgery.errors", "surgery.rules.", "surgery.model.graph", "surgery.planning.decisions")  # torch-free
 
 __version__ = _version()
+__all__ = sorted([*_PUBLIC, *_MODULES]) + ["__version__"]
 
-__all__ = [
-    "AdapterFile", "AdapterStateError", "DataError", "Decision", "ExportError", "FinetuneInfo", "Fingerprint",
-    "LoraConfig", "MergeError", "ModelConfigError", "ModelGraph", "ModelNotFoundError", "ModuleInfo", "ParamInfo",
-    "Plan", "PlanError", "QuantConfig", "RewriteError", "Rule", "RuleFileError", "RuleSet", "SharedBaseWarning",
-    "ShardingError", "ShardingWarning",
-    "SurgeryError", "SurgeryWarning", "TraceError", "TrainError", "TruncationWarning", "Violation", "bundled_rules",
-    "export_graph", "export_peft", "finetune_info", "finetuna", "fingerprint", "import_peft", "load_adapter",
-    "load_model", "load_rules", "merge", "plan", "prepare_base", "read_adapter", "rewrite", "save_adapter",
-    "shard_base", "tiny_model", "tiny_tokenizer", "trace", "__version__",
-]
+
+def __getattr__(name: str):
+    """A public name (or stage) imported from its module on first use, then kept as a plain attribute."""
+    if name in _STAGES:
+        return importlib.import_module(f"{__name__}.{name}")
+    where = _PUBLIC.get(name) or _MODULES.get(name)
+    if where is None:
+        raise AttributeError(f"module 'surgery' has no attribute {name!r}")
+    if not where.startswith(_LIGHT):
+        importlib.import_module("surgery.files")  # fine-tunes get save_pretrained, folders their PEFT check
+    module = importlib.import_module(where)
+    value = module if name in _MODULES else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__, *_STAGES})
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the names as they resolve
+    from .base.fingerprints import Fingerprint, fingerprint
+    from .base.loading import load_model, tiny_model, tiny_tokenizer
+    from .base.shared_base import prepare_base
+    from .errors import (AdapterStateError, DataError, ExportError, MergeError, ModelConfigError, ModelNotFoundError,
+                         PlanError, RewriteError, RuleFileError, SharedBaseWarning, ShardingError, ShardingWarning,
+                         SurgeryError, SurgeryWarning, TraceError, TrainError, TruncationWarning, Violation)
+    from .files.adapter_file import AdapterFile, load_adapter, read_adapter, save_adapter
+    from .files.graph_export import export_graph
+    from .files.peft_format import export_peft, import_peft
+    from . import finetuna
+    from .finetune.merging import merge
+    from .finetune.rewriting import rewrite
+    from .finetune.sharding import shard_base
+    from .finetune.state import FinetuneInfo, finetune_info
+    from .model.graph import ModelGraph, ModuleInfo, ParamInfo
+    from .model.tracing import trace
+    from .planning.decisions import Decision, Plan, plan
+    from .rules.rule_file import load_rules
+    from .rules.ruleset import LoraConfig, QuantConfig, Rule, RuleSet, bundled_rules

@@ -30,6 +30,18 @@ def local_rank() -> int | None:
         else None
 
 
+def cuda_available() -> bool:
+    """``torch.cuda.is_available()``, answered without importing torch on a Linux machine with no NVIDIA driver
+    loaded (no ``/proc/driver/nvidia``): CUDA cannot be there, and planning need not pay torch's start-up."""
+    import sys
+
+    if sys.platform.startswith("linux") and not os.path.exists("/proc/driver/nvidia"):
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def resolve_device(spec: "str | torch.device | None" = "auto") -> "torch.device":
     """The device ``spec`` names, checked: one DeviceError (what is wrong, what to pass) when it is not there."""
     import torch

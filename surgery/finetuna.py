@@ -20,12 +20,12 @@ from typing import Iterable, Mapping
 from torch import nn
 
 from .errors import PlanError, Violation
-from .plan import plan as make_plan
-from .quantize import quantize_base
-from .rewrite import rewrite
-from .shared_base import base_graph
-from .rules import ADAPTABLE_KINDS, RuleSet
-from .rule_file import parse_rules
+from .planning.decisions import plan as make_plan
+from .base.quantize import quantize_base
+from .finetune.rewriting import rewrite
+from .base.shared_base import base_graph
+from .rules.ruleset import ADAPTABLE_KINDS, RuleSet
+from .rules.rule_file import parse_rules
 
 SOURCE = "<finetuna>"
 

@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import save_file
 
 import surgery
-from surgery.finetune import own_state
-from surgery.job import TrainConfig, make_job
-from surgery.train import train
+from surgery.finetune.state import own_state
+from surgery.train.job import TrainConfig, make_job
+from surgery.train.loop import train
 
 out, batch_size, batched = sys.argv[1], int(sys.argv[2]), sys.argv[3:] == ["batched"]
 base = surgery.tiny_model("tiny-llama")

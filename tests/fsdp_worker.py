@@ -16,10 +16,10 @@ import torch
 from safetensors.torch import save_file
 
 import surgery
-from surgery.finetune import own_state
-from surgery.job import TrainConfig, make_job
-from surgery.memory import parameter_bytes
-from surgery.train import train
+from surgery.finetune.state import own_state
+from surgery.train.job import TrainConfig, make_job
+from surgery.planning.memory import parameter_bytes
+from surgery.train.loop import train
 
 out, base_kinds, steps = sys.argv[1], sys.argv[2].split(","), int(sys.argv[3])
 flags = sys.argv[4:]
@@ -60,7 +60,7 @@ def run_kind(base_kind: str) -> None:
             make_job(base, "b", rules_b, "reverse", tokenizer,
                      TrainConfig(batch_size=4 // world, lr=1e-2, max_steps=steps // 2, seed=1), block_size=20)]
     if resume:
-        from surgery.checkpoint import latest_checkpoint
+        from surgery.train.checkpoint import latest_checkpoint
 
         train(jobs, resume={"a": latest_checkpoint(jobs[0].out)})
     else:

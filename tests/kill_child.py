@@ -11,10 +11,10 @@ import torch
 torch.set_num_threads(1)  # forked children must not inherit a started OpenMP pool
 
 import surgery  # noqa: E402
-from surgery.shared_base import base_graph  # noqa: E402
-from surgery.checkpoint import latest_checkpoint  # noqa: E402
-from surgery.job import TrainConfig, make_job  # noqa: E402
-from surgery.train import train  # noqa: E402
+from surgery.base.shared_base import base_graph  # noqa: E402
+from surgery.train.checkpoint import latest_checkpoint  # noqa: E402
+from surgery.train.job import TrainConfig, make_job  # noqa: E402
+from surgery.train.loop import train  # noqa: E402
 
 base_graph(surgery.tiny_model("tiny-llama"))  # the trace cache every forked run reuses
 

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 import surgery
 from surgery import AdapterStateError
-from surgery.finetune import own_state
+from surgery.finetune.state import own_state
 from surgery_cli.app import app
 from test_state import logits, trained
 
@@ -135,7 +135,7 @@ def test_folders_are_read_by_the_cli_and_peft_exports_name_their_base(tmp_path):
     assert said.exit_code == 0 and "owl ->" in said.stdout, said.output
     surgery.export_peft(ft, tmp_path / "peft")
     shown = runner.invoke(app, ["adapter", "show", str(tmp_path / "peft")])
-    fingerprint = surgery.adapter_file.base_fingerprint(ft.__dict__["_surgery"].base).short
+    fingerprint = surgery.files.adapter_file.base_fingerprint(ft.__dict__["_surgery"].base).short
     assert shown.exit_code == 0 and "PEFT LoRA adapter" in shown.stdout and fingerprint in shown.stdout, shown.output
     other = surgery.tiny_model("tiny-llama")
     with torch.no_grad():
@@ -148,7 +148,7 @@ def test_folders_are_read_by_the_cli_and_peft_exports_name_their_base(tmp_path):
 def test_trainer_checkpoints_hold_the_adapter_only_and_resume_exactly(tmp_path):
     from transformers import Trainer, TrainingArguments
 
-    from surgery.data import read_examples, tokenize
+    from surgery.train.data import read_examples, tokenize
 
     blocks = tokenize(read_examples("upper"), surgery.tiny_tokenizer(), block_size=24)
     rows = [{k: v[i] for k, v in blocks.batch(torch.arange(len(blocks))).items()} for i in range(len(blocks))]

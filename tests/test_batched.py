@@ -8,13 +8,13 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import surgery
-from surgery.architectures import TINY_MODELS
-from surgery.batched import batched, generate, route
+from surgery.model.architectures import TINY_MODELS
+from surgery.finetune.batched import batched, generate, route
 from surgery.errors import DataError, RewriteError, TrainError
-from surgery.finetune import own_state
-from surgery.job import TrainConfig, make_job
-from surgery.loading import build_from_config, config_from_dict
-from surgery.train import train
+from surgery.finetune.state import own_state
+from surgery.train.job import TrainConfig, make_job
+from surgery.base.loading import build_from_config, config_from_dict
+from surgery.train.loop import train
 from surgery_cli.app import app
 
 TOK = surgery.tiny_tokenizer()

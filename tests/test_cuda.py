@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import surgery
-from surgery.memory import extra_bytes, parameter_bytes
-from surgery.job import TrainConfig, make_job
-from surgery.train import train
+from surgery.planning.memory import extra_bytes, parameter_bytes
+from surgery.train.job import TrainConfig, make_job
+from surgery.train.loop import train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -112,7 +112,7 @@ def test_adapter_file_round_trip_and_merge_on_cuda(tmp_path, scheme):
 @pytest.mark.parametrize("rules", ["qlora_nf4", "qv_lora", "finetuna_default"])
 def test_quantized_while_loading_onto_cuda_equals_quantizing_on_the_cpu(tmp_path, rules):
     """bitsandbytes' CUDA and CPU quantization of the same tensors: the issue asks for bit-identical storage."""
-    from surgery.loading import load_model
+    from surgery.base.loading import load_model
 
     surgery.tiny_model("tiny-llama").to(torch.bfloat16).save_pretrained(tmp_path / "m")
     on_gpu = load_model(str(tmp_path / "m"), rules=rules, device="cuda").model
@@ -127,8 +127,8 @@ def test_quantized_while_loading_onto_cuda_equals_quantizing_on_the_cpu(tmp_path
 
 
 def test_a_4bit_base_loaded_for_cuda_computes_in_bf16_unless_the_rule_file_says():
-    from surgery.loading import load_model
-    from surgery.rule_file import parse_rules
+    from surgery.base.loading import load_model
+    from surgery.rules.rule_file import parse_rules
 
     base = load_model("tiny-llama", rules="qlora_nf4", device="cuda").model
     assert base.model.layers[0].self_attn.q_proj.compute_dtype == torch.bfloat16  # the file leaves it open
@@ -188,7 +188,7 @@ def test_a_peft_export_loads_in_peft_on_cuda_with_the_same_outputs(tmp_path):
 
 
 def test_generation_on_cuda_answers_like_the_cpu_greedily():
-    from surgery.batched import generate
+    from surgery.finetune.batched import generate
 
     tok = surgery.tiny_tokenizer()
     answers = {}
@@ -199,8 +199,8 @@ def test_generation_on_cuda_answers_like_the_cpu_greedily():
 
 
 def test_the_planned_device_map_is_the_one_the_loader_uses(tmp_path):
-    from surgery.loading import graph_of, load_model
-    from surgery.quantizer import planned_device_map
+    from surgery.base.loading import graph_of, load_model
+    from surgery.base.quantizer import planned_device_map
 
     surgery.tiny_model("tiny-llama").save_pretrained(tmp_path / "m")
     memory = {0: 200 * 1024, "cpu": 2**30}  # a tiny budget on the GPU: part of the base goes to the CPU

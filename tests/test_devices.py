@@ -8,7 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 from surgery.errors import DeviceError
-from surgery.loading import load_model
+from surgery.base.loading import load_model
 from surgery_cli.app import app
 
 MODEL_COMMANDS = {  # every command that runs a model, with the arguments it needs before the device
@@ -87,16 +87,16 @@ def test_device_cpu_runs_and_the_first_line_says_where(command, tmp_path, adapte
     (["--device", "tpu"], "--device 'tpu'"),
 ])
 def test_device_options_are_checked_before_anything_loads(extra, message, tmp_path, adapter, monkeypatch):
-    import surgery.loading
+    import surgery.base.loading
 
-    monkeypatch.setattr(surgery.loading, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr(surgery.base.loading, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
     done = CliRunner().invoke(app, [*_args("train", tmp_path, adapter), *extra])
     assert done.exit_code == 2 and message in done.output, done.output
     assert not (tmp_path / "run").exists()
 
 
 def test_sdpa_and_eager_attention_give_the_same_outputs(tmp_path):
-    from surgery.loading import tiny_model
+    from surgery.base.loading import tiny_model
 
     tiny_model("tiny-llama").save_pretrained(tmp_path / "m")
     ids = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(1))

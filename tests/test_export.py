@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import surgery
-from surgery.export import ExportError, export_graph
+from surgery.files.graph_export import ExportError, export_graph
 
-from surgery.architectures import TINY_MODELS
+from surgery.model.architectures import TINY_MODELS
 from test_state import INPUTS, trained
 
 FP32 = {"quantize": "none", "default": "freeze", "rules": [
@@ -36,7 +36,7 @@ def test_a_quantized_finetune_exports_quantized_with_equal_outputs(rules):
     program = export_graph(ft, INPUTS["input_ids"])
     targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
     assert any("bitsandbytes" in t for t in targets)  # still quantized in the graph
-    assert not any(type(m).__module__.startswith("surgery.export") for m in ft.modules())  # ft untouched
+    assert not any(type(m).__module__.startswith("surgery.files.graph_export") for m in ft.modules())  # ft untouched
     other = torch.randint(0, 256, (3, 11))
     with torch.no_grad():
         assert torch.equal(program.module()(input_ids=other), ft(input_ids=other).logits)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import surgery
-from surgery.lora import LoraLayer
+from surgery.layers.lora import LoraLayer
 import surgery.finetuna as ft
 from surgery.errors import PlanError
 

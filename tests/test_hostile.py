@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 import surgery
 from surgery.errors import AdapterStateError, ModelConfigError
-from surgery.finetune import own_state
+from surgery.finetune.state import own_state
 from surgery_cli.app import app
 
 
@@ -115,7 +115,7 @@ def test_resume_takes_the_earlier_runs_folder_and_refuses_another_model_or_rules
 
 
 def test_random_init_of_a_config_bigger_than_memory_is_refused_before_allocating(tmp_path, monkeypatch):
-    import surgery.loading as loading
+    import surgery.base.loading as loading
 
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text(json.dumps({

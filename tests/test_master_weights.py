@@ -11,11 +11,11 @@ from safetensors import safe_open
 
 import surgery
 from surgery.errors import TrainError
-from surgery.job import TrainConfig, make_job
-from surgery.master_weights import MasterWeights
-from surgery.plan import plan
-from surgery.train import train
-from surgery.training_memory import TrainingShape, training_peak
+from surgery.train.job import TrainConfig, make_job
+from surgery.train.master_weights import MasterWeights
+from surgery.planning.decisions import plan
+from surgery.train.loop import train
+from surgery.planning.training_memory import TrainingShape, training_peak
 
 TOK = surgery.tiny_tokenizer()
 
@@ -99,8 +99,8 @@ def test_a_plain_head_on_a_bf16_base_trains_through_masters_and_resumes_exactly(
         assert f.get_tensor("master.0").dtype == torch.float32  # the master, not the rounded head, is kept
     resumed = bf16_job(bf16_base(), out=tmp_path / "resumed")
     train([resumed], resume={"job": tmp_path / "straight" / "checkpoint-3"})
-    for (name, a), b in zip(surgery.finetune.own_state(straight.finetune).items(),
-                            surgery.finetune.own_state(resumed.finetune).values()):
+    for (name, a), b in zip(surgery.finetune.state.own_state(straight.finetune).items(),
+                            surgery.finetune.state.own_state(resumed.finetune).values()):
         assert torch.equal(a, b), name
     ids = torch.tensor([[1, 2, 3]])
     straight.finetune(input_ids=ids, labels=ids).loss.backward()  # after the run: gradients on the tensor again
@@ -130,7 +130,7 @@ def test_a_checkpoint_without_its_masters_is_refused_and_changes_nothing(tmp_pat
     tensors["master.0"] = tensors["master.0"].bfloat16()  # a master that lost its low bits
     save_file(tensors, state, metadata=metadata)
     fresh = bf16_job(bf16_base(), max_steps=4, out=tmp_path / "again")
-    before = {k: v.clone() for k, v in surgery.finetune.own_state(fresh.finetune).items()}
+    before = {k: v.clone() for k, v in surgery.finetune.state.own_state(fresh.finetune).items()}
     with pytest.raises(TrainError, match="training_state.safetensors: the fp32 master 'master.0'"):
         train([fresh], resume={"job": tmp_path / "run" / "checkpoint-2"})
-    assert all(torch.equal(before[k], v) for k, v in surgery.finetune.own_state(fresh.finetune).items())
+    assert all(torch.equal(before[k], v) for k, v in surgery.finetune.state.own_state(fresh.finetune).items())

@@ -7,10 +7,10 @@ import torch
 import transformers
 
 import surgery
-from surgery.lora import LoraLayer
-from surgery.merge import output_error
+from surgery.layers.lora import LoraLayer
+from surgery.finetune.merging import output_error
 
-from surgery.architectures import TINY_MODELS
+from surgery.model.architectures import TINY_MODELS
 from test_state import INPUTS, tensors_of, trained
 
 FP32_ALL = {"quantize": "none", "default": "freeze", "rules": [

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import surgery
-from surgery.architectures import ARCHITECTURES
-from surgery.loading import load_model
+from surgery.model.architectures import ARCHITECTURES
+from surgery.base.loading import load_model
 
 
 def test_tiny_models_are_deterministic_and_on_cpu():

@@ -16,7 +16,7 @@ def test_the_wheel_carries_modules_rules_and_data(tmp_path):
     assert built.returncode == 0, built.stderr[-2000:]
     (wheel,) = tmp_path.glob("surgery-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    expected = {f"surgery/{p.name}" for p in (ROOT / "surgery").glob("*.py")}
+    expected = {p.relative_to(ROOT).as_posix() for p in (ROOT / "surgery").rglob("*.py")}  # every stage's modules
     expected |= {f"surgery/bundled_rules/{p.name}" for p in (ROOT / "rules").glob("*.yaml")}
     expected |= {f"surgery/bundled_data/{p.name}" for p in (ROOT / "data").glob("*.jsonl")}
     expected |= {"surgery_cli/app.py", "surgery_cli/__init__.py"}

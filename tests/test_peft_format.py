@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import surgery
-from surgery.model_card import CPU_KERNEL_LINE
+from surgery.files.model_card import CPU_KERNEL_LINE
 from surgery import AdapterStateError
 
-from surgery.architectures import TINY_MODELS
+from surgery.model.architectures import TINY_MODELS
 from test_state import logits, trained
 
 peft = pytest.importorskip("peft")
@@ -147,7 +147,7 @@ def test_exports_peft_cannot_express_are_refused(tmp_path):
 
 
 def test_a_base_transformers_cannot_store_the_same_way_is_loaded_with_surgery():
-    from surgery.bnb import base_loading
+    from surgery.layers.bnb import base_loading
 
     base = surgery.tiny_model("tiny-opt")
     surgery.rewrite(base, {"quantize": {"scheme": "nf4", "blocksize": 128}, "default": "quantize",

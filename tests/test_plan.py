@@ -6,10 +6,10 @@ import torch
 
 import surgery
 from surgery.errors import PlanError
-from surgery.memory import quantized_weight_bytes
-from surgery.rules import QuantConfig
-from surgery.bnb import held_bytes
-from surgery.architectures import TINY_MODELS
+from surgery.planning.memory import quantized_weight_bytes
+from surgery.rules.ruleset import QuantConfig
+from surgery.layers.bnb import held_bytes
+from surgery.model.architectures import TINY_MODELS
 
 
 @pytest.mark.parametrize("rules", ["qv_lora", "all_linear_lora", "qlora_nf4", "finetuna_default", "full_finetune"])
@@ -23,7 +23,7 @@ def test_bundled_rules_plan_cleanly_on_tiny_models(tiny_graphs, model, rules):
 
 @pytest.fixture(scope="module")
 def big_graphs():
-    from surgery.loading import load_model
+    from surgery.base.loading import load_model
 
     return {name: surgery.trace(load_model(name, weights=False).model)
             for name in ("facebook/opt-1.3b", "meta-llama/Llama-3.1-8B")}
@@ -214,9 +214,9 @@ def test_plan_is_pure(tiny_graphs):
 
 @pytest.mark.parametrize("width", [80, 120, 160])
 def test_tables_never_cut_module_names(width):
-    from surgery.plan import memory_by_scheme
-    from surgery.report import graph_renderable, render_text
-    from surgery.rules import grouped
+    from surgery.planning.decisions import memory_by_scheme
+    from surgery.planning.report import graph_renderable, render_text
+    from surgery.rules.ruleset import grouped
 
     graph = surgery.trace(surgery.tiny_model("tiny-opt"))
     names = list(grouped([m.path for m in graph.leaves()]))

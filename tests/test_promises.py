@@ -23,15 +23,15 @@ import torch
 from typer.testing import CliRunner
 
 import surgery
-from surgery.data import read_examples
+from surgery.train.data import read_examples
 from surgery.errors import AdapterStateError, ModelConfigError, PlanError, RewriteError, RuleFileError
-from surgery.finetune import own_state
-from surgery.rule_file import load_rules, parse_rules
-from surgery.checkpoint import latest_checkpoint, read_checkpoint, run_lock
+from surgery.finetune.state import own_state
+from surgery.rules.rule_file import load_rules, parse_rules
+from surgery.train.checkpoint import latest_checkpoint, read_checkpoint, run_lock
 from surgery.distributed import rank_seed, world
 from surgery.errors import DataError, TrainError
-from surgery.job import TrainConfig, make_job
-from surgery.train import train
+from surgery.train.job import TrainConfig, make_job
+from surgery.train.loop import train
 from surgery_cli.app import app
 
 TOK = surgery.tiny_tokenizer()
@@ -310,7 +310,7 @@ def test_accelerate_cpu_launch_that_collapsed_to_one_process_is_refused(monkeypa
 def test_a_model_folder_without_a_tokenizer_names_the_missing_tokenizer(tmp_path):
     surgery.tiny_model("tiny-llama").save_pretrained(tmp_path / "m")
     with pytest.raises(ModelConfigError, match="holds no tokenizer.*--tokenizer"):
-        surgery.loading.load_tokenizer(str(tmp_path / "m"))
+        surgery.base.loading.load_tokenizer(str(tmp_path / "m"))
 
 
 # ---------------------------------------------------------------------- kill loop
@@ -363,7 +363,7 @@ def test_a_folder_killed_while_written_loads_as_before_as_after_or_is_refused(tm
     context.set_forkserver_preload(["kill_child"])
     import kill_child
 
-    from surgery.peft_format import read_peft_folder
+    from surgery.files.peft_format import read_peft_folder
 
     finetunes = kill_child.two_finetunes()
     expected = [{k: v.detach().clone() for k, v in own_state(ft).items()} for ft in finetunes]
@@ -396,7 +396,7 @@ def test_a_folder_killed_while_written_loads_as_before_as_after_or_is_refused(tm
 def test_a_crash_between_two_files_of_a_folder_is_refused_not_mixed(tmp_path, monkeypatch, kind):
     """The window the kill loop may miss, made certain: the process dies after the first file is renamed."""
     import kill_child
-    from surgery.peft_format import read_peft_folder
+    from surgery.files.peft_format import read_peft_folder
 
     first, second = kill_child.two_finetunes()
     write = (lambda ft: ft.save_pretrained(tmp_path)) if kind == "adapter" else \
@@ -423,7 +423,7 @@ def test_a_crash_between_two_files_of_a_folder_is_refused_not_mixed(tmp_path, mo
 
 
 def kill_child_peft_tensors(ft) -> dict:
-    from surgery.peft_format import peft_adapter
+    from surgery.files.peft_format import peft_adapter
 
     return peft_adapter(ft)[1]
 
@@ -531,7 +531,7 @@ def _with_metadata(good: Path, out: Path, raw_header: dict | None = None, **chan
         meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
     meta.update(changes)
     rest = {k: v for k, v in meta.items() if k not in ("metadata_sha256", "tensors_sha256")}
-    meta["metadata_sha256"] = surgery.adapter_file._metadata_digest(rest)
+    meta["metadata_sha256"] = surgery.files.adapter_file._metadata_digest(rest)
     save_file(tensors, str(out), metadata=meta)
     return out
 
@@ -605,7 +605,7 @@ def test_a_cached_hub_model_without_a_tokenizer_fails_at_once_even_with_the_netw
     surgery.tiny_model("tiny-llama").save_pretrained(snapshot)
     (tmp_path / "hub" / "models--someone--tiny" / "refs").mkdir()
     (tmp_path / "hub" / "models--someone--tiny" / "refs" / "main").write_text("abc")
-    code = ("import time, surgery.loading as m\nt = time.perf_counter()\n"
+    code = ("import time, surgery.base.loading as m\nt = time.perf_counter()\n"
             "try:\n    m.load_tokenizer('someone/tiny')\nexcept Exception as e:\n    print(type(e).__name__, e)\n"
             "print('seconds', time.perf_counter() - t)\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_ETAG_TIMEOUT": "20"}
@@ -678,7 +678,7 @@ def test_a_txt_corpus_is_one_running_text(tmp_path):
     path.write_text("It was a dark\nand stormy night.\n\nThe end.\n")
     assert [e.completion for e in read_examples(path, "corpus")] == [path.read_text()]
     assert [e.completion for e in read_examples(path, "entries")] == ["It was a dark", "and stormy night.", "The end."]
-    blocks = surgery.data.tokenize(read_examples(path, "corpus"), TOK, block_size=8, mode="corpus")
+    blocks = surgery.train.data.tokenize(read_examples(path, "corpus"), TOK, block_size=8, mode="corpus")
     assert int((blocks.input_ids == TOK.eos_token_id).sum()) <= 1  # no EOS at every line break
 
 

@@ -9,14 +9,14 @@ import pytest
 import torch
 
 import surgery
-from surgery.architectures import TINY_MODELS
-from surgery.bnb import is_bnb_layer, state_tensors
+from surgery.model.architectures import TINY_MODELS
+from surgery.layers.bnb import is_bnb_layer, state_tensors
 from surgery.errors import PlanError
-from surgery.loading import load_model, tiny_model
-from surgery.shared_base import prepare_base
-from surgery.rules import bundled_rules
+from surgery.base.loading import load_model, tiny_model
+from surgery.base.shared_base import prepare_base
+from surgery.rules.ruleset import bundled_rules
 
-rewrite_module = importlib.import_module("surgery.shared_base")  # where the base is quantized
+rewrite_module = importlib.import_module("surgery.base.shared_base")  # where the base is quantized
 RULE_FILES = sorted(bundled_rules())
 MIXED = """
 version: 1
@@ -161,14 +161,14 @@ def test_tiny_models_and_several_rule_files_are_quantized_as_prepare_base_does(d
 
 
 def test_a_4bit_base_computes_in_the_rule_files_dtype_or_the_devices_default():
-    from surgery.rule_file import load_rules
+    from surgery.rules.rule_file import load_rules
 
     assert load_rules("qlora_nf4").with_compute_dtype("bfloat16").quantize.compute_dtype == "bfloat16"
-    written = surgery.rule_file.parse_rules({"quantize": {"scheme": "nf4", "compute_dtype": "float32"}})
+    written = surgery.rules.rule_file.parse_rules({"quantize": {"scheme": "nf4", "compute_dtype": "float32"}})
     assert written.with_compute_dtype("bfloat16").quantize.compute_dtype == "float32"  # the file's own wins
-    null = surgery.rule_file.parse_rules({"quantize": {"scheme": "nf4", "compute_dtype": None}})
+    null = surgery.rules.rule_file.parse_rules({"quantize": {"scheme": "nf4", "compute_dtype": None}})
     assert null.with_compute_dtype("bfloat16").quantize.compute_dtype is None
-    open_rules = surgery.rule_file.shorthand_rules(["q_proj"], r=4, alpha=None, dropout=0.0, quantize="nf4")
+    open_rules = surgery.rules.rule_file.shorthand_rules(["q_proj"], r=4, alpha=None, dropout=0.0, quantize="nf4")
     assert open_rules.quantize.compute_dtype is None
     assert open_rules.with_compute_dtype("bfloat16").quantize.compute_dtype == "bfloat16"
     loaded = load_model("tiny-llama", rules=open_rules, device="cpu").model  # the CPU keeps the input's dtype

@@ -6,12 +6,12 @@ import torch
 from torch import nn
 
 import surgery
-from surgery.apply import apply
-from surgery.lora import LoraLayer, LoraConv1D, LoraEmbedding, LoraLinear
+from surgery.finetune.apply import apply
+from surgery.layers.lora import LoraLayer, LoraConv1D, LoraEmbedding, LoraLinear
 from surgery.errors import PlanError, RewriteError
-from surgery.memory import extra_bytes, parameter_bytes
-from surgery.rules import LoraConfig
-from surgery.architectures import TINY_MODELS
+from surgery.planning.memory import extra_bytes, parameter_bytes
+from surgery.rules.ruleset import LoraConfig
+from surgery.model.architectures import TINY_MODELS
 
 RULES = ["qv_lora", "all_linear_lora", "qlora_nf4", "finetuna_default", "full_finetune"]
 IDS = torch.tensor([[5, 17, 99, 3, 200, 41, 7, 8], [1, 2, 3, 4, 5, 6, 7, 8]])
@@ -247,7 +247,7 @@ def test_plan_errors_come_before_any_change():
 def test_failure_midway_restores_the_base(monkeypatch):
     import sys
 
-    rw = sys.modules["surgery.rewrite"]  # the module, not the function surgery.rewrite
+    rw = sys.modules["surgery.finetune.rewriting"]  # the module, not the function surgery.rewrite
 
     base = surgery.tiny_model("tiny-opt")
     hashes, types = _hashes(base), {n: type(m) for n, m in base.named_modules()}
@@ -257,7 +257,7 @@ def test_failure_midway_restores_the_base(monkeypatch):
         calls.append(1)
         if len(calls) == 3:
             raise RuntimeError("injected")
-        return surgery.lora.make_adapter(*args, **kwargs)
+        return surgery.layers.lora.make_adapter(*args, **kwargs)
 
     monkeypatch.setattr(rw, "make_adapter", broken)
     with pytest.raises(RewriteError, match="base was restored"):

@@ -3,8 +3,8 @@ import os
 import pytest
 
 import surgery
-from surgery.rules import RuleFileError, pattern_matches
-from surgery.rule_file import load_rules, parse_rules
+from surgery.rules.ruleset import RuleFileError, pattern_matches
+from surgery.rules.rule_file import load_rules, parse_rules
 
 
 # ------------------------------------------------------------------------------------ matching

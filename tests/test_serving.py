@@ -61,7 +61,7 @@ def test_a_clean_export_passes_for_every_target_and_the_cli_prints_the_vllm_flag
 
 
 def test_launch_hints_round_the_rank_up_to_a_value_vllm_accepts():
-    from surgery.serving import launch_hints
+    from surgery.files.serving import launch_hints
 
     assert launch_hints({"r": 12, "rank_pattern": {"a": 2}}, "vllm") == ["--enable-lora", "--max-lora-rank 16"]
     assert launch_hints({"r": 300}, "vllm")[1] == "--max-lora-rank 320"

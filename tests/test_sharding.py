@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import surgery
-from surgery.job import TrainConfig, make_job
-from surgery.train import train
+from surgery.train.job import TrainConfig, make_job
+from surgery.train.loop import train
 
 HERE = Path(__file__).parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
@@ -165,7 +165,7 @@ def test_a_base_sharded_over_one_process_warns_and_trains_like_an_unsharded_one(
         surgery.merge(ft)
     with pytest.raises(surgery.ShardingError, match="export_peft needs the whole base"):
         surgery.export_peft(ft, "unused")
-    from surgery.batched import batched
+    from surgery.finetune.batched import batched
 
     with pytest.raises(surgery.ShardingError, match="batched view"):
         batched(base, [ft])
@@ -226,8 +226,8 @@ QUANTIZED_EMBEDDING = "version: 1\nquantize: {scheme: nf4, storage: bfloat16}\nd
 
 
 def test_a_4bit_embedding_is_refused_for_sharding_with_its_rule_and_the_remedy(write_rules):
-    from surgery.loading import graph_of
-    from surgery.sharding import refuse_unshardable
+    from surgery.base.loading import graph_of
+    from surgery.finetune.sharding import refuse_unshardable
 
     rules = write_rules(QUANTIZED_EMBEDDING)
     with pytest.raises(surgery.ShardingError, match=r"rules.yaml.*default.*embed_tokens.*embedding.*type: embedding"):

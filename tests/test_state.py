@@ -14,8 +14,8 @@ import torch
 
 import surgery
 from surgery import AdapterStateError
-from surgery.loading import build_from_config, config_from_dict
-from surgery.architectures import TINY_MODELS
+from surgery.base.loading import build_from_config, config_from_dict
+from surgery.model.architectures import TINY_MODELS
 
 RULES = sorted(surgery.bundled_rules())
 INPUTS = {"input_ids": torch.tensor([[1, 5, 9, 20, 33, 7, 100, 2]])}
@@ -58,7 +58,7 @@ def test_save_then_load_is_bit_exact(tmp_path, model, rules):
     path = surgery.save_adapter(ft, tmp_path / "ft.safetensors")
     again = surgery.load_adapter(base, path)
     assert again is not ft
-    mine, theirs = surgery.finetune.own_state(ft), surgery.finetune.own_state(again)
+    mine, theirs = surgery.finetune.state.own_state(ft), surgery.finetune.state.own_state(again)
     assert mine.keys() == theirs.keys() and mine
     for name in mine:
         assert torch.equal(mine[name], theirs[name]), name
@@ -87,8 +87,8 @@ def test_adapter_from_an_fp32_base_loads_onto_the_same_checkpoint_quantized(tmp_
         quantized = surgery.tiny_model("tiny-llama")
         surgery.rewrite(quantized, held)  # the base is now int8 / nf4
         loaded = surgery.load_adapter(quantized, path)
-        for name, t in surgery.finetune.own_state(ft).items():
-            assert torch.equal(surgery.finetune.own_state(loaded)[name], t)
+        for name, t in surgery.finetune.state.own_state(ft).items():
+            assert torch.equal(surgery.finetune.state.own_state(loaded)[name], t)
         assert surgery.load_adapter(loaded, path) is loaded  # its rules follow the base; still compatible
     half = surgery.tiny_model("tiny-llama").half()
     assert surgery.fingerprint(half).mismatch(surgery.fingerprint(surgery.tiny_model("tiny-llama"))) is None
@@ -201,14 +201,14 @@ def _bad_files(saved, folder) -> dict[str, tuple]:
 def _sealed(meta: dict) -> dict:
     """Metadata with a correct metadata checksum (a deliberate edit, not corruption)."""
     rest = {k: v for k, v in meta.items() if k not in ("metadata_sha256", "tensors_sha256")}
-    return {**rest, "metadata_sha256": surgery.adapter_file._metadata_digest(rest), "tensors_sha256": meta["tensors_sha256"]}
+    return {**rest, "metadata_sha256": surgery.files.adapter_file._metadata_digest(rest), "tensors_sha256": meta["tensors_sha256"]}
 
 
 def _resealed(good, meta: dict, change) -> dict:
     """Metadata whose tensor checksum matches the changed tensors (so the key/shape check speaks first)."""
     from safetensors.torch import load_file
 
-    return {**meta, "tensors_sha256": surgery.adapter_file._tensors_digest(change(load_file(str(good))))}
+    return {**meta, "tensors_sha256": surgery.files.adapter_file._tensors_digest(change(load_file(str(good))))}
 
 
 def test_every_bad_file_is_refused_and_nothing_changes(saved, tmp_path):
@@ -257,7 +257,7 @@ def test_storage_follows_the_base_as_held(tmp_path):
     surgery.rewrite(nf4, "qlora_nf4")
     ft = surgery.load_adapter(nf4, path)
     assert surgery.finetune_info(ft).plan.decisions["model.decoder.layers.0.self_attn.q_proj"].storage == "nf4"
-    assert torch.equal(surgery.finetune.own_state(ft)["model.decoder.layers.0.self_attn.q_proj.lora_B"],
+    assert torch.equal(surgery.finetune.state.own_state(ft)["model.decoder.layers.0.self_attn.q_proj.lora_B"],
                        surgery.read_adapter(path).tensors["model.decoder.layers.0.self_attn.q_proj.lora_B"])
 
 

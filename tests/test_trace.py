@@ -3,8 +3,8 @@ import torch
 from torch import nn
 
 import surgery
-from surgery.loading import load_model
-from surgery.trace import op_kind
+from surgery.base.loading import load_model
+from surgery.model.tracing import op_kind
 
 
 @pytest.mark.parametrize("name", ["tiny-opt", "tiny-llama", "tiny-gpt2"])

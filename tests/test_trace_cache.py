@@ -8,14 +8,14 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from surgery.plan import plan
-from surgery.rule_file import load_rules
-from surgery.loading import graph_of
-from surgery.trace_cache import cache_folder, graph_to_data
+from surgery.planning.decisions import plan
+from surgery.rules.rule_file import load_rules
+from surgery.base.loading import graph_of
+from surgery.model.trace_cache import cache_folder, graph_to_data
 from surgery_cli.app import app
 
 runner = CliRunner()
-trace_module = importlib.import_module("surgery.trace")  # the module (the package attribute is the function)
+trace_module = importlib.import_module("surgery.model.tracing")  # the module (the package attribute is the function)
 
 
 @pytest.fixture

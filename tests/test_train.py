@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import surgery
-from surgery.data import IGNORE, DataError, read_examples, tokenize
+from surgery.train.data import IGNORE, DataError, read_examples, tokenize
 from surgery.errors import TrainError
-from surgery.job import TrainConfig, make_job
-from surgery.train import evaluate, train
+from surgery.train.job import TrainConfig, make_job
+from surgery.train.loop import evaluate, train
 
 TOK = surgery.tiny_tokenizer()
 
@@ -25,7 +25,7 @@ def job(base, name="job", rules="qv_lora_head", data="upper", out=None, block_si
 
 
 def own(ft) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in surgery.finetune.own_state(ft).items()}
+    return {k: v.detach().clone() for k, v in surgery.finetune.state.own_state(ft).items()}
 
 
 def assert_bit_identical(a: dict, b: dict) -> None:
@@ -87,7 +87,7 @@ def test_csv_and_jsonl_text_are_read(tmp_path):
     (tmp_path / "a.csv").write_text('id,text\n1,"first, with comma"\n2,second\n')
     (tmp_path / "b.jsonl").write_text('{"text": "one"}\n\n{"prompt": "p", "completion": "c"}\n')
     assert [e.completion for e in read_examples(tmp_path / "a.csv")] == ["first, with comma", "second"]
-    assert read_examples(tmp_path / "b.jsonl")[1] == surgery.data.Example("c", "p")
+    assert read_examples(tmp_path / "b.jsonl")[1] == surgery.train.data.Example("c", "p")
 
 
 def test_completions_cut_away_by_the_block_size_are_refused_or_counted(tmp_path):
@@ -320,7 +320,7 @@ def chat_tokenizer():
 
 
 def test_chat_template_puts_the_loss_on_the_assistants_answer_only(tmp_path):
-    from surgery.data import chat_examples
+    from surgery.train.data import chat_examples
 
     path = tmp_path / "chat.jsonl"
     path.write_text(json.dumps({"prompt": "cat", "completion": "CAT"}) + "\n" + json.dumps({"messages": [
@@ -350,7 +350,7 @@ def test_chat_template_puts_the_loss_on_the_assistants_answer_only(tmp_path):
      "chat template refused this conversation (TemplateError: no tools here)"),
 ])
 def test_chat_data_mistakes_name_the_line(tmp_path, row, message):
-    from surgery.data import chat_examples
+    from surgery.train.data import chat_examples
 
     path = tmp_path / "chat.jsonl"
     path.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n" + json.dumps(row) + "\n")
@@ -363,7 +363,7 @@ def test_chat_data_mistakes_name_the_line(tmp_path, row, message):
 
 
 def test_chat_template_needs_a_tokenizer_with_one():
-    from surgery.data import chat_examples
+    from surgery.train.data import chat_examples
 
     with pytest.raises(DataError, match="the tokenizer has no chat template"):
         chat_examples(read_examples("upper"), TOK, "upper")

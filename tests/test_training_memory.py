@@ -10,10 +10,10 @@ import torch
 from typer.testing import CliRunner
 
 import surgery
-from surgery.job import TrainConfig, build_optimizer, checkpoint_activations
-from surgery.loading import graph_of, load_model
-from surgery.plan import plan
-from surgery.training_memory import SavedBytes, TrainingShape, activation_bytes, optimizer_state_bytes, \
+from surgery.train.job import TrainConfig, build_optimizer, checkpoint_activations
+from surgery.base.loading import graph_of, load_model
+from surgery.planning.decisions import plan
+from surgery.planning.training_memory import SavedBytes, TrainingShape, activation_bytes, optimizer_state_bytes, \
     trainable_tensors, training_peak
 from surgery_cli.app import app
 
@@ -122,8 +122,8 @@ def test_plan_device_map_puts_the_exact_base_on_each_device_as_transformers_woul
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt"])
 def test_fsdp_counts_the_root_group_and_two_decoder_layers_unsharded(name):
-    from surgery.memory import extra_bytes, parameter_bytes
-    from surgery.trace import decoder_layers
+    from surgery.planning.memory import extra_bytes, parameter_bytes
+    from surgery.model.tracing import decoder_layers
 
     base = surgery.tiny_model(name)
     surgery.prepare_base(base, "qlora_nf4")  # the base as the rules store it: what FSDP2 gathers

@@ -23,9 +23,9 @@ def adapter_show(
     """
     import yaml
 
-    from surgery.adapter_file import ADAPTER_FILE, read_adapter
-    from surgery.peft_format import CONFIG_FILE, read_peft_folder
-    from surgery.report import adapter_tables, peft_tables
+    from surgery.files.adapter_file import ADAPTER_FILE, read_adapter
+    from surgery.files.peft_format import CONFIG_FILE, read_peft_folder
+    from surgery.planning.report import adapter_tables, peft_tables
 
     if adapter.is_dir() and not (adapter / ADAPTER_FILE).exists() and (adapter / CONFIG_FILE).exists():
         for table in peft_tables(read_peft_folder(adapter), show_all):
@@ -60,13 +60,13 @@ def merge(
     quiet_libraries()
     import torch
 
-    from surgery.merge import merge as merge_ft, output_error
+    from surgery.finetune.merging import merge as merge_ft, output_error
     from surgery.errors import AdapterStateError, SurgeryError
-    from surgery.loading import load_tokenizer
-    from surgery.files import atomic_folder
-    from surgery.bnb import base_loading
-    from surgery.model_card import CARD_FILE, merged_card
-    from surgery.rules import DTYPES
+    from surgery.base.loading import load_tokenizer
+    from surgery.disk import atomic_folder
+    from surgery.layers.bnb import base_loading
+    from surgery.files.model_card import CARD_FILE, merged_card
+    from surgery.rules.ruleset import DTYPES
 
     if dtype not in (None, *DTYPES):
         raise typer.BadParameter(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
@@ -125,15 +125,15 @@ def export_peft_cmd(
 
     Example (checked against vLLM's loading rules): surgery export-peft runs/qv.safetensors --out qv-vllm/ --for vllm
     """
-    from surgery.serving import check_target
+    from surgery.files.serving import check_target
 
     check_target(target)  # before anything loads
     quiet_libraries()
-    from surgery.peft_format import export_peft
-    from surgery.bnb import base_loading
+    from surgery.files.peft_format import export_peft
+    from surgery.layers.bnb import base_loading
     from surgery.errors import AdapterStateError
-    from surgery.files import atomic_folder
-    from surgery.serving import launch_hints
+    from surgery.disk import atomic_folder
+    from surgery.files.serving import launch_hints
 
     base, ft, name = finetune_from(adapter, model, random_init, placement(device))
     with atomic_folder(out, overwrite=overwrite, error=AdapterStateError) as tmp:
@@ -165,11 +165,11 @@ def import_peft_cmd(
     Example: surgery import-peft qv-peft/ --out qv.safetensors --quantize int8
     """
     quiet_libraries()
-    from surgery.loading import load_model
-    from surgery.peft_format import import_peft, peft_base_model
-    from surgery.adapter_file import save_adapter
+    from surgery.base.loading import load_model
+    from surgery.files.peft_format import import_peft, peft_base_model
+    from surgery.files.adapter_file import save_adapter
 
-    from surgery.rules import SCHEMES
+    from surgery.rules.ruleset import SCHEMES
 
     if quantize not in (None, *SCHEMES):
         raise typer.BadParameter(f"--quantize must be one of {', '.join(SCHEMES)}, not {quantize!r}")

@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from . import adapter_cmds, demo, generate_cmd, model_cmds, train_cmds
+from . import adapter_cmds, demo, generate_cmd, model_cmds, plan_cmd, train_cmds
 from .common import Commands
 
 app = typer.Typer(help="Rule-driven model surgery for HuggingFace models: one quantized base, many fine-tunes.",
@@ -24,7 +24,7 @@ app.add_typer(adapter_app, name="adapter")
 app.command()(demo.demo)
 app.command("models")(model_cmds.models_cmd)
 app.command()(model_cmds.inspect)
-app.command()(model_cmds.plan)
+app.command()(plan_cmd.plan)
 app.command()(model_cmds.apply)
 rules_app.command("list")(model_cmds.rules_list)
 rules_app.command("show")(model_cmds.rules_show)

@@ -109,7 +109,7 @@ def quiet_libraries() -> None:
 
 def model_for(rules, model: Optional[str]) -> tuple[str, str]:
     """The model to use: --model, else the rule file's `model:`, else the bundled tiny default."""
-    from surgery.architectures import TINY_DEFAULT
+    from surgery.model.architectures import TINY_DEFAULT
 
     if model:
         return model, "--model"
@@ -153,8 +153,8 @@ def _gpus() -> str:
 def finetune_from(adapter: Path, model: Optional[str], random_init: bool, where: dict | None = None):
     """Load the base (from --model or the file's metadata), quantized for the adapter's rules as it loads, on the
     device asked for, and the adapter onto it."""
-    from surgery.loading import load_model
-    from surgery.adapter_file import load_adapter, read_adapter
+    from surgery.base.loading import load_model
+    from surgery.files.adapter_file import load_adapter, read_adapter
 
     info = read_adapter(adapter)
     name = model or info.base_model

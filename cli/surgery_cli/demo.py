@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from .common import DEVICE_OPT, RANDOM_INIT_OPT, console, placement, quiet_libraries, where_text
-from .train_cmds import run_with_progress
+from .progress import run_with_progress
 
 
 TASKS = {  # data set -> two prompts shown after training
@@ -56,14 +56,14 @@ def demo(
 
     import torch
 
-    from surgery.adapter_file import ADAPTER_FILE, load_adapter
-    from surgery.architectures import TINY_MODELS
-    from surgery.job import TrainConfig, make_job
-    from surgery.loading import load_model
-    from surgery.memory import extra_bytes, parameter_bytes
-    from surgery.report import demo_files_table, demo_memory_table, demo_results_table
-    from surgery.rule_file import load_rules
-    from surgery.train import evaluate
+    from surgery.files.adapter_file import ADAPTER_FILE, load_adapter
+    from surgery.model.architectures import TINY_MODELS
+    from surgery.train.job import TrainConfig, make_job
+    from surgery.base.loading import load_model
+    from surgery.planning.memory import extra_bytes, parameter_bytes
+    from surgery.planning.report import demo_files_table, demo_memory_table, demo_results_table
+    from surgery.rules.rule_file import load_rules
+    from surgery.train.loop import evaluate
 
     start = time.perf_counter()
     where = placement(device)
@@ -124,7 +124,7 @@ def demo(
 def _tokenizer(model: str, base, random_init: bool):
     """The model's tokenizer; a bundled architecture built with --random-init has none and gets the byte tokenizer."""
     from surgery.errors import SurgeryError
-    from surgery.loading import load_tokenizer, tiny_tokenizer
+    from surgery.base.loading import load_tokenizer, tiny_tokenizer
 
     try:
         return load_tokenizer(model)
@@ -137,13 +137,13 @@ def _tokenizer(model: str, base, random_init: bool):
 
 
 def _rules_name(job) -> str:
-    from surgery.finetune import finetune_info
+    from surgery.finetune.state import finetune_info
 
     return finetune_info(job.finetune).rules.name
 
 
 def _expected_answers(task: str) -> dict[str, str]:
-    from surgery.data import read_examples
+    from surgery.train.data import read_examples
 
     return {ex.prompt: ex.completion for ex in read_examples(task)}
 

@@ -52,11 +52,11 @@ def generate(
 
     from rich.table import Table
 
-    from surgery.adapter_file import load_adapter, read_adapter
-    from surgery.architectures import TINY_DEFAULT
-    from surgery.batched import generate as generate_batched
-    from surgery.data import Example, chat_prompt, read_examples
-    from surgery.loading import load_model, load_tokenizer
+    from surgery.files.adapter_file import load_adapter, read_adapter
+    from surgery.model.architectures import TINY_DEFAULT
+    from surgery.finetune.batched import generate as generate_batched
+    from surgery.train.data import Example, chat_prompt, read_examples
+    from surgery.base.loading import load_model, load_tokenizer
 
     if (prompt is None) == (prompts_file is None):
         raise typer.BadParameter("give one PROMPT or --prompts FILE")

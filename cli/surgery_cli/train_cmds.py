@@ -1,4 +1,4 @@
-"""Commands that train and run fine-tunes: train, generate."""
+"""`surgery train`: one fine-tune, several on one base, DDP or FSDP2 under torchrun (what it shows: progress.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import typer
 
 from .common import (ATTN_OPT, DEVICE_MAP_OPT, DEVICE_OPT, MAX_MEMORY_OPT, MODEL_OPT, RANDOM_INIT_OPT, TOKENIZER_OPT,
                      DEVICE_PANEL, console, model_for, placement, quiet_libraries, where_text)
+from .progress import plot_losses, run_with_progress
 
 
 DATA = "Data"
@@ -115,14 +116,14 @@ def train(
     --model tiny-llama --data upper --out runs/up --fsdp --max-steps 50
     """
     quiet_libraries()
-    from surgery.loading import load_model, load_tokenizer
-    from surgery.rule_file import load_rules
-    from surgery.batched_train import check_batching
-    from surgery.checkpoint import ADAPTER_FILE, STATE_FILE, check_output_folder, latest_checkpoint
+    from surgery.base.loading import load_model, load_tokenizer
+    from surgery.rules.rule_file import load_rules
+    from surgery.train.batched_train import check_batching
+    from surgery.train.checkpoint import ADAPTER_FILE, STATE_FILE, check_output_folder, latest_checkpoint
     from surgery.distributed import world
-    from surgery.job import TrainConfig, make_job
-    from surgery.report import training_summary
-    from surgery.sharding import check_sharding, refuse_unshardable_rules, shard_base
+    from surgery.train.job import TrainConfig, make_job
+    from surgery.planning.report import training_summary
+    from surgery.finetune.sharding import check_sharding, refuse_unshardable_rules, shard_base
 
     shorthand = _shorthand_rules(rules, job, target_modules, lora_r, lora_alpha, lora_dropout, quantize)
     specs = [(None, shorthand or rules, data)] if rules or data or shorthand else []
@@ -197,7 +198,7 @@ def _shorthand_rules(rules, job, target_modules, r, alpha, dropout, quantize):
         return None
     if rules is not None or job:
         raise typer.BadParameter("--target-modules replaces RULES and --job: give one of them")
-    from surgery.rule_file import shorthand_rules
+    from surgery.rules.rule_file import shorthand_rules
 
     return shorthand_rules(target_modules.split(","), r=8 if r is None else r, alpha=alpha,
                            dropout=dropout or 0.0, quantize=quantize or "none")
@@ -208,57 +209,8 @@ def _record_rules(rules, out: Path) -> Path:
     import yaml
 
     from surgery.errors import TrainError
-    from surgery.files import atomic_write
+    from surgery.disk import atomic_write
 
     text = f"# {rules.description}\n" + yaml.safe_dump(rules.to_dict(), sort_keys=False)
     atomic_write(out / "rules.yaml", text.encode(), error=TrainError)
     return out / "rules.yaml"
-
-
-def run_with_progress(jobs, resume_from: dict, *, show: bool, batched: bool = False,
-                      max_batched_tokens: int | None = None, overwrite: bool = False) -> list:
-    """Train the jobs with a rich progress bar per job (shown on rank 0 only); the finished runs."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from surgery.train import train
-
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:,.0f} tok/s"),
-               TimeElapsedColumn()]
-    with Progress(*columns, console=console, disable=not show) as progress:
-        bars = {}
-
-        def on_step(run, record):
-            if run.job.name not in bars:
-                bars[run.job.name] = progress.add_task(run.job.name, total=run.total_steps, loss=0.0, lr=0.0, tps=0.0)
-            progress.update(bars[run.job.name], completed=run.step, loss=record["loss"], lr=record["lr"],
-                            tps=record["tokens_per_s"])
-
-        return train(jobs, resume=resume_from, on_step=on_step, batched=batched,
-                     max_batched_tokens=max_batched_tokens, overwrite=overwrite)
-
-
-def plot_losses(runs, path: Path) -> Path | None:
-    """A PNG of every run's training (and eval) loss by step; None when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    figure, axes = plt.subplots(figsize=(7, 4))
-    for run in runs:
-        steps = [(r["step"], r["loss"]) for r in run.history if r.get("loss") is not None]
-        evals = [(r["step"], r["eval_loss"]) for r in run.history if r.get("eval_loss") is not None]
-        if steps:
-            axes.plot(*zip(*steps), label=f"{run.job.name} train")
-        if evals:
-            axes.plot(*zip(*evals), "o--", label=f"{run.job.name} eval")
-    axes.set_xlabel("step")
-    axes.set_ylabel("loss")
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path

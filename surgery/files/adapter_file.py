@@ -1,0 +1,350 @@
+"""Adapter files: a fine-tune's own tensors (adapters, plain modules) as safetensors, checked on load.
+
+The file holds only what the fine-tune does not share with its base, plus metadata that makes it
+self-contained: the rules (canonical JSON, so the file alone rebuilds the fine-tune), the base's
+name, class and fingerprint, and two sha256 checksums (metadata; tensor names, dtypes, shapes and
+bytes). Writes are atomic (temp file in the same folder, fsync, rename). Loading validates the
+whole file before touching anything; any failure leaves the base and the target fine-tune as they
+were. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import AdapterStateError, PlanError, RuleFileError, SurgeryError, first_line
+from ..disk import GiB, MiB, atomic_write, check_folder_files, check_inside, read_user_file, version
+from ..base.fingerprints import Fingerprint, base_fingerprint
+from ..planning.decisions import plan as make_plan
+from ..finetune.state import finetune_info, own_state, require_finetune
+from ..finetune.rewriting import rewrite
+from ..base.shared_base import base_graph
+from ..rules.ruleset import MAX_RULE_FILE_BYTES, QuantConfig, RuleSet
+from ..rules.rule_file import parse_rules
+
+ADAPTER_FILE = "adapter.safetensors"  # the adapter file's name in folders: save_pretrained, train runs, checkpoints
+FORMAT = "surgery-adapter"
+FORMAT_VERSION = 1
+MAX_HEADER_BYTES = 16 * MiB  # tensor entries + rules + fingerprint: kilobytes in practice
+MAX_ADAPTER_BYTES = 64 * GiB
+MAX_RULES_JSON = MAX_RULE_FILE_BYTES
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+@dataclass
+class AdapterFile:
+    """A validated adapter file: its metadata, rules, base fingerprint and tensors."""
+
+    path: Path
+    metadata: dict[str, str]
+    rules: RuleSet
+    fingerprint: Fingerprint
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def base_model(self) -> str:
+        return self.metadata.get("base_model", "")
+
+    @property
+    def base_class(self) -> str:
+        return self.metadata.get("base_class", "")
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def __repr__(self) -> str:
+        return (f"AdapterFile({str(self.path)!r}, base={self.base_model or self.base_class!r}, "
+                f"{len(self.tensors)} tensors, {self.nbytes} bytes)")
+
+
+# ---------------------------------------------------------------------------------------- save
+
+def save_adapter(finetune: nn.Module, path: str | Path) -> Path:
+    """Write the fine-tune's own tensors and metadata to ``path`` (safetensors), atomically."""
+    path = Path(path)
+    if path.is_dir():
+        raise AdapterStateError(f"{path}: is a directory; give a file name such as {path / ADAPTER_FILE} "
+                                "(or write a whole adapter folder with ft.save_pretrained)")
+    atomic_write(path, adapter_bytes(finetune), error=AdapterStateError)
+    return path
+
+
+def adapter_bytes(finetune: nn.Module, values: dict[str, torch.Tensor] | None = None) -> bytes:
+    """The adapter file of a fine-tune, as bytes: its own tensors (or ``values`` for them) and metadata."""
+    from safetensors.torch import save
+
+    info = require_finetune(finetune, "saved")
+    own = own_state(finetune)
+    values = own if values is None else values
+    tensors = {name: values[name].detach().to("cpu").contiguous() for name in own}
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "surgery_version": version(),
+        "rules": info.rules.to_json(),
+        "rules_source": info.rules.source,
+        "base_model": base_name(info.base),
+        "base_class": type(info.base).__name__,
+        "base_fingerprint": base_fingerprint(info.base).to_json(),
+    }
+    metadata["metadata_sha256"] = _metadata_digest(metadata)
+    metadata["tensors_sha256"] = _tensors_digest(tensors)
+    return save(tensors, metadata=metadata)
+
+
+def base_name(base: nn.Module) -> str:
+    """The name or path the base was loaded from (``config.name_or_path``), or ''."""
+    return str(getattr(getattr(base, "config", None), "name_or_path", "") or "")
+
+
+# ---------------------------------------------------------------------------------------- read
+
+def read_adapter(path: str | Path) -> AdapterFile:
+    """Read and validate an adapter file completely (structure, metadata, checksums); changes nothing.
+
+    ``path`` may be a folder ``save_pretrained`` wrote (or a Trainer checkpoint): its adapter file is read.
+    """
+    path = Path(path)
+    if path.is_dir() and ((path / ADAPTER_FILE).is_file() or (path / ADAPTER_FILE).is_symlink()):
+        check_folder_files(path, error=AdapterStateError)
+        check_inside(path, ADAPTER_FILE, error=AdapterStateError)
+        path = path / ADAPTER_FILE
+    data = _read_bytes(path)
+    header, data_start = _parse_header(path, data)
+    metadata = _check_metadata(path, header.pop("__metadata__", None))
+    tensors = _tensors(path, header, data, data_start)
+    if metadata["tensors_sha256"] != _tensors_digest(tensors):
+        raise AdapterStateError(f"{path}: tensor checksum mismatch: the tensor data or names were changed or "
+                                "corrupted after saving; save the adapter again")
+    try:
+        fp = Fingerprint.from_json(metadata["base_fingerprint"])
+    except ValueError as exc:
+        raise AdapterStateError(f"{path}: unreadable base fingerprint ({exc})") from None
+    if len(metadata["rules"]) > MAX_RULES_JSON:
+        raise AdapterStateError(f"{path}: its stored rules are {len(metadata['rules']):,} characters of JSON; rule "
+                                f"files are at most {MAX_RULES_JSON:,}: not a file save_adapter wrote")
+    try:
+        rules = parse_rules(json.loads(metadata["rules"]), source=f"{path}#rules")
+    except (ValueError, RecursionError) as exc:
+        raise AdapterStateError(f"{path}: its stored rules are not valid JSON ({first_line(exc)})") from None
+    except SurgeryError as exc:
+        raise AdapterStateError(f"{path}: its stored rules are invalid: {exc}") from None
+    return AdapterFile(path, metadata, rules, fp, tensors)
+
+
+def _read_bytes(path: Path) -> bytes:
+    if path.is_dir():
+        hint = " (it holds adapter_config.json: a PEFT adapter; use surgery.import_peft)" \
+            if (path / "adapter_config.json").exists() else ""
+        raise AdapterStateError(f"{path}: is a directory without {ADAPTER_FILE}, not an adapter file{hint}")
+    data = read_user_file(path, what="adapter file", limit=MAX_ADAPTER_BYTES, error=AdapterStateError)
+    if not data:
+        raise AdapterStateError(f"{path}: is empty; it is not an adapter file (was a save interrupted?)")
+    if data[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") or data[:4] == b"PK\x03\x04":
+        raise AdapterStateError(f"{path}: is a pickle or torch.save archive, not safetensors; surgery never "
+                                "unpickles files (they can run code). Convert it to safetensors first")
+    if len(data) < 8:
+        raise AdapterStateError(f"{path}: is {len(data)} bytes long, too short for a safetensors file")
+    return data
+
+
+def _parse_header(path: Path, data: bytes) -> tuple[dict, int]:
+    (length,) = struct.unpack("<Q", data[:8])
+    if length > len(data) - 8:
+        raise AdapterStateError(f"{path}: header claims {length} bytes but the file holds only {len(data) - 8} "
+                                "after the length field: truncated, or not a safetensors file")
+    if length > MAX_HEADER_BYTES:
+        raise AdapterStateError(f"{path}: header of {length} bytes is larger than any adapter file writes")
+    try:
+        header = json.loads(data[8:8 + length].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise AdapterStateError(f"{path}: corrupted header (not valid UTF-8 JSON, or nested too deeply: "
+                                f"{first_line(exc)})") from None
+    if not isinstance(header, dict):
+        raise AdapterStateError(f"{path}: corrupted header (a JSON {type(header).__name__}, not an object)")
+    return header, 8 + length
+
+
+def _check_metadata(path: Path, metadata) -> dict[str, str]:
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+        raise AdapterStateError(f"{path}: a safetensors file without surgery adapter metadata; it was not written "
+                                "by surgery.save_adapter (for PEFT adapters use surgery.import_peft)")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise AdapterStateError(f"{path}: corrupted metadata (values must be strings)")
+    try:
+        version = int(metadata.get("format_version", ""))
+    except ValueError:
+        raise AdapterStateError(f"{path}: corrupted metadata (format_version "
+                                f"{metadata.get('format_version')!r} is not a number)") from None
+    if version > FORMAT_VERSION:
+        raise AdapterStateError(f"{path}: adapter format version {version} is newer than this surgery reads "
+                                f"({FORMAT_VERSION}); upgrade surgery (pip install -U surgery)")
+    missing = [k for k in ("rules", "base_fingerprint", "metadata_sha256", "tensors_sha256") if k not in metadata]
+    if missing:
+        raise AdapterStateError(f"{path}: corrupted metadata (missing {', '.join(missing)})")
+    stored = metadata["metadata_sha256"]
+    rest = {k: v for k, v in metadata.items() if k not in ("metadata_sha256", "tensors_sha256")}
+    if _metadata_digest(rest) != stored:
+        raise AdapterStateError(f"{path}: metadata checksum mismatch: the metadata was changed or corrupted "
+                                "after saving; save the adapter again")
+    return metadata
+
+
+def _tensors(path: Path, header: dict, data: bytes, start: int) -> dict[str, torch.Tensor]:
+    """Every tensor entry checked (dtype, shape, offsets inside the file, no overlap), then read."""
+    end_of_data = len(data) - start
+    tensors, spans = {}, []
+    for name, entry in header.items():
+        if not isinstance(entry, dict) or entry.get("dtype") not in DTYPES:
+            raise AdapterStateError(f"{path}: corrupted header entry for '{name}' (unknown dtype or form)")
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
+                and isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise AdapterStateError(f"{path}: corrupted header entry for '{name}' (shape or offsets)")
+        begin, end = offsets
+        size = ITEMSIZE[entry["dtype"]] * math.prod(shape)
+        if not 0 <= begin <= end or end - begin != size:
+            raise AdapterStateError(f"{path}: corrupted header entry for '{name}': offsets {offsets} do not hold a "
+                                    f"{entry['dtype']} tensor of shape {shape}")
+        if end > end_of_data:
+            raise AdapterStateError(f"{path}: truncated: tensor '{name}' needs bytes up to {end} of the data section "
+                                    f"but the file holds {end_of_data}")
+        spans.append((begin, end, name))
+        raw = bytearray(data[start + begin:start + end])
+        tensors[name] = torch.frombuffer(raw, dtype=DTYPES[entry["dtype"]]).reshape(shape) if size else \
+            torch.empty(shape, dtype=DTYPES[entry["dtype"]])
+    spans.sort()
+    if spans and spans[0][0] != 0:
+        raise AdapterStateError(f"{path}: corrupted header: {spans[0][0]} unused bytes before the first tensor")
+    for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:]):
+        if begin_b < end_a:
+            raise AdapterStateError(f"{path}: corrupted header: tensors '{a}' and '{b}' overlap")
+        if begin_b > end_a:
+            raise AdapterStateError(f"{path}: corrupted header: {begin_b - end_a} unused bytes between tensors '{a}' "
+                                    f"and '{b}' (safetensors data is contiguous)")
+    if (spans[-1][1] if spans else 0) != end_of_data:
+        raise AdapterStateError(f"{path}: {end_of_data - (spans[-1][1] if spans else 0)} stray bytes after the "
+                                "last tensor: not a file save_adapter wrote")
+    return tensors
+
+
+def _metadata_digest(metadata: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(metadata, sort_keys=True).encode()).hexdigest()
+
+
+def _tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------- load
+
+def load_adapter(model: nn.Module, path: str | Path | AdapterFile) -> nn.Module:
+    """Load an adapter file: onto a base (a new fine-tune from the file's rules) or into a fine-tune.
+
+    Loading is strict (every key present, none extra, same shapes and dtypes) and atomic: on any
+    AdapterStateError the base and the target fine-tune are exactly as before. ``path`` may be an
+    AdapterFile already read with ``read_adapter``.
+    """
+    adapter = path if isinstance(path, AdapterFile) else read_adapter(path)
+    info = finetune_info(model)
+    base = info.base if info is not None else model
+    check_base(adapter, base)
+    try:
+        rules = held_storage_rules(adapter.rules, base)
+        if info is not None:
+            if info.rules.to_json() not in (adapter.rules.to_json(), rules.to_json()):
+                raise AdapterStateError(f"{adapter.path}: was saved from a fine-tune with other rules than this one "
+                                        f"({info.rules.source}); load it onto the base instead to rebuild it")
+            _copy_into(model, adapter)
+            return model
+        return rewrite(base, rules, finish=lambda ft: _fill_and_check(ft, adapter))
+    except (PlanError, RuleFileError) as exc:
+        raise AdapterStateError(f"{adapter.path}: its rules do not plan on this base: {exc}") from None
+
+
+
+
+FOLDER_CHECKS: list = []  # check(finetune, adapter) after loading from a folder; adapter_folder adds the PEFT one
+
+
+def _fill_and_check(finetune: nn.Module, adapter: AdapterFile) -> None:
+    """Load the adapter's tensors; one loaded from a folder then passes the folder's checks (FOLDER_CHECKS)."""
+    _copy_into(finetune, adapter)
+    if adapter.path.name == ADAPTER_FILE:
+        for check in FOLDER_CHECKS:
+            check(finetune, adapter)
+
+
+def held_storage_rules(rules: RuleSet, base: nn.Module) -> RuleSet:
+    """The rules with their storage following the base where it is already quantized.
+
+    Adapter tensors do not depend on how the base is stored, so a file saved on an fp32 base loads
+    onto the same checkpoint held as int8 or nf4: a rule (or the default) whose only conflict is how
+    an already-quantized module is stored (C1: unquantized, another scheme or other settings) takes
+    the scheme and settings the base holds.
+    """
+    graph = base_graph(base)
+    trial = make_plan(graph, rules, check=False)
+    if not trial.violations or any(v.constraint != "C1" for v in trial.violations):
+        return rules
+    by_rule: dict[int, set[QuantConfig]] = {}
+    for v in trial.violations:
+        decision = trial.decisions[v.module]
+        by_rule.setdefault(decision.rule.index if decision.rule else 0, set()).add(graph.modules[v.module].held)
+    if any(len(configs) > 1 or None in configs for configs in by_rule.values()):
+        return rules
+    held = {index: configs.pop() for index, configs in by_rule.items()}
+    new_rules = tuple(dataclasses.replace(r, quantize=held[r.index]) if r.index in held else r for r in rules.rules)
+    return dataclasses.replace(rules, rules=new_rules, quantize=held.get(0, rules.quantize))
+
+
+def check_base(adapter: AdapterFile, base: nn.Module) -> None:
+    """Raise AdapterStateError unless ``base`` is the checkpoint the adapter was saved from."""
+    if adapter.base_class and adapter.base_class != type(base).__name__:
+        raise AdapterStateError(f"{adapter.path}: was saved on a {adapter.base_class} "
+                                f"({adapter.base_model or 'unnamed'}), not a {type(base).__name__}; "
+                                "load it onto the model it was trained on")
+    why = adapter.fingerprint.mismatch(base_fingerprint(base))
+    if why is not None:
+        raise AdapterStateError(f"{adapter.path}: the base differs from the one it was saved on "
+                                f"({adapter.base_model or adapter.base_class}): {why}")
+
+
+def _copy_into(finetune: nn.Module, adapter: AdapterFile) -> None:
+    """Check every key, shape and dtype first, then copy: a mismatch changes nothing."""
+    own = own_state(finetune)
+    unexpected = sorted(set(adapter.tensors) - set(own))
+    missing = [name for name in own if name not in adapter.tensors]
+    if unexpected or missing:
+        parts = [f"{what} key '{keys[0]}'" + (f" (and {len(keys) - 1} more)" if len(keys) > 1 else "")
+                 for what, keys in (("unexpected", unexpected), ("missing", missing)) if keys]
+        raise AdapterStateError(f"{adapter.path}: {'; '.join(parts)} — the file does not match the fine-tune its "
+                                "rules build")
+    for name, p in own.items():
+        t = adapter.tensors[name]
+        if tuple(t.shape) != tuple(p.shape):
+            raise AdapterStateError(f"{adapter.path}: '{name}' has shape {tuple(t.shape)} but the fine-tune needs "
+                                    f"{tuple(p.shape)}")
+        if t.dtype != p.dtype:
+            raise AdapterStateError(f"{adapter.path}: '{name}' is {t.dtype} but the fine-tune holds {p.dtype}")
+    with torch.no_grad():
+        for name, p in own.items():
+            p.copy_(adapter.tensors[name])

@@ -1,0 +1,384 @@
+"""PEFT's adapter format both ways: ``export_peft(ft, dir)`` and ``import_peft(base, dir)``.
+
+A PEFT LoRA folder is ``adapter_config.json`` + ``adapter_model.safetensors`` with keys such as
+``base_model.model.<module>.lora_A.weight``. We write full module paths as ``target_modules`` (PEFT
+matches a target equal to the module name), per-module ranks and alphas as ``rank_pattern`` /
+``alpha_pattern``, plain modules as ``modules_to_save``, and ``fan_in_fan_out`` for GPT-2's Conv1D.
+PEFT scales a LoRA bias (``lora_bias``, the bias of lora_B) with alpha/r; ours is added unscaled,
+so it is divided by the scaling on export and multiplied on import. PEFT features we cannot
+represent (DoRA, other tuner types, trained base biases, ...) are refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import regex
+import torch
+from torch import nn
+
+from ..layers.lora import LoraEmbedding, LoraLayer
+from ..errors import AdapterStateError, PlanError, RuleFileError, first_line
+from ..base.fingerprints import Fingerprint
+from ..disk import MiB, check_folder_files, check_inside, check_user_file, read_user_text, version, write_folder_files
+from ..finetune.state import require_finetune
+from ..finetune.sharding import refuse_sharded
+from ..finetune.rewriting import rewrite
+from ..rules.ruleset import REGEX_TIMEOUT, LoraConfig, QuantConfig
+from ..rules.rule_file import parse_rules
+from .adapter_file import MAX_ADAPTER_BYTES
+from ..layers.bnb import quantized_storage
+from .model_card import CARD_FILE, adapter_card
+from .serving import Target, check_servable
+
+PREFIX = "base_model.model."
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+MAX_CONFIG_BYTES = 1 * MiB
+UNSUPPORTED = {  # adapter_config.json field -> what it means, when set to anything but its off value
+    "use_dora": "DoRA (weight-decomposed LoRA)",
+    "layer_replication": "layer replication",
+    "use_qalora": "QA-LoRA",
+    "target_parameters": "LoRA on bare parameters (target_parameters)",
+    "trainable_token_indices": "trainable token indices",
+    "alora_invocation_tokens": "activated LoRA (aLoRA)",
+    "use_bdlora": "block-diagonal LoRA",
+    "velora_config": "VeLoRA",
+    "modules_to_tie": "modules_to_tie",
+}
+
+
+# -------------------------------------------------------------------------------------- export
+
+def export_peft(finetune: nn.Module, folder: str | Path, *, target: Target = "peft") -> Path:
+    """Write the fine-tune as a PEFT LoRA adapter folder that ``PeftModel.from_pretrained`` loads.
+
+    With a ``README.md`` card saying how the base must be loaded (its ``BitsAndBytesConfig``) for the
+    same outputs. ``target`` ("peft", "vllm", "lorax") first checks the export against that server's loading rules
+    (``serving.check_servable``); nothing is written when it does not fit.
+    """
+    refuse_sharded(finetune, "export_peft", "export in one process without --fsdp, from the adapter file the run "
+                   "saved (`surgery export-peft ADAPTER --out DIR`)")
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise AdapterStateError(f"{folder}: exists and is not a folder; export_peft writes a folder")
+    config, tensors, metadata = peft_adapter(finetune)
+    check_servable(finetune, config, target)
+    files = peft_files(config, tensors, metadata)
+    files[CARD_FILE] = adapter_card(finetune, tensors, "peft").encode()
+    write_folder_files(folder, files, error=AdapterStateError)
+    return folder
+
+
+def peft_adapter(finetune: nn.Module, values: dict[str, torch.Tensor] | None = None
+                 ) -> tuple[dict, dict[str, torch.Tensor], dict[str, str]]:
+    """The fine-tune in PEFT's terms: adapter_config.json's fields, the weights by PEFT key, and metadata.
+
+    ``values`` (the fine-tune's own tensors by name, as ``save_pretrained(state_dict=...)`` passes them) replace
+    the live tensors.
+
+    The metadata (stored in the weights file's header, which PEFT and servers ignore) names the base
+    and holds its fingerprint, so ``surgery adapter show`` and ``import_peft`` can tell which base it needs.
+    """
+    from .adapter_file import base_name
+    from ..base.fingerprints import base_fingerprint
+
+    info = require_finetune(finetune, "exported to PEFT")
+    adapters = {path: m for path, m in finetune.named_modules() if isinstance(m, LoraLayer)}
+    plain = [d.path for d in info.plan.by_action("plain")]
+    if not adapters:
+        raise AdapterStateError("this fine-tune has no LoRA adapters; PEFT's LoRA format needs at least one "
+                                "(save plain modules with surgery.save_adapter instead)")
+    _check_exportable(adapters)
+    configs = {path: m.config for path, m in adapters.items()}
+    r = Counter(c.r for c in configs.values()).most_common(1)[0][0]
+    alpha = Counter(c.alpha for c in configs.values()).most_common(1)[0][0]
+    with_bias = any(c.bias for c in configs.values())
+    tensors: dict[str, torch.Tensor] = {}
+    def own(path: str, name: str, live: torch.Tensor | None) -> torch.Tensor | None:
+        value = values.get(f"{path}.{name}", live) if values is not None and live is not None else live
+        return value.detach().to("cpu").contiguous() if value is not None else None
+
+    for path, m in adapters.items():
+        tensors.update(_peft_tensors(path, m, with_bias, lambda name, live, path=path: own(path, name, live)))
+    for path in plain:
+        for name, p in finetune.get_submodule(path).named_parameters(recurse=False):
+            tensors[f"{PREFIX}{path}.{name}"] = own(path, name, p)
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_name(info.base) or None,
+        "r": r,
+        "lora_alpha": alpha,
+        "rank_pattern": {p: c.r for p, c in sorted(configs.items()) if c.r != r},
+        "alpha_pattern": {p: c.alpha for p, c in sorted(configs.items()) if c.alpha != alpha},
+        "lora_dropout": Counter(c.dropout for c in configs.values()).most_common(1)[0][0],
+        "target_modules": sorted(adapters),
+        "modules_to_save": sorted(plain) or None,
+        "fan_in_fan_out": any(info.plan.decisions[p].kind == "conv1d" for p in adapters),
+        "bias": "none",
+        "lora_bias": with_bias,
+        "use_rslora": next(iter(configs.values())).rslora,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    metadata = {"format": "pt", "surgery_version": version(), "surgery_base_model": base_name(info.base),
+                "surgery_base_class": type(info.base).__name__,
+                "surgery_base_fingerprint": base_fingerprint(info.base).to_json(),
+                "surgery_base_storage": json.dumps(_base_storage(info.base), sort_keys=True)}
+    return config, tensors, metadata
+
+
+def peft_files(config: dict, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, bytes]:
+    """The bytes of ``adapter_model.safetensors`` and ``adapter_config.json``, in the order to write them."""
+    from safetensors.torch import save
+
+    return {WEIGHTS_FILE: save(tensors, metadata=metadata),
+            CONFIG_FILE: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()}
+
+
+def _base_storage(base: nn.Module) -> dict[str, int]:
+    """How the base the adapter was trained on is stored: module count per form (int8, nf4, ...)."""
+    return dict(Counter(s for _, m in base.named_modules() if (s := quantized_storage(m))))
+
+
+def _check_exportable(adapters: dict[str, nn.Module]) -> None:
+    if len({m.config.rslora for m in adapters.values()}) > 1:
+        raise AdapterStateError("some adapters use rslora and some do not; PEFT has one use_rslora per adapter")
+    embeddings = [p for p, m in adapters.items() if isinstance(m, LoraEmbedding)]
+    biased = [p for p, m in adapters.items() if m.lora_bias is not None]
+    if embeddings and biased:
+        raise AdapterStateError(f"{biased[0]} has a LoRA bias and {embeddings[0]} is an adapted embedding: PEFT's "
+                                "lora_bias is one switch for every adapted layer and embeddings do not support it; "
+                                "train with `bias: false` or without embedding adapters to export to PEFT")
+
+
+def _peft_tensors(path: str, m: nn.Module, with_bias: bool, own) -> dict[str, torch.Tensor]:
+    """One LoRA layer's PEFT tensors; ``own(name, live)`` gives the value of its tensor ``name`` on the CPU."""
+    a, b = own("lora_A", m.lora_A), own("lora_B", m.lora_B)
+    if isinstance(m, LoraEmbedding):
+        return {f"{PREFIX}{path}.lora_embedding_A": a, f"{PREFIX}{path}.lora_embedding_B": b}
+    out = {f"{PREFIX}{path}.lora_A.weight": a, f"{PREFIX}{path}.lora_B.weight": b}
+    if with_bias:
+        lora_bias = own("lora_bias", m.lora_bias)
+        bias = lora_bias / m.scaling if lora_bias is not None else torch.zeros(b.shape[0], dtype=b.dtype)
+        out[f"{PREFIX}{path}.lora_B.bias"] = bias.contiguous()
+    return out
+
+
+# -------------------------------------------------------------------------------------- import
+
+@dataclass
+class PeftFolder:
+    """A PEFT LoRA adapter folder, read and checked: its config, weights, and surgery's metadata if any."""
+
+    path: Path
+    config: dict
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+    fingerprint: Fingerprint | None  # of the base it was exported from, when surgery wrote it
+
+    @property
+    def base_model(self) -> str:
+        return self.config.get("base_model_name_or_path") or self.metadata.get("surgery_base_model", "")
+
+
+def read_peft_folder(folder: str | Path) -> PeftFolder:
+    """Read a PEFT adapter folder completely (config, weights, metadata); changes nothing."""
+    folder = Path(folder)
+    if folder.is_dir():
+        check_folder_files(folder, error=AdapterStateError)
+        for name in (CONFIG_FILE, WEIGHTS_FILE, "adapter_model.bin"):
+            check_inside(folder, name, error=AdapterStateError)
+    config = _read_config(folder)
+    tensors, metadata = _read_weights(folder)
+    fingerprint = None
+    if "surgery_base_fingerprint" in metadata:
+        try:
+            fingerprint = Fingerprint.from_json(metadata["surgery_base_fingerprint"])
+        except ValueError as exc:
+            raise AdapterStateError(f"{folder / WEIGHTS_FILE}: unreadable base fingerprint ({exc})") from None
+    return PeftFolder(folder, config, tensors, metadata, fingerprint)
+
+
+def import_peft(base: nn.Module, folder: str | Path, *, quantize: str | None = None) -> nn.Module:
+    """A fine-tune of ``base`` with a PEFT LoRA adapter folder's weights, giving PEFT's outputs.
+
+    ``quantize`` (int8, nf4, fp4, none) sets how the base is stored; by default it is kept as it is held.
+    A folder surgery exported names its base's fingerprint: another base is refused.
+    """
+    from .adapter_file import base_fingerprint
+
+    adapter = read_peft_folder(folder)
+    folder, config, tensors = adapter.path, adapter.config, adapter.tensors
+    if adapter.fingerprint is not None:
+        why = adapter.fingerprint.mismatch(base_fingerprint(base))
+        if why is not None:
+            raise AdapterStateError(f"{folder}: was exported from another base ({adapter.base_model or 'unnamed'}) "
+                                    f"than this {type(base).__name__}: {why}")
+    modules_to_save = config.get("modules_to_save") or []
+    names = {path.rsplit(".", 1)[-1] for path, _ in base.named_modules()} | {p for p, _ in base.named_modules()}
+    unknown = [m for m in modules_to_save if not isinstance(m, str) or m not in names]
+    if unknown:
+        raise AdapterStateError(f"{folder / CONFIG_FILE}: modules_to_save names {unknown[0]!r}, which this "
+                                f"{type(base).__name__} has no module of; the adapter is for another model")
+    adapters, plain = _split_keys(folder, tensors, modules_to_save)
+    loras = {path: _lora_config(config, path, parts) for path, parts in adapters.items()}
+    try:
+        rules = parse_rules(_rules_for(base, loras, plain, quantize), source=f"{folder} (PEFT)")
+    except RuleFileError as exc:  # a value of adapter_config.json out of range: name the file it came from
+        raise AdapterStateError(f"{folder / CONFIG_FILE}: a setting is out of range ({exc})") from None
+    values = {}
+    for path, parts in adapters.items():
+        values[f"{path}.lora_A"], values[f"{path}.lora_B"] = parts["A"], parts["B"]
+        if "bias" in parts:  # PEFT scales its lora_B bias; ours is added as is
+            values[f"{path}.lora_bias"] = parts["bias"] * LoraConfig(**loras[path]).scaling
+    values.update(plain)
+
+    def fill(ft: nn.Module) -> None:
+        from ..finetune.state import own_state
+
+        own = own_state(ft)
+        for name, p in own.items():
+            t = values.get(name)
+            if t is None or tuple(t.shape) != tuple(p.shape):
+                why = "missing" if t is None else f"shape {tuple(t.shape)}, needs {tuple(p.shape)}"
+                raise AdapterStateError(f"{folder}: no usable weights for '{name}' ({why})")
+        extra = sorted(set(values) - set(own))
+        if extra:
+            raise AdapterStateError(f"{folder}: weights for '{extra[0]}', which the fine-tune does not have")
+        with torch.no_grad():
+            for name, p in own.items():
+                p.copy_(values[name].to(p.dtype))
+
+    try:
+        return rewrite(base, rules, finish=fill)
+    except PlanError as exc:
+        raise AdapterStateError(f"{folder}: this PEFT adapter does not plan on this base: {exc}") from exc
+
+
+def peft_base_model(folder: str | Path) -> str | None:
+    """The base model a PEFT adapter folder names (``base_model_name_or_path``), if any."""
+    return _read_config(Path(folder)).get("base_model_name_or_path") or None
+
+
+def _read_config(folder: Path) -> dict:
+    path = folder / CONFIG_FILE
+    if not folder.is_dir():
+        raise AdapterStateError(f"{folder}: not a folder; a PEFT adapter is a folder with {CONFIG_FILE}")
+    if not path.exists():
+        raise AdapterStateError(f"{path}: missing; not a PEFT adapter folder")
+    text = read_user_text(path, what="PEFT adapter config", limit=MAX_CONFIG_BYTES, error=AdapterStateError)
+    try:
+        config = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise AdapterStateError(f"{path}: not readable JSON ({first_line(exc)})") from None
+    if not isinstance(config, dict):
+        raise AdapterStateError(f"{path}: must hold a JSON object")
+    if config.get("peft_type") != "LORA":
+        raise AdapterStateError(f"{path}: peft_type {config.get('peft_type')!r} is not supported; surgery reads "
+                                "LoRA adapters only")
+    for key, what in UNSUPPORTED.items():
+        if config.get(key):
+            raise AdapterStateError(f"{path}: uses {what} ({key}), which surgery does not support; "
+                                    "nothing was loaded")
+    if config.get("bias", "none") != "none":
+        raise AdapterStateError(f"{path}: bias={config['bias']!r} trains the base's biases, which surgery keeps "
+                                "frozen; only bias='none' is supported")
+    return config
+
+
+def _read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The weights by key, and the safetensors header's metadata ({} for the legacy .bin)."""
+    safe, pickled = folder / WEIGHTS_FILE, folder / "adapter_model.bin"
+    for candidate in (safe, pickled):
+        if candidate.exists():
+            check_user_file(candidate, what="PEFT adapter weights file", limit=MAX_ADAPTER_BYTES, error=AdapterStateError)
+    try:
+        if safe.is_file():
+            from safetensors import safe_open
+
+            with safe_open(safe, framework="pt") as f:
+                return {key: f.get_tensor(key) for key in f.keys()}, dict(f.metadata() or {})
+        if pickled.is_file():  # legacy PEFT format; tensors only, never arbitrary objects
+            return torch.load(pickled, map_location="cpu", weights_only=True), {}
+    except Exception as exc:  # safetensors and torch.load report corruption in many ways
+        raise AdapterStateError(f"{safe if safe.is_file() else pickled}: unreadable adapter weights "
+                                f"({type(exc).__name__}: {first_line(exc)})") from None
+    raise AdapterStateError(f"{folder}: has no {WEIGHTS_FILE} (or adapter_model.bin)")
+
+
+KEY = re.compile(r"^(?P<path>.+)\.(?:(?P<ab>lora_[AB])\.(?P<param>weight|bias)|(?P<emb>lora_embedding_[AB]))$")
+
+
+def _split_keys(folder: Path, tensors: dict, modules_to_save: list[str]):
+    """{module: {A, B, bias}} for LoRA keys and {param name: tensor} for modules_to_save; anything else fails."""
+    adapters: dict[str, dict[str, torch.Tensor]] = {}
+    plain: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        name = key.removeprefix(PREFIX)
+        m = KEY.match(name)
+        if m and (m["emb"] or m["param"] == "weight" or m["ab"] == "lora_B"):
+            part = (m["emb"] or m["ab"])[-1] if m["param"] != "bias" else "bias"
+            adapters.setdefault(m["path"], {})[part] = t
+        elif any(name.rsplit(".", 1)[0] == s or name.rsplit(".", 1)[0].endswith("." + s) for s in modules_to_save):
+            plain[name] = t
+        elif ".base_layer." in name:
+            continue  # PEFT may save an adapted embedding's base weight; the base supplies it
+        else:
+            raise AdapterStateError(f"{folder / WEIGHTS_FILE}: key '{key}' is not a LoRA A/B weight or a "
+                                    "modules_to_save weight; surgery cannot represent it")
+    for path, parts in adapters.items():
+        if "A" not in parts or "B" not in parts:
+            raise AdapterStateError(f"{folder / WEIGHTS_FILE}: '{path}' has lora_{'B' if 'A' in parts else 'A'} "
+                                    f"but no lora_{'A' if 'A' not in parts else 'B'}")
+    return adapters, plain
+
+
+def _pattern_value(patterns: dict, path: str, default):
+    """PEFT's rank/alpha pattern lookup: the first key that matches the end of the module name."""
+    if not isinstance(patterns or {}, dict):
+        raise AdapterStateError(f"adapter_config.json: rank_pattern/alpha_pattern must be a mapping, not {patterns!r}")
+    for key, value in (patterns or {}).items():
+        try:
+            found = regex.match(rf"(.*\.)?({key})$", path, timeout=REGEX_TIMEOUT)
+        except TimeoutError:
+            raise AdapterStateError(f"adapter_config.json: pattern {key!r} takes too long to match (catastrophic "
+                                    "backtracking)") from None
+        except Exception as exc:
+            raise AdapterStateError(f"adapter_config.json: pattern {key!r} is not a valid regex ({first_line(exc)})") from None
+        if found:
+            return value
+    return default
+
+
+def _lora_config(config: dict, path: str, parts: dict) -> dict:
+    r = parts["A"].shape[0]
+    declared = _pattern_value(config.get("rank_pattern"), path, config.get("r", r))
+    if declared != r:
+        raise AdapterStateError(f"adapter_config.json gives {path} rank {declared} but its lora_A has {r} rows")
+    return {"r": int(r), "alpha": float(_pattern_value(config.get("alpha_pattern"), path, config.get("lora_alpha", 8))),
+            "dropout": float(config.get("lora_dropout", 0.0)), "bias": "bias" in parts,
+            "rslora": bool(config.get("use_rslora", False)),
+            "dtype": str(parts["A"].dtype).removeprefix("torch.")}
+
+
+def _rules_for(base: nn.Module, loras: dict[str, dict], plain: dict, quantize: str | None) -> dict:
+    """Rules that rebuild the adapter: one adapt rule per (LoRA settings, storage), plain rules, freeze the rest."""
+    held = {path: quantized_storage(m) for path, m in base.named_modules()}
+    scheme = quantize or "none"
+    groups: dict[tuple, list[str]] = {}
+    for path, lora in sorted(loras.items()):
+        storage = held.get(path) or scheme
+        groups.setdefault((tuple(sorted(lora.items())), storage), []).append(path)
+    rules = [{"match": "re:" + "|".join(re.escape(p) for p in paths), "action": "adapt", "lora": dict(lora),
+              "quantize": storage} for (lora, storage), paths in groups.items()]
+    plain_modules = sorted({name.rsplit(".", 1)[0] for name in plain})
+    rules += [{"match": "re:" + re.escape(p), "action": "plain", "untie": True} for p in plain_modules]
+    return {"quantize": QuantConfig(scheme).to_dict() if quantize else "none",
+            "default": "quantize" if quantize and quantize != "none" else "freeze", "rules": rules}

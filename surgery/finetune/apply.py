@@ -1,0 +1,65 @@
+"""``apply``: plan a rule file, quantize the base once, make N fine-tunes, verify them and measure memory.
+
+What ``surgery apply`` shows and ``bench/siblings.py`` measures: every fine-tune must compute exactly
+what the quantized base computes at init (LoRA B = 0), and the bytes held must equal the plan's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..devices import input_device
+from ..planning.memory import extra_bytes, parameter_bytes
+from ..planning.decisions import Plan, plan as make_plan
+from .rewriting import rewrite
+from ..base.shared_base import base_graph
+from ..rules.ruleset import RuleSet
+from ..rules.rule_file import load_rules
+
+Progress = Callable[[str, int, int], None]  # (what, done, total)
+
+
+@dataclass(frozen=True)
+class Applied:
+    """N fine-tunes of one base, what they were planned to hold and what they hold."""
+
+    plan: Plan
+    finetunes: tuple[nn.Module, ...]
+    loaded_bytes: int  # the base as it was before quantization
+    base_bytes: int  # the base after, shared by every fine-tune
+    own_bytes: tuple[int, ...]  # each fine-tune's own tensors
+    equal_at_init: tuple[bool, ...]  # each fine-tune's logits == the base's, bit for bit
+    trainable: int  # trainable parameters of one fine-tune
+
+    @property
+    def total_bytes(self) -> int:
+        return self.base_bytes + sum(self.own_bytes)
+
+    def __repr__(self) -> str:
+        return (f"Applied({len(self.finetunes)} fine-tunes of {self.plan.rules.source}, base {self.base_bytes:,} B, "
+                f"{sum(self.equal_at_init)}/{len(self.equal_at_init)} equal at init)")
+
+
+def apply(base: nn.Module, rules: RuleSet | str, finetunes: int = 1, *, progress: Progress | None = None) -> Applied:
+    """Plan (all errors first), quantize ``base`` once, make ``finetunes`` fine-tunes, verify and measure them."""
+    rules = load_rules(rules)
+    planned = make_plan(base_graph(base), rules, finetunes=finetunes)
+    loaded = parameter_bytes(base)
+    report = progress or (lambda what, done, total: None)
+    made = [rewrite(base, rules, progress=lambda i, n, path: report("quantizing base", i, n))]
+    for i in range(1, finetunes):
+        made.append(rewrite(base, rules))
+        report("creating fine-tunes", i + 1, finetunes)
+    vocab = getattr(getattr(base, "config", None), "vocab_size", 256)
+    device = input_device(base)
+    ids = torch.randint(0, min(vocab, 256), (2, 16), generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.no_grad():
+        reference = base(ids).logits
+        equal = tuple(torch.equal(ft(ids).logits, reference) for ft in made)
+    trainable = sum(p.numel() for p in made[0].parameters() if p.requires_grad)
+    return Applied(planned, tuple(made), loaded, parameter_bytes(base), tuple(extra_bytes(ft, base) for ft in made),
+                   equal, trainable)

@@ -1,0 +1,146 @@
+"""Merge a fine-tune into a plain model: LoRA folded into dense weights, no surgery wrappers.
+
+``merge(ft)`` returns a new model of the base's class (base and fine-tune untouched): quantized
+layers are dequantized, each adapter adds ``scaling * B @ A`` (and its bias) to its layer's weight,
+and everything is cast to the base's original dtype, so ``save_pretrained`` output reloads with
+plain transformers. ``requantize=True`` quantizes the merged weights again as the base held them;
+``output_error`` measures what that (or the merge itself) changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from ..errors import MergeError
+from ..layers.bnb import dequantized_weight, quantized_storage
+from ..layers.lora import LoraLayer
+from ..base.quantize import quantized_layer
+from .state import detached_copy, require_finetune
+from .sharding import refuse_sharded
+from ..rules.ruleset import QuantConfig
+from ..model.tracing import find_ties, replace_submodule
+
+
+def merge(finetune: nn.Module, dtype: torch.dtype | None = None, *, requantize: bool = False) -> nn.Module:
+    """A new plain model of the base's class with every adapter folded in (see module docstring)."""
+    info = require_finetune(finetune, "merged", MergeError)
+    refuse_sharded(finetune, "merge", "merge in one process without --fsdp, from the adapter file the run saved "
+                   "(`surgery merge ADAPTER --out DIR`)")
+    target = dtype or original_dtype(info.base)
+    kinds = {path: d.kind for path, d in info.plan.decisions.items()}
+    _check_mergeable(finetune, kinds)
+    memo: dict[int, object] = {}
+    with torch.no_grad():
+        for path, module in finetune.named_modules():
+            if isinstance(module, LoraLayer):
+                memo[id(module)] = _dense_layer(module.base_layer, kinds[path], target, module)
+            elif quantized_storage(module) and path in kinds:  # not an adapter's own base_layer
+                memo[id(module)] = _dense_layer(module, kinds[path], target)
+        merged = detached_copy(finetune, memo)
+    for p in merged.parameters():
+        p.requires_grad_(False)
+    if dtype is not None:
+        merged.to(dtype)
+    _untie_broken_ties(merged, info.base)
+    if requantize:
+        _requantize(merged, info)
+    return merged.eval()
+
+
+def original_dtype(base: nn.Module) -> torch.dtype:
+    """The dtype the base's unquantized floating-point parameters are held in (float32 if none)."""
+    for module in base.modules():
+        if quantized_storage(module):
+            continue
+        for p in module.parameters(recurse=False):
+            if p.is_floating_point():
+                return p.dtype
+    return torch.float32
+
+
+def output_error(reference: nn.Module, other: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Max absolute and relative difference of two models' logits on ``inputs`` (relative to the reference)."""
+    with torch.no_grad():
+        a = reference(**inputs).logits.float()
+        b = other(**inputs).logits.float()
+    diff = (a - b).abs().max().item()
+    return {"max_abs": diff, "max_rel": diff / max(a.abs().max().item(), 1e-12)}
+
+
+def _check_mergeable(finetune: nn.Module, kinds: dict[str, str]) -> None:
+    """Every refusal before any work: a LoRA bias needs a bias in the layer it folds into."""
+    for path, module in finetune.named_modules():
+        if not isinstance(module, LoraLayer) or module.lora_bias is None:
+            continue
+        if kinds[path] == "embedding" or getattr(module.base_layer, "bias", None) is None:
+            raise MergeError(f"{path}: its adapter has a bias but the {type(module.base_layer).__name__} it adapts "
+                             "has none, so a plain model of this class cannot hold the merged result; "
+                             "train with `bias: false` in the rule's lora settings, or serve the fine-tune unmerged")
+
+
+def _dense_layer(layer: nn.Module, kind: str, dtype: torch.dtype, adapter: nn.Module | None = None) -> nn.Module:
+    """A plain layer equal to ``layer`` (dequantized) plus the adapter's update, in ``dtype``."""
+    weight = _dense_weight(layer, kind)  # (out, in) for linear/conv1d, (num, dim) for embedding
+    bias = getattr(layer, "bias", None)
+    bias = None if bias is None else bias.detach().float()
+    if adapter is not None:
+        delta = adapter.delta_weight().float()
+        weight = weight + (delta.t() if kind == "embedding" else delta)
+        if adapter.lora_bias is not None:
+            bias = bias + adapter.lora_bias.float()
+    device = weight.device
+    if kind == "embedding":
+        out = nn.Embedding(*weight.shape, padding_idx=getattr(layer, "padding_idx", None), device=device, dtype=dtype)
+        out.weight.copy_(weight)
+    elif kind == "conv1d":
+        from transformers.pytorch_utils import Conv1D
+
+        out = Conv1D(weight.shape[0], weight.shape[1]).to(device=device, dtype=dtype)
+        out.weight.copy_(weight.t())
+    else:
+        out = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=device, dtype=dtype)
+        out.weight.copy_(weight)
+    if bias is not None:
+        out.bias.copy_(bias)
+    return out.requires_grad_(False)
+
+
+def _dense_weight(layer: nn.Module, kind: str) -> torch.Tensor:
+    if quantized_storage(layer):
+        return dequantized_weight(layer)
+    weight = layer.weight.detach().float()
+    return weight.t() if kind == "conv1d" else weight
+
+
+def _untie_broken_ties(merged: nn.Module, base: nn.Module) -> None:
+    """If a tie of the base no longer holds (one side adapted or plain), say so in the config."""
+    params = dict(merged.named_parameters(remove_duplicate=False))
+    for names in find_ties(base):
+        objects = {id(params[n]) for n in names if n in params}
+        if len(objects) > 1 and getattr(merged, "config", None) is not None:
+            merged.config.tie_word_embeddings = False
+
+
+def _requantize(merged: nn.Module, info) -> None:
+    """Quantize again every module the base held quantized, with the base's settings."""
+    shared: dict = {}
+    for path, decision in info.plan.decisions.items():
+        held = quantized_storage(info.base.get_submodule(path)) if _has(info.base, path) else None
+        if held is None:
+            continue
+        quant = info.rules.quant_for(decision.rule)
+        if quant.scheme != held:
+            quant = QuantConfig(held)
+        layer = quantized_layer(merged.get_submodule(path), dataclasses.replace(decision, quant=quant), shared)
+        replace_submodule(merged, path, layer)
+
+
+def _has(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+        return True
+    except AttributeError:
+        return False

@@ -1,0 +1,128 @@
+"""LoRA wrappers: one small class per layer kind, the base layer kept as an attribute, never copied.
+
+output = base(x) + scaling * B(A(dropout(x))) (+ bias), with scaling = alpha / r (alpha / sqrt(r) with
+rslora). B starts at zero, so a fresh adapter returns exactly the base's output.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..rules.ruleset import LoraConfig
+
+
+class LoraLayer(nn.Module):
+    """Common part of the LoRA wrappers: the frozen base layer, A, B, optional bias, scaling.
+
+    ``forward(x) == update(base_layer(x), x)``: a batched view computes the base layer once for the
+    rows of many fine-tunes and lets each fine-tune's adapter ``update`` its own rows.
+    """
+
+    def __init__(self, base_layer: nn.Module, config: LoraConfig, in_features: int, out_features: int):
+        super().__init__()
+        self.base_layer = base_layer
+        self.config = config
+        self.in_features, self.out_features = in_features, out_features
+        self.scaling = config.scaling
+        dtype = getattr(torch, config.dtype)
+        device = _device_of(base_layer)
+        self.lora_A = nn.Parameter(torch.empty(config.r, in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.empty(out_features, config.r, dtype=dtype, device=device))
+        self.lora_bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if config.bias else None
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.reset_lora()
+
+    def reset_lora(self) -> None:
+        """A random, B zero: the adapter starts as a no-op."""
+        with torch.no_grad():
+            if self.config.init == "gaussian":
+                nn.init.normal_(self.lora_A, std=1 / self.config.r)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+
+    def delta(self, h: torch.Tensor) -> torch.Tensor:
+        """scaling * B A h (+ bias) for an input already mapped through dropout."""
+        out = F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling
+        return out + self.lora_bias if self.lora_bias is not None else out
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense update scaling * B @ A, shaped (out, in)."""
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"r={c.r}, alpha={c.alpha:g}, scaling={self.scaling:.4g}, dropout={c.dropout:g}, bias={c.bias}"
+
+
+class LoraLinear(LoraLayer):
+    """LoRA over nn.Linear or a bitsandbytes Linear8bitLt / Linear4bit."""
+
+    def __init__(self, base_layer: nn.Module, config: LoraConfig):
+        super().__init__(base_layer, config, base_layer.in_features, base_layer.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.update(self.base_layer(x), x)
+
+    def update(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The base layer's output ``result`` for input ``x``, with this adapter's part added."""
+        h = self.dropout(x)
+        kind = h.device.type
+        if not (torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)):
+            h = h.to(self.lora_A.dtype)
+        return (result + self.delta(h)).to(result.dtype)  # add in the wider dtype, round once (as PEFT)
+
+
+class LoraConv1D(LoraLayer):
+    """LoRA over transformers' Conv1D (GPT-2), whose weight is stored transposed as (in, out)."""
+
+    def __init__(self, base_layer: nn.Module, config: LoraConfig):
+        in_f, out_f = base_layer.weight.shape
+        super().__init__(base_layer, config, in_f, out_f)
+
+    forward = LoraLinear.forward
+    update = LoraLinear.update
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA over nn.Embedding or a bitsandbytes Embedding8bit / Embedding4bit: A is (r, num), B is (dim, r)."""
+
+    def __init__(self, base_layer: nn.Module, config: LoraConfig):
+        super().__init__(base_layer, config, base_layer.num_embeddings, base_layer.embedding_dim)
+
+    def reset_lora(self) -> None:
+        with torch.no_grad():  # as PEFT: A zero, B normal, so the product starts at zero
+            nn.init.zeros_(self.lora_A)
+            nn.init.normal_(self.lora_B)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.update(self.base_layer(ids), ids)
+
+    def update(self, result: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The base embedding's output ``result`` for ``ids``, with this adapter's part added."""
+        h = F.embedding(ids, self.lora_A.t())
+        out = F.linear(h, self.lora_B) * self.scaling
+        if self.lora_bias is not None:
+            out = out + self.lora_bias
+        return (result + out).to(result.dtype)
+
+
+def make_adapter(base_layer: nn.Module, kind: str, config: LoraConfig) -> LoraLayer:
+    """The LoRA wrapper for a layer of op kind ``kind`` (linear, conv1d, embedding)."""
+    if kind == "embedding":
+        cls = LoraEmbedding
+    elif kind == "conv1d" and not isinstance(base_layer, nn.Linear):
+        cls = LoraConv1D
+    else:
+        cls = LoraLinear
+    return cls(base_layer, config).train(base_layer.training)  # a new module must not flip the model's mode
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for t in module.parameters():
+        return t.device
+    return torch.device("cpu")

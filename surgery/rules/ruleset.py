@@ -1,0 +1,248 @@
+"""Rules: per module-name pattern, whether a module is quantized, frozen, adapted (LoRA) or plain.
+
+The types of a rule file (see README "Rule files"; read by ``rule_file``) and how a pattern matches a
+module path. Every rule keeps its file and line so that each decision and each error can point at
+it; matching a whole model happens in ``plan``.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import json
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field, replace
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any, Literal
+
+import regex
+
+from ..errors import PatternTimeout, RuleFileError
+
+FORMAT_VERSION = 1
+MAX_RULE_FILE_BYTES = 1 << 20
+MAX_RULES = 1000  # rules per file, and patterns per lora_by_module
+MAX_PATTERN_CHARS = 1000
+MAX_LORA_RANK = 65536
+MAX_YAML_NODES = 100_000  # values in the document once aliases are expanded
+MAX_YAML_DEPTH = 32
+REGEX_TIMEOUT = 0.5  # seconds for one ``re:`` pattern against one module name
+Action = Literal["quantize", "freeze", "adapt", "plain"]
+Scheme = Literal["int8", "nf4", "fp4", "none"]
+Kind = Literal["linear", "conv1d", "embedding", "norm", "other"]
+DtypeName = Literal["float32", "float16", "bfloat16"]
+ACTIONS: tuple[Action, ...] = ("quantize", "freeze", "adapt", "plain")
+SCHEMES: tuple[Scheme, ...] = ("int8", "nf4", "fp4", "none")
+KINDS: tuple[Kind, ...] = ("linear", "conv1d", "embedding", "norm", "other")
+ADAPTABLE_KINDS: tuple[Kind, ...] = ("linear", "conv1d", "embedding")
+DTYPES: tuple[DtypeName, ...] = ("float32", "float16", "bfloat16")
+StorageName = Literal["uint8", "float16", "bfloat16"]
+STORAGES: tuple[StorageName, ...] = ("uint8", "float16", "bfloat16")  # how packed 4-bit bytes are typed
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How frozen Linear/Conv1D/Embedding weights are stored: int8 (LLM.int8), nf4, fp4 or none."""
+
+    scheme: Scheme = "none"
+    threshold: float = 6.0  # int8: outlier threshold of LLM.int8 (0 disables the fp16 outlier path)
+    double_quant: bool = False  # 4-bit: quantize the absmax scales too
+    compute_dtype: DtypeName | None = None  # 4-bit: dtype of the matmul (default: the input's)
+    blocksize: int = 64  # 4-bit: elements per absmax block
+    storage: StorageName = "uint8"  # 4-bit: dtype the packed bytes are stored as (FSDP shards float dtypes alike)
+    given: frozenset = field(default=frozenset(), compare=False, repr=False)  # settings the file wrote explicitly
+
+    @property
+    def quantizes(self) -> bool:
+        return self.scheme != "none"
+
+    def to_dict(self) -> dict:
+        if self.scheme == "int8":
+            return {"scheme": "int8", "threshold": self.threshold}
+        if self.scheme in ("nf4", "fp4"):
+            return {"scheme": self.scheme, "double_quant": self.double_quant, "compute_dtype": self.compute_dtype,
+                    "blocksize": self.blocksize, **({"storage": self.storage} if self.storage != "uint8" else {})}
+        return {"scheme": "none"}
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """One LoRA adapter's settings; scaling is alpha/r, or alpha/sqrt(r) with rslora."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    bias: bool = False
+    init: Literal["kaiming", "gaussian"] = "kaiming"
+    rslora: bool = False
+    dtype: DtypeName = "float32"
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (self.r ** 0.5 if self.rslora else self.r)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One rule: which modules it matches, what it does to them, and where it was written."""
+
+    index: int
+    match: str
+    action: Action
+    type: Kind | None = None
+    lora: LoraConfig | None = None
+    lora_by_module: tuple[tuple[str, LoraConfig], ...] = ()
+    quantize: QuantConfig | None = None
+    optional: bool = False
+    untie: bool = False  # plain rule: accept splitting a tied weight (C6)
+    source: str = "<rules>"
+    line: int | None = None
+
+    @property
+    def location(self) -> str:
+        return f"{self.source}:{self.line}" if self.line else f"{self.source} rule {self.index}"
+
+    @property
+    def label(self) -> str:
+        return f"rule {self.index} '{self.match}'"
+
+    def matches(self, path: str, kind: str) -> bool:
+        if self.type is not None and kind != self.type:
+            return False
+        try:
+            return pattern_matches(self.match, path)
+        except PatternTimeout as exc:
+            raise RuleFileError(f"{self.location}: {exc}") from None
+
+    def lora_for(self, path: str) -> LoraConfig | None:
+        """The LoRA settings of a module this rule adapts (per-module form first, then the rule's own)."""
+        for pattern, config in self.lora_by_module:
+            try:
+                found = pattern_matches(pattern, path)
+            except PatternTimeout as exc:
+                raise RuleFileError(f"{self.location}: {exc}") from None
+            if found:
+                return config
+        return self.lora if self.lora is not None or self.lora_by_module else LoraConfig()
+
+    def to_dict(self) -> dict:
+        out: dict[str, Any] = {"match": self.match, "action": self.action}
+        if self.type:
+            out["type"] = self.type
+        if self.lora is not None:
+            out["lora"] = self.lora.to_dict()
+        if self.lora_by_module:
+            out["lora_by_module"] = {p: c.to_dict() for p, c in self.lora_by_module}
+        if self.quantize is not None:
+            out["quantize"] = self.quantize.to_dict()
+        for flag in ("optional", "untie"):
+            if getattr(self, flag):
+                out[flag] = True
+        return out
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """A whole rule file: storage scheme, default action, ordered rules (first match wins)."""
+
+    rules: tuple[Rule, ...] = ()
+    quantize: QuantConfig = field(default_factory=QuantConfig)
+    default: Action = "quantize"
+    model: str | None = None
+    description: str | None = None
+    source: str = "<rules>"
+    version: int = FORMAT_VERSION
+
+    def decide(self, path: str, kind: str) -> Rule | None:
+        """The first rule that matches the module, or None (then ``default`` applies)."""
+        return next((rule for rule in self.rules if rule.matches(path, kind)), None)
+
+    def quant_for(self, rule: Rule | None) -> QuantConfig:
+        return rule.quantize if rule is not None and rule.quantize is not None else self.quantize
+
+    def with_compute_dtype(self, dtype: DtypeName) -> "RuleSet":
+        """The same rules with ``dtype`` as the compute dtype of every 4-bit setting that leaves it out (a file
+        that writes ``compute_dtype:``, null included, keeps its own)."""
+        def fill(q: QuantConfig | None) -> QuantConfig | None:
+            if q is None or q.scheme not in ("nf4", "fp4") or q.compute_dtype or "compute_dtype" in q.given:
+                return q
+            return replace(q, compute_dtype=dtype)
+
+        return replace(self, quantize=fill(self.quantize),
+                       rules=tuple(replace(r, quantize=fill(r.quantize)) for r in self.rules))
+
+    def to_dict(self) -> dict:
+        out: dict[str, Any] = {"version": self.version, "quantize": self.quantize.to_dict(), "default": self.default,
+                               "rules": [r.to_dict() for r in self.rules]}
+        if self.model:
+            out["model"] = self.model
+        if self.description:
+            out["description"] = self.description
+        return out
+
+    def to_json(self) -> str:
+        """Canonical JSON: the same rules always give the same text (stored in adapter files)."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @property
+    def name(self) -> str:
+        return Path(self.source).stem if self.source.endswith((".yaml", ".yml")) else self.source
+
+    def __repr__(self) -> str:
+        return (f"RuleSet({self.source!r}, quantize={self.quantize.scheme}, default={self.default}, "
+                f"{len(self.rules)} rules)")
+
+
+# ------------------------------------------------------------------------------------ matching
+
+def pattern_matches(pattern: str, path: str) -> bool:
+    """Glob against the full dotted path and each dot-aligned suffix; ``re:`` is a full-match regex.
+
+    A regex gets REGEX_TIMEOUT seconds per module name: a pattern that backtracks catastrophically
+    raises PatternTimeout instead of hanging (rule files and adapter files may come from anywhere).
+    """
+    if pattern.startswith("re:"):
+        try:
+            return compile_regex(pattern[3:]).fullmatch(path, timeout=REGEX_TIMEOUT) is not None
+        except TimeoutError:
+            raise PatternTimeout(pattern, REGEX_TIMEOUT) from None
+    parts = path.split(".")
+    return any(fnmatchcase(".".join(parts[i:]), pattern) for i in range(len(parts)))
+
+
+@functools.lru_cache(maxsize=256)
+def compile_regex(text: str):
+    """A compiled ``re:`` pattern (the ``regex`` package, whose matching takes a timeout)."""
+    return regex.compile(text)
+
+
+# ------------------------------------------------------------------------------------- bundled
+
+def bundled_rules_dir() -> Path:
+    """The folder of bundled rule files: installed as ``surgery/bundled_rules``, or ``rules/`` in a checkout."""
+    package = Path(__file__).resolve().parent.parent
+    installed = package / "bundled_rules"
+    return installed if installed.is_dir() else package.parent / "rules"
+
+
+def bundled_rules() -> dict[str, Path]:
+    """Bundled rule files by bare name (``qv_lora`` -> .../qv_lora.yaml)."""
+    return {p.stem: p for p in sorted(bundled_rules_dir().glob("*.yaml"))}
+
+
+def collapse(path: str) -> str:
+    """A module path with layer indices replaced by '*', so repeated blocks share one row."""
+    return re.sub(r"(?<=\.)\d+(?=\.|$)", "*", path)
+
+
+def grouped(paths: list[str]) -> "OrderedDict[str, list[str]]":
+    """Paths by their collapsed pattern, in first-seen order."""
+    groups: OrderedDict[str, list[str]] = OrderedDict()
+    for path in paths:
+        groups.setdefault(collapse(path), []).append(path)
+    return groups

@@ -1,0 +1,341 @@
+"""Training data: read text files into examples, tokenize them into fixed-size blocks with labels.
+
+Formats: CSV with a ``text`` column (quoted fields may span lines); JSONL with ``text``, with
+``prompt`` and ``completion`` (loss only on the completion), or with ``messages`` (a conversation
+that the tokenizer's chat template renders; loss only on the last assistant turn; ``chat_examples``
+also wraps prompt/completion rows in the template); plain ``.txt`` (one example per
+non-empty line, or in corpus mode one running text with its newlines). Two modes:
+``corpus`` concatenates every example with EOS and cuts the stream into ``block_size`` chunks;
+``entries`` keeps one example per row (EOS appended), truncated to ``block_size`` and padded on the
+right, with padding masked out of the loss and the attention; a micro-batch is cut to its longest row. Every problem is a DataError naming the file
+(and line) before any training starts.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from ..errors import DataError, TruncationWarning, first_line
+from ..disk import GiB, read_user_text
+
+IGNORE = -100  # label of positions that carry no loss (prompt, padding), as in transformers
+MAX_DATA_BYTES = 4 * GiB
+Mode = Literal["entries", "corpus"]
+
+
+@dataclass(frozen=True)
+class Example:
+    """One row: the text the loss is on and an optional prompt before it that carries no loss, or a
+    conversation (``messages``: (role, content) pairs) for the tokenizer's chat template to render."""
+
+    completion: str
+    prompt: str = ""
+    messages: tuple[tuple[str, str], ...] = ()
+    where: str = field(default="", compare=False)  # file:line, for errors about this row
+
+
+@dataclass
+class Blocks:
+    """Tokenized training data: equal-length rows of input ids, labels and attention mask."""
+
+    input_ids: torch.Tensor  # (rows, block_size) int64
+    labels: torch.Tensor  # IGNORE where there is no loss
+    attention_mask: torch.Tensor
+    source: str = ""
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def batch(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The rows as a micro-batch padded only to its longest row (dynamic padding): rows are padded on
+        the right, so the columns cut hold padding alone (no attention, no loss)."""
+        mask = self.attention_mask[rows]
+        width = int(mask.sum(dim=1).max()) if len(mask) else 0
+        return {"input_ids": self.input_ids[rows, :width], "labels": self.labels[rows, :width],
+                "attention_mask": mask[:, :width]}
+
+    def __repr__(self) -> str:
+        rows, width = self.input_ids.shape
+        return f"Blocks({rows} rows x {width} tokens, {self.source or 'unnamed'})"
+
+    def split(self, fraction: float, seed: int) -> tuple["Blocks", "Blocks"]:
+        """(train, eval): a seeded random ``fraction`` of the rows for evaluation (at least one row)."""
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
+        n_eval = max(1, round(len(self) * fraction))
+        if n_eval >= len(self):
+            raise DataError(f"{self.source}: {len(self)} rows cannot give {fraction:.0%} for evaluation and keep "
+                            "some for training; give more data or a separate --eval file")
+        ev, tr = order[:n_eval].sort().values, order[n_eval:].sort().values
+        return (Blocks(self.input_ids[tr], self.labels[tr], self.attention_mask[tr], self.source),
+                Blocks(self.input_ids[ev], self.labels[ev], self.attention_mask[ev], f"{self.source} (eval split)"))
+
+
+def bundled_data() -> dict[str, Path]:
+    """Bundled toy data sets by name (``capitals``, ``upper``, ``reverse``): installed or in a checkout."""
+    package = Path(__file__).resolve().parent.parent
+    folder = package / "bundled_data" if (package / "bundled_data").is_dir() else package.parent / "data"
+    return {p.stem: p for p in sorted(folder.glob("*.jsonl"))}
+
+
+def data_path(spec: str | Path) -> Path:
+    """A data file path, or the path of a bundled data set named ``spec``."""
+    path = Path(spec).expanduser()
+    if not path.exists() and str(spec) in bundled_data():
+        return bundled_data()[str(spec)]
+    return path
+
+
+def read_examples(path: str | Path, mode: Mode = "entries") -> list[Example]:
+    """Read a .csv / .jsonl / .txt file (or a bundled data set by name) into examples.
+
+    A ``.txt`` is one example per non-empty line in ``entries`` mode, and one running text (newlines
+    kept) in ``corpus`` mode. DataError with file and line on any problem.
+    """
+    path = data_path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such data file (bundled data sets: {', '.join(bundled_data())})")
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory; give a .csv, .jsonl or .txt file")
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".jsonl", ".json", ".txt", ".text", ""):
+        raise DataError(f"{path}: unknown data format '{suffix}'; use .csv (text column), .jsonl (text, or "
+                        "prompt + completion) or .txt (lines, or one running text with --group-texts)")
+    text = read_user_text(path, what="data file", limit=MAX_DATA_BYTES, error=DataError)
+    if not text.strip():
+        raise DataError(f"{path}: is empty; it holds no examples")
+    if suffix == ".csv":
+        examples = _csv(path, text)
+    elif suffix in (".jsonl", ".json"):
+        examples = _jsonl(path, text)
+    elif mode == "corpus":
+        examples = [Example(text)]
+    else:
+        examples = [Example(line) for line in text.splitlines() if line.strip()]
+    if not examples:
+        raise DataError(f"{path}: holds no examples")
+    return examples
+
+
+def _csv(path: Path, text: str) -> list[Example]:
+    """CSV with the csv module's full dialect: quoted fields may hold commas, quotes and newlines."""
+    rows = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        fieldnames = rows.fieldnames
+    except csv.Error as exc:
+        raise DataError(f"{path}:1: not valid CSV ({exc})") from None
+    if not fieldnames or "text" not in fieldnames:
+        found = ", ".join(fieldnames or []) or "none"
+        raise DataError(f"{path}:1: a CSV needs a `text` column (found columns: {found})")
+    out = []
+    while True:
+        start = rows.line_num + 1
+        try:
+            row = next(rows)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            raise DataError(f"{path}:{start}: not valid CSV ({exc})") from None
+        value = row.get("text")
+        if value is None:
+            raise DataError(f"{path}:{start}: row has fewer fields than the header")
+        if value.strip():
+            out.append(Example(value))
+    return out
+
+
+def _jsonl(path: Path, text: str) -> list[Example]:
+    out = []
+    for line, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw)
+        except ValueError as exc:
+            raise DataError(f"{path}:{line}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        except RecursionError:
+            raise DataError(f"{path}:{line}: JSON nested too deeply; each line is one flat object") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{line}: each line must be a JSON object, not {type(row).__name__}")
+        where = f"{path}:{line}"
+        if isinstance(row.get("text"), str):
+            out.append(Example(row["text"], where=where))
+        elif isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
+            out.append(Example(row["completion"], row["prompt"], where=where))
+        elif "messages" in row:
+            out.append(Example("", messages=_messages(row["messages"], where), where=where))
+        else:
+            raise DataError(f"{where}: needs a string `text`, string `prompt` and `completion`, or `messages` "
+                            f"(found keys: {', '.join(map(str, row))[:200] or 'none'})")
+    return out
+
+
+def _messages(raw, where: str) -> tuple[tuple[str, str], ...]:
+    """A JSONL row's ``messages``: a non-empty list of {"role": str, "content": str} objects."""
+    if not isinstance(raw, list) or not raw:
+        raise DataError(f"{where}: `messages` must be a non-empty list of {{\"role\": ..., \"content\": ...}} objects")
+    out = []
+    for i, message in enumerate(raw):
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str)):
+            raise DataError(f"{where}: messages[{i}] needs a string `role` and a string `content`")
+        out.append((message["role"], message["content"]))
+    return tuple(out)
+
+
+def load_examples(path: Path, mode: Mode, tokenizer, chat_template: bool) -> tuple[list[Example], bool]:
+    """A data file's examples for training, and whether the tokenizer's chat template rendered them
+    (when ``chat_template`` is asked for, or when rows hold messages)."""
+    examples = read_examples(path, mode)
+    if chat_template or any(ex.messages for ex in examples):
+        return chat_examples(examples, tokenizer, str(path)), True
+    return examples, False
+
+
+def chat_examples(examples: list[Example], tokenizer, source: str) -> list[Example]:
+    """Examples rendered by the tokenizer's chat template: the prompt is the conversation up to the last
+    assistant turn (with the template's generation prompt), the completion that turn as the template
+    writes it (its end-of-turn marker included). Prompt/completion rows are one user and one assistant turn."""
+    _require_template(tokenizer, source)
+    out = []
+    for ex in examples:
+        where = ex.where or source
+        if ex.messages:
+            messages = ex.messages
+        elif ex.prompt:
+            messages = (("user", ex.prompt), ("assistant", ex.completion))
+        else:
+            raise DataError(f"{where}: a `text` row has no roles for a chat template; write `prompt` + `completion` "
+                            "or `messages` rows, or drop --chat-template")
+        if messages[-1][0] != "assistant":
+            raise DataError(f"{where}: the conversation ends with a {messages[-1][0]!r} turn; training needs it "
+                            "to end with the assistant's answer (the loss is on that turn)")
+        prompt = render_chat(tokenizer, messages[:-1], where, generation_prompt=True)
+        whole = render_chat(tokenizer, messages, where, generation_prompt=False)
+        if not whole.startswith(prompt):
+            raise DataError(f"{where}: the chat template writes the conversation differently once the last answer "
+                            "is added, so the answer's tokens cannot be told apart; use prompt/completion rows "
+                            "without --chat-template")
+        out.append(Example(whole[len(prompt):], prompt, where=ex.where))
+    return out
+
+
+def chat_prompt(example: Example, tokenizer, source: str) -> str:
+    """A prompt for generation in the tokenizer's chat template: the conversation up to its last user turn
+    (a trailing assistant answer is left out), or the row's prompt (or text) as one user turn."""
+    _require_template(tokenizer, source)
+    messages = example.messages or (("user", example.prompt or example.completion),)
+    if messages[-1][0] == "assistant" and len(messages) > 1:
+        messages = messages[:-1]
+    return render_chat(tokenizer, messages, example.where or source, generation_prompt=True)
+
+
+def _require_template(tokenizer, source: str) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{source}: the tokenizer has no chat template; drop --chat-template (and `messages` rows), "
+                        "or pass --tokenizer with one that has a template")
+
+
+def render_chat(tokenizer, messages: tuple[tuple[str, str], ...], where: str, *, generation_prompt: bool) -> str:
+    """The tokenizer's chat template applied to ``messages`` as text (its errors as DataErrors)."""
+    try:
+        text = tokenizer.apply_chat_template([{"role": role, "content": content} for role, content in messages],
+                                             tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as exc:  # jinja's TemplateError, the template's own raise_exception, ...
+        raise DataError(f"{where}: the tokenizer's chat template refused this conversation "
+                        f"({type(exc).__name__}: {first_line(exc)})") from None
+    if not isinstance(text, str):
+        raise DataError(f"{where}: the tokenizer's chat template returned {type(text).__name__}, not text")
+    return text
+
+
+def model_max_length(model) -> int | None:
+    """The longest sequence the model's positions allow, if its config says."""
+    config = getattr(model, "config", None)
+    for attr in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def tokenize(examples: list[Example], tokenizer, *, block_size: int, mode: str = "entries",
+             pad_token_id: int | None = None, source: str = "") -> Blocks:
+    """Token blocks for training: ``corpus`` (concatenate + cut) or ``entries`` (one row each)."""
+    if mode not in ("corpus", "entries"):
+        raise DataError(f"unknown data mode '{mode}'; use corpus (--group-texts) or entries")
+    if block_size < 2:
+        raise DataError(f"--block-size must be at least 2, got {block_size}")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError("the tokenizer has no EOS token; examples cannot be separated")
+    if any(ex.messages for ex in examples):
+        raise DataError(f"{source}: `messages` rows need the tokenizer's chat template (data.chat_examples) first")
+    pieces = [(_ids(tokenizer, ex.prompt), _ids(tokenizer, ex.completion)) for ex in examples]
+    pieces = [(prompt, completion[:-1] if completion[-1:] == [eos] else completion)  # EOS is appended once
+              for prompt, completion in pieces]
+    if mode == "corpus":
+        ids, labels = [], []
+        for prompt, completion in pieces:
+            ids += prompt + completion + [eos]
+            labels += [IGNORE] * len(prompt) + completion + [eos]
+        rows = len(ids) // block_size
+        if rows == 0:
+            raise DataError(f"{source}: {len(ids)} tokens in all, fewer than one block of {block_size}; "
+                            "lower --block-size or give more data")
+        ids_t = torch.tensor(ids[:rows * block_size]).view(rows, block_size)
+        labels_t = torch.tensor(labels[:rows * block_size]).view(rows, block_size)
+        return Blocks(ids_t, labels_t, torch.ones_like(ids_t), source)
+    pad = pad_token_id if pad_token_id is not None else tokenizer.pad_token_id
+    if pad is None:
+        raise DataError("the tokenizer has no pad token; pass --pad-token-id (often the EOS id, "
+                        f"{eos}) to pad entries")
+    ids_t = torch.full((len(pieces), block_size), pad, dtype=torch.long)
+    labels_t = torch.full((len(pieces), block_size), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(pieces), block_size), dtype=torch.long)
+    for row, (prompt, completion) in enumerate(pieces):
+        seq = (prompt + completion + [eos])[:block_size]
+        lab = ([IGNORE] * len(prompt) + completion + [eos])[:block_size]
+        ids_t[row, :len(seq)] = torch.tensor(seq)
+        labels_t[row, :len(lab)] = torch.tensor(lab)
+        mask[row, :len(seq)] = 1
+    _check_truncation(labels_t, pieces, block_size, source)
+    return Blocks(ids_t, labels_t, mask, source)
+
+
+def _check_truncation(labels: torch.Tensor, pieces: list[tuple[list[int], list[int]]], block_size: int,
+                      source: str) -> None:
+    """Refuse data whose rows all lost their loss tokens to the block size; warn when some did."""
+    empty = int((labels[:, 1:] == IGNORE).all(dim=1).sum())  # the first token is never predicted
+    if empty == 0:
+        return
+    longest = max(len(prompt) for prompt, _ in pieces)
+    fits = max(len(prompt) + len(completion) + 1 for prompt, completion in pieces)
+    if empty == len(pieces):
+        raise DataError(f"{source}: every example's completion lies beyond --block-size {block_size} (the longest "
+                        f"prompt has {longest} tokens): training would learn nothing. Use --block-size {fits} "
+                        "(fits every example whole) or shorter prompts")
+    warnings.warn(f"{source}: {empty} of {len(pieces)} examples have no completion token within --block-size "
+                  f"{block_size} and teach nothing (the longest prompt has {longest} tokens); --block-size {fits} "
+                  "fits every example whole", TruncationWarning, stacklevel=3)
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes (a resumed run must see the same data)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

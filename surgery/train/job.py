@@ -1,0 +1,245 @@
+"""A training job: its settings (``TrainConfig``), what it trains (``Job``) and its progress (``Run``).
+
+``make_job`` reads and checks everything a job needs (rules, data, options) and only then makes its
+fine-tune, so a bad job fails before anything changes. The spec is fixed; everything that changes
+while training (step, optimizer, scheduler, random state) lives in the job's ``Run``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .data import Blocks, Mode
+from ..errors import DataError, TrainError, first_line
+from .master_weights import MasterWeights
+from ..random_state import forked_rng
+
+Schedule = Literal["cosine", "linear", "constant"]
+Precision = Literal["fp32", "bf16", "fp16"]
+OptimizerName = Literal["adamw", "adamw8bit"]
+SCHEDULES: tuple[Schedule, ...] = ("cosine", "linear", "constant")
+PRECISIONS: tuple[Precision, ...] = ("fp32", "bf16", "fp16")
+OPTIMIZERS: tuple[OptimizerName, ...] = ("adamw", "adamw8bit")
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.manual_seed accepts
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings of one job (the CLI's options)."""
+
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-4
+    epochs: int = 1
+    max_steps: int | None = None
+    warmup: int = 0
+    schedule: Schedule = "cosine"
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    precision: Precision = "fp32"
+    optimizer: OptimizerName = "adamw"
+    eval_steps: int | None = None
+    save_steps: int | None = None
+    save_total_limit: int | None = None
+    gradient_checkpointing: bool = False  # recompute decoder layers' activations in backward (less memory)
+    early_stopping_patience: int | None = None  # stop after this many evaluations without a better eval loss
+    early_stopping_threshold: float = 0.0  # an eval loss must beat the best by more than this to count
+
+    def check(self) -> "TrainConfig":
+        """Raise TrainError naming the first option out of range (NaN and inf included); return self."""
+        for name in ("batch_size", "grad_accum", "epochs"):
+            if getattr(self, name) < 1:
+                raise TrainError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_steps", "eval_steps", "save_steps", "save_total_limit", "early_stopping_patience"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise TrainError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise TrainError(f"--lr must be a finite number > 0, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise TrainError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
+        if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise TrainError(f"--max-grad-norm must be a finite number > 0 (0 turns clipping off), got "
+                             f"{self.max_grad_norm}")
+        if not (math.isfinite(self.early_stopping_threshold) and self.early_stopping_threshold >= 0):
+            raise TrainError(f"--early-stopping-threshold must be a finite number >= 0, got "
+                             f"{self.early_stopping_threshold}")
+        if self.warmup < 0:
+            raise TrainError(f"--warmup must be >= 0, got {self.warmup}")
+        if not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise TrainError(f"--seed must be between {SEED_RANGE[0]} and {SEED_RANGE[1]} (torch's range), got "
+                             f"{self.seed}")
+        for name, allowed in (("schedule", SCHEDULES), ("precision", PRECISIONS), ("optimizer", OPTIMIZERS)):
+            if getattr(self, name) not in allowed:
+                raise TrainError(f"--{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+        return self
+
+
+@dataclass(frozen=True)
+class Job:
+    """One fine-tune to train: the model, its data, settings, output folder and resume identity."""
+
+    name: str
+    finetune: nn.Module
+    data: Blocks
+    config: TrainConfig
+    out: Path | None = None
+    eval_data: Blocks | None = None
+    identity: dict = field(default_factory=dict)  # what a resumed run must match (rules, data, model, ...)
+
+    def __repr__(self) -> str:
+        return (f"Job({self.name!r}, {type(self.finetune).__name__}, {len(self.data)} rows, "
+                f"out={str(self.out) if self.out else None!r})")
+
+
+@dataclass
+class EarlyStopping:
+    """Early stopping on eval loss: the best loss so far, its step and the trainable weights it had, and
+    the evaluations since; ``stopped`` once ``early_stopping_patience`` of them brought no improvement."""
+
+    best_loss: float = math.inf
+    best_step: int = 0
+    evals_since_best: int = 0
+    best_weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    stopped: bool = False
+
+
+@dataclass
+class Run:
+    """A job's progress while it trains: step, data position, optimizer, scheduler, random state, log."""
+
+    job: Job
+    total_steps: int
+    optimizer: torch.optim.Optimizer
+    scheduler: object  # a torch LRScheduler
+    scaler: torch.amp.GradScaler
+    rng: torch.Tensor  # this rank's random state (dropout), swapped in for the job's steps only
+    step: int = 0
+    micro: int = 0  # micro-batches consumed (data position)
+    history: list[dict] = field(default_factory=list)
+    order: tuple[int, torch.Tensor] | None = None  # (epoch, its row permutation)
+    early: EarlyStopping | None = None  # with --early-stopping-patience
+    masters: MasterWeights = field(default_factory=MasterWeights)  # fp32 masters of half trainable tensors
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.total_steps or (self.early is not None and self.early.stopped)
+
+    def __repr__(self) -> str:
+        return f"Run({self.job.name!r}, step {self.step}/{self.total_steps})"
+
+
+def build_optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW (or bitsandbytes' 8-bit AdamW) with weight decay on matrices only."""
+    decay = [p for p in params if p.dim() >= 2]
+    rest = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr)
+    try:
+        import bitsandbytes as bnb
+
+        optimizer = bnb.optim.AdamW8bit(groups, lr=config.lr)
+        _probe_8bit_optimizer(params[0].device)
+        return optimizer
+    except Exception as exc:
+        raise TrainError(f"--optimizer adamw8bit is not available here ({type(exc).__name__}: "
+                         f"{first_line(exc)}); bitsandbytes' 8-bit optimizers do not "
+                         "run on this platform — use --optimizer adamw") from None
+
+
+def _probe_8bit_optimizer(device: torch.device) -> None:
+    """bitsandbytes builds 8-bit optimizers anywhere but may fail at the first step: try one on a dummy."""
+    import bitsandbytes as bnb
+
+    dummy = nn.Parameter(torch.zeros(4096, device=device))
+    opt = bnb.optim.AdamW8bit([dummy], lr=1e-3)
+    dummy.grad = torch.ones_like(dummy)
+    opt.step()
+
+
+def build_scheduler(config: TrainConfig, optimizer, total: int):
+    from transformers import get_scheduler
+
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[config.schedule]
+    return get_scheduler(name, optimizer, num_warmup_steps=config.warmup, num_training_steps=total)
+
+
+def make_job(base: nn.Module, name: str, rules, data: str | Path, tokenizer, config: TrainConfig, *,
+             out: Path | None = None, eval_data: str | Path | None = None, eval_split: float | None = None,
+             mode: Mode = "entries", block_size: int = 128, pad_token_id: int | None = None,
+             model_name: str = "", chat_template: bool = False) -> Job:
+    """Read and check everything a job needs, then make its fine-tune (seeded): errors come first.
+
+    ``chat_template``: render prompt/completion rows with the tokenizer's chat template (``messages``
+    rows always are)."""
+    from .data import data_path, file_digest, load_examples, model_max_length, tokenize
+    from ..finetune.rewriting import rewrite
+    from ..rules.rule_file import load_rules
+
+    config.check()
+    rules = load_rules(rules)
+    if config.gradient_checkpointing and not getattr(base, "supports_gradient_checkpointing", False):
+        raise TrainError(f"--gradient-checkpointing: {type(base).__name__} does not support transformers' activation "
+                         "checkpointing; train without it")
+    vocab = _vocab_size(base)
+    if pad_token_id is not None and vocab is not None and not 0 <= pad_token_id < vocab:
+        raise DataError(f"--pad-token-id {pad_token_id} is outside the model's vocabulary (0 to {vocab - 1}); use "
+                        f"the tokenizer's EOS id ({getattr(tokenizer, 'eos_token_id', None)}) or another id below {vocab}")
+    limit = model_max_length(base)
+    if limit is not None and block_size > limit:
+        raise DataError(f"--block-size {block_size} is above {model_name or type(base).__name__}'s maximum "
+                        f"sequence length ({limit}); use at most {limit}")
+    if config.early_stopping_patience and not (config.eval_steps and (eval_data is not None or eval_split)):
+        raise TrainError("--early-stopping-patience stops on the eval loss: add --eval-steps N and --eval FILE "
+                         "or --eval-split FRACTION")
+    path = data_path(data)
+    examples, templated = load_examples(path, mode, tokenizer, chat_template)
+    blocks = tokenize(examples, tokenizer, block_size=block_size, mode=mode, pad_token_id=pad_token_id,
+                      source=str(path))
+    held_out = None
+    if eval_data is not None:
+        eval_path = data_path(eval_data)
+        held_out = tokenize(load_examples(eval_path, mode, tokenizer, chat_template)[0], tokenizer,
+                            block_size=block_size, mode=mode, pad_token_id=pad_token_id, source=str(eval_path))
+    elif eval_split:
+        if not 0 < eval_split < 1:
+            raise DataError(f"--eval-split must be between 0 and 1, got {eval_split}")
+        blocks, held_out = blocks.split(eval_split, config.seed)
+    identity = {"rules": rules.to_json(), "model": model_name, "data": file_digest(path),
+                "eval": file_digest(data_path(eval_data)) if eval_data is not None else eval_split,
+                "mode": mode, "block_size": block_size,
+                "global_batch": config.batch_size * int(os.environ.get("WORLD_SIZE", "1")),
+                "grad_accum": config.grad_accum, "seed": config.seed,
+                **({"chat_template": tokenizer.chat_template} if templated else {})}
+    with forked_rng():
+        torch.manual_seed(config.seed)
+        finetune = rewrite(base, rules)
+    if config.gradient_checkpointing:
+        checkpoint_activations(finetune)
+    return Job(name, finetune, blocks, config, Path(out) if out is not None else None, held_out, identity)
+
+
+def checkpoint_activations(finetune: nn.Module) -> None:
+    """Recompute each decoder layer's activations in backward instead of keeping them (transformers'
+    activation checkpointing, non-reentrant; the dropout masks are replayed), on this fine-tune's own
+    module objects: the base and other fine-tunes are untouched."""
+    enable = getattr(finetune, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable({"use_reentrant": False})
+    else:  # transformers before activation_checkpointing_enable
+        finetune.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _vocab_size(base: nn.Module) -> int | None:
+    embeddings = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+    return getattr(embeddings, "num_embeddings", None) or getattr(getattr(base, "config", None), "vocab_size", None)
