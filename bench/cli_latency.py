@@ -21,10 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
-COMMANDS = {  # name -> (arguments, goal in seconds for (cold, warm); None: no cache involved)
-    "surgery --help": (["--help"], (0.5, 0.5)),
-    "plan qv_lora --model tiny-opt": (["plan", "qv_lora", "--model", "tiny-opt"], (None, 4.0)),
-    "inspect meta-llama/Llama-3.1-70B": (["inspect", "meta-llama/Llama-3.1-70B"], (8.0, 4.0)),
+COMMANDS = {  # name -> (arguments, goal in seconds for (cold, warm); None: no goal)
+    "surgery --help": (["--help"], (0.3, 0.3)),
+    "plan qv_lora --model tiny-opt": (["plan", "qv_lora", "--model", "tiny-opt"], (None, 0.6)),
+    "inspect meta-llama/Llama-3.1-70B": (["inspect", "meta-llama/Llama-3.1-70B"], (6.0, 0.6)),
 }
 
 
