@@ -284,3 +284,19 @@ def test_bitsandbytes_warnings_about_the_run_show_once_and_its_noise_not_at_all(
     said = [r.getMessage() for r in caplog.records if r.name.startswith("bitsandbytes")]
     assert said == ["bitsandbytes: MatMul8bitLt: inputs will be cast from torch.float32 to float16 during "
                     "quantization"]
+
+
+def test_use_rslora_shorthand_trains_a_rank_stabilized_lora_and_exports_it_to_peft(tmp_path):
+    import surgery
+
+    result = run("train", "--target-modules", "q_proj", "--lora-r", "16", "--lora-alpha", "8", "--use-rslora",
+                 "--model", "tiny-llama", "--data", "upper", "--max-steps", "2", "--out", str(tmp_path / "run"))
+    assert result.exit_code == 0, result.output
+    adapter = tmp_path / "run" / "adapter.safetensors"
+    assert {r.lora.scaling for r in surgery.read_adapter(adapter).rules.rules if r.lora} == {8 / 4}
+    assert "--use-rslora" in (tmp_path / "run" / "rules.yaml").read_text()
+    result = run("export-peft", str(adapter), "--out", str(tmp_path / "peft"))
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["use_rslora"] is True and config["r"] == 16 and config["lora_alpha"] == 8
+    assert run("train", "qv_lora", "--use-rslora", "--data", "upper").exit_code == 2  # only with --target-modules

@@ -24,9 +24,9 @@ MIXED = {"quantize": "none", "default": "freeze", "rules": [
     {"match": "lm_head", "action": "plain", "untie": True},
     {"match": "*", "type": "conv1d", "action": "adapt", "optional": True, "lora": {"r": 2, "alpha": 3, "bias": True}}]}
 WITH_EMBEDDING = {"quantize": "none", "default": "freeze", "rules": [
-    {"match": "*", "type": "embedding", "action": "adapt", "optional": True, "lora": {"r": 2, "alpha": 3, "rslora": True}},
-    {"match": "*", "type": "linear", "action": "adapt", "optional": True, "lora": {"r": 8, "alpha": 16, "rslora": True}},
-    {"match": "*", "type": "conv1d", "action": "adapt", "optional": True, "lora": {"r": 8, "alpha": 16, "rslora": True}}]}
+    {"match": "*", "type": "embedding", "action": "adapt", "optional": True, "lora": {"r": 2, "alpha": 3, "use_rslora": True}},
+    {"match": "*", "type": "linear", "action": "adapt", "optional": True, "lora": {"r": 8, "alpha": 16, "use_rslora": True}},
+    {"match": "*", "type": "conv1d", "action": "adapt", "optional": True, "lora": {"r": 8, "alpha": 16, "use_rslora": True}}]}
 
 
 def peft_model(base, folder):

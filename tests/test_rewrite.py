@@ -119,7 +119,7 @@ def _random_lora(layer):
 def test_lora_linear_matches_hand_written_reference(rslora):
     torch.manual_seed(0)
     base = nn.Linear(16, 12)
-    cfg = LoraConfig(r=4, alpha=8, rslora=rslora, bias=True)
+    cfg = LoraConfig(r=4, alpha=8, use_rslora=rslora, bias=True)
     lora = _random_lora(LoraLinear(base, cfg))
     with torch.no_grad():
         lora.lora_bias.normal_()

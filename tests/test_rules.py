@@ -143,3 +143,17 @@ def test_the_readme_shows_the_bundled_qv_lora_file_as_shipped():
     readme = (root / "README.md").read_text()
     start = readme.index("```yaml\n", readme.index("The bundled `rules/qv_lora.yaml`, as shipped")) + len("```yaml\n")
     assert readme[start:readme.index("```", start)] == (root / "rules" / "qv_lora.yaml").read_text()
+
+
+def test_use_rslora_is_peft_s_name_and_the_old_spelling_still_reads():
+    def lora(**options):
+        return parse_rules({"version": 1, "rules": [{"match": "q_proj", "action": "adapt",
+                                                      "lora": {"r": 16, "alpha": 8, **options}}]}).rules[0].lora
+
+    assert lora(use_rslora=True).scaling == 8 / 4 and lora().scaling == 8 / 16  # alpha / sqrt(r) vs alpha / r
+    assert lora(rslora=True) == lora(use_rslora=True)  # adapter files written before the rename load alike
+    assert "use_rslora" in lora(use_rslora=True).to_dict()
+    with pytest.raises(RuleFileError, match="give `use_rslora` only"):
+        lora(use_rslora=True, rslora=True)
+    with pytest.raises(RuleFileError, match="lora use_rslora must be true or false"):
+        lora(use_rslora="yes")

@@ -122,7 +122,7 @@ def peft_adapter(finetune: nn.Module, values: dict[str, torch.Tensor] | None = N
         "fan_in_fan_out": any(info.plan.decisions[p].kind == "conv1d" for p in adapters),
         "bias": "none",
         "lora_bias": with_bias,
-        "use_rslora": next(iter(configs.values())).rslora,
+        "use_rslora": next(iter(configs.values())).use_rslora,
         "use_dora": False,
         "init_lora_weights": True,
         "inference_mode": True,
@@ -148,7 +148,7 @@ def _base_storage(base: nn.Module) -> dict[str, int]:
 
 
 def _check_exportable(adapters: dict[str, nn.Module]) -> None:
-    if len({m.config.rslora for m in adapters.values()}) > 1:
+    if len({m.config.use_rslora for m in adapters.values()}) > 1:
         raise AdapterStateError("some adapters use rslora and some do not; PEFT has one use_rslora per adapter")
     embeddings = [p for p, m in adapters.items() if isinstance(m, LoraEmbedding)]
     biased = [p for p, m in adapters.items() if m.lora_bias is not None]
@@ -364,7 +364,7 @@ def _lora_config(config: dict, path: str, parts: dict) -> dict:
         raise AdapterStateError(f"adapter_config.json gives {path} rank {declared} but its lora_A has {r} rows")
     return {"r": int(r), "alpha": float(_pattern_value(config.get("alpha_pattern"), path, config.get("lora_alpha", 8))),
             "dropout": float(config.get("lora_dropout", 0.0)), "bias": "bias" in parts,
-            "rslora": bool(config.get("use_rslora", False)),
+            "use_rslora": bool(config.get("use_rslora", False)),
             "dtype": str(parts["A"].dtype).removeprefix("torch.")}
 
 

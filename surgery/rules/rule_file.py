@@ -22,6 +22,7 @@ from .ruleset import (ACTIONS, ADAPTABLE_KINDS, BLOCKSIZES, DTYPES, FORMAT_VERSI
 
 
 MAX_LORA_ALPHA = 1e6  # alpha / r scales the update; beyond this it overflows half precision at once
+LEGACY_RSLORA = "rslora"  # the old spelling of use_rslora, still read (adapter files written before carry it)
 
 
 def load_rules(spec: str | Path | RuleSet | dict) -> RuleSet:
@@ -261,7 +262,7 @@ def _parse_lora(raw: Any, where: _Where, key: str) -> LoraConfig:
     if not isinstance(raw, dict):
         raise where.error(f"`{key}` must be a mapping like {{r: 8, alpha: 16}}, not {_kind(raw)}", key)
     inner = _Where(where.source, raw if getattr(raw, "line", None) else where.node, where.prefix)
-    _check_keys(raw, set(LoraConfig.__dataclass_fields__), inner, what="LoRA option")
+    _check_keys(raw, set(LoraConfig.__dataclass_fields__) | {LEGACY_RSLORA}, inner, what="LoRA option")
     cfg = LoraConfig()
     r = raw.get("r", cfg.r)
     if not _is_int(r) or not 1 <= r <= MAX_LORA_RANK:
@@ -275,7 +276,11 @@ def _parse_lora(raw: Any, where: _Where, key: str) -> LoraConfig:
     dropout = raw.get("dropout", cfg.dropout)
     if not _is_number(dropout) or not 0 <= dropout < 1:
         raise inner.error(f"lora dropout must be in [0, 1), got {dropout!r}", "dropout")
-    for flag in ("bias", "rslora"):
+    if LEGACY_RSLORA in raw and "use_rslora" in raw:
+        raise inner.error("give `use_rslora` only (`rslora` is its old spelling, read in files written before)",
+                          LEGACY_RSLORA)
+    rslora_key = LEGACY_RSLORA if LEGACY_RSLORA in raw else "use_rslora"
+    for flag in ("bias", rslora_key):
         if not isinstance(raw.get(flag, False), bool):
             raise inner.error(f"lora {flag} must be true or false, got {raw[flag]!r}", flag)
     init = raw.get("init", cfg.init)
@@ -285,7 +290,7 @@ def _parse_lora(raw: Any, where: _Where, key: str) -> LoraConfig:
     if dtype not in DTYPES:
         raise inner.error(_unknown("lora dtype", dtype, DTYPES), "dtype")
     return LoraConfig(int(r), float(alpha), float(dropout), raw.get("bias", False), init,
-                      raw.get("rslora", False), dtype)
+                      raw.get(rslora_key, False), dtype)
 
 
 def _parse_quant(raw: Any, where: _Where, key: str) -> QuantConfig:
@@ -364,9 +369,9 @@ ALL_LINEAR = "all-linear"  # PEFT's name for every Linear/Conv1D but the output 
 
 
 def shorthand_rules(target_modules: list[str], *, r: int = 8, alpha: float | None = None, dropout: float = 0.0,
-                    quantize: str = "none") -> RuleSet:
+                    quantize: str = "none", use_rslora: bool = False) -> RuleSet:
     """The rule file that ``--target-modules`` (PEFT-style names, or ``all-linear``), ``--lora-r``,
-    ``--lora-alpha`` (default: r), ``--lora-dropout`` and ``--quantize`` stand for.
+    ``--lora-alpha`` (default: r), ``--lora-dropout``, ``--use-rslora`` and ``--quantize`` stand for.
 
     The targets are adapted, the output layer stays frozen in full precision unless targeted, every
     other Linear/Conv1D is quantized when ``quantize`` is int8 or nf4 (as transformers'
@@ -375,7 +380,7 @@ def shorthand_rules(target_modules: list[str], *, r: int = 8, alpha: float | Non
     targets = [t.strip() for t in target_modules if t.strip()]
     if not targets:
         raise RuleFileError("--target-modules: name at least one module (e.g. q_proj,v_proj) or all-linear")
-    lora = {"r": r, "alpha": r if alpha is None else alpha, "dropout": dropout}
+    lora = {"r": r, "alpha": r if alpha is None else alpha, "dropout": dropout, "use_rslora": use_rslora}
     if targets == [ALL_LINEAR]:
         adapt = [{"match": "lm_head", "action": "freeze"},
                  {"type": "linear", "match": "*", "action": "adapt", "lora": lora},
@@ -387,7 +392,7 @@ def shorthand_rules(target_modules: list[str], *, r: int = 8, alpha: float | Non
         adapt.append({"match": "lm_head", "action": "freeze", "optional": True})
     quantized = [{"type": kind, "match": "*", "action": "quantize", "optional": True} for kind in ("linear", "conv1d")]
     flags = f"--target-modules {','.join(targets)} --lora-r {r} --lora-alpha {lora['alpha']:g}"
-    flags += f" --lora-dropout {dropout:g} --quantize {quantize}"
+    flags += f" --lora-dropout {dropout:g}{' --use-rslora' if use_rslora else ''} --quantize {quantize}"
     data = {"version": 1, "description": f"from the command line: {flags}", "quantize": quantize,
             "default": "freeze", "rules": adapt + (quantized if quantize != "none" else [])}
     return parse_rules(data, source="--target-modules/--lora-r/--lora-alpha/--lora-dropout/--quantize")

@@ -76,12 +76,12 @@ class LoraConfig:
     dropout: float = 0.0
     bias: bool = False
     init: Literal["kaiming", "gaussian"] = "kaiming"
-    rslora: bool = False
+    use_rslora: bool = False  # PEFT's name: scaling alpha / sqrt(r) (rank-stabilized LoRA)
     dtype: DtypeName = "float32"
 
     @property
     def scaling(self) -> float:
-        return self.alpha / (self.r ** 0.5 if self.rslora else self.r)
+        return self.alpha / (self.r ** 0.5 if self.use_rslora else self.r)
 
     def to_dict(self) -> dict:
         return asdict(self)
