@@ -46,6 +46,8 @@ def train(
                                        "assistant's answer only."),
     group_texts: bool = typer.Option(False, "--group-texts", rich_help_panel=DATA, help="Corpus mode: examples (a .txt file whole) "
                                      "joined with EOS and cut into blocks (default: one example per row, padded)."),
+    packing: bool = typer.Option(False, "--packing", rich_help_panel=DATA, help="Fill each row with several whole "
+                                 "examples (positions restart, attention never crosses them); eval rows stay single."),
     block_size: int = typer.Option(128, "--block-size", rich_help_panel=DATA, help="Tokens per row."),
     pad_token_id: Optional[int] = typer.Option(None, "--pad-token-id", rich_help_panel=DATA, help="For tokenizers without a pad token."),
     batch_size: int = typer.Option(8, "--batch-size", rich_help_panel=SCHEDULE, help="Rows per micro-batch (per process)."),
@@ -158,7 +160,8 @@ def train(
         jobs.append(make_job(base, job_name or ("lora" if shorthand else Path(str(job_rules)).stem), job_rules, job_data, tokenizer, config,
                              out=folder, eval_data=eval_file, eval_split=eval_split,
                              mode="corpus" if group_texts else "entries", block_size=block_size,
-                             pad_token_id=pad_token_id, model_name=name, chat_template=chat_template))
+                             pad_token_id=pad_token_id, model_name=name, chat_template=chat_template,
+                             packing=packing))
     resume_from = {}
     if resume is not None:
         if (resume / STATE_FILE).exists():

@@ -43,14 +43,19 @@ class Example:
     where: str = field(default="", compare=False)  # file:line, for errors about this row
 
 
+TOKENS = "_tokens"  # a micro-batch's real token count, counted on the host (no device sync per micro-batch)
+
+
 @dataclass
 class Blocks:
-    """Tokenized training data: equal-length rows of input ids, labels and attention mask."""
+    """Tokenized training data: equal-length rows of input ids, labels and attention mask; packed rows
+    (``pack``) also carry position ids that restart with each example."""
 
     input_ids: torch.Tensor  # (rows, block_size) int64
     labels: torch.Tensor  # IGNORE where there is no loss
-    attention_mask: torch.Tensor
+    attention_mask: torch.Tensor  # 1 on real tokens
     source: str = ""
+    position_ids: torch.Tensor | None = None  # packed rows: 0, 1, ... again at every example's first token
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -60,8 +65,12 @@ class Blocks:
         the right, so the columns cut hold padding alone (no attention, no loss)."""
         mask = self.attention_mask[rows]
         width = int(mask.sum(dim=1).max()) if len(mask) else 0
-        return {"input_ids": self.input_ids[rows, :width], "labels": self.labels[rows, :width],
-                "attention_mask": mask[:, :width]}
+        out = {"input_ids": self.input_ids[rows, :width], "labels": self.labels[rows, :width]}
+        if self.position_ids is None:
+            return {**out, "attention_mask": mask[:, :width]}
+        # packed: no attention mask, so transformers builds the block-diagonal one from the restarting position
+        # ids (flash-attention's variable-length kernels read them alike); the token count rides along
+        return {**out, "position_ids": self.position_ids[rows, :width], TOKENS: int(mask.sum())}
 
     def __repr__(self) -> str:
         rows, width = self.input_ids.shape
@@ -75,6 +84,8 @@ class Blocks:
             raise DataError(f"{self.source}: {len(self)} rows cannot give {fraction:.0%} for evaluation and keep "
                             "some for training; give more data or a separate --eval file")
         ev, tr = order[:n_eval].sort().values, order[n_eval:].sort().values
+        if self.position_ids is not None:
+            raise DataError(f"{self.source}: split the rows before packing them (the eval split stays unpacked)")
         return (Blocks(self.input_ids[tr], self.labels[tr], self.attention_mask[tr], self.source),
                 Blocks(self.input_ids[ev], self.labels[ev], self.attention_mask[ev], f"{self.source} (eval split)"))
 
@@ -309,6 +320,38 @@ def tokenize(examples: list[Example], tokenizer, *, block_size: int, mode: str =
         mask[row, :len(seq)] = 1
     _check_truncation(labels_t, pieces, block_size, source)
     return Blocks(ids_t, labels_t, mask, source)
+
+
+def pack(blocks: Blocks) -> Blocks:
+    """Rows filled with several whole examples each (in order, a new row when the next does not fit), for
+    ``entries`` data: no padding between examples, positions restarting with each, attention that never
+    crosses them (``Blocks.batch``), and each example's first token kept out of the loss (unpacked, nothing
+    predicts it), so every example's loss is its unpacked loss."""
+    if blocks.position_ids is not None:
+        return blocks
+    lengths = blocks.attention_mask.sum(dim=1).tolist()
+    rows: list[list[int]] = []
+    for index, length in enumerate(lengths):
+        if rows and sum(lengths[i] for i in rows[-1]) + length <= blocks.input_ids.shape[1]:
+            rows[-1].append(index)
+        else:
+            rows.append([index])
+    shape = (len(rows), blocks.input_ids.shape[1])
+    ids = torch.zeros(shape, dtype=blocks.input_ids.dtype)
+    labels = torch.full(shape, IGNORE, dtype=blocks.labels.dtype)
+    mask = torch.zeros(shape, dtype=blocks.attention_mask.dtype)
+    positions = torch.zeros(shape, dtype=torch.long)
+    for row, members in enumerate(rows):
+        start = 0
+        for index in members:
+            n = int(lengths[index])
+            ids[row, start:start + n] = blocks.input_ids[index, :n]
+            labels[row, start + 1:start + n] = blocks.labels[index, 1:n]  # the first token stays IGNORE
+            mask[row, start:start + n] = 1
+            positions[row, start:start + n] = torch.arange(n)
+            start += n
+        positions[row, start:] = torch.arange(shape[1] - start)  # the padded tail: a sequence of its own
+    return Blocks(ids, labels, mask, f"{blocks.source} (packed)", positions)
 
 
 def _check_truncation(labels: torch.Tensor, pieces: list[tuple[list[int], list[int]]], block_size: int,

@@ -177,12 +177,13 @@ def build_scheduler(config: TrainConfig, optimizer, total: int):
 def make_job(base: nn.Module, name: str, rules, data: str | Path, tokenizer, config: TrainConfig, *,
              out: Path | None = None, eval_data: str | Path | None = None, eval_split: float | None = None,
              mode: Mode = "entries", block_size: int = 128, pad_token_id: int | None = None,
-             model_name: str = "", chat_template: bool = False) -> Job:
+             model_name: str = "", chat_template: bool = False, packing: bool = False) -> Job:
     """Read and check everything a job needs, then make its fine-tune (seeded): errors come first.
 
     ``chat_template``: render prompt/completion rows with the tokenizer's chat template (``messages``
-    rows always are)."""
-    from .data import data_path, file_digest, load_examples, model_max_length, tokenize
+    rows always are). ``packing``: fill each training row with several examples (``data.pack``); the
+    eval rows stay one example each."""
+    from .data import data_path, file_digest, load_examples, model_max_length, pack, tokenize
     from ..finetune.rewriting import rewrite
     from ..rules.rule_file import load_rules
 
@@ -202,6 +203,11 @@ def make_job(base: nn.Module, name: str, rules, data: str | Path, tokenizer, con
     if config.early_stopping_patience and not (config.eval_steps and (eval_data is not None or eval_split)):
         raise TrainError("--early-stopping-patience stops on the eval loss: add --eval-steps N and --eval FILE "
                          "or --eval-split FRACTION")
+    if packing and mode != "entries":
+        raise DataError("--packing fills rows with whole examples; --group-texts already concatenates the data "
+                        "into full blocks: give one of them")
+    if packing:
+        _check_packed_attention(base, model_name or type(base).__name__)
     path = data_path(data)
     examples, templated = load_examples(path, mode, tokenizer, chat_template)
     blocks = tokenize(examples, tokenizer, block_size=block_size, mode=mode, pad_token_id=pad_token_id,
@@ -215,12 +221,15 @@ def make_job(base: nn.Module, name: str, rules, data: str | Path, tokenizer, con
         if not 0 < eval_split < 1:
             raise DataError(f"--eval-split must be between 0 and 1, got {eval_split}")
         blocks, held_out = blocks.split(eval_split, config.seed)
+    if packing:
+        blocks = pack(blocks)
     identity = {"rules": rules.to_json(), "model": model_name, "data": file_digest(path),
                 "eval": file_digest(data_path(eval_data)) if eval_data is not None else eval_split,
                 "mode": mode, "block_size": block_size,
                 "global_batch": config.batch_size * int(os.environ.get("WORLD_SIZE", "1")),
                 "grad_accum": config.grad_accum, "seed": config.seed,
-                **({"chat_template": tokenizer.chat_template} if templated else {})}
+                **({"chat_template": tokenizer.chat_template} if templated else {}),
+                **({"packing": True} if packing else {})}
     with forked_rng():
         torch.manual_seed(config.seed)
         finetune = rewrite(base, rules)
@@ -243,3 +252,23 @@ def checkpoint_activations(finetune: nn.Module) -> None:
 def _vocab_size(base: nn.Module) -> int | None:
     embeddings = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
     return getattr(embeddings, "num_embeddings", None) or getattr(getattr(base, "config", None), "vocab_size", None)
+
+
+def _check_packed_attention(model: nn.Module, name: str) -> None:
+    """Packed rows need a model whose attention mask transformers builds from restarting position ids; probe
+    the base on six tokens (two examples of three): the second example's logits packed must be its logits
+    alone. Runs before anything changes (the base's training flag is put back)."""
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            device = next(p.device for p in model.parameters())
+            packed = model(input_ids=ids.to(device), position_ids=torch.tensor([[0, 1, 2, 0, 1, 2]], device=device),
+                              use_cache=False).logits[0, 3:].float()
+            alone = model(input_ids=ids[:, 3:].to(device), use_cache=False).logits[0].float()
+    finally:
+        model.train(was_training)
+    if (packed - alone).abs().max() > 1e-3 * alone.abs().max() + 1e-5:
+        raise DataError(f"--packing: {name} ({type(model).__name__}) does not keep packed examples apart (its "
+                        "attention mask is not built from restarting position ids); train it without --packing")

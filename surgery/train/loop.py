@@ -107,6 +107,9 @@ def train(jobs: list[Job], *, resume: dict[str, Path] | None = None, on_step: St
     if batched:
         for job in jobs:
             refuse_sharded(job.finetune, "--batched training", "train without --batched (the jobs take turns)")
+            if job.data.position_ids is not None:
+                raise TrainError(f"job {job.name}: --packing with --batched is not supported (a shared base pass "
+                                 "pads every job's rows to one mask); train packed jobs without --batched")
         jobs = group_jobs(jobs, max_batched_tokens)
     resume = resume or {}
     with contextlib.ExitStack() as locks:

@@ -16,6 +16,7 @@ from ..devices import input_device
 from ..distributed import World, all_reduce_grads, rank_weight
 from ..errors import TrainError
 from .job import Run, TrainConfig
+from .data import TOKENS
 from ..random_state import swap_rng
 
 
@@ -34,12 +35,9 @@ def micro_batch(run: Run, where: World, device: torch.device) -> dict[str, torch
     host = job.data.batch(rows)
     if device.type != "cuda":
         return host
-    moved = {k: v.pin_memory().to(device, non_blocking=True) for k, v in host.items()}
-    moved[TOKENS] = int(host["attention_mask"].sum())
+    moved = {k: v.pin_memory().to(device, non_blocking=True) for k, v in host.items() if k != TOKENS}
+    moved[TOKENS] = tokens(host)
     return moved
-
-
-TOKENS = "_tokens"  # a micro-batch's real token count, counted on the host (no device sync per micro-batch)
 
 
 def tokens(batch: dict) -> int:

@@ -1,0 +1,85 @@
+"""Packing: several examples per row, positions restarting, attention never crossing examples, so each
+example's loss in a packed row equals its loss alone (every bundled tiny architecture)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import surgery
+from surgery.errors import DataError, TrainError
+from surgery.train.data import IGNORE, TOKENS, Example, pack, tokenize
+from surgery.train.job import TrainConfig, make_job
+from surgery.train.loop import train
+
+TOK = surgery.tiny_tokenizer()
+EXAMPLES = [Example("Paris", "France ->"), Example("LIMA", "lima ->"), Example("an owl", ""),
+            Example("Tokyo is far", "Japan ->"), Example("x", "y")]
+
+
+def unpacked() -> surgery.train.data.Blocks:
+    return tokenize(EXAMPLES, TOK, block_size=32)
+
+
+def test_rows_hold_whole_examples_in_order_with_restarting_positions():
+    blocks = unpacked()
+    packed = pack(blocks)
+    lengths = blocks.attention_mask.sum(dim=1).tolist()
+    assert len(packed) < len(blocks) and int(packed.attention_mask.sum()) == sum(lengths)
+    real = packed.input_ids[packed.attention_mask.bool()]
+    assert torch.equal(real, blocks.input_ids[blocks.attention_mask.bool()])  # every token, in order
+    starts = (packed.position_ids == 0) & packed.attention_mask.bool()
+    assert int(starts.sum()) == len(EXAMPLES)  # one restart per example
+    assert (packed.labels[starts] == IGNORE).all()  # nothing predicts an example's first token
+    batch = packed.batch(torch.arange(len(packed)))
+    assert "attention_mask" not in batch and batch[TOKENS] == sum(lengths)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_each_examples_loss_in_a_packed_row_is_its_loss_alone(name):
+    model = surgery.tiny_model(name).eval()  # fp32: LLM.int8's outlier columns depend on what else is in the batch
+    blocks, packed = unpacked(), pack(unpacked())
+    with torch.no_grad():
+        batch = packed.batch(torch.arange(len(packed)))
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        token_loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], ignore_index=IGNORE,
+                                     reduction="none")
+        example = torch.cumsum((batch["position_ids"] == 0).long(), dim=1)[:, 1:]  # which example each target is in
+        got = []
+        for row in range(len(packed)):
+            for k in example[row].unique().tolist():
+                chosen = (example[row] == k) & (batch["labels"][row, 1:] != IGNORE)
+                if chosen.any():
+                    got.append(token_loss[row][chosen].mean())
+        expected = []
+        for row in range(len(blocks)):
+            alone = blocks.batch(torch.tensor([row]))
+            expected.append(model(**alone, use_cache=False).loss)
+    assert len(got) == len(expected) == len(EXAMPLES)
+    torch.testing.assert_close(torch.stack(got), torch.stack(expected), rtol=1e-5, atol=1e-5)
+
+
+def packed_job(**options):
+    config = TrainConfig(batch_size=4, lr=1e-2, max_steps=15, seed=0)
+    return make_job(surgery.tiny_model("tiny-llama"), "packed", "qv_lora_head", "upper", TOK, config, block_size=96,
+                    model_name="tiny-llama", **options)
+
+
+def test_a_packed_run_learns_and_its_eval_rows_stay_single():
+    job = packed_job(packing=True, eval_split=0.2)
+    assert job.data.position_ids is not None and job.eval_data.position_ids is None
+    (run,) = train([job])
+    losses = [r["loss"] for r in run.history if "loss" in r]
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_packing_refuses_what_it_cannot_mean():
+    opt = surgery.tiny_model("tiny-opt")
+    with pytest.raises(DataError, match="tiny-opt .OPTForCausalLM. does not keep packed examples apart"):
+        make_job(opt, "j", "qv_lora", "upper", TOK, TrainConfig(), model_name="tiny-opt", packing=True)
+    assert not any(type(m).__name__.startswith("Linear8bit") for m in opt.modules())  # nothing changed
+    with pytest.raises(DataError, match="--group-texts already concatenates"):
+        packed_job(packing=True, mode="corpus")
+    with pytest.raises(TrainError, match="--packing with --batched"):
+        train([packed_job(packing=True)], batched=True)
