@@ -83,3 +83,11 @@ def test_packing_refuses_what_it_cannot_mean():
         packed_job(packing=True, mode="corpus")
     with pytest.raises(TrainError, match="--packing with --batched"):
         train([packed_job(packing=True)], batched=True)
+
+
+def test_evaluating_packed_rows_gives_the_unpacked_token_mean():
+    from surgery.train.loop import evaluate
+
+    model = surgery.tiny_model("tiny-llama")
+    packed, alone = evaluate(model, pack(unpacked()), batch_size=2), evaluate(model, unpacked(), batch_size=2)
+    assert packed["eval_loss"] == pytest.approx(alone["eval_loss"], rel=1e-5)

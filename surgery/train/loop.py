@@ -24,7 +24,7 @@ from ..files.adapter_file import save_adapter
 from .checkpoint import (ADAPTER_FILE, append_metrics, check_output_folder, move_aside, remove_leftovers,
                          resume as resume_run, run_lock, save_checkpoint, truncate_metrics)
 from .batched_train import check_batching, group_jobs, run_batched
-from .data import Blocks
+from .data import TOKENS, Blocks
 from ..distributed import World, broadcast_trainables, gathered_rng, rank_seed, world
 from ..errors import TrainError
 from ..finetune.state import own_state, require_finetune
@@ -79,7 +79,8 @@ def evaluate(model: nn.Module, data: Blocks, batch_size: int = 8) -> dict:
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(data), batch_size):
-            batch = {k: v.to(device) for k, v in data.batch(torch.arange(start, min(start + batch_size, len(data)))).items()}
+            rows = torch.arange(start, min(start + batch_size, len(data)))
+            batch = {k: v.to(device) for k, v in data.batch(rows).items() if k != TOKENS}  # packed rows carry a count
             n = int((batch["labels"][:, 1:] != -100).sum())
             if n == 0:
                 continue
