@@ -32,10 +32,12 @@ def local_rank() -> int | None:
 
 def cuda_available() -> bool:
     """``torch.cuda.is_available()``, answered without importing torch on a Linux machine with no NVIDIA driver
-    loaded (no ``/proc/driver/nvidia``): CUDA cannot be there, and planning need not pay torch's start-up."""
+    (neither ``/proc/driver/nvidia`` nor a ``/dev/nvidia*`` device, which containers may expose alone): CUDA
+    cannot be there, and planning need not pay torch's start-up."""
+    import glob
     import sys
 
-    if sys.platform.startswith("linux") and not os.path.exists("/proc/driver/nvidia"):
+    if sys.platform.startswith("linux") and not (os.path.exists("/proc/driver/nvidia") or glob.glob("/dev/nvidia*")):
         return False
     import torch
 
