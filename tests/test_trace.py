@@ -135,3 +135,45 @@ def test_quantized_modules_are_recognised_and_traced():
     assert info.quantized == "int8" and info.kind == "linear" and info.param("weight").shape == (128, 64)
     assert info.param("weight").nbytes == 128 * 64 + 128 * 4
     assert op_kind(q) == "linear"
+
+
+def _shapes(graph):
+    return {p: (m.input_shape, m.output_shape, m.calls, m.order) for p, m in graph.modules.items()}
+
+
+@pytest.mark.parametrize("name", ["tiny-opt", "tiny-gpt2"])
+def test_static_size_export_names_shapes_as_symbolic_export_does(name):
+    """The default (static odd sizes named back) gives exactly what export with symbolic batch and seq gives."""
+    from torch.export import Dim
+
+    from surgery.model import tracing
+
+    model = load_model(name, weights=False).model
+    inputs, dynamic, names = tracing._export_inputs(model, None)
+    assert dynamic is None and set(names.values()) == {"batch", "seq", "seq*batch"}
+    symbolic = tracing.ModelGraph(type(model).__name__, tracing._module_infos(model), [], "export", 0.0)
+    meta = tracing._logical_meta_copy(model)
+    reduced = tracing._reduce_repeated_blocks(meta)
+    exported = tracing._export(meta, {"input_ids": torch.zeros(2, 8, dtype=torch.long, device="meta"),
+                                      "use_cache": False},
+                               {"input_ids": {0: Dim("batch", min=1, max=64), 1: Dim("seq", min=2, max=128)},
+                                "use_cache": None})
+    tracing._record_calls(symbolic, exported, reduced, {})
+    assert _shapes(surgery.trace(model)) == _shapes(symbolic)
+    if name == "tiny-opt":  # OPT flattens batch and seq before its MLP
+        assert symbolic.modules["model.decoder.layers.0.fc1"].input_shape == ("seq*batch", 64)
+
+
+def test_static_sizes_skip_numbers_the_model_uses():
+    """A model whose width is one of the static sizes is exported with the next free pair, or symbolically."""
+    from surgery.model import tracing
+
+    model = load_model("tiny-opt", weights=False).model
+    config = model.config
+    first = tracing.STATIC_SIZES[0]
+    model.model.decoder.layers[0].fc1 = nn.Linear(64, first[0] * first[1], device="meta")
+    assert tracing._free_sizes(model, config, 256) == tracing.STATIC_SIZES[1]
+    for b, s in tracing.STATIC_SIZES[1:]:
+        model.register_buffer(f"taken_{b}", torch.empty(b, device="meta"))
+    _, dynamic, names = tracing._export_inputs(model, None)
+    assert dynamic is not None and names == {}

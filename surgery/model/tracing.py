@@ -1,9 +1,10 @@
 """Capture a model's computation as a torch.fx graph and describe every module of it.
 
-``trace(model)`` exports a meta-device copy of the model with ``torch.export`` (non-strict, dynamic
-batch and sequence), maps every fx node to the module that owns it through ``nn_module_stack``,
-and returns a ``ModelGraph``: plain data per module (path, class, op kind, parameters, calls,
-shapes) plus ties, uncalled modules and how the capture went. No weights are read or copied.
+``trace(model)`` exports a meta-device copy of the model with ``torch.export`` (non-strict, input_ids
+of odd static sizes that shapes name back to batch and seq), maps every fx node to the module that
+owns it through ``nn_module_stack``, and returns a ``ModelGraph``: plain data per module (path,
+class, op kind, parameters, calls, shapes) plus ties, uncalled modules and how the capture went.
+No weights are read or copied.
 
 Repeated blocks (a ``ModuleList`` of structurally identical layers) are traced with three
 instances and the result is carried over to the others, so an 80-layer 70B model traces in
@@ -29,6 +30,10 @@ from .graph import ModelGraph, ModuleInfo, ParamInfo, join_path as _join
 
 log = logging.getLogger(__name__)
 KEEP_REPEATED = 3  # layers kept per repeated block: layer 0, then one odd and one even representative
+# Static (batch, seq) sizes to export input_ids with, first that fits: odd primes, so a dimension equal to
+# one of them (or to their product, a flattened batch*seq) is that symbol. Sizes the model's own tensors or
+# config use are skipped; when all are taken, export runs with symbolic shapes (slower, same answer).
+STATIC_SIZES = ((11, 37), (13, 41), (17, 43), (19, 47), (23, 53))
 
 
 # ----------------------------------------------------------------------------------------- kinds
@@ -85,7 +90,7 @@ def trace(model: nn.Module, example_inputs: dict[str, torch.Tensor] | None = Non
                        config=getattr(model, "config", None),
                        name=getattr(getattr(model, "config", None), "name_or_path", None) or None)
     try:
-        inputs, dynamic = _export_inputs(model, example_inputs)
+        inputs, dynamic, names = _export_inputs(model, example_inputs)
         meta = _logical_meta_copy(model)
         reduced = _reduce_repeated_blocks(meta) if reduce_repeated else {}
         try:
@@ -95,7 +100,7 @@ def trace(model: nn.Module, example_inputs: dict[str, torch.Tensor] | None = Non
                 raise
             meta, reduced = _logical_meta_copy(model), {}
             exported = _export(meta, inputs, dynamic)
-        _record_calls(graph, exported, reduced)
+        _record_calls(graph, exported, reduced, names)
         graph.method, graph.exported, graph.reduced = "export", exported, reduced
     except Exception as exc:  # any failure of capture: fall back, keep the reason
         graph.reason = f"{type(exc).__name__}: {first_line(exc, 300)}"
@@ -125,23 +130,39 @@ def find_ties(model: nn.Module) -> list[tuple[str, ...]]:
     return [tuple(group) for group in names.values() if len(group) > 1]
 
 
-def _export_inputs(model: nn.Module, example_inputs):
+def _export_inputs(model: nn.Module, example_inputs) -> tuple[dict, dict | None, dict[int, str]]:
+    """Keyword inputs for export, their dynamic dimensions (None: all static) and static sizes' names.
+
+    HF causal LMs are exported with static ``input_ids`` of odd sizes named back to batch and seq
+    afterwards: symbolic shapes make export two to five times slower (bench/cli_latency.py).
+    """
     from torch.export import Dim
 
     if example_inputs is not None:
         inputs = {k: (v.to("meta") if isinstance(v, torch.Tensor) else v) for k, v in example_inputs.items()}
         dynamic = {k: ({i: Dim.AUTO for i in range(v.dim())} if isinstance(v, torch.Tensor) else None)
                    for k, v in inputs.items()}
-        return inputs, dynamic
+        return inputs, dynamic, {}
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "vocab_size"):
         raise TraceError("not a HuggingFace model and no example_inputs given")
     max_len = next((getattr(config, a) for a in ("max_position_embeddings", "n_positions", "n_ctx")
                     if isinstance(getattr(config, a, None), int)), 4096)
-    inputs = {"input_ids": torch.zeros(2, 8, dtype=torch.long, device="meta"), "use_cache": False}
-    dynamic = {"input_ids": {0: Dim("batch", min=1, max=4096), 1: Dim("seq", min=2, max=max(max_len, 8))},
-               "use_cache": None}
-    return inputs, dynamic
+    sizes = _free_sizes(model, config, max_len)
+    if sizes is None:
+        inputs = {"input_ids": torch.zeros(2, 8, dtype=torch.long, device="meta"), "use_cache": False}
+        return inputs, {"input_ids": {0: Dim("batch", min=1, max=4096), 1: Dim("seq", min=2, max=max(max_len, 8))},
+                        "use_cache": None}, {}
+    batch, seq = sizes
+    inputs = {"input_ids": torch.zeros(batch, seq, dtype=torch.long, device="meta"), "use_cache": False}
+    return inputs, None, {batch: "batch", seq: "seq", batch * seq: "seq*batch"}
+
+
+def _free_sizes(model: nn.Module, config, max_len: int) -> tuple[int, int] | None:
+    """The first STATIC_SIZES pair none of whose numbers is a dimension or config value of the model."""
+    taken = {d for t in [*model.parameters(), *model.buffers()] for d in t.shape}
+    taken |= {v for v in config.to_dict().values() if isinstance(v, int)}
+    return next(((b, s) for b, s in STATIC_SIZES if s <= max_len and not {b, s, b * s} & taken), None)
 
 
 def _export(model: nn.Module, inputs: dict, dynamic: dict):
@@ -201,13 +222,16 @@ def representative(path: str, reduced: dict[str, tuple[int, int]]) -> str | None
     return path
 
 
-def _record_calls(graph: ModelGraph, exported, reduced: dict[str, tuple[int, int]]) -> None:
-    """Fill calls, order and first-call shapes of every module from the exported graph."""
+def _record_calls(graph: ModelGraph, exported, reduced: dict[str, tuple[int, int]], names: dict[int, str]) -> None:
+    """Fill calls, order and first-call shapes of every module from the exported graph.
+
+    ``names``: static sizes to show as batch/seq; without them, export's symbols are named.
+    """
     sig = exported.graph_signature
     user_inputs = set(sig.user_inputs)
     nodes = list(exported.graph.nodes)
     position = {node: i for i, node in enumerate(nodes)}
-    symbols = _symbol_names(nodes, user_inputs)
+    symbols = names or _symbol_names(nodes, user_inputs)
     call_keys: dict[str, list[str]] = defaultdict(list)
     members: dict[str, set] = defaultdict(set)
     first_seen: dict[str, int] = {}
@@ -259,14 +283,14 @@ def _symbol_names(nodes, user_inputs: set) -> dict[str, str]:
     return {}
 
 
-def _shape_of(node, symbols: dict[str, str]) -> tuple | None:
+def _shape_of(node, symbols: dict) -> tuple | None:
     val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
     if not isinstance(val, torch.Tensor):
         return None
-    return tuple(int(d) if isinstance(d, int) else _readable(str(d), symbols) for d in val.shape)
+    return tuple(symbols.get(d, d) if isinstance(d, int) else _readable(str(d), symbols) for d in val.shape)
 
 
-def _readable(expr: str, symbols: dict[str, str]) -> str:
+def _readable(expr: str, symbols: dict) -> str:
     """Replace export's symbol names (s70) in a size expression with batch/seq."""
     return re.sub(r"\bs\d+\b", lambda m: symbols.get(m.group(0), m.group(0)), expr)
 
