@@ -8,7 +8,8 @@ from .common import console
 
 
 def run_with_progress(jobs, resume_from: dict, *, show: bool, batched: bool = False,
-                      max_batched_tokens: int | None = None, overwrite: bool = False) -> list:
+                      max_batched_tokens: int | None = None, overwrite: bool = False,
+                      report_to: tuple[str, ...] = (), log_dir: Path | None = None) -> list:
     """Train the jobs with a rich progress bar per job (shown on rank 0 only); the finished runs."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -27,7 +28,8 @@ def run_with_progress(jobs, resume_from: dict, *, show: bool, batched: bool = Fa
                             tps=record["tokens_per_s"])
 
         return train(jobs, resume=resume_from, on_step=on_step, batched=batched,
-                     max_batched_tokens=max_batched_tokens, overwrite=overwrite)
+                     max_batched_tokens=max_batched_tokens, overwrite=overwrite, report_to=report_to,
+                     log_dir=log_dir)
 
 
 def plot_losses(runs, path: Path) -> Path | None:

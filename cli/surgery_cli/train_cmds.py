@@ -94,6 +94,8 @@ def train(
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", rich_help_panel=SCHEDULE, help="Recompute each decoder "
                                                 "layer's activations in backward instead of keeping them: less "
                                                 "memory, about a third more compute."),
+    report_to: str = typer.Option("none", "--report-to", rich_help_panel=OUTPUT, help="Experiment trackers, one run "
+                                  "per job: tensorboard, wandb, mlflow (comma-separated) or none; runs kept in OUT."),
     overwrite: bool = typer.Option(False, "--overwrite", rich_help_panel=OUTPUT, help="Move an earlier run in --out aside (to "
                                    "OUT.replaced-N, nothing deleted) when training starts."),
     random_init: bool = RANDOM_INIT_OPT,
@@ -126,6 +128,7 @@ def train(
     from surgery.train.checkpoint import ADAPTER_FILE, STATE_FILE, check_output_folder, latest_checkpoint
     from surgery.distributed import world
     from surgery.train.job import TrainConfig, make_job
+    from surgery.train.trackers import parse_report_to
     from surgery.planning.report import training_summary
     from surgery.finetune.sharding import check_sharding, refuse_unshardable_rules, shard_base
 
@@ -140,6 +143,7 @@ def train(
                          max_grad_norm or None, seed, precision, optimizer, eval_steps, save_steps, save_total_limit,
                          gradient_checkpointing, early_stopping_patience, early_stopping_threshold)
     config.check()
+    trackers = parse_report_to(report_to)
     check_batching(batched, max_batched_tokens, gradient_checkpointing)
     check_sharding(fsdp, batched, device_map)
     if fsdp:
@@ -180,7 +184,7 @@ def train(
                       f"{f' x {where.size} processes' if where.size > 1 else ''}"
                       f"{', base sharded with FSDP2' if fsdp else ''}; {where_text(placed)}", highlight=False)
     runs = run_with_progress(jobs, resume_from, show=where.main, batched=batched,
-                             max_batched_tokens=max_batched_tokens, overwrite=overwrite)
+                             max_batched_tokens=max_batched_tokens, overwrite=overwrite, report_to=trackers, log_dir=out)
     if not where.main:
         return
     console.print(training_summary(runs, ADAPTER_FILE))

@@ -44,7 +44,8 @@ def earlier_run(out: Path) -> list[str]:
                   if p.name in (ADAPTER_FILE, METRICS_FILE) or p.name.startswith("checkpoint-"))
 
 
-RUN_FILES = ("rules.yaml", "loss.png")  # what the CLI writes into OUT besides the run's own files
+# what the CLI (rules.yaml, loss.png) and the experiment trackers (trackers.py) write into OUT besides the run's own files
+RUN_FILES = ("rules.yaml", "loss.png", "tensorboard", "wandb", "mlflow.db", "mlruns")
 
 
 def _not_a_run(out: Path) -> list[str]:

@@ -13,6 +13,7 @@ import contextlib
 import functools
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -33,8 +34,10 @@ from .master_weights import MasterWeights
 from ..random_state import new_rng
 from ..finetune.sharding import refuse_sharded
 from .step import train_step
+from .trackers import Trackers, parse_report_to
 
 StepCallback = Callable[[Run, dict], None]
+Report = Callable[[str, dict], None]  # (job name, step record) to the experiment trackers
 logger = logging.getLogger(__name__)
 
 
@@ -92,18 +95,23 @@ def evaluate(model: nn.Module, data: Blocks, batch_size: int = 8) -> dict:
 
 
 def train(jobs: list[Job], *, resume: dict[str, Path] | None = None, on_step: StepCallback | None = None,
-          batched: bool = False, max_batched_tokens: int | None = None, overwrite: bool = False) -> list[Run]:
+          batched: bool = False, max_batched_tokens: int | None = None, overwrite: bool = False,
+          report_to: str | tuple[str, ...] | None = None, log_dir: Path | None = None) -> list[Run]:
     """Train every job to its end; checkpoints, eval and files as configured.
 
     Jobs take turns, one step each; with ``batched=True`` the micro-batches of jobs on one base share
     each base pass (at most ``max_batched_tokens`` padded tokens per pass; more go in sub-groups).
     ``overwrite=True`` moves an earlier run in a job's folder aside (OUT.replaced-N) once every job
-    is ready to start; nothing is deleted.
+    is ready to start; nothing is deleted. ``report_to``: experiment trackers (``tensorboard``,
+    ``wandb``, ``mlflow``), one run per job, kept under ``log_dir`` (default: the jobs' common folder).
     """
     where = world()
     names = [job.name for job in jobs]
     if len(set(names)) != len(names):
         raise TrainError(f"job names must be unique: {', '.join(names)}")
+    trackers = parse_report_to(report_to)
+    if trackers and log_dir is None:
+        log_dir = _common_folder(jobs)
     check_batching(batched, max_batched_tokens, any(job.config.gradient_checkpointing for job in jobs))
     if batched:
         for job in jobs:
@@ -133,7 +141,12 @@ def train(jobs: list[Job], *, resume: dict[str, Path] | None = None, on_step: St
                 remove_leftovers(run.job.out)
                 if run.job.name in resume:
                     truncate_metrics(run.job.out, run.step)
-        after_step = functools.partial(_record_step, where=where, on_step=on_step)
+        report = None
+        if trackers and where.main:
+            opened = Trackers(trackers, [run.job for run in runs], log_dir)
+            locks.callback(opened.close)
+            report = opened.report
+        after_step = functools.partial(_record_step, where=where, on_step=on_step, report=report)
         if batched:
             run_batched(runs, where, max_batched_tokens, after_step)
         else:
@@ -141,11 +154,21 @@ def train(jobs: list[Job], *, resume: dict[str, Path] | None = None, on_step: St
                 for run in runs:
                     if not run.done:
                         after_step(run, train_step(run, where))
-        _finish(runs, where)
+        _finish(runs, where, report)
     return runs
 
 
-def _finish(runs: list[Run], where: World) -> None:
+def _common_folder(jobs: list[Job]) -> Path:
+    """Where trackers keep their runs when no log_dir is given: the folder every job's output lies in."""
+    outs = [job.out for job in jobs if job.out is not None]
+    if len(outs) != len(jobs):
+        raise TrainError("report_to: a job without an output folder needs log_dir= for its tracker runs")
+    if len(outs) == 1:
+        return outs[0]
+    return Path(os.path.commonpath([str(o.resolve()) for o in outs]))
+
+
+def _finish(runs: list[Run], where: World, report: Report | None = None) -> None:
     """After the last step: final eval and the adapter file of every job."""
     if where.size > 1:
         import torch.distributed as dist
@@ -158,6 +181,8 @@ def _finish(runs: list[Run], where: World) -> None:
         if job.eval_data is not None:
             final = {"job": job.name, "step": run.step, **evaluate(job.finetune, job.eval_data, job.config.batch_size)}
             run.history.append(final)
+            if report is not None:
+                report(job.name, final)
         if where.main and job.out is not None:
             save_adapter(job.finetune, job.out / ADAPTER_FILE)
             if final is not None:
@@ -189,8 +214,8 @@ def _restore_best(run: Run) -> None:
     run.masters.reload()
 
 
-def _record_step(run: Run, record: dict, where: World, on_step: StepCallback | None) -> None:
-    """After one step of one run: its eval, metrics line and checkpoint when they are due."""
+def _record_step(run: Run, record: dict, where: World, on_step: StepCallback | None, report: Report | None) -> None:
+    """After one step of one run: its eval, metrics line (and tracker entries) and checkpoint when they are due."""
     job, config = run.job, run.job.config
     if config.eval_steps and job.eval_data is not None and run.step % config.eval_steps == 0:
         record.update(evaluate(job.finetune, job.eval_data, config.batch_size))
@@ -200,6 +225,9 @@ def _record_step(run: Run, record: dict, where: World, on_step: StepCallback | N
     rngs = gathered_rng(run.rng, where) if checkpoint_due and job.out is not None else None
     if where.main and job.out is not None:
         append_metrics(job.out, record)
+    if report is not None:
+        report(job.name, record)
+    if where.main and job.out is not None:
         if checkpoint_due:
             save_checkpoint(run, rngs)
     if on_step is not None:
