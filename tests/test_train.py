@@ -111,7 +111,7 @@ def test_completions_cut_away_by_the_block_size_are_refused_or_counted(tmp_path)
     ("cols.csv", "id,body\n1,x\n", "cols.csv:1: a CSV needs a `text` column (found columns: id, body)"),
     ("bad.jsonl", '{"text": "ok"}\n{"text": "ok"}\n{"text": oops}\n', "bad.jsonl:3: not valid JSON"),
     ("keys.jsonl", '{"text": "ok"}\n{"input": "x"}\n', "keys.jsonl:2: needs a string `text`"),
-    ("data.parquet", "x", "unknown data format"),
+    ("data.xlsx", "x", "unknown data format"), ("data.parquet", "x", "data.parquet: cannot be read as a dataset"),
 ])
 def test_bad_data_files_name_the_file_and_line(tmp_path, name, content, message):
     path = tmp_path / name

@@ -34,12 +34,13 @@ def train(
     model: Optional[str] = MODEL_OPT,
     data: Optional[str] = typer.Option(None, "--data", "-d", rich_help_panel=DATA, help="Training data: .csv (a text column; quoted "
                                        "fields may span lines), .jsonl (text, prompt+completion or messages), .txt (one "
-                                       "example per line; with --group-texts one running text), or a bundled set "
-                                       "(capitals, upper, reverse)."),
+                                       "example per line; with --group-texts one running text), .parquet, .arrow, a "
+                                       "datasets save_to_disk folder, a dataset name from the local datasets cache "
+                                       "(never downloaded), or a bundled set (capitals, upper, reverse)."),
     out: Path = typer.Option(..., "--out", "-o", rich_help_panel=OUTPUT, help="Output folder (one subfolder per --job)."),
     job: list[str] = typer.Option([], "--job", rich_help_panel=DATA, help="NAME=RULES,DATA: one more fine-tune on the same base "
                                   "(repeatable; all train in this process on one shared base)."),
-    eval_file: Optional[str] = typer.Option(None, "--eval", rich_help_panel=EVALUATION, help="Evaluation data file."),
+    eval_file: Optional[str] = typer.Option(None, "--eval", rich_help_panel=EVALUATION, help="Evaluation data (any --data form; a dataset with splits gives its validation or test split)."),
     eval_split: Optional[float] = typer.Option(None, "--eval-split", rich_help_panel=EVALUATION, help="Hold out this fraction for evaluation."),
     chat_template: bool = typer.Option(False, "--chat-template", rich_help_panel=DATA, help="Render prompt/completion rows with the "
                                        "tokenizer's chat template (`messages` rows always are); loss on the "
@@ -48,6 +49,10 @@ def train(
                                      "joined with EOS and cut into blocks (default: one example per row, padded)."),
     packing: bool = typer.Option(False, "--packing", rich_help_panel=DATA, help="Fill each row with several whole "
                                  "examples (positions restart, attention never crosses them); eval rows stay single."),
+    text_field: str = typer.Option("text", "--text-field", rich_help_panel=DATA, help="Column holding a row's text."),
+    prompt_field: str = typer.Option("prompt", "--prompt-field", rich_help_panel=DATA, help="Column holding the prompt (no loss)."),
+    completion_field: str = typer.Option("completion", "--completion-field", rich_help_panel=DATA, help="Column holding the completion."),
+    messages_field: str = typer.Option("messages", "--messages-field", rich_help_panel=DATA, help="Column holding a conversation."),
     block_size: int = typer.Option(128, "--block-size", rich_help_panel=DATA, help="Tokens per row."),
     pad_token_id: Optional[int] = typer.Option(None, "--pad-token-id", rich_help_panel=DATA, help="For tokenizers without a pad token."),
     batch_size: int = typer.Option(8, "--batch-size", rich_help_panel=SCHEDULE, help="Rows per micro-batch (per process)."),
@@ -127,6 +132,7 @@ def train(
     from surgery.train.batched_train import check_batching
     from surgery.train.checkpoint import ADAPTER_FILE, STATE_FILE, check_output_folder, latest_checkpoint
     from surgery.distributed import world
+    from surgery.train.data import Fields
     from surgery.train.job import TrainConfig, make_job
     from surgery.train.trackers import parse_report_to
     from surgery.planning.report import training_summary
@@ -165,7 +171,7 @@ def train(
                              out=folder, eval_data=eval_file, eval_split=eval_split,
                              mode="corpus" if group_texts else "entries", block_size=block_size,
                              pad_token_id=pad_token_id, model_name=name, chat_template=chat_template,
-                             packing=packing))
+                             packing=packing, fields=Fields(text_field, prompt_field, completion_field, messages_field)))
     resume_from = {}
     if resume is not None:
         if (resume / STATE_FILE).exists():

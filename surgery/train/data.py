@@ -4,7 +4,8 @@ Formats: CSV with a ``text`` column (quoted fields may span lines); JSONL with `
 ``prompt`` and ``completion`` (loss only on the completion), or with ``messages`` (a conversation
 that the tokenizer's chat template renders; loss only on the last assistant turn; ``chat_examples``
 also wraps prompt/completion rows in the template); plain ``.txt`` (one example per
-non-empty line, or in corpus mode one running text with its newlines). Two modes:
+non-empty line, or in corpus mode one running text with its newlines); .parquet, .arrow, datasets
+folders and cached dataset names through ``stored_data``; column names from ``rows.Fields``. Two modes:
 ``corpus`` concatenates every example with EOS and cuts the stream into ``block_size`` chunks;
 ``entries`` keeps one example per row (EOS appended), truncated to ``block_size`` and padded on the
 right, with padding masked out of the loss and the attention; a micro-batch is cut to its longest row. Every problem is a DataError naming the file
@@ -18,29 +19,18 @@ import hashlib
 import io
 import json
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 
 from ..errors import DataError, TruncationWarning, first_line
-from ..disk import GiB, read_user_text
+from ..disk import read_user_text
+from .rows import DEFAULT_FIELDS, MAX_DATA_BYTES, Example, Fields, Split, example_of
 
 IGNORE = -100  # label of positions that carry no loss (prompt, padding), as in transformers
-MAX_DATA_BYTES = 4 * GiB
 Mode = Literal["entries", "corpus"]
-
-
-@dataclass(frozen=True)
-class Example:
-    """One row: the text the loss is on and an optional prompt before it that carries no loss, or a
-    conversation (``messages``: (role, content) pairs) for the tokenizer's chat template to render."""
-
-    completion: str
-    prompt: str = ""
-    messages: tuple[tuple[str, str], ...] = ()
-    where: str = field(default="", compare=False)  # file:line, for errors about this row
 
 
 TOKENS = "_tokens"  # a micro-batch's real token count, counted on the host (no device sync per micro-batch)
@@ -105,28 +95,37 @@ def data_path(spec: str | Path) -> Path:
     return path
 
 
-def read_examples(path: str | Path, mode: Mode = "entries") -> list[Example]:
-    """Read a .csv / .jsonl / .txt file (or a bundled data set by name) into examples.
+def read_examples(path: str | Path, mode: Mode = "entries", fields: Fields = DEFAULT_FIELDS,
+                  split: Split = "train") -> list[Example]:
+    """Read a .csv / .jsonl / .txt file, a stored dataset (``stored_data``: a ``save_to_disk`` folder,
+    .parquet, .arrow, a dataset in the local datasets cache) or a bundled data set into examples.
 
     A ``.txt`` is one example per non-empty line in ``entries`` mode, and one running text (newlines
-    kept) in ``corpus`` mode. DataError with file and line on any problem.
+    kept) in ``corpus`` mode. ``split``: which split of a dataset with several (train, or for ``eval``
+    validation/test). DataError with file and line (or row) on any problem.
     """
+    from . import stored_data
+
     path = data_path(path)
+    if stored_data.is_stored(path):
+        return stored_data.read_stored(path, fields, split)
     if not path.exists():
         raise DataError(f"{path}: no such data file (bundled data sets: {', '.join(bundled_data())})")
     if path.is_dir():
-        raise DataError(f"{path}: is a directory; give a .csv, .jsonl or .txt file")
+        raise DataError(f"{path}: is a directory but no saved dataset (no dataset_info.json or dataset_dict.json); "
+                        "give a .csv, .jsonl, .txt, .parquet or .arrow file, or a datasets save_to_disk folder")
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".jsonl", ".json", ".txt", ".text", ""):
         raise DataError(f"{path}: unknown data format '{suffix}'; use .csv (text column), .jsonl (text, or "
-                        "prompt + completion) or .txt (lines, or one running text with --group-texts)")
+                        "prompt + completion), .txt (lines, or one running text with --group-texts), .parquet, "
+                        ".arrow or a datasets folder")
     text = read_user_text(path, what="data file", limit=MAX_DATA_BYTES, error=DataError)
     if not text.strip():
         raise DataError(f"{path}: is empty; it holds no examples")
     if suffix == ".csv":
-        examples = _csv(path, text)
+        examples = _csv(path, text, fields)
     elif suffix in (".jsonl", ".json"):
-        examples = _jsonl(path, text)
+        examples = _jsonl(path, text, fields)
     elif mode == "corpus":
         examples = [Example(text)]
     else:
@@ -136,16 +135,20 @@ def read_examples(path: str | Path, mode: Mode = "entries") -> list[Example]:
     return examples
 
 
-def _csv(path: Path, text: str) -> list[Example]:
-    """CSV with the csv module's full dialect: quoted fields may hold commas, quotes and newlines."""
+def _csv(path: Path, text: str, fields: Fields) -> list[Example]:
+    """CSV with the csv module's full dialect: quoted fields may hold commas, quotes and newlines; a text
+    column, or prompt and completion columns."""
     rows = csv.DictReader(io.StringIO(text, newline=""))
     try:
         fieldnames = rows.fieldnames
     except csv.Error as exc:
         raise DataError(f"{path}:1: not valid CSV ({exc})") from None
-    if not fieldnames or "text" not in fieldnames:
+    columns = set(fieldnames or [])
+    if fields.text not in columns and not {fields.prompt, fields.completion} <= columns:
         found = ", ".join(fieldnames or []) or "none"
-        raise DataError(f"{path}:1: a CSV needs a `text` column (found columns: {found})")
+        raise DataError(f"{path}:1: a CSV needs a `{fields.text}` column (found columns: {found}), or `{fields.prompt}` "
+                        f"and `{fields.completion}` columns; name others with --text-field, --prompt-field, "
+                        "--completion-field")
     out = []
     while True:
         start = rows.line_num + 1
@@ -155,15 +158,15 @@ def _csv(path: Path, text: str) -> list[Example]:
             break
         except csv.Error as exc:
             raise DataError(f"{path}:{start}: not valid CSV ({exc})") from None
-        value = row.get("text")
-        if value is None:
+        if None in row.values():
             raise DataError(f"{path}:{start}: row has fewer fields than the header")
-        if value.strip():
-            out.append(Example(value))
+        if fields.text in columns and not row[fields.text].strip():
+            continue  # blank text rows are skipped, as blank lines are
+        out.append(example_of(row, f"{path}:{start}", fields))
     return out
 
 
-def _jsonl(path: Path, text: str) -> list[Example]:
+def _jsonl(path: Path, text: str, fields: Fields) -> list[Example]:
     out = []
     for line, raw in enumerate(text.splitlines(), start=1):
         if not raw.strip():
@@ -176,36 +179,15 @@ def _jsonl(path: Path, text: str) -> list[Example]:
             raise DataError(f"{path}:{line}: JSON nested too deeply; each line is one flat object") from None
         if not isinstance(row, dict):
             raise DataError(f"{path}:{line}: each line must be a JSON object, not {type(row).__name__}")
-        where = f"{path}:{line}"
-        if isinstance(row.get("text"), str):
-            out.append(Example(row["text"], where=where))
-        elif isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
-            out.append(Example(row["completion"], row["prompt"], where=where))
-        elif "messages" in row:
-            out.append(Example("", messages=_messages(row["messages"], where), where=where))
-        else:
-            raise DataError(f"{where}: needs a string `text`, string `prompt` and `completion`, or `messages` "
-                            f"(found keys: {', '.join(map(str, row))[:200] or 'none'})")
+        out.append(example_of(row, f"{path}:{line}", fields))
     return out
 
 
-def _messages(raw, where: str) -> tuple[tuple[str, str], ...]:
-    """A JSONL row's ``messages``: a non-empty list of {"role": str, "content": str} objects."""
-    if not isinstance(raw, list) or not raw:
-        raise DataError(f"{where}: `messages` must be a non-empty list of {{\"role\": ..., \"content\": ...}} objects")
-    out = []
-    for i, message in enumerate(raw):
-        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
-                and isinstance(message.get("content"), str)):
-            raise DataError(f"{where}: messages[{i}] needs a string `role` and a string `content`")
-        out.append((message["role"], message["content"]))
-    return tuple(out)
-
-
-def load_examples(path: Path, mode: Mode, tokenizer, chat_template: bool) -> tuple[list[Example], bool]:
-    """A data file's examples for training, and whether the tokenizer's chat template rendered them
+def load_examples(path: Path, mode: Mode, tokenizer, chat_template: bool, fields: Fields = DEFAULT_FIELDS,
+                  split: Split = "train") -> tuple[list[Example], bool]:
+    """A data source's examples for training, and whether the tokenizer's chat template rendered them
     (when ``chat_template`` is asked for, or when rows hold messages)."""
-    examples = read_examples(path, mode)
+    examples = read_examples(path, mode, fields, split)
     if chat_template or any(ex.messages for ex in examples):
         return chat_examples(examples, tokenizer, str(path)), True
     return examples, False
@@ -373,6 +355,16 @@ def _check_truncation(labels: torch.Tensor, pieces: list[tuple[list[int], list[i
 
 def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def data_digest(path: Path, examples: list[Example]) -> str:
+    """What a resumed run must see again: a data file's sha256, or for a stored dataset the sha256 of its rows."""
+    if path.is_file():
+        return file_digest(path)
+    digest = hashlib.sha256()
+    for ex in examples:
+        digest.update(json.dumps([ex.prompt, ex.completion, ex.messages]).encode())
+    return "rows:" + digest.hexdigest()
 
 
 def file_digest(path: str | Path) -> str:

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .data import Blocks, Mode
+from .data import DEFAULT_FIELDS, Blocks, Fields, Mode
 from ..errors import DataError, TrainError, first_line
 from .master_weights import MasterWeights
 from ..random_state import forked_rng
@@ -177,13 +177,15 @@ def build_scheduler(config: TrainConfig, optimizer, total: int):
 def make_job(base: nn.Module, name: str, rules, data: str | Path, tokenizer, config: TrainConfig, *,
              out: Path | None = None, eval_data: str | Path | None = None, eval_split: float | None = None,
              mode: Mode = "entries", block_size: int = 128, pad_token_id: int | None = None,
-             model_name: str = "", chat_template: bool = False, packing: bool = False) -> Job:
+             model_name: str = "", chat_template: bool = False, packing: bool = False,
+             fields: Fields = DEFAULT_FIELDS) -> Job:
     """Read and check everything a job needs, then make its fine-tune (seeded): errors come first.
 
     ``chat_template``: render prompt/completion rows with the tokenizer's chat template (``messages``
     rows always are). ``packing``: fill each training row with several examples (``data.pack``); the
-    eval rows stay one example each."""
-    from .data import data_path, file_digest, load_examples, model_max_length, pack, tokenize
+    eval rows stay one example each. ``fields``: which columns hold text, prompt, completion, messages.
+    ``data`` and ``eval_data`` may be stored datasets (``stored_data``); eval takes their validation split."""
+    from .data import data_digest, data_path, load_examples, model_max_length, pack, tokenize
     from ..finetune.rewriting import rewrite
     from ..rules.rule_file import load_rules
 
@@ -209,22 +211,24 @@ def make_job(base: nn.Module, name: str, rules, data: str | Path, tokenizer, con
     if packing:
         _check_packed_attention(base, model_name or type(base).__name__)
     path = data_path(data)
-    examples, templated = load_examples(path, mode, tokenizer, chat_template)
+    examples, templated = load_examples(path, mode, tokenizer, chat_template, fields)
     blocks = tokenize(examples, tokenizer, block_size=block_size, mode=mode, pad_token_id=pad_token_id,
                       source=str(path))
-    held_out = None
+    held_out, eval_digest = None, eval_split
     if eval_data is not None:
         eval_path = data_path(eval_data)
-        held_out = tokenize(load_examples(eval_path, mode, tokenizer, chat_template)[0], tokenizer,
-                            block_size=block_size, mode=mode, pad_token_id=pad_token_id, source=str(eval_path))
+        eval_examples = load_examples(eval_path, mode, tokenizer, chat_template, fields, split="eval")[0]
+        held_out = tokenize(eval_examples, tokenizer, block_size=block_size, mode=mode, pad_token_id=pad_token_id,
+                            source=str(eval_path))
+        eval_digest = data_digest(eval_path, eval_examples)
     elif eval_split:
         if not 0 < eval_split < 1:
             raise DataError(f"--eval-split must be between 0 and 1, got {eval_split}")
         blocks, held_out = blocks.split(eval_split, config.seed)
     if packing:
         blocks = pack(blocks)
-    identity = {"rules": rules.to_json(), "model": model_name, "data": file_digest(path),
-                "eval": file_digest(data_path(eval_data)) if eval_data is not None else eval_split,
+    identity = {"rules": rules.to_json(), "model": model_name, "data": data_digest(path, examples),
+                "eval": eval_digest,
                 "mode": mode, "block_size": block_size,
                 "global_batch": config.batch_size * int(os.environ.get("WORLD_SIZE", "1")),
                 "grad_accum": config.grad_accum, "seed": config.seed,

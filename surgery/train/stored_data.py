@@ -1,0 +1,130 @@
+"""Training data as the ``datasets`` library stores it, read through that library (an optional extra).
+
+Four sources: a ``save_to_disk`` folder (a Dataset or a DatasetDict) and an ``.arrow`` file,
+both memory-mapped; a ``.parquet`` file, streamed in record batches; and a dataset name
+(``owner/name``) resolved only from the local datasets cache, with the Hub switched off for the
+call, so nothing is ever downloaded. Rows become ``data.Example``s through the same field mapping
+as JSONL and CSV rows (``--text-field`` ...); the text read is bounded by ``MAX_DATA_BYTES`` as
+the file readers are, and every problem is a DataError naming the source and row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import tempfile
+from pathlib import Path
+
+from ..errors import DataError, first_line
+from .rows import MAX_DATA_BYTES, Example, Fields, Split, example_of
+
+SUFFIXES = (".parquet", ".arrow")
+SAVED_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")  # what save_to_disk writes
+NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # a Hub dataset id: name or owner/name
+EVAL_SPLITS = ("validation", "test", "eval")
+
+
+def is_stored(path: Path) -> bool:
+    """Whether ``path`` is for this reader: a saved-dataset folder, a .parquet or .arrow file, or (naming
+    nothing on disk and no file format) a dataset name for the local cache."""
+    if path.is_dir():
+        return any((path / marker).is_file() for marker in SAVED_MARKERS)
+    if path.suffix.lower() in SUFFIXES:
+        return True
+    return not path.exists() and not path.suffix and NAME.fullmatch(str(path)) is not None
+
+
+def read_stored(path: Path, fields: Fields, split: Split) -> list[Example]:
+    """Every row of the stored dataset (the split ``split`` picks from several) as examples."""
+    datasets = _datasets(path)
+    if path.suffix.lower() in SUFFIXES and not path.is_file():
+        raise DataError(f"{path}: no such data file")
+    with tempfile.TemporaryDirectory(prefix="surgery-parquet-") as scratch:  # its builder's lock files, not the cache's
+        try:
+            return _examples(*_open(datasets, path, split, scratch), fields)
+        except DataError:
+            raise
+        except Exception as exc:  # arrow/parquet readers' errors (opening or mid-file), an unfinished save_to_disk
+            raise DataError(f"{path}: cannot be read as a dataset ({type(exc).__name__}: {first_line(exc)})") from None
+
+
+def _open(datasets, path: Path, split: Split, scratch: str):
+    """(rows, source name) of the stored dataset at ``path``; rows iterate lazily (memory-mapped or streamed)."""
+    if path.suffix.lower() == ".parquet":
+        rows = datasets.load_dataset("parquet", data_files=str(path), split="train", streaming=True, cache_dir=scratch)
+        return rows, str(path)
+    if path.suffix.lower() == ".arrow":
+        return datasets.Dataset.from_file(str(path)), str(path)
+    if path.is_dir():
+        return _pick_split(datasets.load_from_disk(str(path)), path, split)
+    return _pick_split(_from_cache(datasets, str(path)), path, split)
+
+
+def _datasets(path: Path):
+    try:
+        import datasets
+    except ImportError:
+        if not path.exists() and path.suffix.lower() not in SUFFIXES:
+            raise DataError(f"{path}: no such data file (to read it as a dataset name from the local datasets cache, "
+                            "pip install 'surgery[datasets]')") from None
+        raise DataError(f"{path}: reading .parquet, .arrow, dataset folders and cached datasets needs the datasets "
+                        "library: pip install 'surgery[datasets]'") from None
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    return datasets
+
+
+def _from_cache(datasets, name: str):
+    """The dataset ``name`` as the local datasets cache holds it (all its splits), with the Hub switched off."""
+    import huggingface_hub.constants as hub
+
+    with contextlib.ExitStack() as offline:
+        for module in (datasets.config, hub):
+            offline.enter_context(_patched(module, "HF_HUB_OFFLINE", True))
+        try:
+            return datasets.load_dataset(name)
+        except Exception as exc:
+            raise DataError(f"{name}: no such data file, and no dataset of that name in the local datasets cache "
+                            f"({datasets.config.HF_DATASETS_CACHE}; {type(exc).__name__}: {first_line(exc, 160)}). "
+                            "Nothing is downloaded: run datasets.load_dataset(...) once where there is network, or "
+                            "save it with save_to_disk and give the folder") from None
+
+
+@contextlib.contextmanager
+def _patched(module, name: str, value):
+    old = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, old)
+
+
+def _pick_split(loaded, path: Path, split: Split):
+    """(rows, source) of a Dataset, or of the wanted split of a DatasetDict (train; for eval validation/test)."""
+    splits = getattr(loaded, "keys", None)
+    if splits is None:  # a Dataset: one split
+        return loaded, str(path)
+    names = list(splits())
+    wanted = ("train",) if split == "train" else EVAL_SPLITS
+    found = next((n for n in wanted if n in names), names[0] if len(names) == 1 else None)
+    if found is None:
+        raise DataError(f"{path}: holds the splits {', '.join(names)} but none named {' or '.join(wanted)} for "
+                        f"{'training' if split == 'train' else 'evaluation'}; save the split you want on its own")
+    return loaded[found], f"{path} [{found}]"
+
+
+def _examples(rows, source: str, fields: Fields) -> list[Example]:
+    """The rows as examples, reading at most MAX_DATA_BYTES of text."""
+    out, size = [], 0
+    for index, row in enumerate(rows):
+        example = example_of(row, f"{source} row {index}", fields)
+        size += len(example.completion) + len(example.prompt) + sum(len(r) + len(c) for r, c in example.messages)
+        if size > MAX_DATA_BYTES:
+            raise DataError(f"{source}: holds more than {MAX_DATA_BYTES >> 30} GiB of text (row {index}); train on "
+                            "a part of it")
+        if example.completion.strip() or example.prompt or example.messages:
+            out.append(example)
+    if not out:
+        raise DataError(f"{source}: holds no examples")
+    return out
