@@ -4,8 +4,10 @@ For each model shape and base storage: LoRA r=8 alpha=16 (no dropout) on q_proj/
 batch x sequence of random token ids, fp32 compute. One step = forward with labels, backward,
 optimizer step, zero_grad. Warmup steps are not timed; the two take turns step by step; the median step is reported.
 PEFT wraps its own fresh copy of the base (quantized the same way), ours is a fine-tune of another.
+With --compile, a third contender: another fine-tune whose forward is torch.compiled (inductor; its compile
+happens in the warmup steps), i.e. `surgery train --compile` against eager.
 Prints a table and writes JSON. Usage:
-  python bench/train_step.py [--models tiny-opt facebook/opt-125m] [--storage fp32 int8] [--steps 10]
+  python bench/train_step.py [--models tiny-opt facebook/opt-125m] [--storage fp32 int8] [--steps 10] [--compile]
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    parser.add_argument("--compile", action="store_true", help="also time a torch.compiled fine-tune")
     parser.add_argument("--out", default="bench/results/train_step.json")
     args = parser.parse_args()
 
@@ -87,22 +90,33 @@ def main() -> None:
             theirs = peft.get_peft_model(fresh_base(name, storage, args.device),
                                          peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                                                          target_modules=["q_proj", "v_proj"]))
+            contenders = [ours, theirs]
+            if args.compile:
+                torch._dynamo.reset()
+                compiled = surgery.rewrite(fresh_base(name, storage, args.device), rules_for(storage))
+                compiled.compile()
+                contenders.append(compiled)
             vocab = ours.config.vocab_size
             ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
             ids = ids.to(args.device)
-            t_ours, t_peft = (statistics.median(t) for t in time_steps([ours, theirs], ids, args.steps, args.warmup))
+            medians = [statistics.median(t) for t in time_steps(contenders, ids, args.steps, args.warmup)]
+            t_ours, t_peft = medians[:2]
             tokens = args.batch * args.seq
-            rows.append({"model": name, "storage": storage, "device": args.device, "batch": args.batch,
-                         "seq": args.seq, "ms_per_step_surgery": 1000 * t_ours, "ms_per_step_peft": 1000 * t_peft,
-                         "tokens_per_s_surgery": tokens / t_ours, "tokens_per_s_peft": tokens / t_peft,
-                         "ratio": t_ours / t_peft})
-            del ours, theirs
+            row = {"model": name, "storage": storage, "device": args.device, "batch": args.batch,
+                   "seq": args.seq, "ms_per_step_surgery": 1000 * t_ours, "ms_per_step_peft": 1000 * t_peft,
+                   "tokens_per_s_surgery": tokens / t_ours, "tokens_per_s_peft": tokens / t_peft,
+                   "ratio": t_ours / t_peft}
+            if args.compile:
+                row.update(ms_per_step_compiled=1000 * medians[2], compiled_speedup=t_ours / medians[2])
+            rows.append(row)
+            del contenders, ours, theirs
     print(f"{'model':20s} {'base':5s} {'device':6s} {'surgery ms':>11s} {'PEFT ms':>9s} {'surgery tok/s':>14s} "
-          f"{'PEFT tok/s':>11s} {'ratio':>6s}")
+          f"{'PEFT tok/s':>11s} {'ratio':>6s}" + (f" {'compiled ms':>12s} {'speedup':>8s}" if args.compile else ""))
     for r in rows:
         print(f"{r['model']:20s} {r['storage']:5s} {r['device']:6s} {r['ms_per_step_surgery']:11.1f} "
               f"{r['ms_per_step_peft']:9.1f} {r['tokens_per_s_surgery']:14,.0f} {r['tokens_per_s_peft']:11,.0f} "
-              f"{r['ratio']:6.2f}")
+              f"{r['ratio']:6.2f}" + (f" {r['ms_per_step_compiled']:12.1f} {r['compiled_speedup']:8.2f}"
+                                     if args.compile else ""))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": platform.platform(), "torch": torch.__version__, "peft": peft.__version__,

@@ -157,3 +157,24 @@ def test_use_rslora_is_peft_s_name_and_the_old_spelling_still_reads():
         lora(use_rslora=True, rslora=True)
     with pytest.raises(RuleFileError, match="lora use_rslora must be true or false"):
         lora(use_rslora="yes")
+
+
+def test_init_lora_weights_is_peft_s_name_and_base_rewriting_inits_are_refused_with_the_reason(write_rules):
+    def lora(**options):
+        return parse_rules({"version": 1, "rules": [{"match": "q_proj", "action": "adapt",
+                                                      "lora": {"r": 4, **options}}]}).rules[0].lora
+
+    assert lora(init_lora_weights="gaussian") == lora(init="gaussian") != lora()
+    assert lora(init_lora_weights=True) == lora(init="kaiming") == lora()
+    assert lora(use_dora=False) == lora()
+    for init in ("pissa", "pissa_niter_4", "olora", "loftq"):
+        with pytest.raises(RuleFileError, match=rf"init_lora_weights '{init}' is not supported.*shared by every "
+                                                "fine-tune and stays untouched"):
+            lora(init_lora_weights=init)
+    with pytest.raises(RuleFileError, match=r"unknown init_lora_weights 'gausian'; did you mean 'gaussian'"):
+        lora(init_lora_weights="gausian")
+    with pytest.raises(RuleFileError, match="not both"):
+        lora(init="gaussian", init_lora_weights="gaussian")
+    path = write_rules("version: 1\nrules:\n  - match: q_proj\n    action: adapt\n    lora: {r: 4, use_dora: true}\n")
+    with pytest.raises(RuleFileError, match=r"rules.yaml:5: rule 1: use_dora \(DoRA\) is not supported yet"):
+        load_rules(path)

@@ -101,6 +101,10 @@ def train(
                                                 "memory, about a third more compute."),
     report_to: str = typer.Option("none", "--report-to", rich_help_panel=OUTPUT, help="Experiment trackers, one run "
                                   "per job: tensorboard, wandb, mlflow (comma-separated) or none; runs kept in OUT."),
+    compile_: bool = typer.Option(False, "--compile", rich_help_panel=SCHEDULE, help="torch.compile each fine-tune's "
+                                  "forward (fp, int8, nf4 bases; the first steps compile)."),
+    compile_backend: str = typer.Option("inductor", "--compile-backend", rich_help_panel=SCHEDULE, help="With --compile: "
+                                        "a torch.compile backend."),
     overwrite: bool = typer.Option(False, "--overwrite", rich_help_panel=OUTPUT, help="Move an earlier run in --out aside (to "
                                    "OUT.replaced-N, nothing deleted) when training starts."),
     random_init: bool = RANDOM_INIT_OPT,
@@ -147,10 +151,11 @@ def train(
     name, why = model_for(first_rules, model)
     config = TrainConfig(batch_size, grad_accum, lr, epochs, max_steps, warmup, schedule, weight_decay,
                          max_grad_norm or None, seed, precision, optimizer, eval_steps, save_steps, save_total_limit,
-                         gradient_checkpointing, early_stopping_patience, early_stopping_threshold)
+                         gradient_checkpointing, early_stopping_patience, early_stopping_threshold, compile_,
+                         compile_backend)
     config.check()
     trackers = parse_report_to(report_to)
-    check_batching(batched, max_batched_tokens, gradient_checkpointing)
+    check_batching(batched, max_batched_tokens, gradient_checkpointing, compile_)
     check_sharding(fsdp, batched, device_map)
     if fsdp:
         refuse_unshardable_rules(name, [r for _, r, _ in specs])

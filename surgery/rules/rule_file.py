@@ -22,6 +22,8 @@ from .ruleset import (ACTIONS, ADAPTABLE_KINDS, BLOCKSIZES, DTYPES, FORMAT_VERSI
 
 
 MAX_LORA_ALPHA = 1e6  # alpha / r scales the update; beyond this it overflows half precision at once
+PEFT_LORA_KEYS = ("init_lora_weights", "use_dora")  # read under PEFT's LoraConfig names (use_dora: refused, not yet)
+BASE_REWRITING_INITS = ("pissa", "olora", "loftq", "corda", "eva")  # PEFT inits that change the base's weights
 LEGACY_RSLORA = "rslora"  # the old spelling of use_rslora, still read (adapter files written before carry it)
 
 
@@ -262,7 +264,8 @@ def _parse_lora(raw: Any, where: _Where, key: str) -> LoraConfig:
     if not isinstance(raw, dict):
         raise where.error(f"`{key}` must be a mapping like {{r: 8, alpha: 16}}, not {_kind(raw)}", key)
     inner = _Where(where.source, raw if getattr(raw, "line", None) else where.node, where.prefix)
-    _check_keys(raw, set(LoraConfig.__dataclass_fields__) | {LEGACY_RSLORA}, inner, what="LoRA option")
+    _check_keys(raw, set(LoraConfig.__dataclass_fields__) | {LEGACY_RSLORA, *PEFT_LORA_KEYS}, inner,
+                what="LoRA option")
     cfg = LoraConfig()
     r = raw.get("r", cfg.r)
     if not _is_int(r) or not 1 <= r <= MAX_LORA_RANK:
@@ -283,14 +286,35 @@ def _parse_lora(raw: Any, where: _Where, key: str) -> LoraConfig:
     for flag in ("bias", rslora_key):
         if not isinstance(raw.get(flag, False), bool):
             raise inner.error(f"lora {flag} must be true or false, got {raw[flag]!r}", flag)
-    init = raw.get("init", cfg.init)
-    if init not in ("kaiming", "gaussian"):
-        raise inner.error(_unknown("lora init", init, ("kaiming", "gaussian")), "init")
+    if raw.get("use_dora", False) is not False:
+        raise inner.error("use_dora (DoRA) is not supported yet: an adapted layer here is LoRA only; remove the key "
+                          "(or set it false)", "use_dora")
+    init = _init_of(raw, inner, cfg.init)
     dtype = raw.get("dtype", cfg.dtype)
     if dtype not in DTYPES:
         raise inner.error(_unknown("lora dtype", dtype, DTYPES), "dtype")
     return LoraConfig(int(r), float(alpha), float(dropout), raw.get("bias", False), init,
                       raw.get(rslora_key, False), dtype)
+
+
+def _init_of(raw: dict, inner: "_Where", default: str) -> str:
+    """The adapter's initialization from ``init`` or PEFT's ``init_lora_weights`` (true: kaiming, gaussian)."""
+    if "init" in raw and "init_lora_weights" in raw:
+        raise inner.error("give `init` or PEFT's `init_lora_weights`, not both", "init_lora_weights")
+    if "init_lora_weights" not in raw:
+        init = raw.get("init", default)
+        if init not in ("kaiming", "gaussian"):
+            raise inner.error(_unknown("lora init", init, ("kaiming", "gaussian")), "init")
+        return init
+    value = raw["init_lora_weights"]
+    if value is True or value == "gaussian":
+        return "kaiming" if value is True else "gaussian"
+    if isinstance(value, str) and value.split("_")[0] in BASE_REWRITING_INITS:
+        raise inner.error(f"init_lora_weights {value!r} is not supported: it starts the adapter from the base's own "
+                          "weights and in PEFT rewrites them (PiSSA and OLoRA subtract the adapter's start from the "
+                          "base, LoftQ replaces it), but here one base is shared by every fine-tune and stays "
+                          "untouched; use true (kaiming, the default) or gaussian", "init_lora_weights")
+    raise inner.error(_unknown("init_lora_weights", value, ("true", "gaussian")), "init_lora_weights")
 
 
 def _parse_quant(raw: Any, where: _Where, key: str) -> QuantConfig:

@@ -50,12 +50,17 @@ class Group:
     pending: dict[int, list[float]] = field(default_factory=dict)  # job index -> [loss sum, tokens, seconds]
 
 
-def check_batching(batched: bool, max_batched_tokens: int | None, gradient_checkpointing: bool = False) -> None:
-    """Refuse a token cap that is below 1 or given without batching, and checkpointing in batched passes
-    (their backward runs after the pass is re-routed per job, so a recompute would route wrongly)."""
+def check_batching(batched: bool, max_batched_tokens: int | None, gradient_checkpointing: bool = False,
+                   compiled: bool = False) -> None:
+    """Refuse a token cap that is below 1 or given without batching, checkpointing in batched passes
+    (their backward runs after the pass is re-routed per job, so a recompute would route wrongly), and
+    --compile with them (it compiles each fine-tune's own forward, which a batched pass does not call)."""
     if batched and gradient_checkpointing:
         raise TrainError("--gradient-checkpointing does not run with --batched yet; drop one of them (the jobs take "
                          "turns with checkpointing)")
+    if batched and compiled:
+        raise TrainError("--compile compiles each fine-tune's forward, which --batched passes do not call; drop one "
+                         "of them (the jobs take turns compiled)")
     if max_batched_tokens is not None and not batched:
         raise TrainError("--max-batched-tokens caps batched passes; add --batched or leave it out")
     if max_batched_tokens is not None and max_batched_tokens < 1:

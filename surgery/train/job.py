@@ -52,6 +52,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute decoder layers' activations in backward (less memory)
     early_stopping_patience: int | None = None  # stop after this many evaluations without a better eval loss
     early_stopping_threshold: float = 0.0  # an eval loss must beat the best by more than this to count
+    compile: bool = False  # torch.compile the fine-tune's forward (in place: the same module, the same state keys)
+    compile_backend: str = "inductor"  # a torch.compile backend (torch.compiler.list_backends())
 
     def check(self) -> "TrainConfig":
         """Raise TrainError naming the first option out of range (NaN and inf included); return self."""
@@ -77,6 +79,10 @@ class TrainConfig:
         if not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
             raise TrainError(f"--seed must be between {SEED_RANGE[0]} and {SEED_RANGE[1]} (torch's range), got "
                              f"{self.seed}")
+        if self.compile:
+            if self.compile_backend not in torch.compiler.list_backends(exclude_tags=()):
+                raise TrainError(f"--compile-backend must be one of {', '.join(torch.compiler.list_backends())} (or "
+                                 f"a debug backend such as aot_eager), not {self.compile_backend!r}")
         for name, allowed in (("schedule", SCHEDULES), ("precision", PRECISIONS), ("optimizer", OPTIMIZERS)):
             if getattr(self, name) not in allowed:
                 raise TrainError(f"--{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
@@ -239,6 +245,8 @@ def make_job(base: nn.Module, name: str, rules, data: str | Path, tokenizer, con
         finetune = rewrite(base, rules)
     if config.gradient_checkpointing:
         checkpoint_activations(finetune)
+    if config.compile:
+        compile_forward(finetune, config.compile_backend)
     return Job(name, finetune, blocks, config, Path(out) if out is not None else None, held_out, identity)
 
 
@@ -251,6 +259,23 @@ def checkpoint_activations(finetune: nn.Module) -> None:
         enable({"use_reentrant": False})
     else:  # transformers before activation_checkpointing_enable
         finetune.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def compile_forward(finetune: nn.Module, backend: str) -> None:
+    """torch.compile the fine-tune's forward in place (``nn.Module.compile``: the same object, so its state dict,
+    adapter files and shared base are as without), after a probe that the backend works here (inductor on CPU
+    needs a C++ compiler): a TrainError before training rather than an error deep inside the first step."""
+    from ..finetune.sharding import refuse_sharded
+
+    refuse_sharded(finetune, "--compile", "train without --compile")
+    try:
+        probe = torch.compile(lambda x: torch.sin(x) * 2, backend=backend)
+        if not torch.equal(probe(torch.zeros(3)), torch.zeros(3)):
+            raise RuntimeError("the compiled probe gave a wrong answer")
+    except Exception as exc:
+        raise TrainError(f"--compile: torch.compile with backend {backend!r} does not work here ({type(exc).__name__}: "
+                         f"{first_line(exc)}); train without --compile, or pick another --compile-backend") from None
+    finetune.compile(backend=backend)
 
 
 def _vocab_size(base: nn.Module) -> int | None:

@@ -112,7 +112,8 @@ def train(jobs: list[Job], *, resume: dict[str, Path] | None = None, on_step: St
     trackers = parse_report_to(report_to)
     if trackers and log_dir is None:
         log_dir = _common_folder(jobs)
-    check_batching(batched, max_batched_tokens, any(job.config.gradient_checkpointing for job in jobs))
+    check_batching(batched, max_batched_tokens, any(job.config.gradient_checkpointing for job in jobs),
+                   any(job.config.compile for job in jobs))
     if batched:
         for job in jobs:
             refuse_sharded(job.finetune, "--batched training", "train without --batched (the jobs take turns)")
