@@ -109,7 +109,8 @@ def test_import_of_a_peft_trained_adapter_matches_peft(tmp_path):
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("use_dora", True, "DoRA"),
+    ("use_dora", True, "sets use_dora but .* has no lora_magnitude_vector"),  # DoRA reads; a folder without its magnitudes does not
+    ("use_qalora", True, "QA-LoRA"),
     ("peft_type", "IA3", "'IA3' is not supported"),
     ("bias", "all", "bias='all'"),
     ("layer_replication", [[0, 1]], "layer replication"),

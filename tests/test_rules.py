@@ -175,6 +175,6 @@ def test_init_lora_weights_is_peft_s_name_and_base_rewriting_inits_are_refused_w
         lora(init_lora_weights="gausian")
     with pytest.raises(RuleFileError, match="not both"):
         lora(init="gaussian", init_lora_weights="gaussian")
-    path = write_rules("version: 1\nrules:\n  - match: q_proj\n    action: adapt\n    lora: {r: 4, use_dora: true}\n")
-    with pytest.raises(RuleFileError, match=r"rules.yaml:5: rule 1: use_dora \(DoRA\) is not supported yet"):
+    path = write_rules("version: 1\nrules:\n  - match: q_proj\n    action: adapt\n    lora: {r: 4, init_lora_weights: loftq}\n")
+    with pytest.raises(RuleFileError, match=r"rules.yaml:5: rule 1: init_lora_weights 'loftq' is not supported"):
         load_rules(path)

@@ -94,6 +94,8 @@ def train(
                                                  "dropout (default 0)."),
     use_rslora: bool = typer.Option(False, "--use-rslora", rich_help_panel=SHORTHAND, help="With --target-modules: "
                                     "rank-stabilized LoRA, scaling alpha/sqrt(r) instead of alpha/r (PEFT's use_rslora)."),
+    use_dora: bool = typer.Option(False, "--use-dora", rich_help_panel=SHORTHAND, help="With --target-modules: DoRA, "
+                                  "a trained magnitude per output (PEFT's use_dora; linear layers)."),
     quantize: Optional[str] = typer.Option(None, "--quantize", rich_help_panel=SHORTHAND, help="With --target-modules: none, int8, nf4 or fp4 "
                                            "for every other linear layer and the adapted ones' base (default none)."),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", rich_help_panel=SCHEDULE, help="Recompute each decoder "
@@ -142,7 +144,8 @@ def train(
     from surgery.planning.report import training_summary
     from surgery.finetune.sharding import check_sharding, refuse_unshardable_rules, shard_base
 
-    shorthand = _shorthand_rules(rules, job, target_modules, lora_r, lora_alpha, lora_dropout, quantize, use_rslora)
+    shorthand = _shorthand_rules(rules, job, target_modules, lora_r, lora_alpha, lora_dropout, quantize, use_rslora,
+                                 use_dora)
     specs = [(None, shorthand or rules, data)] if rules or data or shorthand else []
     specs += [_parse_job(j) for j in job]
     if not specs or any(r is None or d is None for _, r, d in specs):
@@ -207,10 +210,10 @@ def train(
                   highlight=False, markup=False)
 
 
-def _shorthand_rules(rules, job, target_modules, r, alpha, dropout, quantize, use_rslora):
+def _shorthand_rules(rules, job, target_modules, r, alpha, dropout, quantize, use_rslora, use_dora):
     """The RuleSet that --target-modules and its companions stand for, or None when they are not given."""
     given = {"--lora-r": r, "--lora-alpha": alpha, "--lora-dropout": dropout, "--quantize": quantize,
-             "--use-rslora": use_rslora or None}
+             "--use-rslora": use_rslora or None, "--use-dora": use_dora or None}
     if target_modules is None:
         stray = [flag for flag, value in given.items() if value is not None]
         if stray:
@@ -222,7 +225,8 @@ def _shorthand_rules(rules, job, target_modules, r, alpha, dropout, quantize, us
     from surgery.rules.rule_file import shorthand_rules
 
     return shorthand_rules(target_modules.split(","), r=8 if r is None else r, alpha=alpha,
-                           dropout=dropout or 0.0, quantize=quantize or "none", use_rslora=use_rslora)
+                           dropout=dropout or 0.0, quantize=quantize or "none", use_rslora=use_rslora,
+                           use_dora=use_dora)
 
 
 def _record_rules(rules, out: Path) -> Path:

@@ -6,7 +6,8 @@ matches a target equal to the module name), per-module ranks and alphas as ``ran
 ``alpha_pattern``, plain modules as ``modules_to_save``, and ``fan_in_fan_out`` for GPT-2's Conv1D.
 PEFT scales a LoRA bias (``lora_bias``, the bias of lora_B) with alpha/r; ours is added unscaled,
 so it is divided by the scaling on export and multiplied on import. PEFT features we cannot
-represent (DoRA, other tuner types, trained base biases, ...) are refused with a clear error.
+represent (other tuner types, trained base biases, ...) are refused with a clear error. DoRA's
+magnitude is ``lora_magnitude_vector`` there, ``lora_magnitude`` here.
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 MAX_CONFIG_BYTES = 1 * MiB
 UNSUPPORTED = {  # adapter_config.json field -> what it means, when set to anything but its off value
-    "use_dora": "DoRA (weight-decomposed LoRA)",
     "layer_replication": "layer replication",
     "use_qalora": "QA-LoRA",
     "target_parameters": "LoRA on bare parameters (target_parameters)",
@@ -123,7 +123,7 @@ def peft_adapter(finetune: nn.Module, values: dict[str, torch.Tensor] | None = N
         "bias": "none",
         "lora_bias": with_bias,
         "use_rslora": next(iter(configs.values())).use_rslora,
-        "use_dora": False,
+        "use_dora": next(iter(configs.values())).use_dora,
         "init_lora_weights": True,
         "inference_mode": True,
     }
@@ -150,6 +150,11 @@ def _base_storage(base: nn.Module) -> dict[str, int]:
 def _check_exportable(adapters: dict[str, nn.Module]) -> None:
     if len({m.config.use_rslora for m in adapters.values()}) > 1:
         raise AdapterStateError("some adapters use rslora and some do not; PEFT has one use_rslora per adapter")
+    if len({m.config.use_dora for m in adapters.values()}) > 1:
+        dora = next(p for p, m in adapters.items() if m.config.use_dora)
+        raise AdapterStateError(f"{dora} uses DoRA and other adapted layers do not; PEFT has one use_dora per "
+                                "adapter (its embeddings take no DoRA here): set use_dora alike on every adapted "
+                                "layer to export to PEFT")
     embeddings = [p for p, m in adapters.items() if isinstance(m, LoraEmbedding)]
     biased = [p for p, m in adapters.items() if m.lora_bias is not None]
     if embeddings and biased:
@@ -164,6 +169,8 @@ def _peft_tensors(path: str, m: nn.Module, with_bias: bool, own) -> dict[str, to
     if isinstance(m, LoraEmbedding):
         return {f"{PREFIX}{path}.lora_embedding_A": a, f"{PREFIX}{path}.lora_embedding_B": b}
     out = {f"{PREFIX}{path}.lora_A.weight": a, f"{PREFIX}{path}.lora_B.weight": b}
+    if m.config.use_dora:
+        out[f"{PREFIX}{path}.lora_magnitude_vector"] = own("lora_magnitude", m.lora_magnitude)
     if with_bias:
         lora_bias = own("lora_bias", m.lora_bias)
         bias = lora_bias / m.scaling if lora_bias is not None else torch.zeros(b.shape[0], dtype=b.dtype)
@@ -238,6 +245,8 @@ def import_peft(base: nn.Module, folder: str | Path, *, quantize: str | None = N
         values[f"{path}.lora_A"], values[f"{path}.lora_B"] = parts["A"], parts["B"]
         if "bias" in parts:  # PEFT scales its lora_B bias; ours is added as is
             values[f"{path}.lora_bias"] = parts["bias"] * LoraConfig(**loras[path]).scaling
+        if "magnitude" in parts:
+            values[f"{path}.lora_magnitude"] = parts["magnitude"]
     values.update(plain)
 
     def fill(ft: nn.Module) -> None:
@@ -313,7 +322,8 @@ def _read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
     raise AdapterStateError(f"{folder}: has no {WEIGHTS_FILE} (or adapter_model.bin)")
 
 
-KEY = re.compile(r"^(?P<path>.+)\.(?:(?P<ab>lora_[AB])\.(?P<param>weight|bias)|(?P<emb>lora_embedding_[AB]))$")
+KEY = re.compile(r"^(?P<path>.+)\.(?:(?P<ab>lora_[AB])\.(?P<param>weight|bias)|(?P<emb>lora_embedding_[AB])"
+                 r"|(?P<magnitude>lora_magnitude_vector)(?:\.weight)?)$")
 
 
 def _split_keys(folder: Path, tensors: dict, modules_to_save: list[str]):
@@ -323,7 +333,9 @@ def _split_keys(folder: Path, tensors: dict, modules_to_save: list[str]):
     for key, t in tensors.items():
         name = key.removeprefix(PREFIX)
         m = KEY.match(name)
-        if m and (m["emb"] or m["param"] == "weight" or m["ab"] == "lora_B"):
+        if m and m["magnitude"]:
+            adapters.setdefault(m["path"], {})["magnitude"] = t
+        elif m and (m["emb"] or m["param"] == "weight" or m["ab"] == "lora_B"):
             part = (m["emb"] or m["ab"])[-1] if m["param"] != "bias" else "bias"
             adapters.setdefault(m["path"], {})[part] = t
         elif any(name.rsplit(".", 1)[0] == s or name.rsplit(".", 1)[0].endswith("." + s) for s in modules_to_save):
@@ -358,13 +370,17 @@ def _pattern_value(patterns: dict, path: str, default):
 
 
 def _lora_config(config: dict, path: str, parts: dict) -> dict:
+    if bool(config.get("use_dora")) != ("magnitude" in parts):
+        raise AdapterStateError(f"adapter_config.json {'sets' if config.get('use_dora') else 'does not set'} "
+                                f"use_dora but {path} {'has no' if config.get('use_dora') else 'has a'} "
+                                "lora_magnitude_vector; the folder is inconsistent")
     r = parts["A"].shape[0]
     declared = _pattern_value(config.get("rank_pattern"), path, config.get("r", r))
     if declared != r:
         raise AdapterStateError(f"adapter_config.json gives {path} rank {declared} but its lora_A has {r} rows")
     return {"r": int(r), "alpha": float(_pattern_value(config.get("alpha_pattern"), path, config.get("lora_alpha", 8))),
             "dropout": float(config.get("lora_dropout", 0.0)), "bias": "bias" in parts,
-            "use_rslora": bool(config.get("use_rslora", False)),
+            "use_rslora": bool(config.get("use_rslora", False)), **({"use_dora": True} if "magnitude" in parts else {}),
             "dtype": str(parts["A"].dtype).removeprefix("torch.")}
 
 

@@ -11,6 +11,7 @@ refused here with the module or field and what to change. The rules, as those se
   LoRA on linear layers, and on ``embed_tokens`` / ``lm_head`` where the model lists them.
 * LoRAX (``docs/models/adapters/lora.md``): per architecture a list of target modules; others are
   ignored with a warning on the server, which we refuse instead. LoRA A/B weights only.
+* Neither loads DoRA (``use_dora``): vLLM's ``PEFTHelper`` refuses it, LoRAX reads no magnitude vector.
 """
 
 from __future__ import annotations
@@ -61,6 +62,12 @@ def check_servable(finetune: nn.Module, config: dict, target: Target) -> None:
         raise ExportError(f"{biased[0]}: has a LoRA bias (lora_B.bias), a weight {server} does not load (it reads "
                           "lora_A/lora_B weights only); train with `lora: {bias: false}` in the rule file, or serve "
                           "a merged model (`surgery merge`)")
+    dora = sorted(p for p, m in adapters.items() if m.config.use_dora)
+    if dora:
+        why = ("vLLM's adapter loader refuses use_dora (\"vLLM does not yet support DoRA\")" if target == "vllm" else
+               "LoRAX reads LoRA A/B weights only, so DoRA's magnitude would be dropped")
+        raise ExportError(f"{dora[0]}: is a DoRA adapter; {why}. Serve a merged model (`surgery merge`), or train "
+                          "without use_dora")
     _refuse_mixed_scaling(adapters, config, server)
     if target == "vllm":
         _check_vllm_targets(finetune, adapters)

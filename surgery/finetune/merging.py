@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import MergeError
-from ..layers.bnb import dequantized_weight, quantized_storage
+from ..layers.bnb import dense_weight, quantized_storage
 from ..layers.lora import LoraLayer
 from ..base.quantize import quantized_layer
 from .state import detached_copy, require_finetune
@@ -83,12 +83,11 @@ def _check_mergeable(finetune: nn.Module, kinds: dict[str, str]) -> None:
 
 def _dense_layer(layer: nn.Module, kind: str, dtype: torch.dtype, adapter: nn.Module | None = None) -> nn.Module:
     """A plain layer equal to ``layer`` (dequantized) plus the adapter's update, in ``dtype``."""
-    weight = _dense_weight(layer, kind)  # (out, in) for linear/conv1d, (num, dim) for embedding
+    weight = dense_weight(layer, kind)  # (out, in) for linear/conv1d, (num, dim) for embedding
     bias = getattr(layer, "bias", None)
     bias = None if bias is None else bias.detach().float()
     if adapter is not None:
-        delta = adapter.delta_weight().float()
-        weight = weight + (delta.t() if kind == "embedding" else delta)
+        weight = adapter.merged_weight(weight)
         if adapter.lora_bias is not None:
             bias = bias + adapter.lora_bias.float()
     device = weight.device
@@ -106,13 +105,6 @@ def _dense_layer(layer: nn.Module, kind: str, dtype: torch.dtype, adapter: nn.Mo
     if bias is not None:
         out.bias.copy_(bias)
     return out.requires_grad_(False)
-
-
-def _dense_weight(layer: nn.Module, kind: str) -> torch.Tensor:
-    if quantized_storage(layer):
-        return dequantized_weight(layer)
-    weight = layer.weight.detach().float()
-    return weight.t() if kind == "conv1d" else weight
 
 
 def _untie_broken_ties(merged: nn.Module, base: nn.Module) -> None:

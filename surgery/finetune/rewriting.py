@@ -18,7 +18,7 @@ from torch import nn
 from ..layers.bnb import own_class, quantized_storage
 from ..errors import RewriteError
 from .state import FinetuneInfo, finetune_info, install_guards, mark_shared, own_state
-from ..layers.lora import make_adapter
+from ..layers.adapters import make_adapter
 from ..planning.decisions import Plan, plan as make_plan
 from ..base.quantize import quantize_base
 from ..random_state import forked_rng

@@ -1,7 +1,8 @@
 """Layers: the modules surgery puts into a model.
 
-LoRA wrappers (``lora``) and what surgery knows of bitsandbytes' int8 / 4-bit layers (``bnb``): how
-they store, compute, dequantize and name their tensors. Takes rule settings, gives ``nn.Module``s.
+LoRA wrappers (``lora``), DoRA's on top of them (``dora``), which one a layer gets (``adapters``), and
+what surgery knows of bitsandbytes' int8 / 4-bit layers (``bnb``): how they store, compute, dequantize
+and name their tensors. Takes rule settings, gives ``nn.Module``s.
 """
 
 from ..stages import submodules_on_use

@@ -1,7 +1,8 @@
 """LoRA wrappers: one small class per layer kind, the base layer kept as an attribute, never copied.
 
 output = base(x) + scaling * B(A(dropout(x))) (+ bias), with scaling = alpha / r (alpha / sqrt(r) with
-rslora). B starts at zero, so a fresh adapter returns exactly the base's output.
+rslora). B starts at zero, so a fresh adapter returns exactly the base's output. DoRA's wrappers
+build on these (``dora``); ``adapters.make_adapter`` picks the class for a layer.
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ class LoraLayer(nn.Module):
         """The dense update scaling * B @ A, shaped (out, in)."""
         return (self.lora_B @ self.lora_A) * self.scaling
 
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The base's dense fp32 ``weight`` (out, in) with this adapter merged in: W + scaling * B @ A."""
+        return weight + self.delta_weight().float()
+
     def extra_repr(self) -> str:
         c = self.config
         return f"r={c.r}, alpha={c.alpha:g}, scaling={self.scaling:.4g}, dropout={c.dropout:g}, bias={c.bias}"
@@ -99,6 +104,10 @@ class LoraEmbedding(LoraLayer):
             nn.init.zeros_(self.lora_A)
             nn.init.normal_(self.lora_B)
 
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The base's (num, dim) embedding with this adapter merged in (the update is (dim, num))."""
+        return weight + self.delta_weight().float().t()
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.update(self.base_layer(ids), ids)
 
@@ -109,17 +118,6 @@ class LoraEmbedding(LoraLayer):
         if self.lora_bias is not None:
             out = out + self.lora_bias
         return (result + out).to(result.dtype)
-
-
-def make_adapter(base_layer: nn.Module, kind: str, config: LoraConfig) -> LoraLayer:
-    """The LoRA wrapper for a layer of op kind ``kind`` (linear, conv1d, embedding)."""
-    if kind == "embedding":
-        cls = LoraEmbedding
-    elif kind == "conv1d" and not isinstance(base_layer, nn.Linear):
-        cls = LoraConv1D
-    else:
-        cls = LoraLinear
-    return cls(base_layer, config).train(base_layer.training)  # a new module must not flip the model's mode
 
 
 def _device_of(module: nn.Module) -> torch.device:

@@ -293,6 +293,10 @@ def _decide(info: ModuleInfo, rule: Rule | None, rules: RuleSet) -> tuple[Decisi
                 info.path))
         else:
             lora = rule.lora_for(info.path) if rule else LoraConfig()
+            if lora is not None and lora.use_dora and info.kind == "embedding":
+                problems.append(Violation("C3", (
+                    f"{where} adapts the embedding {info.path} with use_dora, but DoRA here covers linear and "
+                    "conv1d layers only; narrow the rule (e.g. `type: linear`) or drop use_dora for it"), info.path))
             if lora is not None:
                 adapter_params = lora_param_count(info.kind, weight.shape, lora)
                 adapter_bytes = adapter_params * DTYPE_BYTES[lora.dtype]

@@ -24,9 +24,9 @@ DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 
 # ---------------------------------------------------------------------------------------- planned
 
 def lora_param_count(kind: str, weight_shape: tuple[int, ...], lora: LoraConfig) -> int:
-    """Parameters of one LoRA adapter: r*(in+out), plus ``out`` for a trainable adapter bias."""
+    """Parameters of one LoRA adapter: r*(in+out), plus ``out`` for a trainable adapter bias or DoRA's magnitude."""
     in_f, out_f = lora_dims(kind, weight_shape)
-    return lora.r * (in_f + out_f) + (out_f if lora.bias else 0)
+    return lora.r * (in_f + out_f) + (out_f if lora.bias else 0) + (out_f if lora.use_dora else 0)
 
 
 def lora_dims(kind: str, weight_shape: tuple[int, ...]) -> tuple[int, int]:

@@ -308,7 +308,7 @@ def meta_finetune(model: "nn.Module", plan: "Plan") -> "nn.Module":
     """The plan's fine-tune as a meta-device model: frozen everywhere, LoRA where adapted, plain copies trainable."""
     import copy
 
-    from ..layers.lora import make_adapter
+    from ..layers.adapters import make_adapter
     from ..model.tracing import replace_submodule
 
     twin = copy.deepcopy(model).to("meta").requires_grad_(False)

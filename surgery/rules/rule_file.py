@@ -22,7 +22,7 @@ from .ruleset import (ACTIONS, ADAPTABLE_KINDS, BLOCKSIZES, DTYPES, FORMAT_VERSI
 
 
 MAX_LORA_ALPHA = 1e6  # alpha / r scales the update; beyond this it overflows half precision at once
-PEFT_LORA_KEYS = ("init_lora_weights", "use_dora")  # read under PEFT's LoraConfig names (use_dora: refused, not yet)
+PEFT_LORA_KEYS = ("init_lora_weights",)  # read under PEFT's LoraConfig name (besides use_rslora, use_dora)
 BASE_REWRITING_INITS = ("pissa", "olora", "loftq", "corda", "eva")  # PEFT inits that change the base's weights
 LEGACY_RSLORA = "rslora"  # the old spelling of use_rslora, still read (adapter files written before carry it)
 
@@ -286,15 +286,17 @@ def _parse_lora(raw: Any, where: _Where, key: str) -> LoraConfig:
     for flag in ("bias", rslora_key):
         if not isinstance(raw.get(flag, False), bool):
             raise inner.error(f"lora {flag} must be true or false, got {raw[flag]!r}", flag)
-    if raw.get("use_dora", False) is not False:
-        raise inner.error("use_dora (DoRA) is not supported yet: an adapted layer here is LoRA only; remove the key "
-                          "(or set it false)", "use_dora")
+    if not isinstance(raw.get("use_dora", False), bool):
+        raise inner.error(f"lora use_dora must be true or false, got {raw['use_dora']!r}", "use_dora")
+    if raw.get("use_dora") and raw.get("bias"):
+        raise inner.error("use_dora with a LoRA bias is not supported (PEFT refuses it too); drop one of them",
+                          "use_dora")
     init = _init_of(raw, inner, cfg.init)
     dtype = raw.get("dtype", cfg.dtype)
     if dtype not in DTYPES:
         raise inner.error(_unknown("lora dtype", dtype, DTYPES), "dtype")
     return LoraConfig(int(r), float(alpha), float(dropout), raw.get("bias", False), init,
-                      raw.get(rslora_key, False), dtype)
+                      raw.get(rslora_key, False), dtype, raw.get("use_dora", False))
 
 
 def _init_of(raw: dict, inner: "_Where", default: str) -> str:
@@ -393,9 +395,10 @@ ALL_LINEAR = "all-linear"  # PEFT's name for every Linear/Conv1D but the output 
 
 
 def shorthand_rules(target_modules: list[str], *, r: int = 8, alpha: float | None = None, dropout: float = 0.0,
-                    quantize: str = "none", use_rslora: bool = False) -> RuleSet:
+                    quantize: str = "none", use_rslora: bool = False, use_dora: bool = False) -> RuleSet:
     """The rule file that ``--target-modules`` (PEFT-style names, or ``all-linear``), ``--lora-r``,
-    ``--lora-alpha`` (default: r), ``--lora-dropout``, ``--use-rslora`` and ``--quantize`` stand for.
+    ``--lora-alpha`` (default: r), ``--lora-dropout``, ``--use-rslora``, ``--use-dora`` and ``--quantize``
+    stand for.
 
     The targets are adapted, the output layer stays frozen in full precision unless targeted, every
     other Linear/Conv1D is quantized when ``quantize`` is int8 or nf4 (as transformers'
@@ -404,7 +407,8 @@ def shorthand_rules(target_modules: list[str], *, r: int = 8, alpha: float | Non
     targets = [t.strip() for t in target_modules if t.strip()]
     if not targets:
         raise RuleFileError("--target-modules: name at least one module (e.g. q_proj,v_proj) or all-linear")
-    lora = {"r": r, "alpha": r if alpha is None else alpha, "dropout": dropout, "use_rslora": use_rslora}
+    lora = {"r": r, "alpha": r if alpha is None else alpha, "dropout": dropout, "use_rslora": use_rslora,
+            **({"use_dora": True} if use_dora else {})}
     if targets == [ALL_LINEAR]:
         adapt = [{"match": "lm_head", "action": "freeze"},
                  {"type": "linear", "match": "*", "action": "adapt", "lora": lora},
@@ -416,7 +420,8 @@ def shorthand_rules(target_modules: list[str], *, r: int = 8, alpha: float | Non
         adapt.append({"match": "lm_head", "action": "freeze", "optional": True})
     quantized = [{"type": kind, "match": "*", "action": "quantize", "optional": True} for kind in ("linear", "conv1d")]
     flags = f"--target-modules {','.join(targets)} --lora-r {r} --lora-alpha {lora['alpha']:g}"
-    flags += f" --lora-dropout {dropout:g}{' --use-rslora' if use_rslora else ''} --quantize {quantize}"
+    flags += f" --lora-dropout {dropout:g}{' --use-rslora' if use_rslora else ''}{' --use-dora' if use_dora else ''}"
+    flags += f" --quantize {quantize}"
     data = {"version": 1, "description": f"from the command line: {flags}", "quantize": quantize,
             "default": "freeze", "rules": adapt + (quantized if quantize != "none" else [])}
     return parse_rules(data, source="--target-modules/--lora-r/--lora-alpha/--lora-dropout/--quantize")

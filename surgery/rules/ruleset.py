@@ -78,13 +78,17 @@ class LoraConfig:
     init: Literal["kaiming", "gaussian"] = "kaiming"
     use_rslora: bool = False  # PEFT's name: scaling alpha / sqrt(r) (rank-stabilized LoRA)
     dtype: DtypeName = "float32"
+    use_dora: bool = False  # PEFT's name: DoRA, a trainable magnitude per output over the normalized W + BA
 
     @property
     def scaling(self) -> float:
         return self.alpha / (self.r ** 0.5 if self.use_rslora else self.r)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if not self.use_dora:  # written only when on, so files and run identities from before read the same
+            del out["use_dora"]
+        return out
 
 
 @dataclass(frozen=True)
