@@ -14,7 +14,6 @@ from typer.testing import CliRunner
 
 import surgery
 from surgery.errors import AdapterStateError, ModelConfigError
-from surgery.finetune.state import own_state
 from surgery_cli.app import app
 
 

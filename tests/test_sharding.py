@@ -171,6 +171,13 @@ def test_a_base_sharded_over_one_process_warns_and_trains_like_an_unsharded_one(
         batched(base, [ft])
     with pytest.raises(surgery.ShardingError, match="--batched training"):
         train([_job(base, "again")], batched=True)
+    dora = {**RULES, "rules": [*RULES["rules"][:2], {**RULES["rules"][2], "lora": {"use_dora": True}}]}
+    with pytest.raises(surgery.ShardingError, match="q_proj: use_dora .* is sharded with FSDP2"):
+        surgery.rewrite(base, dora)  # DoRA reads whole weights each forward: refused, before anything changes
+    from surgery.finetune.sharding import refuse_unshardable
+
+    with pytest.raises(surgery.ShardingError, match="with use_dora: DoRA reads the layer's whole weight"):
+        refuse_unshardable(surgery.plan(surgery.tiny_model("tiny-llama"), dora))  # --fsdp's check before loading
 
 
 def test_sharding_refuses_int8_live_finetunes_and_a_base_on_another_device():

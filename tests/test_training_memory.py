@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 import surgery
-from surgery.train.job import TrainConfig, build_optimizer, checkpoint_activations
+from surgery.train.job import TrainConfig, build_optimizer
 from surgery.base.loading import graph_of, load_model
 from surgery.planning.decisions import plan
 from surgery.planning.training_memory import SavedBytes, TrainingShape, activation_bytes, optimizer_state_bytes, \

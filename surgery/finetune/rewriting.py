@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..layers.bnb import own_class, quantized_storage
-from ..errors import RewriteError
+from ..errors import RewriteError, ShardingError
 from .state import FinetuneInfo, finetune_info, install_guards, mark_shared, own_state
 from ..layers.adapters import make_adapter
 from ..planning.decisions import Plan, plan as make_plan
@@ -86,6 +86,10 @@ def shared_copy(base: nn.Module) -> nn.Module:
 
 def _structural_copy(base: nn.Module, the_plan: Plan) -> nn.Module:
     """New module objects, the base's own tensors; then LoRA wrappers and private plain copies."""
+    dora = next((p for p, d in the_plan.decisions.items() if d.lora is not None and d.lora.use_dora), None)
+    if dora is not None and base_record(base).sharded is not None:
+        raise ShardingError(f"{dora}: use_dora (DoRA) reads the layer's whole weight in every forward, and this base "
+                            "is sharded with FSDP2; make DoRA fine-tunes of an unsharded base, or drop use_dora")
     finetune = shared_copy(base)
     private: dict[int, nn.Parameter] = {}
     for path, decision in the_plan.decisions.items():

@@ -126,7 +126,12 @@ _EMBEDDING_FIX = ("keep embeddings unquantized under --fsdp (a rule `- {match: \
 
 def refuse_unshardable(plan) -> None:
     """What a plan would quantize that FSDP2 cannot shard, named with its rule and the remedy, before anything
-    loads: LLM.int8 layers and 4-bit embeddings."""
+    loads: LLM.int8 layers, 4-bit embeddings, and DoRA (which reads the whole base weight in every forward)."""
+    dora = next((d for d in plan.decisions.values() if d.lora is not None and d.lora.use_dora), None)
+    if dora is not None:
+        raise ShardingError(f"{dora.decided_by} adapts '{dora.path}' with use_dora: DoRA reads the layer's whole "
+                            "weight in every forward, which FSDP2 holds sharded; train DoRA without --fsdp (DDP, or "
+                            "one process), or drop use_dora")
     for decision in plan.quantized:
         rule = decision.decided_by if decision.rule else f"{plan.rules.source} (`default: {plan.rules.default}`)"
         where = f"{rule} stores '{decision.path}'"
