@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import surgery
 from surgery.errors import DataError, TrainError
 from surgery.train.data import IGNORE, TOKENS, Example, pack, tokenize
-from surgery.train.job import TrainConfig, make_job
+from surgery.train.job import TrainConfig, _packed_attention, make_job
 from surgery.train.loop import train
 
 TOK = surgery.tiny_tokenizer()
@@ -36,13 +36,19 @@ def test_rows_hold_whole_examples_in_order_with_restarting_positions():
     assert "attention_mask" not in batch and batch[TOKENS] == sum(lengths)
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
-def test_each_examples_loss_in_a_packed_row_is_its_loss_alone(name):
+@pytest.mark.parametrize("name,attention,keep_apart", [
+    ("tiny-llama", "sdpa", "positions"), ("tiny-gpt2", "sdpa", "positions"),
+    ("tiny-opt", "sdpa", "bool"), ("tiny-opt", "eager", "additive")])  # OPT's mask ignores position ids
+def test_each_examples_loss_in_a_packed_row_is_its_loss_alone(name, attention, keep_apart):
     model = surgery.tiny_model(name).eval()  # fp32: LLM.int8's outlier columns depend on what else is in the batch
-    blocks, packed = unpacked(), pack(unpacked())
+    model.config._attn_implementation = attention
+    assert _packed_attention(model, name) == keep_apart  # the probe picks what keeps examples apart
+    blocks, packed = unpacked(), pack(unpacked(), keep_apart)
     with torch.no_grad():
         batch = packed.batch(torch.arange(len(packed)))
-        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        assert ("attention_mask" in batch) == (keep_apart != "positions")
+        inputs = {k: v for k, v in batch.items() if k not in (TOKENS, "labels")}
+        logits = model(**inputs, use_cache=False).logits
         token_loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], ignore_index=IGNORE,
                                      reduction="none")
         example = torch.cumsum((batch["position_ids"] == 0).long(), dim=1)[:, 1:]  # which example each target is in
@@ -74,11 +80,24 @@ def test_a_packed_run_learns_and_its_eval_rows_stay_single():
     assert losses[-1] < 0.7 * losses[0]
 
 
-def test_packing_refuses_what_it_cannot_mean():
+def test_an_opt_run_packs_with_a_block_diagonal_mask():
+    config = TrainConfig(batch_size=4, lr=1e-2, max_steps=12, seed=0)
+    job = make_job(surgery.tiny_model("tiny-opt"), "opt", "qv_lora_head", "upper", TOK, config, block_size=96,
+                   model_name="tiny-opt", packing=True)
+    assert job.data.packed_mask == "bool" and job.identity["packing"]
+    (run,) = train([job])
+    losses = [r["loss"] for r in run.history if "loss" in r]
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_packing_refuses_what_it_cannot_mean(monkeypatch):
     opt = surgery.tiny_model("tiny-opt")
-    with pytest.raises(DataError, match="tiny-opt .OPTForCausalLM. does not keep packed examples apart"):
+    attend_everywhere = lambda positions, form: torch.ones(1, 1, 6, 6, dtype=torch.bool)  # noqa: E731
+    monkeypatch.setattr("surgery.train.job.block_mask", attend_everywhere)  # as a model that ignores both ways
+    with pytest.raises(DataError, match="tiny-opt .OPTForCausalLM, sdpa attention. does not keep packed examples apart"):
         make_job(opt, "j", "qv_lora", "upper", TOK, TrainConfig(), model_name="tiny-opt", packing=True)
     assert not any(type(m).__name__.startswith("Linear8bit") for m in opt.modules())  # nothing changed
+    monkeypatch.undo()
     with pytest.raises(DataError, match="--group-texts already concatenates"):
         packed_job(packing=True, mode="corpus")
     with pytest.raises(TrainError, match="--packing with --batched"):

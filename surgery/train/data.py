@@ -33,6 +33,10 @@ IGNORE = -100  # label of positions that carry no loss (prompt, padding), as in 
 Mode = Literal["entries", "corpus"]
 
 
+# How packed rows keep their examples apart: restarting position ids alone (transformers builds the block-diagonal
+# mask from them), or a 4D block-diagonal causal mask passed as the attention mask, boolean (SDPA) or additive
+# (eager attention), for models whose mask ignores position ids (OPT)
+PackedMask = Literal["positions", "bool", "additive"]
 TOKENS = "_tokens"  # a micro-batch's real token count, counted on the host (no device sync per micro-batch)
 
 
@@ -46,6 +50,7 @@ class Blocks:
     attention_mask: torch.Tensor  # 1 on real tokens
     source: str = ""
     position_ids: torch.Tensor | None = None  # packed rows: 0, 1, ... again at every example's first token
+    packed_mask: PackedMask = "positions"  # packed rows: how attention is kept within each example
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -59,8 +64,13 @@ class Blocks:
         if self.position_ids is None:
             return {**out, "attention_mask": mask[:, :width]}
         # packed: no attention mask, so transformers builds the block-diagonal one from the restarting position
-        # ids (flash-attention's variable-length kernels read them alike); the token count rides along
-        return {**out, "position_ids": self.position_ids[rows, :width], TOKENS: int(mask.sum())}
+        # ids (flash-attention's variable-length kernels read them alike), or the 4D mask itself for models that
+        # ignore position ids there; the token count rides along
+        positions = self.position_ids[rows, :width]
+        out = {**out, "position_ids": positions, TOKENS: int(mask.sum())}
+        if self.packed_mask != "positions":
+            out["attention_mask"] = block_mask(positions, self.packed_mask)
+        return out
 
     def __repr__(self) -> str:
         rows, width = self.input_ids.shape
@@ -304,11 +314,24 @@ def tokenize(examples: list[Example], tokenizer, *, block_size: int, mode: str =
     return Blocks(ids_t, labels_t, mask, source)
 
 
-def pack(blocks: Blocks) -> Blocks:
+def block_mask(positions: torch.Tensor, form: PackedMask) -> torch.Tensor:
+    """The (rows, 1, L, L) attention mask of packed rows: each token sees the earlier tokens of its own example
+    (a new example wherever the position restarts at 0); ``bool`` (True: attend) or ``additive`` (0 or the
+    float32 minimum, added to the attention scores)."""
+    example = torch.cumsum((positions == 0).long(), dim=1)
+    causal = torch.ones(positions.shape[1], positions.shape[1], dtype=torch.bool, device=positions.device).tril()
+    allowed = ((example[:, :, None] == example[:, None, :]) & causal)[:, None]
+    if form == "bool":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=torch.float32, device=positions.device).masked_fill(
+        ~allowed, torch.finfo(torch.float32).min)
+
+
+def pack(blocks: Blocks, keep_apart: PackedMask = "positions") -> Blocks:
     """Rows filled with several whole examples each (in order, a new row when the next does not fit), for
     ``entries`` data: no padding between examples, positions restarting with each, attention that never
-    crosses them (``Blocks.batch``), and each example's first token kept out of the loss (unpacked, nothing
-    predicts it), so every example's loss is its unpacked loss."""
+    crosses them (``Blocks.batch``, kept apart as ``keep_apart`` says), and each example's first token kept out of
+    the loss (unpacked, nothing predicts it), so every example's loss is its unpacked loss."""
     if blocks.position_ids is not None:
         return blocks
     lengths = blocks.attention_mask.sum(dim=1).tolist()
@@ -333,7 +356,7 @@ def pack(blocks: Blocks) -> Blocks:
             positions[row, start:start + n] = torch.arange(n)
             start += n
         positions[row, start:] = torch.arange(shape[1] - start)  # the padded tail: a sequence of its own
-    return Blocks(ids, labels, mask, f"{blocks.source} (packed)", positions)
+    return Blocks(ids, labels, mask, f"{blocks.source} (packed)", positions, keep_apart)
 
 
 def _check_truncation(labels: torch.Tensor, pieces: list[tuple[list[int], list[int]]], block_size: int,

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .data import DEFAULT_FIELDS, Blocks, Fields, Mode
+from .data import DEFAULT_FIELDS, Blocks, Fields, Mode, PackedMask, block_mask
 from ..errors import DataError, TrainError, first_line
 from .master_weights import MasterWeights
 from ..random_state import forked_rng
@@ -214,8 +214,7 @@ def make_job(base: nn.Module, name: str, rules, data: str | Path, tokenizer, con
     if packing and mode != "entries":
         raise DataError("--packing fills rows with whole examples; --group-texts already concatenates the data "
                         "into full blocks: give one of them")
-    if packing:
-        _check_packed_attention(base, model_name or type(base).__name__)
+    keep_apart = _packed_attention(base, model_name or type(base).__name__) if packing else "positions"
     path = data_path(data)
     examples, templated = load_examples(path, mode, tokenizer, chat_template, fields)
     blocks = tokenize(examples, tokenizer, block_size=block_size, mode=mode, pad_token_id=pad_token_id,
@@ -232,7 +231,7 @@ def make_job(base: nn.Module, name: str, rules, data: str | Path, tokenizer, con
             raise DataError(f"--eval-split must be between 0 and 1, got {eval_split}")
         blocks, held_out = blocks.split(eval_split, config.seed)
     if packing:
-        blocks = pack(blocks)
+        blocks = pack(blocks, keep_apart)
     identity = {"rules": rules.to_json(), "model": model_name, "data": data_digest(path, examples),
                 "eval": eval_digest,
                 "mode": mode, "block_size": block_size,
@@ -283,21 +282,28 @@ def _vocab_size(base: nn.Module) -> int | None:
     return getattr(embeddings, "num_embeddings", None) or getattr(getattr(base, "config", None), "vocab_size", None)
 
 
-def _check_packed_attention(model: nn.Module, name: str) -> None:
-    """Packed rows need a model whose attention mask transformers builds from restarting position ids; probe
-    the base on six tokens (two examples of three): the second example's logits packed must be its logits
-    alone. Runs before anything changes (the base's training flag is put back)."""
+def _packed_attention(model: nn.Module, name: str) -> PackedMask:
+    """How packed rows keep examples apart in this model, probed on six tokens (two examples of three): the second
+    example's logits packed must be its logits alone. Restarting position ids first (transformers builds the mask
+    from them); for a model whose mask ignores them (OPT), a 4D block-diagonal mask of the form its attention
+    takes (boolean for SDPA, additive for eager). Runs before anything changes (the training flag is put back)."""
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2]])
+    attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    forms: list[PackedMask] = ["positions"] + {"sdpa": ["bool"], "eager": ["additive"]}.get(attention, [])
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             device = next(p.device for p in model.parameters())
-            packed = model(input_ids=ids.to(device), position_ids=torch.tensor([[0, 1, 2, 0, 1, 2]], device=device),
-                              use_cache=False).logits[0, 3:].float()
             alone = model(input_ids=ids[:, 3:].to(device), use_cache=False).logits[0].float()
+            for form in forms:
+                extra = {} if form == "positions" else {"attention_mask": block_mask(positions, form).to(device)}
+                packed = model(input_ids=ids.to(device), position_ids=positions.to(device), use_cache=False,
+                               **extra).logits[0, 3:].float()
+                if (packed - alone).abs().max() <= 1e-3 * alone.abs().max() + 1e-5:
+                    return form
     finally:
         model.train(was_training)
-    if (packed - alone).abs().max() > 1e-3 * alone.abs().max() + 1e-5:
-        raise DataError(f"--packing: {name} ({type(model).__name__}) does not keep packed examples apart (its "
-                        "attention mask is not built from restarting position ids); train it without --packing")
+    raise DataError(f"--packing: {name} ({type(model).__name__}, {attention} attention) does not keep packed examples "
+                    "apart, from restarting position ids or from a block-diagonal mask; train it without --packing")
