@@ -221,6 +221,9 @@ def test_lora_shorthand_flags_train_and_record_the_rule_file_they_stand_for(tmp_
     (["qv_lora", "--target-modules", "q_proj", "--data", "upper"], "--target-modules replaces RULES"),
     (["--target-modules", "q_proj,all-linear", "--data", "upper"], "all-linear stands alone"),
     (["--target-modules", "q_proj", "--quantize", "int3", "--data", "upper"], "int3"),
+    (["--target-modules", "q_proj", "--init-lora-weights", "pissa", "--data", "upper"],
+     "init_lora_weights 'pissa' is not supported"),
+    (["--init-lora-weights", "gaussian", "--data", "upper"], "--init-lora-weights belongs with --target-modules"),
 ])
 def test_lora_shorthand_mistakes_are_one_clear_error(tmp_path, args, message):
     result = run("train", *args, "--out", str(tmp_path / "o"))
@@ -300,3 +303,13 @@ def test_use_rslora_shorthand_trains_a_rank_stabilized_lora_and_exports_it_to_pe
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert config["use_rslora"] is True and config["r"] == 16 and config["lora_alpha"] == 8
     assert run("train", "qv_lora", "--use-rslora", "--data", "upper").exit_code == 2  # only with --target-modules
+
+
+def test_shorthand_init_and_dora_flags_stand_for_their_rule_keys():
+    from surgery.rules.rule_file import shorthand_rules
+
+    rules = shorthand_rules(["q_proj"], init_lora_weights="gaussian", use_dora=True)
+    lora = rules.rules[0].lora
+    assert lora.init == "gaussian" and lora.use_dora
+    assert "--use-dora" in rules.description and "--init-lora-weights gaussian" in rules.description
+    assert shorthand_rules(["q_proj"]).rules[0].lora == shorthand_rules(["q_proj"], init_lora_weights=True).rules[0].lora

@@ -90,7 +90,8 @@ def quiet_libraries() -> None:
     verbosity and progress bars follow these variables when it is imported later.
     """
     for variable, value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"),
-                            ("TRANSFORMERS_VERBOSITY", "error"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1")):
+                            ("TRANSFORMERS_VERBOSITY", "error"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+                            ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"), ("DATASETS_VERBOSITY", "error")):
         os.environ.setdefault(variable, value)
     for module in NOISY_LIBRARIES:
         warnings.filterwarnings("ignore", module=module + r"(\.|$)")

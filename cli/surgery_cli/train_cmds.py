@@ -94,6 +94,8 @@ def train(
                                                  "dropout (default 0)."),
     use_rslora: bool = typer.Option(False, "--use-rslora", rich_help_panel=SHORTHAND, help="With --target-modules: "
                                     "rank-stabilized LoRA, scaling alpha/sqrt(r) instead of alpha/r (PEFT's use_rslora)."),
+    init_lora_weights: Optional[str] = typer.Option(None, "--init-lora-weights", rich_help_panel=SHORTHAND, help="With "
+                                                    "--target-modules: true (kaiming, B = 0) or gaussian, as PEFT."),
     use_dora: bool = typer.Option(False, "--use-dora", rich_help_panel=SHORTHAND, help="With --target-modules: DoRA, "
                                   "a trained magnitude per output (PEFT's use_dora; linear layers)."),
     quantize: Optional[str] = typer.Option(None, "--quantize", rich_help_panel=SHORTHAND, help="With --target-modules: none, int8, nf4 or fp4 "
@@ -145,7 +147,7 @@ def train(
     from surgery.finetune.sharding import check_sharding, refuse_unshardable_rules, shard_base
 
     shorthand = _shorthand_rules(rules, job, target_modules, lora_r, lora_alpha, lora_dropout, quantize, use_rslora,
-                                 use_dora)
+                                 use_dora, init_lora_weights)
     specs = [(None, shorthand or rules, data)] if rules or data or shorthand else []
     specs += [_parse_job(j) for j in job]
     if not specs or any(r is None or d is None for _, r, d in specs):
@@ -210,10 +212,10 @@ def train(
                   highlight=False, markup=False)
 
 
-def _shorthand_rules(rules, job, target_modules, r, alpha, dropout, quantize, use_rslora, use_dora):
+def _shorthand_rules(rules, job, target_modules, r, alpha, dropout, quantize, use_rslora, use_dora, init):
     """The RuleSet that --target-modules and its companions stand for, or None when they are not given."""
     given = {"--lora-r": r, "--lora-alpha": alpha, "--lora-dropout": dropout, "--quantize": quantize,
-             "--use-rslora": use_rslora or None, "--use-dora": use_dora or None}
+             "--use-rslora": use_rslora or None, "--use-dora": use_dora or None, "--init-lora-weights": init}
     if target_modules is None:
         stray = [flag for flag, value in given.items() if value is not None]
         if stray:
@@ -226,7 +228,7 @@ def _shorthand_rules(rules, job, target_modules, r, alpha, dropout, quantize, us
 
     return shorthand_rules(target_modules.split(","), r=8 if r is None else r, alpha=alpha,
                            dropout=dropout or 0.0, quantize=quantize or "none", use_rslora=use_rslora,
-                           use_dora=use_dora)
+                           use_dora=use_dora, init_lora_weights={"true": True}.get(init, init) if init else True)
 
 
 def _record_rules(rules, out: Path) -> Path:

@@ -395,10 +395,11 @@ ALL_LINEAR = "all-linear"  # PEFT's name for every Linear/Conv1D but the output 
 
 
 def shorthand_rules(target_modules: list[str], *, r: int = 8, alpha: float | None = None, dropout: float = 0.0,
-                    quantize: str = "none", use_rslora: bool = False, use_dora: bool = False) -> RuleSet:
+                    quantize: str = "none", use_rslora: bool = False, use_dora: bool = False,
+                    init_lora_weights: bool | str = True) -> RuleSet:
     """The rule file that ``--target-modules`` (PEFT-style names, or ``all-linear``), ``--lora-r``,
-    ``--lora-alpha`` (default: r), ``--lora-dropout``, ``--use-rslora``, ``--use-dora`` and ``--quantize``
-    stand for.
+    ``--lora-alpha`` (default: r), ``--lora-dropout``, ``--use-rslora``, ``--use-dora``, ``--init-lora-weights``
+    and ``--quantize`` stand for.
 
     The targets are adapted, the output layer stays frozen in full precision unless targeted, every
     other Linear/Conv1D is quantized when ``quantize`` is int8 or nf4 (as transformers'
@@ -408,7 +409,8 @@ def shorthand_rules(target_modules: list[str], *, r: int = 8, alpha: float | Non
     if not targets:
         raise RuleFileError("--target-modules: name at least one module (e.g. q_proj,v_proj) or all-linear")
     lora = {"r": r, "alpha": r if alpha is None else alpha, "dropout": dropout, "use_rslora": use_rslora,
-            **({"use_dora": True} if use_dora else {})}
+            **({"use_dora": True} if use_dora else {}),
+            **({"init_lora_weights": init_lora_weights} if init_lora_weights is not True else {})}
     if targets == [ALL_LINEAR]:
         adapt = [{"match": "lm_head", "action": "freeze"},
                  {"type": "linear", "match": "*", "action": "adapt", "lora": lora},
@@ -421,7 +423,7 @@ def shorthand_rules(target_modules: list[str], *, r: int = 8, alpha: float | Non
     quantized = [{"type": kind, "match": "*", "action": "quantize", "optional": True} for kind in ("linear", "conv1d")]
     flags = f"--target-modules {','.join(targets)} --lora-r {r} --lora-alpha {lora['alpha']:g}"
     flags += f" --lora-dropout {dropout:g}{' --use-rslora' if use_rslora else ''}{' --use-dora' if use_dora else ''}"
-    flags += f" --quantize {quantize}"
+    flags += f"{'' if init_lora_weights is True else f' --init-lora-weights {init_lora_weights}'} --quantize {quantize}"
     data = {"version": 1, "description": f"from the command line: {flags}", "quantize": quantize,
             "default": "freeze", "rules": adapt + (quantized if quantize != "none" else [])}
-    return parse_rules(data, source="--target-modules/--lora-r/--lora-alpha/--lora-dropout/--quantize")
+    return parse_rules(data, source="--target-modules/--lora-r/--lora-alpha/--lora-dropout/--init-lora-weights/--quantize")

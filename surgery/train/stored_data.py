@@ -69,8 +69,6 @@ def _datasets(path: Path):
                             "pip install 'surgery[datasets]')") from None
         raise DataError(f"{path}: reading .parquet, .arrow, dataset folders and cached datasets needs the datasets "
                         "library: pip install 'surgery[datasets]'") from None
-    datasets.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
     return datasets
 
 
