@@ -138,3 +138,15 @@ def test_dora_mistakes_are_refused_before_anything_changes(tmp_path, write_rules
         with pytest.raises(ExportError, match=why):
             export_peft(ft, tmp_path / target, target=target)
         assert not (tmp_path / target).exists()
+
+
+def test_under_bf16_autocast_dora_reads_the_base_in_bf16_and_matches_peft(tmp_path):
+    """A bf16 step dequantizes W in bf16 (no float32 copy of each weight), as PEFT's DoRA does: the two agree to
+    bf16 rounding, and both stay near the fp32 outputs."""
+    ft = nudged(surgery.rewrite(surgery.tiny_model("tiny-llama"), rules("nf4")))
+    export_peft(ft, tmp_path / "dora")
+    theirs = peft_on("nf4", tmp_path / "dora")
+    fp32 = logits(ft)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours_bf16, theirs_bf16 = logits(ft).float(), logits(theirs).float()
+    assert rel(ours_bf16, theirs_bf16) <= 1e-3 and rel(ours_bf16, fp32) <= 3e-2  # same ops; bf16 vs fp32

@@ -164,13 +164,13 @@ def dequantized_weight(module: nn.Module, dtype: torch.dtype | None = torch.floa
     return int8_rows(module, slice(None)).to(dtype or torch.float32)
 
 
-def dense_weight(layer: nn.Module, kind: str) -> torch.Tensor:
-    """A layer's weight in float32 as (out, in) for linear and conv1d (Conv1D stores (in, out)), (num, dim) for
-    an embedding; dequantized when bitsandbytes stores it (a 4-bit weight repacked for the CPU kernel is put
+def dense_weight(layer: nn.Module, kind: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A layer's weight as ``dtype``, shaped (out, in) for linear and conv1d (Conv1D stores (in, out)), (num, dim)
+    for an embedding; dequantized when bitsandbytes stores it (a 4-bit weight repacked for the CPU kernel is put
     back in the standard layout first, as everywhere surgery reads one)."""
     if quantized_storage(layer):
-        return dequantized_weight(layer)
-    weight = layer.weight.detach().float()
+        return dequantized_weight(layer, dtype)
+    weight = layer.weight.detach().to(dtype)
     return weight.t() if kind == "conv1d" else weight
 
 

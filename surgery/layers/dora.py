@@ -30,9 +30,10 @@ class DoraLayer:
             norm = self.base_weight().norm(dim=1)
         self.lora_magnitude = nn.Parameter(norm.to(device=self.lora_A.device, dtype=self.lora_A.dtype))
 
-    def base_weight(self) -> torch.Tensor:
-        """The base layer's weight W as (out, in), float32 (a dequantized copy if quantized)."""
-        return dense_weight(self.base_layer, self.kind).to(self.lora_A.device)
+    def base_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The base layer's weight W as (out, in) in ``dtype`` (a dequantized copy if quantized): the forward reads
+        it in the input's dtype, so a bf16 step holds a bf16 temporary, not a float32 one."""
+        return dense_weight(self.base_layer, self.kind, dtype).to(self.lora_A.device)
 
     def magnitude_scale(self, weight: torch.Tensor) -> torch.Tensor:
         """m / ‖W + s·BA‖ per output, the norm detached (it gets no gradient)."""
@@ -45,7 +46,7 @@ class DoraLayer:
         kind = h.device.type
         if not (torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)):
             h = h.to(self.lora_A.dtype)
-        weight = self.base_weight().to(h.dtype)
+        weight = self.base_weight(h.dtype)
         scale = self.magnitude_scale(weight)
         lora = F.linear(F.linear(h, self.lora_A), self.lora_B)
         if self.training and not isinstance(self.dropout, nn.Identity):
