@@ -262,14 +262,16 @@ def checkpoint_activations(finetune: nn.Module) -> None:
 
 def compile_forward(finetune: nn.Module, backend: str) -> None:
     """torch.compile the fine-tune's forward in place (``nn.Module.compile``: the same object, so its state dict,
-    adapter files and shared base are as without), after a probe that the backend works here (inductor on CPU
-    needs a C++ compiler): a TrainError before training rather than an error deep inside the first step."""
+    adapter files and shared base are as without), after a probe that the backend works on the fine-tune's device
+    (inductor needs a C++ compiler on the CPU, Triton on CUDA): a TrainError before training rather than an error
+    deep inside the first step."""
     from ..finetune.sharding import refuse_sharded
 
     refuse_sharded(finetune, "--compile", "train without --compile")
+    device = next((p.device for p in finetune.parameters() if p.requires_grad), torch.device("cpu"))  # where steps run
     try:
         probe = torch.compile(lambda x: torch.sin(x) * 2, backend=backend)
-        if not torch.equal(probe(torch.zeros(3)), torch.zeros(3)):
+        if not torch.equal(probe(torch.zeros(3, device=device)), torch.zeros(3, device=device)):
             raise RuntimeError("the compiled probe gave a wrong answer")
     except Exception as exc:
         raise TrainError(f"--compile: torch.compile with backend {backend!r} does not work here ({type(exc).__name__}: "
