@@ -224,6 +224,8 @@ def test_lora_shorthand_flags_train_and_record_the_rule_file_they_stand_for(tmp_
     (["--target-modules", "q_proj", "--init-lora-weights", "pissa", "--data", "upper"],
      "init_lora_weights 'pissa' is not supported"),
     (["--init-lora-weights", "gaussian", "--data", "upper"], "--init-lora-weights belongs with --target-modules"),
+    (["--target-modules", "q_proj", "--init-lora-weights", "loftq", "--data", "upper"],
+     "with init_lora_weights: loftq, which starts the adapter from the base's quantization error, but the base keeps"),
 ])
 def test_lora_shorthand_mistakes_are_one_clear_error(tmp_path, args, message):
     result = run("train", *args, "--out", str(tmp_path / "o"))

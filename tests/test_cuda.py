@@ -208,3 +208,29 @@ def test_the_planned_device_map_is_the_one_the_loader_uses(tmp_path):
                                  surgery.plan(graph_of(str(tmp_path / "m")), "qlora_nf4"), memory)
     base = load_model(str(tmp_path / "m"), rules="qlora_nf4", device_map="auto", max_memory=memory).model
     assert {k: str(v) for k, v in base.hf_device_map.items()} == {k: str(v) for k, v in planned.items()}
+
+
+def test_loftq_on_cuda_equals_peft_s_replace_lora_weights_loftq(tmp_path):
+    """PEFT's LoftQ over a bitsandbytes base (its replace_lora_weights_loftq, which runs only on CUDA) and ours:
+    the same nf4 base, W read from the same safetensors checkpoint, alpha = r (PEFT leaves the scaling out)."""
+    peft = pytest.importorskip("peft")
+    from peft.utils.loftq_utils import replace_lora_weights_loftq
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    surgery.tiny_model("tiny-llama").save_pretrained(tmp_path / "ckpt")
+    rules = {"version": 1, "quantize": {"scheme": "nf4", "double_quant": False, "compute_dtype": "float32"},
+             "default": "freeze", "rules": [{"match": "lm_head", "action": "freeze"},
+                                            {"match": "re:.*(q_proj|v_proj)", "action": "adapt",
+                                             "lora": {"r": 4, "alpha": 4, "init_lora_weights": "loftq"}},
+                                            {"type": "linear", "match": "*", "action": "quantize"}]}
+    base = surgery.load_model(str(tmp_path / "ckpt"), rules=rules, device="cuda").model
+    ours = surgery.rewrite(base, rules).eval()
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=False,
+                             bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["lm_head"])
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", quantization_config=bnb, device_map={"": 0})
+    theirs = peft.get_peft_model(theirs, peft.LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    replace_lora_weights_loftq(theirs, model_path=str(tmp_path / "ckpt"))
+    ids = inputs()
+    with torch.no_grad():
+        got, expected = ours(ids).logits, theirs.eval()(ids).logits
+    assert ((got - expected).abs().max() / expected.abs().max()).item() <= 1e-5

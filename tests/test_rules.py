@@ -167,7 +167,8 @@ def test_init_lora_weights_is_peft_s_name_and_base_rewriting_inits_are_refused_w
     assert lora(init_lora_weights="gaussian") == lora(init="gaussian") != lora()
     assert lora(init_lora_weights=True) == lora(init="kaiming") == lora()
     assert lora(use_dora=False) == lora()
-    for init in ("pissa", "pissa_niter_4", "olora", "loftq"):
+    assert lora(init_lora_weights="loftq") == lora(init="loftq") != lora()
+    for init in ("pissa", "pissa_niter_4", "olora", "corda"):
         with pytest.raises(RuleFileError, match=rf"init_lora_weights '{init}' is not supported.*shared by every "
                                                 "fine-tune and stays untouched"):
             lora(init_lora_weights=init)
@@ -175,6 +176,10 @@ def test_init_lora_weights_is_peft_s_name_and_base_rewriting_inits_are_refused_w
         lora(init_lora_weights="gausian")
     with pytest.raises(RuleFileError, match="not both"):
         lora(init="gaussian", init_lora_weights="gaussian")
-    path = write_rules("version: 1\nrules:\n  - match: q_proj\n    action: adapt\n    lora: {r: 4, init_lora_weights: loftq}\n")
-    with pytest.raises(RuleFileError, match=r"rules.yaml:5: rule 1: init_lora_weights 'loftq' is not supported"):
+    with pytest.raises(RuleFileError, match="use_dora with init_lora_weights: loftq is not supported"):
+        lora(init_lora_weights="loftq", use_dora=True)
+    path = write_rules("version: 1\nrules:\n  - match: q_proj\n    action: adapt\n    lora: {r: 4, init_lora_weights: "
+                       "loftq, loftq_config: {loftq_bits: 4, loftq_iter: 5}}\n")
+    with pytest.raises(RuleFileError, match=r"rules.yaml:5: rule 1: loftq_config is not needed.*one pass \(PEFT's "
+                                            "loftq_iter: 1"):
         load_rules(path)

@@ -95,7 +95,8 @@ def train(
     use_rslora: bool = typer.Option(False, "--use-rslora", rich_help_panel=SHORTHAND, help="With --target-modules: "
                                     "rank-stabilized LoRA, scaling alpha/sqrt(r) instead of alpha/r (PEFT's use_rslora)."),
     init_lora_weights: Optional[str] = typer.Option(None, "--init-lora-weights", rich_help_panel=SHORTHAND, help="With "
-                                                    "--target-modules: true (kaiming, B = 0) or gaussian, as PEFT."),
+                                                    "--target-modules: true (kaiming, B = 0), gaussian, or loftq (start from the "
+                                                    "base's quantization error; needs --quantize), as PEFT."),
     use_dora: bool = typer.Option(False, "--use-dora", rich_help_panel=SHORTHAND, help="With --target-modules: DoRA, "
                                   "a trained magnitude per output (PEFT's use_dora; linear layers)."),
     quantize: Optional[str] = typer.Option(None, "--quantize", rich_help_panel=SHORTHAND, help="With --target-modules: none, int8, nf4 or fp4 "

@@ -213,8 +213,21 @@ def load_model(name: str, *, weights: bool = True, random_init: bool = False,
     else:
         raise ModelNotFoundError(_not_found_message(name))
     if weights and not _is_meta(loaded.model):
+        from .shared_base import base_record
+
+        base_record(loaded.model).full_weights = _full_weights(loaded, folder)
         _place_and_quantize(loaded.model, rule_sets, placement)
     return loaded
+
+
+def _full_weights(loaded: LoadedModel, folder: Path | None):
+    """Where the base's full-precision weights can be read again once it is quantized (LoftQ reads them)."""
+    from .full_weights import CheckpointWeights, RebuiltWeights
+
+    if loaded.source in ("directory", "hub-cache") and loaded.has_weights:
+        return CheckpointWeights(folder, getattr(loaded.model, "base_model_prefix", "") or "")
+    name = loaded.name  # a tiny model or --random-init: the same seed builds the same weights
+    return RebuiltWeights(lambda: load_model(name, random_init=True).model, name)
 
 
 @dataclass(frozen=True)

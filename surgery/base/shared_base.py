@@ -1,7 +1,7 @@
 """What surgery knows of a base while it lives, and the one place the base changes: quantized for rule files.
 
 A base's record holds its graph (traced once, refreshed after quantization), its live fine-tunes,
-its fingerprint and, once sharded, FSDP2's root. ``prepare_base`` quantizes the base for rule files
+its fingerprint, where its full-precision weights can be read again and, once sharded, FSDP2's root. ``prepare_base`` quantizes the base for rule files
 before fine-tunes are made, and restores every module and flag if anything fails midway.
 """
 
@@ -19,6 +19,7 @@ from ..layers.bnb import settle_shared_layers
 from ..errors import PlanError, RewriteError, SharedBaseWarning, SurgeryError
 from ..model.graph import ModelGraph
 from ..planning.decisions import Plan, plan as make_plan
+from .full_weights import FullWeights
 from .quantize import quantize_base
 from ..rules.rule_file import load_rules
 from ..rules.ruleset import RuleSet
@@ -35,6 +36,7 @@ class BaseRecord:
     finetunes: weakref.WeakSet = field(default_factory=weakref.WeakSet)
     fingerprint: tuple | None = None  # (weights key, Fingerprint), see adapter_file.base_fingerprint
     sharded: nn.Module | None = None  # the FSDP2 root once sharding.shard_base ran
+    full_weights: FullWeights | None = None  # where its full-precision weights can be read again (LoftQ)
 
     def __repr__(self) -> str:
         return f"BaseRecord(graph={'yes' if self.graph else 'no'}, {len(self.finetunes)} live fine-tunes)"

@@ -15,12 +15,13 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..layers.bnb import own_class, quantized_storage
+from ..layers.bnb import dense_weight, own_class, quantized_storage
 from ..errors import RewriteError, ShardingError
 from .state import FinetuneInfo, finetune_info, install_guards, mark_shared, own_state
 from ..layers.adapters import make_adapter
-from ..planning.decisions import Plan, plan as make_plan
-from ..base.quantize import quantize_base
+from ..planning.decisions import Decision, Plan, plan as make_plan
+from ..base.full_weights import full_weight_reader
+from ..base.quantize import float_weight, quantize_base
 from ..random_state import forked_rng
 from ..rules.rule_file import load_rules
 from ..rules.ruleset import RuleSet
@@ -34,7 +35,8 @@ def rewrite(model: nn.Module, rules: RuleSet | str, *, progress: Callable | None
     """A new fine-tune of ``model`` by ``rules``; quantizes the base first where the plan needs it.
 
     Raises PlanError before anything changes. If anything fails later, including ``finish(finetune)``
-    (used to load saved state into the new fine-tune), the base is restored exactly.
+    (used to load saved state into the new fine-tune), the base is restored exactly. Adapters with
+    ``init_lora_weights: loftq`` start from the base's quantization error, unless ``finish`` loads them.
     """
     if finetune_info(model) is not None:
         raise RewriteError("this model is itself a fine-tune; rewrite its base instead "
@@ -46,10 +48,18 @@ def rewrite(model: nn.Module, rules: RuleSet | str, *, progress: Callable | None
     rules = load_rules(rules)
     the_plan = make_plan(base_graph(model), rules)
     warn_if_quantizing_under_finetunes(model, the_plan)
+    loftq = [d for d in the_plan.decisions.values() if d.lora is not None and d.lora.init == "loftq"]
+    loftq = loftq if finish is None else []  # finish loads saved adapters: no start to compute
+    if loftq and base_record(model).sharded is not None:
+        raise ShardingError(f"{loftq[0].path}: init_lora_weights: loftq reads the layer's whole weight, and this base "
+                            "is sharded with FSDP2; make LoftQ fine-tunes of an unsharded base")
+    full = full_weight_reader(model, [d.path for d in loftq], base_record(model).full_weights) if loftq else None
     with restored_on_failure(model, "rewrite"):
         quantize_base(model, the_plan, progress)
         settle_base(model)
         finetune = _structural_copy(model, the_plan)
+        if full is not None:
+            _start_from_quantization_error(finetune, loftq, full)
         install_guards(finetune, FinetuneInfo(rules, the_plan, model), COPYING)
         if finish is not None:
             finish(finetune)
@@ -107,6 +117,16 @@ def _structural_copy(base: nn.Module, the_plan: Plan) -> nn.Module:
     return finetune
 
 
+def _start_from_quantization_error(finetune: nn.Module, decisions: list[Decision], full) -> None:
+    """LoftQ (one pass, the base untouched): each adapter starts as the best rank-r fit of W − deq(Q(W))."""
+    with full.reader() as read:
+        for decision in decisions:
+            adapter = finetune.get_submodule(decision.path)
+            device = adapter.lora_A.device
+            weight = float_weight(read(decision.path), decision).to(device=device, dtype=torch.float32)
+            adapter.start_from_residual(weight - dense_weight(adapter.base_layer, decision.kind))
+
+
 def _unsharded_module(module: nn.Module) -> nn.Module:
     """A module of the leaf's own class (no FSDP) holding the whole tensors: gathered from every rank's shard."""
     cls = own_class(module)
@@ -158,8 +178,7 @@ def _reduce_ex(self: nn.Module, protocol: int):
 def rebuild(base: nn.Module, rules: "RuleSet", own: dict[str, torch.Tensor], modes: list[bool]) -> nn.Module:
     """A fine-tune of ``base`` by ``rules`` holding ``own`` tensors, each module in the given training mode."""
     with forked_rng():  # LoRA init is overwritten: draw nothing from the caller's stream
-        finetune = rewrite(base, rules)
-    finetune.load_state_dict(own)
+        finetune = rewrite(base, rules, finish=lambda ft: ft.load_state_dict(own))
     for module, training in zip(finetune.modules(), modes):
         module.training = training
     return finetune

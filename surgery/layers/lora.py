@@ -1,8 +1,9 @@
 """LoRA wrappers: one small class per layer kind, the base layer kept as an attribute, never copied.
 
 output = base(x) + scaling * B(A(dropout(x))) (+ bias), with scaling = alpha / r (alpha / sqrt(r) with
-rslora). B starts at zero, so a fresh adapter returns exactly the base's output. DoRA's wrappers
-build on these (``dora``); ``adapters.make_adapter`` picks the class for a layer.
+rslora). B starts at zero, so a fresh adapter returns exactly the base's output; with LoftQ
+(``start_from_residual``) it starts instead as the best rank-r correction of the base's quantization
+error. DoRA's wrappers build on these (``dora``); ``adapters.make_adapter`` picks the class for a layer.
 """
 
 from __future__ import annotations
@@ -45,6 +46,22 @@ class LoraLayer(nn.Module):
             else:
                 nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B)
+
+    @torch.no_grad()
+    def start_from_residual(self, residual: torch.Tensor) -> None:
+        """LoftQ's start: scaling·B·A = the best rank-r approximation of ``residual`` = W − deq(Q(W)) (out, in).
+
+        With R = U·S·Vᵀ (truncated SVD), B = U_r·√S_r / √scaling and A = √S_r·V_rᵀ / √scaling, so the
+        wrapped layer computes deq(Q(W)) + U_r·S_r·V_rᵀ, the closest it can get to W at rank r (Eckart–Young).
+        Unlike PEFT's LoftQ (peft#1982), the scaling is divided out, so any alpha gives that start.
+        """
+        u, s, vh = torch.linalg.svd(residual.float(), full_matrices=False)
+        k = min(self.config.r, s.numel())
+        root = (s[:k] / self.scaling).sqrt()
+        self.lora_B.zero_()
+        self.lora_A.zero_()
+        self.lora_B[:, :k] = (u[:, :k] * root).to(self.lora_B)
+        self.lora_A[:k] = (root.unsqueeze(1) * vh[:k]).to(self.lora_A)
 
     def delta(self, h: torch.Tensor) -> torch.Tensor:
         """scaling * B A h (+ bias) for an input already mapped through dropout."""

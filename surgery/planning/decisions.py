@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 QUANTIZABLE_KINDS = ("linear", "conv1d", "embedding")
+QUANTIZED_STORAGE = ("int8", "nf4", "fp4")
 
 
 @dataclass(frozen=True)
@@ -297,12 +298,27 @@ def _decide(info: ModuleInfo, rule: Rule | None, rules: RuleSet) -> tuple[Decisi
                 problems.append(Violation("C3", (
                     f"{where} adapts the embedding {info.path} with use_dora, but DoRA here covers linear and "
                     "conv1d layers only; narrow the rule (e.g. `type: linear`) or drop use_dora for it"), info.path))
+            if lora is not None and lora.init == "loftq":
+                problems += _loftq_problems(info, where, storage)
             if lora is not None:
                 adapter_params = lora_param_count(info.kind, weight.shape, lora)
                 adapter_bytes = adapter_params * DTYPE_BYTES[lora.dtype]
     decision = Decision(info.path, info.kind, action, storage, action == "plain", rule, lora, plan_quant,
                         adapter_params, adapter_bytes)
     return decision, problems
+
+
+def _loftq_problems(info: ModuleInfo, where: str, storage: str) -> list[Violation]:
+    """LoftQ starts the adapter from the base's quantization error: a linear or conv1d layer stored quantized."""
+    if info.kind == "embedding":
+        return [Violation("C3", (f"{where} adapts the embedding {info.path} with init_lora_weights: loftq, but LoftQ "
+                                 "here covers linear and conv1d layers only; narrow the rule (e.g. `type: linear`) or "
+                                 "use init true for it"), info.path)]
+    if storage not in QUANTIZED_STORAGE:
+        return [Violation("C3", (f"{where} adapts {info.path} with init_lora_weights: loftq, which starts the adapter "
+                                 f"from the base's quantization error, but the base keeps it as {storage} (no error "
+                                 "to start from); quantize it (`quantize: nf4` or int8) or use init true"), info.path)]
+    return []
 
 
 def _check_unmatched(rules: RuleSet, matched: dict[int, list[str]], graph: ModelGraph) -> list[Violation]:

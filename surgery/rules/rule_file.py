@@ -22,8 +22,9 @@ from .ruleset import (ACTIONS, ADAPTABLE_KINDS, BLOCKSIZES, DTYPES, FORMAT_VERSI
 
 
 MAX_LORA_ALPHA = 1e6  # alpha / r scales the update; beyond this it overflows half precision at once
-PEFT_LORA_KEYS = ("init_lora_weights",)  # read under PEFT's LoraConfig name (besides use_rslora, use_dora)
-BASE_REWRITING_INITS = ("pissa", "olora", "loftq", "corda", "eva")  # PEFT inits that change the base's weights
+PEFT_LORA_KEYS = ("init_lora_weights", "loftq_config")  # read (or refused with the reason) under PEFT's LoraConfig name (besides use_rslora, use_dora)
+BASE_REWRITING_INITS = ("pissa", "olora", "corda", "eva")  # PEFT inits that change the base's weights
+INITS = ("kaiming", "gaussian", "loftq")
 LEGACY_RSLORA = "rslora"  # the old spelling of use_rslora, still read (adapter files written before carry it)
 
 
@@ -292,6 +293,9 @@ def _parse_lora(raw: Any, where: _Where, key: str) -> LoraConfig:
         raise inner.error("use_dora with a LoRA bias is not supported (PEFT refuses it too); drop one of them",
                           "use_dora")
     init = _init_of(raw, inner, cfg.init)
+    if raw.get("use_dora") and init == "loftq":
+        raise inner.error("use_dora with init_lora_weights: loftq is not supported (DoRA's magnitude is the norm of the "
+                          "base's weight, which LoftQ's start changes); drop one of them", "use_dora")
     dtype = raw.get("dtype", cfg.dtype)
     if dtype not in DTYPES:
         raise inner.error(_unknown("lora dtype", dtype, DTYPES), "dtype")
@@ -300,23 +304,29 @@ def _parse_lora(raw: Any, where: _Where, key: str) -> LoraConfig:
 
 
 def _init_of(raw: dict, inner: "_Where", default: str) -> str:
-    """The adapter's initialization from ``init`` or PEFT's ``init_lora_weights`` (true: kaiming, gaussian)."""
+    """The adapter's start from ``init`` or PEFT's ``init_lora_weights`` (true: kaiming; gaussian; loftq)."""
     if "init" in raw and "init_lora_weights" in raw:
         raise inner.error("give `init` or PEFT's `init_lora_weights`, not both", "init_lora_weights")
+    if "loftq_config" in raw:
+        raise inner.error("loftq_config is not needed: LoftQ here takes its bits from the rule file's `quantize:` and "
+                          "makes one pass (PEFT's loftq_iter: 1, as its replace_lora_weights_loftq), because further "
+                          "passes re-quantize the base and this base is shared; write init_lora_weights: loftq alone",
+                          "loftq_config")
     if "init_lora_weights" not in raw:
         init = raw.get("init", default)
-        if init not in ("kaiming", "gaussian"):
-            raise inner.error(_unknown("lora init", init, ("kaiming", "gaussian")), "init")
+        if init not in INITS:
+            raise inner.error(_unknown("lora init", init, INITS), "init")
         return init
     value = raw["init_lora_weights"]
-    if value is True or value == "gaussian":
-        return "kaiming" if value is True else "gaussian"
+    if value is True or value in ("gaussian", "loftq"):
+        return "kaiming" if value is True else value
     if isinstance(value, str) and value.split("_")[0] in BASE_REWRITING_INITS:
-        raise inner.error(f"init_lora_weights {value!r} is not supported: it starts the adapter from the base's own "
-                          "weights and in PEFT rewrites them (PiSSA and OLoRA subtract the adapter's start from the "
-                          "base, LoftQ replaces it), but here one base is shared by every fine-tune and stays "
-                          "untouched; use true (kaiming, the default) or gaussian", "init_lora_weights")
-    raise inner.error(_unknown("init_lora_weights", value, ("true", "gaussian")), "init_lora_weights")
+        raise inner.error(f"init_lora_weights {value!r} is not supported: in PEFT it moves part of the base's weights "
+                          "into the adapter and subtracts it from the base (PiSSA and OLoRA, also CorDA and EVA's "
+                          "rewrites), but here one base is shared by every fine-tune and stays untouched; use true "
+                          "(kaiming, the default), gaussian, or loftq (which starts from the base's quantization "
+                          "error and leaves the base as it is)", "init_lora_weights")
+    raise inner.error(_unknown("init_lora_weights", value, ("true", "gaussian", "loftq")), "init_lora_weights")
 
 
 def _parse_quant(raw: Any, where: _Where, key: str) -> QuantConfig:

@@ -75,7 +75,7 @@ class LoraConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     bias: bool = False
-    init: Literal["kaiming", "gaussian"] = "kaiming"
+    init: Literal["kaiming", "gaussian", "loftq"] = "kaiming"  # loftq: start from the base's quantization error
     use_rslora: bool = False  # PEFT's name: scaling alpha / sqrt(r) (rank-stabilized LoRA)
     dtype: DtypeName = "float32"
     use_dora: bool = False  # PEFT's name: DoRA, a trainable magnitude per output over the normalized W + BA
