@@ -90,15 +90,16 @@ def test_a_loftq_fine_tune_is_closer_to_the_full_precision_model_and_leaves_the_
 def test_loftq_reads_w_from_the_checkpoint_or_the_seed_when_the_base_loaded_quantized(tmp_path):
     """load_model quantizes while it loads: a later LoftQ fine-tune reads W from the checkpoint's safetensors
     (a tiny model: from its seed) and gets the same adapters as one made from the unquantized model."""
-    the_rules = rules("nf4")
-    expected = own_state(surgery.rewrite(surgery.tiny_model("tiny-llama"), the_rules))
-    surgery.tiny_model("tiny-llama").save_pretrained(tmp_path / "ckpt")
-    for name in ("tiny-llama", str(tmp_path / "ckpt")):
-        base = surgery.load_model(name, rules=the_rules).model
-        assert base.get_submodule("model.layers.0.self_attn.q_proj").__class__.__name__ == "Linear4bit"
-        got = own_state(surgery.rewrite(base, the_rules))
-        assert got.keys() == expected.keys()
-        assert all(torch.equal(got[k], expected[k]) for k in expected), name
+    for model in MATCH:
+        the_rules = rules("nf4", model)
+        expected = own_state(surgery.rewrite(surgery.tiny_model(model), the_rules))
+        surgery.tiny_model(model).save_pretrained(tmp_path / model)  # GPT-2: Conv1D weights stored (in, out)
+        for name in (model, str(tmp_path / model)):
+            base = surgery.load_model(name, rules=the_rules).model
+            assert any(type(m).__name__ == "Linear4bit" for m in base.modules())
+            got = own_state(surgery.rewrite(base, the_rules))
+            assert got.keys() == expected.keys()
+            assert all(torch.equal(got[k], expected[k]) for k in expected), name
 
 
 def test_without_full_precision_weights_loftq_is_refused_before_anything_changes(digest):

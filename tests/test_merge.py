@@ -92,3 +92,19 @@ def test_a_lora_bias_on_a_bias_free_layer_is_refused_before_any_work():
         surgery.merge(ft)
     with pytest.raises(surgery.MergeError, match="not a fine-tune"):
         surgery.merge(surgery.tiny_model("tiny-llama"))
+
+
+def test_a_gpt2_fine_tune_of_a_base_quantized_before_it_merges_back_into_conv1d_layers(tmp_path):
+    """GPT-2's Conv1D stored as a bitsandbytes Linear stays a conv1d to the plan (it was planned as 'linear' once
+    the base was quantized, and the merge wrote nn.Linear weights that transformers could not load)."""
+    from transformers.pytorch_utils import Conv1D
+
+    base = surgery.tiny_model("tiny-gpt2")
+    surgery.rewrite(base, "qlora_nf4")  # the first fine-tune quantizes the base
+    ft = trained(surgery.rewrite(base, "qlora_nf4"), scale=0.01)
+    assert {d.kind for p, d in surgery.finetune_info(ft).plan.decisions.items() if "attn.c_" in p} == {"conv1d"}
+    merged = surgery.merge(ft)
+    assert isinstance(merged.get_submodule("transformer.h.0.attn.c_attn"), Conv1D)
+    merged.save_pretrained(tmp_path)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert output_error(merged, reloaded, INPUTS)["max_abs"] == 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..layers.bnb import FROM_CONV1D
 from ..planning.decisions import Decision, Plan
 from ..rules.ruleset import QuantConfig
 from ..model.tracing import replace_submodule
@@ -62,6 +63,8 @@ def empty_layer(module: nn.Module, decision: Decision) -> nn.Module:
     out_f, in_f = (weight.shape[1], weight.shape[0]) if decision.kind == "conv1d" else weight.shape
     bias = getattr(module, "bias", None)
     layer = _linear(in_f, out_f, bias is not None, quant, weight.dtype, bnb)
+    if decision.kind == "conv1d":
+        setattr(layer, FROM_CONV1D, True)  # a merge gives back a Conv1D; the plan keeps calling it conv1d
     if bias is not None:
         dtype = getattr(layer, "compute_dtype", None) or bias.dtype
         layer.bias = nn.Parameter(torch.empty(out_f, dtype=dtype, device="meta"), requires_grad=False)

@@ -20,6 +20,14 @@ from ..rules.ruleset import DTYPES, STORAGES, QuantConfig
 Storage = Literal["int8", "nf4", "fp4"]
 
 
+FROM_CONV1D = "surgery_from_conv1d"  # set on a bitsandbytes Linear that stores a transformers Conv1D (GPT-2)
+
+
+def from_conv1d(module: nn.Module) -> bool:
+    """A bitsandbytes Linear that holds what was a Conv1D: still a conv1d to the plan, merge and LoftQ."""
+    return getattr(module, FROM_CONV1D, False)
+
+
 def is_bnb_layer(module: nn.Module) -> bool:
     return own_class(module).__module__.startswith("bitsandbytes")
 

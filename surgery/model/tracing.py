@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import TraceError, first_line
-from ..layers.bnb import held_bytes, held_quant_config, is_bnb_layer, logical_shape, own_class, plain_equivalent, quantized_storage
+from ..layers.bnb import from_conv1d, held_bytes, held_quant_config, is_bnb_layer, logical_shape, own_class, plain_equivalent, quantized_storage
 from ..layers.lora import LoraLayer
 from .graph import ModelGraph, ModuleInfo, ParamInfo, join_path as _join
 
@@ -43,6 +43,8 @@ def op_kind(module: nn.Module) -> str:
     base = getattr(module, "base_layer", None)
     if isinstance(module, LoraLayer):
         return op_kind(base)
+    if from_conv1d(module):
+        return "conv1d"
     if isinstance(module, nn.Linear) and _standard_forward(module, nn.Linear):
         return "linear"
     if isinstance(module, nn.Embedding) and _standard_forward(module, nn.Embedding):
@@ -69,7 +71,8 @@ def _param_infos(module: nn.Module) -> list[ParamInfo]:
     infos = []
     for name, p in module.named_parameters(recurse=False):
         if quant and name == "weight":
-            infos.append(ParamInfo(name, logical_shape(module), quant, held_bytes(p, module)))
+            shape = logical_shape(module)  # (out, in); a Conv1D's weight is (in, out)
+            infos.append(ParamInfo(name, shape[::-1] if from_conv1d(module) else shape, quant, held_bytes(p, module)))
         else:
             infos.append(ParamInfo(name, tuple(p.shape), str(p.dtype).removeprefix("torch."),
                                    p.numel() * p.element_size()))
