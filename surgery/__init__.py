@@ -23,7 +23,8 @@ _ERRORS = ("AdapterStateError", "DataError", "ExportError", "MergeError", "Model
            "SurgeryError", "SurgeryWarning", "TraceError", "TrainError", "TruncationWarning", "Violation")
 _PUBLIC = {  # public name -> the module that defines it
     **{name: "surgery.errors" for name in _ERRORS},
-    **{name: "surgery.rules.ruleset" for name in ("LoraConfig", "QuantConfig", "Rule", "RuleSet", "bundled_rules")},
+    **{name: "surgery.rules.ruleset" for name in ("ExtraTokens", "LoraConfig", "QuantConfig", "Rule", "RuleSet",
+                                                  "bundled_rules")},
     "load_rules": "surgery.rules.rule_file",
     **{name: "surgery.model.graph" for name in ("ModelGraph", "ModuleInfo", "ParamInfo")},
     "trace": "surgery.model.tracing",
@@ -33,6 +34,7 @@ _PUBLIC = {  # public name -> the module that defines it
     **{name: "surgery.base.fingerprints" for name in ("Fingerprint", "fingerprint")},
     **{name: "surgery.finetune.state" for name in ("FinetuneInfo", "finetune_info")},
     "rewrite": "surgery.finetune.rewriting",
+    "extended_tokenizer": "surgery.finetune.vocabulary",
     "merge": "surgery.finetune.merging",
     "shard_base": "surgery.finetune.sharding",
     **{name: "surgery.files.adapter_file" for name in ("AdapterFile", "load_adapter", "read_adapter", "save_adapter")},
@@ -79,10 +81,11 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the names as they resolve
     from . import finetuna
     from .finetune.merging import merge
     from .finetune.rewriting import rewrite
+    from .finetune.vocabulary import extended_tokenizer
     from .finetune.sharding import shard_base
     from .finetune.state import FinetuneInfo, finetune_info
     from .model.graph import ModelGraph, ModuleInfo, ParamInfo
     from .model.tracing import trace
     from .planning.decisions import Decision, Plan, plan
     from .rules.rule_file import load_rules
-    from .rules.ruleset import LoraConfig, QuantConfig, Rule, RuleSet, bundled_rules
+    from .rules.ruleset import ExtraTokens, LoraConfig, QuantConfig, Rule, RuleSet, bundled_rules

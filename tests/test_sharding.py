@@ -123,6 +123,12 @@ def _job(base, name="job", **config):
                     TrainConfig(batch_size=4, lr=1e-2, max_steps=3, seed=0, **config), mode="corpus", block_size=16)
 
 
+def assert_trained_alike(b: torch.Tensor, a: torch.Tensor, name: str) -> None:
+    """Three AdamW steps at lr 1e-2 over the same fp32 math in another order (FSDP's gathers): equal to rounding in
+    norm. Elementwise, a near-zero entry can differ by 1e-5 of the largest (seen on a CPU with AVX512-BF16)."""
+    assert ((b - a).norm() / a.norm()).item() <= 1e-5, name
+
+
 @pytest.fixture
 def group_of_one():
     """shard_base without a launcher makes a process group of one; later tests must not find it."""
@@ -141,7 +147,7 @@ def test_gradient_checkpointing_on_a_sharded_base_trains_like_an_unsharded_base_
     for (name, a), (_, b) in zip(sorted(alone.job.finetune.named_parameters()),
                                  sorted(sharded.job.finetune.named_parameters())):
         if a.requires_grad:
-            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+            assert_trained_alike(b, a, name)
 
 
 def test_a_base_sharded_over_one_process_warns_and_trains_like_an_unsharded_one(group_of_one):
@@ -155,7 +161,7 @@ def test_a_base_sharded_over_one_process_warns_and_trains_like_an_unsharded_one(
     for (name, a), (_, b) in zip(sorted(alone.job.finetune.named_parameters()),
                                  sorted(sharded.job.finetune.named_parameters())):
         if a.requires_grad:
-            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+            assert_trained_alike(b, a, name)
     ft = sharded.job.finetune
     prompt = torch.arange(3, 11).reshape(1, 8)
     with torch.no_grad():  # greedy generate through FSDP2's root gives what the unsharded fine-tune gives
@@ -178,6 +184,15 @@ def test_a_base_sharded_over_one_process_warns_and_trains_like_an_unsharded_one(
 
     with pytest.raises(surgery.ShardingError, match="with use_dora: DoRA reads the layer's whole weight"):
         refuse_unshardable(surgery.plan(surgery.tiny_model("tiny-llama"), dora))  # --fsdp's check before loading
+    loftq = {**RULES, "rules": [*RULES["rules"][:2], {**RULES["rules"][2], "lora": {"init_lora_weights": "loftq"}}]}
+    tokens = {**RULES, "extra_tokens": ["<new>"]}
+    for rules, message in ((loftq, "init_lora_weights: loftq reads the layer's whole weight"),
+                           (tokens, "extra_tokens needs the whole embedding")):
+        with pytest.raises(surgery.ShardingError, match=message):
+            surgery.rewrite(base, rules)
+    for rules, message in ((loftq, "with init_lora_weights: loftq, which reads"), (tokens, "extra_tokens gives")):
+        with pytest.raises(surgery.ShardingError, match=message):
+            refuse_unshardable(surgery.plan(surgery.tiny_model("tiny-llama"), rules))
 
 
 def test_sharding_refuses_int8_live_finetunes_and_a_base_on_another_device():

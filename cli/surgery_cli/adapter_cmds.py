@@ -61,6 +61,7 @@ def merge(
     import torch
 
     from surgery.finetune.merging import merge as merge_ft, output_error
+    from surgery.finetune.vocabulary import extended_tokenizer
     from surgery.errors import AdapterStateError, SurgeryError
     from surgery.base.loading import load_tokenizer
     from surgery.disk import atomic_folder
@@ -78,7 +79,7 @@ def merge(
     error = output_error(ft, merged, inputs)
     tokenizer, no_tokenizer = None, ""
     try:
-        tokenizer = load_tokenizer(name)
+        tokenizer = extended_tokenizer(ft, load_tokenizer(name))  # with the fine-tune's own tokens, if any
     except SurgeryError as exc:
         no_tokenizer = str(exc)
     merged_dtype = next(merged.parameters()).dtype

@@ -55,6 +55,7 @@ def generate(
     from surgery.files.adapter_file import load_adapter, read_adapter
     from surgery.model.architectures import TINY_DEFAULT
     from surgery.finetune.batched import generate as generate_batched
+    from surgery.finetune.vocabulary import extended_tokenizer
     from surgery.train.data import Example, chat_prompt, read_examples
     from surgery.base.loading import load_model, load_tokenizer
 
@@ -76,6 +77,8 @@ def generate(
     base.requires_grad_(False)  # only answered with: the bare base too (a base no rule file froze was refused)
     entries = [load_adapter(base, f) for f in files] + ([None] if with_base or not files else [])
     labels = [str(path) for path in adapter] + (["base"] if with_base or not files else [])
+    if len(entries) == 1 and entries[0] is not None:  # a fine-tune with its own tokens reads and writes them
+        tokenizer = extended_tokenizer(entries[0], tokenizer)
     answers = generate_batched(base, entries, prompts, tokenizer,
                                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                seed=seed)

@@ -38,6 +38,9 @@ def train(
                                        "datasets save_to_disk folder, a dataset name from the local datasets cache "
                                        "(never downloaded), or a bundled set (capitals, upper, reverse)."),
     out: Path = typer.Option(..., "--out", "-o", rich_help_panel=OUTPUT, help="Output folder (one subfolder per --job)."),
+    extra_tokens: Optional[Path] = typer.Option(None, "--extra-tokens", rich_help_panel=DATA, help="A file of new "
+                                                "tokens, one per line: each fine-tune adds them to its tokenizer and "
+                                                "trains embedding and output rows of its own (the base stays as is)."),
     job: list[str] = typer.Option([], "--job", rich_help_panel=DATA, help="NAME=RULES,DATA: one more fine-tune on the same base "
                                   "(repeatable; all train in this process on one shared base)."),
     eval_file: Optional[str] = typer.Option(None, "--eval", rich_help_panel=EVALUATION, help="Evaluation data (any --data form; a dataset with splits gives its validation or test split)."),
@@ -137,7 +140,7 @@ def train(
     """
     quiet_libraries()
     from surgery.base.loading import load_model, load_tokenizer
-    from surgery.rules.rule_file import load_rules
+    from surgery.rules.rule_file import load_rules, read_extra_tokens, with_extra_tokens
     from surgery.train.batched_train import check_batching
     from surgery.train.checkpoint import ADAPTER_FILE, STATE_FILE, check_output_folder, latest_checkpoint
     from surgery.distributed import world
@@ -153,6 +156,10 @@ def train(
     specs += [_parse_job(j) for j in job]
     if not specs or any(r is None or d is None for _, r, d in specs):
         raise typer.BadParameter("give RULES with --data, or one or more --job NAME=RULES,DATA")
+    if extra_tokens is not None:
+        tokens = read_extra_tokens(extra_tokens)
+        specs = [(n, with_extra_tokens(load_rules(r), tokens, str(extra_tokens)), d) for n, r, d in specs]
+        shorthand = specs[0][1] if shorthand is not None else None
     first_rules = load_rules(specs[0][1])
     name, why = model_for(first_rules, model)
     config = TrainConfig(batch_size, grad_accum, lr, epochs, max_steps, warmup, schedule, weight_decay,
@@ -178,7 +185,7 @@ def train(
     jobs = []
     for job_name, job_rules, job_data in specs:
         folder = out if job_name is None else out / job_name
-        jobs.append(make_job(base, job_name or ("lora" if shorthand else Path(str(job_rules)).stem), job_rules, job_data, tokenizer, config,
+        jobs.append(make_job(base, job_name or ("lora" if shorthand else load_rules(job_rules).name), job_rules, job_data, tokenizer, config,
                              out=folder, eval_data=eval_file, eval_split=eval_split,
                              mode="corpus" if group_texts else "entries", block_size=block_size,
                              pad_token_id=pad_token_id, model_name=name, chat_template=chat_template,

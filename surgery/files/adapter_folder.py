@@ -126,7 +126,8 @@ def check_peft_layout(finetune: nn.Module, adapter) -> None:
         return
     theirs = read_peft_folder(folder)
     config, tensors, _ = peft_adapter(finetune)
-    fields = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "modules_to_save")
+    fields = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "modules_to_save",
+              "trainable_token_indices")
     differ = [f for f in fields if _canonical(config.get(f)) != _canonical(theirs.config.get(f))]
     if not differ and (tensors.keys() != theirs.tensors.keys() or
                        not all(torch.equal(tensors[k], theirs.tensors[k].to(tensors[k].dtype)) for k in tensors)):

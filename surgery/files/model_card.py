@@ -17,6 +17,7 @@ from .adapter_file import base_name
 from ..base.fingerprints import base_fingerprint
 from ..layers.bnb import base_loading
 from ..finetune.state import require_finetune
+from ..finetune.vocabulary import extra_token_layers
 
 CARD_FILE = "README.md"
 Layout = Literal["adapter_folder", "peft"]  # save_pretrained's folder, or export-peft's PEFT-only folder
@@ -51,7 +52,7 @@ def adapter_card(finetune: nn.Module, values: dict[str, torch.Tensor], layout: L
         f"ft = {with_surgery}", "```", "",
         *(["From the command line: `surgery generate \"...\" --adapter THIS_FOLDER`.", ""]
           if layout == "adapter_folder" else []),
-        *_peft_lines(loading.from_pretrained(base), no_peft), "",
+        *_peft_lines(loading.from_pretrained(base), no_peft, _vocabulary(finetune)), "",
         *_rules_section(info),
         _files_line(layout, no_peft), ""])
 
@@ -105,7 +106,13 @@ def _summary(info, values: dict[str, torch.Tensor]) -> str:
             f"({size:,} bytes). The base is not in this folder.")
 
 
-def _peft_lines(from_pretrained: str, no_peft: str) -> list[str]:
+def _vocabulary(finetune: nn.Module) -> int | None:
+    """The vocabulary of a fine-tune with its own tokens (None without): PEFT needs the base resized to it."""
+    layers = extra_token_layers(finetune)
+    return layers[0][1].width if layers else None
+
+
+def _peft_lines(from_pretrained: str, no_peft: str, vocabulary: int | None = None) -> list[str]:
     if no_peft:
         return [f"PEFT cannot represent this fine-tune ({no_peft}), so the folder holds no PEFT layout."]
     load = from_pretrained or "AutoModelForCausalLM.from_pretrained(...)  # see the base's loading above"
@@ -114,6 +121,9 @@ def _peft_lines(from_pretrained: str, no_peft: str) -> list[str]:
     return ["With PEFT (the same outputs on the base loaded this way):", "",
             "```python", *(["import torch"] if "torch." in load else []), "from peft import PeftModel", imports, "",
             f"base = {load}", *([CPU_KERNEL_LINE] if "load_in_4bit" in load else []),
+            *([f"base.resize_token_embeddings({vocabulary})  # the fine-tune's own tokens: rows PEFT then fills "
+               "(trainable_token_indices); tokenizer: the base's plus the tokens in this folder's rules"]
+              if vocabulary else []),
             "model = PeftModel.from_pretrained(base, \"THIS_FOLDER\")", "```"]
 
 

@@ -27,6 +27,7 @@ from ..errors import AdapterStateError, PlanError, RuleFileError, first_line
 from ..base.fingerprints import Fingerprint
 from ..disk import MiB, check_folder_files, check_inside, check_user_file, read_user_text, version, write_folder_files
 from ..finetune.state import require_finetune
+from ..finetune.vocabulary import extra_token_layers
 from ..finetune.sharding import refuse_sharded
 from ..finetune.rewriting import rewrite
 from ..rules.ruleset import REGEX_TIMEOUT, LoraConfig, QuantConfig
@@ -37,6 +38,7 @@ from .model_card import CARD_FILE, adapter_card
 from .serving import Target, check_servable
 
 PREFIX = "base_model.model."
+TOKEN_DELTA = "token_adapter.trainable_tokens_delta"  # PEFT's key for a layer's trainable token rows
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 MAX_CONFIG_BYTES = 1 * MiB
@@ -44,7 +46,6 @@ UNSUPPORTED = {  # adapter_config.json field -> what it means, when set to anyth
     "layer_replication": "layer replication",
     "use_qalora": "QA-LoRA",
     "target_parameters": "LoRA on bare parameters (target_parameters)",
-    "trainable_token_indices": "trainable token indices",
     "alora_invocation_tokens": "activated LoRA (aLoRA)",
     "use_bdlora": "block-diagonal LoRA",
     "velora_config": "VeLoRA",
@@ -108,6 +109,8 @@ def peft_adapter(finetune: nn.Module, values: dict[str, torch.Tensor] | None = N
     for path in plain:
         for name, p in finetune.get_submodule(path).named_parameters(recurse=False):
             tensors[f"{PREFIX}{path}.{name}"] = own(path, name, p)
+    token_indices = _trainable_tokens(finetune, plain, tensors, own)
+    token_first = next(iter(token_indices.values()))[0] if token_indices else None
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -126,11 +129,14 @@ def peft_adapter(finetune: nn.Module, values: dict[str, torch.Tensor] | None = N
         "use_dora": next(iter(configs.values())).use_dora,
         "init_lora_weights": True,
         "inference_mode": True,
+        **({"trainable_token_indices": token_indices} if token_indices else {}),
     }
     metadata = {"format": "pt", "surgery_version": version(), "surgery_base_model": base_name(info.base),
                 "surgery_base_class": type(info.base).__name__,
                 "surgery_base_fingerprint": base_fingerprint(info.base).to_json(),
-                "surgery_base_storage": json.dumps(_base_storage(info.base), sort_keys=True)}
+                "surgery_base_storage": json.dumps(_base_storage(info.base), sort_keys=True),
+                **({"surgery_extra_tokens": json.dumps(info.rules.extra_tokens.to_dict() | {"first_id": token_first})}
+                   if token_indices else {})}
     return config, tensors, metadata
 
 
@@ -145,6 +151,26 @@ def peft_files(config: dict, tensors: dict[str, torch.Tensor], metadata: dict[st
 def _base_storage(base: nn.Module) -> dict[str, int]:
     """How the base the adapter was trained on is stored: module count per form (int8, nf4, ...)."""
     return dict(Counter(s for _, m in base.named_modules() if (s := quantized_storage(m))))
+
+
+def _trainable_tokens(finetune: nn.Module, plain: list[str], tensors: dict, own) -> dict[str, list[int]]:
+    """The fine-tune's extra tokens as PEFT's ``trainable_token_indices`` (a delta of rows per layer, one for a tied
+    pair, as PEFT ties them); their tensors go into ``tensors``. PEFT needs the base resized to the new vocabulary
+    first (``resize_token_embeddings``); the card says so."""
+    indices: dict[str, list[int]] = {}
+    seen: set[int] = set()
+    for path, layer in extra_token_layers(finetune):
+        if isinstance(layer.base_layer, LoraLayer) or path in plain:
+            raise AdapterStateError(f"{path}: holds the fine-tune's extra tokens and is also "
+                                    f"{'adapted with LoRA' if path not in plain else 'plain'}; PEFT keeps trainable "
+                                    "tokens and LoRA or modules_to_save on different layers, so it cannot represent "
+                                    "this: save with surgery.save_adapter, or merge it (`surgery merge`)")
+        if id(layer.extra_rows) in seen:
+            continue  # the output layer tied to the embedding: PEFT ties its token adapter the same way
+        seen.add(id(layer.extra_rows))
+        indices[path.rsplit(".", 1)[-1]] = list(range(layer.first_id, layer.first_id + layer.count))
+        tensors[f"{PREFIX}{path}.{TOKEN_DELTA}"] = own(path, "extra_rows", layer.extra_rows)
+    return indices
 
 
 def _check_exportable(adapters: dict[str, nn.Module]) -> None:
@@ -234,10 +260,11 @@ def import_peft(base: nn.Module, folder: str | Path, *, quantize: str | None = N
     if unknown:
         raise AdapterStateError(f"{folder / CONFIG_FILE}: modules_to_save names {unknown[0]!r}, which this "
                                 f"{type(base).__name__} has no module of; the adapter is for another model")
-    adapters, plain = _split_keys(folder, tensors, modules_to_save)
+    adapters, plain, tokens = _split_keys(folder, tensors, modules_to_save)
+    extra = _extra_tokens(adapter, tokens)
     loras = {path: _lora_config(config, path, parts) for path, parts in adapters.items()}
     try:
-        rules = parse_rules(_rules_for(base, loras, plain, quantize), source=f"{folder} (PEFT)")
+        rules = parse_rules({**_rules_for(base, loras, plain, quantize), **extra}, source=f"{folder} (PEFT)")
     except RuleFileError as exc:  # a value of adapter_config.json out of range: name the file it came from
         raise AdapterStateError(f"{folder / CONFIG_FILE}: a setting is out of range ({exc})") from None
     values = {}
@@ -248,11 +275,14 @@ def import_peft(base: nn.Module, folder: str | Path, *, quantize: str | None = N
         if "magnitude" in parts:
             values[f"{path}.lora_magnitude"] = parts["magnitude"]
     values.update(plain)
+    values.update({f"{path}.extra_rows": rows for path, rows in tokens.items()})
 
     def fill(ft: nn.Module) -> None:
         from ..finetune.state import own_state
 
         own = own_state(ft)
+        if len(tokens) == 1:  # PEFT's one delta for an output layer tied to the embedding: both take it
+            values.update({name: next(iter(tokens.values())) for name in own if name.endswith(".extra_rows")})
         for name, p in own.items():
             t = values.get(name)
             if t is None or tuple(t.shape) != tuple(p.shape):
@@ -269,6 +299,31 @@ def import_peft(base: nn.Module, folder: str | Path, *, quantize: str | None = N
         return rewrite(base, rules, finish=fill)
     except PlanError as exc:
         raise AdapterStateError(f"{folder}: this PEFT adapter does not plan on this base: {exc}") from exc
+
+
+def _extra_tokens(adapter: PeftFolder, tokens: dict[str, torch.Tensor]) -> dict:
+    """The rule file's ``extra_tokens`` for a folder with trainable token rows: PEFT names them by id only, so they
+    are read where surgery exported them (the token strings are in its metadata) and refused otherwise."""
+    indices = adapter.config.get("trainable_token_indices")
+    if not tokens and not indices:
+        return {}
+    where = adapter.path / CONFIG_FILE
+    try:
+        extra = json.loads(adapter.metadata["surgery_extra_tokens"])
+        first, count = int(extra["first_id"]), len(extra["tokens"])
+    except (KeyError, ValueError, TypeError):
+        raise AdapterStateError(f"{where}: trains token rows (trainable_token_indices), which PEFT names by id only, "
+                                "and the folder does not say which tokens they are; surgery's extra tokens need the "
+                                "strings: load the adapter surgery saved (adapter.safetensors, surgery.load_adapter), "
+                                "or merge it with PEFT") from None
+    expected = list(range(first, first + count))
+    if not isinstance(indices, dict) or any(ids != expected for ids in indices.values()) or \
+            {p.rsplit(".", 1)[-1] for p in tokens} != set(indices) or \
+            any(tuple(t.shape)[0] != count for t in tokens.values()):
+        raise AdapterStateError(f"{where}: trainable_token_indices {indices!r} and the token rows are not the "
+                                f"{count} extra tokens from id {first} the folder's metadata names; the folder is "
+                                "inconsistent")
+    return {"extra_tokens": extra}
 
 
 def peft_base_model(folder: str | Path) -> str | None:
@@ -327,9 +382,11 @@ KEY = re.compile(r"^(?P<path>.+)\.(?:(?P<ab>lora_[AB])\.(?P<param>weight|bias)|(
 
 
 def _split_keys(folder: Path, tensors: dict, modules_to_save: list[str]):
-    """{module: {A, B, bias}} for LoRA keys and {param name: tensor} for modules_to_save; anything else fails."""
+    """{module: {A, B, bias}} for LoRA keys, {param name: tensor} for modules_to_save and {module: rows} for trainable
+    tokens; anything else fails."""
     adapters: dict[str, dict[str, torch.Tensor]] = {}
     plain: dict[str, torch.Tensor] = {}
+    tokens: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
         name = key.removeprefix(PREFIX)
         m = KEY.match(name)
@@ -340,6 +397,8 @@ def _split_keys(folder: Path, tensors: dict, modules_to_save: list[str]):
             adapters.setdefault(m["path"], {})[part] = t
         elif any(name.rsplit(".", 1)[0] == s or name.rsplit(".", 1)[0].endswith("." + s) for s in modules_to_save):
             plain[name] = t
+        elif name.endswith("." + TOKEN_DELTA):
+            tokens[name.removesuffix("." + TOKEN_DELTA)] = t
         elif ".base_layer." in name:
             continue  # PEFT may save an adapted embedding's base weight; the base supplies it
         else:
@@ -349,7 +408,7 @@ def _split_keys(folder: Path, tensors: dict, modules_to_save: list[str]):
         if "A" not in parts or "B" not in parts:
             raise AdapterStateError(f"{folder / WEIGHTS_FILE}: '{path}' has lora_{'B' if 'A' in parts else 'A'} "
                                     f"but no lora_{'A' if 'A' not in parts else 'B'}")
-    return adapters, plain
+    return adapters, plain, tokens
 
 
 def _pattern_value(patterns: dict, path: str, default):

@@ -56,6 +56,10 @@ def check_servable(finetune: nn.Module, config: dict, target: Target) -> None:
         return
     server = "vLLM" if target == "vllm" else "LoRAX"
     _refuse_modules_to_save(config, server)
+    if config.get("trainable_token_indices"):
+        raise ExportError(f"this fine-tune adds its own tokens (trainable_token_indices), whose rows {server}'s LoRA "
+                          "loader does not read (it loads LoRA A/B weights over the base's vocabulary); serve a merged "
+                          "model (`surgery merge`, which writes the tokenizer with the new tokens)")
     adapters = {path: m for path, m in finetune.named_modules() if isinstance(m, LoraLayer)}
     biased = sorted(p for p, m in adapters.items() if m.lora_bias is not None)
     if biased:

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..devices import input_device
 from ..errors import DataError, RewriteError
+from .vocabulary import extra_token_layers
 from .state import finetune_info, guarded_apply, own_state
 from ..layers.lora import LoraLayer
 from ..random_state import swap_rng
@@ -171,6 +172,10 @@ def _check_entry(base: nn.Module, index: int, ft: nn.Module | None) -> set[str]:
     if info.base is not base:
         raise RewriteError(f"entry {index} is a fine-tune of another base; all fine-tunes in one batch must share "
                            "the base object they were made from")
+    if info.rules.extra_tokens is not None:
+        raise RewriteError(f"entry {index} adds its own tokens ({len(info.rules.extra_tokens.tokens)}, extra_tokens in "
+                           f"{info.rules.source}), so its vocabulary is not the base's; a batched pass needs one "
+                           "vocabulary: generate with it alone, and train it without --batched")
     own = {id(p) for p in own_state(ft).values()}
     held = {id(p) for p in base.parameters()}
     stale = next((name for name, p in ft.named_parameters() if id(p) not in own and id(p) not in held), None)
@@ -201,7 +206,8 @@ def generate(base: nn.Module, entries: Sequence[nn.Module | None], prompts: Sequ
     _check_sampling(max_new_tokens, temperature, top_p, top_k)
     if not prompts:
         raise DataError("no prompts to answer; give at least one")
-    view = batched(base, entries)
+    alone = len(entries) == 1 and entries[0] is not None and extra_token_layers(entries[0])
+    view = entries[0] if alone else batched(base, entries)  # a fine-tune with its own tokens answers by itself
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise DataError("the tokenizer has neither a pad nor an EOS token; batched generation needs one to pad")
@@ -214,7 +220,8 @@ def generate(base: nn.Module, entries: Sequence[nn.Module | None], prompts: Sequ
     device = input_device(base)
     rows = len(entries)
     modes = [(m, m.training) for ft in entries if ft is not None for m in ft.modules()]
-    route(view, [len(prompts)] * rows)
+    if not alone:
+        route(view, [len(prompts)] * rows)
     options = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": pad,
                "eos_token_id": _stop_ids(tokenizer, base)}
     if temperature > 0:  # greedy over scores where only the row's own sample is left

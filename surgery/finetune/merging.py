@@ -18,6 +18,8 @@ from ..errors import MergeError
 from ..layers.bnb import dense_weight, quantized_storage
 from ..layers.lora import LoraLayer
 from ..base.quantize import quantized_layer
+from ..layers.extra_tokens import ExtraTokenLayer
+from .vocabulary import extra_token_layers
 from .state import detached_copy, require_finetune
 from .sharding import refuse_sharded
 from ..rules.ruleset import QuantConfig
@@ -33,9 +35,15 @@ def merge(finetune: nn.Module, dtype: torch.dtype | None = None, *, requantize: 
     kinds = {path: d.kind for path, d in info.plan.decisions.items()}
     _check_mergeable(finetune, kinds)
     memo: dict[int, object] = {}
+    extra = dict(extra_token_layers(finetune))
     with torch.no_grad():
         for path, module in finetune.named_modules():
-            if isinstance(module, LoraLayer):
+            owner = next((p for p in extra if path.startswith(p + ".")), None)
+            if owner is not None:  # inside an extra-token layer: merged with it, below
+                continue
+            if isinstance(module, ExtraTokenLayer):
+                memo[id(module)] = _dense_extra_token_layer(module, kinds[path], target)
+            elif isinstance(module, LoraLayer):
                 memo[id(module)] = _dense_layer(module.base_layer, kinds[path], target, module)
             elif quantized_storage(module) and path in kinds:  # not an adapter's own base_layer
                 memo[id(module)] = _dense_layer(module, kinds[path], target)
@@ -104,6 +112,24 @@ def _dense_layer(layer: nn.Module, kind: str, dtype: torch.dtype, adapter: nn.Mo
         out.weight.copy_(weight)
     if bias is not None:
         out.bias.copy_(bias)
+    return out.requires_grad_(False)
+
+
+def _dense_extra_token_layer(layer: ExtraTokenLayer, kind: str, dtype: torch.dtype) -> nn.Module:
+    """The plain embedding or output layer of the fine-tune's whole vocabulary: the wrapped layer merged, its rows
+    spliced in (a head's bias, if any, is zero for the new ids)."""
+    inner = layer.base_layer
+    adapter = inner if isinstance(inner, LoraLayer) else None
+    dense = _dense_layer(adapter.base_layer if adapter is not None else inner, kind, dtype, adapter)
+    weight = layer.dense(dense.weight.t() if kind == "conv1d" else dense.weight)
+    if isinstance(dense, nn.Embedding):
+        out = nn.Embedding(*weight.shape, padding_idx=dense.padding_idx, device=weight.device, dtype=dtype)
+    else:
+        out = nn.Linear(weight.shape[1], weight.shape[0], bias=dense.bias is not None, device=weight.device,
+                        dtype=dtype)
+        if dense.bias is not None:
+            out.bias.zero_()[:dense.bias.shape[0]] = dense.bias
+    out.weight.copy_(weight)
     return out.requires_grad_(False)
 
 

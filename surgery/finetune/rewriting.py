@@ -17,6 +17,7 @@ from torch import nn
 
 from ..layers.bnb import dense_weight, own_class, quantized_storage
 from ..errors import RewriteError, ShardingError
+from .vocabulary import add_extra_tokens, first_extra_id
 from .state import FinetuneInfo, finetune_info, install_guards, mark_shared, own_state
 from ..layers.adapters import make_adapter
 from ..planning.decisions import Decision, Plan, plan as make_plan
@@ -54,12 +55,18 @@ def rewrite(model: nn.Module, rules: RuleSet | str, *, progress: Callable | None
         raise ShardingError(f"{loftq[0].path}: init_lora_weights: loftq reads the layer's whole weight, and this base "
                             "is sharded with FSDP2; make LoftQ fine-tunes of an unsharded base")
     full = full_weight_reader(model, [d.path for d in loftq], base_record(model).full_weights) if loftq else None
+    first_id = first_extra_id(model, rules)
+    if first_id is not None and base_record(model).sharded is not None:
+        raise ShardingError(f"{rules.source}: extra_tokens needs the whole embedding and output layer, and this base "
+                            "is sharded with FSDP2; add new tokens to fine-tunes of an unsharded base")
     with restored_on_failure(model, "rewrite"):
         quantize_base(model, the_plan, progress)
         settle_base(model)
         finetune = _structural_copy(model, the_plan)
         if full is not None:
             _start_from_quantization_error(finetune, loftq, full)
+        if first_id is not None:
+            add_extra_tokens(finetune, rules.extra_tokens, first_id)
         install_guards(finetune, FinetuneInfo(rules, the_plan, model), COPYING)
         if finish is not None:
             finish(finetune)

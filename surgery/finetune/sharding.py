@@ -126,12 +126,22 @@ _EMBEDDING_FIX = ("keep embeddings unquantized under --fsdp (a rule `- {match: \
 
 def refuse_unshardable(plan) -> None:
     """What a plan would quantize that FSDP2 cannot shard, named with its rule and the remedy, before anything
-    loads: LLM.int8 layers, 4-bit embeddings, and DoRA (which reads the whole base weight in every forward)."""
+    loads: LLM.int8 layers, 4-bit embeddings, DoRA (which reads the whole base weight in every forward), LoftQ
+    (which reads it once) and extra tokens."""
     dora = next((d for d in plan.decisions.values() if d.lora is not None and d.lora.use_dora), None)
     if dora is not None:
         raise ShardingError(f"{dora.decided_by} adapts '{dora.path}' with use_dora: DoRA reads the layer's whole "
                             "weight in every forward, which FSDP2 holds sharded; train DoRA without --fsdp (DDP, or "
                             "one process), or drop use_dora")
+    loftq = next((d for d in plan.decisions.values() if d.lora is not None and d.lora.init == "loftq"), None)
+    if loftq is not None:
+        raise ShardingError(f"{loftq.decided_by} adapts '{loftq.path}' with init_lora_weights: loftq, which reads the "
+                            "layer's whole weight when the fine-tune is made, and FSDP2 holds it sharded; train "
+                            "without --fsdp")
+    if plan.rules.extra_tokens is not None:
+        raise ShardingError(f"{plan.rules.source}: extra_tokens gives the fine-tune rows of its own beside the "
+                            "embedding and output layer, which FSDP2 holds sharded; train new tokens without --fsdp "
+                            "(DDP, or one process)")
     for decision in plan.quantized:
         rule = decision.decided_by if decision.rule else f"{plan.rules.source} (`default: {plan.rules.default}`)"
         where = f"{rule} stores '{decision.path}'"

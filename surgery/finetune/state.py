@@ -23,6 +23,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from ..layers.bnb import is_state_key
 from ..layers.lora import LoraLayer
+from ..layers.extra_tokens import ExtraTokenLayer
 from ..errors import AdapterStateError, RewriteError
 
 if TYPE_CHECKING:
@@ -59,13 +60,16 @@ def require_finetune(model: nn.Module, verb: str, error: type[Exception] = Adapt
 
 
 def own_state(finetune: nn.Module) -> dict[str, nn.Parameter]:
-    """The fine-tune's own parameters by name: its LoRA tensors and its plain modules' private copies."""
+    """The fine-tune's own parameters by name: its LoRA tensors, its plain modules' private copies and the rows of
+    its extra tokens."""
     info = require_finetune(finetune, "saved or loaded")
     plain = {d.path for d in info.plan.by_action("plain")}
+    plain |= {f"{path}.base_layer" for path, m in finetune.named_modules()  # a plain layer under extra tokens
+              if isinstance(m, ExtraTokenLayer) and path in plain}
     out: dict[str, nn.Parameter] = {}
     seen: set[int] = set()
     for path, module in finetune.named_modules():
-        if not isinstance(module, LoraLayer) and path not in plain:
+        if not isinstance(module, (LoraLayer, ExtraTokenLayer)) and path not in plain:
             continue
         for name, p in module.named_parameters(recurse=False):
             if id(p) not in seen:  # a tie kept among plain modules is one tensor, saved once

@@ -7,6 +7,7 @@ file and line, what is wrong and what to do.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 from pathlib import Path
@@ -17,10 +18,12 @@ import yaml
 from ..errors import RuleFileError, first_line
 from ..disk import read_user_file
 from .ruleset import (ACTIONS, ADAPTABLE_KINDS, BLOCKSIZES, DTYPES, FORMAT_VERSION, KINDS, MAX_LORA_RANK, MAX_PATTERN_CHARS,
-                    MAX_RULE_FILE_BYTES, MAX_RULES, MAX_YAML_DEPTH, MAX_YAML_NODES, SCHEMES, STORAGES, LoraConfig, QuantConfig,
+                    MAX_RULE_FILE_BYTES, MAX_RULES, MAX_YAML_DEPTH, MAX_YAML_NODES, SCHEMES, STORAGES, ExtraTokens, LoraConfig,
+                    QuantConfig,
                     Rule, RuleSet, bundled_rules, compile_regex)
 
 
+MAX_EXTRA_TOKENS, MAX_TOKEN_CHARS, MAX_VOCAB = 65_536, 256, 2**31 - 1
 MAX_LORA_ALPHA = 1e6  # alpha / r scales the update; beyond this it overflows half precision at once
 PEFT_LORA_KEYS = ("init_lora_weights", "loftq_config")  # read (or refused with the reason) under PEFT's LoraConfig name (besides use_rslora, use_dora)
 BASE_REWRITING_INITS = ("pissa", "olora", "corda", "eva")  # PEFT inits that change the base's weights
@@ -174,7 +177,7 @@ def parse_rules(data: Any, source: str = "<rules>") -> RuleSet:
     top = _Where(source, data)
     if not isinstance(data, dict):
         raise top.error(f"the top level must be a mapping with `rules:`, not {_kind(data)}")
-    _check_keys(data, {"version", "description", "model", "quantize", "default", "rules"}, top)
+    _check_keys(data, {"version", "description", "model", "quantize", "default", "rules", "extra_tokens"}, top)
     version = data.get("version", FORMAT_VERSION)
     if not isinstance(version, int) or isinstance(version, bool):
         raise top.error(f"version must be an integer, not {_kind(version)}", "version")
@@ -199,7 +202,54 @@ def parse_rules(data: Any, source: str = "<rules>") -> RuleSet:
     if len(raw_rules) > MAX_RULES:
         raise top.error(f"{len(raw_rules):,} rules; a rule file has at most {MAX_RULES:,}", "rules")
     rules = tuple(_parse_rule(i + 1, raw, source, top) for i, raw in enumerate(raw_rules))
-    return RuleSet(rules, quant, default, model, description, source, version)
+    extra = _parse_extra_tokens(data["extra_tokens"], top) if data.get("extra_tokens") is not None else None
+    return RuleSet(rules, quant, default, model, description, source, version, extra)
+
+
+def read_extra_tokens(path: str | Path) -> list[str]:
+    """The tokens of an ``--extra-tokens`` file: one per line (as trl's --extra_tokens_file), blank lines skipped,
+    checked as a rule file's ``extra_tokens:`` is (each error names the file)."""
+    from ..disk import read_user_text
+
+    text = read_user_text(path, what="extra tokens file", limit=MAX_EXTRA_TOKENS * (MAX_TOKEN_CHARS + 1),
+                          error=RuleFileError)
+    tokens = [line for line in text.splitlines() if line.strip()]
+    parse_rules({"version": 1, "extra_tokens": tokens}, source=str(path))  # the same checks, naming the file
+    return tokens
+
+
+def with_extra_tokens(rules: RuleSet, tokens: list[str], source: str) -> RuleSet:
+    """The rules with ``tokens`` as their extra tokens (``--extra-tokens``); a file that has its own is refused."""
+    if rules.extra_tokens is not None:
+        raise RuleFileError(f"{rules.source} already lists extra_tokens; give them there or with --extra-tokens "
+                            f"{source}, not both")
+    return dataclasses.replace(rules, extra_tokens=ExtraTokens(tuple(tokens)))
+
+
+def _parse_extra_tokens(raw: Any, top: "_Where") -> ExtraTokens:
+    """``extra_tokens: [tok, ...]`` or ``{tokens: [...], first_id: N}``: distinct non-empty strings."""
+    where = _Where(top.source, raw if getattr(raw, "line", None) else top.node, top.prefix)
+    first_id = None
+    if isinstance(raw, dict):
+        _check_keys(raw, {"tokens", "first_id"}, where, what="extra_tokens option")
+        first_id = raw.get("first_id")
+        if first_id is not None and (not _is_int(first_id) or not 0 <= first_id <= MAX_VOCAB):
+            raise where.error(f"extra_tokens first_id must be an integer from 0 to {MAX_VOCAB:,}, got {first_id!r}",
+                              "first_id")
+        raw = raw.get("tokens")
+    if not isinstance(raw, list) or not raw:
+        raise top.error("`extra_tokens` must be a non-empty list of token strings (or {tokens: [...], first_id: N})",
+                        "extra_tokens")
+    if len(raw) > MAX_EXTRA_TOKENS:
+        raise top.error(f"{len(raw):,} extra tokens; a rule file adds at most {MAX_EXTRA_TOKENS:,}", "extra_tokens")
+    for token in raw:
+        if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_CHARS:
+            raise top.error(f"extra token {str(token)[:40]!r} must be a non-empty string of at most {MAX_TOKEN_CHARS} "
+                            "characters", "extra_tokens")
+    repeated = next((t for t in raw if raw.count(t) > 1), None)
+    if repeated is not None:
+        raise top.error(f"extra token {repeated!r} is listed twice", "extra_tokens")
+    return ExtraTokens(tuple(raw), first_id)
 
 
 def _parse_rule(index: int, raw: Any, source: str, top: _Where) -> Rule:

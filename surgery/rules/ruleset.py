@@ -151,6 +151,18 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class ExtraTokens:
+    """Tokens a fine-tune adds to its vocabulary, with rows of its own; ``first_id`` is the first one's id (None:
+    the base embedding's row count, i.e. appended; the CLI writes the tokenizer's length)."""
+
+    tokens: tuple[str, ...]
+    first_id: int | None = None
+
+    def to_dict(self) -> dict:
+        return {"tokens": list(self.tokens), **({"first_id": self.first_id} if self.first_id is not None else {})}
+
+
+@dataclass(frozen=True)
 class RuleSet:
     """A whole rule file: storage scheme, default action, ordered rules (first match wins)."""
 
@@ -161,6 +173,7 @@ class RuleSet:
     description: str | None = None
     source: str = "<rules>"
     version: int = FORMAT_VERSION
+    extra_tokens: ExtraTokens | None = None
 
     def decide(self, path: str, kind: str) -> Rule | None:
         """The first rule that matches the module, or None (then ``default`` applies)."""
@@ -187,6 +200,8 @@ class RuleSet:
             out["model"] = self.model
         if self.description:
             out["description"] = self.description
+        if self.extra_tokens is not None:
+            out["extra_tokens"] = self.extra_tokens.to_dict()
         return out
 
     def to_json(self) -> str:

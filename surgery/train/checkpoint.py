@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..base.loading import TOKENIZER_FILES
 from ..files.adapter_file import ADAPTER_FILE, load_adapter, save_adapter
 from ..distributed import World
 from ..errors import SurgeryError, TrainError, first_line
@@ -45,7 +46,9 @@ def earlier_run(out: Path) -> list[str]:
 
 
 # what the CLI (rules.yaml, loss.png) and the experiment trackers (trackers.py) write into OUT besides the run's own files
-RUN_FILES = ("rules.yaml", "loss.png", "tensorboard", "wandb", "mlflow.db", "mlruns")
+# and the tokenizer with a fine-tune's extra tokens (what tokenizer.save_pretrained writes)
+RUN_FILES = ("rules.yaml", "loss.png", "tensorboard", "wandb", "mlflow.db", "mlruns", *TOKENIZER_FILES,
+             "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "merges.txt")
 
 
 def _not_a_run(out: Path) -> list[str]:

@@ -11,7 +11,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -100,6 +100,7 @@ class Job:
     out: Path | None = None
     eval_data: Blocks | None = None
     identity: dict = field(default_factory=dict)  # what a resumed run must match (rules, data, model, ...)
+    tokenizer: Any = None  # with the fine-tune's extra tokens added: written beside its adapter file
 
     def __repr__(self) -> str:
         return (f"Job({self.name!r}, {type(self.finetune).__name__}, {len(self.data)} rows, "
@@ -193,10 +194,13 @@ def make_job(base: nn.Module, name: str, rules, data: str | Path, tokenizer, con
     ``data`` and ``eval_data`` may be stored datasets (``stored_data``); eval takes their validation split."""
     from .data import data_digest, data_path, load_examples, model_max_length, pack, tokenize
     from ..finetune.rewriting import rewrite
+    from ..finetune.vocabulary import pinned_to, tokenizer_with
     from ..rules.rule_file import load_rules
 
     config.check()
-    rules = load_rules(rules)
+    rules = pinned_to(load_rules(rules), tokenizer)
+    if rules.extra_tokens is not None:  # the data reads the new tokens with the ids the fine-tune gives them
+        tokenizer = tokenizer_with(rules.extra_tokens, rules.extra_tokens.first_id, tokenizer)
     if config.gradient_checkpointing and not getattr(base, "supports_gradient_checkpointing", False):
         raise TrainError(f"--gradient-checkpointing: {type(base).__name__} does not support transformers' activation "
                          "checkpointing; train without it")
@@ -246,7 +250,8 @@ def make_job(base: nn.Module, name: str, rules, data: str | Path, tokenizer, con
         checkpoint_activations(finetune)
     if config.compile:
         compile_forward(finetune, config.compile_backend)
-    return Job(name, finetune, blocks, config, Path(out) if out is not None else None, held_out, identity)
+    return Job(name, finetune, blocks, config, Path(out) if out is not None else None, held_out, identity,
+               tokenizer if rules.extra_tokens is not None else None)
 
 
 def checkpoint_activations(finetune: nn.Module) -> None:

@@ -186,6 +186,8 @@ def _finish(runs: list[Run], where: World, report: Report | None = None) -> None
                 report(job.name, final)
         if where.main and job.out is not None:
             save_adapter(job.finetune, job.out / ADAPTER_FILE)
+            if job.tokenizer is not None:  # the fine-tune's own tokens: AutoTokenizer.from_pretrained(out) has them
+                job.tokenizer.save_pretrained(job.out)
             if final is not None:
                 append_metrics(job.out, final)
 

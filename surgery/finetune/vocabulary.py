@@ -1,0 +1,109 @@
+"""A fine-tune's own new tokens (the rule file's ``extra_tokens:``): private embedding and output rows, its own
+vocabulary size, and the tokenizer that gives those tokens their ids. The base and every sibling are untouched."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+from torch import nn
+
+from ..errors import RewriteError
+from ..layers.bnb import dense_weight, logical_shape
+from ..layers.extra_tokens import ExtraTokenEmbedding, ExtraTokenHead, ExtraTokenLayer
+from ..model.tracing import replace_submodule
+from ..rules.ruleset import ExtraTokens, RuleSet
+
+
+def first_extra_id(model: nn.Module, rules: RuleSet) -> int | None:
+    """The id of the first extra token (None without ``extra_tokens:``); raises before anything changes when the
+    model cannot take them."""
+    extra = rules.extra_tokens
+    if extra is None:
+        return None
+    embedding, head = _embedding_paths(model)
+    if embedding is None or head is None:
+        raise RewriteError(f"{rules.source}: extra_tokens needs a model with an input embedding and an output layer "
+                           f"(get_input_embeddings / get_output_embeddings); {type(model).__name__} lacks one")
+    rows = logical_shape(_innermost(model.get_submodule(embedding)))[0]
+    first = rows if extra.first_id is None else extra.first_id
+    if first > rows:
+        raise RewriteError(f"{rules.source}: extra_tokens first_id {first} leaves ids {rows}..{first - 1} with no row "
+                           f"(the embedding has {rows}); use first_id <= {rows} (the tokenizer's length)")
+    return first
+
+
+def add_extra_tokens(finetune: nn.Module, extra: ExtraTokens, first_id: int) -> None:
+    """Wrap the fine-tune's input embedding and output layer with private rows for ``extra`` (each starting at the
+    mean of the base's rows; one set for both when the base ties them) and set its config's vocab_size to the new
+    width."""
+    embedding_path, head_path = _embedding_paths(finetune)
+    count = len(extra.tokens)
+    inner = {path: _innermost(finetune.get_submodule(path)) for path in (embedding_path, head_path)}
+    tied = inner[embedding_path].weight is inner[head_path].weight
+    rows = None
+    for path, cls in ((embedding_path, ExtraTokenEmbedding), (head_path, ExtraTokenHead)):
+        layer = finetune.get_submodule(path)
+        base = dense_weight(inner[path], "embedding" if cls is ExtraTokenEmbedding else "linear")
+        if rows is None or not tied:  # trained in float32, as LoRA; starting at the mean of the base's rows
+            rows = nn.Parameter(base.float().mean(dim=0, keepdim=True).expand(count, -1).clone())
+        replace_submodule(finetune, path, cls(layer, first_id, rows, base.shape[0]).train(layer.training))
+    width = finetune.get_submodule(embedding_path).width
+    if getattr(finetune, "config", None) is not None:
+        finetune.config.vocab_size = width  # transformers' loss reshapes the logits by it
+        if hasattr(finetune.config, "get_text_config"):
+            finetune.config.get_text_config().vocab_size = width
+
+
+def pinned_to(rules: RuleSet, tokenizer) -> RuleSet:
+    """The rules with the extra tokens' first id set to the tokenizer's length where the file leaves it open: the
+    ids ``tokenizer.add_tokens`` will give them (what the CLI trains with, recorded in the adapter file)."""
+    extra = rules.extra_tokens
+    if extra is None or extra.first_id is not None:
+        return rules
+    return dataclasses.replace(rules, extra_tokens=dataclasses.replace(extra, first_id=len(tokenizer)))
+
+
+def tokenizer_with(extra: ExtraTokens, first_id: int, tokenizer):
+    """A copy of ``tokenizer`` with ``extra`` added, each checked to get its id (``first_id`` on): a token already
+    in the tokenizer, or a tokenizer of another length, would feed rows the fine-tune does not hold."""
+    out = copy.deepcopy(tokenizer)
+    out.add_tokens(list(extra.tokens))
+    ids = out.convert_tokens_to_ids(list(extra.tokens))
+    expected = list(range(first_id, first_id + len(extra.tokens)))
+    if ids != expected:
+        wrong = next(i for i, (got, want) in enumerate(zip(ids, expected)) if got != want)
+        raise RewriteError(f"the tokenizer gives extra token {extra.tokens[wrong]!r} the id {ids[wrong]}, but the "
+                           f"fine-tune's row for it is {expected[wrong]} (its tokens start at {first_id}); use the "
+                           f"tokenizer the fine-tune was trained with (of length {first_id}), and extra tokens that "
+                           "are not in it already")
+    return out
+
+
+def extended_tokenizer(finetune: nn.Module, tokenizer):
+    """``tokenizer`` (the base's) with the fine-tune's extra tokens added, as a copy; the same object when the
+    fine-tune adds none."""
+    from .state import require_finetune
+
+    extra = require_finetune(finetune, "given a tokenizer").rules.extra_tokens
+    layers = extra_token_layers(finetune)
+    if extra is None or not layers:
+        return tokenizer
+    return tokenizer_with(extra, layers[0][1].first_id, tokenizer)
+
+
+def extra_token_layers(model: nn.Module) -> list[tuple[str, ExtraTokenLayer]]:
+    return [(path, m) for path, m in model.named_modules() if isinstance(m, ExtraTokenLayer)]
+
+
+def _embedding_paths(model: nn.Module) -> tuple[str | None, str | None]:
+    wanted = {"in": model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None,
+              "out": model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None}
+    paths = {id(m): path for path, m in model.named_modules()}
+    return tuple(paths.get(id(wanted[k])) if wanted[k] is not None else None for k in ("in", "out"))
+
+
+def _innermost(layer: nn.Module) -> nn.Module:
+    while hasattr(layer, "base_layer"):
+        layer = layer.base_layer
+    return layer
