@@ -209,3 +209,22 @@ def test_train_with_extra_tokens_then_generate_and_merge_from_the_cli(tmp_path):
     result = run("train", str(tmp_path / "with.yaml"), "--model", "tiny-llama", "--data", str(tmp_path / "d.jsonl"),
                  "--extra-tokens", str(tmp_path / "tokens.txt"), "--out", str(tmp_path / "twice"))
     assert result.exit_code == 2 and "already lists extra_tokens" in result.output
+
+
+@pytest.mark.parametrize("model", list(ADAPT))
+@pytest.mark.parametrize("head", ["freeze", "plain"])
+def test_the_plan_counts_the_new_rows_as_the_fine_tune_holds_them(model, head):
+    """n × hidden float32 per set of rows: one set where lm_head still shares the embedding's tensor, two where
+    it does not (its own weights, or a plain copy that splits the tie)."""
+    from surgery.planning.memory import extra_bytes
+
+    base = surgery.tiny_model(model)
+    more = rules(model, storage="none")
+    more["rules"] = [{"match": "lm_head", "action": head, **({"untie": True} if head == "plain" else {})},
+                     *more["rules"]]
+    ft = surgery.rewrite(base, more)
+    plan = surgery.finetune_info(ft).plan
+    rows = 1 if model != "tiny-llama" and head == "freeze" else 2
+    without = surgery.plan(base, {**more, "extra_tokens": None})
+    assert plan.finetune_bytes - without.finetune_bytes == rows * 2 * 64 * 4
+    assert extra_bytes(ft, base) == plan.finetune_bytes

@@ -139,3 +139,6 @@ def test_a_loftq_adapter_saves_loads_onto_a_bare_base_and_exports_to_peft(tmp_pa
         theirs = peft.PeftModel.from_pretrained(base, tmp_path / "peft")
     ours = logits(ft)
     assert ((logits(theirs) - ours).abs().max() / ours.abs().max()).item() <= 1e-5
+    back = surgery.tiny_model("tiny-llama")
+    surgery.prepare_base(back, rules("nf4", init="true"))
+    assert torch.equal(logits(surgery.import_peft(back, tmp_path / "peft")), ours)  # and back, as plain LoRA

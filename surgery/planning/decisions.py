@@ -17,7 +17,7 @@ from ..errors import PlanError, Violation
 from ..rules.ruleset import (ADAPTABLE_KINDS, Action, Kind, LoraConfig, QuantConfig, Rule, RuleSet, grouped,
                     pattern_matches)
 from ..rules.rule_file import load_rules, parse_rules
-from .memory import DTYPE_BYTES, base_bytes, finetune_cost, fmt_bytes, lora_param_count
+from .memory import DTYPE_BYTES, base_bytes, extra_token_cost, finetune_cost, fmt_bytes, lora_param_count
 from ..model.graph import ModelGraph, ModuleInfo
 
 if TYPE_CHECKING:
@@ -215,6 +215,9 @@ def plan(model_or_graph: nn.Module | ModelGraph, rules: RuleSet | str, *, finetu
     violations += tie_violations
     base_now, base_after = base_bytes(graph, decisions)
     ft_bytes, trainable = finetune_cost(graph, decisions)
+    if rules.extra_tokens is not None:
+        extra_bytes, extra_params = extra_token_cost(graph, decisions, len(rules.extra_tokens.tokens))
+        ft_bytes, trainable = ft_bytes + extra_bytes, trainable + extra_params
     result = Plan(graph, rules, decisions, tie_notes, violations, base_now, base_after, ft_bytes, trainable,
                   finetunes, shadowed)
     return result.check() if check else result
