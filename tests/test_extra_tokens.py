@@ -209,6 +209,10 @@ def test_train_with_extra_tokens_then_generate_and_merge_from_the_cli(tmp_path):
     result = run("train", str(tmp_path / "with.yaml"), "--model", "tiny-llama", "--data", str(tmp_path / "d.jsonl"),
                  "--extra-tokens", str(tmp_path / "tokens.txt"), "--out", str(tmp_path / "twice"))
     assert result.exit_code == 2 and "already lists extra_tokens" in result.output
+    result = run("train", "--model", "tiny-llama", "--out", str(tmp_path / "batched"), "--batched", "--job",
+                 "a=qv_lora,upper", "--job", "b=qv_lora,capitals", "--extra-tokens", str(tmp_path / "tokens.txt"))
+    assert result.exit_code == 2 and "a --batched pass needs one vocabulary" in " ".join(result.output.split())
+    assert not (tmp_path / "batched").exists()  # refused before anything loads or is written
 
 
 @pytest.mark.parametrize("model", list(ADAPT))

@@ -168,7 +168,7 @@ def train(
                          compile_backend)
     config.check()
     trackers = parse_report_to(report_to)
-    check_batching(batched, max_batched_tokens, gradient_checkpointing, compile_)
+    check_batching(batched, max_batched_tokens, gradient_checkpointing, compile_, [load_rules(r) for _, r, _ in specs])
     check_sharding(fsdp, batched, device_map)
     if fsdp:
         refuse_unshardable_rules(name, [r for _, r, _ in specs])

@@ -51,10 +51,16 @@ class Group:
 
 
 def check_batching(batched: bool, max_batched_tokens: int | None, gradient_checkpointing: bool = False,
-                   compiled: bool = False) -> None:
+                   compiled: bool = False, rule_sets: tuple = ()) -> None:
     """Refuse a token cap that is below 1 or given without batching, checkpointing in batched passes
-    (their backward runs after the pass is re-routed per job, so a recompute would route wrongly), and
-    --compile with them (it compiles each fine-tune's own forward, which a batched pass does not call)."""
+    (their backward runs after the pass is re-routed per job, so a recompute would route wrongly),
+    --compile with them (it compiles each fine-tune's own forward, which a batched pass does not call),
+    and fine-tunes with tokens of their own (one vocabulary per pass), before anything loads."""
+    with_tokens = next((r for r in rule_sets if batched and r.extra_tokens is not None), None)
+    if with_tokens is not None:
+        raise TrainError(f"{with_tokens.source}: its fine-tune adds tokens of its own (extra_tokens / --extra-tokens), "
+                         "so its vocabulary is not the base's and a --batched pass needs one vocabulary; train "
+                         "without --batched (the jobs take turns)")
     if batched and gradient_checkpointing:
         raise TrainError("--gradient-checkpointing does not run with --batched yet; drop one of them (the jobs take "
                          "turns with checkpointing)")

@@ -28,7 +28,7 @@ from .batched_train import check_batching, group_jobs, run_batched
 from .data import TOKENS, Blocks
 from ..distributed import World, broadcast_trainables, gathered_rng, rank_seed, world
 from ..errors import TrainError
-from ..finetune.state import own_state, require_finetune
+from ..finetune.state import finetune_info, own_state, require_finetune
 from .job import EarlyStopping, Job, Run, build_optimizer, build_scheduler
 from .master_weights import MasterWeights
 from ..random_state import new_rng
@@ -113,7 +113,8 @@ def train(jobs: list[Job], *, resume: dict[str, Path] | None = None, on_step: St
     if trackers and log_dir is None:
         log_dir = _common_folder(jobs)
     check_batching(batched, max_batched_tokens, any(job.config.gradient_checkpointing for job in jobs),
-                   any(job.config.compile for job in jobs))
+                   any(job.config.compile for job in jobs),
+                   [info.rules for job in jobs if (info := finetune_info(job.finetune)) is not None])
     if batched:
         for job in jobs:
             refuse_sharded(job.finetune, "--batched training", "train without --batched (the jobs take turns)")
