@@ -142,3 +142,25 @@ def test_a_loftq_adapter_saves_loads_onto_a_bare_base_and_exports_to_peft(tmp_pa
     back = surgery.tiny_model("tiny-llama")
     surgery.prepare_base(back, rules("nf4", init="true"))
     assert torch.equal(logits(surgery.import_peft(back, tmp_path / "peft")), ours)  # and back, as plain LoRA
+
+
+def test_a_hostile_or_changed_checkpoint_is_refused_and_the_base_restored(tmp_path, digest):
+    """The index may only name shards in the folder; a weight of another shape is refused by name."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "ckpt"
+    surgery.tiny_model("tiny-llama").save_pretrained(folder)
+    base = surgery.load_model(str(folder), rules=rules("nf4")).model
+    before = digest(base)
+    weights = load_file(folder / "model.safetensors")
+    weights["model.layers.0.self_attn.q_proj.weight"] = weights["model.layers.0.self_attn.q_proj.weight"][:, :8].contiguous()
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(RewriteError, match=r"q_proj: the full-precision weight LoftQ read has shape \(64, 8\)"):
+        surgery.rewrite(base, rules("nf4"))
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"model.layers.0.self_attn.q_proj.weight": "../elsewhere.safetensors"}}))
+    with pytest.raises(RewriteError, match="not a safetensors index"):
+        surgery.rewrite(base, rules("nf4"))
+    assert digest(base) == before

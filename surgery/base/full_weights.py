@@ -17,9 +17,11 @@ from typing import Callable, Iterator, Protocol
 import torch
 from torch import nn
 
+from ..disk import MiB, check_inside, read_user_text
 from ..errors import RewriteError
 from ..layers.bnb import quantized_storage
 
+MAX_INDEX_BYTES = 64 * MiB  # a safetensors index of a 70B checkpoint is well under 1 MiB
 Read = Callable[[str], torch.Tensor]  # module path -> its weight as the module stores it, full precision
 
 
@@ -50,13 +52,26 @@ class CheckpointWeights:
 
         index = self.folder / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text()).get("weight_map", {})
-            return {name: self.folder / file for name, file in weight_map.items()}
+            text = read_user_text(index, what="checkpoint index", limit=MAX_INDEX_BYTES, error=RewriteError)
+            try:
+                weight_map = json.loads(text)["weight_map"]
+                files = {name: self._shard(file) for name, file in weight_map.items()}
+            except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+                raise RewriteError(f"{index}: not a safetensors index (a JSON object with a weight_map of file "
+                                   "names); LoftQ reads the full-precision weights through it") from None
+            return files
         single = self.folder / "model.safetensors"
         if not single.is_file():
             return {}
         with safe_open(single, framework="pt") as f:
             return {name: single for name in f.keys()}
+
+    def _shard(self, file) -> Path:
+        """A shard named by the index: a plain file name in this folder, never a path out of it."""
+        if not isinstance(file, str) or Path(file).name != file or not file.endswith(".safetensors"):
+            raise ValueError(file)
+        check_inside(self.folder, file, error=RewriteError)
+        return self.folder / file
 
     def key(self, path: str, names: dict[str, Path]) -> str | None:
         candidates = [path]

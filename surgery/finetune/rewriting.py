@@ -131,7 +131,12 @@ def _start_from_quantization_error(finetune: nn.Module, decisions: list[Decision
             adapter = finetune.get_submodule(decision.path)
             device = adapter.lora_A.device
             weight = float_weight(read(decision.path), decision).to(device=device, dtype=torch.float32)
-            adapter.start_from_residual(weight - dense_weight(adapter.base_layer, decision.kind))
+            quantized = dense_weight(adapter.base_layer, decision.kind)
+            if weight.shape != quantized.shape:
+                raise RewriteError(f"{decision.path}: the full-precision weight LoftQ read has shape "
+                                   f"{tuple(weight.shape)}, the base's layer {tuple(quantized.shape)}; the checkpoint "
+                                   "it was loaded from has changed or is another model's")
+            adapter.start_from_residual(weight - quantized)
 
 
 def _unsharded_module(module: nn.Module) -> nn.Module:
