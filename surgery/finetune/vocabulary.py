@@ -6,10 +6,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 
+import torch
 from torch import nn
 
 from ..errors import RewriteError
-from ..layers.bnb import dense_weight, logical_shape
+from ..layers.bnb import dense_weight, logical_shape, quantized_storage
 from ..layers.extra_tokens import ExtraTokenEmbedding, ExtraTokenHead, ExtraTokenLayer
 from ..model.tracing import replace_submodule
 from ..rules.ruleset import ExtraTokens, RuleSet
@@ -44,10 +45,10 @@ def add_extra_tokens(finetune: nn.Module, extra: ExtraTokens, first_id: int) -> 
     rows = None
     for path, cls in ((embedding_path, ExtraTokenEmbedding), (head_path, ExtraTokenHead)):
         layer = finetune.get_submodule(path)
-        base = dense_weight(inner[path], "embedding" if cls is ExtraTokenEmbedding else "linear")
-        if rows is None or not tied:  # trained in float32, as LoRA; starting at the mean of the base's rows
-            rows = nn.Parameter(base.float().mean(dim=0, keepdim=True).expand(count, -1).clone())
-        replace_submodule(finetune, path, cls(layer, first_id, rows, base.shape[0]).train(layer.training))
+        if rows is None or not tied:  # trained in float32, as LoRA
+            rows = nn.Parameter(_mean_row(inner[path], cls is ExtraTokenEmbedding).expand(count, -1).clone())
+        base_rows = logical_shape(inner[path])[0]
+        replace_submodule(finetune, path, cls(layer, first_id, rows, base_rows).train(layer.training))
     width = finetune.get_submodule(embedding_path).width
     if getattr(finetune, "config", None) is not None:
         finetune.config.vocab_size = width  # transformers' loss reshapes the logits by it
@@ -101,6 +102,14 @@ def _embedding_paths(model: nn.Module) -> tuple[str | None, str | None]:
               "out": model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None}
     paths = {id(m): path for path, m in model.named_modules()}
     return tuple(paths.get(id(wanted[k])) if wanted[k] is not None else None for k in ("in", "out"))
+
+
+def _mean_row(layer: nn.Module, embedding: bool) -> torch.Tensor:
+    """The mean of the layer's rows in float32, where new rows start; a full-precision weight is averaged in place
+    (a float32 copy of a 128k-row embedding would be gigabytes), a quantized one dequantized."""
+    if quantized_storage(layer):
+        return dense_weight(layer, "embedding" if embedding else "linear").mean(dim=0, keepdim=True)
+    return torch.mean(layer.weight.detach(), dim=0, keepdim=True, dtype=torch.float32)
 
 
 def _innermost(layer: nn.Module) -> nn.Module:
