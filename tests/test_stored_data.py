@@ -79,6 +79,45 @@ def test_a_dataset_in_the_local_cache_is_read_by_name_without_the_hub(tmp_path, 
         read_examples("someone/absent")
 
 
+def test_a_cached_configuration_and_named_splits_are_chosen_as_trl_names_them(tmp_path, monkeypatch, stored):
+    """--dataset-config picks a configuration of a cached dataset (NAME/CONFIG/... in the cache), and
+    --dataset-train-split / --dataset-test-split any split of a dataset with several; where there is nothing to
+    choose the option is refused, naming it."""
+    from datasets.packaged_modules.parquet.parquet import Parquet
+
+    from surgery.train.rows import DatasetParts
+
+    cache = tmp_path / "datasets-cache"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    datasets.Dataset.from_list(capitals_rows()[:5]).to_parquet(str(tmp_path / "five.parquet"))
+    builder = Parquet(data_files={"train": str(stored / "caps.parquet"), "held": str(tmp_path / "five.parquet")},
+                      dataset_name="toy-capitals", config_name="small", cache_dir=str(cache), hash="0123abc")
+    builder.download_and_prepare()
+    where = cache / "someone___toy-capitals" / "small" / "0.0.0" / "0123abc"
+    where.parent.mkdir(parents=True)
+    shutil.move(builder.cache_dir, where)
+    monkeypatch.chdir(tmp_path)
+    small = DatasetParts(config="small")
+    rows = capitals_rows()
+    assert read_examples("someone/toy-capitals", fields=QA, parts=small) == read_examples(stored / "caps.parquet",
+                                                                                          fields=QA)
+    held = read_examples("someone/toy-capitals", fields=QA, split="eval", parts=DatasetParts("small", test_split="held"))
+    assert [e.completion for e in held] == [r["answer"] for r in rows[:5]]
+    with pytest.raises(DataError, match=r"configuration 'large'\): no such data file, and no dataset"):
+        read_examples("someone/toy-capitals", fields=QA, parts=DatasetParts(config="large"))
+    picked = read_examples(stored / "dict", fields=QA, parts=DatasetParts(train_split="validation"))
+    assert [e.completion for e in picked] == [r["answer"] for r in rows[16:]]
+    for spec, parts, message in (
+            (stored / "dict", DatasetParts(train_split="dev"), r"has no split 'dev' \(--dataset-train-split\); its "
+                                                               "splits are train, validation"),
+            (stored / "caps.parquet", DatasetParts(train_split="train"), r"holds one split, so --dataset-train-split"),
+            (stored / "dict", DatasetParts(config="small"), r"--dataset-config picks a configuration of a dataset in "
+                                                            "the local cache"),
+            ("capitals", DatasetParts(test_split="x"), r"--dataset-test-split chooses a part of a stored dataset")):
+        with pytest.raises(DataError, match=message):
+            read_examples(spec, fields=QA, parts=parts)
+
+
 def test_field_mappings_apply_to_jsonl_and_csv_too(tmp_path):
     rows = capitals_rows()
     (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -168,3 +207,7 @@ def test_the_cli_trains_on_a_parquet_file_with_field_options(stored):
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2] and Path(out / "adapter.safetensors").is_file()
+    result = CliRunner().invoke(app, ["train", "qv_lora_head", "--model", "tiny-llama", "--data", str(stored / "dict"),
+                                      "--dataset-train-split", "nope", "--prompt-field", "question",
+                                      "--completion-field", "answer", "--out", str(stored / "run2")])
+    assert result.exit_code == 2 and "has no split 'nope'" in result.output and not (stored / "run2").exists()

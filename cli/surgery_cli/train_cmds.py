@@ -56,6 +56,12 @@ def train(
     prompt_field: str = typer.Option("prompt", "--prompt-field", rich_help_panel=DATA, help="Column holding the prompt (no loss)."),
     completion_field: str = typer.Option("completion", "--completion-field", rich_help_panel=DATA, help="Column holding the completion."),
     messages_field: str = typer.Option("messages", "--messages-field", rich_help_panel=DATA, help="Column holding a conversation."),
+    dataset_config: Optional[str] = typer.Option(None, "--dataset-config", rich_help_panel=DATA, help="A configuration of "
+                                                 "a dataset named by --data (e.g. wikitext-2-raw-v1), from the cache."),
+    dataset_train_split: Optional[str] = typer.Option(None, "--dataset-train-split", rich_help_panel=DATA, help="The split "
+                                                      "of a stored dataset to train on (default: train)."),
+    dataset_test_split: Optional[str] = typer.Option(None, "--dataset-test-split", rich_help_panel=EVALUATION, help="The "
+                                                     "split --eval reads (default: validation, test or eval)."),
     block_size: int = typer.Option(128, "--block-size", rich_help_panel=DATA, help="Tokens per row."),
     pad_token_id: Optional[int] = typer.Option(None, "--pad-token-id", rich_help_panel=DATA, help="For tokenizers without a pad token."),
     batch_size: int = typer.Option(8, "--batch-size", rich_help_panel=SCHEDULE, help="Rows per micro-batch (per process)."),
@@ -145,6 +151,7 @@ def train(
     from surgery.train.checkpoint import ADAPTER_FILE, STATE_FILE, check_output_folder, latest_checkpoint
     from surgery.distributed import world
     from surgery.train.data import Fields
+    from surgery.train.rows import DatasetParts
     from surgery.train.job import TrainConfig, make_job
     from surgery.train.trackers import parse_report_to
     from surgery.planning.report import training_summary
@@ -189,7 +196,8 @@ def train(
                              out=folder, eval_data=eval_file, eval_split=eval_split,
                              mode="corpus" if group_texts else "entries", block_size=block_size,
                              pad_token_id=pad_token_id, model_name=name, chat_template=chat_template,
-                             packing=packing, fields=Fields(text_field, prompt_field, completion_field, messages_field)))
+                             packing=packing, fields=Fields(text_field, prompt_field, completion_field, messages_field),
+                             parts=DatasetParts(dataset_config, dataset_train_split, dataset_test_split)))
     resume_from = {}
     if resume is not None:
         if (resume / STATE_FILE).exists():

@@ -27,7 +27,7 @@ import torch
 
 from ..errors import DataError, TruncationWarning, first_line
 from ..disk import read_user_text
-from .rows import DEFAULT_FIELDS, MAX_DATA_BYTES, Example, Fields, Split, example_of
+from .rows import DEFAULT_FIELDS, MAX_DATA_BYTES, WHOLE, DatasetParts, Example, Fields, Split, example_of
 
 IGNORE = -100  # label of positions that carry no loss (prompt, padding), as in transformers
 Mode = Literal["entries", "corpus"]
@@ -106,19 +106,23 @@ def data_path(spec: str | Path) -> Path:
 
 
 def read_examples(path: str | Path, mode: Mode = "entries", fields: Fields = DEFAULT_FIELDS,
-                  split: Split = "train") -> list[Example]:
+                  split: Split = "train", parts: DatasetParts = WHOLE) -> list[Example]:
     """Read a .csv / .jsonl / .txt file, a stored dataset (``stored_data``: a ``save_to_disk`` folder,
     .parquet, .arrow, a dataset in the local datasets cache) or a bundled data set into examples.
 
     A ``.txt`` is one example per non-empty line in ``entries`` mode, and one running text (newlines
     kept) in ``corpus`` mode. ``split``: which split of a dataset with several (train, or for ``eval``
-    validation/test). DataError with file and line (or row) on any problem.
+    validation/test), unless ``parts`` names it (and a cached dataset's configuration). DataError with
+    file and line (or row) on any problem.
     """
     from . import stored_data
 
     path = data_path(path)
     if stored_data.is_stored(path):
-        return stored_data.read_stored(path, fields, split)
+        return stored_data.read_stored(path, fields, split, parts)
+    if parts.given():
+        raise DataError(f"{path}: {parts.given()[0]} chooses a part of a stored dataset (a datasets folder or a "
+                        "cached dataset name); this is a plain data file: drop the option")
     if not path.exists():
         raise DataError(f"{path}: no such data file (bundled data sets: {', '.join(bundled_data())})")
     if path.is_dir():
@@ -194,10 +198,10 @@ def _jsonl(path: Path, text: str, fields: Fields) -> list[Example]:
 
 
 def load_examples(path: Path, mode: Mode, tokenizer, chat_template: bool, fields: Fields = DEFAULT_FIELDS,
-                  split: Split = "train") -> tuple[list[Example], bool]:
+                  split: Split = "train", parts: DatasetParts = WHOLE) -> tuple[list[Example], bool]:
     """A data source's examples for training, and whether the tokenizer's chat template rendered them
     (when ``chat_template`` is asked for, or when rows hold messages)."""
-    examples = read_examples(path, mode, fields, split)
+    examples = read_examples(path, mode, fields, split, parts)
     if chat_template or any(ex.messages for ex in examples):
         return chat_examples(examples, tokenizer, str(path)), True
     return examples, False

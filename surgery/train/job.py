@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .data import DEFAULT_FIELDS, Blocks, Fields, Mode, PackedMask, block_mask
+from .rows import WHOLE, DatasetParts
 from ..errors import DataError, TrainError, first_line
 from .master_weights import MasterWeights
 from ..random_state import forked_rng
@@ -185,12 +186,13 @@ def make_job(base: nn.Module, name: str, rules, data: str | Path, tokenizer, con
              out: Path | None = None, eval_data: str | Path | None = None, eval_split: float | None = None,
              mode: Mode = "entries", block_size: int = 128, pad_token_id: int | None = None,
              model_name: str = "", chat_template: bool = False, packing: bool = False,
-             fields: Fields = DEFAULT_FIELDS) -> Job:
+             fields: Fields = DEFAULT_FIELDS, parts: DatasetParts = WHOLE) -> Job:
     """Read and check everything a job needs, then make its fine-tune (seeded): errors come first.
 
     ``chat_template``: render prompt/completion rows with the tokenizer's chat template (``messages``
     rows always are). ``packing``: fill each training row with several examples (``data.pack``); the
-    eval rows stay one example each. ``fields``: which columns hold text, prompt, completion, messages.
+    eval rows stay one example each. ``fields``: which columns hold text, prompt, completion, messages;
+    ``parts``: a cached dataset's configuration and the splits to train and evaluate on.
     ``data`` and ``eval_data`` may be stored datasets (``stored_data``); eval takes their validation split."""
     from .data import data_digest, data_path, load_examples, model_max_length, pack, tokenize
     from ..finetune.rewriting import rewrite
@@ -220,13 +222,13 @@ def make_job(base: nn.Module, name: str, rules, data: str | Path, tokenizer, con
                         "into full blocks: give one of them")
     keep_apart = _packed_attention(base, model_name or type(base).__name__) if packing else "positions"
     path = data_path(data)
-    examples, templated = load_examples(path, mode, tokenizer, chat_template, fields)
+    examples, templated = load_examples(path, mode, tokenizer, chat_template, fields, parts=parts)
     blocks = tokenize(examples, tokenizer, block_size=block_size, mode=mode, pad_token_id=pad_token_id,
                       source=str(path))
     held_out, eval_digest = None, eval_split
     if eval_data is not None:
         eval_path = data_path(eval_data)
-        eval_examples = load_examples(eval_path, mode, tokenizer, chat_template, fields, split="eval")[0]
+        eval_examples = load_examples(eval_path, mode, tokenizer, chat_template, fields, split="eval", parts=parts)[0]
         held_out = tokenize(eval_examples, tokenizer, block_size=block_size, mode=mode, pad_token_id=pad_token_id,
                             source=str(eval_path))
         eval_digest = data_digest(eval_path, eval_examples)

@@ -41,6 +41,29 @@ class Fields:
 DEFAULT_FIELDS = Fields()
 
 
+@dataclass(frozen=True)
+class DatasetParts:
+    """Which part of a stored dataset to read (``--dataset-config``, ``--dataset-train-split``,
+    ``--dataset-test-split``, as TRL names them): a configuration of a dataset in the local cache, and the
+    splits training and evaluation take (default: train; validation, test or eval)."""
+
+    config: str | None = None
+    train_split: str | None = None
+    test_split: str | None = None
+
+    def split_for(self, split: Split) -> str | None:
+        return self.train_split if split == "train" else self.test_split
+
+    def given(self) -> list[str]:
+        """The options set, by their CLI names (for errors about sources they do not apply to)."""
+        names = {"config": "--dataset-config", "train_split": "--dataset-train-split",
+                 "test_split": "--dataset-test-split"}
+        return [flag for key, flag in names.items() if getattr(self, key) is not None]
+
+
+WHOLE = DatasetParts()
+
+
 def example_of(row, where: str, fields: Fields = DEFAULT_FIELDS) -> Example:
     """One row (a mapping of column names to values) as an Example; DataError at ``where`` if it has none
     of the fields."""
