@@ -320,7 +320,7 @@ def _extra_tokens(adapter: PeftFolder, tokens: dict[str, torch.Tensor]) -> dict:
     if not isinstance(indices, dict) or any(ids != expected for ids in indices.values()) or \
             {p.rsplit(".", 1)[-1] for p in tokens} != set(indices) or \
             any(tuple(t.shape)[0] != count for t in tokens.values()):
-        raise AdapterStateError(f"{where}: trainable_token_indices {indices!r} and the token rows are not the "
+        raise AdapterStateError(f"{where}: trainable_token_indices {str(indices)[:200]} and the token rows are not the "
                                 f"{count} extra tokens from id {first} the folder's metadata names; the folder is "
                                 "inconsistent")
     return {"extra_tokens": extra}
