@@ -234,3 +234,23 @@ def test_loftq_on_cuda_equals_peft_s_replace_lora_weights_loftq(tmp_path):
     with torch.no_grad():
         got, expected = ours(ids).logits, theirs.eval()(ids).logits
     assert ((got - expected).abs().max() / expected.abs().max()).item() <= 1e-5
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_new_tokens_train_on_cuda_and_leave_the_nf4_base_alone(precision, digest):
+    """extra_tokens on a CUDA nf4 base: the rows live on the GPU, train under autocast, and the base stays as is."""
+    base = cuda_base()
+    rules = {"version": 1, "quantize": "nf4", "default": "freeze", "extra_tokens": ["<t>"],
+             "rules": [{"match": "re:.*(q_proj|v_proj)", "action": "adapt", "lora": {"r": 4}},
+                       {"type": "linear", "match": "re:model\\..*", "action": "quantize"}]}
+    surgery.prepare_base(base, rules)
+    before = digest(base)
+    config = TrainConfig(batch_size=8, lr=1e-2, max_steps=20, seed=0, precision=precision)
+    job = make_job(base, "job", rules, "upper", TOK, config, block_size=24, model_name="tiny-llama")
+    rows = job.finetune.get_output_embeddings().extra_rows  # tiny-llama's head is untied: rows of its own
+    assert rows.is_cuda and job.finetune.config.vocab_size == 261
+    start = rows.detach().clone()
+    (run,) = train([job])
+    losses = [r["loss"] for r in run.history if "loss" in r]
+    assert all(torch.isfinite(torch.tensor(losses))) and digest(base) == before
+    assert not torch.equal(rows, start)  # the softmax over 261 logits trains the new output row too
