@@ -38,8 +38,13 @@ def test_the_activation_estimate_is_within_15_percent_of_what_autograd_saves(nam
     assert abs(estimate - real) <= 0.15 * real, (estimate, real)
 
 
+DORA_AND_NEW_TOKENS = {"version": 1, "quantize": "nf4", "default": "freeze", "extra_tokens": ["<a>", "<b>"],
+                       "rules": [{"match": "q_proj", "action": "adapt", "lora": {"r": 4, "use_dora": True}}]}
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
-@pytest.mark.parametrize("rules", ["qv_lora", "lora_plus_head", "full_finetune"])
+@pytest.mark.parametrize("rules", ["qv_lora", "lora_plus_head", "full_finetune", DORA_AND_NEW_TOKENS],
+                         ids=["qv_lora", "lora_plus_head", "full_finetune", "dora_and_new_tokens"])
 def test_optimizer_state_and_gradients_are_what_the_optimizer_allocates(optimizer, rules):
     ft = surgery.rewrite(surgery.tiny_model("tiny-llama"), rules)
     params = [p for p in ft.parameters() if p.requires_grad]

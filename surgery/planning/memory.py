@@ -141,22 +141,27 @@ def finetune_cost(graph: ModelGraph, decisions: dict) -> tuple[int, int]:
     return nbytes + sum(b for b, _ in plain.values()), params + sum(n for _, n in plain.values())
 
 
-def extra_token_cost(graph: ModelGraph, decisions: dict, count: int) -> tuple[int, int]:
-    """Bytes and parameters of ``count`` new token rows (float32): one set for the input embedding (the embedding
-    with the most rows) and one for the output layer, one set in all where they still share one tensor (a tie
-    that neither a plain copy nor quantization splits)."""
+def extra_token_tensors(graph: ModelGraph, decisions: dict, count: int) -> list[tuple[int, int]]:
+    """(elements, bytes per element) of ``count`` new token rows (float32): a set for the input embedding (the
+    embedding with the most rows) and one for the output layer, one set in all where they still share one tensor
+    (a tie that neither a plain copy nor quantization splits)."""
     embeddings = [m for m in graph.leaves() if m.kind == "embedding" and m.param("weight") is not None]
     if not count or not embeddings:
-        return 0, 0
+        return []
     embedding = max(embeddings, key=lambda m: m.param("weight").shape[0])
-    rows, dim = embedding.param("weight").shape[:2]
+    dim = embedding.param("weight").shape[1]
     name = f"{embedding.path}.weight" if embedding.path else "weight"
     group = next((g for g in graph.ties if name in g), ())
     sides = [decisions.get(n.rsplit(".", 1)[0]) for n in group]
     tied = len(group) > 1 and all(d is not None and d.action != "plain" and d.storage not in ("int8", "nf4", "fp4")
                                   for d in sides)
-    params = count * dim * (1 if tied else 2)
-    return params * 4, params
+    return [(count * dim, 4)] * (1 if tied else 2)
+
+
+def extra_token_cost(graph: ModelGraph, decisions: dict, count: int) -> tuple[int, int]:
+    """Bytes and parameters of ``count`` new token rows (``extra_token_tensors``)."""
+    tensors = extra_token_tensors(graph, decisions, count)
+    return sum(n * size for n, size in tensors), sum(n for n, _ in tensors)
 
 
 def fmt_bytes(n: float) -> str:

@@ -138,6 +138,12 @@ def plan_renderable(plan):
     return Group(*parts)
 
 
+def _finetune_label(plan) -> str:
+    extra = plan.rules.extra_tokens
+    rows = f" + {len(extra.tokens)} new token rows" if extra is not None else ""
+    return f"each fine-tune (adapters + plain copies{rows})"
+
+
 def memory_table(plan, finetunes: int | None = None) -> Table:
     n = plan.finetunes if finetunes is None else finetunes
     table = Table(title=f"memory (planned, exact): base + {n} fine-tune{'s' if n != 1 else ''}")
@@ -145,7 +151,7 @@ def memory_table(plan, finetunes: int | None = None) -> Table:
     table.add_column("bytes", justify="right")
     table.add_column("", justify="right")
     rows = [("base as loaded", plan.base_bytes_now), ("base after quantization", plan.base_bytes_after),
-            ("each fine-tune (adapters + plain copies)", plan.finetune_bytes),
+            (_finetune_label(plan), plan.finetune_bytes),
             (f"base + {n} fine-tune{'s' if n != 1 else ''}", plan.total_bytes(n)),
             (f"{n} full cop{'ies' if n != 1 else 'y'} of the model", plan.full_copies_bytes(n))]
     for label, value in rows:
@@ -174,7 +180,7 @@ def per_device_table(plan, world_size: int, fsdp: bool) -> Table:
     table.add_column("bytes", justify="right")
     table.add_column("", justify="right")
     n = plan.finetunes
-    for label, key in (("base", "base_bytes"), ("each fine-tune (adapters + plain copies)", "finetune_bytes"),
+    for label, key in (("base", "base_bytes"), (_finetune_label(plan), "finetune_bytes"),
                        ("each fine-tune training (+ gradients + AdamW moments)", "finetune_training_bytes"),
                        (f"base + {n} fine-tune{'s' if n != 1 else ''} training", "total_training_bytes")):
         table.add_row(label, f"{facts[key]:,}", fmt_bytes(facts[key]))

@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from .memory import DTYPE_BYTES, base_bytes_by_device, fmt_bytes, lora_dims
+from .memory import DTYPE_BYTES, base_bytes_by_device, extra_token_tensors, fmt_bytes, lora_dims
 
 if TYPE_CHECKING:
     from torch import nn
@@ -128,7 +128,8 @@ def layer_group(path: str) -> str:
 
 
 def trainable_tensors(plan: "Plan") -> list[tuple[int, int]]:
-    """(elements, bytes per element) of every tensor one fine-tune trains: LoRA A, B, bias; plain copies."""
+    """(elements, bytes per element) of every tensor one fine-tune trains: LoRA A, B, bias, DoRA's magnitude; plain
+    copies; new token rows."""
     out: list[tuple[int, int]] = []
     canon, seen = plan.graph.canonical_names(), set()
     for path, decision in plan.decisions.items():
@@ -138,13 +139,15 @@ def trainable_tensors(plan: "Plan") -> list[tuple[int, int]]:
             in_f, out_f = lora_dims(info.kind, weight.shape)
             size, r = DTYPE_BYTES[decision.lora.dtype], decision.lora.r
             out += [(r * in_f, size), (out_f * r, size)] + ([(out_f, size)] if decision.lora.bias else [])
+            out += [(out_f, size)] if decision.lora.use_dora else []  # DoRA's magnitude
         elif decision.action == "plain":
             for p in info.params:
                 name = canon.get(f"{path}.{p.name}", f"{path}.{p.name}")
                 if name not in seen:
                     seen.add(name)
                     out.append((p.numel, p.nbytes // max(p.numel, 1)))
-    return out
+    extra = plan.rules.extra_tokens
+    return out + (extra_token_tensors(plan.graph, plan.decisions, len(extra.tokens)) if extra is not None else [])
 
 
 def training_peak(plan: "Plan", model: "nn.Module | None", shape: TrainingShape, *, cuda: bool = True) -> TrainingPeak:
