@@ -164,3 +164,17 @@ def test_a_hostile_or_changed_checkpoint_is_refused_and_the_base_restored(tmp_pa
     with pytest.raises(RewriteError, match="not a safetensors index"):
         surgery.rewrite(base, rules("nf4"))
     assert digest(base) == before
+
+
+def test_the_cli_trains_from_a_loftq_start(tmp_path):
+    """--init-lora-weights loftq: the base loads quantized, W comes from the tiny model's seed, and the recorded
+    rule file says loftq."""
+    from test_cli import run
+
+    result = run("train", "--target-modules", "q_proj,v_proj", "--quantize", "nf4", "--init-lora-weights", "loftq",
+                 "--lora-r", "4", "--model", "tiny-llama", "--data", "upper", "--max-steps", "2",
+                 "--out", str(tmp_path / "run"))
+    assert result.exit_code == 0, result.output
+    adapter = surgery.read_adapter(tmp_path / "run" / "adapter.safetensors")
+    assert {r.lora.init for r in adapter.rules.rules if r.lora} == {"loftq"}
+    assert "--init-lora-weights loftq" in (tmp_path / "run" / "rules.yaml").read_text()
