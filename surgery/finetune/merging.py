@@ -18,7 +18,7 @@ from ..errors import MergeError
 from ..layers.bnb import dense_weight, quantized_storage
 from ..layers.lora import LoraLayer
 from ..base.quantize import quantized_layer
-from ..layers.extra_tokens import ExtraTokenLayer
+from ..layers.extra_tokens import ExtraTokenHead, ExtraTokenLayer
 from .vocabulary import extra_token_layers
 from .state import detached_copy, require_finetune
 from .sharding import refuse_sharded
@@ -39,7 +39,7 @@ def merge(finetune: nn.Module, dtype: torch.dtype | None = None, *, requantize: 
     with torch.no_grad():
         for path, module in finetune.named_modules():
             owner = next((p for p in extra if path.startswith(p + ".")), None)
-            if owner is not None:  # inside an extra-token layer: merged with it, below
+            if owner is not None:  # inside an extra-token layer: merged with it (_dense_extra_token_layer)
                 continue
             if isinstance(module, ExtraTokenLayer):
                 memo[id(module)] = _dense_extra_token_layer(module, kinds[path], target)
@@ -47,6 +47,7 @@ def merge(finetune: nn.Module, dtype: torch.dtype | None = None, *, requantize: 
                 memo[id(module)] = _dense_layer(module.base_layer, kinds[path], target, module)
             elif quantized_storage(module) and path in kinds:  # not an adapter's own base_layer
                 memo[id(module)] = _dense_layer(module, kinds[path], target)
+        _keep_tied(list(extra.values()), memo)
         merged = detached_copy(finetune, memo)
     for p in merged.parameters():
         p.requires_grad_(False)
@@ -131,6 +132,16 @@ def _dense_extra_token_layer(layer: ExtraTokenLayer, kind: str, dtype: torch.dty
             out.bias.zero_()[:dense.bias.shape[0]] = dense.bias
     out.weight.copy_(weight)
     return out.requires_grad_(False)
+
+
+def _keep_tied(layers: list[ExtraTokenLayer], memo: dict[int, object]) -> None:
+    """A tied base's output layer and embedding with the same new rows merge into one tensor, as the base holds one
+    (unless an adapter made the two differ: then they stay apart and the config says so)."""
+    for head in layers:
+        embedding = next((e for e in layers if e is not head and e.extra_rows is head.extra_rows), None)
+        if isinstance(head, ExtraTokenHead) and embedding is not None:
+            if torch.equal(memo[id(head)].weight, memo[id(embedding)].weight):
+                memo[id(head)].weight = memo[id(embedding)].weight
 
 
 def _untie_broken_ties(merged: nn.Module, base: nn.Module) -> None:
