@@ -254,3 +254,23 @@ def test_new_tokens_train_on_cuda_and_leave_the_nf4_base_alone(precision, digest
     losses = [r["loss"] for r in run.history if "loss" in r]
     assert all(torch.isfinite(torch.tensor(losses))) and digest(base) == before
     assert not torch.equal(rows, start)  # the softmax over 261 logits trains the new output row too
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "flash_attention_2"])
+def test_packed_examples_keep_apart_on_cuda(attention):
+    """Each example's loss in packed rows is its loss alone on the GPU: SDPA reads the restarting position ids row by
+    row; flash attention gets the micro-batch flattened into one row (its variable-length kernels)."""
+    from test_packing import packed_and_alone_losses
+
+    from surgery.train.job import _packed_attention
+
+    if attention == "flash_attention_2":
+        pytest.importorskip("flash_attn")
+    dtype = torch.bfloat16 if attention == "flash_attention_2" else torch.float32
+    model = surgery.tiny_model("tiny-llama").to("cuda", dtype).eval()
+    model.set_attn_implementation(attention)
+    form = _packed_attention(model, "tiny-llama")
+    assert form == ("flattened" if attention == "flash_attention_2" else "positions")
+    got, expected = packed_and_alone_losses(model, form)
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)

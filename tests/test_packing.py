@@ -36,6 +36,33 @@ def test_rows_hold_whole_examples_in_order_with_restarting_positions():
     assert "attention_mask" not in batch and batch[TOKENS] == sum(lengths)
 
 
+def packed_and_alone_losses(model, keep_apart) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each example's mean token loss inside packed rows, and its loss alone (an unpacked row), on the model's
+    device."""
+    device = next(model.parameters()).device
+    blocks, packed = unpacked(), pack(unpacked(), keep_apart)
+    with torch.no_grad():
+        batch = packed.batch(torch.arange(len(packed)))
+        assert ("attention_mask" in batch) == (keep_apart in ("bool", "additive"))
+        inputs = {k: v.to(device) for k, v in batch.items() if k not in (TOKENS, "labels")}
+        logits = model(**inputs, use_cache=False).logits.float().cpu()
+        token_loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], ignore_index=IGNORE,
+                                     reduction="none")
+        example = torch.cumsum((batch["position_ids"] == 0).long(), dim=1)[:, 1:]  # which example each target is in
+        got = []
+        for row in range(batch["input_ids"].shape[0]):  # flattened: one row
+            for k in example[row].unique().tolist():
+                chosen = (example[row] == k) & (batch["labels"][row, 1:] != IGNORE)
+                if chosen.any():
+                    got.append(token_loss[row][chosen].mean())
+        expected = []
+        for row in range(len(blocks)):
+            alone = {k: v.to(device) for k, v in blocks.batch(torch.tensor([row])).items() if k != TOKENS}
+            expected.append(model(**alone, use_cache=False).loss.float().cpu())
+    assert len(got) == len(expected) == len(EXAMPLES)
+    return torch.stack(got), torch.stack(expected)
+
+
 @pytest.mark.parametrize("name,attention,keep_apart", [
     ("tiny-llama", "sdpa", "positions"), ("tiny-gpt2", "sdpa", "positions"),
     ("tiny-opt", "sdpa", "bool"), ("tiny-opt", "eager", "additive")])  # OPT's mask ignores position ids
@@ -43,27 +70,34 @@ def test_each_examples_loss_in_a_packed_row_is_its_loss_alone(name, attention, k
     model = surgery.tiny_model(name).eval()  # fp32: LLM.int8's outlier columns depend on what else is in the batch
     model.config._attn_implementation = attention
     assert _packed_attention(model, name) == keep_apart  # the probe picks what keeps examples apart
-    blocks, packed = unpacked(), pack(unpacked(), keep_apart)
-    with torch.no_grad():
-        batch = packed.batch(torch.arange(len(packed)))
-        assert ("attention_mask" in batch) == (keep_apart != "positions")
-        inputs = {k: v for k, v in batch.items() if k not in (TOKENS, "labels")}
-        logits = model(**inputs, use_cache=False).logits
-        token_loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], ignore_index=IGNORE,
-                                     reduction="none")
-        example = torch.cumsum((batch["position_ids"] == 0).long(), dim=1)[:, 1:]  # which example each target is in
-        got = []
-        for row in range(len(packed)):
-            for k in example[row].unique().tolist():
-                chosen = (example[row] == k) & (batch["labels"][row, 1:] != IGNORE)
-                if chosen.any():
-                    got.append(token_loss[row][chosen].mean())
-        expected = []
-        for row in range(len(blocks)):
-            alone = blocks.batch(torch.tensor([row]))
-            expected.append(model(**alone, use_cache=False).loss)
-    assert len(got) == len(expected) == len(EXAMPLES)
-    torch.testing.assert_close(torch.stack(got), torch.stack(expected), rtol=1e-5, atol=1e-5)
+    got, expected = packed_and_alone_losses(model, keep_apart)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_micro_batch_flattened_into_one_row_keeps_each_example_s_loss():
+    """The form flash attention gets (transformers reads packed position ids only for a batch of one row): the
+    rows of a micro-batch joined into one, each row's padded tail a segment of its own; checked here with SDPA,
+    which reads the same position ids."""
+    model = surgery.tiny_model("tiny-llama").eval()
+    packed = pack(unpacked(), "flattened")
+    batch = packed.batch(torch.arange(len(packed)))
+    assert batch["input_ids"].shape[0] == 1 and len(packed) > 1 and "attention_mask" not in batch
+    got, expected = packed_and_alone_losses(model, "flattened")
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    model.config._attn_implementation = "flash_attention_2"
+    calls = []
+    original = model.forward
+
+    def recorded(*args, **kwargs):  # no flash kernels here: the probe's call is answered by SDPA, as on one row
+        calls.append(kwargs["input_ids"].shape)
+        model.config._attn_implementation = "sdpa"
+        try:
+            return original(*args, **kwargs)
+        finally:
+            model.config._attn_implementation = "flash_attention_2"
+
+    model.forward = recorded
+    assert _packed_attention(model, "tiny-llama") == "flattened" and calls
 
 
 def packed_job(**options):

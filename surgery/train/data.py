@@ -34,9 +34,11 @@ Mode = Literal["entries", "corpus"]
 
 
 # How packed rows keep their examples apart: restarting position ids alone (transformers builds the block-diagonal
-# mask from them), or a 4D block-diagonal causal mask passed as the attention mask, boolean (SDPA) or additive
-# (eager attention), for models whose mask ignores position ids (OPT)
-PackedMask = Literal["positions", "bool", "additive"]
+# mask from them, row by row); the micro-batch flattened into one row with those position ids (flash attention:
+# transformers runs its variable-length kernels only on a batch of one row); or a 4D block-diagonal causal mask
+# passed as the attention mask, boolean (SDPA) or additive (eager attention), for models whose mask ignores
+# position ids (OPT)
+PackedMask = Literal["positions", "flattened", "bool", "additive"]
 TOKENS = "_tokens"  # a micro-batch's real token count, counted on the host (no device sync per micro-batch)
 
 
@@ -64,11 +66,13 @@ class Blocks:
         if self.position_ids is None:
             return {**out, "attention_mask": mask[:, :width]}
         # packed: no attention mask, so transformers builds the block-diagonal one from the restarting position
-        # ids (flash-attention's variable-length kernels read them alike), or the 4D mask itself for models that
-        # ignore position ids there; the token count rides along
+        # ids (flash attention: from the rows flattened into one, the only shape it reads them in), or the 4D mask
+        # itself for models that ignore position ids there; the token count rides along
         positions = self.position_ids[rows, :width]
         out = {**out, "position_ids": positions, TOKENS: int(mask.sum())}
-        if self.packed_mask != "positions":
+        if self.packed_mask == "flattened":  # each row's tail restarts at 0 too: a segment of its own, no loss
+            out.update({key: out[key].reshape(1, -1) for key in ("input_ids", "labels", "position_ids")})
+        elif self.packed_mask != "positions":
             out["attention_mask"] = block_mask(positions, self.packed_mask)
         return out
 

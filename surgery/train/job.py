@@ -294,23 +294,28 @@ def _vocab_size(base: nn.Module) -> int | None:
 def _packed_attention(model: nn.Module, name: str) -> PackedMask:
     """How packed rows keep examples apart in this model, probed on six tokens (two examples of three): the second
     example's logits packed must be its logits alone. Restarting position ids first (transformers builds the mask
-    from them); for a model whose mask ignores them (OPT), a 4D block-diagonal mask of the form its attention
-    takes (boolean for SDPA, additive for eager). Runs before anything changes (the training flag is put back)."""
+    from them); under flash attention the same ids over each micro-batch flattened into one row (transformers
+    reads packed position ids there only for a batch of one row); for a model whose mask ignores them (OPT), a 4D
+    block-diagonal mask of the form its attention takes (boolean for SDPA, additive for eager). Runs before
+    anything changes (the training flag is put back)."""
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
     positions = torch.tensor([[0, 1, 2, 0, 1, 2]])
     attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    forms: list[PackedMask] = ["positions"] + {"sdpa": ["bool"], "eager": ["additive"]}.get(attention, [])
+    first: PackedMask = "flattened" if "flash" in str(attention) else "positions"
+    forms: list[PackedMask] = [first] + {"sdpa": ["bool"], "eager": ["additive"]}.get(attention, [])
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             device = next(p.device for p in model.parameters())
-            alone = model(input_ids=ids[:, 3:].to(device), use_cache=False).logits[0].float()
+            logits = model(input_ids=ids[:, 3:].to(device), use_cache=False).logits
+            tolerance = max(1e-3, 4 * torch.finfo(logits.dtype).eps)  # bf16 logits differ by rounding alone
+            alone = logits[0].float()
             for form in forms:
-                extra = {} if form == "positions" else {"attention_mask": block_mask(positions, form).to(device)}
+                extra = {} if form == first else {"attention_mask": block_mask(positions, form).to(device)}
                 packed = model(input_ids=ids.to(device), position_ids=positions.to(device), use_cache=False,
-                               **extra).logits[0, 3:].float()
-                if (packed - alone).abs().max() <= 1e-3 * alone.abs().max() + 1e-5:
+                               **extra).logits[0, 3:].float()  # one row: flattened is the same six tokens
+                if (packed - alone).abs().max() <= tolerance * alone.abs().max() + 1e-5:
                     return form
     finally:
         model.train(was_training)
