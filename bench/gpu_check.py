@@ -11,7 +11,8 @@ given wheels; see the device notes). Each step runs in its own process with a ti
 
   cuda_tests     tests/test_cuda.py: quantize-on-load on CUDA vs the CPU, every command with --device cuda,
                  bf16/fp16 training that learns and leaves base and sibling alone, generation, merge, PEFT
-                 export loaded by PEFT on CUDA, 8-bit AdamW
+                 export loaded by PEFT on CUDA, 8-bit AdamW, LoftQ vs PEFT's own, new tokens on an nf4 base,
+                 packing under SDPA and flash attention (flash_attn, where installed)
   batched        bench/batched.py --device cuda --quick (batched vs one-after-another generation and training)
   train_step     bench/train_step.py --device cuda (surgery vs PEFT, same config, interleaved, synchronized)
   load_memory    bench/load_memory.py --device cuda (1.1B bf16 checkpoint: host and device peaks while loading)
