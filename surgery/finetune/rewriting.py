@@ -49,21 +49,13 @@ def rewrite(model: nn.Module, rules: RuleSet | str, *, progress: Callable | None
     rules = load_rules(rules)
     the_plan = make_plan(base_graph(model), rules)
     warn_if_quantizing_under_finetunes(model, the_plan)
-    loftq = [d for d in the_plan.decisions.values() if d.lora is not None and d.lora.init == "loftq"]
-    loftq = loftq if finish is None else []  # finish loads saved adapters: no start to compute
-    if loftq and base_record(model).sharded is not None:
-        raise ShardingError(f"{loftq[0].path}: init_lora_weights: loftq reads the layer's whole weight, and this base "
-                            "is sharded with FSDP2; make LoftQ fine-tunes of an unsharded base")
-    full = full_weight_reader(model, [d.path for d in loftq], base_record(model).full_weights) if loftq else None
-    first_id = first_extra_id(model, rules)
-    if first_id is not None and base_record(model).sharded is not None:
-        raise ShardingError(f"{rules.source}: extra_tokens needs the whole embedding and output layer, and this base "
-                            "is sharded with FSDP2; add new tokens to fine-tunes of an unsharded base")
+    loftq, full = _loftq_starts(model, the_plan, loading=finish is not None)
+    first_id = _first_extra_id(model, rules)
     with restored_on_failure(model, "rewrite"):
         quantize_base(model, the_plan, progress)
         settle_base(model)
         finetune = _structural_copy(model, the_plan)
-        if full is not None:
+        if loftq:
             _start_from_quantization_error(finetune, loftq, full)
         if first_id is not None:
             add_extra_tokens(finetune, rules.extra_tokens, first_id)
@@ -122,6 +114,27 @@ def _structural_copy(base: nn.Module, the_plan: Plan) -> nn.Module:
         elif decision.action == "adapt" and decision.lora is not None:
             replace_submodule(finetune, path, make_adapter(finetune.get_submodule(path), decision.kind, decision.lora))
     return finetune
+
+
+def _loftq_starts(model: nn.Module, the_plan: Plan, *, loading: bool) -> tuple[list[Decision], Any]:
+    """The LoftQ decisions and a reader of their full-precision weights, checked before anything changes; none when
+    saved adapters are loaded (``loading``: they overwrite any start)."""
+    loftq = [] if loading else [d for d in the_plan.decisions.values() if d.lora is not None and d.lora.init == "loftq"]
+    if not loftq:
+        return [], None
+    if base_record(model).sharded is not None:
+        raise ShardingError(f"{loftq[0].path}: init_lora_weights: loftq reads the layer's whole weight, and this base "
+                            "is sharded with FSDP2; make LoftQ fine-tunes of an unsharded base")
+    return loftq, full_weight_reader(model, [d.path for d in loftq], base_record(model).full_weights)
+
+
+def _first_extra_id(model: nn.Module, rules: RuleSet) -> int | None:
+    """The first new token's id (None without ``extra_tokens``), checked before anything changes."""
+    first_id = first_extra_id(model, rules)
+    if first_id is not None and base_record(model).sharded is not None:
+        raise ShardingError(f"{rules.source}: extra_tokens needs the whole embedding and output layer, and this base "
+                            "is sharded with FSDP2; add new tokens to fine-tunes of an unsharded base")
+    return first_id
 
 
 def _start_from_quantization_error(finetune: nn.Module, decisions: list[Decision], full) -> None:
