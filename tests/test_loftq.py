@@ -102,6 +102,18 @@ def test_loftq_reads_w_from_the_checkpoint_or_the_seed_when_the_base_loaded_quan
             assert all(torch.equal(got[k], expected[k]) for k in expected), name
 
 
+def test_a_model_transformers_loaded_from_a_folder_is_read_back_from_its_checkpoint(tmp_path):
+    """As PEFT's replace_lora_weights_loftq finds W: the model's name_or_path, a folder with safetensors."""
+    import transformers
+
+    surgery.tiny_model("tiny-llama").save_pretrained(tmp_path / "ckpt")
+    expected = own_state(surgery.rewrite(surgery.tiny_model("tiny-llama"), rules("nf4")))
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    surgery.prepare_base(base, rules("nf4", init="true"))  # quantized in memory: W only in the folder now
+    got = own_state(surgery.rewrite(base, rules("nf4")))
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
 def test_without_full_precision_weights_loftq_is_refused_before_anything_changes(digest):
     base = surgery.tiny_model("tiny-llama")
     surgery.prepare_base(base, rules("nf4", init="true"))  # quantized in memory: W is gone

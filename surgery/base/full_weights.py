@@ -139,18 +139,32 @@ def full_weight_reader(model: nn.Module, paths: list[str], source: FullWeights |
     rest = [p for p in paths if p not in held]
     if not rest:
         return InMemoryWeights(held)
+    source = source or checkpoint_of(model)
     if source is None:
         raise RewriteError(
             f"init_lora_weights: loftq needs the full-precision weight of {rest[0]}"
             f"{f' (and {len(rest) - 1} more)' if len(rest) > 1 else ''}, but the base holds it quantized and surgery "
-            "does not know where it was loaded from; load the base with surgery.load_model (which records its "
-            "checkpoint), or make the LoftQ fine-tune before the base is quantized")
+            "does not know where it was loaded from (no safetensors checkpoint at its name_or_path); load the base "
+            "with surgery.load_model (which records its checkpoint), or make the LoftQ fine-tune before the base is "
+            "quantized")
     missing = source.missing(rest)
     if missing:
         raise RewriteError(f"init_lora_weights: loftq needs the full-precision weight of {missing[0]}, but "
                            f"{source.describe()} has no safetensors tensor for it; LoftQ reads weights from a "
                            "safetensors checkpoint (save the model with save_pretrained), or use init true")
     return _Both(InMemoryWeights(held), source)
+
+
+def checkpoint_of(model: nn.Module) -> CheckpointWeights | None:
+    """The safetensors checkpoint a transformers model says it came from (``name_or_path``: a local folder, or a
+    model in the local HF cache), as PEFT's ``replace_lora_weights_loftq`` finds it; None when there is none."""
+    from .loading import WEIGHT_FILES, locate
+
+    name = str(getattr(model, "name_or_path", "") or "")
+    where, folder = locate(name) if name else ("missing", None)
+    if where not in ("directory", "hub-cache") or not any((folder / f).is_file() for f in WEIGHT_FILES[:2]):
+        return None
+    return CheckpointWeights(folder, getattr(model, "base_model_prefix", "") or "")
 
 
 @dataclass(frozen=True)

@@ -200,7 +200,7 @@ def load_model(name: str, *, weights: bool = True, random_init: bool = False,
     rule_sets = _rule_sets(rules)
     target = resolve_device(device or "cpu")
     placement = Placement(target, device_map, max_memory, attn_implementation)
-    source, folder = _locate(name)
+    source, folder = locate(name)
     if source == "tiny":
         loaded = LoadedModel(tiny_model(name), name, "tiny", True)
     elif source in ("directory", "hub-cache"):
@@ -305,7 +305,7 @@ def graph_of(name: str, *, use_cache: bool = True):
     return graph
 
 
-def _locate(name: str) -> tuple[str, Path | None]:
+def locate(name: str) -> tuple[str, Path | None]:
     """Where MODEL comes from, in the order load_model tries: tiny, directory, file (an error), hub-cache,
     bundled; ("missing", None) when nowhere. The folder for directory and hub-cache."""
     if name in TINY_MODELS:
@@ -329,7 +329,7 @@ def config_identity(name: str) -> dict | None:
     """
     import json
 
-    source, folder = _locate(name)
+    source, folder = locate(name)
     if source in ("tiny", "bundled"):
         return {source: (TINY_MODELS if source == "tiny" else ARCHITECTURES)[name]}
     if folder is None or source == "file":
