@@ -1,9 +1,9 @@
 """A quantized base's full-precision weights, read again where they still are: LoftQ starts from W − deq(Q(W)).
 
 The base itself keeps only Q(W). W is read, one module at a time, from the module while the base still
-holds it unquantized, else from where the base came from: its checkpoint's safetensors files (as PEFT's
-``replace_lora_weights_loftq`` does), or a rebuild of a model made in memory from a seed (tiny models,
-``--random-init``). Nothing here changes the base.
+holds it unquantized, else from where the base came from (``loading.full_weights_of`` says where): its
+checkpoint's safetensors files (as PEFT's ``replace_lora_weights_loftq`` does), or a rebuild of a model made
+in memory from a seed (tiny models, ``--random-init``). Nothing here changes the base.
 """
 
 from __future__ import annotations
@@ -139,7 +139,6 @@ def full_weight_reader(model: nn.Module, paths: list[str], source: FullWeights |
     rest = [p for p in paths if p not in held]
     if not rest:
         return InMemoryWeights(held)
-    source = source or checkpoint_of(model)
     if source is None:
         raise RewriteError(
             f"init_lora_weights: loftq needs the full-precision weight of {rest[0]}"
@@ -153,18 +152,6 @@ def full_weight_reader(model: nn.Module, paths: list[str], source: FullWeights |
                            f"{source.describe()} has no safetensors tensor for it; LoftQ reads weights from a "
                            "safetensors checkpoint (save the model with save_pretrained), or use init true")
     return _Both(InMemoryWeights(held), source)
-
-
-def checkpoint_of(model: nn.Module) -> CheckpointWeights | None:
-    """The safetensors checkpoint a transformers model says it came from (``name_or_path``: a local folder, or a
-    model in the local HF cache), as PEFT's ``replace_lora_weights_loftq`` finds it; None when there is none."""
-    from .loading import WEIGHT_FILES, locate
-
-    name = str(getattr(model, "name_or_path", "") or "")
-    where, folder = locate(name) if name else ("missing", None)
-    if where not in ("directory", "hub-cache") or not any((folder / f).is_file() for f in WEIGHT_FILES[:2]):
-        return None
-    return CheckpointWeights(folder, getattr(model, "base_model_prefix", "") or "")
 
 
 @dataclass(frozen=True)

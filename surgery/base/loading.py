@@ -222,12 +222,33 @@ def load_model(name: str, *, weights: bool = True, random_init: bool = False,
 
 def _full_weights(loaded: LoadedModel, folder: Path | None):
     """Where the base's full-precision weights can be read again once it is quantized (LoftQ reads them)."""
-    from .full_weights import CheckpointWeights, RebuiltWeights
+    from .full_weights import RebuiltWeights
 
     if loaded.source in ("directory", "hub-cache") and loaded.has_weights:
-        return CheckpointWeights(folder, getattr(loaded.model, "base_model_prefix", "") or "")
+        return _checkpoint(folder, loaded.model)
     name = loaded.name  # a tiny model or --random-init: the same seed builds the same weights
     return RebuiltWeights(lambda: load_model(name, random_init=True).model, name)
+
+
+def full_weights_of(model: nn.Module):
+    """Where a base's full-precision weights can be read again: what ``load_model`` recorded, else the safetensors
+    folder a transformers model's ``name_or_path`` names (a local folder or the local HF cache, as PEFT's
+    ``replace_lora_weights_loftq`` finds it); None when neither is there."""
+    from .shared_base import base_record
+
+    recorded = base_record(model).full_weights
+    if recorded is not None:
+        return recorded
+    name = str(getattr(model, "name_or_path", "") or "")
+    where, folder = locate(name) if name else ("missing", None)
+    safetensors = where in ("directory", "hub-cache") and any((folder / f).is_file() for f in WEIGHT_FILES[:2])
+    return _checkpoint(folder, model) if safetensors else None
+
+
+def _checkpoint(folder: Path, model: nn.Module):
+    from .full_weights import CheckpointWeights
+
+    return CheckpointWeights(folder, getattr(model, "base_model_prefix", "") or "")
 
 
 @dataclass(frozen=True)

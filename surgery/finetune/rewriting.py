@@ -22,6 +22,7 @@ from .state import FinetuneInfo, finetune_info, install_guards, mark_shared, own
 from ..layers.adapters import make_adapter
 from ..planning.decisions import Decision, Plan, plan as make_plan
 from ..base.full_weights import full_weight_reader
+from ..base.loading import full_weights_of
 from ..base.quantize import float_weight, quantize_base
 from ..random_state import forked_rng
 from ..rules.rule_file import load_rules
@@ -125,7 +126,7 @@ def _loftq_starts(model: nn.Module, the_plan: Plan, *, loading: bool) -> tuple[l
     if base_record(model).sharded is not None:
         raise ShardingError(f"{loftq[0].path}: init_lora_weights: loftq reads the layer's whole weight, and this base "
                             "is sharded with FSDP2; make LoftQ fine-tunes of an unsharded base")
-    return loftq, full_weight_reader(model, [d.path for d in loftq], base_record(model).full_weights)
+    return loftq, full_weight_reader(model, [d.path for d in loftq], full_weights_of(model))
 
 
 def _first_extra_id(model: nn.Module, rules: RuleSet) -> int | None:
