@@ -163,11 +163,12 @@ def train(
     specs += [_parse_job(j) for j in job]
     if not specs or any(r is None or d is None for _, r, d in specs):
         raise typer.BadParameter("give RULES with --data, or one or more --job NAME=RULES,DATA")
+    specs = [(n, load_rules(r), d) for n, r, d in specs]  # each rule file read once, every error before loading
     if extra_tokens is not None:
         tokens = read_extra_tokens(extra_tokens)
-        specs = [(n, with_extra_tokens(load_rules(r), tokens, str(extra_tokens)), d) for n, r, d in specs]
+        specs = [(n, with_extra_tokens(r, tokens, str(extra_tokens)), d) for n, r, d in specs]
         shorthand = specs[0][1] if shorthand is not None else None
-    first_rules = load_rules(specs[0][1])
+    first_rules = specs[0][1]
     name, why = model_for(first_rules, model)
     config = TrainConfig(batch_size, grad_accum, lr, epochs, max_steps, warmup, schedule, weight_decay,
                          max_grad_norm or None, seed, precision, optimizer, eval_steps, save_steps, save_total_limit,
@@ -175,7 +176,7 @@ def train(
                          compile_backend)
     config.check()
     trackers = parse_report_to(report_to)
-    check_batching(batched, max_batched_tokens, gradient_checkpointing, compile_, [load_rules(r) for _, r, _ in specs])
+    check_batching(batched, max_batched_tokens, gradient_checkpointing, compile_, [r for _, r, _ in specs])
     check_sharding(fsdp, batched, device_map)
     if fsdp:
         refuse_unshardable_rules(name, [r for _, r, _ in specs])
@@ -192,7 +193,7 @@ def train(
     jobs = []
     for job_name, job_rules, job_data in specs:
         folder = out if job_name is None else out / job_name
-        jobs.append(make_job(base, job_name or ("lora" if shorthand else load_rules(job_rules).name), job_rules, job_data, tokenizer, config,
+        jobs.append(make_job(base, job_name or ("lora" if shorthand else job_rules.name), job_rules, job_data, tokenizer, config,
                              out=folder, eval_data=eval_file, eval_split=eval_split,
                              mode="corpus" if group_texts else "entries", block_size=block_size,
                              pad_token_id=pad_token_id, model_name=name, chat_template=chat_template,
