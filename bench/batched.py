@@ -39,9 +39,15 @@ LINEARS = r"re:.*layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|fc1|fc
 
 def rules_for(base: str) -> dict:
     quantize = {"fp32": "none", "int8": "int8", "nf4": "nf4"}[base]
-    return {"quantize": quantize, "default": "freeze" if base == "fp32" else "quantize",
-            "rules": [{"match": "lm_head", "action": "freeze"}, {"match": "*", "type": "embedding", "action": "freeze"},
-                      {"match": LINEARS, "action": "adapt", "lora": {"r": 8, "alpha": 16, "dropout": 0.0}}]}
+    return {
+        "quantize": quantize,
+        "default": "freeze" if base == "fp32" else "quantize",
+        "rules": [
+            {"match": "lm_head", "action": "freeze"},
+            {"match": "*", "type": "embedding", "action": "freeze"},
+            {"match": LINEARS, "action": "adapt", "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
+        ],
+    }
 
 
 def finetunes(base_kind: str, n: int, device: str):
@@ -49,8 +55,8 @@ def finetunes(base_kind: str, n: int, device: str):
     import torch
 
     import surgery
-    from surgery.finetune.state import own_state
     from surgery.base.loading import load_model
+    from surgery.finetune.state import own_state
 
     base = load_model(MODEL, random_init=True).model.float().to(device)  # the config says fp16: slow on a CPU
     rules = rules_for(base_kind)
@@ -102,9 +108,14 @@ def bench_generate(base_kind: str, ns: list[int], repeats: int, new_tokens: int,
     prompt = ["the quick brown fox jumps"]
     rows = []
     for n in ns:
-        times = alternate({"alone": lambda: generate(base, fts[:1], prompt, tokenizer, max_new_tokens=new_tokens),
-                           "batched": lambda: generate(base, fts[:n], prompt, tokenizer, max_new_tokens=new_tokens)},
-                          repeats, device)
+        times = alternate(
+            {
+                "alone": lambda: generate(base, fts[:1], prompt, tokenizer, max_new_tokens=new_tokens),
+                "batched": lambda n=n: generate(base, fts[:n], prompt, tokenizer, max_new_tokens=new_tokens),
+            },
+            repeats,
+            device,
+        )
         rows.append(summarise("generate", base_kind, n, times, new_tokens, device, {"new_tokens": new_tokens}))
     return rows
 
@@ -112,12 +123,12 @@ def bench_generate(base_kind: str, ns: list[int], repeats: int, new_tokens: int,
 def bench_train(base_kind: str, ns: list[int], repeats: int, seq: int, device: str) -> list[dict]:
     import torch
 
+    from surgery.distributed import World
     from surgery.train.batched_train import make_group, micro_step
     from surgery.train.data import Blocks
-    from surgery.distributed import World
     from surgery.train.job import Job, TrainConfig
-    from surgery.train.step import train_step
     from surgery.train.loop import prepare
+    from surgery.train.step import train_step
 
     where = World()
     _, fts = finetunes(base_kind, 1 + max(ns), device)
@@ -133,7 +144,8 @@ def bench_train(base_kind: str, ns: list[int], repeats: int, seq: int, device: s
     for n in ns:
         alone = run_for(0)
         group = make_group([run_for(i) for i in range(1, n + 1)])
-        step_alone, step_batched = (lambda: train_step(alone, where)), (lambda: micro_step(group, where, None))
+        step_alone = lambda alone=alone: train_step(alone, where)  # noqa: E731
+        step_batched = lambda group=group: micro_step(group, where, None)  # noqa: E731
         times = alternate({"alone": step_alone, "batched": step_batched}, repeats, device)
         memory = {"activation_mib_alone": saved_mib(step_alone), "activation_mib_batched": saved_mib(step_batched)}
         if device == "cuda":
@@ -173,10 +185,20 @@ def summarise(mode: str, base_kind: str, n: int, times: dict, tokens_alone: int,
     """One row: throughput of one fine-tune alone (tokens_alone per call) vs n batched (n x as many)."""
     alone, together = statistics.median(times["alone"]), statistics.median(times["batched"])
     per_s_alone, per_s_batched = tokens_alone / alone, n * tokens_alone / together
-    return {"mode": mode, "n": n, "base": base_kind, "device": device_name(device), "model": MODEL,
-            "speedup": per_s_batched / per_s_alone, "tokens_per_s_alone": per_s_alone,
-            "tokens_per_s_batched": per_s_batched, "s_one_alone": times["alone"], "s_batched": times["batched"],
-            "repeats": len(times["alone"]), **extra}
+    return {
+        "mode": mode,
+        "n": n,
+        "base": base_kind,
+        "device": device_name(device),
+        "model": MODEL,
+        "speedup": per_s_batched / per_s_alone,
+        "tokens_per_s_alone": per_s_alone,
+        "tokens_per_s_batched": per_s_batched,
+        "s_one_alone": times["alone"],
+        "s_batched": times["batched"],
+        "repeats": len(times["alone"]),
+        **extra,
+    }
 
 
 def device_name(device: str) -> str:
@@ -210,29 +232,54 @@ def main() -> None:
     rows = []
     for mode in args.modes:
         repeats = args.repeats or ((2 if mode == "generate" else 3) if args.quick else 10)
-        for base_kind in (["fp32", "int8", "nf4"] if mode == "generate" else ["fp32", "nf4"]):
-            found = (bench_generate(base_kind, ns, repeats, new_tokens, args.device) if mode == "generate"
-                     else bench_train(base_kind, ns, repeats, args.seq, args.device))
+        for base_kind in ["fp32", "int8", "nf4"] if mode == "generate" else ["fp32", "nf4"]:
+            found = (
+                bench_generate(base_kind, ns, repeats, new_tokens, args.device)
+                if mode == "generate"
+                else bench_train(base_kind, ns, repeats, args.seq, args.device)
+            )
             for row in found:
-                print(f"{mode:8s} {base_kind:4s} N={row['n']}: {row['speedup']:.2f}x (one alone "
-                      f"{spread(row['s_one_alone'])} s, batched {spread(row['s_batched'])} s)", flush=True)
+                print(
+                    f"{mode:8s} {base_kind:4s} N={row['n']}: {row['speedup']:.2f}x (one alone "
+                    f"{spread(row['s_one_alone'])} s, batched {spread(row['s_batched'])} s)",
+                    flush=True,
+                )
             rows += found
     print()
-    print(f"{'mode':8s} {'base':4s} {'N':>2s} {'alone tok/s':>11s} {'batched tok/s':>13s} {'speedup':>7s} "
-          f"{'one alone s':>14s} {'spread batched s':>16s} {'act. MiB alone/batched':>22s}"
-          + (f" {'peak MiB alone/batched':>22s}" if args.device == "cuda" else ""))
+    print(
+        f"{'mode':8s} {'base':4s} {'N':>2s} {'alone tok/s':>11s} {'batched tok/s':>13s} {'speedup':>7s} "
+        f"{'one alone s':>14s} {'spread batched s':>16s} {'act. MiB alone/batched':>22s}"
+        + (f" {'peak MiB alone/batched':>22s}" if args.device == "cuda" else "")
+    )
     for r in rows:
-        memory = (f"{r['activation_mib_alone']:.0f} / {r['activation_mib_batched']:.0f}"
-                  if "activation_mib_alone" in r else "-")
+        memory = (
+            f"{r['activation_mib_alone']:.0f} / {r['activation_mib_batched']:.0f}"
+            if "activation_mib_alone" in r
+            else "-"
+        )
         peak = f" {r['peak_mib_alone']:.0f} / {r['peak_mib_batched']:.0f}" if "peak_mib_alone" in r else ""
-        
-        print(f"{r['mode']:8s} {r['base']:4s} {r['n']:2d} {r['tokens_per_s_alone']:11.1f} "
-              f"{r['tokens_per_s_batched']:13.1f} {r['speedup']:6.2f}x {spread(r['s_one_alone']):>14s} "
-              f"{spread(r['s_batched']):>16s} {memory:>22s}{peak}")
-    out = Path(args.out or ("bench/results/batched.json" if args.device == "cpu" else "bench/results/batched_cuda.json"))
+
+        print(
+            f"{r['mode']:8s} {r['base']:4s} {r['n']:2d} {r['tokens_per_s_alone']:11.1f} "
+            f"{r['tokens_per_s_batched']:13.1f} {r['speedup']:6.2f}x {spread(r['s_one_alone']):>14s} "
+            f"{spread(r['s_batched']):>16s} {memory:>22s}{peak}"
+        )
+    out = Path(
+        args.out or ("bench/results/batched.json" if args.device == "cpu" else "bench/results/batched_cuda.json")
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"quick": args.quick, "machine": platform.platform(), "torch": torch.__version__,
-                               "device": device_name(args.device), "rows": rows}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "quick": args.quick,
+                "machine": platform.platform(),
+                "torch": torch.__version__,
+                "device": device_name(args.device),
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
 
 

@@ -32,8 +32,12 @@ def timed(args: list[str], cache: Path) -> tuple[float, float]:
     """(wall seconds, CPU seconds) of one `surgery ARGS` process."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "surgery_cli.app", *args], check=True, stdout=subprocess.DEVNULL,
-                   env={**os.environ, "SURGERY_CACHE": str(cache), "HF_HUB_OFFLINE": "1"})
+    subprocess.run(
+        [sys.executable, "-m", "surgery_cli.app", *args],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        env={**os.environ, "SURGERY_CACHE": str(cache), "HF_HUB_OFFLINE": "1"},
+    )
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -49,8 +53,13 @@ def measure(args: list[str], runs: int) -> dict:
         finally:
             shutil.rmtree(cache, ignore_errors=True)
     median = lambda xs, i: statistics.median(x[i] for x in xs)  # noqa: E731
-    return {"cold_wall_s": median(cold, 0), "cold_cpu_s": median(cold, 1),
-            "warm_wall_s": median(warm, 0), "warm_cpu_s": median(warm, 1), "runs": runs}
+    return {
+        "cold_wall_s": median(cold, 0),
+        "cold_cpu_s": median(cold, 1),
+        "warm_wall_s": median(warm, 0),
+        "warm_cpu_s": median(warm, 1),
+        "runs": runs,
+    }
 
 
 def main() -> None:
@@ -64,12 +73,25 @@ def main() -> None:
     print(f"{'command':36} {'cold wall':>10} {'cold cpu':>9} {'warm wall':>10} {'warm cpu':>9}   goal (cold / warm)")
     for name, r in results.items():
         goal = " / ".join("-" if g is None else f"<= {g:g} s" for g in (r["goal_cold_s"], r["goal_warm_s"]))
-        print(f"{name:36} {r['cold_wall_s']:9.2f}s {r['cold_cpu_s']:8.2f}s {r['warm_wall_s']:9.2f}s "
-              f"{r['warm_cpu_s']:8.2f}s   {goal}")
+        print(
+            f"{name:36} {r['cold_wall_s']:9.2f}s {r['cold_cpu_s']:8.2f}s {r['warm_wall_s']:9.2f}s "
+            f"{r['warm_cpu_s']:8.2f}s   {goal}"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
-                                                "platform": platform.platform()},
-                                    "results": results}, indent=2) + "\n")
+    args.out.write_text(
+        json.dumps(
+            {
+                "machine": {
+                    "python": platform.python_version(),
+                    "cpus": os.cpu_count(),
+                    "platform": platform.platform(),
+                },
+                "results": results,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"wrote {args.out}")
 
 

@@ -31,9 +31,19 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SMOLLM2_135M = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-                "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152, "rms_norm_eps": 1e-5,
-                "max_position_embeddings": 8192, "rope_theta": 100000.0, "tie_word_embeddings": True}
+SMOLLM2_135M = {
+    "model_type": "llama",
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "vocab_size": 49152,
+    "rms_norm_eps": 1e-5,
+    "max_position_embeddings": 8192,
+    "rope_theta": 100000.0,
+    "tie_word_embeddings": True,
+}
 
 
 def steps(out: Path) -> dict[str, tuple[list[str], int]]:
@@ -41,16 +51,59 @@ def steps(out: Path) -> dict[str, tuple[list[str], int]]:
     py, results = sys.executable, out.parent
     return {
         "cuda_tests": ([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda.py"], 150),
-        "batched": ([py, "bench/batched.py", "--device", "cuda", "--quick", "--out",
-                     str(results / "gpu_batched.json")], 60),
-        "train_step": ([py, "bench/train_step.py", "--device", "cuda", "--models", "facebook/opt-125m", "--storage",
-                        "fp32", "nf4", "--steps", "10", "--out", str(results / "gpu_train_step.json")], 60),
-        "load_memory": ([py, "bench/load_memory.py", "--device", "cuda", "--out", str(results / "gpu_load_memory.json")],
-                        120),
+        "batched": (
+            [py, "bench/batched.py", "--device", "cuda", "--quick", "--out", str(results / "gpu_batched.json")],
+            60,
+        ),
+        "train_step": (
+            [
+                py,
+                "bench/train_step.py",
+                "--device",
+                "cuda",
+                "--models",
+                "facebook/opt-125m",
+                "--storage",
+                "fp32",
+                "nf4",
+                "--steps",
+                "10",
+                "--out",
+                str(results / "gpu_train_step.json"),
+            ],
+            60,
+        ),
+        "load_memory": (
+            [py, "bench/load_memory.py", "--device", "cuda", "--out", str(results / "gpu_load_memory.json")],
+            120,
+        ),
         "plan_peak": ([py, __file__, "--plan-peak", str(results / "gpu_plan_peak.json")], 45),
-        "fsdp_smoke": ([py, "-m", "torch.distributed.run", "--nproc_per_node", "1", "-m", "surgery_cli.app", "train",
-                        "qlora_nf4", "--model", "tiny-llama", "--data", "upper", "--fsdp", "--device", "cuda",
-                        "--max-steps", "3", "--out", str(results / "gpu_fsdp_run"), "--overwrite"], 45),
+        "fsdp_smoke": (
+            [
+                py,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node",
+                "1",
+                "-m",
+                "surgery_cli.app",
+                "train",
+                "qlora_nf4",
+                "--model",
+                "tiny-llama",
+                "--data",
+                "upper",
+                "--fsdp",
+                "--device",
+                "cuda",
+                "--max-steps",
+                "3",
+                "--out",
+                str(results / "gpu_fsdp_run"),
+                "--overwrite",
+            ],
+            45,
+        ),
     }
 
 
@@ -63,11 +116,11 @@ def plan_peak(out: Path) -> None:
     from transformers import AutoConfig
 
     import surgery
-    from surgery.train.job import TrainConfig, make_job
     from surgery.base.loading import graph_of, load_model
     from surgery.planning.decisions import plan
-    from surgery.train.loop import train
     from surgery.planning.training_memory import TrainingShape, training_peak
+    from surgery.train.job import TrainConfig, make_job
+    from surgery.train.loop import train
 
     spec = dict(SMOLLM2_135M)
     folder = Path(tempfile.mkdtemp(prefix="smollm2-shape-"))
@@ -75,14 +128,18 @@ def plan_peak(out: Path) -> None:
     text = folder / "corpus.txt"  # byte-level tokens: 40 blocks of 512
     text.write_text(" ".join(f"word{i % 997}" for i in range(4000)))
     rows = []
-    for rules, batch, block, checkpointing in (("qlora_nf4", 4, 512, False), ("qlora_nf4", 4, 512, True),
-                                               ("qv_lora", 8, 256, False)):
+    for rules, batch, block, checkpointing in (
+        ("qlora_nf4", 4, 512, False),
+        ("qlora_nf4", 4, 512, True),
+        ("qv_lora", 8, 256, False),
+    ):
         torch.cuda.empty_cache()
         base = load_model(str(folder), random_init=True, rules=rules, device="cuda").model
         tokenizer = surgery.tiny_tokenizer()
         config = TrainConfig(batch_size=batch, max_steps=3, precision="bf16", gradient_checkpointing=checkpointing)
-        job = make_job(base, "peak", rules, str(text), tokenizer, config, block_size=block, model_name=str(folder),
-                       mode="corpus")  # every row a full block, as the plan assumes
+        job = make_job(
+            base, "peak", rules, str(text), tokenizer, config, block_size=block, model_name=str(folder), mode="corpus"
+        )  # every row a full block, as the plan assumes
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         train([job])
@@ -92,15 +149,26 @@ def plan_peak(out: Path) -> None:
         layout = load_model(str(folder), weights=False).model
         peak = training_peak(plan(graph_of(str(folder)), rules), layout, shape, cuda=True)
         predicted = peak.total - peak.context
-        rows.append({"rules": rules, "batch": batch, "block": block, "checkpointing": checkpointing,
-                     "predicted_bytes": predicted, "measured_bytes": measured, "ratio": predicted / measured,
-                     "parts": {label: value for label, value, _ in peak.rows()}})
+        rows.append(
+            {
+                "rules": rules,
+                "batch": batch,
+                "block": block,
+                "checkpointing": checkpointing,
+                "predicted_bytes": predicted,
+                "measured_bytes": measured,
+                "ratio": predicted / measured,
+                "parts": {label: value for label, value, _ in peak.rows()},
+            }
+        )
         del base, job
     out.write_text(json.dumps({"model": "SmolLM2-135M shape, random weights", "rows": rows}, indent=2))
     for r in rows:
-        print(f"{r['rules']:<10} {r['batch']}x{r['block']} ckpt={r['checkpointing']!s:<5} predicted "
-              f"{r['predicted_bytes'] / 2**20:,.0f} MiB measured {r['measured_bytes'] / 2**20:,.0f} MiB "
-              f"ratio {r['ratio']:.3f}")
+        print(
+            f"{r['rules']:<10} {r['batch']}x{r['block']} ckpt={r['checkpointing']!s:<5} predicted "
+            f"{r['predicted_bytes'] / 2**20:,.0f} MiB measured {r['measured_bytes'] / 2**20:,.0f} MiB "
+            f"ratio {r['ratio']:.3f}"
+        )
 
 
 def main() -> None:
@@ -119,14 +187,25 @@ def main() -> None:
         return
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "cli"), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "cli"), os.environ.get("PYTHONPATH", "")]),
+    }
     import bitsandbytes
     import transformers
 
-    report = {"gpu": torch.cuda.get_device_name(), "capability": list(torch.cuda.get_device_capability()),
-              "torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
-              "bitsandbytes": bitsandbytes.__version__, "date": time.strftime("%Y-%m-%d"), "steps": []}
+    report = {
+        "gpu": torch.cuda.get_device_name(),
+        "capability": list(torch.cuda.get_device_capability()),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "transformers": transformers.__version__,
+        "bitsandbytes": bitsandbytes.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "steps": [],
+    }
     for name, (command, limit) in steps(out).items():
         if name in args.skip:
             continue

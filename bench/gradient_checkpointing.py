@@ -18,8 +18,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-RULES = {"quantize": "none", "default": "freeze", "rules": [
-    {"match": "re:.*(q_proj|v_proj)", "action": "adapt", "lora": {"r": 8, "alpha": 16, "dropout": 0.0}}]}
+RULES = {
+    "quantize": "none",
+    "default": "freeze",
+    "rules": [{"match": "re:.*(q_proj|v_proj)", "action": "adapt", "lora": {"r": 8, "alpha": 16, "dropout": 0.0}}],
+}
 
 
 def measure(model: str, batch: int, seq: int, device: str, checkpointing: bool) -> dict:
@@ -32,8 +35,8 @@ def measure(model: str, batch: int, seq: int, device: str, checkpointing: bool) 
     import torch
 
     import surgery
-    from surgery.train.job import checkpoint_activations
     from surgery.base.loading import load_model
+    from surgery.train.job import checkpoint_activations
 
     base = load_model(model, random_init=True).model.float().to(device)
     torch.manual_seed(0)
@@ -90,9 +93,25 @@ def main() -> None:
         return
     rows = []
     for setting in ("off", "on"):
-        out = subprocess.run([sys.executable, __file__, "--model", args.model, "--batch", str(args.batch),
-                              "--seq", str(args.seq), "--device", args.device, "--one", setting],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--model",
+                args.model,
+                "--batch",
+                str(args.batch),
+                "--seq",
+                str(args.seq),
+                "--device",
+                args.device,
+                "--one",
+                setting,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     off, on = rows
     saving = 1 - on["peak_step_bytes"] / off["peak_step_bytes"]
@@ -100,11 +119,21 @@ def main() -> None:
     print(f"{'--gradient-checkpointing':<26}{'step peak above held':>22}{'step time':>12}")
     for row in rows:
         clock = "s GPU" if args.device == "cuda" else "s CPU"
-        print(f"{'on' if row['checkpointing'] else 'off':<26}{row['peak_step_bytes'] / 2**20:>18,.0f} MiB"
-              f"{row['step_seconds']:>10.1f} {clock}")
+        print(
+            f"{'on' if row['checkpointing'] else 'off':<26}{row['peak_step_bytes'] / 2**20:>18,.0f} MiB"
+            f"{row['step_seconds']:>10.1f} {clock}"
+        )
     print(f"saving: {saving:.0%} of the step's peak; time x{on['step_seconds'] / off['step_seconds']:.2f}")
-    result = {"model": args.model, "batch": args.batch, "seq": args.seq, "device": args.device,
-              "machine": platform.machine(), "python": platform.python_version(), "rows": rows, "saving": saving}
+    result = {
+        "model": args.model,
+        "batch": args.batch,
+        "seq": args.seq,
+        "device": args.device,
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "rows": rows,
+        "saving": saving,
+    }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 

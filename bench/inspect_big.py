@@ -34,8 +34,13 @@ print(json.dumps({"import_s": t1 - t0, "build_and_trace_s": t2 - t1, "trace_s": 
 
 def run(model: str) -> dict:
     start = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", CHILD, model], capture_output=True, text=True, check=True,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, model],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     result["wall_s"] = time.perf_counter() - start
     result["model"] = model
@@ -49,11 +54,13 @@ def main() -> None:
     rows = [run(m) for m in MODELS]
     print(f"{'model':28} {'params':>16} {'trace s':>8} {'wall s':>8} {'peak RSS MB':>12}")
     for r in rows:
-        print(f"{r['model']:28} {r['parameters']:>16,} {r['trace_s']:>8.2f} {r['wall_s']:>8.2f} "
-              f"{r['peak_rss_mb']:>12.0f}")
+        print(
+            f"{r['model']:28} {r['parameters']:>16,} {r['trace_s']:>8.2f} {r['wall_s']:>8.2f} {r['peak_rss_mb']:>12.0f}"
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"machine": platform.platform(), "cpus": os.cpu_count(),
-                                          "results": rows}, indent=2))
+    Path(args.out).write_text(
+        json.dumps({"machine": platform.platform(), "cpus": os.cpu_count(), "results": rows}, indent=2)
+    )
     print(f"wrote {args.out}")
 
 

@@ -26,10 +26,20 @@ warnings.filterwarnings("ignore")
 def rules(scheme: str, init: str | bool, r: int) -> dict:
     """Every decoder linear layer adapted over ``scheme`` (lm_head and embeddings frozen as loaded)."""
     quantize = {"scheme": "nf4", "double_quant": True} if scheme == "nf4" else scheme
-    return {"version": 1, "quantize": quantize, "default": "freeze",
-            "rules": [{"match": "lm_head", "action": "freeze"},
-                      {"type": "linear", "match": "*", "action": "adapt",
-                       "lora": {"r": r, "alpha": r, "init_lora_weights": init}}]}
+    return {
+        "version": 1,
+        "quantize": quantize,
+        "default": "freeze",
+        "rules": [
+            {"match": "lm_head", "action": "freeze"},
+            {
+                "type": "linear",
+                "match": "*",
+                "action": "adapt",
+                "lora": {"r": r, "alpha": r, "init_lora_weights": init},
+            },
+        ],
+    }
 
 
 def perplexity(model, ids, window: int) -> float:
@@ -39,7 +49,7 @@ def perplexity(model, ids, window: int) -> float:
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, ids.numel() - 1, window):
-            chunk = ids[start:start + window + 1].unsqueeze(0)
+            chunk = ids[start : start + window + 1].unsqueeze(0)
             if chunk.numel() < 2:
                 break
             loss = model(input_ids=chunk, labels=chunk).loss
@@ -79,10 +89,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.model) if args.model else from_gguf(Path(args.gguf), Path(tmp) / "model")
         tokenizer = load_tokenizer(str(folder))
-        ids = tokenizer(Path(args.text).read_text(), return_tensors="pt").input_ids[0][:args.tokens]
+        ids = tokenizer(Path(args.text).read_text(), return_tensors="pt").input_ids[0][: args.tokens]
         reference = surgery.load_model(str(folder)).model.float()
-        rows = [{"model": "full precision", "scheme": "fp32", "init": "-", "r": 0,
-                 "perplexity": perplexity(reference, ids, args.window), "seconds": 0.0}]
+        rows = [
+            {
+                "model": "full precision",
+                "scheme": "fp32",
+                "init": "-",
+                "r": 0,
+                "perplexity": perplexity(reference, ids, args.window),
+                "seconds": 0.0,
+            }
+        ]
         del reference
         for scheme in args.schemes:
             base = surgery.load_model(str(folder), rules=rules(scheme, True, args.ranks[0])).model
@@ -91,9 +109,16 @@ def main() -> None:
                     start = time.perf_counter()
                     ft = surgery.rewrite(base, rules(scheme, init, r))
                     seconds = time.perf_counter() - start
-                    rows.append({"model": f"{scheme} + LoRA", "scheme": scheme,
-                                 "init": "loftq" if init == "loftq" else "B = 0", "r": r,
-                                 "perplexity": perplexity(ft, ids, args.window), "seconds": seconds})
+                    rows.append(
+                        {
+                            "model": f"{scheme} + LoRA",
+                            "scheme": scheme,
+                            "init": "loftq" if init == "loftq" else "B = 0",
+                            "r": r,
+                            "perplexity": perplexity(ft, ids, args.window),
+                            "seconds": seconds,
+                        }
+                    )
                     del ft
             del base
     fp = rows[0]["perplexity"]
@@ -103,12 +128,24 @@ def main() -> None:
     for row in rows:
         gap = plain.get(row["scheme"])
         closed = "" if gap is None or row["init"] != "loftq" else f"{(gap - row['perplexity']) / (gap - fp):.0%}"
-        print(f"{row['scheme']:8s} {row['init']:7s} {row['r']:4d} {row['perplexity']:11.3f} {closed:>17s} "
-              f"{row['seconds']:10.1f}")
+        print(
+            f"{row['scheme']:8s} {row['init']:7s} {row['r']:4d} {row['perplexity']:11.3f} {closed:>17s} "
+            f"{row['seconds']:10.1f}"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": args.model or Path(args.gguf).name, "text": Path(args.text).name,
-                               "tokens": len(ids), "window": args.window, "rows": rows}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "model": args.model or Path(args.gguf).name,
+                "text": Path(args.text).name,
+                "tokens": len(ids),
+                "window": args.window,
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
 
 

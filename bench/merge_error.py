@@ -29,8 +29,8 @@ def main() -> None:
     import torch
 
     import surgery
-    from surgery.finetune.merging import output_error
     from surgery.base.loading import load_model
+    from surgery.finetune.merging import output_error
 
     rows = []
     for name in args.models:
@@ -46,15 +46,22 @@ def main() -> None:
             inputs = {"input_ids": ids}
             merged = surgery.merge(ft)
             requantized = surgery.merge(ft, requantize=True)
-            rows.append({"model": name, "rules": rules,
-                         "merged_vs_finetune": output_error(ft, merged, inputs)["max_rel"],
-                         "requantized_vs_merged": output_error(merged, requantized, inputs)["max_rel"],
-                         "requantized_vs_finetune": output_error(ft, requantized, inputs)["max_rel"]})
+            rows.append(
+                {
+                    "model": name,
+                    "rules": rules,
+                    "merged_vs_finetune": output_error(ft, merged, inputs)["max_rel"],
+                    "requantized_vs_merged": output_error(merged, requantized, inputs)["max_rel"],
+                    "requantized_vs_finetune": output_error(ft, requantized, inputs)["max_rel"],
+                }
+            )
             del base, ft, merged, requantized
     print(f"{'model':20s} {'rules':10s} {'merged vs ft':>13s} {'requant vs merged':>18s} {'requant vs ft':>14s}")
     for r in rows:
-        print(f"{r['model']:20s} {r['rules']:10s} {r['merged_vs_finetune']:13.2e} {r['requantized_vs_merged']:18.2e} "
-              f"{r['requantized_vs_finetune']:14.2e}")
+        print(
+            f"{r['model']:20s} {r['rules']:10s} {r['merged_vs_finetune']:13.2e} {r['requantized_vs_merged']:18.2e} "
+            f"{r['requantized_vs_finetune']:14.2e}"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"scale": args.scale, "rows": rows}, indent=2))

@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 
 import surgery
+from surgery.distributed import world
 from surgery.train.job import TrainConfig, make_job
 from surgery.train.loop import prepare
 from surgery.train.step import train_step
-from surgery.distributed import world
 
 
 def padding(blocks, batch_size: int, seed: int = 0) -> float:
@@ -30,7 +30,7 @@ def padding(blocks, batch_size: int, seed: int = 0) -> float:
 
     order, slots, real = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed)), 0, 0
     for start in range(0, len(blocks) - batch_size + 1, batch_size):
-        lengths = blocks.attention_mask[order[start:start + batch_size]].sum(dim=1)
+        lengths = blocks.attention_mask[order[start : start + batch_size]].sum(dim=1)
         slots, real = slots + int(lengths.max()) * batch_size, real + int(lengths.sum())
     return 1 - real / slots
 
@@ -43,9 +43,23 @@ def main() -> None:
     tokenizer, where, results = surgery.tiny_tokenizer(), world(), {}
     for data in ("capitals", "upper", "reverse"):
         config = TrainConfig(batch_size=4, lr=1e-2, max_steps=args.steps, seed=0)
-        runs = {packed: prepare(make_job(surgery.tiny_model("tiny-llama"), "j", "qv_lora_head", data, tokenizer,
-                                         config, block_size=64, model_name="tiny-llama", packing=packed), where)
-                for packed in (False, True)}
+        runs = {
+            packed: prepare(
+                make_job(
+                    surgery.tiny_model("tiny-llama"),
+                    "j",
+                    "qv_lora_head",
+                    data,
+                    tokenizer,
+                    config,
+                    block_size=64,
+                    model_name="tiny-llama",
+                    packing=packed,
+                ),
+                where,
+            )
+            for packed in (False, True)
+        }
         seconds, tokens = {False: 0.0, True: 0.0}, {False: 0, True: 0}
         for _ in range(args.steps):
             for packed, run in runs.items():  # interleaved
@@ -53,18 +67,37 @@ def main() -> None:
                 record = train_step(run, where)
                 seconds[packed] += time.process_time() - start
                 tokens[packed] += record["tokens"]
-        results[data] = {f"{'packed' if p else 'unpacked'}": {
-            "rows": len(runs[p].job.data), "padding_fraction": padding(runs[p].job.data, 4),
-            "tokens_per_cpu_s": tokens[p] / seconds[p]} for p in (False, True)}
+        results[data] = {
+            f"{'packed' if p else 'unpacked'}": {
+                "rows": len(runs[p].job.data),
+                "padding_fraction": padding(runs[p].job.data, 4),
+                "tokens_per_cpu_s": tokens[p] / seconds[p],
+            }
+            for p in (False, True)
+        }
     print(f"{'data':10} {'rows':>11} {'padding':>15} {'tokens / CPU s':>19}")
     for data, r in results.items():
         u, p = r["unpacked"], r["packed"]
-        print(f"{data:10} {u['rows']:>5} -> {p['rows']:<4} {u['padding_fraction']:6.1%} -> {p['padding_fraction']:5.1%}"
-              f" {u['tokens_per_cpu_s']:8.0f} -> {p['tokens_per_cpu_s']:<8.0f}")
+        print(
+            f"{data:10} {u['rows']:>5} -> {p['rows']:<4} {u['padding_fraction']:6.1%} -> {p['padding_fraction']:5.1%}"
+            f" {u['tokens_per_cpu_s']:8.0f} -> {p['tokens_per_cpu_s']:<8.0f}"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
-                                                "platform": platform.platform()}, "steps": args.steps,
-                                    "results": results}, indent=2) + "\n")
+    args.out.write_text(
+        json.dumps(
+            {
+                "machine": {
+                    "python": platform.python_version(),
+                    "cpus": os.cpu_count(),
+                    "platform": platform.platform(),
+                },
+                "steps": args.steps,
+                "results": results,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"wrote {args.out}")
 
 

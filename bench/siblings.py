@@ -28,8 +28,8 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/siblings.json")
     args = parser.parse_args()
 
-    from surgery.finetune.apply import apply
     from surgery.base.loading import load_model
+    from surgery.finetune.apply import apply
     from surgery.planning.memory import parameter_bytes
 
     base = load_model(args.model, random_init=True).model.float()
@@ -55,16 +55,33 @@ def main() -> None:
     print(f"{'':55} {'bytes':>16} {'GiB':>8}")
     for label, value in rows.items():
         print(f"{label:55} {value:>16,} {value / 2**30:>8.3f}" if value else f"{label:55} {'(peft missing)':>16}")
-    print(f"base as loaded {loaded:,} B; base int8 {base_bytes:,} B; adapters per fine-tune {adapters[0]:,} B; "
-          f"planned {plan.finetune_bytes:,} B")
-    print(f"check: base + {args.n} fine-tunes <= base + {args.n} x adapter bytes + 1 %: "
-          f"{ours <= bound * 1.01} ({ours:,} vs {bound:,}); {args.n} rewrites took {seconds:.1f}s")
+    print(
+        f"base as loaded {loaded:,} B; base int8 {base_bytes:,} B; adapters per fine-tune {adapters[0]:,} B; "
+        f"planned {plan.finetune_bytes:,} B"
+    )
+    print(
+        f"check: base + {args.n} fine-tunes <= base + {args.n} x adapter bytes + 1 %: "
+        f"{ours <= bound * 1.01} ({ours:,} vs {bound:,}); {args.n} rewrites took {seconds:.1f}s"
+    )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({
-        "model": args.model, "rules": args.rules, "n": args.n, "base_loaded_bytes": loaded,
-        "base_quantized_bytes": base_bytes, "adapter_bytes": adapters, "planned_finetune_bytes": plan.finetune_bytes,
-        "planned_base_bytes": plan.base_bytes_after, "rows": rows, "within_1_percent": ours <= bound * 1.01,
-        "rewrite_seconds": seconds}, indent=2))
+    Path(args.out).write_text(
+        json.dumps(
+            {
+                "model": args.model,
+                "rules": args.rules,
+                "n": args.n,
+                "base_loaded_bytes": loaded,
+                "base_quantized_bytes": base_bytes,
+                "adapter_bytes": adapters,
+                "planned_finetune_bytes": plan.finetune_bytes,
+                "planned_base_bytes": plan.base_bytes_after,
+                "rows": rows,
+                "within_1_percent": ours <= bound * 1.01,
+                "rewrite_seconds": seconds,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {args.out}")
 
 

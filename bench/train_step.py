@@ -24,10 +24,15 @@ warnings.filterwarnings("ignore")
 
 
 def rules_for(storage: str) -> dict:
-    return {"quantize": "none" if storage == "fp32" else storage, "default": "quantize" if storage != "fp32" else "freeze",
-            "rules": [{"match": "lm_head", "action": "freeze"}, {"match": "*", "type": "embedding", "action": "freeze"},
-                      {"match": "re:.*(q_proj|v_proj)", "action": "adapt",
-                       "lora": {"r": 8, "alpha": 16, "dropout": 0.0}}]}
+    return {
+        "quantize": "none" if storage == "fp32" else storage,
+        "default": "quantize" if storage != "fp32" else "freeze",
+        "rules": [
+            {"match": "lm_head", "action": "freeze"},
+            {"match": "*", "type": "embedding", "action": "freeze"},
+            {"match": "re:.*(q_proj|v_proj)", "action": "adapt", "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
+        ],
+    }
 
 
 def fresh_base(name: str, storage: str, device: str):
@@ -87,9 +92,10 @@ def main() -> None:
         for storage in args.storage:
             torch.manual_seed(0)
             ours = surgery.rewrite(fresh_base(name, storage, args.device), rules_for(storage))
-            theirs = peft.get_peft_model(fresh_base(name, storage, args.device),
-                                         peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
-                                                         target_modules=["q_proj", "v_proj"]))
+            theirs = peft.get_peft_model(
+                fresh_base(name, storage, args.device),
+                peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]),
+            )
             contenders = [ours, theirs]
             if args.compile:
                 torch._dynamo.reset()
@@ -102,25 +108,48 @@ def main() -> None:
             medians = [statistics.median(t) for t in time_steps(contenders, ids, args.steps, args.warmup)]
             t_ours, t_peft = medians[:2]
             tokens = args.batch * args.seq
-            row = {"model": name, "storage": storage, "device": args.device, "batch": args.batch,
-                   "seq": args.seq, "ms_per_step_surgery": 1000 * t_ours, "ms_per_step_peft": 1000 * t_peft,
-                   "tokens_per_s_surgery": tokens / t_ours, "tokens_per_s_peft": tokens / t_peft,
-                   "ratio": t_ours / t_peft}
+            row = {
+                "model": name,
+                "storage": storage,
+                "device": args.device,
+                "batch": args.batch,
+                "seq": args.seq,
+                "ms_per_step_surgery": 1000 * t_ours,
+                "ms_per_step_peft": 1000 * t_peft,
+                "tokens_per_s_surgery": tokens / t_ours,
+                "tokens_per_s_peft": tokens / t_peft,
+                "ratio": t_ours / t_peft,
+            }
             if args.compile:
                 row.update(ms_per_step_compiled=1000 * medians[2], compiled_speedup=t_ours / medians[2])
             rows.append(row)
             del contenders, ours, theirs
-    print(f"{'model':20s} {'base':5s} {'device':6s} {'surgery ms':>11s} {'PEFT ms':>9s} {'surgery tok/s':>14s} "
-          f"{'PEFT tok/s':>11s} {'ratio':>6s}" + (f" {'compiled ms':>12s} {'speedup':>8s}" if args.compile else ""))
+    print(
+        f"{'model':20s} {'base':5s} {'device':6s} {'surgery ms':>11s} {'PEFT ms':>9s} {'surgery tok/s':>14s} "
+        f"{'PEFT tok/s':>11s} {'ratio':>6s}" + (f" {'compiled ms':>12s} {'speedup':>8s}" if args.compile else "")
+    )
     for r in rows:
-        print(f"{r['model']:20s} {r['storage']:5s} {r['device']:6s} {r['ms_per_step_surgery']:11.1f} "
-              f"{r['ms_per_step_peft']:9.1f} {r['tokens_per_s_surgery']:14,.0f} {r['tokens_per_s_peft']:11,.0f} "
-              f"{r['ratio']:6.2f}" + (f" {r['ms_per_step_compiled']:12.1f} {r['compiled_speedup']:8.2f}"
-                                     if args.compile else ""))
+        print(
+            f"{r['model']:20s} {r['storage']:5s} {r['device']:6s} {r['ms_per_step_surgery']:11.1f} "
+            f"{r['ms_per_step_peft']:9.1f} {r['tokens_per_s_surgery']:14,.0f} {r['tokens_per_s_peft']:11,.0f} "
+            f"{r['ratio']:6.2f}"
+            + (f" {r['ms_per_step_compiled']:12.1f} {r['compiled_speedup']:8.2f}" if args.compile else "")
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": platform.platform(), "torch": torch.__version__, "peft": peft.__version__,
-                               "steps": args.steps, "warmup": args.warmup, "rows": rows}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "machine": platform.platform(),
+                "torch": torch.__version__,
+                "peft": peft.__version__,
+                "steps": args.steps,
+                "warmup": args.warmup,
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
 
 

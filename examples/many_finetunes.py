@@ -23,5 +23,7 @@ train(jobs)
 print(f"base: {parameter_bytes(base):,} bytes, shared")
 for job in jobs:
     after = evaluate(job.finetune, job.data)["eval_loss"]
-    print(f"{job.name:8s} own tensors {extra_bytes(job.finetune, base):8,d} bytes   loss {before[job.name]:.3f} -> "
-          f"{after:.3f}   adapter file {job.out / 'adapter.safetensors'}")
+    print(
+        f"{job.name:8s} own tensors {extra_bytes(job.finetune, base):8,d} bytes   loss {before[job.name]:.3f} -> "
+        f"{after:.3f}   adapter file {job.out / 'adapter.safetensors'}"
+    )

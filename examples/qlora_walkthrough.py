@@ -13,8 +13,9 @@ from surgery.planning.memory import extra_bytes, parameter_bytes
 sizes = {"fp32": parameter_bytes(surgery.tiny_model("tiny-llama"))}
 for scheme in ("int8", "nf4"):
     base = surgery.tiny_model("tiny-llama")
-    surgery.prepare_base(base, {"quantize": scheme, "default": "quantize",
-                                "rules": [{"match": "lm_head", "action": "freeze"}]})
+    surgery.prepare_base(
+        base, {"quantize": scheme, "default": "quantize", "rules": [{"match": "lm_head", "action": "freeze"}]}
+    )
     sizes[scheme] = parameter_bytes(base)
 for name, size in sizes.items():
     print(f"{name:5s} base: {size:9,d} bytes ({size / sizes['fp32']:.0%} of fp32)")
@@ -26,8 +27,10 @@ adapters = {path: m for path, m in ft.named_modules() if isinstance(m, LoraLayer
 expected = sum(m.config.r * (m.in_features + m.out_features) for m in adapters.values())
 trainable = sum(p.numel() for p in ft.parameters() if p.requires_grad)
 assert trainable == expected, (trainable, expected)
-print(f"{len(adapters)} LoRA adapters, r * (in + out) each: {expected:,} trainable parameters "
-      f"({extra_bytes(ft, base):,} bytes on top of the shared base)")
+print(
+    f"{len(adapters)} LoRA adapters, r * (in + out) each: {expected:,} trainable parameters "
+    f"({extra_bytes(ft, base):,} bytes on top of the shared base)"
+)
 
 # 3. Train a few steps: only the adapters move.
 optimizer = torch.optim.AdamW([p for p in ft.parameters() if p.requires_grad], lr=5e-3)

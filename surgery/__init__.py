@@ -18,13 +18,32 @@ from typing import TYPE_CHECKING
 
 from .disk import version as _version
 
-_ERRORS = ("AdapterStateError", "DataError", "ExportError", "MergeError", "ModelConfigError", "ModelNotFoundError",
-           "PlanError", "RewriteError", "RuleFileError", "SharedBaseWarning", "ShardingError", "ShardingWarning",
-           "SurgeryError", "SurgeryWarning", "TraceError", "TrainError", "TruncationWarning", "Violation")
+_ERRORS = (
+    "AdapterStateError",
+    "DataError",
+    "ExportError",
+    "MergeError",
+    "ModelConfigError",
+    "ModelNotFoundError",
+    "PlanError",
+    "RewriteError",
+    "RuleFileError",
+    "SharedBaseWarning",
+    "ShardingError",
+    "ShardingWarning",
+    "SurgeryError",
+    "SurgeryWarning",
+    "TraceError",
+    "TrainError",
+    "TruncationWarning",
+    "Violation",
+)
 _PUBLIC = {  # public name -> the module that defines it
     **{name: "surgery.errors" for name in _ERRORS},
-    **{name: "surgery.rules.ruleset" for name in ("ExtraTokens", "LoraConfig", "QuantConfig", "Rule", "RuleSet",
-                                                  "bundled_rules")},
+    **{
+        name: "surgery.rules.ruleset"
+        for name in ("ExtraTokens", "LoraConfig", "QuantConfig", "Rule", "RuleSet", "bundled_rules")
+    },
     "load_rules": "surgery.rules.rule_file",
     **{name: "surgery.model.graph" for name in ("ModelGraph", "ModuleInfo", "ParamInfo")},
     "trace": "surgery.model.tracing",
@@ -69,21 +88,38 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the names as they resolve
+    from . import finetuna
     from .base.fingerprints import Fingerprint, fingerprint
     from .base.loading import load_model, tiny_model, tiny_tokenizer
     from .base.shared_base import prepare_base
-    from .errors import (AdapterStateError, DataError, ExportError, MergeError, ModelConfigError, ModelNotFoundError,
-                         PlanError, RewriteError, RuleFileError, SharedBaseWarning, ShardingError, ShardingWarning,
-                         SurgeryError, SurgeryWarning, TraceError, TrainError, TruncationWarning, Violation)
+    from .errors import (
+        AdapterStateError,
+        DataError,
+        ExportError,
+        MergeError,
+        ModelConfigError,
+        ModelNotFoundError,
+        PlanError,
+        RewriteError,
+        RuleFileError,
+        ShardingError,
+        ShardingWarning,
+        SharedBaseWarning,
+        SurgeryError,
+        SurgeryWarning,
+        TraceError,
+        TrainError,
+        TruncationWarning,
+        Violation,
+    )
     from .files.adapter_file import AdapterFile, load_adapter, read_adapter, save_adapter
     from .files.graph_export import export_graph
     from .files.peft_format import export_peft, import_peft
-    from . import finetuna
     from .finetune.merging import merge
     from .finetune.rewriting import rewrite
-    from .finetune.vocabulary import extended_tokenizer
     from .finetune.sharding import shard_base
     from .finetune.state import FinetuneInfo, finetune_info
+    from .finetune.vocabulary import extended_tokenizer
     from .model.graph import ModelGraph, ModuleInfo, ParamInfo
     from .model.tracing import trace
     from .planning.decisions import Decision, Plan, plan

@@ -19,15 +19,23 @@ if TYPE_CHECKING:
 DEVICE_HELP = "auto (CUDA when there is a GPU, else the CPU), cpu, cuda or cuda:N"
 _SPEC = re.compile(r"(auto|cpu|cuda)(?::(\d+))?")
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)?", re.IGNORECASE)
-_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def local_rank() -> int | None:
     """This process's LOCAL_RANK under torchrun / accelerate, None when launched alone."""
     value = os.environ.get("LOCAL_RANK")
-    return int(value) if value is not None and value.isdigit() and int(os.environ.get("WORLD_SIZE", "1")) > 1 \
-        else None
+    return int(value) if value is not None and value.isdigit() and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
 
 
 def cuda_available() -> bool:
@@ -44,7 +52,7 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def resolve_device(spec: "str | torch.device | None" = "auto") -> "torch.device":
+def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     """The device ``spec`` names, checked: one DeviceError (what is wrong, what to pass) when it is not there."""
     import torch
 
@@ -59,28 +67,34 @@ def resolve_device(spec: "str | torch.device | None" = "auto") -> "torch.device"
     if kind == "cpu" or (kind == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise DeviceError(f"--device {spec}: this machine has no CUDA GPU that torch can use (torch "
-                          f"{torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); pass --device cpu, or "
-                          "install a CUDA build of torch on a machine with a GPU")
+        raise DeviceError(
+            f"--device {spec}: this machine has no CUDA GPU that torch can use (torch "
+            f"{torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); pass --device cpu, or "
+            "install a CUDA build of torch on a machine with a GPU"
+        )
     count = torch.cuda.device_count()
     if index is not None and rank is not None and int(index) != rank:
-        raise DeviceError(f"--device {spec}: under torchrun each process computes on its own GPU (this one is "
-                          f"LOCAL_RANK {rank}, cuda:{rank}); pass --device cuda")
+        raise DeviceError(
+            f"--device {spec}: under torchrun each process computes on its own GPU (this one is "
+            f"LOCAL_RANK {rank}, cuda:{rank}); pass --device cuda"
+        )
     number = int(index) if index is not None else (rank or 0)
     if number >= count:
-        raise DeviceError(f"--device cuda:{number}: this machine has {count} GPU{'s' if count != 1 else ''} "
-                          f"(cuda:0{f' to cuda:{count - 1}' if count > 1 else ''}); pass one of them")
+        raise DeviceError(
+            f"--device cuda:{number}: this machine has {count} GPU{'s' if count != 1 else ''} "
+            f"(cuda:0{f' to cuda:{count - 1}' if count > 1 else ''}); pass one of them"
+        )
     return torch.device("cuda", number)
 
 
-def input_device(model) -> "torch.device":
+def input_device(model) -> torch.device:
     """Where a model's token ids go: the device of its input embedding (the first layer of a split base)."""
     embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     first = next(embedding.parameters(), None) if embedding is not None else None
     return (first if first is not None else next(model.parameters())).device
 
 
-def use_device(device: "torch.device") -> None:
+def use_device(device: torch.device) -> None:
     """Make ``device`` the current CUDA device (collectives and ``current_device()`` follow it) and allow TF32
     matmuls there, as PyTorch training scripts do; nothing on the CPU."""
     import torch
@@ -91,7 +105,7 @@ def use_device(device: "torch.device") -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-def default_compute_dtype(device: "torch.device") -> str | None:
+def default_compute_dtype(device: torch.device) -> str | None:
     """The compute dtype of a 4-bit base whose rule file names none: bf16 on CUDA (fp16 without bf16), else
     None (the input's dtype, as bitsandbytes does)."""
     import torch
@@ -116,8 +130,10 @@ def parse_max_memory(text: str) -> dict[int | str, int]:
         device, sep, size = part.partition("=")
         device = device.strip().lower().removeprefix("cuda:")
         if not sep or not (device.isdigit() or device in ("cpu", "disk")):
-            raise DeviceError(f"--max-memory {part!r}: write DEVICE=SIZE pairs, e.g. 0=20GiB,1=20GiB,cpu=64GiB "
-                              "(DEVICE a GPU index, cpu or disk)")
+            raise DeviceError(
+                f"--max-memory {part!r}: write DEVICE=SIZE pairs, e.g. 0=20GiB,1=20GiB,cpu=64GiB "
+                "(DEVICE a GPU index, cpu or disk)"
+            )
         key: int | str = int(device) if device.isdigit() else device
         if key in out:
             raise DeviceError(f"--max-memory: {device} is given twice")

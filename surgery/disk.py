@@ -14,8 +14,8 @@ import os
 import shutil
 import stat
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from .errors import SurgeryError
 
@@ -33,12 +33,16 @@ def check_user_file(path: Path, *, what: str, limit: int, error: type[SurgeryErr
     if stat.S_ISDIR(info.st_mode):
         raise error(f"{path}: is a directory, not a {what}")
     if not stat.S_ISREG(info.st_mode):
-        kind = "a FIFO" if stat.S_ISFIFO(info.st_mode) else "a device" if \
-            stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode) else "a socket or other special file"
+        kind = (
+            "a FIFO"
+            if stat.S_ISFIFO(info.st_mode)
+            else "a device"
+            if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode)
+            else "a socket or other special file"
+        )
         raise error(f"{path}: is {kind}, not a regular file; a {what} must be a regular file")
     if info.st_size > limit:
-        raise error(f"{path}: is {info.st_size:,} bytes; a {what} is at most {limit:,} bytes — is this the right "
-                    "file?")
+        raise error(f"{path}: is {info.st_size:,} bytes; a {what} is at most {limit:,} bytes — is this the right file?")
     return info.st_size
 
 
@@ -62,13 +66,14 @@ def read_user_text(path: str | Path, *, what: str, limit: int, error: type[Surge
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        line = data[:exc.start].count(b"\n") + 1
+        line = data[: exc.start].count(b"\n") + 1
         raise error(f"{path}:{line}: not UTF-8 text (byte {exc.start}); a {what} must be UTF-8") from None
 
 
 def version() -> str:
     """surgery's installed version (from the package metadata; nothing imports the package root for it)."""
-    from importlib.metadata import PackageNotFoundError, version as installed
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
 
     try:
         return installed("surgery")
@@ -90,8 +95,9 @@ def atomic_write(path: Path, data: bytes, *, error: type[SurgeryError]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
-        raise error(f"{path}: could not be written ({exc.strerror or exc}); check that the folder exists and "
-                    "is writable") from None
+        raise error(
+            f"{path}: could not be written ({exc.strerror or exc}); check that the folder exists and is writable"
+        ) from None
     try:
         os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~umask())
         with os.fdopen(fd, "wb") as f:
@@ -102,8 +108,9 @@ def atomic_write(path: Path, data: bytes, *, error: type[SurgeryError]) -> None:
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError):
-            raise error(f"{path}: could not be written ({exc.strerror or exc}); the previous file, if any, is "
-                        "unchanged") from exc
+            raise error(
+                f"{path}: could not be written ({exc.strerror or exc}); the previous file, if any, is unchanged"
+            ) from exc
         raise
     fsync_folder(path.parent)
 
@@ -126,8 +133,9 @@ def atomic_folder(path: str | Path, *, error: type[SurgeryError], overwrite: boo
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
         os.chmod(tmp, 0o777 & ~umask())
     except OSError as exc:
-        raise error(f"{path}: cannot be created ({exc.strerror or exc}); check that the parent folder exists "
-                    "and is writable") from None
+        raise error(
+            f"{path}: cannot be created ({exc.strerror or exc}); check that the parent folder exists and is writable"
+        ) from None
     try:
         yield tmp
     except BaseException:
@@ -158,8 +166,9 @@ MANIFEST_FILE = ".surgery-files.json"  # what the last complete write of a folde
 MAX_MANIFEST_BYTES = 64 * 1024
 
 
-def write_folder_files(folder: str | Path, files: dict[str, bytes], *, error: type[SurgeryError],
-                       links: dict[str, str] | None = None) -> None:
+def write_folder_files(
+    folder: str | Path, files: dict[str, bytes], *, error: type[SurgeryError], links: dict[str, str] | None = None
+) -> None:
     """Write ``files`` (name -> bytes; ``links``: name -> the file of ``files`` it is a hard link to, a copy
     where links fail) into ``folder`` so that every reader sees the old set or the new set, never a mix:
     the new files go to temp names first; the folder's manifest says "writing" while they are renamed into
@@ -176,19 +185,20 @@ def write_folder_files(folder: str | Path, files: dict[str, bytes], *, error: ty
             temps[name] = _written_temp(folder, name, data)
         for name, target in links.items():
             temps[name] = _linked_temp(folder, name, temps[target])
-        atomic_write(folder / MANIFEST_FILE, json.dumps({"format": 1, "writing": sorted(temps)}).encode(),
-                     error=error)
+        atomic_write(folder / MANIFEST_FILE, json.dumps({"format": 1, "writing": sorted(temps)}).encode(), error=error)
         for name, tmp in temps.items():
             os.replace(tmp, folder / name)
         temps.clear()
         fsync_folder(folder)
         digests = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
         digests.update({name: digests[target] for name, target in links.items()})
-        atomic_write(folder / MANIFEST_FILE, json.dumps({"format": 1, "files": digests}, indent=1).encode(),
-                     error=error)
+        atomic_write(
+            folder / MANIFEST_FILE, json.dumps({"format": 1, "files": digests}, indent=1).encode(), error=error
+        )
     except OSError as exc:
-        raise error(f"{folder}: could not be written ({exc.strerror or exc}); files written before are as they "
-                    "were") from None
+        raise error(
+            f"{folder}: could not be written ({exc.strerror or exc}); files written before are as they were"
+        ) from None
     finally:
         for tmp in temps.values():
             Path(tmp).unlink(missing_ok=True)
@@ -234,11 +244,15 @@ def check_folder_files(folder: str | Path, *, error: type[SurgeryError]) -> None
     except (ValueError, RecursionError):
         entry = None
     if not isinstance(entry, dict) or not ("writing" in entry or isinstance(entry.get("files"), dict)):
-        raise error(f"{manifest}: not a manifest surgery wrote (it lists the files of the folder's last save); "
-                    "save the folder again, or delete that file if the folder's files are whole")
+        raise error(
+            f"{manifest}: not a manifest surgery wrote (it lists the files of the folder's last save); "
+            "save the folder again, or delete that file if the folder's files are whole"
+        )
     if "writing" in entry:
-        raise error(f"{folder}: its files were being written when that was interrupted ({MANIFEST_FILE} says so), "
-                    "so they may mix two saves; save the folder again")
+        raise error(
+            f"{folder}: its files were being written when that was interrupted ({MANIFEST_FILE} says so), "
+            "so they may mix two saves; save the folder again"
+        )
 
 
 def check_inside(folder: Path, name: str, *, error: type[SurgeryError]) -> None:
@@ -250,10 +264,14 @@ def check_inside(folder: Path, name: str, *, error: type[SurgeryError]) -> None:
     try:
         target = path.resolve(strict=True)
     except (OSError, RuntimeError):
-        raise error(f"{path}: is a link that leads nowhere (a loop or a missing target); replace it with the file")
+        raise error(
+            f"{path}: is a link that leads nowhere (a loop or a missing target); replace it with the file"
+        ) from None
     if not target.is_relative_to(folder.resolve()):
-        raise error(f"{path}: is a link to {target}, outside its folder; surgery reads only the folder's own files "
-                    "(copy the file in)")
+        raise error(
+            f"{path}: is a link to {target}, outside its folder; surgery reads only the folder's own files "
+            "(copy the file in)"
+        )
 
 
 def fsync_folder(folder: Path) -> None:

@@ -57,9 +57,11 @@ def _refuse_collapsed_launch() -> None:
     if "WORLD_SIZE" in os.environ or not any(k.startswith("ACCELERATE_") for k in os.environ):
         return
     if os.environ.get("MASTER_ADDR") or os.environ.get("ACCELERATE_NUM_PROCESSES", "1") not in ("", "1"):
-        raise TrainError("accelerate launched one process although several were asked for (its --cpu launcher "
-                         "ignores --num_processes); use `accelerate launch --multi_gpu --num_processes N` (gloo on "
-                         "CPU) or `torchrun --nproc_per_node N`")
+        raise TrainError(
+            "accelerate launched one process although several were asked for (its --cpu launcher "
+            "ignores --num_processes); use `accelerate launch --multi_gpu --num_processes N` (gloo on "
+            "CPU) or `torchrun --nproc_per_node N`"
+        )
 
 
 def rank_seed(seed: int, rank: int) -> int:

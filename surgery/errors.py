@@ -21,8 +21,10 @@ class PatternTimeout(RuleFileError):
     """A ``re:`` pattern that took too long on one module name (catastrophic backtracking)."""
 
     def __init__(self, pattern: str, seconds: float):
-        super().__init__(f"pattern '{pattern}' took over {seconds} s to match one module name (catastrophic "
-                         "backtracking, e.g. nested repeats like (a+)+); simplify it")
+        super().__init__(
+            f"pattern '{pattern}' took over {seconds} s to match one module name (catastrophic "
+            "backtracking, e.g. nested repeats like (a+)+); simplify it"
+        )
         self.pattern = pattern
 
 
@@ -37,7 +39,7 @@ class TraceError(SurgeryError):
 class PlanError(SurgeryError):
     """A plan that violates one or more constraints; ``violations`` lists them all."""
 
-    def __init__(self, violations: list["Violation"], lines: list[str] | None = None, note: str = ""):
+    def __init__(self, violations: list[Violation], lines: list[str] | None = None, note: str = ""):
         self.violations = violations
         self.lines = lines or [f"[{v.constraint}] {v.message}" for v in violations]
         self.note = note
@@ -86,7 +88,7 @@ class AdapterStateError(SurgeryError):
 def first_line(exc: BaseException, limit: int = 200) -> str:
     """The first line of an exception's message, bounded: for quoting a library's error in ours."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text if len(text) <= limit else text[:limit - 1] + "…"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class ModelConfigError(SurgeryError):
@@ -119,7 +121,7 @@ class TruncationWarning(SurgeryWarning):
 
 CONSTRAINTS = {  # what each constraint id in a PlanError means; the README's table says the same
     "C1": "no unquantize after quantize: a module the base already holds quantized cannot be planned unquantized "
-          "or quantized again with another scheme or other settings",
+    "or quantized again with another scheme or other settings",
     "C2": "no trainable quantized module: `plain` on a quantized module is an error",
     "C3": "`adapt` only on Linear, Conv1D, Embedding (and their bitsandbytes forms)",
     "C4": "a rule that matches nothing is an error (close names suggested) unless `optional: true`",

@@ -7,6 +7,7 @@ import importlib
 
 def submodules_on_use(package: str):
     """A PEP 562 ``__getattr__`` for ``package`` that imports ``package.NAME`` when NAME is one of its modules."""
+
     def __getattr__(name: str):
         try:
             return importlib.import_module(f"{package}.{name}")
@@ -14,4 +15,5 @@ def submodules_on_use(package: str):
             if exc.name != f"{package}.{name}":
                 raise
             raise AttributeError(f"module {package!r} has no attribute {name!r}") from None
+
     return __getattr__

@@ -11,8 +11,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import surgery  # noqa: E402
-from surgery.model.architectures import TINY_MODELS  # noqa: E402
 from surgery.layers.bnb import state_tensors  # noqa: E402
+from surgery.model.architectures import TINY_MODELS  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -18,17 +18,42 @@ out, batch_size, batched = sys.argv[1], int(sys.argv[2]), sys.argv[3:] == ["batc
 base = surgery.tiny_model("tiny-llama")
 # An fp32 base: LLM.int8's outlier split (threshold 6) depends on which rows share a batch, so an int8
 # base gives DDP results close to, not within 1e-5 of, one process.
-RULES = {"quantize": "none", "default": "freeze", "rules": [
-    {"match": "lm_head", "action": "plain"}, {"match": "re:.*(q_proj|v_proj)", "action": "adapt"}]}
-job = make_job(base, "ddp", RULES, "upper", surgery.tiny_tokenizer(),
-               TrainConfig(batch_size=batch_size, lr=1e-2, max_steps=6, seed=0), mode="corpus", block_size=16)
+RULES = {
+    "quantize": "none",
+    "default": "freeze",
+    "rules": [{"match": "lm_head", "action": "plain"}, {"match": "re:.*(q_proj|v_proj)", "action": "adapt"}],
+}
+job = make_job(
+    base,
+    "ddp",
+    RULES,
+    "upper",
+    surgery.tiny_tokenizer(),
+    TrainConfig(batch_size=batch_size, lr=1e-2, max_steps=6, seed=0),
+    mode="corpus",
+    block_size=16,
+)
 OTHER = {"quantize": "none", "default": "freeze", "rules": [{"match": "v_proj", "action": "adapt", "lora": {"r": 2}}]}
-others = [make_job(base, "other", OTHER, "reverse", surgery.tiny_tokenizer(),
-                   TrainConfig(batch_size=batch_size // 2, grad_accum=2, lr=1e-2, max_steps=2, seed=1),
-                   block_size=20)] if batched else []
+others = (
+    [
+        make_job(
+            base,
+            "other",
+            OTHER,
+            "reverse",
+            surgery.tiny_tokenizer(),
+            TrainConfig(batch_size=batch_size // 2, grad_accum=2, lr=1e-2, max_steps=2, seed=1),
+            block_size=20,
+        )
+    ]
+    if batched
+    else []
+)
 train([job, *others], batched=batched)
 rank = int(os.environ.get("RANK", "0"))
-save_file({k: v.detach().contiguous() for k, v in own_state(job.finetune).items()},
-          os.path.join(out, f"rank{rank}-of-{os.environ.get('WORLD_SIZE', '1')}{'-batched' * batched}.safetensors"))
+save_file(
+    {k: v.detach().contiguous() for k, v in own_state(job.finetune).items()},
+    os.path.join(out, f"rank{rank}-of-{os.environ.get('WORLD_SIZE', '1')}{'-batched' * batched}.safetensors"),
+)
 if torch.distributed.is_initialized():
     torch.distributed.destroy_process_group()

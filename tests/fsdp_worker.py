@@ -17,8 +17,8 @@ from safetensors.torch import save_file
 
 import surgery
 from surgery.finetune.state import own_state
-from surgery.train.job import TrainConfig, make_job
 from surgery.planning.memory import parameter_bytes
+from surgery.train.job import TrainConfig, make_job
 from surgery.train.loop import train
 
 out, base_kinds, steps = sys.argv[1], sys.argv[2].split(","), int(sys.argv[3])
@@ -42,10 +42,16 @@ def stop_after(run, record):
 def run_kind(base_kind: str) -> None:
     quant = {"fp32": "none", "nf4": "nf4", "nf4-bf16": {"scheme": "nf4", "storage": "bfloat16"}}[base_kind]
     default = "freeze" if base_kind == "fp32" else "quantize"
-    rules_a = {"quantize": quant, "default": default, "rules": [*FROZEN, {"match": "re:.*(q_proj|v_proj)",
-                                                                          "action": "adapt"}]}
-    rules_b = {"quantize": quant, "default": default, "rules": [
-        *FROZEN, {"match": "re:.*(up_proj|o_proj)", "action": "adapt", "lora": {"r": 2}}]}
+    rules_a = {
+        "quantize": quant,
+        "default": default,
+        "rules": [*FROZEN, {"match": "re:.*(q_proj|v_proj)", "action": "adapt"}],
+    }
+    rules_b = {
+        "quantize": quant,
+        "default": default,
+        "rules": [*FROZEN, {"match": "re:.*(up_proj|o_proj)", "action": "adapt", "lora": {"r": 2}}],
+    }
     base = surgery.tiny_model("tiny-llama")
     surgery.prepare_base(base, rules_a, rules_b)
     whole = parameter_bytes(base)
@@ -54,11 +60,28 @@ def run_kind(base_kind: str) -> None:
         surgery.shard_base(base)
     tokenizer = surgery.tiny_tokenizer()
     folder = os.path.join(out, f"{base_kind}-{'sharded' if shard else 'whole'}-a")
-    jobs = [make_job(base, "a", rules_a, "upper", tokenizer,
-                     TrainConfig(batch_size=4 // world, lr=1e-2, max_steps=steps, seed=0, save_steps=5),
-                     mode="corpus", block_size=16, out=folder),
-            make_job(base, "b", rules_b, "reverse", tokenizer,
-                     TrainConfig(batch_size=4 // world, lr=1e-2, max_steps=steps // 2, seed=1), block_size=20)]
+    jobs = [
+        make_job(
+            base,
+            "a",
+            rules_a,
+            "upper",
+            tokenizer,
+            TrainConfig(batch_size=4 // world, lr=1e-2, max_steps=steps, seed=0, save_steps=5),
+            mode="corpus",
+            block_size=16,
+            out=folder,
+        ),
+        make_job(
+            base,
+            "b",
+            rules_b,
+            "reverse",
+            tokenizer,
+            TrainConfig(batch_size=4 // world, lr=1e-2, max_steps=steps // 2, seed=1),
+            block_size=20,
+        ),
+    ]
     if resume:
         from surgery.train.checkpoint import latest_checkpoint
 

@@ -22,9 +22,17 @@ base_graph(surgery.tiny_model("tiny-llama"))  # the trace cache every forked run
 def run(out: str, steps: int, ready) -> None:
     """Train (resuming from the newest complete checkpoint, if any) with a checkpoint at every step."""
     base = surgery.tiny_model("tiny-llama")
-    job = make_job(base, "job", "qv_lora_head", "upper", surgery.tiny_tokenizer(),
-                   TrainConfig(batch_size=4, lr=1e-2, max_steps=steps, seed=0, save_steps=1, save_total_limit=2),
-                   out=out, block_size=24, model_name="tiny-llama")
+    job = make_job(
+        base,
+        "job",
+        "qv_lora_head",
+        "upper",
+        surgery.tiny_tokenizer(),
+        TrainConfig(batch_size=4, lr=1e-2, max_steps=steps, seed=0, save_steps=1, save_total_limit=2),
+        out=out,
+        block_size=24,
+        model_name="tiny-llama",
+    )
     found = latest_checkpoint(job.out) if job.out.exists() else None
     if found is None and job.out.exists():  # killed before its first checkpoint: start afresh, as a user would
         shutil.rmtree(job.out)

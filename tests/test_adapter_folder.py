@@ -9,20 +9,25 @@ import warnings
 import pytest
 import torch
 from safetensors import safe_open
+from test_state import logits, trained
 from typer.testing import CliRunner
 
 import surgery
 from surgery import AdapterStateError
 from surgery.finetune.state import own_state
 from surgery_cli.app import app
-from test_state import logits, trained
 
 peft = pytest.importorskip("peft")
 runner = CliRunner()
-WITH_PLAIN = {"quantize": "none", "default": "freeze", "rules": [
-    {"match": "*", "type": "linear", "action": "adapt", "optional": True, "lora": {"r": 4, "alpha": 8}},
-    {"match": "*", "type": "conv1d", "action": "adapt", "optional": True, "lora": {"r": 4, "alpha": 8}},
-    {"match": "lm_head", "action": "plain", "untie": True}]}
+WITH_PLAIN = {
+    "quantize": "none",
+    "default": "freeze",
+    "rules": [
+        {"match": "*", "type": "linear", "action": "adapt", "optional": True, "lora": {"r": 4, "alpha": 8}},
+        {"match": "*", "type": "conv1d", "action": "adapt", "optional": True, "lora": {"r": 4, "alpha": 8}},
+        {"match": "lm_head", "action": "plain", "untie": True},
+    ],
+}
 
 
 def peft_model(base, folder):
@@ -41,9 +46,14 @@ def test_save_pretrained_writes_an_adapter_folder_that_peft_and_surgery_load(tmp
     base = surgery.tiny_model(model)
     ft = trained(surgery.rewrite(base, WITH_PLAIN))
     ft.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".surgery-files.json", "README.md", "adapter.safetensors",
-                                                           "adapter_config.json", "adapter_model.safetensors",
-                                                           "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".surgery-files.json",
+        "README.md",
+        "adapter.safetensors",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "model.safetensors",
+    ]
     base_names = {n for n, _ in base.named_parameters()} - set(own_state(ft))
     for name in ("adapter.safetensors", "adapter_model.safetensors", "model.safetensors"):
         assert not {k.removeprefix("base_model.model.") for k in keys_in(tmp_path / name)} & base_names, name
@@ -73,8 +83,12 @@ def test_save_pretrained_keywords_are_taken_or_refused_and_a_refusal_writes_noth
     assert (tmp_path / "a" / "adapter.safetensors").is_file()
     ft.save_pretrained(tmp_path / "rank1", is_main_process=False)
     assert not (tmp_path / "rank1").exists()
-    for kwargs, message in [({"safe_serialization": False}, "safetensors only"), ({"variant": "fp16"}, "variant"),
-                            ({"push_to_hub": True}, "ft.push_to_hub"), ({"shard_everything": 1}, "unknown argument")]:
+    for kwargs, message in [
+        ({"safe_serialization": False}, "safetensors only"),
+        ({"variant": "fp16"}, "variant"),
+        ({"push_to_hub": True}, "ft.push_to_hub"),
+        ({"shard_everything": 1}, "unknown argument"),
+    ]:
         with pytest.raises(AdapterStateError, match=message):
             ft.save_pretrained(tmp_path / "b", **kwargs)
     assert not (tmp_path / "b").exists()
@@ -120,8 +134,14 @@ def test_push_to_hub_uploads_the_adapter_folder(tmp_path, monkeypatch):
     ft = surgery.rewrite(surgery.tiny_model("tiny-llama"), "qv_lora")
     ft.push_to_hub("me/qv")
     own_bytes = sum(t.numel() * t.element_size() for t in own_state(ft).values())
-    assert set(uploaded) == {".surgery-files.json", "README.md", "adapter.safetensors", "adapter_config.json",
-                             "adapter_model.safetensors", "model.safetensors"}
+    assert set(uploaded) == {
+        ".surgery-files.json",
+        "README.md",
+        "adapter.safetensors",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "model.safetensors",
+    }
     assert uploaded["adapter.safetensors"] < own_bytes + 64 * 1024  # no base tensor
 
 
@@ -159,8 +179,18 @@ def test_trainer_checkpoints_hold_the_adapter_only_and_resume_exactly(tmp_path):
         sibling = surgery.rewrite(base, "qv_lora")
         frozen = {n: p.detach().clone() for n, p in base.named_parameters()}
         untouched = {n: p.detach().clone() for n, p in own_state(sibling).items()}
-        args = TrainingArguments(output_dir=str(out), max_steps=8, save_steps=4, per_device_train_batch_size=4,
-                                 learning_rate=1e-2, report_to=[], use_cpu=True, disable_tqdm=True, seed=0, **extra)
+        args = TrainingArguments(
+            output_dir=str(out),
+            max_steps=8,
+            save_steps=4,
+            per_device_train_batch_size=4,
+            learning_rate=1e-2,
+            report_to=[],
+            use_cpu=True,
+            disable_tqdm=True,
+            seed=0,
+            **extra,
+        )
         trainer = Trainer(model=ft, args=args, train_dataset=rows, eval_dataset=rows[:8])
         trainer.train(resume_from_checkpoint=resume)
         assert all(torch.equal(frozen[n], p) for n, p in base.named_parameters())
@@ -177,8 +207,14 @@ def test_trainer_checkpoints_hold_the_adapter_only_and_resume_exactly(tmp_path):
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
     # load_best_model_at_end: "best" = highest eval loss, i.e. the earlier checkpoint, not the last weights
-    trainer, _, _ = run(tmp_path / "b", eval_strategy="steps", eval_steps=4, load_best_model_at_end=True,
-                        metric_for_best_model="eval_loss", greater_is_better=True)
+    trainer, _, _ = run(
+        tmp_path / "b",
+        eval_strategy="steps",
+        eval_steps=4,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=True,
+    )
     best = trainer.state.best_model_checkpoint
     assert best.endswith("checkpoint-4")
     saved = surgery.read_adapter(best).tensors

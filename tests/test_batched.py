@@ -8,24 +8,42 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import surgery
-from surgery.model.architectures import TINY_MODELS
-from surgery.finetune.batched import batched, generate, route
-from surgery.errors import DataError, RewriteError, TrainError
-from surgery.finetune.state import own_state
-from surgery.train.job import TrainConfig, make_job
 from surgery.base.loading import build_from_config, config_from_dict
+from surgery.errors import DataError, RewriteError, TrainError
+from surgery.finetune.batched import batched, generate, route
+from surgery.finetune.state import own_state
+from surgery.model.architectures import TINY_MODELS
+from surgery.train.job import TrainConfig, make_job
 from surgery.train.loop import train
 from surgery_cli.app import app
 
 TOK = surgery.tiny_tokenizer()
-FP32 = [{"quantize": "none", "default": "freeze", "rules": [{"match": "q_proj", "action": "adapt", "lora": {"r": 8}}]},
-        {"quantize": "none", "default": "freeze", "rules": [
+FP32 = [
+    {"quantize": "none", "default": "freeze", "rules": [{"match": "q_proj", "action": "adapt", "lora": {"r": 8}}]},
+    {
+        "quantize": "none",
+        "default": "freeze",
+        "rules": [
             {"match": "v_proj", "action": "adapt", "lora": {"r": 2, "alpha": 4}},
-            {"match": "lm_head", "action": "plain", "untie": True}]}]
-NF4 = ["qlora_nf4", {"quantize": "nf4", "default": "quantize", "rules": [
-    {"match": "q_proj", "action": "adapt", "lora": {"r": 4}}, {"match": "lm_head", "action": "plain", "untie": True}]}]
-INT8_EXACT = [{"quantize": {"scheme": "int8", "threshold": 0.0}, "rules": [{"match": "q_proj", "action": "adapt"}]},
-              {"quantize": {"scheme": "int8", "threshold": 0.0}, "rules": [{"match": "v_proj", "action": "adapt"}]}]
+            {"match": "lm_head", "action": "plain", "untie": True},
+        ],
+    },
+]
+NF4 = [
+    "qlora_nf4",
+    {
+        "quantize": "nf4",
+        "default": "quantize",
+        "rules": [
+            {"match": "q_proj", "action": "adapt", "lora": {"r": 4}},
+            {"match": "lm_head", "action": "plain", "untie": True},
+        ],
+    },
+]
+INT8_EXACT = [
+    {"quantize": {"scheme": "int8", "threshold": 0.0}, "rules": [{"match": "q_proj", "action": "adapt"}]},
+    {"quantize": {"scheme": "int8", "threshold": 0.0}, "rules": [{"match": "v_proj", "action": "adapt"}]},
+]
 
 
 def finetunes(model: str, rules: list) -> tuple[torch.nn.Module, list[torch.nn.Module]]:
@@ -46,8 +64,12 @@ def finetunes(model: str, rules: list) -> tuple[torch.nn.Module, list[torch.nn.M
 def test_batched_logits_equal_each_finetune_alone(model, rules):
     if model == "tiny-gpt2":  # GPT-2 names its projections c_attn / c_proj
         names = {"q_proj": "c_attn", "v_proj": "c_proj"}
-        rules = [r if isinstance(r, str) else {**r, "rules": [{**x, "match": names.get(x["match"], x["match"])}
-                                                              for x in r["rules"]]} for r in rules]
+        rules = [
+            r
+            if isinstance(r, str)
+            else {**r, "rules": [{**x, "match": names.get(x["match"], x["match"])} for x in r["rules"]]}
+            for r in rules
+        ]
     base, fts = finetunes(model, rules)
     entries = [fts[0], None, fts[1], fts[2]]
     view = batched(base, entries)
@@ -74,8 +96,12 @@ def test_batched_gradients_equal_each_finetune_alone():
     view = batched(base, fts)
     route(view, [2, 2, 2])
     logits = view(input_ids=ids.repeat(3, 1)).logits
-    loss = sum(torch.nn.functional.cross_entropy(logits[2 * i:2 * i + 2, :-1].reshape(-1, logits.shape[-1]),
-                                                 ids[:, 1:].reshape(-1)) for i in range(3))
+    loss = sum(
+        torch.nn.functional.cross_entropy(
+            logits[2 * i : 2 * i + 2, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
+        )
+        for i in range(3)
+    )
     loss.backward()
     for ft, reference in zip(fts, alone):
         for k, p in own_state(ft).items():
@@ -83,8 +109,13 @@ def test_batched_gradients_equal_each_finetune_alone():
 
 
 def test_lora_dropout_draws_from_each_finetunes_own_stream():
-    rules = [{"quantize": "none", "default": "freeze",
-              "rules": [{"match": "q_proj", "action": "adapt", "lora": {"dropout": 0.5}}]}] * 2
+    rules = [
+        {
+            "quantize": "none",
+            "default": "freeze",
+            "rules": [{"match": "q_proj", "action": "adapt", "lora": {"dropout": 0.5}}],
+        }
+    ] * 2
     base, fts = finetunes("tiny-llama", rules)
     ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(3))
     alone = []
@@ -120,9 +151,18 @@ def test_batched_generation_equals_each_finetunes_own_greedy_generate(rules):
     encoded = TOK(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
     for entry, got in zip(entries, answers):
         with torch.no_grad():
-            out = (entry or base).eval().generate(**encoded, max_new_tokens=10, do_sample=False,
-                                                   pad_token_id=TOK.pad_token_id, eos_token_id=TOK.eos_token_id)
-        assert got == TOK.batch_decode(out[:, encoded.input_ids.shape[1]:], skip_special_tokens=True)
+            out = (
+                (entry or base)
+                .eval()
+                .generate(
+                    **encoded,
+                    max_new_tokens=10,
+                    do_sample=False,
+                    pad_token_id=TOK.pad_token_id,
+                    eos_token_id=TOK.eos_token_id,
+                )
+            )
+        assert got == TOK.batch_decode(out[:, encoded.input_ids.shape[1] :], skip_special_tokens=True)
 
 
 def test_sampled_rows_draw_from_their_own_seed_whatever_shares_the_batch():
@@ -147,8 +187,12 @@ def test_bad_batches_are_refused():
         batched(base, [base])
     with pytest.raises(DataError, match="no prompts"):
         generate(base, fts, [], TOK)
-    for bad, message in (({"temperature": -1.0}, "--temperature"), ({"top_p": 0.0}, "--top-p"),
-                         ({"top_k": -1}, "--top-k"), ({"max_new_tokens": 0}, "--max-new-tokens")):
+    for bad, message in (
+        ({"temperature": -1.0}, "--temperature"),
+        ({"top_p": 0.0}, "--top-p"),
+        ({"top_k": -1}, "--top-k"),
+        ({"max_new_tokens": 0}, "--max-new-tokens"),
+    ):
         with pytest.raises(DataError, match=message):
             generate(base, fts, ["x"], TOK, **bad)
     view = batched(base, fts)
@@ -170,8 +214,10 @@ def test_a_finetune_whose_base_was_quantized_again_is_refused():
 
 # ------------------------------------------------------------------------------------ batched training
 
-NO_DROPOUT = {"tiny-opt": {"dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0},
-              "tiny-gpt2": {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}}
+NO_DROPOUT = {
+    "tiny-opt": {"dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0},
+    "tiny-gpt2": {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
+}
 NAMES = {"tiny-gpt2": {"q_proj": "c_attn", "v_proj": "c_proj"}}
 
 
@@ -185,17 +231,39 @@ def training_jobs(base, model: str, quantize: str, out=None, **config) -> list:
     """Three jobs that differ in everything batching must cope with: rules (ranks, LoRA dropout, a plain
     lm_head), data, batch size, block size, gradient accumulation and step count (one ends early)."""
     names = NAMES.get(model, {})
-    lora = {"quantize": quantize, "default": "freeze", "rules": [
-        {"match": names.get("q_proj", "q_proj"), "action": "adapt", "lora": {"r": 8, "dropout": 0.1}}]}
-    head = {"quantize": quantize, "default": "freeze", "rules": [
-        {"match": names.get("v_proj", "v_proj"), "action": "adapt", "lora": {"r": 2, "alpha": 4}},
-        {"match": "lm_head", "action": "plain", "untie": True}]}
-    specs = [("a", lora, "upper", 4, 1, 5, 24), ("b", head, "capitals", 2, 2, 3, 40), ("c", lora, "reverse", 3, 1, 4, 16)]
+    lora = {
+        "quantize": quantize,
+        "default": "freeze",
+        "rules": [{"match": names.get("q_proj", "q_proj"), "action": "adapt", "lora": {"r": 8, "dropout": 0.1}}],
+    }
+    head = {
+        "quantize": quantize,
+        "default": "freeze",
+        "rules": [
+            {"match": names.get("v_proj", "v_proj"), "action": "adapt", "lora": {"r": 2, "alpha": 4}},
+            {"match": "lm_head", "action": "plain", "untie": True},
+        ],
+    }
+    specs = [
+        ("a", lora, "upper", 4, 1, 5, 24),
+        ("b", head, "capitals", 2, 2, 3, 40),
+        ("c", lora, "reverse", 3, 1, 4, 16),
+    ]
     surgery.prepare_base(base, lora, head)
-    return [make_job(base, name, rules, data, TOK, TrainConfig(batch_size=batch, grad_accum=accum, lr=1e-2,
-                                                                  max_steps=steps, seed=i, **config),
-                     out=out / name if out else None, block_size=block, model_name=model)
-            for i, (name, rules, data, batch, accum, steps, block) in enumerate(specs)]
+    return [
+        make_job(
+            base,
+            name,
+            rules,
+            data,
+            TOK,
+            TrainConfig(batch_size=batch, grad_accum=accum, lr=1e-2, max_steps=steps, seed=i, **config),
+            out=out / name if out else None,
+            block_size=block,
+            model_name=model,
+        )
+        for i, (name, rules, data, batch, accum, steps, block) in enumerate(specs)
+    ]
 
 
 def assert_same_adapters(runs_a, runs_b, rtol: float) -> None:
@@ -247,13 +315,13 @@ def test_a_memory_cap_splits_the_pass_into_sub_groups_with_the_same_result():
 
 def test_a_batched_run_resumes_exactly_and_records_its_grouping(tmp_path):
     base = base_without_dropout("tiny-llama")
-    straight = train(training_jobs(base, "tiny-llama", "none", out=tmp_path / "straight", save_steps=2),
-                     batched=True)
+    straight = train(training_jobs(base, "tiny-llama", "none", out=tmp_path / "straight", save_steps=2), batched=True)
     checkpoints = {r.job.name: tmp_path / "straight" / r.job.name / "checkpoint-2" for r in straight}
     with pytest.raises(TrainError, match="checkpoint of another run.*batched"):
         train(training_jobs(base, "tiny-llama", "none", out=tmp_path / "alone"), resume=checkpoints)
-    resumed = train(training_jobs(base, "tiny-llama", "none", out=tmp_path / "resumed"), batched=True,
-                    resume=checkpoints)
+    resumed = train(
+        training_jobs(base, "tiny-llama", "none", out=tmp_path / "resumed"), batched=True, resume=checkpoints
+    )
     assert [r.history[0]["step"] for r in resumed] == [3, 3, 3]
     assert_same_adapters(resumed, straight, rtol=1e-6)
     for a, b in zip(resumed, straight):
@@ -261,8 +329,21 @@ def test_a_batched_run_resumes_exactly_and_records_its_grouping(tmp_path):
 
 
 def test_cli_train_batched_writes_the_adapters_taking_turns_writes(tmp_path):
-    args = ["train", "--model", "tiny-llama", "--job", "caps=lora_plus_head,capitals", "--job", "up=qv_lora,upper",
-            "--max-steps", "6", "--lr", "1e-2", "--block-size", "40"]
+    args = [
+        "train",
+        "--model",
+        "tiny-llama",
+        "--job",
+        "caps=lora_plus_head,capitals",
+        "--job",
+        "up=qv_lora,upper",
+        "--max-steps",
+        "6",
+        "--lr",
+        "1e-2",
+        "--block-size",
+        "40",
+    ]
     runner = CliRunner()
     for name, extra in (("turns", []), ("batched", ["--batched", "--max-batched-tokens", "200"])):
         result = runner.invoke(app, [*args, "--out", str(tmp_path / name), *extra])

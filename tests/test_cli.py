@@ -54,12 +54,15 @@ def test_plan_uses_the_rule_files_model_key(tmp_path):
     assert "tiny-gpt2" in result.stdout and "`model:`" in result.stdout
 
 
-@pytest.mark.parametrize("args,needle", [
-    (("plan", "no_such_rules"), "no such rule file"),
-    (("inspect", "facebook/opt-13b"), "Did you mean"),
-    (("plan", "{path}"), "duplicate key"),
-    (("plan", "{c4}"), "matched no module"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (("plan", "no_such_rules"), "no such rule file"),
+        (("inspect", "facebook/opt-13b"), "Did you mean"),
+        (("plan", "{path}"), "duplicate key"),
+        (("plan", "{c4}"), "matched no module"),
+    ],
+)
 def test_user_errors_exit_2_without_traceback(tmp_path, args, needle):
     bad = tmp_path / "bad.yaml"
     bad.write_text("rules:\n  - match: q\n    match: k\n")
@@ -89,7 +92,9 @@ def _commands(group: TyperGroup, prefix: tuple[str, ...] = ()) -> list[tuple[str
 
 def test_every_command_has_help_with_an_example():
     commands = _commands(typer.main.get_command(app))
-    assert len(commands) >= 13, commands  # demo, models, inspect, plan, apply, rules x2, adapter show, merge, export/import, ...
+    assert len(commands) >= 13, (
+        commands
+    )  # demo, models, inspect, plan, apply, rules x2, adapter show, merge, export/import, ...
     for cmd in commands:
         result = run(*cmd, "--help")
         assert result.exit_code == 0 and f"Example: surgery {' '.join(cmd)}" in result.stdout, cmd
@@ -97,8 +102,20 @@ def test_every_command_has_help_with_an_example():
 
 def test_loss_curve_png_when_matplotlib_is_installed(tmp_path):
     pytest.importorskip("matplotlib")
-    result = run("train", "qv_lora_head", "--model", "tiny-llama", "--data", "upper", "--out", str(tmp_path / "run"),
-                 "--max-steps", "3", "--block-size", "24")
+    result = run(
+        "train",
+        "qv_lora_head",
+        "--model",
+        "tiny-llama",
+        "--data",
+        "upper",
+        "--out",
+        str(tmp_path / "run"),
+        "--max-steps",
+        "3",
+        "--block-size",
+        "24",
+    )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "run" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -173,7 +190,9 @@ def test_adapter_files_through_the_cli_apply_show_merge_export_import(tmp_path):
     assert (tmp_path / "peft" / "adapter_config.json").exists()
     assert "BitsAndBytesConfig(load_in_8bit=True" in result.stdout
     assert "BitsAndBytesConfig(load_in_8bit=True" in (tmp_path / "peft" / "README.md").read_text()
-    result = run("import-peft", str(tmp_path / "peft"), "--out", str(tmp_path / "back.safetensors"), "--quantize", "int8")
+    result = run(
+        "import-peft", str(tmp_path / "peft"), "--out", str(tmp_path / "back.safetensors"), "--quantize", "int8"
+    )
     assert result.exit_code == 0, result.output
     back = surgery.read_adapter(tmp_path / "back.safetensors")
     original = surgery.read_adapter(first)
@@ -197,8 +216,20 @@ def test_lora_shorthand_flags_train_and_record_the_rule_file_they_stand_for(tmp_
     import surgery
 
     common = ["--model", "tiny-llama", "--data", "upper", "--max-steps", "3", "--lr", "1e-2"]
-    result = run("train", "--target-modules", "q_proj,v_proj", "--lora-r", "4", "--lora-alpha", "8", "--quantize",
-                 "nf4", *common, "--out", str(tmp_path / "a"))
+    result = run(
+        "train",
+        "--target-modules",
+        "q_proj,v_proj",
+        "--lora-r",
+        "4",
+        "--lora-alpha",
+        "8",
+        "--quantize",
+        "nf4",
+        *common,
+        "--out",
+        str(tmp_path / "a"),
+    )
     assert result.exit_code == 0, result.output
     recorded = tmp_path / "a" / "rules.yaml"
     assert "rules.yaml" in result.stdout
@@ -216,17 +247,25 @@ def test_lora_shorthand_flags_train_and_record_the_rule_file_they_stand_for(tmp_
     assert len(adapted) == 4 and all("q_proj" in k or "v_proj" in k for k in adapted)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--lora-r", "4", "--data", "upper"], "--lora-r belongs with --target-modules"),
-    (["qv_lora", "--target-modules", "q_proj", "--data", "upper"], "--target-modules replaces RULES"),
-    (["--target-modules", "q_proj,all-linear", "--data", "upper"], "all-linear stands alone"),
-    (["--target-modules", "q_proj", "--quantize", "int3", "--data", "upper"], "int3"),
-    (["--target-modules", "q_proj", "--init-lora-weights", "pissa", "--data", "upper"],
-     "init_lora_weights 'pissa' is not supported"),
-    (["--init-lora-weights", "gaussian", "--data", "upper"], "--init-lora-weights belongs with --target-modules"),
-    (["--target-modules", "q_proj", "--init-lora-weights", "loftq", "--data", "upper"],
-     "with init_lora_weights: loftq, which starts the adapter from the base's quantization error, but the base keeps"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--lora-r", "4", "--data", "upper"], "--lora-r belongs with --target-modules"),
+        (["qv_lora", "--target-modules", "q_proj", "--data", "upper"], "--target-modules replaces RULES"),
+        (["--target-modules", "q_proj,all-linear", "--data", "upper"], "all-linear stands alone"),
+        (["--target-modules", "q_proj", "--quantize", "int3", "--data", "upper"], "int3"),
+        (
+            ["--target-modules", "q_proj", "--init-lora-weights", "pissa", "--data", "upper"],
+            "init_lora_weights 'pissa' is not supported",
+        ),
+        (["--init-lora-weights", "gaussian", "--data", "upper"], "--init-lora-weights belongs with --target-modules"),
+        (
+            ["--target-modules", "q_proj", "--init-lora-weights", "loftq", "--data", "upper"],
+            "with init_lora_weights: loftq, which starts the adapter from the base's quantization error, "
+            "but the base keeps",
+        ),
+    ],
+)
 def test_lora_shorthand_mistakes_are_one_clear_error(tmp_path, args, message):
     result = run("train", *args, "--out", str(tmp_path / "o"))
     assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
@@ -237,17 +276,32 @@ def test_chat_template_training_and_generation_through_the_cli(tmp_path):
     """train --chat-template on a tiny model whose tokenizer has a template; generate --chat-template answers
     as transformers' own generate does on the prompt the template writes."""
     import torch
+    from test_train import CHAT_TEMPLATE
 
     import surgery
-    from test_train import CHAT_TEMPLATE
 
     folder = tmp_path / "tiny-chat"
     surgery.tiny_model("tiny-llama").save_pretrained(folder)
     tokenizer = surgery.tiny_tokenizer()
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(folder)
-    result = run("train", "qv_lora_head", "--model", str(folder), "--data", "upper", "--chat-template",
-                 "--out", str(tmp_path / "run"), "--max-steps", "40", "--lr", "1e-2", "--block-size", "48")
+    result = run(
+        "train",
+        "qv_lora_head",
+        "--model",
+        str(folder),
+        "--data",
+        "upper",
+        "--chat-template",
+        "--out",
+        str(tmp_path / "run"),
+        "--max-steps",
+        "40",
+        "--lr",
+        "1e-2",
+        "--block-size",
+        "48",
+    )
     assert result.exit_code == 0, result.output
     losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert losses[-1] < 0.5 * losses[0]
@@ -261,9 +315,14 @@ def test_chat_template_training_and_generation_through_the_cli(tmp_path):
     ft = surgery.load_adapter(surgery.load_model(str(folder)).model, adapter).eval()
     ids = tokenizer("<user>owl -></user>\n<assistant>", add_special_tokens=False, return_tensors="pt").input_ids
     with torch.no_grad():
-        out = ft.generate(input_ids=ids, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                          eos_token_id=tokenizer.eos_token_id)
-    assert answer["answer"] == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        out = ft.generate(
+            input_ids=ids,
+            max_new_tokens=12,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    assert answer["answer"] == tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     result = run("generate", "owl ->", "--chat-template", "--adapter", str(adapter), "-n", "12")
     assert result.exit_code == 0 and answer["answer"].strip()[:3] in result.stdout, result.output
 
@@ -287,15 +346,30 @@ def test_bitsandbytes_warnings_about_the_run_show_once_and_its_noise_not_at_all(
             ft(input_ids=torch.tensor([[1, 2, 3]]))
         logging.getLogger("bitsandbytes.backends.cpu.ops").warning("Failed to load CPU gemm_4bit_forward")
     said = [r.getMessage() for r in caplog.records if r.name.startswith("bitsandbytes")]
-    assert said == ["bitsandbytes: MatMul8bitLt: inputs will be cast from torch.float32 to float16 during "
-                    "quantization"]
+    assert said == ["bitsandbytes: MatMul8bitLt: inputs will be cast from torch.float32 to float16 during quantization"]
 
 
 def test_use_rslora_shorthand_trains_a_rank_stabilized_lora_and_exports_it_to_peft(tmp_path):
     import surgery
 
-    result = run("train", "--target-modules", "q_proj", "--lora-r", "16", "--lora-alpha", "8", "--use-rslora",
-                 "--model", "tiny-llama", "--data", "upper", "--max-steps", "2", "--out", str(tmp_path / "run"))
+    result = run(
+        "train",
+        "--target-modules",
+        "q_proj",
+        "--lora-r",
+        "16",
+        "--lora-alpha",
+        "8",
+        "--use-rslora",
+        "--model",
+        "tiny-llama",
+        "--data",
+        "upper",
+        "--max-steps",
+        "2",
+        "--out",
+        str(tmp_path / "run"),
+    )
     assert result.exit_code == 0, result.output
     adapter = tmp_path / "run" / "adapter.safetensors"
     assert {r.lora.scaling for r in surgery.read_adapter(adapter).rules.rules if r.lora} == {8 / 4}
@@ -314,4 +388,6 @@ def test_shorthand_init_and_dora_flags_stand_for_their_rule_keys():
     lora = rules.rules[0].lora
     assert lora.init == "gaussian" and lora.use_dora
     assert "--use-dora" in rules.description and "--init-lora-weights gaussian" in rules.description
-    assert shorthand_rules(["q_proj"]).rules[0].lora == shorthand_rules(["q_proj"], init_lora_weights=True).rules[0].lora
+    assert (
+        shorthand_rules(["q_proj"]).rules[0].lora == shorthand_rules(["q_proj"], init_lora_weights=True).rules[0].lora
+    )

@@ -17,18 +17,33 @@ TOK = surgery.tiny_tokenizer()
 
 def rules(storage: str, dropout: float = 0.1) -> dict:
     """LoRA on q/v over a base stored as ``storage`` (every other Linear too; embeddings and lm_head frozen)."""
-    return {"quantize": storage, "default": "freeze" if storage == "none" else "quantize",
-            "rules": [{"match": "lm_head", "action": "freeze"}, {"match": "*", "type": "embedding", "action": "freeze"},
-                      {"match": "re:.*(q_proj|v_proj)", "action": "adapt", "lora": {"r": 4, "alpha": 8, "dropout": dropout}}]}
+    return {
+        "quantize": storage,
+        "default": "freeze" if storage == "none" else "quantize",
+        "rules": [
+            {"match": "lm_head", "action": "freeze"},
+            {"match": "*", "type": "embedding", "action": "freeze"},
+            {"match": "re:.*(q_proj|v_proj)", "action": "adapt", "lora": {"r": 4, "alpha": 8, "dropout": dropout}},
+        ],
+    }
 
 
 def trained(storage: str, dropout: float = 0.1, evaluate: bool = True, **compile_settings):
     """(losses, adapter tensors, fine-tune, base) of 3 steps (ragged batches), with an eval at step 3."""
     base = surgery.tiny_model("tiny-llama")
-    config = TrainConfig(batch_size=4, lr=1e-2, max_steps=3, eval_steps=3 if evaluate else None, seed=0,
-                         **compile_settings)
-    job = make_job(base, "j", rules(storage, dropout), "capitals", TOK, config,
-                   eval_data="upper" if evaluate else None, block_size=40)
+    config = TrainConfig(
+        batch_size=4, lr=1e-2, max_steps=3, eval_steps=3 if evaluate else None, seed=0, **compile_settings
+    )
+    job = make_job(
+        base,
+        "j",
+        rules(storage, dropout),
+        "capitals",
+        TOK,
+        config,
+        eval_data="upper" if evaluate else None,
+        block_size=40,
+    )
     (run,) = train([job])
     losses = [r.get("loss", r.get("eval_loss")) for r in run.history]
     return losses, {k: v.detach().clone() for k, v in own_state(job.finetune).items()}, job.finetune, base
@@ -72,8 +87,15 @@ def test_bad_compile_settings_fail_before_training(tmp_path):
     base = surgery.tiny_model("tiny-llama")
     with pytest.raises(TrainError, match=r"--compile-backend must be one of .*inductor.*not 'fast'"):
         make_job(base, "j", rules("none"), "upper", TOK, TrainConfig(compile=True, compile_backend="fast"))
-    job = make_job(base, "j", rules("none"), "upper", TOK, TrainConfig(compile=True, compile_backend="aot_eager",
-                                                                       max_steps=1), out=tmp_path / "run")
+    job = make_job(
+        base,
+        "j",
+        rules("none"),
+        "upper",
+        TOK,
+        TrainConfig(compile=True, compile_backend="aot_eager", max_steps=1),
+        out=tmp_path / "run",
+    )
     with pytest.raises(TrainError, match=r"--compile compiles each fine-tune's forward.*--batched"):
         train([job], batched=True)
     assert not (tmp_path / "run").exists()

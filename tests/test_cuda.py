@@ -71,7 +71,7 @@ def test_a_bf16_base_trains_its_plain_head_through_fp32_masters_on_cuda(scheme):
     config = TrainConfig(batch_size=8, lr=1e-2, max_steps=20, seed=0, precision="bf16")
     job = make_job(base, "job", "lora_plus_head", "upper", TOK, config, block_size=24, model_name="tiny-llama")
     (run,) = train([job])
-    (head, master), = run.masters.pairs
+    ((head, master),) = run.masters.pairs
     assert head.is_cuda and head.dtype == torch.bfloat16 and master.dtype == torch.float32
     assert torch.equal(head, master.bfloat16())
     losses = [r["loss"] for r in run.history if "loss" in r]
@@ -92,7 +92,7 @@ def test_adapter_file_round_trip_and_merge_on_cuda(tmp_path, scheme):
     base = cuda_base()
     ft = surgery.rewrite(base, SCHEMES[scheme])
     with torch.no_grad():
-        for name, p in ft.named_parameters():
+        for p in ft.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.02)
     path = surgery.save_adapter(ft, tmp_path / "ft.safetensors")
@@ -109,6 +109,7 @@ def test_adapter_file_round_trip_and_merge_on_cuda(tmp_path, scheme):
 
 # ----------------------------------------------------------------------- the GPU path of #22 (quantize on load)
 
+
 @pytest.mark.parametrize("rules", ["qlora_nf4", "qv_lora", "finetuna_default"])
 def test_quantized_while_loading_onto_cuda_equals_quantizing_on_the_cpu(tmp_path, rules):
     """bitsandbytes' CUDA and CPU quantization of the same tensors: the issue asks for bit-identical storage."""
@@ -121,8 +122,13 @@ def test_quantized_while_loading_onto_cuda_equals_quantizing_on_the_cpu(tmp_path
     gpu = {k: t.detach().cpu() for k, t in on_gpu.state_dict().items() if isinstance(t, torch.Tensor)}
     cpu = {k: t.detach() for k, t in on_cpu.state_dict().items() if isinstance(t, torch.Tensor)}
     assert gpu.keys() == cpu.keys()
-    differ = [k for k in gpu if not torch.equal(gpu[k].view(torch.uint8) if gpu[k].dim() else gpu[k],
-                                                cpu[k].view(torch.uint8) if cpu[k].dim() else cpu[k])]
+    differ = [
+        k
+        for k in gpu
+        if not torch.equal(
+            gpu[k].view(torch.uint8) if gpu[k].dim() else gpu[k], cpu[k].view(torch.uint8) if cpu[k].dim() else cpu[k]
+        )
+    ]
     assert not differ, differ[:5]
 
 
@@ -145,16 +151,31 @@ def test_every_command_runs_with_device_cuda(tmp_path, command):
 
     runner = CliRunner()
     adapter = tmp_path / "a.safetensors"
-    made = runner.invoke(app, ["apply", "qlora_nf4", "--model", "tiny-llama", "--out", str(adapter), "--device",
-                               "cuda"])
+    made = runner.invoke(
+        app, ["apply", "qlora_nf4", "--model", "tiny-llama", "--out", str(adapter), "--device", "cuda"]
+    )
     assert made.exit_code == 0, made.output
-    args = {"train": ["train", "qlora_nf4", "--model", "tiny-llama", "--data", "upper", "--max-steps", "3", "--out",
-                      str(tmp_path / "run"), "--precision", "bf16"],
-            "generate": ["generate", "owl ->", "--adapter", str(adapter), "-n", "4"],
-            "apply": ["apply", "qv_lora", "--model", "tiny-llama", "-n", "2"],
-            "merge": ["merge", str(adapter), "--out", str(tmp_path / "merged")],
-            "export-peft": ["export-peft", str(adapter), "--out", str(tmp_path / "peft")],
-            "demo": ["demo", "--steps", "10", "--out", str(tmp_path / "demo")]}[command]
+    args = {
+        "train": [
+            "train",
+            "qlora_nf4",
+            "--model",
+            "tiny-llama",
+            "--data",
+            "upper",
+            "--max-steps",
+            "3",
+            "--out",
+            str(tmp_path / "run"),
+            "--precision",
+            "bf16",
+        ],
+        "generate": ["generate", "owl ->", "--adapter", str(adapter), "-n", "4"],
+        "apply": ["apply", "qv_lora", "--model", "tiny-llama", "-n", "2"],
+        "merge": ["merge", str(adapter), "--out", str(tmp_path / "merged")],
+        "export-peft": ["export-peft", str(adapter), "--out", str(tmp_path / "peft")],
+        "demo": ["demo", "--steps", "10", "--out", str(tmp_path / "demo")],
+    }[command]
     done = runner.invoke(app, [*args, "--device", "cuda"])
     assert done.exit_code == 0, done.output
     assert "cuda" in done.output.splitlines()[0]
@@ -178,9 +199,10 @@ def test_a_peft_export_loads_in_peft_on_cuda_with_the_same_outputs(tmp_path):
     from transformers import BitsAndBytesConfig
 
     call = re.search(r"^base = (AutoModelForCausalLM\.from_pretrained\(.*\))$", card, re.M).group(1)
-    loaded = eval(call.replace(f"{str(tmp_path / 'base')!r}", f"{str(tmp_path / 'base')!r}, device_map='cuda'"),
-                  {"AutoModelForCausalLM": AutoModelForCausalLM, "BitsAndBytesConfig": BitsAndBytesConfig,
-                   "torch": torch})
+    loaded = eval(
+        call.replace(f"{str(tmp_path / 'base')!r}", f"{str(tmp_path / 'base')!r}, device_map='cuda'"),
+        {"AutoModelForCausalLM": AutoModelForCausalLM, "BitsAndBytesConfig": BitsAndBytesConfig, "torch": torch},
+    )
     theirs = peft.PeftModel.from_pretrained(loaded, tmp_path / "peft").eval()
     ids = inputs()
     with torch.no_grad():
@@ -204,8 +226,11 @@ def test_the_planned_device_map_is_the_one_the_loader_uses(tmp_path):
 
     surgery.tiny_model("tiny-llama").save_pretrained(tmp_path / "m")
     memory = {0: 200 * 1024, "cpu": 2**30}  # a tiny budget on the GPU: part of the base goes to the CPU
-    planned = planned_device_map(load_model(str(tmp_path / "m"), weights=False).model,
-                                 surgery.plan(graph_of(str(tmp_path / "m")), "qlora_nf4"), memory)
+    planned = planned_device_map(
+        load_model(str(tmp_path / "m"), weights=False).model,
+        surgery.plan(graph_of(str(tmp_path / "m")), "qlora_nf4"),
+        memory,
+    )
     base = load_model(str(tmp_path / "m"), rules="qlora_nf4", device_map="auto", max_memory=memory).model
     assert {k: str(v) for k, v in base.hf_device_map.items()} == {k: str(v) for k, v in planned.items()}
 
@@ -218,15 +243,29 @@ def test_loftq_on_cuda_equals_peft_s_replace_lora_weights_loftq(tmp_path):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     surgery.tiny_model("tiny-llama").save_pretrained(tmp_path / "ckpt")
-    rules = {"version": 1, "quantize": {"scheme": "nf4", "double_quant": False, "compute_dtype": "float32"},
-             "default": "freeze", "rules": [{"match": "lm_head", "action": "freeze"},
-                                            {"match": "re:.*(q_proj|v_proj)", "action": "adapt",
-                                             "lora": {"r": 4, "alpha": 4, "init_lora_weights": "loftq"}},
-                                            {"type": "linear", "match": "*", "action": "quantize"}]}
+    rules = {
+        "version": 1,
+        "quantize": {"scheme": "nf4", "double_quant": False, "compute_dtype": "float32"},
+        "default": "freeze",
+        "rules": [
+            {"match": "lm_head", "action": "freeze"},
+            {
+                "match": "re:.*(q_proj|v_proj)",
+                "action": "adapt",
+                "lora": {"r": 4, "alpha": 4, "init_lora_weights": "loftq"},
+            },
+            {"type": "linear", "match": "*", "action": "quantize"},
+        ],
+    }
     base = surgery.load_model(str(tmp_path / "ckpt"), rules=rules, device="cuda").model
     ours = surgery.rewrite(base, rules).eval()
-    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=False,
-                             bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["lm_head"])
+    bnb = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=False,
+        bnb_4bit_compute_dtype=torch.float32,
+        llm_int8_skip_modules=["lm_head"],
+    )
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", quantization_config=bnb, device_map={"": 0})
     theirs = peft.get_peft_model(theirs, peft.LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
     replace_lora_weights_loftq(theirs, model_path=str(tmp_path / "ckpt"))
@@ -240,9 +279,16 @@ def test_loftq_on_cuda_equals_peft_s_replace_lora_weights_loftq(tmp_path):
 def test_new_tokens_train_on_cuda_and_leave_the_nf4_base_alone(precision, digest):
     """extra_tokens on a CUDA nf4 base: the rows live on the GPU, train under autocast, and the base stays as is."""
     base = cuda_base()
-    rules = {"version": 1, "quantize": "nf4", "default": "freeze", "extra_tokens": ["<t>"],
-             "rules": [{"match": "re:.*(q_proj|v_proj)", "action": "adapt", "lora": {"r": 4}},
-                       {"type": "linear", "match": "re:model\\..*", "action": "quantize"}]}
+    rules = {
+        "version": 1,
+        "quantize": "nf4",
+        "default": "freeze",
+        "extra_tokens": ["<t>"],
+        "rules": [
+            {"match": "re:.*(q_proj|v_proj)", "action": "adapt", "lora": {"r": 4}},
+            {"type": "linear", "match": "re:model\\..*", "action": "quantize"},
+        ],
+    }
     surgery.prepare_base(base, rules)
     before = digest(base)
     config = TrainConfig(batch_size=8, lr=1e-2, max_steps=20, seed=0, precision=precision)

@@ -7,8 +7,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from surgery.errors import DeviceError
 from surgery.base.loading import load_model
+from surgery.errors import DeviceError
 from surgery_cli.app import app
 
 MODEL_COMMANDS = {  # every command that runs a model, with the arguments it needs before the device
@@ -53,7 +53,9 @@ def test_auto_is_the_cpu_without_cuda_and_max_memory_reads_like_accelerate():
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory):
     folder = tmp_path_factory.mktemp("device-adapter")
-    done = CliRunner().invoke(app, ["apply", "qv_lora", "--model", "tiny-llama", "--out", str(folder / "a.safetensors")])
+    done = CliRunner().invoke(
+        app, ["apply", "qv_lora", "--model", "tiny-llama", "--out", str(folder / "a.safetensors")]
+    )
     assert done.exit_code == 0, done.output
     return folder / "a.safetensors"
 
@@ -78,14 +80,17 @@ def test_device_cpu_runs_and_the_first_line_says_where(command, tmp_path, adapte
     assert "device cpu" in done.output.splitlines()[0]
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--max-memory", "0=1GiB"], "--max-memory belongs with --device-map"),
-    (["--device-map", "sequential"], "--device-map must be auto or balanced"),
-    (["--device-map", "auto", "--max-memory", "0=lots"], "--max-memory 0="),
-    (["--device-map", "auto", "--fsdp"], "--device-map places one process's base"),
-    (["--attn-implementation", "fast"], "--attn-implementation must be"),
-    (["--device", "tpu"], "--device 'tpu'"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--max-memory", "0=1GiB"], "--max-memory belongs with --device-map"),
+        (["--device-map", "sequential"], "--device-map must be auto or balanced"),
+        (["--device-map", "auto", "--max-memory", "0=lots"], "--max-memory 0="),
+        (["--device-map", "auto", "--fsdp"], "--device-map places one process's base"),
+        (["--attn-implementation", "fast"], "--attn-implementation must be"),
+        (["--device", "tpu"], "--device 'tpu'"),
+    ],
+)
 def test_device_options_are_checked_before_anything_loads(extra, message, tmp_path, adapter, monkeypatch):
     import surgery.base.loading
 

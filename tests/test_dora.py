@@ -24,9 +24,18 @@ STORAGES = ["none", "int8", "nf4"]
 def rules(storage: str, model: str = "tiny-llama", **lora) -> dict:
     """DoRA on the attention projections (their base stored as ``storage``), everything else frozen as loaded."""
     match = "re:.*(c_attn|c_proj)" if model == "tiny-gpt2" else "re:.*(q_proj|v_proj)"
-    return {"quantize": storage, "default": "freeze",
-            "rules": [{"match": match, "action": "adapt", "type": "conv1d" if model == "tiny-gpt2" else "linear",
-                       "lora": {"r": 4, "alpha": 8, "use_dora": True, **lora}}]}
+    return {
+        "quantize": storage,
+        "default": "freeze",
+        "rules": [
+            {
+                "match": match,
+                "action": "adapt",
+                "type": "conv1d" if model == "tiny-gpt2" else "linear",
+                "lora": {"r": 4, "alpha": 8, "use_dora": True, **lora},
+            }
+        ],
+    }
 
 
 def nudged(ft, scale: float = 0.1):
@@ -72,8 +81,9 @@ def test_dora_logits_and_gradients_equal_peft_s_dora_layer(tmp_path, storage, mo
         m(input_ids=IDS, labels=IDS).loss.backward()
     grads = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
     for name, p in own_state(ft).items():
-        key = ("base_model.model." + name.replace("lora_magnitude", "lora_magnitude_vector.default.weight")
-               .replace("lora_A", "lora_A.default.weight").replace("lora_B", "lora_B.default.weight"))
+        key = "base_model.model." + name.replace("lora_magnitude", "lora_magnitude_vector.default.weight").replace(
+            "lora_A", "lora_A.default.weight"
+        ).replace("lora_B", "lora_B.default.weight")
         assert rel(p.grad, grads[key]) <= 1e-4, name  # the norm detached alike: no gradient through it
 
 
@@ -84,11 +94,12 @@ def test_a_peft_dora_adapter_imports_with_peft_s_outputs(tmp_path, storage):
         surgery.prepare_base(base, rules(storage))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        theirs = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                           use_dora=True))
+        theirs = peft.get_peft_model(
+            base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True)
+        )
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for name, p in theirs.named_parameters():
+        for p in theirs.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g) * 0.1)
     theirs.save_pretrained(tmp_path / "peft")
@@ -124,15 +135,20 @@ def test_dora_mistakes_are_refused_before_anything_changes(tmp_path, write_rules
         parse_rules(rules("none", use_dora="yes"))
     with pytest.raises(RuleFileError, match="use_dora with a LoRA bias is not supported"):
         parse_rules(rules("none", bias=True))
-    on_embeddings = {"quantize": "none", "rules": [{"match": "*", "type": "embedding", "action": "adapt",
-                                                   "lora": {"r": 4, "use_dora": True}}]}
+    on_embeddings = {
+        "quantize": "none",
+        "rules": [{"match": "*", "type": "embedding", "action": "adapt", "lora": {"r": 4, "use_dora": True}}],
+    }
     with pytest.raises(PlanError, match=r"\[C3\].*embed_tokens with use_dora.*linear and conv1d layers only"):
         surgery.rewrite(base, on_embeddings)
     plan = surgery.plan(base, rules("none"))
     q = plan.decisions["model.layers.0.self_attn.q_proj"]
     assert q.adapter_params == 4 * (64 + 64) + 64  # A, B and the magnitude (one per output)
-    assert q.adapter_params == sum(p.numel() for n, p in own_state(surgery.rewrite(base, rules("none"))).items()
-                                   if n.startswith("model.layers.0.self_attn.q_proj."))
+    assert q.adapter_params == sum(
+        p.numel()
+        for n, p in own_state(surgery.rewrite(base, rules("none"))).items()
+        if n.startswith("model.layers.0.self_attn.q_proj.")
+    )
     ft = surgery.rewrite(base, rules("none"))
     for target, why in (("vllm", "vLLM does not yet support DoRA"), ("lorax", "LoRAX reads LoRA A/B weights only")):
         with pytest.raises(ExportError, match=why):

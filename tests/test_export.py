@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_state import INPUTS, trained
 
 import surgery
 from surgery.files.graph_export import ExportError, export_graph
-
 from surgery.model.architectures import TINY_MODELS
-from test_state import INPUTS, trained
 
-FP32 = {"quantize": "none", "default": "freeze", "rules": [
-    {"match": "*", "type": "linear", "action": "adapt"}, {"match": "*", "type": "conv1d", "action": "adapt", "optional": True}]}
+FP32 = {
+    "quantize": "none",
+    "default": "freeze",
+    "rules": [
+        {"match": "*", "type": "linear", "action": "adapt"},
+        {"match": "*", "type": "conv1d", "action": "adapt", "optional": True},
+    ],
+}
 
 
 @pytest.mark.parametrize("model", list(TINY_MODELS))
@@ -25,12 +30,18 @@ def test_adapters_are_their_own_nodes_and_outputs_equal_eager(model):
         assert torch.allclose(program.module()(input_ids=other), ft(input_ids=other).logits, rtol=1e-5, atol=1e-6)
 
 
-NF4_EMBEDDINGS = {"quantize": {"scheme": "nf4", "double_quant": True}, "default": "quantize", "rules": [
-    {"match": "*", "type": "embedding", "action": "adapt"}, {"match": "q_proj", "action": "adapt"}]}
+NF4_EMBEDDINGS = {
+    "quantize": {"scheme": "nf4", "double_quant": True},
+    "default": "quantize",
+    "rules": [{"match": "*", "type": "embedding", "action": "adapt"}, {"match": "q_proj", "action": "adapt"}],
+}
 
 
-@pytest.mark.parametrize("rules", ["qv_lora", "qlora_nf4", "finetuna_default", NF4_EMBEDDINGS],
-                         ids=["int8", "nf4", "int8-embeddings", "nf4-dq-embeddings"])
+@pytest.mark.parametrize(
+    "rules",
+    ["qv_lora", "qlora_nf4", "finetuna_default", NF4_EMBEDDINGS],
+    ids=["int8", "nf4", "int8-embeddings", "nf4-dq-embeddings"],
+)
 def test_a_quantized_finetune_exports_quantized_with_equal_outputs(rules):
     ft = trained(surgery.rewrite(surgery.tiny_model("tiny-llama"), rules))
     program = export_graph(ft, INPUTS["input_ids"])
@@ -48,8 +59,9 @@ def test_merged_export_of_a_quantized_finetune_equals_the_merged_model():
     assert not any("lora" in name for name in program.graph_signature.parameters)
     merged = surgery.merge(ft)
     with torch.no_grad():
-        assert torch.allclose(program.module()(input_ids=INPUTS["input_ids"]), merged(**INPUTS).logits,
-                              rtol=1e-5, atol=1e-6)
+        assert torch.allclose(
+            program.module()(input_ids=INPUTS["input_ids"]), merged(**INPUTS).logits, rtol=1e-5, atol=1e-6
+        )
 
 
 def test_bad_inputs_are_explained():

@@ -24,8 +24,13 @@ ADAPT = {"tiny-llama": "re:.*(q_proj|v_proj)", "tiny-opt": "re:.*(q_proj|v_proj)
 
 
 def rules(model: str = "tiny-llama", storage: str = "int8", extra=TOKENS, **more) -> dict:
-    out = {"version": 1, "quantize": storage, "default": "freeze", **more,
-           "rules": [{"match": ADAPT[model], "action": "adapt", "lora": {"r": 4, "alpha": 8}}]}
+    out = {
+        "version": 1,
+        "quantize": storage,
+        "default": "freeze",
+        **more,
+        "rules": [{"match": ADAPT[model], "action": "adapt", "lora": {"r": 4, "alpha": 8}}],
+    }
     return out | ({"extra_tokens": extra} if extra is not None else {})
 
 
@@ -109,7 +114,8 @@ def test_adapter_files_and_folders_load_back_bit_for_bit_and_merge_into_a_model_
 
 @pytest.mark.parametrize("model", list(ADAPT))
 def test_peft_export_is_trainable_token_indices_with_peft_s_logits_on_the_resized_base_and_imports_back(
-        tmp_path, model):
+    tmp_path, model
+):
     peft = pytest.importorskip("peft")
     the_rules = rules(model)
     ft = nudged(surgery.rewrite(surgery.tiny_model(model), the_rules))
@@ -157,13 +163,17 @@ def test_batched_passes_refuse_a_fine_tune_with_its_own_tokens_and_generate_answ
     ids = tokenizer("hi <tool>", return_tensors="pt", add_special_tokens=False).input_ids
     with torch.no_grad():
         out = ft.eval().generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    assert answer == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    assert answer == tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 def test_bad_extra_tokens_are_one_clear_error_and_change_nothing(tmp_path, digest):
-    for extra, message in (([], "non-empty list"), (["<a>", "<a>"], "listed twice"), ([""], "non-empty string"),
-                           ({"tokens": ["<a>"], "first_id": -1}, "first_id must be an integer"),
-                           ({"tokens": ["<a>"], "frist_id": 3}, "frist_id")):
+    for extra, message in (
+        ([], "non-empty list"),
+        (["<a>", "<a>"], "listed twice"),
+        ([""], "non-empty string"),
+        ({"tokens": ["<a>"], "first_id": -1}, "first_id must be an integer"),
+        ({"tokens": ["<a>"], "frist_id": 3}, "frist_id"),
+    ):
         with pytest.raises(RuleFileError, match=message):
             parse_rules(rules(extra=extra))
     base = surgery.tiny_model("tiny-llama")
@@ -185,21 +195,42 @@ def test_train_with_extra_tokens_then_generate_and_merge_from_the_cli(tmp_path):
     import transformers
     from test_cli import run
 
-    rows = [{"prompt": f"Capital of {c}? ", "completion": f"<city>{v}</city>"}
-            for c, v in [("France", "Paris"), ("Spain", "Madrid"), ("Italy", "Rome"), ("Japan", "Tokyo")] * 4]
+    rows = [
+        {"prompt": f"Capital of {c}? ", "completion": f"<city>{v}</city>"}
+        for c, v in [("France", "Paris"), ("Spain", "Madrid"), ("Italy", "Rome"), ("Japan", "Tokyo")] * 4
+    ]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     (tmp_path / "tokens.txt").write_text("<city>\n</city>\n")
-    result = run("train", "lora_plus_head", "--model", "tiny-llama", "--data", str(tmp_path / "d.jsonl"),
-                 "--extra-tokens", str(tmp_path / "tokens.txt"), "--out", str(tmp_path / "run"), "--max-steps", "40",
-                 "--lr", "1e-2")
+    result = run(
+        "train",
+        "lora_plus_head",
+        "--model",
+        "tiny-llama",
+        "--data",
+        str(tmp_path / "d.jsonl"),
+        "--extra-tokens",
+        str(tmp_path / "tokens.txt"),
+        "--out",
+        str(tmp_path / "run"),
+        "--max-steps",
+        "40",
+        "--lr",
+        "1e-2",
+    )
     assert result.exit_code == 0, result.output
     adapter = surgery.read_adapter(tmp_path / "run" / "adapter.safetensors")
     assert adapter.rules.extra_tokens.tokens == ("<city>", "</city>") and adapter.rules.extra_tokens.first_id == 260
     assert "lm_head.base_layer.weight" in adapter.tensors  # the plain head under the new rows is saved too
     saved = transformers.AutoTokenizer.from_pretrained(tmp_path / "run")
     assert saved.convert_tokens_to_ids(["<city>", "</city>"]) == [260, 261]
-    result = run("generate", "Capital of Spain? ", "--adapter", str(tmp_path / "run" / "adapter.safetensors"),
-                 "--max-new-tokens", "4")
+    result = run(
+        "generate",
+        "Capital of Spain? ",
+        "--adapter",
+        str(tmp_path / "run" / "adapter.safetensors"),
+        "--max-new-tokens",
+        "4",
+    )
     assert result.exit_code == 0 and "<city>" in result.stdout, result.output
     result = run("merge", str(tmp_path / "run" / "adapter.safetensors"), "--out", str(tmp_path / "merged"))
     assert result.exit_code == 0, result.output
@@ -209,11 +240,33 @@ def test_train_with_extra_tokens_then_generate_and_merge_from_the_cli(tmp_path):
     out = merged.generate(ids, max_new_tokens=4, do_sample=False)
     assert out[0, ids.shape[1]].item() == 260 and tokenizer.decode(out[0, ids.shape[1]]) == "<city>"
     (tmp_path / "with.yaml").write_text(json.dumps(rules()))
-    result = run("train", str(tmp_path / "with.yaml"), "--model", "tiny-llama", "--data", str(tmp_path / "d.jsonl"),
-                 "--extra-tokens", str(tmp_path / "tokens.txt"), "--out", str(tmp_path / "twice"))
+    result = run(
+        "train",
+        str(tmp_path / "with.yaml"),
+        "--model",
+        "tiny-llama",
+        "--data",
+        str(tmp_path / "d.jsonl"),
+        "--extra-tokens",
+        str(tmp_path / "tokens.txt"),
+        "--out",
+        str(tmp_path / "twice"),
+    )
     assert result.exit_code == 2 and "already lists extra_tokens" in result.output
-    result = run("train", "--model", "tiny-llama", "--out", str(tmp_path / "batched"), "--batched", "--job",
-                 "a=qv_lora,upper", "--job", "b=qv_lora,capitals", "--extra-tokens", str(tmp_path / "tokens.txt"))
+    result = run(
+        "train",
+        "--model",
+        "tiny-llama",
+        "--out",
+        str(tmp_path / "batched"),
+        "--batched",
+        "--job",
+        "a=qv_lora,upper",
+        "--job",
+        "b=qv_lora,capitals",
+        "--extra-tokens",
+        str(tmp_path / "tokens.txt"),
+    )
     assert result.exit_code == 2 and "a --batched pass needs one vocabulary" in " ".join(result.output.split())
     assert not (tmp_path / "batched").exists()  # refused before anything loads or is written
 
@@ -227,8 +280,10 @@ def test_the_plan_counts_the_new_rows_as_the_fine_tune_holds_them(model, head):
 
     base = surgery.tiny_model(model)
     more = rules(model, storage="none")
-    more["rules"] = [{"match": "lm_head", "action": head, **({"untie": True} if head == "plain" else {})},
-                     *more["rules"]]
+    more["rules"] = [
+        {"match": "lm_head", "action": head, **({"untie": True} if head == "plain" else {})},
+        *more["rules"],
+    ]
     ft = surgery.rewrite(base, more)
     plan = surgery.finetune_info(ft).plan
     rows = 1 if model != "tiny-llama" and head == "freeze" else 2

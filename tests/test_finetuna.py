@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import surgery
-from surgery.layers.lora import LoraLayer
 import surgery.finetuna as ft
 from surgery.errors import PlanError
+from surgery.layers.lora import LoraLayer
 
 IDS = torch.tensor([[5, 17, 99, 3, 200, 41, 7, 8], [9, 8, 7, 6, 5, 4, 3, 2]])
 
@@ -21,6 +21,7 @@ def _kind(model, path):
 
 
 # ------------------------------------------------------------------------------------------ README
+
 
 def test_readme_example_quantize_then_finetune():
     base_model = _base()
@@ -94,11 +95,20 @@ def test_readme_training_loop_under_autocast():
 
 # ------------------------------------------------------------------------------------- usage guide
 
+
 def test_usage_viewing_adaptable_modules():
     base_model = _base()
     ft.prepare_base_model(base_model)
     assert ft.get_lora_adaptable_modules(base_model) == {
-        "q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2", "embed_tokens", "lm_head"}
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "out_proj",
+        "fc1",
+        "fc2",
+        "embed_tokens",
+        "lm_head",
+    }
 
 
 def test_usage_quantizing_the_head_too_makes_plain_lm_head_an_error():
@@ -126,11 +136,13 @@ def test_usage_adapt_layers_quantizes_everything_else():
 def test_usage_plain_layers_names_that_match_nothing_are_rejected():
     base_model = _base()
     with pytest.raises(PlanError) as err:  # OPT has no module called "layer_norm"
-        ft.new_finetuned(base_model, adapt_layers={"q_proj", "v_proj"},
-                         plain_layers={"lm_head", "out_proj", "layer_norm"})
+        ft.new_finetuned(
+            base_model, adapt_layers={"q_proj", "v_proj"}, plain_layers={"lm_head", "out_proj", "layer_norm"}
+        )
     assert err.value.constraints == ["C4"] and "did you mean" in str(err.value)
-    ft2 = ft.new_finetuned(base_model, adapt_layers={"q_proj", "v_proj"},
-                           plain_layers={"lm_head", "out_proj", "final_layer_norm"})
+    ft2 = ft.new_finetuned(
+        base_model, adapt_layers={"q_proj", "v_proj"}, plain_layers={"lm_head", "out_proj", "final_layer_norm"}
+    )
     out_proj = ft2.model.decoder.layers[0].self_attn.out_proj
     assert type(out_proj).__name__ == "Linear" and out_proj.weight.requires_grad
     assert ft2.model.decoder.layers[0].final_layer_norm.weight.requires_grad
@@ -150,8 +162,9 @@ def test_usage_not_to_freeze_needs_not_to_quantize():
     with pytest.raises(PlanError) as err:
         ft.new_finetuned(base_model, adapt_layers={"q_proj"}, modules_not_to_freeze={"fc1"})
     assert err.value.constraints == ["C2"]
-    ok = ft.new_finetuned(base_model, adapt_layers={"q_proj"}, modules_not_to_freeze={"fc1"},
-                          modules_not_to_quantize={"fc1"})
+    ok = ft.new_finetuned(
+        base_model, adapt_layers={"q_proj"}, modules_not_to_freeze={"fc1"}, modules_not_to_quantize={"fc1"}
+    )
     assert ok.model.decoder.layers[0].fc1.weight.requires_grad
 
 
@@ -164,6 +177,7 @@ def test_usage_adapting_a_non_quantized_layer():
 
 # --------------------------------------------------------------------- what finetuna never enforced
 
+
 def test_plain_and_adapt_layers_must_be_disjoint():
     with pytest.raises(PlanError, match="both adapt_layers and plain_layers"):
         ft.new_finetuned(_base(), adapt_layers={"q_proj", "lm_head"}, plain_layers={"lm_head"})
@@ -172,8 +186,9 @@ def test_plain_and_adapt_layers_must_be_disjoint():
 def test_dict_configs_must_cover_every_adapted_module():
     base_model = _base()
     with pytest.raises(PlanError) as err:
-        ft.new_finetuned(base_model, adapt_layers={"q_proj", "v_proj"},
-                         linear_config={"q_proj": ft.LinearAdapterConfig(r=2)})
+        ft.new_finetuned(
+            base_model, adapt_layers={"q_proj", "v_proj"}, linear_config={"q_proj": ft.LinearAdapterConfig(r=2)}
+        )
     assert err.value.constraints == ["C7"] and "v_proj" in str(err.value)
 
 

@@ -44,8 +44,10 @@ def edit_config(folder, **changes):
     (folder / "adapter_config.json").write_text(json.dumps(config))
 
 
-@pytest.mark.parametrize("changes,what", [({"r": 64}, "r"), ({"lora_alpha": 3.0}, "lora_alpha"),
-                                          ({"target_modules": ["k_proj"]}, "target_modules")])
+@pytest.mark.parametrize(
+    "changes,what",
+    [({"r": 64}, "r"), ({"lora_alpha": 3.0}, "lora_alpha"), ({"target_modules": ["k_proj"]}, "target_modules")],
+)
 def test_an_adapter_folder_whose_peft_config_disagrees_with_its_weights_is_refused(base, folder, changes, what):
     edit_config(folder, **changes)
     with pytest.raises(AdapterStateError, match=f"PEFT layout.*differ in {what}.*mixes two adapters"):
@@ -74,9 +76,11 @@ def test_links_out_of_an_adapter_folder_and_link_loops_are_refused(base, folder,
 
 def test_a_peft_folder_naming_modules_the_base_lacks_or_a_huge_alpha_is_refused(base, tmp_path):
     ft = trained_finetune(base, 1)
-    for changes, message in (({"modules_to_save": ["not_a_module"]}, "modules_to_save names 'not_a_module'"),
-                             ({"lora_alpha": 1e300}, "alpha 1e\\+300 is beyond"),
-                             ({"lora_alpha": float("nan")}, "alpha must be a finite number")):
+    for changes, message in (
+        ({"modules_to_save": ["not_a_module"]}, "modules_to_save names 'not_a_module'"),
+        ({"lora_alpha": 1e300}, "alpha 1e\\+300 is beyond"),
+        ({"lora_alpha": float("nan")}, "alpha must be a finite number"),
+    ):
         target = tmp_path / f"peft-{len(os.listdir(tmp_path))}"
         surgery.export_peft(ft, target)
         edit_config(target, **changes)
@@ -90,26 +94,86 @@ def test_overwrite_never_moves_a_folder_of_the_users_own_files(tmp_path):
     mine = tmp_path / "thesis"
     mine.mkdir()
     (mine / "chapter1.tex").write_text("my work")
-    done = CliRunner().invoke(app, ["train", "qv_lora", "--model", "tiny-llama", "--data", "upper", "--max-steps",
-                                    "1", "--out", str(mine), "--overwrite"])
-    assert done.exit_code == 2 and "not a surgery run (chapter1.tex)" in done.output and "nothing was moved" in \
-        done.output
+    done = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "qv_lora",
+            "--model",
+            "tiny-llama",
+            "--data",
+            "upper",
+            "--max-steps",
+            "1",
+            "--out",
+            str(mine),
+            "--overwrite",
+        ],
+    )
+    assert (
+        done.exit_code == 2 and "not a surgery run (chapter1.tex)" in done.output and "nothing was moved" in done.output
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["thesis"] and os.listdir(mine) == ["chapter1.tex"]
 
 
 def test_resume_takes_the_earlier_runs_folder_and_refuses_another_model_or_rules(tmp_path):
     runner = CliRunner()
-    first = runner.invoke(app, ["train", "qv_lora", "--model", "tiny-llama", "--data", "upper", "--max-steps", "2",
-                                "--save-steps", "1", "--out", str(tmp_path / "first")])
+    first = runner.invoke(
+        app,
+        [
+            "train",
+            "qv_lora",
+            "--model",
+            "tiny-llama",
+            "--data",
+            "upper",
+            "--max-steps",
+            "2",
+            "--save-steps",
+            "1",
+            "--out",
+            str(tmp_path / "first"),
+        ],
+    )
     assert first.exit_code == 0, first.output
-    for args, differs in ((["qv_lora", "--model", "tiny-opt"], "model"), (["all_linear_lora", "--model", "tiny-llama"],
-                                                                            "rules")):
-        done = runner.invoke(app, ["train", *args, "--data", "upper", "--max-steps", "3", "--out",
-                                   str(tmp_path / f"again-{differs}"), "--resume", str(tmp_path / "first")])
+    for args, differs in (
+        (["qv_lora", "--model", "tiny-opt"], "model"),
+        (["all_linear_lora", "--model", "tiny-llama"], "rules"),
+    ):
+        done = runner.invoke(
+            app,
+            [
+                "train",
+                *args,
+                "--data",
+                "upper",
+                "--max-steps",
+                "3",
+                "--out",
+                str(tmp_path / f"again-{differs}"),
+                "--resume",
+                str(tmp_path / "first"),
+            ],
+        )
         assert done.exit_code == 2 and f"a checkpoint of another run (differs in: {differs})" in done.output
         assert not (tmp_path / f"again-{differs}" / "adapter.safetensors").exists()
-    same = runner.invoke(app, ["train", "qv_lora", "--model", "tiny-llama", "--data", "upper", "--max-steps", "3",
-                               "--out", str(tmp_path / "continued"), "--resume", str(tmp_path / "first")])
+    same = runner.invoke(
+        app,
+        [
+            "train",
+            "qv_lora",
+            "--model",
+            "tiny-llama",
+            "--data",
+            "upper",
+            "--max-steps",
+            "3",
+            "--out",
+            str(tmp_path / "continued"),
+            "--resume",
+            str(tmp_path / "first"),
+        ],
+    )
     assert same.exit_code == 0, same.output  # the earlier run's folder is where --resume looks
 
 
@@ -117,9 +181,19 @@ def test_random_init_of_a_config_bigger_than_memory_is_refused_before_allocating
     import surgery.base.loading as loading
 
     (tmp_path / "m").mkdir()
-    (tmp_path / "m" / "config.json").write_text(json.dumps({
-        "model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
-        "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 128256}))
+    (tmp_path / "m" / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "llama",
+                "hidden_size": 8192,
+                "intermediate_size": 28672,
+                "num_hidden_layers": 80,
+                "num_attention_heads": 64,
+                "num_key_value_heads": 8,
+                "vocab_size": 128256,
+            }
+        )
+    )
     monkeypatch.setattr(loading, "_available_memory", lambda: 8 * 2**30)
     with pytest.raises(ModelConfigError, match=r"would build 262.8 GiB of weights.*8.0 GiB is available"):
         loading.load_model(str(tmp_path / "m"), random_init=True)

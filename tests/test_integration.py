@@ -30,18 +30,32 @@ def test_a_finetune_trains_under_hf_trainer(tmp_path):
     start = {k: v.detach().clone() for k, v in surgery.finetune.state.own_state(ft).items()}
     blocks = tokenize(read_examples("upper"), surgery.tiny_tokenizer(), block_size=24)
     rows = [{k: v[i] for k, v in blocks.batch(torch.arange(len(blocks))).items()} for i in range(len(blocks))]
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=4, learning_rate=1e-2,
-                             save_strategy="steps", save_steps=4, report_to=[], use_cpu=True, logging_steps=1,
-                             disable_tqdm=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=8,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        save_strategy="steps",
+        save_steps=4,
+        report_to=[],
+        use_cpu=True,
+        logging_steps=1,
+        disable_tqdm=True,
+    )
     trainer = Trainer(model=ft, args=args, train_dataset=rows)
     result = trainer.train()
     trainer.save_model()
     assert (tmp_path / "checkpoint-4" / "adapter.safetensors").exists()
     final = surgery.load_adapter(base, tmp_path)
-    assert all(torch.equal(p, surgery.finetune.state.own_state(ft)[k]) for k, p in surgery.finetune.state.own_state(final).items())
+    assert all(
+        torch.equal(p, surgery.finetune.state.own_state(ft)[k])
+        for k, p in surgery.finetune.state.own_state(final).items()
+    )
     optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     assert optimized == {id(p) for p in surgery.finetune.state.own_state(ft).values()}  # adapters + plain lm_head only
-    assert all(not torch.equal(start[k], p) for k, p in surgery.finetune.state.own_state(ft).items() if k.endswith("lora_B"))
+    assert all(
+        not torch.equal(start[k], p) for k, p in surgery.finetune.state.own_state(ft).items() if k.endswith("lora_B")
+    )
     assert all(torch.equal(before[n], p) for n, p in base.named_parameters())
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     assert losses[-1] < losses[0] and result.global_step == 8
@@ -70,13 +84,32 @@ def _free_port() -> int:
 def test_ddp_with_two_gloo_processes_equals_one_process_with_the_same_global_batch(tmp_path, mode):
     """Batched: the job shares its passes with a second job (other rules, batch, length, accumulation)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-              "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(HERE / "ddp_worker.py"),
-              str(tmp_path), "4", mode]
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        str(HERE / "ddp_worker.py"),
+        str(tmp_path),
+        "4",
+        mode,
+    ]
     done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    single = subprocess.run([sys.executable, str(HERE / "ddp_worker.py"), str(tmp_path), "8"], env=env,
-                            capture_output=True, text=True, timeout=300)
+    single = subprocess.run(
+        [sys.executable, str(HERE / "ddp_worker.py"), str(tmp_path), "8"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
     suffix = "-batched" if mode == "batched" else ""
     rank0 = load_file(tmp_path / f"rank0-of-2{suffix}.safetensors")
@@ -93,15 +126,44 @@ def test_accelerate_launch_multi_gpu_on_cpu_runs_the_same_training_as_torchrun(t
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
     runs = {}
     for name, launcher in {
-        "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-                     "--master_addr", "127.0.0.1", "--master_port", str(_free_port())],
-        "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                       "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                       "--main_process_port", str(_free_port())],
+        "torchrun": [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "1",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(_free_port()),
+        ],
+        "accelerate": [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(_free_port()),
+        ],
     }.items():
         (tmp_path / name).mkdir()
-        done = subprocess.run([*launcher, str(HERE / "ddp_worker.py"), str(tmp_path / name), "4"], env=env,
-                              capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [*launcher, str(HERE / "ddp_worker.py"), str(tmp_path / name), "4"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 0, (name, done.stderr[-3000:])
         runs[name] = load_file(tmp_path / name / "rank0-of-2.safetensors")
     assert runs["torchrun"].keys() == runs["accelerate"].keys()
@@ -113,39 +175,130 @@ runner = CliRunner()
 
 def test_cli_train_many_jobs_then_generate(tmp_path):
     out = tmp_path / "runs"
-    result = runner.invoke(app, ["train", "--model", "tiny-opt", "--out", str(out), "--job", "up=qv_lora_head,upper",
-                                 "--job", "caps=lora_plus_head,capitals", "--max-steps", "30", "--lr", "1e-2",
-                                 "--block-size", "40", "--eval-split", "0.1", "--save-steps", "10",
-                                 "--save-total-limit", "1"])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--model",
+            "tiny-opt",
+            "--out",
+            str(out),
+            "--job",
+            "up=qv_lora_head,upper",
+            "--job",
+            "caps=lora_plus_head,capitals",
+            "--max-steps",
+            "30",
+            "--lr",
+            "1e-2",
+            "--block-size",
+            "40",
+            "--eval-split",
+            "0.1",
+            "--save-steps",
+            "10",
+            "--save-total-limit",
+            "1",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "training summary" in result.stdout
     for name in ("up", "caps"):
         files = sorted(p.name for p in (out / name).iterdir())
         assert "adapter.safetensors" in files and "checkpoint-20" in files and "metrics.jsonl" in files
-    again = runner.invoke(app, ["train", "--model", "tiny-opt", "--out", str(out), "--job", "up=qv_lora_head,upper",
-                                "--job", "caps=lora_plus_head,capitals", "--max-steps", "40", "--lr", "1e-2",
-                                "--block-size", "40", "--eval-split", "0.1", "--resume", str(out)])
+    again = runner.invoke(
+        app,
+        [
+            "train",
+            "--model",
+            "tiny-opt",
+            "--out",
+            str(out),
+            "--job",
+            "up=qv_lora_head,upper",
+            "--job",
+            "caps=lora_plus_head,capitals",
+            "--max-steps",
+            "40",
+            "--lr",
+            "1e-2",
+            "--block-size",
+            "40",
+            "--eval-split",
+            "0.1",
+            "--resume",
+            str(out),
+        ],
+    )
     assert again.exit_code == 0, again.output  # continue both jobs from checkpoint-20 to step 40
     records = [json.loads(line) for line in (out / "up" / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records if "loss" in r]
     assert steps == list(range(1, 41))  # the first run's steps 21-30 (after its last checkpoint) are not repeated
     assert [r["step"] for r in records if "eval_loss" in r] == [40]
-    other = runner.invoke(app, ["train", "--model", "tiny-opt", "--out", str(out), "--job", "up=qv_lora_head,upper",
-                                "--job", "caps=lora_plus_head,capitals", "--max-steps", "50", "--seed", "1",
-                                "--block-size", "40", "--eval-split", "0.1", "--resume", str(out)])
+    other = runner.invoke(
+        app,
+        [
+            "train",
+            "--model",
+            "tiny-opt",
+            "--out",
+            str(out),
+            "--job",
+            "up=qv_lora_head,upper",
+            "--job",
+            "caps=lora_plus_head,capitals",
+            "--max-steps",
+            "50",
+            "--seed",
+            "1",
+            "--block-size",
+            "40",
+            "--eval-split",
+            "0.1",
+            "--resume",
+            str(out),
+        ],
+    )
     assert other.exit_code == 2 and "another run (differs in: seed)" in other.output
-    result = runner.invoke(app, ["generate", "owl ->", "--adapter", str(out / "up" / "adapter.safetensors"),
-                                 "--adapter", str(out / "caps" / "adapter.safetensors"), "--base", "-n", "4"])
+    result = runner.invoke(
+        app,
+        [
+            "generate",
+            "owl ->",
+            "--adapter",
+            str(out / "up" / "adapter.safetensors"),
+            "--adapter",
+            str(out / "caps" / "adapter.safetensors"),
+            "--base",
+            "-n",
+            "4",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "one batched pass" in result.stdout and result.stdout.count("owl ->") == 3  # two fine-tunes + the base
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("owl ->\ncat ->\n")
-    result = runner.invoke(app, ["generate", "--prompts", str(prompts), "--adapter",
-                                 str(out / "up" / "adapter.safetensors"), "--base", "-n", "4"])
+    result = runner.invoke(
+        app,
+        [
+            "generate",
+            "--prompts",
+            str(prompts),
+            "--adapter",
+            str(out / "up" / "adapter.safetensors"),
+            "--base",
+            "-n",
+            "4",
+        ],
+    )
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [(r["model"] == "base", r["prompt"]) for r in lines] == [(False, "owl ->"), (False, "cat ->"),
-                                                                   (True, "owl ->"), (True, "cat ->")]
+    assert [(r["model"] == "base", r["prompt"]) for r in lines] == [
+        (False, "owl ->"),
+        (False, "cat ->"),
+        (True, "owl ->"),
+        (True, "cat ->"),
+    ]
 
 
 def test_cli_train_errors_are_one_line(tmp_path):

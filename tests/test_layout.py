@@ -43,11 +43,13 @@ def test_every_stage_says_what_it_takes_and_gives():
 
 
 def test_import_surgery_imports_no_torch_transformers_or_bitsandbytes():
-    code = ("import sys, json, surgery\n"
-            "heavy = [m for m in ('torch', 'transformers', 'bitsandbytes') if m in sys.modules]\n"
-            "rules = surgery.load_rules('qv_lora')\n"
-            "heavy_after_rules = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
-            "print(json.dumps([heavy, heavy_after_rules, surgery.__version__, sorted(surgery.__all__)]))\n")
+    code = (
+        "import sys, json, surgery\n"
+        "heavy = [m for m in ('torch', 'transformers', 'bitsandbytes') if m in sys.modules]\n"
+        "rules = surgery.load_rules('qv_lora')\n"
+        "heavy_after_rules = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
+        "print(json.dumps([heavy, heavy_after_rules, surgery.__version__, sorted(surgery.__all__)]))\n"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     heavy, heavy_after_rules, version, names = json.loads(done.stdout)
@@ -62,26 +64,31 @@ def test_every_public_name_resolves_and_none_is_also_a_module():
         assert value is not None, name
         if callable(value) and not isinstance(value, type):
             assert name not in modules, f"surgery.{name} is a function and also the name of a module"
-    assert surgery.rewrite.__module__ == "surgery.finetune.rewriting" and surgery.plan.__module__ == \
-        "surgery.planning.decisions"
+    assert (
+        surgery.rewrite.__module__ == "surgery.finetune.rewriting"
+        and surgery.plan.__module__ == "surgery.planning.decisions"
+    )
     assert surgery.model.tracing.trace is surgery.trace  # stages give their modules on first use
 
 
 def test_plan_and_inspect_answer_from_the_trace_cache_without_torch(tmp_path):
     """Cold, the trace needs torch; warm, the cached graph, the plan and the tables need neither torch nor
     transformers (the commands' whole answer)."""
-    code = ("import sys, atexit\n"
-            "atexit.register(lambda: print('HEAVY', sorted(m for m in ('torch', 'transformers', 'bitsandbytes') "
-            "if m in sys.modules)))\n"
-            "from surgery_cli.app import app\n"
-            "sys.argv = ['surgery', *sys.argv[1:]]\n"
-            "app()\n")
+    code = (
+        "import sys, atexit\n"
+        "atexit.register(lambda: print('HEAVY', sorted(m for m in ('torch', 'transformers', 'bitsandbytes') "
+        "if m in sys.modules)))\n"
+        "from surgery_cli.app import app\n"
+        "sys.argv = ['surgery', *sys.argv[1:]]\n"
+        "app()\n"
+    )
     env = {**__import__("os").environ, "SURGERY_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"}
     for args in (["plan", "qv_lora", "--model", "tiny-opt"], ["inspect", "meta-llama/Llama-3.1-8B"]):
         said = []
         for _ in range(2):  # cold, then warm
-            done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env,
-                                  timeout=300)
+            done = subprocess.run(
+                [sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=300
+            )
             assert done.returncode == 0, done.stderr[-2000:]
             said.append(done.stdout.rsplit("HEAVY", 1)[1].strip())
         assert "'torch'" in said[0] and said[1] == "[]", (args, said)  # the cold run traced; the warm one did not

@@ -23,9 +23,21 @@ MATCH = {"tiny-llama": ("re:.*_proj", "linear"), "tiny-gpt2": ("re:.*(c_attn|c_f
 def rules(storage, model: str = "tiny-llama", init: str = "loftq", r: int = 4, alpha: float = 8):
     match, kind = MATCH[model]
     quantize = {"scheme": "nf4", "double_quant": False} if storage == "nf4" else storage
-    return parse_rules({"version": 1, "quantize": quantize, "default": "freeze",
-                        "rules": [{"match": match, "type": kind, "action": "adapt",
-                                   "lora": {"r": r, "alpha": alpha, "init_lora_weights": init if init != "true" else True}}]})
+    return parse_rules(
+        {
+            "version": 1,
+            "quantize": quantize,
+            "default": "freeze",
+            "rules": [
+                {
+                    "match": match,
+                    "type": kind,
+                    "action": "adapt",
+                    "lora": {"r": r, "alpha": alpha, "init_lora_weights": init if init != "true" else True},
+                }
+            ],
+        }
+    )
 
 
 def adapters(ft):
@@ -75,7 +87,8 @@ def test_with_alpha_equal_to_r_the_factors_are_peft_s():
 
 @pytest.mark.parametrize("storage", ["nf4", "int8"])
 def test_a_loftq_fine_tune_is_closer_to_the_full_precision_model_and_leaves_the_base_as_plain_quantization_does(
-        storage, digest):
+    storage, digest
+):
     want = logits(surgery.tiny_model("tiny-llama"))
     base, plain_base = surgery.tiny_model("tiny-llama"), surgery.tiny_model("tiny-llama")
     loftq = surgery.rewrite(base, rules(storage))
@@ -118,15 +131,25 @@ def test_without_full_precision_weights_loftq_is_refused_before_anything_changes
     base = surgery.tiny_model("tiny-llama")
     surgery.prepare_base(base, rules("nf4", init="true"))  # quantized in memory: W is gone
     before = digest(base)
-    with pytest.raises(RewriteError, match=r"loftq needs the full-precision weight of model.layers.0.self_attn.q_proj "
-                                           r"\(and \d+ more\), but the base holds it quantized"):
+    with pytest.raises(
+        RewriteError,
+        match=r"loftq needs the full-precision weight of model.layers.0.self_attn.q_proj "
+        r"\(and \d+ more\), but the base holds it quantized",
+    ):
         surgery.rewrite(base, rules("nf4"))
     assert digest(base) == before
-    with pytest.raises(PlanError, match="loftq, which starts the adapter from the base's quantization error, but the "
-                                        "base keeps it as float32"):
+    with pytest.raises(
+        PlanError,
+        match="loftq, which starts the adapter from the base's quantization error, but the base keeps it as float32",
+    ):
         surgery.plan(surgery.tiny_model("tiny-llama"), rules("none"))
-    embedding = parse_rules({"version": 1, "quantize": "nf4", "rules": [
-        {"match": "embed_tokens", "action": "adapt", "lora": {"r": 4, "init_lora_weights": "loftq"}}]})
+    embedding = parse_rules(
+        {
+            "version": 1,
+            "quantize": "nf4",
+            "rules": [{"match": "embed_tokens", "action": "adapt", "lora": {"r": 4, "init_lora_weights": "loftq"}}],
+        }
+    )
     with pytest.raises(PlanError, match="adapts the embedding model.embed_tokens with init_lora_weights: loftq"):
         surgery.plan(surgery.tiny_model("tiny-llama"), embedding)
 
@@ -167,12 +190,15 @@ def test_a_hostile_or_changed_checkpoint_is_refused_and_the_base_restored(tmp_pa
     base = surgery.load_model(str(folder), rules=rules("nf4")).model
     before = digest(base)
     weights = load_file(folder / "model.safetensors")
-    weights["model.layers.0.self_attn.q_proj.weight"] = weights["model.layers.0.self_attn.q_proj.weight"][:, :8].contiguous()
+    weights["model.layers.0.self_attn.q_proj.weight"] = weights["model.layers.0.self_attn.q_proj.weight"][
+        :, :8
+    ].contiguous()
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(RewriteError, match=r"q_proj: the full-precision weight LoftQ read has shape \(64, 8\)"):
         surgery.rewrite(base, rules("nf4"))
-    (folder / "model.safetensors.index.json").write_text(json.dumps(
-        {"weight_map": {"model.layers.0.self_attn.q_proj.weight": "../elsewhere.safetensors"}}))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"model.layers.0.self_attn.q_proj.weight": "../elsewhere.safetensors"}})
+    )
     with pytest.raises(RewriteError, match="not a safetensors index"):
         surgery.rewrite(base, rules("nf4"))
     assert digest(base) == before
@@ -183,9 +209,25 @@ def test_the_cli_trains_from_a_loftq_start(tmp_path):
     rule file says loftq."""
     from test_cli import run
 
-    result = run("train", "--target-modules", "q_proj,v_proj", "--quantize", "nf4", "--init-lora-weights", "loftq",
-                 "--lora-r", "4", "--model", "tiny-llama", "--data", "upper", "--max-steps", "2",
-                 "--out", str(tmp_path / "run"))
+    result = run(
+        "train",
+        "--target-modules",
+        "q_proj,v_proj",
+        "--quantize",
+        "nf4",
+        "--init-lora-weights",
+        "loftq",
+        "--lora-r",
+        "4",
+        "--model",
+        "tiny-llama",
+        "--data",
+        "upper",
+        "--max-steps",
+        "2",
+        "--out",
+        str(tmp_path / "run"),
+    )
     assert result.exit_code == 0, result.output
     adapter = surgery.read_adapter(tmp_path / "run" / "adapter.safetensors")
     assert {r.lora.init for r in adapter.rules.rules if r.lora} == {"loftq"}

@@ -11,11 +11,11 @@ from safetensors import safe_open
 
 import surgery
 from surgery.errors import TrainError
-from surgery.train.job import TrainConfig, make_job
-from surgery.train.master_weights import MasterWeights
 from surgery.planning.decisions import plan
-from surgery.train.loop import train
 from surgery.planning.training_memory import TrainingShape, training_peak
+from surgery.train.job import TrainConfig, make_job
+from surgery.train.loop import train
+from surgery.train.master_weights import MasterWeights
 
 TOK = surgery.tiny_tokenizer()
 
@@ -39,7 +39,7 @@ def test_gradients_accumulate_in_fp32_and_the_step_is_fp32_adamws():
     pure_optimizer = torch.optim.AdamW([pure], lr=1e-4)
     inputs = [torch.randn(8, 64, generator=torch.Generator().manual_seed(s)).bfloat16() for s in range(6)]
     for step in range(3):
-        for x in inputs[2 * step:2 * step + 2]:  # two micro-batches per step
+        for x in inputs[2 * step : 2 * step + 2]:  # two micro-batches per step
             layer(x).float().square().mean().backward()
             assert layer.weight.grad is None  # moved to the master as it was produced
         optimizer.step()
@@ -77,8 +77,17 @@ def test_two_micro_batches_sum_in_fp32():
 
 def bf16_job(base, out=None, **config):
     settings = {"batch_size": 8, "lr": 1e-3, "max_steps": 6, "seed": 0, **config}
-    return make_job(base, "job", "qv_lora_head", "upper", TOK, TrainConfig(**settings), out=out, block_size=24,
-                    model_name="tiny-llama")
+    return make_job(
+        base,
+        "job",
+        "qv_lora_head",
+        "upper",
+        TOK,
+        TrainConfig(**settings),
+        out=out,
+        block_size=24,
+        model_name="tiny-llama",
+    )
 
 
 def bf16_base() -> torch.nn.Module:
@@ -99,8 +108,10 @@ def test_a_plain_head_on_a_bf16_base_trains_through_masters_and_resumes_exactly(
         assert f.get_tensor("master.0").dtype == torch.float32  # the master, not the rounded head, is kept
     resumed = bf16_job(bf16_base(), out=tmp_path / "resumed")
     train([resumed], resume={"job": tmp_path / "straight" / "checkpoint-3"})
-    for (name, a), b in zip(surgery.finetune.state.own_state(straight.finetune).items(),
-                            surgery.finetune.state.own_state(resumed.finetune).values()):
+    for (name, a), b in zip(
+        surgery.finetune.state.own_state(straight.finetune).items(),
+        surgery.finetune.state.own_state(resumed.finetune).values(),
+    ):
         assert torch.equal(a, b), name
     ids = torch.tensor([[1, 2, 3]])
     straight.finetune(input_ids=ids, labels=ids).loss.backward()  # after the run: gradients on the tensor again
@@ -111,8 +122,12 @@ def test_the_plan_counts_masters_their_gradients_and_fp32_moments():
     base = bf16_base()
     j = bf16_job(base, max_steps=1)
     (run,) = train([j])
-    state = sum(t.numel() * t.element_size() for s in run.optimizer.state.values()
-                for key, t in s.items() if isinstance(t, torch.Tensor) and key != "step")
+    state = sum(
+        t.numel() * t.element_size()
+        for s in run.optimizer.state.values()
+        for key, t in s.items()
+        if isinstance(t, torch.Tensor) and key != "step"
+    )
     stepped = [p for group in run.optimizer.param_groups for p in group["params"]]
     peak = training_peak(plan(base, "qv_lora_head"), None, TrainingShape(8, 24), cuda=False)
     assert peak.optimizer == state + run.masters.bytes

@@ -5,18 +5,22 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-
-import surgery
-from surgery.layers.lora import LoraLayer
-from surgery.finetune.merging import output_error
-
-from surgery.model.architectures import TINY_MODELS
 from test_state import INPUTS, tensors_of, trained
 
-FP32_ALL = {"quantize": "none", "default": "freeze", "rules": [
-    {"match": "*", "type": "linear", "action": "adapt", "lora": {"r": 4, "alpha": 8}},
-    {"match": "*", "type": "conv1d", "action": "adapt", "optional": True},
-    {"match": "*", "type": "embedding", "action": "adapt", "optional": True, "lora": {"r": 2, "alpha": 4}}]}
+import surgery
+from surgery.finetune.merging import output_error
+from surgery.layers.lora import LoraLayer
+from surgery.model.architectures import TINY_MODELS
+
+FP32_ALL = {
+    "quantize": "none",
+    "default": "freeze",
+    "rules": [
+        {"match": "*", "type": "linear", "action": "adapt", "lora": {"r": 4, "alpha": 8}},
+        {"match": "*", "type": "conv1d", "action": "adapt", "optional": True},
+        {"match": "*", "type": "embedding", "action": "adapt", "optional": True, "lora": {"r": 2, "alpha": 4}},
+    ],
+}
 
 
 @pytest.mark.parametrize("model", list(TINY_MODELS))
@@ -58,8 +62,11 @@ def test_merging_a_quantized_finetune_dequantizes_and_reports_its_error(tmp_path
 def test_a_broken_tie_is_written_into_the_config():
     base = surgery.tiny_model("tiny-opt")
     assert base.config.tie_word_embeddings
-    ft = trained(surgery.rewrite(base, {"quantize": "none", "default": "freeze",
-                                        "rules": [{"match": "embed_tokens", "action": "adapt"}]}))
+    ft = trained(
+        surgery.rewrite(
+            base, {"quantize": "none", "default": "freeze", "rules": [{"match": "embed_tokens", "action": "adapt"}]}
+        )
+    )
     merged = surgery.merge(ft)
     assert merged.config.tie_word_embeddings is False and base.config.tie_word_embeddings
     assert not torch.equal(merged.lm_head.weight, merged.model.decoder.embed_tokens.weight)
@@ -86,8 +93,14 @@ def test_merge_to_another_dtype():
 
 
 def test_a_lora_bias_on_a_bias_free_layer_is_refused_before_any_work():
-    ft = surgery.rewrite(surgery.tiny_model("tiny-llama"), {"quantize": "none", "default": "freeze", "rules": [
-        {"match": "q_proj", "action": "adapt", "lora": {"bias": True}}]})
+    ft = surgery.rewrite(
+        surgery.tiny_model("tiny-llama"),
+        {
+            "quantize": "none",
+            "default": "freeze",
+            "rules": [{"match": "q_proj", "action": "adapt", "lora": {"bias": True}}],
+        },
+    )
     with pytest.raises(surgery.MergeError, match="q_proj: its adapter has a bias"):
         surgery.merge(ft)
     with pytest.raises(surgery.MergeError, match="not a fine-tune"):

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import surgery
-from surgery.model.architectures import ARCHITECTURES
 from surgery.base.loading import load_model
+from surgery.model.architectures import ARCHITECTURES
 
 
 def test_tiny_models_are_deterministic_and_on_cpu():
@@ -33,12 +33,20 @@ def test_bundled_architecture_builds_on_meta_with_published_size():
 
 
 PUBLISHED_PARAMETERS = {  # the parameter counts of the published checkpoints
-    "facebook/opt-125m": 125_239_296, "facebook/opt-350m": 331_196_416, "facebook/opt-1.3b": 1_315_758_080,
-    "facebook/opt-6.7b": 6_658_473_984, "gpt2": 124_439_808, "gpt2-medium": 354_823_168,
-    "EleutherAI/gpt-j-6B": 6_050_882_784, "meta-llama/Llama-2-7b-hf": 6_738_415_616,
-    "meta-llama/Llama-3.1-8B": 8_030_261_248, "meta-llama/Llama-3.1-70B": 70_553_706_496,
-    "mistralai/Mistral-7B-v0.1": 7_241_732_096, "Qwen/Qwen2.5-7B": 7_615_616_512,
-    "google/gemma-2-9b": 9_241_705_984, "microsoft/Phi-3-medium-4k-instruct": 13_960_238_080,
+    "facebook/opt-125m": 125_239_296,
+    "facebook/opt-350m": 331_196_416,
+    "facebook/opt-1.3b": 1_315_758_080,
+    "facebook/opt-6.7b": 6_658_473_984,
+    "gpt2": 124_439_808,
+    "gpt2-medium": 354_823_168,
+    "EleutherAI/gpt-j-6B": 6_050_882_784,
+    "meta-llama/Llama-2-7b-hf": 6_738_415_616,
+    "meta-llama/Llama-3.1-8B": 8_030_261_248,
+    "meta-llama/Llama-3.1-70B": 70_553_706_496,
+    "mistralai/Mistral-7B-v0.1": 7_241_732_096,
+    "Qwen/Qwen2.5-7B": 7_615_616_512,
+    "google/gemma-2-9b": 9_241_705_984,
+    "microsoft/Phi-3-medium-4k-instruct": 13_960_238_080,
 }
 
 

@@ -14,8 +14,13 @@ from surgery.train.job import TrainConfig, _packed_attention, make_job
 from surgery.train.loop import train
 
 TOK = surgery.tiny_tokenizer()
-EXAMPLES = [Example("Paris", "France ->"), Example("LIMA", "lima ->"), Example("an owl", ""),
-            Example("Tokyo is far", "Japan ->"), Example("x", "y")]
+EXAMPLES = [
+    Example("Paris", "France ->"),
+    Example("LIMA", "lima ->"),
+    Example("an owl", ""),
+    Example("Tokyo is far", "Japan ->"),
+    Example("x", "y"),
+]
 
 
 def unpacked() -> surgery.train.data.Blocks:
@@ -46,8 +51,9 @@ def packed_and_alone_losses(model, keep_apart) -> tuple[torch.Tensor, torch.Tens
         assert ("attention_mask" in batch) == (keep_apart in ("bool", "additive"))
         inputs = {k: v.to(device) for k, v in batch.items() if k not in (TOKENS, "labels")}
         logits = model(**inputs, use_cache=False).logits.float().cpu()
-        token_loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], ignore_index=IGNORE,
-                                     reduction="none")
+        token_loss = F.cross_entropy(
+            logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], ignore_index=IGNORE, reduction="none"
+        )
         example = torch.cumsum((batch["position_ids"] == 0).long(), dim=1)[:, 1:]  # which example each target is in
         got = []
         for row in range(batch["input_ids"].shape[0]):  # flattened: one row
@@ -63,9 +69,15 @@ def packed_and_alone_losses(model, keep_apart) -> tuple[torch.Tensor, torch.Tens
     return torch.stack(got), torch.stack(expected)
 
 
-@pytest.mark.parametrize("name,attention,keep_apart", [
-    ("tiny-llama", "sdpa", "positions"), ("tiny-gpt2", "sdpa", "positions"),
-    ("tiny-opt", "sdpa", "bool"), ("tiny-opt", "eager", "additive")])  # OPT's mask ignores position ids
+@pytest.mark.parametrize(
+    "name,attention,keep_apart",
+    [
+        ("tiny-llama", "sdpa", "positions"),
+        ("tiny-gpt2", "sdpa", "positions"),
+        ("tiny-opt", "sdpa", "bool"),
+        ("tiny-opt", "eager", "additive"),
+    ],
+)  # OPT's mask ignores position ids
 def test_each_examples_loss_in_a_packed_row_is_its_loss_alone(name, attention, keep_apart):
     model = surgery.tiny_model(name).eval()  # fp32: LLM.int8's outlier columns depend on what else is in the batch
     model.config._attn_implementation = attention
@@ -102,8 +114,17 @@ def test_a_micro_batch_flattened_into_one_row_keeps_each_example_s_loss():
 
 def packed_job(**options):
     config = TrainConfig(batch_size=4, lr=1e-2, max_steps=15, seed=0)
-    return make_job(surgery.tiny_model("tiny-llama"), "packed", "qv_lora_head", "upper", TOK, config, block_size=96,
-                    model_name="tiny-llama", **options)
+    return make_job(
+        surgery.tiny_model("tiny-llama"),
+        "packed",
+        "qv_lora_head",
+        "upper",
+        TOK,
+        config,
+        block_size=96,
+        model_name="tiny-llama",
+        **options,
+    )
 
 
 def test_a_packed_run_learns_and_its_eval_rows_stay_single():
@@ -116,8 +137,17 @@ def test_a_packed_run_learns_and_its_eval_rows_stay_single():
 
 def test_an_opt_run_packs_with_a_block_diagonal_mask():
     config = TrainConfig(batch_size=4, lr=1e-2, max_steps=12, seed=0)
-    job = make_job(surgery.tiny_model("tiny-opt"), "opt", "qv_lora_head", "upper", TOK, config, block_size=96,
-                   model_name="tiny-opt", packing=True)
+    job = make_job(
+        surgery.tiny_model("tiny-opt"),
+        "opt",
+        "qv_lora_head",
+        "upper",
+        TOK,
+        config,
+        block_size=96,
+        model_name="tiny-opt",
+        packing=True,
+    )
     assert job.data.packed_mask == "bool" and job.identity["packing"]
     (run,) = train([job])
     losses = [r["loss"] for r in run.history if "loss" in r]
@@ -128,7 +158,9 @@ def test_packing_refuses_what_it_cannot_mean(monkeypatch):
     opt = surgery.tiny_model("tiny-opt")
     attend_everywhere = lambda positions, form: torch.ones(1, 1, 6, 6, dtype=torch.bool)  # noqa: E731
     monkeypatch.setattr("surgery.train.job.block_mask", attend_everywhere)  # as a model that ignores both ways
-    with pytest.raises(DataError, match="tiny-opt .OPTForCausalLM, sdpa attention. does not keep packed examples apart"):
+    with pytest.raises(
+        DataError, match="tiny-opt .OPTForCausalLM, sdpa attention. does not keep packed examples apart"
+    ):
         make_job(opt, "j", "qv_lora", "upper", TOK, TrainConfig(), model_name="tiny-opt", packing=True)
     assert not any(type(m).__name__.startswith("Linear8bit") for m in opt.modules())  # nothing changed
     monkeypatch.undo()

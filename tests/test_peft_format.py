@@ -8,25 +8,68 @@ import warnings
 
 import pytest
 import torch
+from test_state import logits, trained
 
 import surgery
-from surgery.files.model_card import CPU_KERNEL_LINE
 from surgery import AdapterStateError
-
+from surgery.files.model_card import CPU_KERNEL_LINE
 from surgery.model.architectures import TINY_MODELS
-from test_state import logits, trained
 
 peft = pytest.importorskip("peft")
 
-MIXED = {"quantize": "none", "default": "freeze", "rules": [
-    {"match": "re:.*(layers|h)\\.0\\..*(q_proj|c_attn)", "action": "adapt", "lora": {"r": 4, "alpha": 8, "bias": True}},
-    {"match": "*", "type": "linear", "action": "adapt", "optional": True, "lora": {"r": 8, "alpha": 16, "bias": True}},
-    {"match": "lm_head", "action": "plain", "untie": True},
-    {"match": "*", "type": "conv1d", "action": "adapt", "optional": True, "lora": {"r": 2, "alpha": 3, "bias": True}}]}
-WITH_EMBEDDING = {"quantize": "none", "default": "freeze", "rules": [
-    {"match": "*", "type": "embedding", "action": "adapt", "optional": True, "lora": {"r": 2, "alpha": 3, "use_rslora": True}},
-    {"match": "*", "type": "linear", "action": "adapt", "optional": True, "lora": {"r": 8, "alpha": 16, "use_rslora": True}},
-    {"match": "*", "type": "conv1d", "action": "adapt", "optional": True, "lora": {"r": 8, "alpha": 16, "use_rslora": True}}]}
+MIXED = {
+    "quantize": "none",
+    "default": "freeze",
+    "rules": [
+        {
+            "match": "re:.*(layers|h)\\.0\\..*(q_proj|c_attn)",
+            "action": "adapt",
+            "lora": {"r": 4, "alpha": 8, "bias": True},
+        },
+        {
+            "match": "*",
+            "type": "linear",
+            "action": "adapt",
+            "optional": True,
+            "lora": {"r": 8, "alpha": 16, "bias": True},
+        },
+        {"match": "lm_head", "action": "plain", "untie": True},
+        {
+            "match": "*",
+            "type": "conv1d",
+            "action": "adapt",
+            "optional": True,
+            "lora": {"r": 2, "alpha": 3, "bias": True},
+        },
+    ],
+}
+WITH_EMBEDDING = {
+    "quantize": "none",
+    "default": "freeze",
+    "rules": [
+        {
+            "match": "*",
+            "type": "embedding",
+            "action": "adapt",
+            "optional": True,
+            "lora": {"r": 2, "alpha": 3, "use_rslora": True},
+        },
+        {
+            "match": "*",
+            "type": "linear",
+            "action": "adapt",
+            "optional": True,
+            "lora": {"r": 8, "alpha": 16, "use_rslora": True},
+        },
+        {
+            "match": "*",
+            "type": "conv1d",
+            "action": "adapt",
+            "optional": True,
+            "lora": {"r": 8, "alpha": 16, "use_rslora": True},
+        },
+    ],
+}
 
 
 def peft_model(base, folder):
@@ -64,7 +107,9 @@ def test_export_and_import_on_a_quantized_base_match_peft_on_that_base(tmp_path,
     imported = surgery.import_peft(base, tmp_path / "peft")
     assert torch.equal(logits(imported), expected)
     info = surgery.finetune_info(imported)
-    assert info.plan.decisions["model.decoder.layers.0.self_attn.q_proj"].storage == ("int8" if rules == "qv_lora" else "nf4")
+    assert info.plan.decisions["model.decoder.layers.0.self_attn.q_proj"].storage == (
+        "int8" if rules == "qv_lora" else "nf4"
+    )
 
 
 @pytest.mark.parametrize("rules", ["qv_lora", "qlora_nf4", MIXED], ids=["int8", "nf4", "unquantized"])
@@ -80,8 +125,9 @@ def test_the_exports_card_says_how_to_load_the_base_for_the_same_outputs_in_tran
     card = (tmp_path / "peft" / "README.md").read_text()
     call = re.search(r"^base = (AutoModelForCausalLM\.from_pretrained\(.*\))$", card, re.M).group(1)
     assert ("quantization_config" in call) == (rules is not MIXED)
-    loaded = eval(call, {"AutoModelForCausalLM": AutoModelForCausalLM, "BitsAndBytesConfig": BitsAndBytesConfig,
-                         "torch": torch})
+    loaded = eval(
+        call, {"AutoModelForCausalLM": AutoModelForCausalLM, "BitsAndBytesConfig": BitsAndBytesConfig, "torch": torch}
+    )
     if "load_in_4bit" in call:  # the card's next line: bitsandbytes' CPU repack (AVX512-BF16) off, as surgery has it
         assert CPU_KERNEL_LINE in card
         exec(CPU_KERNEL_LINE, {"base": loaded})
@@ -95,9 +141,15 @@ def test_the_exports_card_says_how_to_load_the_base_for_the_same_outputs_in_tran
 def test_import_of_a_peft_trained_adapter_matches_peft(tmp_path):
     """An adapter made by PEFT itself (its own init, per-module rank), not by our export."""
     base = surgery.tiny_model("tiny-llama")
-    config = peft.LoraConfig(r=4, lora_alpha=12, target_modules=["q_proj", "v_proj", "down_proj"],
-                             rank_pattern={"down_proj": 2}, alpha_pattern={"v_proj": 5}, init_lora_weights="gaussian",
-                             modules_to_save=["lm_head"])
+    config = peft.LoraConfig(
+        r=4,
+        lora_alpha=12,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        rank_pattern={"down_proj": 2},
+        alpha_pattern={"v_proj": 5},
+        init_lora_weights="gaussian",
+        modules_to_save=["lm_head"],
+    )
     twin = peft.get_peft_model(surgery.tiny_model("tiny-llama"), config)
     trained(twin)  # lora_B leaves zero, as training would
     twin.save_pretrained(tmp_path)
@@ -108,13 +160,20 @@ def test_import_of_a_peft_trained_adapter_matches_peft(tmp_path):
     assert down.config.r == 2 and ft.model.layers[0].self_attn.v_proj.config.alpha == 5
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("use_dora", True, "sets use_dora but .* has no lora_magnitude_vector"),  # DoRA reads; a folder without its magnitudes does not
-    ("use_qalora", True, "QA-LoRA"),
-    ("peft_type", "IA3", "'IA3' is not supported"),
-    ("bias", "all", "bias='all'"),
-    ("layer_replication", [[0, 1]], "layer replication"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        (
+            "use_dora",
+            True,
+            "sets use_dora but .* has no lora_magnitude_vector",
+        ),  # DoRA reads; a folder without its magnitudes does not
+        ("use_qalora", True, "QA-LoRA"),
+        ("peft_type", "IA3", "'IA3' is not supported"),
+        ("bias", "all", "bias='all'"),
+        ("layer_replication", [[0, 1]], "layer replication"),
+    ],
+)
 def test_unsupported_peft_features_are_refused(tmp_path, field, value, message):
     ft = trained(surgery.rewrite(surgery.tiny_model("tiny-opt"), "qv_lora"))
     surgery.export_peft(ft, tmp_path)
@@ -140,8 +199,17 @@ def test_unknown_tensors_in_a_peft_folder_are_refused(tmp_path):
 
 
 def test_exports_peft_cannot_express_are_refused(tmp_path):
-    ft = surgery.rewrite(surgery.tiny_model("tiny-opt"), {"quantize": "none", "default": "freeze", "rules": [
-        {"match": "q_proj", "action": "adapt", "lora": {"bias": True}}, {"match": "embed_tokens", "action": "adapt"}]})
+    ft = surgery.rewrite(
+        surgery.tiny_model("tiny-opt"),
+        {
+            "quantize": "none",
+            "default": "freeze",
+            "rules": [
+                {"match": "q_proj", "action": "adapt", "lora": {"bias": True}},
+                {"match": "embed_tokens", "action": "adapt"},
+            ],
+        },
+    )
     with pytest.raises(AdapterStateError, match="lora_bias is one switch"):
         surgery.export_peft(ft, tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -151,8 +219,14 @@ def test_a_base_transformers_cannot_store_the_same_way_is_loaded_with_surgery():
     from surgery.layers.bnb import base_loading
 
     base = surgery.tiny_model("tiny-opt")
-    surgery.rewrite(base, {"quantize": {"scheme": "nf4", "blocksize": 128}, "default": "quantize",
-                           "rules": [{"match": "q_proj", "action": "adapt"}]})
+    surgery.rewrite(
+        base,
+        {
+            "quantize": {"scheme": "nf4", "blocksize": 128},
+            "default": "quantize",
+            "rules": [{"match": "q_proj", "action": "adapt"}],
+        },
+    )
     loading = base_loading(base)
     assert loading.schemes == ("nf4",) and loading.quantization_config is None and not loading.from_pretrained("x")
     note = loading.note("tiny-opt")

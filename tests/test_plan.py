@@ -6,10 +6,10 @@ import torch
 
 import surgery
 from surgery.errors import PlanError
-from surgery.planning.memory import quantized_weight_bytes
-from surgery.rules.ruleset import QuantConfig
 from surgery.layers.bnb import held_bytes
 from surgery.model.architectures import TINY_MODELS
+from surgery.planning.memory import quantized_weight_bytes
+from surgery.rules.ruleset import QuantConfig
 
 
 @pytest.mark.parametrize("rules", ["qv_lora", "all_linear_lora", "qlora_nf4", "finetuna_default", "full_finetune"])
@@ -25,8 +25,10 @@ def test_bundled_rules_plan_cleanly_on_tiny_models(tiny_graphs, model, rules):
 def big_graphs():
     from surgery.base.loading import load_model
 
-    return {name: surgery.trace(load_model(name, weights=False).model)
-            for name in ("facebook/opt-1.3b", "meta-llama/Llama-3.1-8B")}
+    return {
+        name: surgery.trace(load_model(name, weights=False).model)
+        for name in ("facebook/opt-1.3b", "meta-llama/Llama-3.1-8B")
+    }
 
 
 @pytest.mark.parametrize("rules", ["qv_lora", "all_linear_lora", "qlora_nf4", "finetuna_default", "full_finetune"])
@@ -47,6 +49,7 @@ def test_qv_lora_counts_on_opt_1_3b(big_graphs):
 
 # --------------------------------------------------------------------------- memory vs bitsandbytes
 
+
 def _quantize_with_bnb(module, quant: QuantConfig):
     """Quantize one Linear/Embedding directly with bitsandbytes and return the stored weight."""
     if isinstance(module, torch.nn.Embedding):
@@ -55,18 +58,32 @@ def _quantize_with_bnb(module, quant: QuantConfig):
         else:
             q = bnb.nn.Embedding4bit(module.num_embeddings, module.embedding_dim, quant_type=quant.scheme)
     elif quant.scheme == "int8":
-        q = bnb.nn.Linear8bitLt(module.in_features, module.out_features, bias=module.bias is not None,
-                                has_fp16_weights=False)
+        q = bnb.nn.Linear8bitLt(
+            module.in_features, module.out_features, bias=module.bias is not None, has_fp16_weights=False
+        )
     else:
-        q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
-                              compress_statistics=quant.double_quant, quant_type=quant.scheme)
+        q = bnb.nn.Linear4bit(
+            module.in_features,
+            module.out_features,
+            bias=module.bias is not None,
+            compress_statistics=quant.double_quant,
+            quant_type=quant.scheme,
+        )
     q.load_state_dict(module.state_dict())
     return q.to("cpu").weight
 
 
-@pytest.mark.parametrize("quant", [QuantConfig("int8"), QuantConfig("nf4"), QuantConfig("nf4", double_quant=True),
-                                   QuantConfig("fp4"), QuantConfig("fp4", double_quant=True)],
-                         ids=["int8", "nf4", "nf4-dq", "fp4", "fp4-dq"])
+@pytest.mark.parametrize(
+    "quant",
+    [
+        QuantConfig("int8"),
+        QuantConfig("nf4"),
+        QuantConfig("nf4", double_quant=True),
+        QuantConfig("fp4"),
+        QuantConfig("fp4", double_quant=True),
+    ],
+    ids=["int8", "nf4", "nf4-dq", "fp4", "fp4-dq"],
+)
 @pytest.mark.parametrize("model", ["tiny-opt", "tiny-llama"])
 def test_predicted_bytes_equal_what_bitsandbytes_allocates(tiny_graphs, model, quant):
     torch_model = surgery.tiny_model(model)
@@ -86,8 +103,9 @@ def test_predicted_bytes_equal_what_bitsandbytes_allocates(tiny_graphs, model, q
 
 def test_plan_memory_adds_up_per_tensor(tiny_graphs):
     g = tiny_graphs["tiny-llama"]
-    plan = surgery.plan(g, {"quantize": "int8", "default": "freeze", "rules": [
-        {"match": "*", "type": "linear", "action": "quantize"}]})
+    plan = surgery.plan(
+        g, {"quantize": "int8", "default": "freeze", "rules": [{"match": "*", "type": "linear", "action": "quantize"}]}
+    )
     expected = 0
     for m in g.leaves():
         for p in m.params:
@@ -103,11 +121,14 @@ def test_double_quant_formula_for_a_large_layer():
     quant = QuantConfig("nf4", double_quant=True)
     shape = (4096, 4096)
     blocks = 4096 * 4096 // 64
-    assert quantized_weight_bytes("linear", shape, quant) == 4096 * 4096 // 2 + blocks + 4 * math.ceil(
-        blocks / 256) + 1024 + 4 + 64
+    assert (
+        quantized_weight_bytes("linear", shape, quant)
+        == 4096 * 4096 // 2 + blocks + 4 * math.ceil(blocks / 256) + 1024 + 4 + 64
+    )
 
 
 # --------------------------------------------------------------------------------- constraints
+
 
 def _quantized_base(name="tiny-opt", module="model.decoder.layers.0.fc1"):
     model = surgery.tiny_model(name)
@@ -130,8 +151,9 @@ def _violation(graph, text, write_rules, constraint):
 
 def test_c1_no_unquantize_after_quantize(write_rules):
     graph = _quantized_base()
-    msg, path = _violation(graph, "quantize: none\nrules:\n  - match: layers.0.fc1\n    action: adapt\n",
-                           write_rules, "C1")
+    msg, path = _violation(
+        graph, "quantize: none\nrules:\n  - match: layers.0.fc1\n    action: adapt\n", write_rules, "C1"
+    )
     assert f"{path}:3: rule 1 'layers.0.fc1' keeps model.decoder.layers.0.fc1 unquantized" in msg
     assert "already holds it as int8" in msg and "load the base again" in msg
     msg, _ = _violation(graph, "quantize: nf4\nrules:\n  - match: fc1\n    action: quantize\n", write_rules, "C1")
@@ -144,8 +166,9 @@ def test_c1_no_unquantize_after_quantize(write_rules):
 
 def test_c2_no_trainable_quantized_module(write_rules):
     graph = _quantized_base()
-    msg, path = _violation(graph, "quantize: int8\nrules:\n  - match: layers.0.fc1\n    action: plain\n",
-                           write_rules, "C2")
+    msg, path = _violation(
+        graph, "quantize: int8\nrules:\n  - match: layers.0.fc1\n    action: plain\n", write_rules, "C2"
+    )
     assert f"{path}:3:" in msg and "model.decoder.layers.0.fc1" in msg and "cannot be trained" in msg
 
 
@@ -156,12 +179,17 @@ def test_c3_adapt_only_on_supported_kinds(write_rules):
 
 
 def test_c4_rule_that_matches_nothing_suggests_close_names(tiny_graphs, write_rules):
-    msg, path = _violation(tiny_graphs["tiny-opt"], "rules:\n  - match: q_proj\n    action: adapt\n"
-                           "  - match: q_projj\n    action: adapt\n", write_rules, "C4")
+    msg, path = _violation(
+        tiny_graphs["tiny-opt"],
+        "rules:\n  - match: q_proj\n    action: adapt\n  - match: q_projj\n    action: adapt\n",
+        write_rules,
+        "C4",
+    )
     assert f"{path}:4: rule 2 'q_projj' matched no module" in msg
     assert "did you mean 'q_proj' (2 modules)" in msg
-    optional = surgery.plan(tiny_graphs["tiny-opt"], {"rules": [{"match": "nothing", "action": "adapt",
-                                                                 "optional": True}]})
+    optional = surgery.plan(
+        tiny_graphs["tiny-opt"], {"rules": [{"match": "nothing", "action": "adapt", "optional": True}]}
+    )
     assert optional.ok
 
 
@@ -177,8 +205,9 @@ def test_c6_ties_are_stated_and_splitting_needs_untie(tiny_graphs, write_rules):
     ok = surgery.plan(g, {"quantize": "int8", "rules": [{"match": "lm_head", "action": "plain", "untie": True}]})
     assert "private copy" in ok.ties[0].message and ok.ties[0].extra_finetune_bytes == 260 * 64 * 4
     # quantizing the embedding while lm_head stays fp32 keeps the fp32 tensor alive: stated and counted
-    plan = surgery.plan(g, {"quantize": "int8", "default": "freeze", "rules": [
-        {"match": "embed_tokens", "action": "quantize"}]})
+    plan = surgery.plan(
+        g, {"quantize": "int8", "default": "freeze", "rules": [{"match": "embed_tokens", "action": "quantize"}]}
+    )
     note = plan.ties[0]
     assert "keeps the float32 weight alive for lm_head" in note.message
     assert note.extra_base_bytes == 260 * 64 * 4
@@ -186,19 +215,30 @@ def test_c6_ties_are_stated_and_splitting_needs_untie(tiny_graphs, write_rules):
 
 
 def test_c7_per_module_lora_configs_cover_every_adapted_module(tiny_graphs, write_rules):
-    text = ("rules:\n  - match: re:.*(q_proj|v_proj)\n    action: adapt\n    lora_by_module:\n"
-            "      q_proj: {r: 4}\n")
+    text = "rules:\n  - match: re:.*(q_proj|v_proj)\n    action: adapt\n    lora_by_module:\n      q_proj: {r: 4}\n"
     msg, path = _violation(tiny_graphs["tiny-opt"], text, write_rules, "C7")
     assert f"{path}:2:" in msg and "2 modules (model.decoder.layers.*.self_attn.v_proj)" in msg and "no entry" in msg
-    full = surgery.plan(tiny_graphs["tiny-opt"], {"rules": [{"match": "re:.*(q_proj|v_proj)", "action": "adapt",
-                                                             "lora_by_module": {"q_proj": {"r": 4},
-                                                                                "v_proj": {"r": 2}}}]})
+    full = surgery.plan(
+        tiny_graphs["tiny-opt"],
+        {
+            "rules": [
+                {
+                    "match": "re:.*(q_proj|v_proj)",
+                    "action": "adapt",
+                    "lora_by_module": {"q_proj": {"r": 4}, "v_proj": {"r": 2}},
+                }
+            ]
+        },
+    )
     assert full.decisions["model.decoder.layers.1.self_attn.v_proj"].lora.r == 2
 
 
 def test_all_violations_are_reported_together(tiny_graphs):
-    plan = surgery.plan(tiny_graphs["tiny-llama"], {"rules": [
-        {"match": "norm", "action": "adapt"}, {"match": "nope", "action": "freeze"}]}, check=False)
+    plan = surgery.plan(
+        tiny_graphs["tiny-llama"],
+        {"rules": [{"match": "norm", "action": "adapt"}, {"match": "nope", "action": "freeze"}]},
+        check=False,
+    )
     assert {v.constraint for v in plan.violations} == {"C3", "C4"}
     with pytest.raises(PlanError):
         plan.check()

@@ -23,32 +23,48 @@ import torch
 from typer.testing import CliRunner
 
 import surgery
-from surgery.train.data import read_examples
-from surgery.errors import AdapterStateError, ModelConfigError, PlanError, RewriteError, RuleFileError
+from surgery.distributed import rank_seed, world
+from surgery.errors import (
+    AdapterStateError,
+    DataError,
+    ModelConfigError,
+    PlanError,
+    RewriteError,
+    RuleFileError,
+    TrainError,
+)
 from surgery.finetune.state import own_state
 from surgery.rules.rule_file import load_rules, parse_rules
 from surgery.train.checkpoint import latest_checkpoint, read_checkpoint, run_lock
-from surgery.distributed import rank_seed, world
-from surgery.errors import DataError, TrainError
+from surgery.train.data import read_examples
 from surgery.train.job import TrainConfig, make_job
 from surgery.train.loop import train
 from surgery_cli.app import app
 
 TOK = surgery.tiny_tokenizer()
-FP32_RULES = {"quantize": "none", "default": "freeze",
-              "rules": [{"match": "q_proj", "action": "adapt", "lora": {"r": 4, "dropout": 0.1}},
-                        {"match": "lm_head", "action": "plain", "untie": True}]}
+FP32_RULES = {
+    "quantize": "none",
+    "default": "freeze",
+    "rules": [
+        {"match": "q_proj", "action": "adapt", "lora": {"r": 4, "dropout": 0.1}},
+        {"match": "lm_head", "action": "plain", "untie": True},
+    ],
+}
 SLOW_PATTERN = r"re:(.*)(.*)(.*)(.*)(.*)(.*)(.*)(.*)\1\."  # backtracks for seconds on any module name
 
 
 def folder_digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @contextmanager
 def within(seconds: int):
     """Fail (instead of hanging the suite) when the block runs longer than ``seconds``."""
+
     def expire(*_):
         raise TimeoutError(f"took longer than {seconds} s")
 
@@ -77,6 +93,7 @@ def step(ft, seed=0):
 
 
 # ============================================================================ 1. isolation
+
 
 def test_nothing_done_through_a_finetune_reaches_the_base_or_a_sibling(digest):
     base = surgery.tiny_model("tiny-llama")
@@ -118,12 +135,19 @@ def test_a_meta_model_is_refused_by_rewrite_but_planned():
         surgery.rewrite(meta, "qv_lora")
 
 
-@pytest.mark.parametrize("first,second,setting", [
-    ({"scheme": "nf4"}, {"scheme": "nf4", "double_quant": True}, "double_quant"),
-    ({"scheme": "nf4"}, {"scheme": "nf4", "blocksize": 128}, "blocksize"),
-    ({"scheme": "nf4", "compute_dtype": "float32"}, {"scheme": "nf4", "compute_dtype": "bfloat16"}, "compute_dtype"),
-    ({"scheme": "int8"}, {"scheme": "int8", "threshold": 0.0}, "threshold"),
-])
+@pytest.mark.parametrize(
+    "first,second,setting",
+    [
+        ({"scheme": "nf4"}, {"scheme": "nf4", "double_quant": True}, "double_quant"),
+        ({"scheme": "nf4"}, {"scheme": "nf4", "blocksize": 128}, "blocksize"),
+        (
+            {"scheme": "nf4", "compute_dtype": "float32"},
+            {"scheme": "nf4", "compute_dtype": "bfloat16"},
+            "compute_dtype",
+        ),
+        ({"scheme": "int8"}, {"scheme": "int8", "threshold": 0.0}, "threshold"),
+    ],
+)
 def test_other_quantization_settings_on_a_quantized_base_are_a_c1_violation(first, second, setting, digest):
     base = surgery.tiny_model("tiny-llama")
     surgery.rewrite(base, {"quantize": first, "rules": [{"match": "q_proj", "action": "adapt"}]})
@@ -144,19 +168,22 @@ def test_4bit_weights_repacked_for_the_cpu_kernel_are_read_as_usual(tmp_path):
         for p in own_state(sibling).values():
             p.add_(0.02)
     layers = [m for m in base.modules() if isinstance(m, bnb.nn.Linear4bit)]
-    assert layers and not any(m.support_avx512bf16_for_cpu for m in [*ft.modules(), *base.modules()]
-                              if isinstance(m, bnb.nn.Linear4bit))  # surgery never lets bitsandbytes repack
+    assert layers and not any(
+        m.support_avx512bf16_for_cpu for m in [*ft.modules(), *base.modules()] if isinstance(m, bnb.nn.Linear4bit)
+    )  # surgery never lets bitsandbytes repack
     merged_before, print_before = logits(surgery.merge(sibling)), surgery.fingerprint(base)
     program = surgery.export_graph(sibling, torch.tensor([[1, 2, 3, 4]]))
     for m in layers:  # what an eval forward on an AVX512-BF16 CPU does to the shared weight objects
-        m.weight.data, m.weight.quant_state = bnb.functional._convert_weight_packed_for_cpu(m.weight.data,
-                                                                                           m.weight.quant_state)
+        m.weight.data, m.weight.quant_state = bnb.functional._convert_weight_packed_for_cpu(
+            m.weight.data, m.weight.quant_state
+        )
     assert layers[0].weight.quant_state.packing_format_for_cpu
     # Repacking stores each block's absmax in bf16, so the weights now differ from before by that rounding
     # (double quantization re-rounds them) and no more: read as the standard layout they would be off by whole weights.
     merged_after = logits(surgery.merge(sibling))
-    assert (merged_after - merged_before).abs().max() <= 2e-2 * merged_before.abs().max(), \
-        float((merged_after - merged_before).abs().max() / merged_before.abs().max())
+    assert (merged_after - merged_before).abs().max() <= 2e-2 * merged_before.abs().max(), float(
+        (merged_after - merged_before).abs().max() / merged_before.abs().max()
+    )
     assert surgery.fingerprint(base).mismatch(print_before) is None
     ids = torch.tensor([[1, 2, 3, 4]])
     eager = logits(sibling, ids)
@@ -177,10 +204,12 @@ def test_a_base_changed_in_place_gets_a_new_fingerprint(tmp_path):
 
 # ============================================================================ 2. runs
 
+
 def _job(base, out=None, rules="qv_lora_head", **config):
     settings = {"batch_size": 8, "lr": 1e-2, "max_steps": 6, "seed": 0, **config}
-    return make_job(base, "job", rules, "upper", TOK, TrainConfig(**settings), out=out, block_size=24,
-                    model_name="tiny-llama")
+    return make_job(
+        base, "job", rules, "upper", TOK, TrainConfig(**settings), out=out, block_size=24, model_name="tiny-llama"
+    )
 
 
 def test_a_second_run_on_the_same_out_fails_at_once(tmp_path):
@@ -199,6 +228,7 @@ def test_a_non_finite_loss_stops_the_job_and_keeps_the_last_good_files(tmp_path)
     base = surgery.tiny_model("tiny-llama")
     out = tmp_path / "run"
     job = _job(base, out=out, save_steps=2, max_steps=6)
+
     def poison(run, record):
         if run.step == 3:
             with torch.no_grad():
@@ -214,22 +244,34 @@ def test_a_non_finite_loss_stops_the_job_and_keeps_the_last_good_files(tmp_path)
     assert [r["step"] for r in records] == [1, 2, 3]
 
 
-@pytest.mark.parametrize("option,value,message", [
-    ("lr", float("nan"), "--lr must be a finite number > 0"), ("lr", float("inf"), "--lr must be a finite"),
-    ("lr", -1.0, "--lr must be"), ("weight_decay", float("nan"), "--weight-decay must be a finite"),
-    ("weight_decay", -0.1, "--weight-decay"), ("max_grad_norm", float("inf"), "--max-grad-norm must be a finite"),
-    ("max_grad_norm", -1.0, "--max-grad-norm"), ("seed", 1 << 64, "--seed must be between"),
-    ("seed", -(1 << 63) - 1, "--seed must be between"),
-])
+@pytest.mark.parametrize(
+    "option,value,message",
+    [
+        ("lr", float("nan"), "--lr must be a finite number > 0"),
+        ("lr", float("inf"), "--lr must be a finite"),
+        ("lr", -1.0, "--lr must be"),
+        ("weight_decay", float("nan"), "--weight-decay must be a finite"),
+        ("weight_decay", -0.1, "--weight-decay"),
+        ("max_grad_norm", float("inf"), "--max-grad-norm must be a finite"),
+        ("max_grad_norm", -1.0, "--max-grad-norm"),
+        ("seed", 1 << 64, "--seed must be between"),
+        ("seed", -(1 << 63) - 1, "--seed must be between"),
+    ],
+)
 def test_bad_option_values_are_refused_before_anything(option, value, message):
     with pytest.raises(TrainError, match=message):
         TrainConfig(**{option: value}).check()
 
 
-@pytest.mark.parametrize("lora,message", [({"alpha": float("nan")}, "alpha must be a finite"),
-                                          ({"alpha": float("inf")}, "alpha must be a finite"),
-                                          ({"dropout": float("nan")}, "dropout must be in"),
-                                          ({"r": 10 ** 9}, "r must be an integer from 1")])
+@pytest.mark.parametrize(
+    "lora,message",
+    [
+        ({"alpha": float("nan")}, "alpha must be a finite"),
+        ({"alpha": float("inf")}, "alpha must be a finite"),
+        ({"dropout": float("nan")}, "dropout must be in"),
+        ({"r": 10**9}, "r must be an integer from 1"),
+    ],
+)
 def test_non_finite_lora_settings_are_refused(lora, message):
     with pytest.raises(RuleFileError, match=message):
         parse_rules({"rules": [{"match": "q_proj", "action": "adapt", "lora": lora}]})
@@ -260,17 +302,31 @@ def _edit_state(folder: Path, change) -> None:
     save_file(tensors, str(path), metadata={"state": json.dumps(state)})
 
 
-@pytest.mark.parametrize("case,change,message", [
-    ("step_not_int", lambda s, t: ({**s, "step": "two"}, t), "step is missing or not a int"),
-    ("no_optimizer", lambda s, t: ({k: v for k, v in s.items() if k != "optimizer"}, t), "optimizer is missing"),
-    ("groups_not_list", lambda s, t: ({**s, "optimizer": {**s["optimizer"], "param_groups": 3}}, t), "param_groups"),
-    ("rng_short", lambda s, t: (s, {**t, "rng": t["rng"][..., :100]}), "random state 'rng'"),
-    ("rng_float", lambda s, t: (s, {**t, "rng": t["rng"].float()}), "random state 'rng'"),
-    ("optimizer_tensor_gone", lambda s, t: (s, {k: v for k, v in t.items() if not k.endswith("exp_avg")}),
-     "has entries"),
-    ("scheduler_wrong", lambda s, t: ({**s, "scheduler": {"last_epoch": "x", "base_lrs": None}}, t), "cannot be resumed"),
-    ("not_json", None, "unreadable training state"),
-])
+@pytest.mark.parametrize(
+    "case,change,message",
+    [
+        ("step_not_int", lambda s, t: ({**s, "step": "two"}, t), "step is missing or not a int"),
+        ("no_optimizer", lambda s, t: ({k: v for k, v in s.items() if k != "optimizer"}, t), "optimizer is missing"),
+        (
+            "groups_not_list",
+            lambda s, t: ({**s, "optimizer": {**s["optimizer"], "param_groups": 3}}, t),
+            "param_groups",
+        ),
+        ("rng_short", lambda s, t: (s, {**t, "rng": t["rng"][..., :100]}), "random state 'rng'"),
+        ("rng_float", lambda s, t: (s, {**t, "rng": t["rng"].float()}), "random state 'rng'"),
+        (
+            "optimizer_tensor_gone",
+            lambda s, t: (s, {k: v for k, v in t.items() if not k.endswith("exp_avg")}),
+            "has entries",
+        ),
+        (
+            "scheduler_wrong",
+            lambda s, t: ({**s, "scheduler": {"last_epoch": "x", "base_lrs": None}}, t),
+            "cannot be resumed",
+        ),
+        ("not_json", None, "unreadable training state"),
+    ],
+)
 def test_a_damaged_training_state_is_one_clear_error(checkpoint, tmp_path, case, change, message):
     import shutil
 
@@ -314,6 +370,7 @@ def test_a_model_folder_without_a_tokenizer_names_the_missing_tokenizer(tmp_path
 
 
 # ---------------------------------------------------------------------- kill loop
+
 
 def test_killed_runs_lose_nothing_and_always_resume(tmp_path, monkeypatch):
     import multiprocessing
@@ -379,12 +436,19 @@ def test_a_folder_killed_while_written_loads_as_before_as_after_or_is_refused(tm
         try:
             if kind == "adapter":
                 got = surgery.read_adapter(folder).tensors
-                outcomes.append(next(i for i, e in enumerate(expected)
-                                     if e.keys() == got.keys() and all(torch.equal(e[k], got[k]) for k in e)))
+                outcomes.append(
+                    next(
+                        i
+                        for i, e in enumerate(expected)
+                        if e.keys() == got.keys() and all(torch.equal(e[k], got[k]) for k in e)
+                    )
+                )
             else:
                 got = read_peft_folder(folder).tensors
-                exports = [len(t) == len(got) and all(torch.equal(got[k], t[k]) for k in got)
-                           for t in (kill_child_peft_tensors(ft) for ft in finetunes)]
+                exports = [
+                    len(t) == len(got) and all(torch.equal(got[k], t[k]) for k in got)
+                    for t in (kill_child_peft_tensors(ft) for ft in finetunes)
+                ]
                 outcomes.append(exports.index(True))
         except AdapterStateError as exc:  # the only other acceptable state: refused, saying why
             assert "interrupted" in str(exc), exc
@@ -396,11 +460,15 @@ def test_a_folder_killed_while_written_loads_as_before_as_after_or_is_refused(tm
 def test_a_crash_between_two_files_of_a_folder_is_refused_not_mixed(tmp_path, monkeypatch, kind):
     """The window the kill loop may miss, made certain: the process dies after the first file is renamed."""
     import kill_child
+
     from surgery.files.peft_format import read_peft_folder
 
     first, second = kill_child.two_finetunes()
-    write = (lambda ft: ft.save_pretrained(tmp_path)) if kind == "adapter" else \
-        (lambda ft: surgery.export_peft(ft, tmp_path))
+    write = (
+        (lambda ft: ft.save_pretrained(tmp_path))
+        if kind == "adapter"
+        else (lambda ft: surgery.export_peft(ft, tmp_path))
+    )
     read = surgery.read_adapter if kind == "adapter" else read_peft_folder
     write(first)
     real, calls = os.replace, []
@@ -430,6 +498,7 @@ def kill_child_peft_tensors(ft) -> dict:
 
 # ============================================================================ 3. no hang, no exhaustion
 
+
 def _special_files(tmp_path: Path) -> dict[str, Path]:
     """A FIFO, links to endless devices, and a sparse file larger than any reader's limit."""
     fifo = tmp_path / "fifo"
@@ -449,8 +518,7 @@ def _special_files(tmp_path: Path) -> dict[str, Path]:
 READERS = {
     "rule file": (lambda p: load_rules(p), RuleFileError),
     "adapter file": (lambda p: surgery.read_adapter(p), AdapterStateError),
-    "data file": (lambda p: read_examples(p.rename(p.with_suffix(".jsonl")) if p.suffix != ".jsonl" else p),
-                  DataError),
+    "data file": (lambda p: read_examples(p.rename(p.with_suffix(".jsonl")) if p.suffix != ".jsonl" else p), DataError),
 }
 
 
@@ -477,20 +545,33 @@ def test_special_files_inside_peft_and_model_folders_are_refused(tmp_path):
             surgery.load_model(str(model))
 
 
-BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
-    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 10)}]\n" for i in range(8)) + "rules: []\n"
+BOMB = (
+    "a: &a [x, x, x, x, x, x, x, x, x, x]\n"
+    + "".join(f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 10)}]\n" for i in range(8))
+    + "rules: []\n"
+)
 
 
-@pytest.mark.parametrize("case,text,message", [
-    ("alias bomb", BOMB, "anchors and aliases are expanded"),
-    ("merge-key bomb", "a: &a {x: 1, y: 2}\n" + "".join(
-        f"m{i}: &m{i} {{<<: [{', '.join(['*a'] + [f'*m{j}' for j in range(max(0, i - 3), i)])}], k{i}: 1}}\n"
-        for i in range(60)) + "rules: []\n", "anchors and aliases are expanded|nested deeper"),
-    ("deep flow nesting", "rules: " + "[" * 5000 + "]" * 5000 + "\n", "nested"),
-    ("deep block nesting", "rules:\n" + "".join("  " * i + "- \n" for i in range(1, 60)), "nested deeper"),
-    ("unhashable key", "rules:\n  - ? [a, b]\n    : 1\n", ":2: a mapping key must be a plain value"),
-    ("oversize repeat", "rules:\n  - match: 're:a{99999999999}'\n    action: adapt\n", ":2: rule 1: bad regex"),
-])
+@pytest.mark.parametrize(
+    "case,text,message",
+    [
+        ("alias bomb", BOMB, "anchors and aliases are expanded"),
+        (
+            "merge-key bomb",
+            "a: &a {x: 1, y: 2}\n"
+            + "".join(
+                f"m{i}: &m{i} {{<<: [{', '.join(['*a'] + [f'*m{j}' for j in range(max(0, i - 3), i)])}], k{i}: 1}}\n"
+                for i in range(60)
+            )
+            + "rules: []\n",
+            "anchors and aliases are expanded|nested deeper",
+        ),
+        ("deep flow nesting", "rules: " + "[" * 5000 + "]" * 5000 + "\n", "nested"),
+        ("deep block nesting", "rules:\n" + "".join("  " * i + "- \n" for i in range(1, 60)), "nested deeper"),
+        ("unhashable key", "rules:\n  - ? [a, b]\n    : 1\n", ":2: a mapping key must be a plain value"),
+        ("oversize repeat", "rules:\n  - match: 're:a{99999999999}'\n    action: adapt\n", ":2: rule 1: bad regex"),
+    ],
+)
 def test_hostile_yaml_is_refused_quickly_with_file_and_line(write_rules, case, text, message):
     path = write_rules(text)
     with within(5), pytest.raises(RuleFileError, match=message) as info:
@@ -505,9 +586,18 @@ def test_a_backtracking_pattern_cannot_hang_plan_or_load_adapter(write_rules, tm
         surgery.plan(tiny_graphs["tiny-opt"], path)
     assert time.perf_counter() - started < 5
     good, base = _saved_adapter(tmp_path)
-    crafted = _with_metadata(good, tmp_path / "slow.safetensors", rules=json.dumps(
-        {"version": 1, "quantize": {"scheme": "none"}, "default": "freeze",
-         "rules": [{"match": SLOW_PATTERN, "action": "adapt"}]}))
+    crafted = _with_metadata(
+        good,
+        tmp_path / "slow.safetensors",
+        rules=json.dumps(
+            {
+                "version": 1,
+                "quantize": {"scheme": "none"},
+                "default": "freeze",
+                "rules": [{"match": SLOW_PATTERN, "action": "adapt"}],
+            }
+        ),
+    )
     before = digest(base)
     started = time.perf_counter()
     with pytest.raises(AdapterStateError, match="catastrophic backtracking"):
@@ -517,8 +607,9 @@ def test_a_backtracking_pattern_cannot_hang_plan_or_load_adapter(write_rules, tm
 
 def _saved_adapter(tmp_path: Path):
     base = surgery.tiny_model("tiny-opt")
-    ft = surgery.rewrite(base, {"quantize": "none", "default": "freeze", "rules": [{"match": "q_proj",
-                                                                                     "action": "adapt"}]})
+    ft = surgery.rewrite(
+        base, {"quantize": "none", "default": "freeze", "rules": [{"match": "q_proj", "action": "adapt"}]}
+    )
     return surgery.save_adapter(ft, tmp_path / "good.safetensors"), base
 
 
@@ -542,26 +633,65 @@ def _fingerprint_json(good: Path, change) -> str:
     return json.dumps(data)
 
 
-@pytest.mark.parametrize("case,field,value,message", [
-    ("100k rules", "rules", lambda good: json.dumps({"rules": [{"match": f"m{i}", "action": "freeze"}
-                                                              for i in range(100_000)]}), "rule file|at most"),
-    ("deep rules JSON", "rules", lambda good: "[" * 100_000 + "]" * 100_000, "rule|nested|JSON"),
-    ("no probes", "base_fingerprint", lambda good: _fingerprint_json(good, lambda d: (d["probes"].clear(),
-                                                                                     d["bounds"].clear())),
-     "probed weights"),
-    ("NaN probe", "base_fingerprint", lambda good: _fingerprint_json(
-        good, lambda d: d["probes"][next(iter(d["probes"]))].__setitem__(0, float("nan"))), "not a finite number"),
-    ("huge bound", "base_fingerprint", lambda good: _fingerprint_json(
-        good, lambda d: d["bounds"][next(iter(d["bounds"]))].__setitem__(0, float("inf"))), "not a finite number"),
-    ("probe list too long", "base_fingerprint", lambda good: _fingerprint_json(
-        good, lambda d: [d[k][next(iter(d[k]))].extend([0.0] * 1000) for k in ("probes", "bounds")]),
-     "equal length up to"),
-    ("probes of another weight", "base_fingerprint", lambda good: _fingerprint_json(
-        good, lambda d: [d[k].__setitem__("model.nothing.weight", d[k].pop(next(iter(d[k]))))
-                         for k in ("probes", "bounds")]), "does not probe alike"),
-    ("digest not hex", "base_fingerprint", lambda good: _fingerprint_json(
-        good, lambda d: d.__setitem__("architecture", "x" * 64)), "sha256"),
-])
+@pytest.mark.parametrize(
+    "case,field,value,message",
+    [
+        (
+            "100k rules",
+            "rules",
+            lambda good: json.dumps({"rules": [{"match": f"m{i}", "action": "freeze"} for i in range(100_000)]}),
+            "rule file|at most",
+        ),
+        ("deep rules JSON", "rules", lambda good: "[" * 100_000 + "]" * 100_000, "rule|nested|JSON"),
+        (
+            "no probes",
+            "base_fingerprint",
+            lambda good: _fingerprint_json(good, lambda d: (d["probes"].clear(), d["bounds"].clear())),
+            "probed weights",
+        ),
+        (
+            "NaN probe",
+            "base_fingerprint",
+            lambda good: _fingerprint_json(
+                good, lambda d: d["probes"][next(iter(d["probes"]))].__setitem__(0, float("nan"))
+            ),
+            "not a finite number",
+        ),
+        (
+            "huge bound",
+            "base_fingerprint",
+            lambda good: _fingerprint_json(
+                good, lambda d: d["bounds"][next(iter(d["bounds"]))].__setitem__(0, float("inf"))
+            ),
+            "not a finite number",
+        ),
+        (
+            "probe list too long",
+            "base_fingerprint",
+            lambda good: _fingerprint_json(
+                good, lambda d: [d[k][next(iter(d[k]))].extend([0.0] * 1000) for k in ("probes", "bounds")]
+            ),
+            "equal length up to",
+        ),
+        (
+            "probes of another weight",
+            "base_fingerprint",
+            lambda good: _fingerprint_json(
+                good,
+                lambda d: [
+                    d[k].__setitem__("model.nothing.weight", d[k].pop(next(iter(d[k])))) for k in ("probes", "bounds")
+                ],
+            ),
+            "does not probe alike",
+        ),
+        (
+            "digest not hex",
+            "base_fingerprint",
+            lambda good: _fingerprint_json(good, lambda d: d.__setitem__("architecture", "x" * 64)),
+            "sha256",
+        ),
+    ],
+)
 def test_crafted_adapter_metadata_is_refused_quickly(tmp_path, case, field, value, message, digest):
     good, base = _saved_adapter(tmp_path)
     crafted = _with_metadata(good, tmp_path / "crafted.safetensors", **{field: value(good)})
@@ -578,12 +708,12 @@ def test_a_data_section_with_a_gap_is_refused(tmp_path):
     good, _ = _saved_adapter(tmp_path)
     raw = good.read_bytes()
     (length,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + length])
+    header = json.loads(raw[8 : 8 + length])
     names = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
     for name in names[1:]:  # shift every tensor after the first by 4 bytes: a gap
         header[name]["data_offsets"] = [o + 4 for o in header[name]["data_offsets"]]
     first_end = header[names[0]]["data_offsets"][1]
-    body = raw[8 + length:]
+    body = raw[8 + length :]
     text = json.dumps(header).encode()
     crafted = tmp_path / "gap.safetensors"
     crafted.write_bytes(struct.pack("<Q", len(text)) + text + body[:first_end] + b"\0" * 4 + body[first_end:])
@@ -600,14 +730,17 @@ def test_deeply_nested_jsonl_is_a_data_error_with_its_line(tmp_path):
 
 # ============================================================================ 4. offline
 
+
 def test_a_cached_hub_model_without_a_tokenizer_fails_at_once_even_with_the_network_allowed(tmp_path):
     snapshot = tmp_path / "hub" / "models--someone--tiny" / "snapshots" / "abc"
     surgery.tiny_model("tiny-llama").save_pretrained(snapshot)
     (tmp_path / "hub" / "models--someone--tiny" / "refs").mkdir()
     (tmp_path / "hub" / "models--someone--tiny" / "refs" / "main").write_text("abc")
-    code = ("import time, surgery.base.loading as m\nt = time.perf_counter()\n"
-            "try:\n    m.load_tokenizer('someone/tiny')\nexcept Exception as e:\n    print(type(e).__name__, e)\n"
-            "print('seconds', time.perf_counter() - t)\n")
+    code = (
+        "import time, surgery.base.loading as m\nt = time.perf_counter()\n"
+        "try:\n    m.load_tokenizer('someone/tiny')\nexcept Exception as e:\n    print(type(e).__name__, e)\n"
+        "print('seconds', time.perf_counter() - t)\n"
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_ETAG_TIMEOUT": "20"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert "ModelConfigError" in result.stdout and "holds no tokenizer" in result.stdout, result.stdout + result.stderr
@@ -631,8 +764,17 @@ def _cli_cases(tmp_path: Path) -> dict[str, list[str]]:
     (bad_sizes / "config.json").write_text(json.dumps(config))
     not_causal = tmp_path / "vit"
     not_causal.mkdir()
-    (not_causal / "config.json").write_text(json.dumps({"model_type": "vit", "hidden_size": 32, "num_hidden_layers": 1,
-                                                        "num_attention_heads": 2, "intermediate_size": 64}))
+    (not_causal / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "vit",
+                "hidden_size": 32,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "intermediate_size": 64,
+            }
+        )
+    )
     no_tokenizer = tmp_path / "no-tok"
     surgery.tiny_model("tiny-llama").save_pretrained(no_tokenizer)
     under_file = str(blocker / "out")
@@ -641,14 +783,44 @@ def _cli_cases(tmp_path: Path) -> dict[str, list[str]]:
         "merge --out under a file": ["merge", str(adapter), "--out", under_file],
         "export-peft --out under a file": ["export-peft", str(adapter), "--out", under_file],
         "import-peft from a missing folder": ["import-peft", str(tmp_path / "nope"), "--out", str(tmp_path / "x")],
-        "train --out under a file": ["train", "qv_lora_head", "--model", "tiny-llama", "--data", "upper", "--out",
-                                     under_file, "--max-steps", "1"],
+        "train --out under a file": [
+            "train",
+            "qv_lora_head",
+            "--model",
+            "tiny-llama",
+            "--data",
+            "upper",
+            "--out",
+            under_file,
+            "--max-steps",
+            "1",
+        ],
         "config with bad sizes": ["plan", "qv_lora", "--model", str(bad_sizes)],
         "not a causal LM": ["inspect", str(not_causal)],
-        "folder without tokenizer": ["train", "qv_lora_head", "--model", str(no_tokenizer), "--data", "upper", "--out",
-                                     str(tmp_path / "run"), "--max-steps", "1"],
-        "lr nan": ["train", "qv_lora_head", "--model", "tiny-llama", "--data", "upper", "--out", str(tmp_path / "r2"),
-                   "--lr", "nan"],
+        "folder without tokenizer": [
+            "train",
+            "qv_lora_head",
+            "--model",
+            str(no_tokenizer),
+            "--data",
+            "upper",
+            "--out",
+            str(tmp_path / "run"),
+            "--max-steps",
+            "1",
+        ],
+        "lr nan": [
+            "train",
+            "qv_lora_head",
+            "--model",
+            "tiny-llama",
+            "--data",
+            "upper",
+            "--out",
+            str(tmp_path / "r2"),
+            "--lr",
+            "nan",
+        ],
     }
 
 
@@ -662,6 +834,7 @@ def test_every_cli_user_error_is_one_line_and_exit_2(tmp_path):
 
 
 # ============================================================================ 6. data as users mean it
+
 
 def test_csv_quoted_fields_bom_and_bad_bytes(tmp_path):
     path = tmp_path / "a.csv"
@@ -683,6 +856,7 @@ def test_a_txt_corpus_is_one_running_text(tmp_path):
 
 
 # ============================================================================ 7. distributed
+
 
 def test_a_finetune_wrapped_by_fsdp1_refuses_to_run(tmp_path):
     import socket

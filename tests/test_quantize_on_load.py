@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import surgery
-from surgery.model.architectures import TINY_MODELS
-from surgery.layers.bnb import is_bnb_layer, state_tensors
-from surgery.errors import PlanError
 from surgery.base.loading import load_model, tiny_model
 from surgery.base.shared_base import prepare_base
+from surgery.errors import PlanError
+from surgery.layers.bnb import is_bnb_layer, state_tensors
+from surgery.model.architectures import TINY_MODELS
 from surgery.rules.ruleset import bundled_rules
 
 rewrite_module = importlib.import_module("surgery.base.shared_base")  # where the base is quantized
@@ -39,8 +39,11 @@ def exact_digest(model) -> dict:
     out = {}
     for key, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
         for i, part in enumerate([t, *state_tensors(t)]):
-            out[f"{key}#{i}"] = (part.dtype, tuple(part.shape), part.detach().reshape(-1).contiguous().cpu()
-                                 .view(torch.uint8).numpy().tobytes())
+            out[f"{key}#{i}"] = (
+                part.dtype,
+                tuple(part.shape),
+                part.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes(),
+            )
     return out
 
 

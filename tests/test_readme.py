@@ -41,8 +41,12 @@ def run_section(title: str, tmp_path: Path, monkeypatch) -> dict:
 
 def test_every_python_block_belongs_to_a_tested_section():
     found = sections()
-    assert set(found) == {"Quickstart", "Adapter files, merge, PEFT, export", "Many fine-tunes, one base pass",
-                          "Using surgery with ..."}
+    assert set(found) == {
+        "Quickstart",
+        "Adapter files, merge, PEFT, export",
+        "Many fine-tunes, one base pass",
+        "Using surgery with ...",
+    }
     assert sum(len(b) for b in found.values()) == README.read_text().count("```python")
 
 

@@ -6,12 +6,12 @@ import torch
 from torch import nn
 
 import surgery
-from surgery.finetune.apply import apply
-from surgery.layers.lora import LoraLayer, LoraConv1D, LoraEmbedding, LoraLinear
 from surgery.errors import PlanError, RewriteError
+from surgery.finetune.apply import apply
+from surgery.layers.lora import LoraConv1D, LoraEmbedding, LoraLayer, LoraLinear
+from surgery.model.architectures import TINY_MODELS
 from surgery.planning.memory import extra_bytes, parameter_bytes
 from surgery.rules.ruleset import LoraConfig
-from surgery.model.architectures import TINY_MODELS
 
 RULES = ["qv_lora", "all_linear_lora", "qlora_nf4", "finetuna_default", "full_finetune"]
 IDS = torch.tensor([[5, 17, 99, 3, 200, 41, 7, 8], [1, 2, 3, 4, 5, 6, 7, 8]])
@@ -19,6 +19,7 @@ IDS = torch.tensor([[5, 17, 99, 3, 200, 41, 7, 8], [1, 2, 3, 4, 5, 6, 7, 8]])
 
 def _hashes(model):
     """Content hash of every parameter, buffer and quantization scale of a model."""
+
     def digest(t):
         return hashlib.sha256(t.detach().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
@@ -108,6 +109,7 @@ def test_only_adapters_and_plain_modules_get_gradients():
 
 # ------------------------------------------------------------------------- LoRA against fp32 math
 
+
 def _random_lora(layer):
     with torch.no_grad():
         layer.lora_A.normal_()
@@ -182,6 +184,7 @@ def test_lora_under_autocast_returns_the_base_dtype():
 
 # ----------------------------------------------------------------------------- quantization error
 
+
 @pytest.mark.parametrize("model", list(TINY_MODELS))
 @pytest.mark.parametrize("rules,bound", [("qv_lora", 0.03), ("qlora_nf4", 0.25)])
 def test_quantization_error_against_fp32_is_bounded(model, rules, bound):
@@ -196,10 +199,10 @@ def test_quantization_error_against_fp32_is_bounded(model, rules, bound):
 
 # ------------------------------------------------------------------------------------ PEFT parity
 
+
 def _peft_twin(base, ft, targets, fan_in_fan_out=False):
     peft = pytest.importorskip("peft")
-    cfg = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets,
-                          fan_in_fan_out=fan_in_fan_out)
+    cfg = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets, fan_in_fan_out=fan_in_fan_out)
     twin = peft.get_peft_model(copy.deepcopy(base), cfg)
     ours = {n: m for n, m in ft.named_modules() if isinstance(m, LoraLayer)}
     assert ours
@@ -215,8 +218,11 @@ def _peft_twin(base, ft, targets, fan_in_fan_out=False):
 @pytest.mark.parametrize("quantized", [False, True])
 def test_forward_matches_peft_on_linear(quantized):
     base = surgery.tiny_model("tiny-llama")
-    rules = {"quantize": "int8" if quantized else "none", "default": "freeze",
-             "rules": [{"match": "re:.*(q_proj|v_proj)", "action": "adapt", "lora": {"r": 8, "alpha": 16}}]}
+    rules = {
+        "quantize": "int8" if quantized else "none",
+        "default": "freeze",
+        "rules": [{"match": "re:.*(q_proj|v_proj)", "action": "adapt", "lora": {"r": 8, "alpha": 16}}],
+    }
     ft = surgery.rewrite(base, rules)
     twin = _peft_twin(base, ft, ["q_proj", "v_proj"])
     with torch.no_grad():
@@ -226,14 +232,21 @@ def test_forward_matches_peft_on_linear(quantized):
 
 def test_forward_matches_peft_on_conv1d():
     base = surgery.tiny_model("tiny-gpt2")
-    ft = surgery.rewrite(base, {"quantize": "none", "default": "freeze", "rules": [
-        {"match": "c_attn", "action": "adapt", "lora": {"r": 8, "alpha": 16}}]})
+    ft = surgery.rewrite(
+        base,
+        {
+            "quantize": "none",
+            "default": "freeze",
+            "rules": [{"match": "c_attn", "action": "adapt", "lora": {"r": 8, "alpha": 16}}],
+        },
+    )
     twin = _peft_twin(base, ft, ["c_attn"], fan_in_fan_out=True)
     with torch.no_grad():
         assert (ft(IDS).logits - twin(input_ids=IDS).logits).abs().max() <= 1e-5
 
 
 # ---------------------------------------------------------------------------- failures and moves
+
 
 def test_plan_errors_come_before_any_change():
     base = surgery.tiny_model("tiny-opt")
@@ -306,8 +319,11 @@ def test_base_loaded_with_bitsandbytes_config_is_recognised(tmp_path, scheme):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     surgery.tiny_model("tiny-llama").save_pretrained(tmp_path)
-    config = BitsAndBytesConfig(load_in_8bit=True) if scheme == "int8" else BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    config = (
+        BitsAndBytesConfig(load_in_8bit=True)
+        if scheme == "int8"
+        else BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    )
     base = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=config, device_map="cpu")
     graph = surgery.trace(base)
     assert graph.modules["model.layers.0.self_attn.q_proj"].quantized == scheme
@@ -318,8 +334,9 @@ def test_base_loaded_with_bitsandbytes_config_is_recognised(tmp_path, scheme):
     with pytest.raises(PlanError) as err:
         surgery.plan(graph, {"quantize": scheme, "rules": [{"match": "k_proj", "action": "plain"}]})
     assert set(err.value.constraints) == {"C2"}
-    ft = surgery.rewrite(base, {"quantize": scheme, "default": "freeze", "rules": [
-        {"match": "q_proj", "action": "adapt"}]})
+    ft = surgery.rewrite(
+        base, {"quantize": scheme, "default": "freeze", "rules": [{"match": "q_proj", "action": "adapt"}]}
+    )
     with torch.no_grad():
         assert torch.equal(ft(IDS).logits, base(IDS).logits)
     assert sum(p.numel() for p in ft.parameters() if p.requires_grad) == 2 * 8 * (64 + 64)
@@ -356,8 +373,10 @@ def test_quantizing_more_under_existing_finetunes_warns_and_prepare_base_avoids_
 @pytest.mark.parametrize("quantize", ["int8", "{scheme: nf4, compute_dtype: float32}", "nf4"])
 def test_plan_is_byte_exact_on_half_precision_bases_before_and_after_forward(dtype, quantize, write_rules):
     """bitsandbytes casts a 4-bit layer's bias to its compute dtype on the first forward: planned, done once."""
-    rules = write_rules(f"version: 1\nquantize: {quantize}\ndefault: quantize\nrules:\n"
-                        "  - {match: 're:.*q_proj', action: adapt, lora: {r: 4}}\n")
+    rules = write_rules(
+        f"version: 1\nquantize: {quantize}\ndefault: quantize\nrules:\n"
+        "  - {match: 're:.*q_proj', action: adapt, lora: {r: 4}}\n"
+    )
     base = surgery.tiny_model("tiny-opt").to(dtype)
     assert base.model.decoder.layers[0].fc1.bias is not None  # OPT's biases are what bitsandbytes casts
     applied = apply(base, rules, finetunes=2)  # runs each fine-tune and the base once

@@ -3,11 +3,11 @@ import os
 import pytest
 
 import surgery
-from surgery.rules.ruleset import RuleFileError, pattern_matches
 from surgery.rules.rule_file import load_rules, parse_rules
-
+from surgery.rules.ruleset import RuleFileError, pattern_matches
 
 # ------------------------------------------------------------------------------------ matching
+
 
 def _decided(graph, rules_dict):
     plan = surgery.plan(graph, rules_dict, check=False)
@@ -18,10 +18,13 @@ def test_suffix_glob_matches_dot_aligned_suffixes(tiny_graphs):
     g = tiny_graphs["tiny-opt"]
     got = _decided(g, {"default": "freeze", "rules": [{"match": "q_proj", "action": "adapt"}]})
     assert sorted(p for p, d in got.items() if d.action == "adapt") == [
-        "model.decoder.layers.0.self_attn.q_proj", "model.decoder.layers.1.self_attn.q_proj"]
+        "model.decoder.layers.0.self_attn.q_proj",
+        "model.decoder.layers.1.self_attn.q_proj",
+    ]
     got = _decided(g, {"default": "freeze", "rules": [{"match": "layers.1.self_attn.*", "action": "adapt"}]})
     assert sorted(p for p, d in got.items() if d.action == "adapt") == [
-        f"model.decoder.layers.1.self_attn.{n}" for n in ("k_proj", "out_proj", "q_proj", "v_proj")]
+        f"model.decoder.layers.1.self_attn.{n}" for n in ("k_proj", "out_proj", "q_proj", "v_proj")
+    ]
     assert not pattern_matches("proj", "model.decoder.layers.0.self_attn.q_proj")  # whole components only
     assert pattern_matches("layers.[0-1].fc?", "model.decoder.layers.0.fc2")
     assert pattern_matches("model.decoder.layers.*.fc1", "model.decoder.layers.1.fc1")
@@ -29,10 +32,13 @@ def test_suffix_glob_matches_dot_aligned_suffixes(tiny_graphs):
 
 def test_regex_is_a_full_match_on_the_full_path(tiny_graphs):
     g = tiny_graphs["tiny-llama"]
-    got = _decided(g, {"default": "freeze", "rules": [{"match": r"re:model\.layers\.1\.mlp\.(up|down)_proj",
-                                                       "action": "adapt"}]})
+    got = _decided(
+        g, {"default": "freeze", "rules": [{"match": r"re:model\.layers\.1\.mlp\.(up|down)_proj", "action": "adapt"}]}
+    )
     assert sorted(p for p, d in got.items() if d.action == "adapt") == [
-        "model.layers.1.mlp.down_proj", "model.layers.1.mlp.up_proj"]
+        "model.layers.1.mlp.down_proj",
+        "model.layers.1.mlp.up_proj",
+    ]
     assert not pattern_matches("re:mlp", "model.layers.1.mlp.up_proj")
 
 
@@ -40,16 +46,25 @@ def test_type_narrows_by_op_kind(tiny_graphs):
     g = tiny_graphs["tiny-gpt2"]
     got = _decided(g, {"default": "freeze", "rules": [{"match": "*", "type": "conv1d", "action": "adapt"}]})
     adapted = {p for p, d in got.items() if d.action == "adapt"}
-    assert adapted == {f"transformer.h.{i}.{n}" for i in (0, 1) for n in
-                       ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    assert adapted == {
+        f"transformer.h.{i}.{n}" for i in (0, 1) for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    }
 
 
 def test_first_matching_rule_wins_and_is_named(tiny_graphs):
     g = tiny_graphs["tiny-opt"]
-    plan = surgery.plan(g, {"default": "freeze", "quantize": "int8", "rules": [
-        {"match": "layers.0.fc1", "action": "plain"},
-        {"match": "fc1", "action": "adapt", "lora": {"r": 2}},
-    ]}, check=False)
+    plan = surgery.plan(
+        g,
+        {
+            "default": "freeze",
+            "quantize": "int8",
+            "rules": [
+                {"match": "layers.0.fc1", "action": "plain"},
+                {"match": "fc1", "action": "adapt", "lora": {"r": 2}},
+            ],
+        },
+        check=False,
+    )
     assert plan.decisions["model.decoder.layers.0.fc1"].action == "plain"
     assert plan.decisions["model.decoder.layers.0.fc1"].rule.index == 1
     assert plan.decisions["model.decoder.layers.1.fc1"].action == "adapt"
@@ -58,8 +73,10 @@ def test_first_matching_rule_wins_and_is_named(tiny_graphs):
 
 
 def test_rules_keep_file_and_line(write_rules):
-    path = write_rules("version: 1\nquantize: nf4\nrules:\n  - match: q_proj\n    action: adapt\n"
-                       "  - match: lm_head\n    action: plain\n")
+    path = write_rules(
+        "version: 1\nquantize: nf4\nrules:\n  - match: q_proj\n    action: adapt\n"
+        "  - match: lm_head\n    action: plain\n"
+    )
     rules = load_rules(path)
     assert [r.line for r in rules.rules] == [4, 6]
     assert rules.rules[1].location == f"{path}:6"
@@ -86,9 +103,18 @@ BAD = [
     ("unknown key", "rules:\n  - match: q_proj\n    action: adapt\n    lora_r: 8\n", 4, "unknown key 'lora_r'"),
     ("unknown top key", "version: 1\nrulez: []\n", 2, "did you mean 'rules'"),
     ("unknown type", "rules:\n  - match: q\n    type: dense\n    action: adapt\n", 3, "unknown type 'dense'"),
-    ("lora on freeze", "rules:\n  - match: q_proj\n    action: freeze\n    lora: {r: 4}\n", 4,
-     "only allowed on an adapt rule"),
-    ("r below 1", "rules:\n  - match: q_proj\n    action: adapt\n    lora:\n      r: 0\n", 5, "r must be an integer from 1 to"),
+    (
+        "lora on freeze",
+        "rules:\n  - match: q_proj\n    action: freeze\n    lora: {r: 4}\n",
+        4,
+        "only allowed on an adapt rule",
+    ),
+    (
+        "r below 1",
+        "rules:\n  - match: q_proj\n    action: adapt\n    lora:\n      r: 0\n",
+        5,
+        "r must be an integer from 1 to",
+    ),
     ("r not an int", "rules:\n  - match: q_proj\n    action: adapt\n    lora: {r: 2.5}\n", 4, "r must be an integer"),
     ("dropout 1", "rules:\n  - match: q_proj\n    action: adapt\n    lora:\n      dropout: 1.0\n", 5, "[0, 1)"),
     ("dropout negative", "rules:\n  - match: q\n    action: adapt\n    lora: {dropout: -0.1}\n", 4, "[0, 1)"),
@@ -142,13 +168,21 @@ def test_the_readme_shows_the_bundled_qv_lora_file_as_shipped():
     root = Path(__file__).resolve().parent.parent
     readme = (root / "README.md").read_text()
     start = readme.index("```yaml\n", readme.index("The bundled `rules/qv_lora.yaml`, as shipped")) + len("```yaml\n")
-    assert readme[start:readme.index("```", start)] == (root / "rules" / "qv_lora.yaml").read_text()
+    assert readme[start : readme.index("```", start)] == (root / "rules" / "qv_lora.yaml").read_text()
 
 
 def test_use_rslora_is_peft_s_name_and_the_old_spelling_still_reads():
     def lora(**options):
-        return parse_rules({"version": 1, "rules": [{"match": "q_proj", "action": "adapt",
-                                                      "lora": {"r": 16, "alpha": 8, **options}}]}).rules[0].lora
+        return (
+            parse_rules(
+                {
+                    "version": 1,
+                    "rules": [{"match": "q_proj", "action": "adapt", "lora": {"r": 16, "alpha": 8, **options}}],
+                }
+            )
+            .rules[0]
+            .lora
+        )
 
     assert lora(use_rslora=True).scaling == 8 / 4 and lora().scaling == 8 / 16  # alpha / sqrt(r) vs alpha / r
     assert lora(rslora=True) == lora(use_rslora=True)  # adapter files written before the rename load alike
@@ -161,16 +195,22 @@ def test_use_rslora_is_peft_s_name_and_the_old_spelling_still_reads():
 
 def test_init_lora_weights_is_peft_s_name_and_base_rewriting_inits_are_refused_with_the_reason(write_rules):
     def lora(**options):
-        return parse_rules({"version": 1, "rules": [{"match": "q_proj", "action": "adapt",
-                                                      "lora": {"r": 4, **options}}]}).rules[0].lora
+        return (
+            parse_rules({"version": 1, "rules": [{"match": "q_proj", "action": "adapt", "lora": {"r": 4, **options}}]})
+            .rules[0]
+            .lora
+        )
 
     assert lora(init_lora_weights="gaussian") == lora(init="gaussian") != lora()
     assert lora(init_lora_weights=True) == lora(init="kaiming") == lora()
     assert lora(use_dora=False) == lora()
     assert lora(init_lora_weights="loftq") == lora(init="loftq") != lora()
     for init in ("pissa", "pissa_niter_4", "olora", "corda"):
-        with pytest.raises(RuleFileError, match=rf"init_lora_weights '{init}' is not supported.*shared by every "
-                                                "fine-tune and stays untouched"):
+        with pytest.raises(
+            RuleFileError,
+            match=rf"init_lora_weights '{init}' is not supported.*shared by every "
+            "fine-tune and stays untouched",
+        ):
             lora(init_lora_weights=init)
     with pytest.raises(RuleFileError, match=r"unknown init_lora_weights 'gausian'; did you mean 'gaussian'"):
         lora(init_lora_weights="gausian")
@@ -178,8 +218,13 @@ def test_init_lora_weights_is_peft_s_name_and_base_rewriting_inits_are_refused_w
         lora(init="gaussian", init_lora_weights="gaussian")
     with pytest.raises(RuleFileError, match="use_dora with init_lora_weights: loftq is not supported"):
         lora(init_lora_weights="loftq", use_dora=True)
-    path = write_rules("version: 1\nrules:\n  - match: q_proj\n    action: adapt\n    lora: {r: 4, init_lora_weights: "
-                       "loftq, loftq_config: {loftq_bits: 4, loftq_iter: 5}}\n")
-    with pytest.raises(RuleFileError, match=r"rules.yaml:5: rule 1: loftq_config is not needed.*one pass \(PEFT's "
-                                            "loftq_iter: 1"):
+    path = write_rules(
+        "version: 1\nrules:\n  - match: q_proj\n    action: adapt\n    lora: {r: 4, init_lora_weights: "
+        "loftq, loftq_config: {loftq_bits: 4, loftq_iter: 5}}\n"
+    )
+    with pytest.raises(
+        RuleFileError,
+        match=r"rules.yaml:5: rule 1: loftq_config is not needed.*one pass \(PEFT's "
+        "loftq_iter: 1",
+    ):
         load_rules(path)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from test_state import trained
 from typer.testing import CliRunner
 
 import surgery
 from surgery import ExportError
 from surgery_cli.app import app
-from test_state import trained
 
 runner = CliRunner()
 
@@ -21,24 +21,48 @@ def adapt(match="*_proj", **lora):
 
 
 REFUSED = [  # (target, model, rules, what the message must say)
-    ("vllm", "tiny-llama", {**adapt(), "rules": [*adapt()["rules"], {"match": "lm_head", "action": "plain",
-                                                                      "untie": True}]}, "lm_head: trained in full"),
+    (
+        "vllm",
+        "tiny-llama",
+        {**adapt(), "rules": [*adapt()["rules"], {"match": "lm_head", "action": "plain", "untie": True}]},
+        "lm_head: trained in full",
+    ),
     ("vllm", "tiny-llama", adapt(bias=True), "has a LoRA bias"),
     ("vllm", "tiny-llama", adapt(r=600, alpha=1200), "rank 600 is above the largest --max-lora-rank"),
-    ("vllm", "tiny-gpt2", {**adapt(), "rules": [{"match": "transformer.wpe", "action": "adapt"}]},
-     "transformer.wpe: vLLM serves LoRA on"),
+    (
+        "vllm",
+        "tiny-gpt2",
+        {**adapt(), "rules": [{"match": "transformer.wpe", "action": "adapt"}]},
+        "transformer.wpe: vLLM serves LoRA on",
+    ),
     ("vllm", "tiny-gpt2", {**adapt("*c_attn"), "rules": [{"match": "*c_attn", "action": "adapt"}]}, "Conv1D"),
-    ("vllm", "tiny-llama", {**adapt(), "rules": [
-        {"match": "*q_proj", "action": "adapt", "lora": {"r": 8, "alpha": 16}},
-        {"match": "*v_proj", "action": "adapt", "lora": {"r": 8, "alpha": 8}}]}, "scales its LoRA by 1"),
+    (
+        "vllm",
+        "tiny-llama",
+        {
+            **adapt(),
+            "rules": [
+                {"match": "*q_proj", "action": "adapt", "lora": {"r": 8, "alpha": 16}},
+                {"match": "*v_proj", "action": "adapt", "lora": {"r": 8, "alpha": 8}},
+            ],
+        },
+        "scales its LoRA by 1",
+    ),
     ("lorax", "tiny-opt", adapt(), "no LoRA target modules for model type 'opt'"),
-    ("lorax", "tiny-llama", {**adapt(), "rules": [{"match": "model.embed_tokens", "action": "adapt"}]},
-     "model.embed_tokens: LoRAX adapts only"),
+    (
+        "lorax",
+        "tiny-llama",
+        {**adapt(), "rules": [{"match": "model.embed_tokens", "action": "adapt"}]},
+        "model.embed_tokens: LoRAX adapts only",
+    ),
 ]
 
 
-@pytest.mark.parametrize("target,model,rules,message", REFUSED,
-                         ids=["plain", "bias", "rank", "target", "conv1d", "scaling", "lorax-arch", "lorax-target"])
+@pytest.mark.parametrize(
+    "target,model,rules,message",
+    REFUSED,
+    ids=["plain", "bias", "rank", "target", "conv1d", "scaling", "lorax-arch", "lorax-target"],
+)
 def test_an_export_a_server_would_refuse_is_refused_before_writing(tmp_path, target, model, rules, message):
     ft = surgery.rewrite(surgery.tiny_model(model), rules)
     with pytest.raises(ExportError, match=message):

@@ -22,8 +22,10 @@ from surgery.train.loop import train
 HERE = Path(__file__).parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
 STEPS = 20
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                                reason="needs torch.distributed with gloo")
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="needs torch.distributed with gloo",
+)
 
 
 def _free_port() -> int:
@@ -33,8 +35,20 @@ def _free_port() -> int:
 
 
 def torchrun(*args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        *args,
+    ]
 
 
 def run(command: list[str]) -> None:
@@ -100,27 +114,71 @@ def test_adapter_file_saved_under_fsdp_loads_on_an_unsharded_base(runs, kind):
 
 def test_accelerate_and_the_cli_shard_the_base_as_torchrun_does(runs, tmp_path):
     pytest.importorskip("accelerate")
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(_free_port())]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+    ]
     run([*launch, str(HERE / "fsdp_worker.py"), str(tmp_path), "fp32", str(STEPS), "shard"])
     by_accelerate, by_torchrun = result(tmp_path, "fp32-sharded-rank0-of-2"), result(runs, "fp32-sharded-rank0-of-2")
     assert all(torch.equal(by_accelerate[k], by_torchrun[k]) for k in by_torchrun)
-    run(torchrun("-m", "surgery_cli.app", "train", "qlora_nf4", "--model", "tiny-llama", "--data", "upper",
-                 "--out", str(tmp_path / "cli"), "--fsdp", "--max-steps", "3", "--batch-size", "2"))
+    run(
+        torchrun(
+            "-m",
+            "surgery_cli.app",
+            "train",
+            "qlora_nf4",
+            "--model",
+            "tiny-llama",
+            "--data",
+            "upper",
+            "--out",
+            str(tmp_path / "cli"),
+            "--fsdp",
+            "--max-steps",
+            "3",
+            "--batch-size",
+            "2",
+        )
+    )
     assert surgery.read_adapter(tmp_path / "cli" / "adapter.safetensors").rules.quantize.scheme == "nf4"
 
 
 # ------------------------------------------------------------------ one process: works, warns, refuses
 
-RULES = {"quantize": "nf4", "default": "quantize", "rules": [
-    {"match": "lm_head", "action": "freeze"}, {"match": "*", "type": "embedding", "action": "freeze"},
-    {"match": "re:.*(q_proj|v_proj)", "action": "adapt"}]}
+RULES = {
+    "quantize": "nf4",
+    "default": "quantize",
+    "rules": [
+        {"match": "lm_head", "action": "freeze"},
+        {"match": "*", "type": "embedding", "action": "freeze"},
+        {"match": "re:.*(q_proj|v_proj)", "action": "adapt"},
+    ],
+}
 
 
 def _job(base, name="job", **config):
-    return make_job(base, name, RULES, "upper", surgery.tiny_tokenizer(),
-                    TrainConfig(batch_size=4, lr=1e-2, max_steps=3, seed=0, **config), mode="corpus", block_size=16)
+    return make_job(
+        base,
+        name,
+        RULES,
+        "upper",
+        surgery.tiny_tokenizer(),
+        TrainConfig(batch_size=4, lr=1e-2, max_steps=3, seed=0, **config),
+        mode="corpus",
+        block_size=16,
+    )
 
 
 def assert_trained_alike(b: torch.Tensor, a: torch.Tensor, name: str) -> None:
@@ -144,8 +202,9 @@ def test_gradient_checkpointing_on_a_sharded_base_trains_like_an_unsharded_base_
     with pytest.warns(surgery.ShardingWarning):
         surgery.shard_base(base)
     (sharded,) = train([_job(base, gradient_checkpointing=True)])
-    for (name, a), (_, b) in zip(sorted(alone.job.finetune.named_parameters()),
-                                 sorted(sharded.job.finetune.named_parameters())):
+    for (name, a), (_, b) in zip(
+        sorted(alone.job.finetune.named_parameters()), sorted(sharded.job.finetune.named_parameters())
+    ):
         if a.requires_grad:
             assert_trained_alike(b, a, name)
 
@@ -158,15 +217,18 @@ def test_a_base_sharded_over_one_process_warns_and_trains_like_an_unsharded_one(
     with pytest.warns(surgery.ShardingWarning, match="saves no memory"):
         surgery.shard_base(base)
     (sharded,) = train([_job(base)])
-    for (name, a), (_, b) in zip(sorted(alone.job.finetune.named_parameters()),
-                                 sorted(sharded.job.finetune.named_parameters())):
+    for (name, a), (_, b) in zip(
+        sorted(alone.job.finetune.named_parameters()), sorted(sharded.job.finetune.named_parameters())
+    ):
         if a.requires_grad:
             assert_trained_alike(b, a, name)
     ft = sharded.job.finetune
     prompt = torch.arange(3, 11).reshape(1, 8)
     with torch.no_grad():  # greedy generate through FSDP2's root gives what the unsharded fine-tune gives
-        assert torch.equal(ft.generate(prompt, max_new_tokens=4, do_sample=False),
-                           alone.job.finetune.generate(prompt, max_new_tokens=4, do_sample=False))
+        assert torch.equal(
+            ft.generate(prompt, max_new_tokens=4, do_sample=False),
+            alone.job.finetune.generate(prompt, max_new_tokens=4, do_sample=False),
+        )
     with pytest.raises(surgery.ShardingError, match="merge needs the whole base"):
         surgery.merge(ft)
     with pytest.raises(surgery.ShardingError, match="export_peft needs the whole base"):
@@ -186,8 +248,10 @@ def test_a_base_sharded_over_one_process_warns_and_trains_like_an_unsharded_one(
         refuse_unshardable(surgery.plan(surgery.tiny_model("tiny-llama"), dora))  # --fsdp's check before loading
     loftq = {**RULES, "rules": [*RULES["rules"][:2], {**RULES["rules"][2], "lora": {"init_lora_weights": "loftq"}}]}
     tokens = {**RULES, "extra_tokens": ["<new>"]}
-    for rules, message in ((loftq, "init_lora_weights: loftq reads the layer's whole weight"),
-                           (tokens, "extra_tokens needs the whole embedding")):
+    for rules, message in (
+        (loftq, "init_lora_weights: loftq reads the layer's whole weight"),
+        (tokens, "extra_tokens needs the whole embedding"),
+    ):
         with pytest.raises(surgery.ShardingError, match=message):
             surgery.rewrite(base, rules)
     for rules, message in ((loftq, "with init_lora_weights: loftq, which reads"), (tokens, "extra_tokens gives")):
@@ -226,16 +290,18 @@ def test_cli_refuses_fsdp_with_batched_and_accelerates_fsdp1_config(tmp_path, mo
 def test_plan_per_device_and_the_storage_option(tmp_path):
     from surgery_cli.app import app
 
-    done = CliRunner().invoke(app, ["plan", "qlora_nf4", "--model", "tiny-llama", "--world-size", "2", "--fsdp",
-                                    "--json"])
+    done = CliRunner().invoke(
+        app, ["plan", "qlora_nf4", "--model", "tiny-llama", "--world-size", "2", "--fsdp", "--json"]
+    )
     assert done.exit_code == 0, done.output
     facts = json.loads(done.output)["per_device"]
     planned = surgery.plan(surgery.trace(surgery.tiny_model("tiny-llama")), "qlora_nf4")
     assert facts["base_bytes"] == planned.base_bytes_per_rank(2, fsdp=True) < planned.base_bytes_after
     assert facts["total_training_bytes"] == facts["base_bytes"] + 4 * planned.finetune_bytes
     memory = json.loads(CliRunner().invoke(app, ["inspect", "tiny-llama", "--json"]).output)["memory"]
-    everything_nf4 = surgery.plan(surgery.trace(surgery.tiny_model("tiny-llama")), {"quantize": "nf4",
-                                                                                     "default": "quantize"})
+    everything_nf4 = surgery.plan(
+        surgery.trace(surgery.tiny_model("tiny-llama")), {"quantize": "nf4", "default": "quantize"}
+    )
     assert memory["nf4 FSDP2/4"] == everything_nf4.base_bytes_per_rank(4, fsdp=True) < memory["nf4"]
     bad = tmp_path / "bad.yaml"
     bad.write_text("quantize:\n  scheme: nf4\n  storage: int4\n")
@@ -243,8 +309,10 @@ def test_plan_per_device_and_the_storage_option(tmp_path):
         surgery.load_rules(bad)
 
 
-QUANTIZED_EMBEDDING = "version: 1\nquantize: {scheme: nf4, storage: bfloat16}\ndefault: quantize\nrules:\n" \
-                      "  - match: q_proj\n    action: adapt\n"
+QUANTIZED_EMBEDDING = (
+    "version: 1\nquantize: {scheme: nf4, storage: bfloat16}\ndefault: quantize\nrules:\n"
+    "  - match: q_proj\n    action: adapt\n"
+)
 
 
 def test_a_4bit_embedding_is_refused_for_sharding_with_its_rule_and_the_remedy(write_rules):
@@ -261,17 +329,45 @@ def test_a_4bit_embedding_is_refused_for_sharding_with_its_rule_and_the_remedy(w
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
-def test_fsdp_with_a_quantized_embedding_is_refused_before_loading_under_both_launchers(write_rules, tmp_path,
-                                                                                        launcher):
+def test_fsdp_with_a_quantized_embedding_is_refused_before_loading_under_both_launchers(
+    write_rules, tmp_path, launcher
+):
     rules = write_rules(QUANTIZED_EMBEDDING)
-    args = ["-m", "surgery_cli.app", "train", str(rules), "--model", "tiny-llama", "--data", "upper", "--out",
-            str(tmp_path / "run"), "--fsdp", "--max-steps", "2"]
+    args = [
+        "-m",
+        "surgery_cli.app",
+        "train",
+        str(rules),
+        "--model",
+        "tiny-llama",
+        "--data",
+        "upper",
+        "--out",
+        str(tmp_path / "run"),
+        "--fsdp",
+        "--max-steps",
+        "2",
+    ]
     if launcher == "torchrun":
         command = torchrun(*args)
     else:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                   "--main_process_port", str(_free_port()), *args]
+        command = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(_free_port()),
+            *args,
+        ]
     done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     assert "FSDP2 cannot shard" in done.stderr + done.stdout and "internal error" not in done.stderr + done.stdout

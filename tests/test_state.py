@@ -70,8 +70,11 @@ def test_file_holds_only_the_finetunes_own_tensors_and_self_describing_metadata(
     base = surgery.tiny_model("tiny-llama")
     ft = surgery.rewrite(base, "qv_lora")
     adapter = surgery.read_adapter(surgery.save_adapter(ft, tmp_path / "a.safetensors"))
-    expected = {f"{p}.lora_{x}" for p in [f"model.layers.{i}.self_attn.{m}" for i in range(2) for m in ("q_proj", "v_proj")]
-                for x in "AB"}
+    expected = {
+        f"{p}.lora_{x}"
+        for p in [f"model.layers.{i}.self_attn.{m}" for i in range(2) for m in ("q_proj", "v_proj")]
+        for x in "AB"
+    }
     assert set(adapter.tensors) == expected
     assert adapter.base_model == "tiny-llama" and adapter.base_class == "LlamaForCausalLM"
     assert adapter.rules.to_json() == surgery.load_rules("qv_lora").to_json()
@@ -107,6 +110,7 @@ def test_loading_into_an_existing_finetune_replaces_its_state(tmp_path):
 
 
 # ------------------------------------------------------------------------------ bad-file corpus
+
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
@@ -151,10 +155,14 @@ def _bad_files(saved, folder) -> dict[str, tuple]:
         data = bytearray(raw)
         pos = rng.randrange(8, 8 + header_len)
         data[pos] ^= 1 << rng.randrange(8)
-        files[f"flip_{i}"] = (write(f"flip{i}.safetensors", bytes(data)),
-                              "corrupted|checksum mismatch|header claims|without surgery adapter metadata|newer than")
-    files["header_claims_more"] = (write("claims.safetensors", struct.pack("<Q", len(raw) * 2) + raw[8:]),
-                                   "header claims")
+        files[f"flip_{i}"] = (
+            write(f"flip{i}.safetensors", bytes(data)),
+            "corrupted|checksum mismatch|header claims|without surgery adapter metadata|newer than",
+        )
+    files["header_claims_more"] = (
+        write("claims.safetensors", struct.pack("<Q", len(raw) * 2) + raw[8:]),
+        "header claims",
+    )
     files["empty"] = (write("empty.safetensors", b""), "is empty")
     (folder / "adir.safetensors").mkdir(exist_ok=True)
     files["directory"] = (folder / "adir.safetensors", "is a directory")
@@ -162,10 +170,14 @@ def _bad_files(saved, folder) -> dict[str, tuple]:
     files["torch_save"] = (folder / "model.pt", "never unpickles")
     torch.save({"w": torch.zeros(2)}, folder / "model.pt")
     files["missing"] = (folder / "nope.safetensors", "no such adapter file")
-    files["plain_safetensors"] = (_rewritten(good, metadata=lambda m: {}, out=folder / "plain.safetensors"),
-                                  "without surgery adapter metadata")
-    files["newer_version"] = (_rewritten(good, metadata=lambda m: _sealed({**m, "format_version": "99"}),
-                                         out=folder / "newer.safetensors"), "newer than this surgery reads")
+    files["plain_safetensors"] = (
+        _rewritten(good, metadata=lambda m: {}, out=folder / "plain.safetensors"),
+        "without surgery adapter metadata",
+    )
+    files["newer_version"] = (
+        _rewritten(good, metadata=lambda m: _sealed({**m, "format_version": "99"}), out=folder / "newer.safetensors"),
+        "newer than this surgery reads",
+    )
 
     def rename(data):
         key = sorted(data)[0]
@@ -182,26 +194,46 @@ def _bad_files(saved, folder) -> dict[str, tuple]:
         data[key] = data[key].half()
         return data
 
-    for name, change, message in [("renamed_key", rename, "unexpected key 'model.decoder.layers.0.self_attn.q_proj.lora_X'"),
-                                  ("reshaped", reshape, "has shape"), ("retyped", retype, "float16")]:
-        files[name] = (_rewritten(good, tensors=change, metadata=lambda m, change=change: _resealed(good, m, change),
-                                  out=folder / f"{name}.safetensors"), message)
-    files["tensor_data_changed"] = (_rewritten(good, tensors=lambda d: {k: v + 1 for k, v in d.items()},
-                                               out=folder / "changed.safetensors"), "checksum mismatch")
+    for name, change, message in [
+        ("renamed_key", rename, "unexpected key 'model.decoder.layers.0.self_attn.q_proj.lora_X'"),
+        ("reshaped", reshape, "has shape"),
+        ("retyped", retype, "float16"),
+    ]:
+        files[name] = (
+            _rewritten(
+                good,
+                tensors=change,
+                metadata=lambda m, change=change: _resealed(good, m, change),
+                out=folder / f"{name}.safetensors",
+            ),
+            message,
+        )
+    files["tensor_data_changed"] = (
+        _rewritten(good, tensors=lambda d: {k: v + 1 for k, v in d.items()}, out=folder / "changed.safetensors"),
+        "checksum mismatch",
+    )
 
     other_arch = surgery.rewrite(surgery.tiny_model("tiny-llama"), "qv_lora")
-    files["other_architecture"] = (surgery.save_adapter(other_arch, folder / "llama.safetensors"),
-                                   "was saved on a LlamaForCausalLM")
+    files["other_architecture"] = (
+        surgery.save_adapter(other_arch, folder / "llama.safetensors"),
+        "was saved on a LlamaForCausalLM",
+    )
     other_weights = build_from_config(config_from_dict(TINY_MODELS["tiny-opt"]), device="cpu", seed=99)
-    files["other_weights"] = (surgery.save_adapter(surgery.rewrite(other_weights, "qv_lora"),
-                                                   folder / "reseeded.safetensors"), "other weights")
+    files["other_weights"] = (
+        surgery.save_adapter(surgery.rewrite(other_weights, "qv_lora"), folder / "reseeded.safetensors"),
+        "other weights",
+    )
     return files
 
 
 def _sealed(meta: dict) -> dict:
     """Metadata with a correct metadata checksum (a deliberate edit, not corruption)."""
     rest = {k: v for k, v in meta.items() if k not in ("metadata_sha256", "tensors_sha256")}
-    return {**rest, "metadata_sha256": surgery.files.adapter_file._metadata_digest(rest), "tensors_sha256": meta["tensors_sha256"]}
+    return {
+        **rest,
+        "metadata_sha256": surgery.files.adapter_file._metadata_digest(rest),
+        "tensors_sha256": meta["tensors_sha256"],
+    }
 
 
 def _resealed(good, meta: dict, change) -> dict:
@@ -239,7 +271,11 @@ def test_other_architecture_and_other_weights_are_told_apart(saved, tmp_path):
 
 
 def test_rules_that_do_not_plan_on_the_base_are_refused_before_any_change(tmp_path):
-    head_rules = {"quantize": "none", "default": "freeze", "rules": [{"match": "lm_head", "action": "plain", "untie": True}]}
+    head_rules = {
+        "quantize": "none",
+        "default": "freeze",
+        "rules": [{"match": "lm_head", "action": "plain", "untie": True}],
+    }
     path = surgery.save_adapter(surgery.rewrite(surgery.tiny_model("tiny-opt"), head_rules), tmp_path / "a.safetensors")
     quantized = surgery.tiny_model("tiny-opt")
     surgery.rewrite(quantized, {"quantize": "int8", "default": "quantize"})  # lm_head is int8 now: no plain copy (C2)
@@ -251,22 +287,28 @@ def test_rules_that_do_not_plan_on_the_base_are_refused_before_any_change(tmp_pa
 
 def test_storage_follows_the_base_as_held(tmp_path):
     """An int8 file onto an nf4-held base: the adapters load, the base stays nf4."""
-    path = surgery.save_adapter(trained(surgery.rewrite(surgery.tiny_model("tiny-opt"), "qv_lora")),
-                                tmp_path / "a.safetensors")
+    path = surgery.save_adapter(
+        trained(surgery.rewrite(surgery.tiny_model("tiny-opt"), "qv_lora")), tmp_path / "a.safetensors"
+    )
     nf4 = surgery.tiny_model("tiny-opt")
     surgery.rewrite(nf4, "qlora_nf4")
     ft = surgery.load_adapter(nf4, path)
     assert surgery.finetune_info(ft).plan.decisions["model.decoder.layers.0.self_attn.q_proj"].storage == "nf4"
-    assert torch.equal(surgery.finetune.state.own_state(ft)["model.decoder.layers.0.self_attn.q_proj.lora_B"],
-                       surgery.read_adapter(path).tensors["model.decoder.layers.0.self_attn.q_proj.lora_B"])
+    assert torch.equal(
+        surgery.finetune.state.own_state(ft)["model.decoder.layers.0.self_attn.q_proj.lora_B"],
+        surgery.read_adapter(path).tensors["model.decoder.layers.0.self_attn.q_proj.lora_B"],
+    )
 
 
 def test_a_failure_while_loading_restores_a_base_it_had_quantized(saved, tmp_path):
     """The rewrite quantizes the fp32 base, then the strict load fails: the base is fp32 again."""
     _, _, good = saved
-    bad = _rewritten(good, tensors=lambda d: {**d, "extra.lora_A": torch.zeros(1)},
-                     metadata=lambda m: _resealed(good, m, lambda d: {**d, "extra.lora_A": torch.zeros(1)}),
-                     out=tmp_path / "extra.safetensors")
+    bad = _rewritten(
+        good,
+        tensors=lambda d: {**d, "extra.lora_A": torch.zeros(1)},
+        metadata=lambda m: _resealed(good, m, lambda d: {**d, "extra.lora_A": torch.zeros(1)}),
+        out=tmp_path / "extra.safetensors",
+    )
     base = surgery.tiny_model("tiny-opt")
     modules_before = {name: type(m) for name, m in base.named_modules()}
     before = tensors_of(base)
@@ -278,6 +320,7 @@ def test_a_failure_while_loading_restores_a_base_it_had_quantized(saved, tmp_pat
 
 
 # ------------------------------------------------------------------------------ atomic writes
+
 
 def test_a_save_that_fails_midway_leaves_the_earlier_file_and_no_temp_file(saved, tmp_path, monkeypatch):
     _, ft, _ = saved

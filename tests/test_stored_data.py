@@ -42,8 +42,9 @@ def stored(tmp_path):
     """The capitals rows as a DatasetDict folder (train + validation halves), a Dataset folder, parquet, arrow."""
     rows = capitals_rows()
     full = datasets.Dataset.from_list(rows)
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:16]),
-                          "validation": datasets.Dataset.from_list(rows[16:])}).save_to_disk(tmp_path / "dict")
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(rows[:16]), "validation": datasets.Dataset.from_list(rows[16:])}
+    ).save_to_disk(tmp_path / "dict")
     full.save_to_disk(tmp_path / "one")
     full.to_parquet(str(tmp_path / "caps.parquet"))
     shutil.copy(next((tmp_path / "one").glob("*.arrow")), tmp_path / "caps.arrow")
@@ -66,16 +67,23 @@ def test_a_dataset_in_the_local_cache_is_read_by_name_without_the_hub(tmp_path, 
 
     cache = tmp_path / "datasets-cache"
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
-    builder = Parquet(data_files={"train": str(stored / "caps.parquet")}, dataset_name="toy-capitals",
-                      cache_dir=str(cache), hash="0123abc")
+    builder = Parquet(
+        data_files={"train": str(stored / "caps.parquet")},
+        dataset_name="toy-capitals",
+        cache_dir=str(cache),
+        hash="0123abc",
+    )
     builder.download_and_prepare()
     where = cache / "someone___toy-capitals" / "default" / "0.0.0" / "0123abc"
     where.parent.mkdir(parents=True)
     shutil.move(builder.cache_dir, where)
     monkeypatch.chdir(tmp_path)  # "someone/toy-capitals" is no path here
     assert_same_blocks(blocks_of("someone/toy-capitals"), blocks_of("capitals", fields=Fields()))
-    with pytest.raises(DataError, match=r"someone/absent: no such data file, and no dataset .* local datasets "
-                                        r"cache.*Nothing is downloaded"):
+    with pytest.raises(
+        DataError,
+        match=r"someone/absent: no such data file, and no dataset .* local datasets "
+        r"cache.*Nothing is downloaded",
+    ):
         read_examples("someone/absent")
 
 
@@ -90,8 +98,13 @@ def test_a_cached_configuration_and_named_splits_are_chosen_as_trl_names_them(tm
     cache = tmp_path / "datasets-cache"
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
     datasets.Dataset.from_list(capitals_rows()[:5]).to_parquet(str(tmp_path / "five.parquet"))
-    builder = Parquet(data_files={"train": str(stored / "caps.parquet"), "held": str(tmp_path / "five.parquet")},
-                      dataset_name="toy-capitals", config_name="small", cache_dir=str(cache), hash="0123abc")
+    builder = Parquet(
+        data_files={"train": str(stored / "caps.parquet"), "held": str(tmp_path / "five.parquet")},
+        dataset_name="toy-capitals",
+        config_name="small",
+        cache_dir=str(cache),
+        hash="0123abc",
+    )
     builder.download_and_prepare()
     where = cache / "someone___toy-capitals" / "small" / "0.0.0" / "0123abc"
     where.parent.mkdir(parents=True)
@@ -99,21 +112,33 @@ def test_a_cached_configuration_and_named_splits_are_chosen_as_trl_names_them(tm
     monkeypatch.chdir(tmp_path)
     small = DatasetParts(config="small")
     rows = capitals_rows()
-    assert read_examples("someone/toy-capitals", fields=QA, parts=small) == read_examples(stored / "caps.parquet",
-                                                                                          fields=QA)
-    held = read_examples("someone/toy-capitals", fields=QA, split="eval", parts=DatasetParts("small", test_split="held"))
+    assert read_examples("someone/toy-capitals", fields=QA, parts=small) == read_examples(
+        stored / "caps.parquet", fields=QA
+    )
+    held = read_examples(
+        "someone/toy-capitals", fields=QA, split="eval", parts=DatasetParts("small", test_split="held")
+    )
     assert [e.completion for e in held] == [r["answer"] for r in rows[:5]]
     with pytest.raises(DataError, match=r"configuration 'large'\): no such data file, and no dataset"):
         read_examples("someone/toy-capitals", fields=QA, parts=DatasetParts(config="large"))
     picked = read_examples(stored / "dict", fields=QA, parts=DatasetParts(train_split="validation"))
     assert [e.completion for e in picked] == [r["answer"] for r in rows[16:]]
     for spec, parts, message in (
-            (stored / "dict", DatasetParts(train_split="dev"), r"has no split 'dev' \(--dataset-train-split\); its "
-                                                               "splits are train, validation"),
-            (stored / "caps.parquet", DatasetParts(train_split="train"), r"holds one split, so --dataset-train-split"),
-            (stored / "dict", DatasetParts(config="small"), r"--dataset-config picks a configuration of a dataset in "
-                                                            "the local cache"),
-            ("capitals", DatasetParts(test_split="x"), r"--dataset-test-split chooses a part of a stored dataset")):
+        (
+            stored / "dict",
+            DatasetParts(train_split="dev"),
+            r"has no split 'dev' \(--dataset-train-split\); its "
+            "splits are train, validation",
+        ),
+        (stored / "caps.parquet", DatasetParts(train_split="train"), r"holds one split, so --dataset-train-split"),
+        (
+            stored / "dict",
+            DatasetParts(config="small"),
+            r"--dataset-config picks a configuration of a dataset in "
+            "the local cache",
+        ),
+        ("capitals", DatasetParts(test_split="x"), r"--dataset-test-split chooses a part of a stored dataset"),
+    ):
         with pytest.raises(DataError, match=message):
             read_examples(spec, fields=QA, parts=parts)
 
@@ -150,13 +175,14 @@ def test_stored_data_mistakes_name_the_source_and_change_nothing(stored, monkeyp
     with pytest.raises(DataError, match=r"bad.parquet: cannot be read as a dataset"):
         read_examples(stored / "bad.parquet")
     whole = (stored / "caps.parquet").read_bytes()
-    (stored / "cut.parquet").write_bytes(whole[:len(whole) // 2] + whole[-8:])  # footer kept, pages cut
+    (stored / "cut.parquet").write_bytes(whole[: len(whole) // 2] + whole[-8:])  # footer kept, pages cut
     with pytest.raises(DataError, match=r"cut.parquet: cannot be read as a dataset"):
         read_examples(stored / "cut.parquet", fields=QA)
     with pytest.raises(DataError, match=r"missing.arrow: no such data file"):
         read_examples(stored / "missing.arrow")
-    datasets.DatasetDict({"a": datasets.Dataset.from_list(capitals_rows()),
-                          "b": datasets.Dataset.from_list(capitals_rows())}).save_to_disk(stored / "ab")
+    datasets.DatasetDict(
+        {"a": datasets.Dataset.from_list(capitals_rows()), "b": datasets.Dataset.from_list(capitals_rows())}
+    ).save_to_disk(stored / "ab")
     with pytest.raises(DataError, match=r"holds the splits a, b but none named train"):
         read_examples(stored / "ab", fields=QA)
     datasets.Dataset.from_list([{"text": 5}]).to_parquet(str(stored / "numbers.parquet"))
@@ -177,10 +203,21 @@ def test_a_job_on_a_saved_dataset_trains_as_on_its_jsonl(stored):
 
     def run(data, eval_data, fields):
         base = surgery.tiny_model("tiny-llama")
-        job = make_job(base, "j", "qv_lora_head", data, TOK, TrainConfig(**config), eval_data=eval_data,
-                       block_size=40, fields=fields)
+        job = make_job(
+            base,
+            "j",
+            "qv_lora_head",
+            data,
+            TOK,
+            TrainConfig(**config),
+            eval_data=eval_data,
+            block_size=40,
+            fields=fields,
+        )
         (trained,) = train([job])
-        return job, [value for r in trained.history for value in (r["step"], r.get("loss", 0.0), r.get("eval_loss", 0.0))]
+        return job, [
+            value for r in trained.history for value in (r["step"], r.get("loss", 0.0), r.get("eval_loss", 0.0))
+        ]
 
     def jsonl(name, rows):
         (stored / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -200,14 +237,47 @@ def test_the_cli_trains_on_a_parquet_file_with_field_options(stored):
     from surgery_cli.app import app
 
     out = stored / "run"
-    result = CliRunner().invoke(app, ["train", "qv_lora_head", "--model", "tiny-llama", "--data",
-                                      str(stored / "caps.parquet"), "--prompt-field", "question",
-                                      "--completion-field", "answer", "--block-size", "40", "--max-steps", "2",
-                                      "--out", str(out)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "qv_lora_head",
+            "--model",
+            "tiny-llama",
+            "--data",
+            str(stored / "caps.parquet"),
+            "--prompt-field",
+            "question",
+            "--completion-field",
+            "answer",
+            "--block-size",
+            "40",
+            "--max-steps",
+            "2",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2] and Path(out / "adapter.safetensors").is_file()
-    result = CliRunner().invoke(app, ["train", "qv_lora_head", "--model", "tiny-llama", "--data", str(stored / "dict"),
-                                      "--dataset-train-split", "nope", "--prompt-field", "question",
-                                      "--completion-field", "answer", "--out", str(stored / "run2")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "qv_lora_head",
+            "--model",
+            "tiny-llama",
+            "--data",
+            str(stored / "dict"),
+            "--dataset-train-split",
+            "nope",
+            "--prompt-field",
+            "question",
+            "--completion-field",
+            "answer",
+            "--out",
+            str(stored / "run2"),
+        ],
+    )
     assert result.exit_code == 2 and "has no split 'nope'" in result.output and not (stored / "run2").exists()

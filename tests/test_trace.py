@@ -40,10 +40,16 @@ def test_op_kinds_on_a_real_module_tree(tiny_graphs):
     assert tiny_graphs["tiny-llama"].modules["model.layers.0.mlp.gate_proj"].kind == "linear"
 
 
-@pytest.mark.parametrize("name,tie", [("facebook/opt-125m", ("model.decoder.embed_tokens.weight", "lm_head.weight")),
-                                      ("gpt2", ("transformer.wte.weight", "lm_head.weight")),
-                                      ("meta-llama/Llama-3.1-8B", None), ("mistralai/Mistral-7B-v0.1", None),
-                                      ("Qwen/Qwen2.5-7B", None)])
+@pytest.mark.parametrize(
+    "name,tie",
+    [
+        ("facebook/opt-125m", ("model.decoder.embed_tokens.weight", "lm_head.weight")),
+        ("gpt2", ("transformer.wte.weight", "lm_head.weight")),
+        ("meta-llama/Llama-3.1-8B", None),
+        ("mistralai/Mistral-7B-v0.1", None),
+        ("Qwen/Qwen2.5-7B", None),
+    ],
+)
 def test_bundled_configs_trace_on_meta(name, tie):
     model = load_model(name, weights=False).model
     graph = surgery.trace(model)
@@ -62,7 +68,11 @@ def test_depth_reduced_trace_equals_full_trace():
     for path, info in full.modules.items():
         other = reduced.modules[path]
         assert (other.calls, other.order, other.input_shape, other.output_shape) == (
-            info.calls, info.order, info.input_shape, info.output_shape), path
+            info.calls,
+            info.order,
+            info.input_shape,
+            info.output_shape,
+        ), path
 
 
 def test_70b_traces_offline_without_weight_memory():
@@ -154,10 +164,11 @@ def test_static_size_export_names_shapes_as_symbolic_export_does(name):
     symbolic = tracing.ModelGraph(type(model).__name__, tracing._module_infos(model), [], "export", 0.0)
     meta = tracing._logical_meta_copy(model)
     reduced = tracing._reduce_repeated_blocks(meta)
-    exported = tracing._export(meta, {"input_ids": torch.zeros(2, 8, dtype=torch.long, device="meta"),
-                                      "use_cache": False},
-                               {"input_ids": {0: Dim("batch", min=1, max=64), 1: Dim("seq", min=2, max=128)},
-                                "use_cache": None})
+    exported = tracing._export(
+        meta,
+        {"input_ids": torch.zeros(2, 8, dtype=torch.long, device="meta"), "use_cache": False},
+        {"input_ids": {0: Dim("batch", min=1, max=64), 1: Dim("seq", min=2, max=128)}, "use_cache": None},
+    )
     tracing._record_calls(symbolic, exported, reduced, {})
     assert _shapes(surgery.trace(model)) == _shapes(symbolic)
     if name == "tiny-opt":  # OPT flattens batch and seq before its MLP
@@ -173,7 +184,7 @@ def test_static_sizes_skip_numbers_the_model_uses():
     first = tracing.STATIC_SIZES[0]
     model.model.decoder.layers[0].fc1 = nn.Linear(64, first[0] * first[1], device="meta")
     assert tracing._free_sizes(model, config, 256) == tracing.STATIC_SIZES[1]
-    for b, s in tracing.STATIC_SIZES[1:]:
+    for b, _ in tracing.STATIC_SIZES[1:]:
         model.register_buffer(f"taken_{b}", torch.empty(b, device="meta"))
     _, dynamic, names = tracing._export_inputs(model, None)
     assert dynamic is not None and names == {}

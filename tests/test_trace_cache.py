@@ -8,10 +8,10 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from surgery.planning.decisions import plan
-from surgery.rules.rule_file import load_rules
 from surgery.base.loading import graph_of
 from surgery.model.trace_cache import cache_folder, graph_to_data
+from surgery.planning.decisions import plan
+from surgery.rules.rule_file import load_rules
 from surgery_cli.app import app
 
 runner = CliRunner()
@@ -47,8 +47,11 @@ def test_a_hit_gives_the_traced_graph_and_the_same_plan_without_tracing(cache, m
     (entry,) = cache.iterdir()
     no_tracing(monkeypatch)
     hit = graph_of(model)
-    assert graph_to_data(hit) | {"seconds": 0} == graph_to_data(fresh) | {"seconds": 0} == \
-        graph_to_data(first) | {"seconds": 0}
+    assert (
+        graph_to_data(hit) | {"seconds": 0}
+        == graph_to_data(fresh) | {"seconds": 0}
+        == graph_to_data(first) | {"seconds": 0}
+    )
     rules = load_rules("qlora_nf4")
     assert plan(hit, rules, check=False).to_dict() == plan(fresh, rules, check=False).to_dict()
     assert hit.name == model and entry.suffix == ".json"
@@ -57,10 +60,12 @@ def test_a_hit_gives_the_traced_graph_and_the_same_plan_without_tracing(cache, m
 BAD_ENTRIES = {
     "garbage": lambda text: "\x00\xffnot json",
     "truncated": lambda text: text[: len(text) // 2],
-    "foreign version": lambda text: json.dumps({**json.loads(text), "key": {
-        **json.loads(text)["key"], "torch": "1.0.0"}}),
-    "bad schema": lambda text: json.dumps({**json.loads(text), "graph": {**json.loads(text)["graph"], "modules": [
-        {"path": "x", "cls": 3}]}}),
+    "foreign version": lambda text: json.dumps(
+        {**json.loads(text), "key": {**json.loads(text)["key"], "torch": "1.0.0"}}
+    ),
+    "bad schema": lambda text: json.dumps(
+        {**json.loads(text), "graph": {**json.loads(text)["graph"], "modules": [{"path": "x", "cls": 3}]}}
+    ),
     "negative count": lambda text: text.replace('"calls":1', '"calls":-1', 1),
 }
 

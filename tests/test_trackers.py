@@ -23,9 +23,12 @@ def two_jobs(out: Path):
     """Two fine-tunes on one tiny base, 4 steps each, evaluated at steps 2 and 4 (and at the end)."""
     base = surgery.tiny_model("tiny-llama")
     config = TrainConfig(batch_size=8, lr=1e-2, max_steps=4, eval_steps=2)
-    return [make_job(base, name, rules, data, TOK, config, out=out / name, eval_data=data, block_size=40,
-                     model_name="tiny-llama")
-            for name, rules, data in (("caps", "lora_plus_head", "capitals"), ("up", "qv_lora", "upper"))]
+    return [
+        make_job(
+            base, name, rules, data, TOK, config, out=out / name, eval_data=data, block_size=40, model_name="tiny-llama"
+        )
+        for name, rules, data in (("caps", "lora_plus_head", "capitals"), ("up", "qv_lora", "upper"))
+    ]
 
 
 def expected(out: Path, job: str) -> dict[str, dict[int, float]]:
@@ -68,10 +71,10 @@ def wandb_records(path: Path):
         if block - pos % block < 7:  # a block's tail too short for a chunk header is padding
             pos += block - pos % block
             continue
-        length, kind = struct.unpack("<HB", data[pos + 4:pos + 7])
+        length, kind = struct.unpack("<HB", data[pos + 4 : pos + 7])
         if length == 0 and kind == 0:
             break
-        pending += data[pos + 7:pos + 7 + length]
+        pending += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # FULL or LAST: a whole record
             record = wandb_internal_pb2.Record()
@@ -147,7 +150,20 @@ def test_the_cli_refuses_a_bad_tracker_before_loading(tmp_path):
 
     from surgery_cli.app import app
 
-    result = CliRunner().invoke(app, ["train", "qv_lora", "--model", "tiny-llama", "--data", "upper",
-                                      "--out", str(tmp_path / "run"), "--report-to", "tensorboard,comet"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "qv_lora",
+            "--model",
+            "tiny-llama",
+            "--data",
+            "upper",
+            "--out",
+            str(tmp_path / "run"),
+            "--report-to",
+            "tensorboard,comet",
+        ],
+    )
     assert result.exit_code == 2 and "unknown tracker" in result.output and "comet" in result.output
     assert not (tmp_path / "run").exists()

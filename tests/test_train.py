@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import surgery
-from surgery.train.data import IGNORE, DataError, read_examples, tokenize
 from surgery.errors import TrainError
+from surgery.train.data import IGNORE, DataError, read_examples, tokenize
 from surgery.train.job import TrainConfig, make_job
 from surgery.train.loop import evaluate, train
 
@@ -20,8 +20,9 @@ TOK = surgery.tiny_tokenizer()
 
 def job(base, name="job", rules="qv_lora_head", data="upper", out=None, block_size=24, **config):
     settings = {"batch_size": 8, "lr": 1e-2, "max_steps": 10, "seed": 0, **config}
-    return make_job(base, name, rules, data, TOK, TrainConfig(**settings), out=out, block_size=block_size,
-                    model_name="tiny-llama")
+    return make_job(
+        base, name, rules, data, TOK, TrainConfig(**settings), out=out, block_size=block_size, model_name="tiny-llama"
+    )
 
 
 def own(ft) -> dict[str, torch.Tensor]:
@@ -35,6 +36,7 @@ def assert_bit_identical(a: dict, b: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------ data
+
 
 def test_prompt_tokens_and_padding_carry_no_loss():
     blocks = tokenize(read_examples("upper"), TOK, block_size=16, mode="entries")
@@ -56,8 +58,11 @@ def test_micro_batches_are_padded_to_their_longest_row_with_the_same_loss_and_gr
     batch = blocks.batch(rows)
     longest = int(blocks.attention_mask[rows].sum(dim=1).max())
     assert batch["input_ids"].shape == (8, longest) and longest < 64 // 2
-    full = {"input_ids": blocks.input_ids[rows], "labels": blocks.labels[rows],
-            "attention_mask": blocks.attention_mask[rows]}
+    full = {
+        "input_ids": blocks.input_ids[rows],
+        "labels": blocks.labels[rows],
+        "attention_mask": blocks.attention_mask[rows],
+    }
     results = []
     for inputs in (batch, full):
         torch.manual_seed(0)  # the same adapter init for both
@@ -76,10 +81,14 @@ def test_corpus_mode_concatenates_with_eos_and_cuts_blocks(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_text("hello world\nsecond line\n")
     blocks = tokenize(read_examples(path), TOK, block_size=8, mode="corpus")
-    stream = TOK("hello world", add_special_tokens=False)["input_ids"] + [TOK.eos_token_id] + \
-        TOK("second line", add_special_tokens=False)["input_ids"] + [TOK.eos_token_id]
+    stream = (
+        TOK("hello world", add_special_tokens=False)["input_ids"]
+        + [TOK.eos_token_id]
+        + TOK("second line", add_special_tokens=False)["input_ids"]
+        + [TOK.eos_token_id]
+    )
     assert blocks.input_ids.shape == (len(stream) // 8, 8)
-    assert blocks.input_ids.flatten().tolist() == stream[:len(stream) // 8 * 8]
+    assert blocks.input_ids.flatten().tolist() == stream[: len(stream) // 8 * 8]
     assert torch.equal(blocks.labels, blocks.input_ids) and bool(blocks.attention_mask.all())
 
 
@@ -94,8 +103,11 @@ def test_completions_cut_away_by_the_block_size_are_refused_or_counted(tmp_path)
     path = tmp_path / "long.jsonl"
     long_prompt = "describe this at length: " + "x" * 40
     path.write_text(json.dumps({"prompt": long_prompt, "completion": " fine"}) + "\n")
-    with pytest.raises(DataError, match=r"long.jsonl: every example's completion lies beyond --block-size 16 "
-                                        r"\(the longest prompt has 65 tokens\).*--block-size 71"):
+    with pytest.raises(
+        DataError,
+        match=r"long.jsonl: every example's completion lies beyond --block-size 16 "
+        r"\(the longest prompt has 65 tokens\).*--block-size 71",
+    ):
         tokenize(read_examples(path), TOK, block_size=16, source=str(path))
     with path.open("a") as f:
         f.write(json.dumps({"prompt": "short ->", "completion": " ok"}) + "\n")
@@ -105,14 +117,18 @@ def test_completions_cut_away_by_the_block_size_are_refused_or_counted(tmp_path)
     assert tokenize(read_examples(path), TOK, block_size=71, source=str(path)).labels[0, -1] == TOK.eos_token_id
 
 
-@pytest.mark.parametrize("name,content,message", [
-    ("missing.jsonl", None, "no such data file"),
-    ("empty.jsonl", "", "is empty"),
-    ("cols.csv", "id,body\n1,x\n", "cols.csv:1: a CSV needs a `text` column (found columns: id, body)"),
-    ("bad.jsonl", '{"text": "ok"}\n{"text": "ok"}\n{"text": oops}\n', "bad.jsonl:3: not valid JSON"),
-    ("keys.jsonl", '{"text": "ok"}\n{"input": "x"}\n', "keys.jsonl:2: needs a string `text`"),
-    ("data.xlsx", "x", "unknown data format"), ("data.parquet", "x", "data.parquet: cannot be read as a dataset"),
-])
+@pytest.mark.parametrize(
+    "name,content,message",
+    [
+        ("missing.jsonl", None, "no such data file"),
+        ("empty.jsonl", "", "is empty"),
+        ("cols.csv", "id,body\n1,x\n", "cols.csv:1: a CSV needs a `text` column (found columns: id, body)"),
+        ("bad.jsonl", '{"text": "ok"}\n{"text": "ok"}\n{"text": oops}\n', "bad.jsonl:3: not valid JSON"),
+        ("keys.jsonl", '{"text": "ok"}\n{"input": "x"}\n', "keys.jsonl:2: needs a string `text`"),
+        ("data.xlsx", "x", "unknown data format"),
+        ("data.parquet", "x", "data.parquet: cannot be read as a dataset"),
+    ],
+)
 def test_bad_data_files_name_the_file_and_line(tmp_path, name, content, message):
     path = tmp_path / name
     if content is not None:
@@ -164,8 +180,7 @@ def test_overwrite_moves_an_earlier_run_aside_and_the_cli_checks_out_before_load
     out.mkdir()
     (out / "metrics.jsonl").write_text("earlier\n")  # a killed run: metrics, no checkpoint
     runner = CliRunner()
-    refused = runner.invoke(app, ["train", "qv_lora", "--model", "no-such-model", "--data", "upper",
-                                  "--out", str(out)])
+    refused = runner.invoke(app, ["train", "qv_lora", "--model", "no-such-model", "--data", "upper", "--out", str(out)])
     assert refused.exit_code == 2, refused.output
     assert "holds an earlier run (metrics.jsonl); it has no checkpoint to resume from" in refused.output
     assert "--overwrite" in refused.output and "no-such-model" not in refused.output  # before any model loads
@@ -173,8 +188,24 @@ def test_overwrite_moves_an_earlier_run_aside_and_the_cli_checks_out_before_load
     assert (tmp_path / "run.replaced-1" / "metrics.jsonl").read_text() == "earlier\n"  # kept, not deleted
     assert (out / "adapter.safetensors").is_file() and run.step == 2
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
-    again = runner.invoke(app, ["train", "qv_lora", "--model", "tiny-llama", "--data", "upper", "--out", str(out),
-                                "--max-steps", "1", "--block-size", "24", "--overwrite"])
+    again = runner.invoke(
+        app,
+        [
+            "train",
+            "qv_lora",
+            "--model",
+            "tiny-llama",
+            "--data",
+            "upper",
+            "--out",
+            str(out),
+            "--max-steps",
+            "1",
+            "--block-size",
+            "24",
+            "--overwrite",
+        ],
+    )
     assert again.exit_code == 0, again.output
     assert (tmp_path / "run.replaced-2" / "adapter.safetensors").is_file()
 
@@ -193,6 +224,7 @@ def test_a_resume_folder_from_another_run_is_refused(tmp_path):
 
 # ------------------------------------------------------------------------------------ training
 
+
 def test_a_toy_task_is_learned_and_generation_shows_it():
     base = surgery.tiny_model("tiny-llama")
     j = job(base, max_steps=120, warmup=10)
@@ -204,14 +236,15 @@ def test_a_toy_task_is_learned_and_generation_shows_it():
     ids = TOK("owl ->", return_tensors="pt", add_special_tokens=False).input_ids
     with torch.no_grad():
         out = j.finetune.eval().generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=TOK.pad_token_id)
-    assert TOK.decode(out[0, ids.shape[1]:]).startswith(" OWL")
+    assert TOK.decode(out[0, ids.shape[1] :]).startswith(" OWL")
     assert run.history[-1]["eval_loss"] == pytest.approx(after)
 
 
 def test_resume_is_bit_identical_to_training_straight_through(tmp_path):
     """20 steps straight (saving at step 10) vs a fresh process-like start: resume at 10, train 10 more."""
-    straight = job(surgery.tiny_model("tiny-llama"), rules="qv_lora", max_steps=20, save_steps=10,
-                   out=tmp_path / "straight")
+    straight = job(
+        surgery.tiny_model("tiny-llama"), rules="qv_lora", max_steps=20, save_steps=10, out=tmp_path / "straight"
+    )
     (first,) = train([straight])  # qv_lora has dropout: the random state must be restored too
     resumed = job(surgery.tiny_model("tiny-llama"), rules="qv_lora", max_steps=20, out=tmp_path / "resumed")
     (second,) = train([resumed], resume={"job": tmp_path / "straight" / "checkpoint-10"})
@@ -290,7 +323,7 @@ def test_gradient_checkpointing_recomputes_layers_and_trains_the_same():
         sibling = surgery.rewrite(base, "qv_lora_head")
         layer = the_job.finetune.model.layers[0].self_attn  # inside the checkpointed forward: again in backward
         count = [0]
-        layer.register_forward_hook(lambda *args: count.__setitem__(0, count[0] + 1))
+        layer.register_forward_hook(lambda *args, count=count: count.__setitem__(0, count[0] + 1))
         train([the_job])
         results.append(own(the_job.finetune))
         calls.append(count[0])
@@ -309,8 +342,10 @@ def test_gradient_checkpointing_with_batched_training_is_refused_before_loading(
 
 # ------------------------------------------------------------------------------------ chat templates
 
-CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
 
 
 def chat_tokenizer():
@@ -323,16 +358,31 @@ def test_chat_template_puts_the_loss_on_the_assistants_answer_only(tmp_path):
     from surgery.train.data import chat_examples
 
     path = tmp_path / "chat.jsonl"
-    path.write_text(json.dumps({"prompt": "cat", "completion": "CAT"}) + "\n" + json.dumps({"messages": [
-        {"role": "system", "content": "shout"}, {"role": "user", "content": "dog"},
-        {"role": "assistant", "content": "DOG"}, {"role": "user", "content": "owl"},
-        {"role": "assistant", "content": "OWL"}]}) + "\n")
+    path.write_text(
+        json.dumps({"prompt": "cat", "completion": "CAT"})
+        + "\n"
+        + json.dumps(
+            {
+                "messages": [
+                    {"role": "system", "content": "shout"},
+                    {"role": "user", "content": "dog"},
+                    {"role": "assistant", "content": "DOG"},
+                    {"role": "user", "content": "owl"},
+                    {"role": "assistant", "content": "OWL"},
+                ]
+            }
+        )
+        + "\n"
+    )
     tok = chat_tokenizer()
     examples = chat_examples(read_examples(path), tok, str(path))
     assert [(e.prompt, e.completion) for e in examples] == [
         ("<user>cat</user>\n<assistant>", "CAT</assistant>\n"),
-        ("<system>shout</system>\n<user>dog</user>\n<assistant>DOG</assistant>\n<user>owl</user>\n<assistant>",
-         "OWL</assistant>\n")]
+        (
+            "<system>shout</system>\n<user>dog</user>\n<assistant>DOG</assistant>\n<user>owl</user>\n<assistant>",
+            "OWL</assistant>\n",
+        ),
+    ]
     blocks = tokenize(examples, tok, block_size=128)
     prompt = tok(examples[1].prompt, add_special_tokens=False)["input_ids"]
     answer = tok(examples[1].completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
@@ -341,24 +391,33 @@ def test_chat_template_puts_the_loss_on_the_assistants_answer_only(tmp_path):
     assert blocks.labels[1, :n].tolist() == [IGNORE] * len(prompt) + answer  # earlier turns carry no loss
 
 
-@pytest.mark.parametrize("row, message", [
-    ({"text": "plain"}, "a `text` row has no roles"),
-    ({"messages": [{"role": "user", "content": "hi"}]}, "ends with a 'user' turn"),
-    ({"messages": [{"role": "user"}]}, "messages[0] needs a string `role` and a string `content`"),
-    ({"messages": "hi"}, "`messages` must be a non-empty list"),
-    ({"messages": [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}]},
-     "chat template refused this conversation (TemplateError: no tools here)"),
-])
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"text": "plain"}, "a `text` row has no roles"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "ends with a 'user' turn"),
+        ({"messages": [{"role": "user"}]}, "messages[0] needs a string `role` and a string `content`"),
+        ({"messages": "hi"}, "`messages` must be a non-empty list"),
+        (
+            {"messages": [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}]},
+            "chat template refused this conversation (TemplateError: no tools here)",
+        ),
+    ],
+)
 def test_chat_data_mistakes_name_the_line(tmp_path, row, message):
     from surgery.train.data import chat_examples
 
     path = tmp_path / "chat.jsonl"
     path.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n" + json.dumps(row) + "\n")
     tok = chat_tokenizer()
-    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tools here') }}"
-                         "{% endif %}{% endfor %}" + CHAT_TEMPLATE)
-    with pytest.raises(DataError, match=f"{path}:2: .*" + message.replace("(", r"\(").replace(")", r"\)")
-                       .replace("[", r"\[").replace("]", r"\]")):
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tools here') }}"
+        "{% endif %}{% endfor %}" + CHAT_TEMPLATE
+    )
+    with pytest.raises(
+        DataError,
+        match=f"{path}:2: .*" + message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]"),
+    ):
         chat_examples(read_examples(path), tok, str(path))
 
 
@@ -371,34 +430,53 @@ def test_chat_template_needs_a_tokenizer_with_one():
 
 # ------------------------------------------------------------------------------------ early stopping
 
+
 def early_job(base, out=None, **config):
     # a threshold no eval loss can beat: the first evaluation is the best, the next two stop the run
-    settings = {"max_steps": 20, "eval_steps": 2, "early_stopping_patience": 2, "early_stopping_threshold": 100.0,
-                "schedule": "constant"}  # the learning rate of a step does not depend on max_steps
-    return make_job(base, "early", "qv_lora_head", "upper", TOK, TrainConfig(**{"batch_size": 4, "lr": 1e-2,
-                    **settings, **config}), out=out, eval_split=0.2, block_size=24, model_name="tiny-llama")
+    settings = {
+        "max_steps": 20,
+        "eval_steps": 2,
+        "early_stopping_patience": 2,
+        "early_stopping_threshold": 100.0,
+        "schedule": "constant",
+    }  # the learning rate of a step does not depend on max_steps
+    return make_job(
+        base,
+        "early",
+        "qv_lora_head",
+        "upper",
+        TOK,
+        TrainConfig(**{"batch_size": 4, "lr": 1e-2, **settings, **config}),
+        out=out,
+        eval_split=0.2,
+        block_size=24,
+        model_name="tiny-llama",
+    )
 
 
 def test_early_stopping_stops_and_keeps_the_best_weights(tmp_path):
-    run, = train([early_job(surgery.tiny_model("tiny-llama"), out=tmp_path / "e")])
+    (run,) = train([early_job(surgery.tiny_model("tiny-llama"), out=tmp_path / "e")])
     assert run.step == 6 and run.early.stopped  # evaluations at 2 (best), 4, 6: two without a better loss
-    reference, = train([early_job(surgery.tiny_model("tiny-llama"), max_steps=2, early_stopping_patience=None)])
+    (reference,) = train([early_job(surgery.tiny_model("tiny-llama"), max_steps=2, early_stopping_patience=None)])
     assert_bit_identical(own(run.job.finetune), own(reference.job.finetune))  # the weights of step 2
     lines = [json.loads(line) for line in (tmp_path / "e" / "metrics.jsonl").read_text().splitlines()]
     stop = [line for line in lines if "early_stopping" in line]
-    assert stop and stop[0]["early_stopping"] == {"stopped_at": 6, "best_step": 2,
-                                                  "best_eval_loss": lines[1]["eval_loss"]}
+    assert stop and stop[0]["early_stopping"] == {
+        "stopped_at": 6,
+        "best_step": 2,
+        "best_eval_loss": lines[1]["eval_loss"],
+    }
     assert lines[-1]["eval_loss"] == lines[1]["eval_loss"]  # the final eval is of the restored weights
     saved = surgery.read_adapter(tmp_path / "e" / "adapter.safetensors").tensors
     assert_bit_identical({k: saved[k] for k in saved}, {k: v for k, v in own(reference.job.finetune).items()})
 
 
 def test_early_stopping_resumes_with_its_best_weights_and_count(tmp_path):
-    straight, = train([early_job(surgery.tiny_model("tiny-llama"))])
-    first, = train([early_job(surgery.tiny_model("tiny-llama"), out=tmp_path / "r", save_steps=4)])
+    (straight,) = train([early_job(surgery.tiny_model("tiny-llama"))])
+    (first,) = train([early_job(surgery.tiny_model("tiny-llama"), out=tmp_path / "r", save_steps=4)])
     assert first.step == 6 and (tmp_path / "r" / "checkpoint-4").is_dir()  # evaluations since the best: 1
     resumed_job = early_job(surgery.tiny_model("tiny-llama"), out=tmp_path / "r", save_steps=4)
-    resumed, = train([resumed_job], resume={"early": tmp_path / "r" / "checkpoint-4"})
+    (resumed,) = train([resumed_job], resume={"early": tmp_path / "r" / "checkpoint-4"})
     assert resumed.step == 6 and resumed.early.best_step == 2
     assert_bit_identical(own(resumed.job.finetune), own(straight.job.finetune))
 

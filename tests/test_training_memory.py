@@ -10,11 +10,17 @@ import torch
 from typer.testing import CliRunner
 
 import surgery
-from surgery.train.job import TrainConfig, build_optimizer
 from surgery.base.loading import graph_of, load_model
 from surgery.planning.decisions import plan
-from surgery.planning.training_memory import SavedBytes, TrainingShape, activation_bytes, optimizer_state_bytes, \
-    trainable_tensors, training_peak
+from surgery.planning.training_memory import (
+    SavedBytes,
+    TrainingShape,
+    activation_bytes,
+    optimizer_state_bytes,
+    trainable_tensors,
+    training_peak,
+)
+from surgery.train.job import TrainConfig, build_optimizer
 from surgery_cli.app import app
 
 
@@ -32,19 +38,28 @@ def measured_saved_bytes(name: str, rules: str, rows: int, length: int) -> int:
 @pytest.mark.parametrize("name,attention", [("tiny-llama", "fused"), ("tiny-opt", "fused"), ("tiny-gpt2", "math")])
 def test_the_activation_estimate_is_within_15_percent_of_what_autograd_saves(name, attention, rules):
     # tiny-gpt2 trains with attention dropout, which the CPU's SDPA runs on its math path (scores kept): "math"
-    estimate = activation_bytes(load_model(name, weights=False).model, plan(graph_of(name), rules),
-                                TrainingShape(4, 48, attention=attention))
+    estimate = activation_bytes(
+        load_model(name, weights=False).model, plan(graph_of(name), rules), TrainingShape(4, 48, attention=attention)
+    )
     real = measured_saved_bytes(name, rules, 4, 48)
     assert abs(estimate - real) <= 0.15 * real, (estimate, real)
 
 
-DORA_AND_NEW_TOKENS = {"version": 1, "quantize": "nf4", "default": "freeze", "extra_tokens": ["<a>", "<b>"],
-                       "rules": [{"match": "q_proj", "action": "adapt", "lora": {"r": 4, "use_dora": True}}]}
+DORA_AND_NEW_TOKENS = {
+    "version": 1,
+    "quantize": "nf4",
+    "default": "freeze",
+    "extra_tokens": ["<a>", "<b>"],
+    "rules": [{"match": "q_proj", "action": "adapt", "lora": {"r": 4, "use_dora": True}}],
+}
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
-@pytest.mark.parametrize("rules", ["qv_lora", "lora_plus_head", "full_finetune", DORA_AND_NEW_TOKENS],
-                         ids=["qv_lora", "lora_plus_head", "full_finetune", "dora_and_new_tokens"])
+@pytest.mark.parametrize(
+    "rules",
+    ["qv_lora", "lora_plus_head", "full_finetune", DORA_AND_NEW_TOKENS],
+    ids=["qv_lora", "lora_plus_head", "full_finetune", "dora_and_new_tokens"],
+)
 def test_optimizer_state_and_gradients_are_what_the_optimizer_allocates(optimizer, rules):
     ft = surgery.rewrite(surgery.tiny_model("tiny-llama"), rules)
     params = [p for p in ft.parameters() if p.requires_grad]
@@ -52,8 +67,12 @@ def test_optimizer_state_and_gradients_are_what_the_optimizer_allocates(optimize
     for p in params:
         p.grad = torch.ones_like(p)
     opt.step()
-    storages = {t.data_ptr(): t.numel() * t.element_size() for state in opt.state.values()
-                for key, t in state.items() if isinstance(t, torch.Tensor) and key != "step"}
+    storages = {
+        t.data_ptr(): t.numel() * t.element_size()
+        for state in opt.state.values()
+        for key, t in state.items()
+        if isinstance(t, torch.Tensor) and key != "step"
+    }
     storages.update({t.data_ptr(): t.numel() * t.element_size() for t in getattr(opt, "name2qmap", {}).values()})
     held = sum(storages.values())  # the 8-bit quantization maps are shared by every parameter's state
     planned = plan(graph_of("tiny-llama"), rules)
@@ -80,8 +99,7 @@ def test_the_peak_adds_exact_parts_and_scales_with_fine_tunes():
 
 def test_cli_plan_says_whether_a_run_fits_and_what_to_change():
     runner = CliRunner()
-    args = ["plan", "qv_lora", "--model", "tiny-llama", "--device", "cuda", "--batch-size", "64", "--block-size",
-            "512"]
+    args = ["plan", "qv_lora", "--model", "tiny-llama", "--device", "cuda", "--batch-size", "64", "--block-size", "512"]
     fits = runner.invoke(app, [*args, "--device-memory", "80GiB"])
     assert fits.exit_code == 0, fits.output
     assert "predicted peak" in fits.output and "fits" in fits.output and "to fit" not in fits.output
@@ -97,11 +115,19 @@ def test_the_estimate_holds_on_a_smollm2_sized_layer(tmp_path):
     """SmolLM2-135M's layer and vocabulary sizes (4 of its 30 layers, to keep the CPU run short)."""
     from transformers import LlamaConfig
 
-    LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=9,
-                num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True).save_pretrained(tmp_path)
+    LlamaConfig(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=4,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+    ).save_pretrained(tmp_path)
     name = str(tmp_path)
-    estimate = activation_bytes(load_model(name, weights=False).model, plan(graph_of(name), "qlora_nf4"),
-                                TrainingShape(2, 128))
+    estimate = activation_bytes(
+        load_model(name, weights=False).model, plan(graph_of(name), "qlora_nf4"), TrainingShape(2, 128)
+    )
     ft = surgery.rewrite(load_model(name, random_init=True).model, "qlora_nf4").train()
     ids = torch.randint(0, 49152, (2, 128), generator=torch.Generator().manual_seed(0))
     saved = SavedBytes(ft)
@@ -113,10 +139,22 @@ def test_the_estimate_holds_on_a_smollm2_sized_layer(tmp_path):
 
 def test_plan_device_map_puts_the_exact_base_on_each_device_as_transformers_would_place_it():
     limits = {0: 3 * 2**30, 1: 3 * 2**30, "cpu": 64 * 2**30}
-    done = CliRunner().invoke(app, ["plan", "qlora_nf4", "--model", "meta-llama/Llama-3.1-8B", "--json",
-                                    "--device-map", "auto", "--max-memory", "0=3GiB,1=3GiB,cpu=64GiB"])
+    done = CliRunner().invoke(
+        app,
+        [
+            "plan",
+            "qlora_nf4",
+            "--model",
+            "meta-llama/Llama-3.1-8B",
+            "--json",
+            "--device-map",
+            "auto",
+            "--max-memory",
+            "0=3GiB,1=3GiB,cpu=64GiB",
+        ],
+    )
     assert done.exit_code == 0, done.output
-    data = json.loads(done.stdout[done.stdout.index("{"):])
+    data = json.loads(done.stdout[done.stdout.index("{") :])
     placed = data["base_bytes_by_device"]
     assert sum(placed.values()) == data["memory"]["base_bytes_after"]  # every tensor once, exactly
     assert set(placed) == {"0", "1", "cpu"}  # the 3 GiB GPUs are full, the rest goes to the CPU
@@ -127,8 +165,8 @@ def test_plan_device_map_puts_the_exact_base_on_each_device_as_transformers_woul
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt"])
 def test_fsdp_counts_the_root_group_and_two_decoder_layers_unsharded(name):
-    from surgery.planning.memory import extra_bytes, parameter_bytes
     from surgery.model.tracing import decoder_layers
+    from surgery.planning.memory import extra_bytes, parameter_bytes
 
     base = surgery.tiny_model(name)
     surgery.prepare_base(base, "qlora_nf4")  # the base as the rules store it: what FSDP2 gathers

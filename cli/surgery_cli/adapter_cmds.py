@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.table import Table
 
-from .common import (ADAPTER_ARG, BASE_OPT, DEVICE_OPT, OVERWRITE_OPT, RANDOM_INIT_OPT, console, finetune_from, placement,
-                     probe_inputs, quiet_libraries, where_text)
+from .common import (
+    ADAPTER_ARG,
+    BASE_OPT,
+    DEVICE_OPT,
+    OVERWRITE_OPT,
+    RANDOM_INIT_OPT,
+    console,
+    finetune_from,
+    placement,
+    probe_inputs,
+    quiet_libraries,
+    where_text,
+)
 
 
 def adapter_show(
-    adapter: Path = typer.Argument(..., help="Adapter file, adapter folder (save_pretrained, a Trainer checkpoint) "
-                                   "or PEFT folder (export-peft)."),
+    adapter: Path = typer.Argument(
+        ..., help="Adapter file, adapter folder (save_pretrained, a Trainer checkpoint) or PEFT folder (export-peft)."
+    ),
     show_all: bool = typer.Option(False, "--all", help="List every tensor (default: the first 40)."),
 ):
     """Show an adapter: metadata, base fingerprint, rules (or PEFT config), and its tensors with sizes.
@@ -44,11 +55,12 @@ LARGE_REQUANTIZATION_ERROR = 0.05  # relative to the largest logit: beyond it, -
 
 def merge(
     adapter: Path = ADAPTER_ARG,
-    model: Optional[str] = BASE_OPT,
+    model: str | None = BASE_OPT,
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the merged model (save_pretrained format)."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, float16 or bfloat16 (default: the base's)."),
-    report_requantized: bool = typer.Option(False, "--report-requantized",
-                                            help="Also measure the error of requantizing the merged weights."),
+    dtype: str | None = typer.Option(None, "--dtype", help="float32, float16 or bfloat16 (default: the base's)."),
+    report_requantized: bool = typer.Option(
+        False, "--report-requantized", help="Also measure the error of requantizing the merged weights."
+    ),
     overwrite: bool = OVERWRITE_OPT,
     random_init: bool = RANDOM_INIT_OPT,
     device: str = DEVICE_OPT,
@@ -60,13 +72,14 @@ def merge(
     quiet_libraries()
     import torch
 
-    from surgery.finetune.merging import merge as merge_ft, output_error
-    from surgery.finetune.vocabulary import extended_tokenizer
-    from surgery.errors import AdapterStateError, SurgeryError
     from surgery.base.loading import load_tokenizer
     from surgery.disk import atomic_folder
-    from surgery.layers.bnb import base_loading
+    from surgery.errors import AdapterStateError, SurgeryError
     from surgery.files.model_card import CARD_FILE, merged_card
+    from surgery.finetune.merging import merge as merge_ft
+    from surgery.finetune.merging import output_error
+    from surgery.finetune.vocabulary import extended_tokenizer
+    from surgery.layers.bnb import base_loading
     from surgery.rules.ruleset import DTYPES
 
     if dtype not in (None, *DTYPES):
@@ -98,13 +111,21 @@ def merge(
         table.add_row("requantized vs merged", f"{added['max_abs']:.3g}", f"{added['max_rel']:.3g}")
     console.print(table)
     if report_requantized and added["max_rel"] > LARGE_REQUANTIZATION_ERROR:
-        console.print(f"note: requantizing moves the logits by {added['max_rel']:.1%} of the largest one (the merge "
-                      f"itself: {error['max_rel']:.1%}): quantizing the merged weights again re-rounds every weight "
-                      "of the adapted layers. Serve this fine-tune merged in 16/32-bit (this folder, or --dtype "
-                      "bfloat16) or unmerged on its quantized base, not requantized.", highlight=False, markup=False)
+        console.print(
+            f"note: requantizing moves the logits by {added['max_rel']:.1%} of the largest one (the merge "
+            f"itself: {error['max_rel']:.1%}): quantizing the merged weights again re-rounds every weight "
+            "of the adapted layers. Serve this fine-tune merged in 16/32-bit (this folder, or --dtype "
+            "bfloat16) or unmerged on its quantized base, not requantized.",
+            highlight=False,
+            markup=False,
+        )
     dtype_name = str(merged_dtype).removeprefix("torch.")
-    console.print(f"wrote {out}: a plain {dtype_name} model, load it with AutoModelForCausalLM.from_pretrained("
-                  f"{str(out)!r}) and no quantization_config (see its README.md)", highlight=False, markup=False)
+    console.print(
+        f"wrote {out}: a plain {dtype_name} model, load it with AutoModelForCausalLM.from_pretrained("
+        f"{str(out)!r}) and no quantization_config (see its README.md)",
+        highlight=False,
+        markup=False,
+    )
     console.print(f"the fine-tune's base: {base_loading(base).note(name)}", highlight=False, markup=False)
     if no_tokenizer:
         console.print(f"no tokenizer written: {no_tokenizer}", highlight=False, markup=False)
@@ -112,10 +133,14 @@ def merge(
 
 def export_peft_cmd(
     adapter: Path = ADAPTER_ARG,
-    model: Optional[str] = BASE_OPT,
+    model: str | None = BASE_OPT,
     out: Path = typer.Option(..., "--out", "-o", help="Folder for adapter_config.json + adapter_model.safetensors."),
-    target: str = typer.Option("peft", "--for", help="peft, vllm or lorax: first check that this server loads the "
-                               "export as it is (nothing is written when it would not)."),
+    target: str = typer.Option(
+        "peft",
+        "--for",
+        help="peft, vllm or lorax: first check that this server loads the "
+        "export as it is (nothing is written when it would not).",
+    ),
     overwrite: bool = OVERWRITE_OPT,
     random_init: bool = RANDOM_INIT_OPT,
     device: str = DEVICE_OPT,
@@ -130,11 +155,11 @@ def export_peft_cmd(
 
     check_target(target)  # before anything loads
     quiet_libraries()
-    from surgery.files.peft_format import export_peft
-    from surgery.layers.bnb import base_loading
-    from surgery.errors import AdapterStateError
     from surgery.disk import atomic_folder
+    from surgery.errors import AdapterStateError
+    from surgery.files.peft_format import export_peft
     from surgery.files.serving import launch_hints
+    from surgery.layers.bnb import base_loading
 
     base, ft, name = finetune_from(adapter, model, random_init, placement(device))
     with atomic_folder(out, overwrite=overwrite, error=AdapterStateError) as tmp:
@@ -145,19 +170,26 @@ def export_peft_cmd(
         import json
 
         config = json.loads((out / "adapter_config.json").read_text())
-        console.print(f"serve with: vllm serve {name} {' '.join(launch_hints(config, target))} "
-                      f"--lora-modules ADAPTER_NAME={out}", highlight=False, markup=False)
+        console.print(
+            f"serve with: vllm serve {name} {' '.join(launch_hints(config, target))} --lora-modules ADAPTER_NAME={out}",
+            highlight=False,
+            markup=False,
+        )
     elif target == "lorax":
-        console.print(f"serve with: lorax-launcher --model-id {name}; request with adapter_id={out} "
-                      "(adapter_source local)", highlight=False, markup=False)
+        console.print(
+            f"serve with: lorax-launcher --model-id {name}; request with adapter_id={out} (adapter_source local)",
+            highlight=False,
+            markup=False,
+        )
 
 
 def import_peft_cmd(
     folder: Path = typer.Argument(..., help="PEFT LoRA adapter folder (adapter_config.json + weights)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m",
-                                        help="Base model (default: base_model_name_or_path of the adapter)."),
+    model: str | None = typer.Option(
+        None, "--model", "-m", help="Base model (default: base_model_name_or_path of the adapter)."
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="Adapter file to write (.safetensors)."),
-    quantize: Optional[str] = typer.Option(None, "--quantize", help="Store the base as int8, nf4, fp4 or none."),
+    quantize: str | None = typer.Option(None, "--quantize", help="Store the base as int8, nf4, fp4 or none."),
     random_init: bool = RANDOM_INIT_OPT,
     device: str = DEVICE_OPT,
 ):
@@ -167,9 +199,8 @@ def import_peft_cmd(
     """
     quiet_libraries()
     from surgery.base.loading import load_model
-    from surgery.files.peft_format import import_peft, peft_base_model
     from surgery.files.adapter_file import save_adapter
-
+    from surgery.files.peft_format import import_peft, peft_base_model
     from surgery.rules.ruleset import SCHEMES
 
     if quantize not in (None, *SCHEMES):

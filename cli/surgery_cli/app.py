@@ -14,8 +14,13 @@ import typer
 from . import adapter_cmds, demo, generate_cmd, model_cmds, plan_cmd, train_cmds
 from .common import Commands
 
-app = typer.Typer(help="Rule-driven model surgery for HuggingFace models: one quantized base, many fine-tunes.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, cls=Commands)
+app = typer.Typer(
+    help="Rule-driven model surgery for HuggingFace models: one quantized base, many fine-tunes.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    cls=Commands,
+)
 rules_app = typer.Typer(help="Bundled rule files.", no_args_is_help=True)
 adapter_app = typer.Typer(help="Adapter files (safetensors written by surgery).", no_args_is_help=True)
 app.add_typer(rules_app, name="rules")

@@ -7,7 +7,6 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -18,30 +17,55 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 RULES_ARG = typer.Argument(..., help="Rule file path or bundled name (see `surgery rules list`).")
-MODEL_OPT = typer.Option(None, "--model", "-m",
-                         help="Model (default: the rule file's `model:`, else the bundled tiny default).")
+MODEL_OPT = typer.Option(
+    None, "--model", "-m", help="Model (default: the rule file's `model:`, else the bundled tiny default)."
+)
 ADAPTER_ARG = typer.Argument(..., help="Adapter file written by surgery (apply --out, train, import-peft).")
 BASE_OPT = typer.Option(None, "--model", "-m", help="Base model (default: the base named in the adapter file).")
 RANDOM_INIT_OPT = typer.Option(False, "--random-init", help="Build random weights when none are available.")
 TOKENIZER_OPT = typer.Option(None, "--tokenizer", help="Tokenizer folder or model (default: the model's own).")
 OVERWRITE_OPT = typer.Option(False, "--overwrite", help="Replace an existing non-empty --out folder.")
-NO_CACHE_OPT = typer.Option(False, "--no-cache", help="Trace the model again instead of reading the trace cache "
-                            "($SURGERY_CACHE, else $XDG_CACHE_HOME/surgery, else ~/.cache/surgery).")
+NO_CACHE_OPT = typer.Option(
+    False,
+    "--no-cache",
+    help="Trace the model again instead of reading the trace cache "
+    "($SURGERY_CACHE, else $XDG_CACHE_HOME/surgery, else ~/.cache/surgery).",
+)
 DEVICE_PANEL = "Device & distributed"
-DEVICE_OPT = typer.Option("auto", "--device", rich_help_panel=DEVICE_PANEL, help="Where the model computes: auto "
-                          "(CUDA when there is a GPU, else the CPU), cpu, cuda or cuda:N; under torchrun each "
-                          "process takes cuda:$LOCAL_RANK.")
-DEVICE_MAP_OPT = typer.Option(None, "--device-map", rich_help_panel=DEVICE_PANEL, help="auto or balanced: place "
-                              "the base's layers over every GPU (accelerate's placement, no FSDP); adapters sit on "
-                              "their layer's GPU.")
-MAX_MEMORY_OPT = typer.Option(None, "--max-memory", rich_help_panel=DEVICE_PANEL, help="With --device-map: "
-                              "the most each device holds, e.g. 0=20GiB,1=20GiB,cpu=64GiB.")
-ATTN_OPT = typer.Option(None, "--attn-implementation", rich_help_panel=DEVICE_PANEL, help="sdpa, eager or "
-                        "flash_attention_2 (where installed); default: transformers' choice for the model.")
+DEVICE_OPT = typer.Option(
+    "auto",
+    "--device",
+    rich_help_panel=DEVICE_PANEL,
+    help="Where the model computes: auto "
+    "(CUDA when there is a GPU, else the CPU), cpu, cuda or cuda:N; under torchrun each "
+    "process takes cuda:$LOCAL_RANK.",
+)
+DEVICE_MAP_OPT = typer.Option(
+    None,
+    "--device-map",
+    rich_help_panel=DEVICE_PANEL,
+    help="auto or balanced: place "
+    "the base's layers over every GPU (accelerate's placement, no FSDP); adapters sit on "
+    "their layer's GPU.",
+)
+MAX_MEMORY_OPT = typer.Option(
+    None,
+    "--max-memory",
+    rich_help_panel=DEVICE_PANEL,
+    help="With --device-map: the most each device holds, e.g. 0=20GiB,1=20GiB,cpu=64GiB.",
+)
+ATTN_OPT = typer.Option(
+    None,
+    "--attn-implementation",
+    rich_help_panel=DEVICE_PANEL,
+    help="sdpa, eager or flash_attention_2 (where installed); default: transformers' choice for the model.",
+)
 NOISY_LIBRARIES = ("transformers", "torch", "bitsandbytes", "peft", "accelerate", "huggingface_hub")
 # bitsandbytes' warnings that concern the run itself (a matmul slower or less precise than asked), by logger
-BNB_RUN_WARNINGS = {"bitsandbytes.nn.modules": ("Input type into Linear4bit", "Embedding size"),
-                    "bitsandbytes.autograd._functions": ("MatMul8bitLt: inputs will be cast",)}
+BNB_RUN_WARNINGS = {
+    "bitsandbytes.nn.modules": ("Input type into Linear4bit", "Embedding size"),
+    "bitsandbytes.autograd._functions": ("MatMul8bitLt: inputs will be cast",),
+}
 
 
 class Commands(TyperGroup):
@@ -62,8 +86,11 @@ class Commands(TyperGroup):
         except (typer.Exit, typer.Abort, TyperException, KeyboardInterrupt):
             raise
         except Exception:
-            err_console.print("[bold red]internal error[/] (a bug in surgery, not in what you typed): please report it "
-                              "with the command you ran and the traceback below", highlight=False)
+            err_console.print(
+                "[bold red]internal error[/] (a bug in surgery, not in what you typed): please report it "
+                "with the command you ran and the traceback below",
+                highlight=False,
+            )
             raise
 
 
@@ -89,9 +116,14 @@ def quiet_libraries() -> None:
     transformers is not imported for it (commands that never build a model never pay for it): its
     verbosity and progress bars follow these variables when it is imported later.
     """
-    for variable, value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"),
-                            ("TRANSFORMERS_VERBOSITY", "error"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
-                            ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"), ("DATASETS_VERBOSITY", "error")):
+    for variable, value in (
+        ("HF_HUB_OFFLINE", "1"),
+        ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"),
+        ("TRANSFORMERS_VERBOSITY", "error"),
+        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+        ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"),
+        ("DATASETS_VERBOSITY", "error"),
+    ):
         os.environ.setdefault(variable, value)
     for module in NOISY_LIBRARIES:
         warnings.filterwarnings("ignore", module=module + r"(\.|$)")
@@ -108,7 +140,7 @@ def quiet_libraries() -> None:
         transformers_logging.disable_progress_bar()
 
 
-def model_for(rules, model: Optional[str]) -> tuple[str, str]:
+def model_for(rules, model: str | None) -> tuple[str, str]:
     """The model to use: --model, else the rule file's `model:`, else the bundled tiny default."""
     from surgery.model.architectures import TINY_DEFAULT
 
@@ -119,8 +151,12 @@ def model_for(rules, model: Optional[str]) -> tuple[str, str]:
     return TINY_DEFAULT, "the bundled tiny default (no --model and no `model:` in the rule file)"
 
 
-def placement(device: str = "auto", device_map: Optional[str] = None, max_memory: Optional[str] = None,
-              attn_implementation: Optional[str] = None) -> dict:
+def placement(
+    device: str = "auto",
+    device_map: str | None = None,
+    max_memory: str | None = None,
+    attn_implementation: str | None = None,
+) -> dict:
     """``load_model`` keywords for the device options, checked (one clear error for a device that is not there)."""
     from surgery.devices import parse_max_memory, resolve_device, use_device
 
@@ -129,12 +165,17 @@ def placement(device: str = "auto", device_map: Optional[str] = None, max_memory
     if max_memory is not None and device_map is None:
         raise typer.BadParameter("--max-memory belongs with --device-map (it bounds what each device takes)")
     if attn_implementation not in (None, "sdpa", "eager", "flash_attention_2"):
-        raise typer.BadParameter(f"--attn-implementation must be sdpa, eager or flash_attention_2, not "
-                                 f"{attn_implementation!r}")
+        raise typer.BadParameter(
+            f"--attn-implementation must be sdpa, eager or flash_attention_2, not {attn_implementation!r}"
+        )
     target = resolve_device(device)
     use_device(target)
-    return {"device": target, "device_map": device_map, "attn_implementation": attn_implementation,
-            "max_memory": parse_max_memory(max_memory) if max_memory else None}
+    return {
+        "device": target,
+        "device_map": device_map,
+        "attn_implementation": attn_implementation,
+        "max_memory": parse_max_memory(max_memory) if max_memory else None,
+    }
 
 
 def where_text(where: dict) -> str:
@@ -151,7 +192,7 @@ def _gpus() -> str:
     return f"{count} GPU{'s' if count != 1 else ''}" if count else "the CPU"
 
 
-def finetune_from(adapter: Path, model: Optional[str], random_init: bool, where: dict | None = None):
+def finetune_from(adapter: Path, model: str | None, random_init: bool, where: dict | None = None):
     """Load the base (from --model or the file's metadata), quantized for the adapter's rules as it loads, on the
     device asked for, and the adapter onto it."""
     from surgery.base.loading import load_model

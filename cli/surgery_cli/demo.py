@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from .common import DEVICE_OPT, RANDOM_INIT_OPT, console, placement, quiet_libraries, where_text
 from .progress import run_with_progress
-
 
 TASKS = {  # data set -> two prompts shown after training
     "reverse": ("owl <-", "van <-"),
@@ -18,9 +16,14 @@ TASKS = {  # data set -> two prompts shown after training
 }
 RULE_SETS = {  # kind of model (see model_kind) -> (learning rate, the rule file that trains each task)
     "random weights": (1e-2, {"reverse": "finetuna_default", "capitals": "lora_plus_head", "upper": "qv_lora_head"}),
-    "pretrained, under 3B parameters": (2e-3, {"reverse": "all_linear_lora", "capitals": "qv_lora",
-                                               "upper": "all_linear_lora"}),
-    "pretrained, 3B parameters or more": (1e-3, {"reverse": "qlora_nf4", "capitals": "qlora_nf4", "upper": "qlora_nf4"}),
+    "pretrained, under 3B parameters": (
+        2e-3,
+        {"reverse": "all_linear_lora", "capitals": "qv_lora", "upper": "all_linear_lora"},
+    ),
+    "pretrained, 3B parameters or more": (
+        1e-3,
+        {"reverse": "qlora_nf4", "capitals": "qlora_nf4", "upper": "qlora_nf4"},
+    ),
 }
 
 
@@ -33,12 +36,18 @@ def model_kind(random_weights: bool, parameters: int) -> str:
 
 
 def demo(
-    model: str = typer.Option("tiny-opt", "--model", "-m", help="Model: a bundled tiny model (default, offline), a "
-                              "local model folder, a model in the local HF cache, or a bundled architecture with "
-                              "--random-init."),
+    model: str = typer.Option(
+        "tiny-opt",
+        "--model",
+        "-m",
+        help="Model: a bundled tiny model (default, offline), a "
+        "local model folder, a model in the local HF cache, or a bundled architecture with "
+        "--random-init.",
+    ),
     steps: int = typer.Option(150, "--steps", help="Training steps per fine-tune."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for the adapter files (default: a new "
-                                       "temporary folder)."),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Folder for the adapter files (default: a new temporary folder)."
+    ),
     random_init: bool = RANDOM_INIT_OPT,
     device: str = DEVICE_OPT,
 ):
@@ -56,13 +65,13 @@ def demo(
 
     import torch
 
+    from surgery.base.loading import load_model
     from surgery.files.adapter_file import ADAPTER_FILE, load_adapter
     from surgery.model.architectures import TINY_MODELS
-    from surgery.train.job import TrainConfig, make_job
-    from surgery.base.loading import load_model
     from surgery.planning.memory import extra_bytes, parameter_bytes
     from surgery.planning.report import demo_files_table, demo_memory_table, demo_results_table
     from surgery.rules.rule_file import load_rules
+    from surgery.train.job import TrainConfig, make_job
     from surgery.train.loop import evaluate
 
     start = time.perf_counter()
@@ -75,22 +84,43 @@ def demo(
     lr, rule_files = RULE_SETS[kind]
     tasks = [(task, rule_files[task], prompts) for task, prompts in TASKS.items()]
     dtype = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(
-        str(next(layout.model.parameters()).dtype).removeprefix("torch."), "fp32")
-    console.print(f"[bold]1. base[/]: {model} on {where_text(where).removeprefix('device ')} "
-                  f"({type(layout.model).__name__}, {parameters:,} parameters, {loaded_bytes:,} bytes {dtype})",
-                  highlight=False)
-    console.print(f"three fine-tunes on toy tasks, rule files for {kind} models: "
-                  f"{', '.join(f'{task}={rules}' for task, rules, _ in tasks)}", highlight=False)
+        str(next(layout.model.parameters()).dtype).removeprefix("torch."), "fp32"
+    )
+    console.print(
+        f"[bold]1. base[/]: {model} on {where_text(where).removeprefix('device ')} "
+        f"({type(layout.model).__name__}, {parameters:,} parameters, {loaded_bytes:,} bytes {dtype})",
+        highlight=False,
+    )
+    console.print(
+        f"three fine-tunes on toy tasks, rule files for {kind} models: "
+        f"{', '.join(f'{task}={rules}' for task, rules, _ in tasks)}",
+        highlight=False,
+    )
     config = TrainConfig(batch_size=8, lr=lr, max_steps=steps, warmup=max(1, steps // 10), seed=0)
     rule_sets = [load_rules(rules) for _, rules, _ in tasks]
     base = load_model(model, random_init=random_init, rules=rule_sets, **where).model  # one quantization for all
     tokenizer = _tokenizer(model, base, random_init)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    jobs = [make_job(base, task, rules, task, tokenizer, config, out=out / task, block_size=32, model_name=model,
-                     pad_token_id=pad) for task, rules, _ in tasks]
+    jobs = [
+        make_job(
+            base,
+            task,
+            rules,
+            task,
+            tokenizer,
+            config,
+            out=out / task,
+            block_size=32,
+            model_name=model,
+            pad_token_id=pad,
+        )
+        for task, rules, _ in tasks
+    ]
 
     base_bytes = parameter_bytes(base)
-    own = [(f"fine-tune '{job.name}' ({_rules_name(job)}): own tensors", extra_bytes(job.finetune, base)) for job in jobs]
+    own = [
+        (f"fine-tune '{job.name}' ({_rules_name(job)}): own tensors", extra_bytes(job.finetune, base)) for job in jobs
+    ]
     scheme = " + ".join(sorted({r.quantize.scheme for r in rule_sets}))
     console.print(demo_memory_table(base_bytes, loaded_bytes, own, scheme, dtype))
 
@@ -100,8 +130,17 @@ def demo(
     rows = []
     for job, (task, _, prompts) in zip(jobs, tasks):
         after, expected = evaluate(job.finetune, job.data)["eval_loss"], _expected_answers(task)
-        rows += [(job.name, before[job.name], after, prompt, _greedy(job.finetune, tokenizer, prompt),
-                  expected.get(prompt, "")) for prompt in prompts]
+        rows += [
+            (
+                job.name,
+                before[job.name],
+                after,
+                prompt,
+                _greedy(job.finetune, tokenizer, prompt),
+                expected.get(prompt, ""),
+            )
+            for prompt in prompts
+        ]
     console.print(demo_results_table(rows))
 
     vocab = getattr(base.config, "vocab_size", 256)
@@ -114,25 +153,31 @@ def demo(
             checked.append((path, torch.equal(again(ids).logits, job.finetune.eval()(ids).logits)))
     console.print(demo_files_table(checked))
     verified = all(same for _, same in checked)
-    console.print(f"done in {time.perf_counter() - start:.1f} s. Next: surgery adapter show {jobs[1].out / ADAPTER_FILE};"
-                  f" surgery generate \"{TASKS['capitals'][1]}\" --model {model} --adapter {jobs[1].out / ADAPTER_FILE}",
-                  highlight=False, markup=False)
+    console.print(
+        f"done in {time.perf_counter() - start:.1f} s. Next: surgery adapter show {jobs[1].out / ADAPTER_FILE};"
+        f' surgery generate "{TASKS["capitals"][1]}" --model {model} --adapter {jobs[1].out / ADAPTER_FILE}',
+        highlight=False,
+        markup=False,
+    )
     if not verified:
         raise typer.Exit(1)
 
 
 def _tokenizer(model: str, base, random_init: bool):
     """The model's tokenizer; a bundled architecture built with --random-init has none and gets the byte tokenizer."""
-    from surgery.errors import SurgeryError
     from surgery.base.loading import load_tokenizer, tiny_tokenizer
+    from surgery.errors import SurgeryError
 
     try:
         return load_tokenizer(model)
     except SurgeryError:
         if not random_init or getattr(base.config, "vocab_size", 0) < 260:
             raise
-        console.print(f"{model} has no tokenizer here: using the bundled byte-level tokenizer (ids 0-259)",
-                      highlight=False, markup=False)
+        console.print(
+            f"{model} has no tokenizer here: using the bundled byte-level tokenizer (ids 0-259)",
+            highlight=False,
+            markup=False,
+        )
         return tiny_tokenizer()
 
 
@@ -156,6 +201,11 @@ def _greedy(model, tokenizer, prompt: str, max_new_tokens: int = 12) -> str:
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
     ids = ids.to(input_device(model))
     with torch.no_grad():
-        out = model.eval().generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
-                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        out = model.eval().generate(
+            ids,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
-from .common import (ATTN_OPT, DEVICE_MAP_OPT, DEVICE_OPT, MAX_MEMORY_OPT, RANDOM_INIT_OPT, TOKENIZER_OPT, console,
-                     placement, quiet_libraries, where_text)
+from .common import (
+    ATTN_OPT,
+    DEVICE_MAP_OPT,
+    DEVICE_OPT,
+    MAX_MEMORY_OPT,
+    RANDOM_INIT_OPT,
+    TOKENIZER_OPT,
+    console,
+    placement,
+    quiet_libraries,
+    where_text,
+)
 
 
 def _asked(example) -> str:
@@ -18,27 +27,40 @@ def _asked(example) -> str:
 
 
 def generate(
-    prompt: Optional[str] = typer.Argument(None, help="Text to continue (or use --prompts)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model (default: the first adapter's base, "
-                                        "else the bundled tiny default)."),
-    adapter: list[Path] = typer.Option([], "--adapter", "-a", help="Adapter file (repeatable: every fine-tune "
-                                       "answers, all in one batched pass over the shared base)."),
+    prompt: str | None = typer.Argument(None, help="Text to continue (or use --prompts)."),
+    model: str | None = typer.Option(
+        None, "--model", "-m", help="Base model (default: the first adapter's base, else the bundled tiny default)."
+    ),
+    adapter: list[Path] = typer.Option(
+        [],
+        "--adapter",
+        "-a",
+        help="Adapter file (repeatable: every fine-tune answers, all in one batched pass over the shared base).",
+    ),
     with_base: bool = typer.Option(False, "--base", help="Also answer with the bare base (always, without adapters)."),
-    prompts_file: Optional[Path] = typer.Option(None, "--prompts", help="A .txt (one prompt per line) or .jsonl "
-                                                "(`text`, or `prompt` + `completion`: the prompt is asked) file; prints JSON lines."),
+    prompts_file: Path | None = typer.Option(
+        None,
+        "--prompts",
+        help="A .txt (one prompt per line) or .jsonl "
+        "(`text`, or `prompt` + `completion`: the prompt is asked) file; prints JSON lines.",
+    ),
     max_new_tokens: int = typer.Option(40, "--max-new-tokens", "-n", help="Tokens to generate."),
     temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy; > 0 samples."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling (with --temperature > 0)."),
     top_k: int = typer.Option(0, "--top-k", help="Top-k sampling (0: off)."),
     seed: int = typer.Option(0, "--seed", help="Seed for sampling: prompt i draws from seed + i, for every fine-tune."),
-    chat_template: bool = typer.Option(False, "--chat-template", help="Ask each prompt as a user turn in the "
-                                       "tokenizer's chat template (`messages` rows of --prompts always are)."),
+    chat_template: bool = typer.Option(
+        False,
+        "--chat-template",
+        help="Ask each prompt as a user turn in the "
+        "tokenizer's chat template (`messages` rows of --prompts always are).",
+    ),
     random_init: bool = RANDOM_INIT_OPT,
-    tokenizer_name: Optional[str] = TOKENIZER_OPT,
+    tokenizer_name: str | None = TOKENIZER_OPT,
     device: str = DEVICE_OPT,
-    device_map: Optional[str] = DEVICE_MAP_OPT,
-    max_memory: Optional[str] = MAX_MEMORY_OPT,
-    attn_implementation: Optional[str] = ATTN_OPT,
+    device_map: str | None = DEVICE_MAP_OPT,
+    max_memory: str | None = MAX_MEMORY_OPT,
+    attn_implementation: str | None = ATTN_OPT,
 ):
     """Answer one or many prompts with one or several fine-tunes (and the base), in one batched generate.
 
@@ -52,12 +74,12 @@ def generate(
 
     from rich.table import Table
 
+    from surgery.base.loading import load_model, load_tokenizer
     from surgery.files.adapter_file import load_adapter, read_adapter
-    from surgery.model.architectures import TINY_DEFAULT
     from surgery.finetune.batched import generate as generate_batched
     from surgery.finetune.vocabulary import extended_tokenizer
+    from surgery.model.architectures import TINY_DEFAULT
     from surgery.train.data import Example, chat_prompt, read_examples
-    from surgery.base.loading import load_model, load_tokenizer
 
     if (prompt is None) == (prompts_file is None):
         raise typer.BadParameter("give one PROMPT or --prompts FILE")
@@ -79,9 +101,17 @@ def generate(
     labels = [str(path) for path in adapter] + (["base"] if with_base or not files else [])
     if len(entries) == 1 and entries[0] is not None:  # a fine-tune with its own tokens reads and writes them
         tokenizer = extended_tokenizer(entries[0], tokenizer)
-    answers = generate_batched(base, entries, prompts, tokenizer,
-                               max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                               seed=seed)
+    answers = generate_batched(
+        base,
+        entries,
+        prompts,
+        tokenizer,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+    )
     if prompts_file is not None:
         for label, texts in zip(labels, answers):
             for p, text in zip(shown, texts):

@@ -4,19 +4,28 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.table import Table
 
-from .common import (DEVICE_OPT, MODEL_OPT, NO_CACHE_OPT, RANDOM_INIT_OPT, RULES_ARG, console, model_for, placement,
-                     quiet_libraries, where_text)
+from .common import (
+    DEVICE_OPT,
+    MODEL_OPT,
+    NO_CACHE_OPT,
+    RANDOM_INIT_OPT,
+    RULES_ARG,
+    console,
+    model_for,
+    placement,
+    quiet_libraries,
+    where_text,
+)
 
 
 def inspect(
     model: str = typer.Argument(..., help="Local directory, hub id in the local HF cache, or bundled name."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
-    modules: Optional[str] = typer.Option(None, "--modules", help="Only modules matching this pattern."),
+    modules: str | None = typer.Option(None, "--modules", help="Only modules matching this pattern."),
     no_cache: bool = NO_CACHE_OPT,
 ):
     """Trace MODEL and show its modules, parameters, ties and memory at fp32/fp16/int8/nf4.
@@ -24,9 +33,9 @@ def inspect(
     Example: surgery inspect facebook/opt-1.3b --modules "self_attn.*"
     """
     quiet_libraries()
+    from surgery.base.loading import graph_of
     from surgery.planning.decisions import memory_by_scheme
     from surgery.planning.report import graph_renderable, graph_summary
-    from surgery.base.loading import graph_of
 
     graph = graph_of(model, use_cache=not no_cache)
     if as_json:
@@ -37,11 +46,15 @@ def inspect(
 
 def apply(
     rules: str = RULES_ARG,
-    model: Optional[str] = MODEL_OPT,
+    model: str | None = MODEL_OPT,
     finetunes: int = typer.Option(1, "--finetunes", "-n", min=1, help="Fine-tunes to create on the one base."),
     random_init: bool = RANDOM_INIT_OPT,
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write each fine-tune's initial adapter file "
-                                       "(FILE for one; FILE-1, FILE-2, ... for several)."),
+    out: Path | None = typer.Option(
+        None,
+        "--out",
+        "-o",
+        help="Write each fine-tune's initial adapter file (FILE for one; FILE-1, FILE-2, ... for several).",
+    ),
     device: str = DEVICE_OPT,
 ):
     """Plan, quantize the base once, create N fine-tunes sharing it, verify them, and measure memory.
@@ -51,9 +64,9 @@ def apply(
     quiet_libraries()
     from rich.progress import Progress
 
+    from surgery.base.loading import load_model
     from surgery.files.adapter_file import save_adapter
     from surgery.finetune.apply import apply as apply_rules
-    from surgery.base.loading import load_model
     from surgery.planning.report import applied_table
     from surgery.rules.rule_file import load_rules
 
@@ -64,17 +77,26 @@ def apply(
     base = load_model(name, random_init=random_init, rules=ruleset, **where).model  # quantized as it loads
     with Progress(console=console, transient=True) as progress:
         bar = progress.add_task("planning", total=1)
-        applied = apply_rules(base, ruleset, finetunes, progress=lambda what, done, total: progress.update(
-            bar, description=what, completed=done, total=max(total, 1)))
+        applied = apply_rules(
+            base,
+            ruleset,
+            finetunes,
+            progress=lambda what, done, total: progress.update(
+                bar, description=what, completed=done, total=max(total, 1)
+            ),
+        )
     console.print(applied_table(applied, name))
     equal = applied.equal_at_init
     verdict = "[green]equal[/]" if all(equal) else "[red]DIFFERENT[/]"
-    console.print(f"each fine-tune's output at init vs the quantized base: {verdict} "
-                  f"({sum(equal)}/{len(equal)} bit-identical)")
+    console.print(
+        f"each fine-tune's output at init vs the quantized base: {verdict} ({sum(equal)}/{len(equal)} bit-identical)"
+    )
     if not all(equal):
         raise typer.Exit(1)
     if out is not None:
-        paths = [out] if finetunes == 1 else [out.with_name(f"{out.stem}-{i + 1}{out.suffix}") for i in range(finetunes)]
+        paths = (
+            [out] if finetunes == 1 else [out.with_name(f"{out.stem}-{i + 1}{out.suffix}") for i in range(finetunes)]
+        )
         for ft, path in zip(applied.finetunes, paths):
             save_adapter(ft, path)
             console.print(f"wrote {path} ({path.stat().st_size:,} bytes)", highlight=False)
@@ -103,8 +125,8 @@ def rules_list():
 
     Example: surgery rules list
     """
-    from surgery.rules.ruleset import bundled_rules
     from surgery.rules.rule_file import load_rules
+    from surgery.rules.ruleset import bundled_rules
 
     table = Table(title="bundled rule files (use by name, e.g. `surgery plan qv_lora`)")
     table.add_column("name")
@@ -121,8 +143,8 @@ def rules_show(rules: str = typer.Argument(..., help="Rule file path or bundled 
 
     Example: surgery rules show qv_lora
     """
-    from surgery.rules.ruleset import bundled_rules
     from surgery.rules.rule_file import load_rules
+    from surgery.rules.ruleset import bundled_rules
 
     ruleset = load_rules(rules)
     path = bundled_rules().get(rules) or Path(rules)

@@ -29,17 +29,17 @@ import torch
 from torch import nn
 
 from ..layers.bnb import dequantized_weight, int8_rows, logical_shape, quantized_storage
-from .shared_base import base_record
 from ..model.tracing import _param_infos, op_kind
+from .shared_base import base_record
 
 VERSION = 1
 PROBED_TENSORS = 8
 PROBE_ROWS = 8
 PROBE_COLS = 8
 FOUR_BIT_BOUND = 0.2  # > half the widest gap between nf4 (0.152) or fp4 (0.167) levels, scaled by the block absmax
-HALF_STEP = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
-SUBNORMAL_HALF_STEP = {torch.float16: 2.0 ** -25}  # fp16 subnormals below 6.1e-5 have a fixed step
-SOURCE_ROUNDING = 2.0 ** -8  # a quantized weight may have been quantized from fp16 or bf16
+HALF_STEP = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+SUBNORMAL_HALF_STEP = {torch.float16: 2.0**-25}  # fp16 subnormals below 6.1e-5 have a fixed step
+SOURCE_ROUNDING = 2.0**-8  # a quantized weight may have been quantized from fp16 or bf16
 MAX_JSON_CHARS = 256 << 10
 
 
@@ -58,13 +58,19 @@ class Fingerprint:
         return self.architecture[:12]
 
     def to_json(self) -> str:
-        return json.dumps({"version": self.version, "architecture": self.architecture,
-                           "probes": {k: [float(f"{v:.9g}") for v in vs] for k, vs in self.probes.items()},
-                           "bounds": {k: [float(f"{v:.9g}") for v in vs] for k, vs in self.bounds.items()}},
-                          sort_keys=True, separators=(",", ":"))
+        return json.dumps(
+            {
+                "version": self.version,
+                "architecture": self.architecture,
+                "probes": {k: [float(f"{v:.9g}") for v in vs] for k, vs in self.probes.items()},
+                "bounds": {k: [float(f"{v:.9g}") for v in vs] for k, vs in self.bounds.items()},
+            },
+            sort_keys=True,
+            separators=(",", ":"),
+        )
 
     @classmethod
-    def from_json(cls, text: str) -> "Fingerprint":
+    def from_json(cls, text: str) -> Fingerprint:
         """Parse a stored fingerprint (untrusted: schema, sizes and finiteness checked); ValueError if not one."""
         if len(text) > MAX_JSON_CHARS:
             raise ValueError(f"{len(text):,} characters, more than any fingerprint holds")
@@ -86,21 +92,28 @@ class Fingerprint:
             raise ValueError(f"{len(probes)} probed weights; a fingerprint has 1 to {PROBED_TENSORS}")
         for name in probes:
             values, limits = probes[name], bounds[name]
-            if not (isinstance(values, list) and isinstance(limits, list)
-                    and 1 <= len(values) == len(limits) <= PROBE_ROWS * PROBE_COLS):
-                raise ValueError(f"probes of {name!r} are not two lists of equal length up to {PROBE_ROWS * PROBE_COLS}")
+            if not (
+                isinstance(values, list)
+                and isinstance(limits, list)
+                and 1 <= len(values) == len(limits) <= PROBE_ROWS * PROBE_COLS
+            ):
+                raise ValueError(
+                    f"probes of {name!r} are not two lists of equal length up to {PROBE_ROWS * PROBE_COLS}"
+                )
             if not all(_finite_number(v) for v in values) or not all(_finite_number(b) and b >= 0 for b in limits):
                 raise ValueError(f"probes of {name!r} hold a value that is not a finite number (or a negative bound)")
         return cls(data["architecture"], probes, bounds, version)
 
-    def mismatch(self, other: "Fingerprint") -> str | None:
+    def mismatch(self, other: Fingerprint) -> str | None:
         """Why ``other`` is not the same checkpoint as ``self`` (the stored one), or None when it is.
 
         Never a match by default: every stored probe must exist in ``other`` and agree with it.
         """
         if self.architecture != other.architecture:
-            return (f"another architecture (digest {other.short}, the file's base has {self.short}): "
-                    "other classes, layer names or sizes")
+            return (
+                f"another architecture (digest {other.short}, the file's base has {self.short}): "
+                "other classes, layer names or sizes"
+            )
         if not self.probes:
             return "the stored fingerprint has no weight probes"
         for name in sorted(self.probes):
@@ -109,8 +122,10 @@ class Fingerprint:
             for i, (a, b) in enumerate(zip(self.probes[name], other.probes[name])):
                 allowed = self.bounds[name][i] + other.bounds[name][i] + 1e-6 * abs(a)
                 if not abs(a - b) <= allowed:  # NaN never agrees
-                    return (f"other weights of the same architecture: {name} probe {i} is {b:.6g} here but "
-                            f"{a:.6g} in the file's base (allowed difference {allowed:.3g})")
+                    return (
+                        f"other weights of the same architecture: {name} probe {i} is {b:.6g} here but "
+                        f"{a:.6g} in the file's base (allowed difference {allowed:.3g})"
+                    )
         return None
 
     def __repr__(self) -> str:
@@ -161,7 +176,7 @@ def _probe(module: nn.Module) -> tuple[list[float], list[float]]:
             dense = weight.t() if op_kind(module) == "conv1d" else weight
             rows, cols = _probed(dense.shape)
             chosen = dense[rows.to(dense.device)].float()
-            half_step, subnormal = HALF_STEP.get(weight.dtype, 2.0 ** -8), SUBNORMAL_HALF_STEP.get(weight.dtype, 0.0)
+            half_step, subnormal = HALF_STEP.get(weight.dtype, 2.0**-8), SUBNORMAL_HALF_STEP.get(weight.dtype, 0.0)
         else:
             chosen = int8_rows(module, rows := _probed(logical_shape(module))[0])
             cols = _probed(logical_shape(module))[1]
@@ -175,8 +190,10 @@ def _probe(module: nn.Module) -> tuple[list[float], list[float]]:
 
 
 def _probed(shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    return (torch.tensor(_evenly_spaced(range(shape[0]), PROBE_ROWS)),
-            torch.tensor(_evenly_spaced(range(shape[1]), PROBE_COLS)))
+    return (
+        torch.tensor(_evenly_spaced(range(shape[0]), PROBE_ROWS)),
+        torch.tensor(_evenly_spaced(range(shape[1]), PROBE_COLS)),
+    )
 
 
 def _probe_4bit(module: nn.Module) -> tuple[list[float], list[float]]:
@@ -187,7 +204,7 @@ def _probe_4bit(module: nn.Module) -> tuple[list[float], list[float]]:
     flat = dense.reshape(-1)
     index = rows.to(dense.device).unsqueeze(1) * dense.shape[1] + cols.to(dense.device).unsqueeze(0)
     starts = (index // blocksize) * blocksize
-    block_max = torch.stack([flat[s:s + blocksize].abs().max() for s in starts.reshape(-1).tolist()]).float()
+    block_max = torch.stack([flat[s : s + blocksize].abs().max() for s in starts.reshape(-1).tolist()]).float()
     bound = block_max.reshape(values.shape).cpu() * FOUR_BIT_BOUND + values.abs() * SOURCE_ROUNDING
     return values.reshape(-1).tolist(), bound.reshape(-1).tolist()
 
@@ -212,7 +229,7 @@ def _weights_key(base: nn.Module) -> str:
     with torch.no_grad():
         for p in base.parameters():
             flat = p.detach().reshape(-1)
-            sample = flat[::max(1, flat.numel() // 16)][:16].to("cpu").contiguous()
+            sample = flat[:: max(1, flat.numel() // 16)][:16].to("cpu").contiguous()
             digest.update(f"{id(p)}:{p.data_ptr()}:{p._version}:{p.dtype}:{p.numel()}|".encode())
             digest.update(sample.view(torch.uint8).numpy().tobytes() if sample.numel() else b"")
     return digest.hexdigest()

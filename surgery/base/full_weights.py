@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -57,8 +58,10 @@ class CheckpointWeights:
                 weight_map = json.loads(text)["weight_map"]
                 files = {name: self._shard(file) for name, file in weight_map.items()}
             except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
-                raise RewriteError(f"{index}: not a safetensors index (a JSON object with a weight_map of file "
-                                   "names); LoftQ reads the full-precision weights through it") from None
+                raise RewriteError(
+                    f"{index}: not a safetensors index (a JSON object with a weight_map of file "
+                    "names); LoftQ reads the full-precision weights through it"
+                ) from None
             return files
         single = self.folder / "model.safetensors"
         if not single.is_file():
@@ -76,7 +79,7 @@ class CheckpointWeights:
     def key(self, path: str, names: dict[str, Path]) -> str | None:
         candidates = [path]
         if self.prefix and path.startswith(self.prefix + "."):
-            candidates.append(path[len(self.prefix) + 1:])
+            candidates.append(path[len(self.prefix) + 1 :])
         elif self.prefix:
             candidates.append(f"{self.prefix}.{path}")
         return next((f"{c}.weight" for c in candidates if f"{c}.weight" in names), None)
@@ -114,11 +117,11 @@ class RebuiltWeights:
 
     @contextlib.contextmanager
     def reader(self) -> Iterator[Read]:
-        model = self.build()
+        built = [self.build()]
         try:
-            yield lambda path: model.get_submodule(path).weight.detach()
+            yield lambda path: built[0].get_submodule(path).weight.detach()
         finally:
-            del model
+            built.clear()
 
 
 @dataclass(frozen=True)
@@ -145,12 +148,15 @@ def full_weight_reader(model: nn.Module, paths: list[str], source: FullWeights |
             f"{f' (and {len(rest) - 1} more)' if len(rest) > 1 else ''}, but the base holds it quantized and surgery "
             "does not know where it was loaded from (no safetensors checkpoint at its name_or_path); load the base "
             "with surgery.load_model (which records its checkpoint), or make the LoftQ fine-tune before the base is "
-            "quantized")
+            "quantized"
+        )
     missing = source.missing(rest)
     if missing:
-        raise RewriteError(f"init_lora_weights: loftq needs the full-precision weight of {missing[0]}, but "
-                           f"{source.describe()} has no safetensors tensor for it; LoftQ reads weights from a "
-                           "safetensors checkpoint (save the model with save_pretrained), or use init true")
+        raise RewriteError(
+            f"init_lora_weights: loftq needs the full-precision weight of {missing[0]}, but "
+            f"{source.describe()} has no safetensors tensor for it; LoftQ reads weights from a "
+            "safetensors checkpoint (save the model with save_pretrained), or use init true"
+        )
     return _Both(InMemoryWeights(held), source)
 
 

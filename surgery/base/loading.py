@@ -8,13 +8,14 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Sequence
+from typing import TYPE_CHECKING, Literal
 
-from ..model.architectures import ARCHITECTURES, TINY_DEFAULT, TINY_MODELS, TINY_SEED
-from ..errors import ModelConfigError, ModelNotFoundError, SurgeryError, first_line
 from ..disk import MiB, check_user_file, read_user_file
+from ..errors import ModelConfigError, ModelNotFoundError, SurgeryError, first_line
+from ..model.architectures import ARCHITECTURES, TINY_DEFAULT, TINY_MODELS, TINY_SEED
 
 if TYPE_CHECKING:  # torch is imported where a model is built: resolving a name or a config needs none
     import torch
@@ -23,8 +24,12 @@ if TYPE_CHECKING:  # torch is imported where a model is built: resolving a name 
     from ..rules.ruleset import RuleSet
 
 MAX_CONFIG_BYTES = 16 * MiB
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 @dataclass(frozen=True)
@@ -75,15 +80,20 @@ def build_from_config(config, *, device: str | torch.device = "meta", seed: int 
                 model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     except ValueError as exc:
         if "Unrecognized configuration class" in str(exc):
-            raise ModelConfigError(f"{_config_name(config)}: a {type(config).__name__} is not a causal language model "
-                                   "architecture (AutoModelForCausalLM has no class for it); surgery works on causal "
-                                   "LMs (GPT-2, OPT, Llama, Mistral, ...)") from None
-        raise ModelConfigError(f"{_config_name(config)}: the config cannot build a model ({first_line(exc)}); check "
-                               "its sizes") from None
+            raise ModelConfigError(
+                f"{_config_name(config)}: a {type(config).__name__} is not a causal language model "
+                "architecture (AutoModelForCausalLM has no class for it); surgery works on causal "
+                "LMs (GPT-2, OPT, Llama, Mistral, ...)"
+            ) from None
+        raise ModelConfigError(
+            f"{_config_name(config)}: the config cannot build a model ({first_line(exc)}); check its sizes"
+        ) from None
     except (TypeError, RuntimeError, AssertionError, ZeroDivisionError, AttributeError, KeyError) as exc:
-        raise ModelConfigError(f"{_config_name(config)}: the config cannot build a model ({type(exc).__name__}: "
-                               f"{first_line(exc)}); check its sizes (e.g. hidden size divisible by the number of "
-                               "heads)") from None
+        raise ModelConfigError(
+            f"{_config_name(config)}: the config cannot build a model ({type(exc).__name__}: "
+            f"{first_line(exc)}); check its sizes (e.g. hidden size divisible by the number of "
+            "heads)"
+        ) from None
     return model.eval()
 
 
@@ -94,9 +104,11 @@ def random_model(config, name: str) -> nn.Module:
     needed = sum(p.numel() * p.element_size() for p in layout.parameters())
     available = _available_memory()
     if available is not None and needed > 0.9 * available:
-        raise ModelConfigError(f"{name}: --random-init would build {needed / 2**30:,.1f} GiB of weights in memory "
-                               f"and {available / 2**30:,.1f} GiB is available; plan and inspect it without weights "
-                               "(`surgery plan`, `surgery inspect` build it on meta), or pick a smaller model")
+        raise ModelConfigError(
+            f"{name}: --random-init would build {needed / 2**30:,.1f} GiB of weights in memory "
+            f"and {available / 2**30:,.1f} GiB is available; plan and inspect it without weights "
+            "(`surgery plan`, `surgery inspect` build it on meta), or pick a smaller model"
+        )
     return build_from_config(config, device="cpu", seed=TINY_SEED)
 
 
@@ -127,8 +139,11 @@ def tiny_model(name: str = TINY_DEFAULT) -> nn.Module:
 
 def _byte_to_char() -> dict[int, str]:
     """A printable character for every byte (the byte-level BPE convention), so ids equal byte values."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
-                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("\u00a1"), ord("\u00ac") + 1),
+        *range(ord("\u00ae"), ord("\u00ff") + 1),
+    ]
     table, extra = {}, 0
     for byte in range(256):
         if byte in printable:
@@ -151,12 +166,19 @@ def tiny_tokenizer():
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens(specials)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>",
-                                   eos_token="<eos>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
+    )
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
-                   "spiece.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+)
 
 
 def load_tokenizer(name: str):
@@ -166,25 +188,38 @@ def load_tokenizer(name: str):
     path = Path(name).expanduser()
     source = path if path.is_dir() else _hub_cache_dir(name)
     if source is None:
-        raise ModelNotFoundError(f"no tokenizer for '{name}': not a local directory or a model in the local HF cache "
-                                 "(no network is used); pass --tokenizer with a folder that holds one")
+        raise ModelNotFoundError(
+            f"no tokenizer for '{name}': not a local directory or a model in the local HF cache "
+            "(no network is used); pass --tokenizer with a folder that holds one"
+        )
     if not any((source / f).is_file() for f in TOKENIZER_FILES):
-        raise ModelConfigError(f"{source}: holds no tokenizer (none of {', '.join(TOKENIZER_FILES[:4])}, ...); put the "
-                               "tokenizer's files in that folder, or pass --tokenizer with a folder or model that has "
-                               "one")
+        raise ModelConfigError(
+            f"{source}: holds no tokenizer (none of {', '.join(TOKENIZER_FILES[:4])}, ...); put the "
+            "tokenizer's files in that folder, or pass --tokenizer with a folder or model that has "
+            "one"
+        )
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(str(source), local_files_only=True)
     except Exception as exc:  # transformers reports missing/broken tokenizer files in many ways
-        raise ModelConfigError(f"{source}: its tokenizer could not be loaded ({type(exc).__name__}: "
-                               f"{first_line(exc)}); pass --tokenizer with a folder that holds a working one") from None
+        raise ModelConfigError(
+            f"{source}: its tokenizer could not be loaded ({type(exc).__name__}: "
+            f"{first_line(exc)}); pass --tokenizer with a folder that holds a working one"
+        ) from None
 
 
-def load_model(name: str, *, weights: bool = True, random_init: bool = False,
-               rules: "RuleSet | str | Sequence[RuleSet | str]" = (), device: "str | torch.device | None" = None,
-               device_map: "str | dict | None" = None, max_memory: dict | None = None,
-               attn_implementation: str | None = None) -> LoadedModel:
+def load_model(
+    name: str,
+    *,
+    weights: bool = True,
+    random_init: bool = False,
+    rules: RuleSet | str | Sequence[RuleSet | str] = (),
+    device: str | torch.device | None = None,
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
+    attn_implementation: str | None = None,
+) -> LoadedModel:
     """Resolve MODEL: (a) local directory, (b) hub id in the local HF cache, (c) bundled architecture, (d) tiny.
 
     ``weights=False`` builds on the meta device from the config alone (inspect, plan).
@@ -204,8 +239,15 @@ def load_model(name: str, *, weights: bool = True, random_init: bool = False,
     if source == "tiny":
         loaded = LoadedModel(tiny_model(name), name, "tiny", True)
     elif source in ("directory", "hub-cache"):
-        loaded = _from_directory(folder, name, weights=weights, random_init=random_init, source=source,
-                                 rule_sets=rule_sets, placement=placement)
+        loaded = _from_directory(
+            folder,
+            name,
+            weights=weights,
+            random_init=random_init,
+            source=source,
+            rule_sets=rule_sets,
+            placement=placement,
+        )
     elif source == "file":
         raise ModelNotFoundError(f"{name}: is a file, not a model directory; pass the folder holding config.json")
     elif source == "bundled":
@@ -356,15 +398,24 @@ def config_identity(name: str) -> dict | None:
     if folder is None or source == "file":
         return None
     try:
-        config = json.loads(read_user_file(folder / "config.json", what="model config", limit=MAX_CONFIG_BYTES,
-                                           error=ModelConfigError))
+        config = json.loads(
+            read_user_file(folder / "config.json", what="model config", limit=MAX_CONFIG_BYTES, error=ModelConfigError)
+        )
     except (SurgeryError, ValueError, RecursionError):
         return None
     return {"config.json": config} if isinstance(config, dict) else None
 
 
-def _from_directory(path: Path, name: str, *, weights: bool, random_init: bool, source: str,
-                    rule_sets: list = (), placement: Placement | None = None) -> LoadedModel:
+def _from_directory(
+    path: Path,
+    name: str,
+    *,
+    weights: bool,
+    random_init: bool,
+    source: str,
+    rule_sets: list = (),
+    placement: Placement | None = None,
+) -> LoadedModel:
     from transformers import AutoConfig
 
     if not (path / "config.json").exists():
@@ -373,8 +424,9 @@ def _from_directory(path: Path, name: str, *, weights: bool, random_init: bool, 
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (Exception, RecursionError) as exc:  # transformers raises ValueError/OSError/KeyError for bad configs
-        raise ModelConfigError(f"{path / 'config.json'}: cannot be read as a transformers config: "
-                               f"{first_line(exc)}") from None
+        raise ModelConfigError(
+            f"{path / 'config.json'}: cannot be read as a transformers config: {first_line(exc)}"
+        ) from None
     has_weights = any((path / f).is_file() for f in WEIGHT_FILES)
     if not weights:
         return LoadedModel(build_from_config(config, device="meta"), name, source, has_weights)
@@ -385,7 +437,8 @@ def _from_directory(path: Path, name: str, *, weights: bool, random_init: bool, 
         return LoadedModel(random_model(config, str(path)), name, source, False)
     raise ModelNotFoundError(
         f"{path}: has a config but no weights ({', '.join(WEIGHT_FILES[::2])}); "
-        "pass --random-init to build it with random weights, or point to a folder with weights")
+        "pass --random-init to build it with random weights, or point to a folder with weights"
+    )
 
 
 def _cpu():
@@ -414,8 +467,8 @@ def _from_checkpoint(path: Path, name: str, config, rule_sets: list, placement: 
     except Exception as exc:
         raise ModelConfigError(f"{path}: weights could not be loaded: {first_line(exc)}") from None
     if plan is not None:  # the meta trace is this model's graph: calls and shapes do not depend on weights
-        from .shared_base import base_record, settle_base
         from ..model.tracing import refresh
+        from .shared_base import base_record, settle_base
 
         settle_base(model)
         base_record(model).graph = refresh(plan.graph, model)
@@ -442,15 +495,17 @@ def _from_architecture(name: str, *, weights: bool, random_init: bool) -> Loaded
     raise ModelNotFoundError(
         f"{name}: only its architecture is bundled (no weights) and it is not in the local HF cache; "
         "pass --random-init to build it with random weights, download it into the HF cache, "
-        f"or use a tiny bundled model ({', '.join(TINY_MODELS)})")
+        f"or use a tiny bundled model ({', '.join(TINY_MODELS)})"
+    )
 
 
 def _hub_cache_dir(name: str) -> Path | None:
     """The newest snapshot of ``name`` in the local HF cache, or None; never contacts the hub."""
     if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
         return None
-    cache = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", "~/.cache/huggingface"))
-                 .expanduser() / "hub")
+    cache = Path(
+        os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", "~/.cache/huggingface")).expanduser() / "hub"
+    )
     repo = cache.expanduser() / ("models--" + name.replace("/", "--"))
     snapshots = repo / "snapshots"
     if not snapshots.is_dir():
@@ -469,7 +524,9 @@ def _not_found_message(name: str) -> str:
 
     close = difflib.get_close_matches(name, bundled_names(), n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    return (f"model '{name}' is not a local directory, not in the local HF cache (no network is used) and not "
-            f"bundled.{hint} Use a local path, a bundled name (`surgery models` lists them: "
-            f"{', '.join(TINY_MODELS)}, {', '.join(list(ARCHITECTURES)[:3])}, ...), "
-            "or pass --random-init with a bundled architecture.")
+    return (
+        f"model '{name}' is not a local directory, not in the local HF cache (no network is used) and not "
+        f"bundled.{hint} Use a local path, a bundled name (`surgery models` lists them: "
+        f"{', '.join(TINY_MODELS)}, {', '.join(list(ARCHITECTURES)[:3])}, ...), "
+        "or pass --random-init with a bundled architecture."
+    )

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from ..layers.bnb import FROM_CONV1D
+from ..model.tracing import replace_submodule
 from ..planning.decisions import Decision, Plan
 from ..rules.ruleset import QuantConfig
-from ..model.tracing import replace_submodule
 
 
 def quantize_base(model: nn.Module, plan: Plan, progress=None) -> list[str]:
@@ -95,11 +95,20 @@ def _bias(bias: torch.Tensor, compute: torch.dtype | None) -> nn.Parameter:
 
 def _linear(in_f: int, out_f: int, bias: bool, quant: QuantConfig, dtype: torch.dtype, bnb) -> nn.Module:
     if quant.scheme == "int8":
-        return bnb.nn.Linear8bitLt(in_f, out_f, bias=bias, has_fp16_weights=False, threshold=quant.threshold,
-                                   device="meta")
+        return bnb.nn.Linear8bitLt(
+            in_f, out_f, bias=bias, has_fp16_weights=False, threshold=quant.threshold, device="meta"
+        )
     compute = getattr(torch, quant.compute_dtype) if quant.compute_dtype else dtype
-    return bnb.nn.Linear4bit(in_f, out_f, bias=bias, compute_dtype=compute, compress_statistics=quant.double_quant,
-                             quant_type=quant.scheme, quant_storage=getattr(torch, quant.storage), device="meta")
+    return bnb.nn.Linear4bit(
+        in_f,
+        out_f,
+        bias=bias,
+        compute_dtype=compute,
+        compress_statistics=quant.double_quant,
+        quant_type=quant.scheme,
+        quant_storage=getattr(torch, quant.storage),
+        device="meta",
+    )
 
 
 def _embedding(module: nn.Embedding, quant: QuantConfig, bnb) -> nn.Module:
@@ -107,8 +116,14 @@ def _embedding(module: nn.Embedding, quant: QuantConfig, bnb) -> nn.Module:
     if quant.scheme == "int8":
         layer = bnb.nn.Embedding8bit(num, dim, device="meta", dtype=module.weight.dtype)
     else:
-        layer = bnb.nn.Embedding4bit(num, dim, quant_type=quant.scheme, quant_storage=getattr(torch, quant.storage),
-                                     device="meta", dtype=module.weight.dtype)
+        layer = bnb.nn.Embedding4bit(
+            num,
+            dim,
+            quant_type=quant.scheme,
+            quant_storage=getattr(torch, quant.storage),
+            device="meta",
+            dtype=module.weight.dtype,
+        )
     layer.padding_idx = module.padding_idx
     return layer
 
@@ -121,9 +136,21 @@ def quantized_weight(weight: torch.Tensor, quant: QuantConfig, layer: nn.Module)
     if quant.scheme == "int8":
         cb, scb, _ = bnb.functional.int8_vectorwise_quant(weight.contiguous().to(torch.float16))
         return bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False, CB=cb, SCB=scb)
-    packed, state = bnb.functional.quantize_4bit(weight.contiguous(), blocksize=quant.blocksize,
-                                                 compress_statistics=quant.double_quant, quant_type=quant.scheme,
-                                                 quant_storage=getattr(torch, quant.storage))
-    return bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=quant.blocksize,
-                             compress_statistics=quant.double_quant, quant_type=quant.scheme,
-                             quant_storage=packed.dtype, module=layer, bnb_quantized=True)
+    packed, state = bnb.functional.quantize_4bit(
+        weight.contiguous(),
+        blocksize=quant.blocksize,
+        compress_statistics=quant.double_quant,
+        quant_type=quant.scheme,
+        quant_storage=getattr(torch, quant.storage),
+    )
+    return bnb.nn.Params4bit(
+        packed,
+        requires_grad=False,
+        quant_state=state,
+        blocksize=quant.blocksize,
+        compress_statistics=quant.double_quant,
+        quant_type=quant.scheme,
+        quant_storage=packed.dtype,
+        module=layer,
+        bnb_quantized=True,
+    )

@@ -21,9 +21,9 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from ..model.tracing import replace_submodule
 from ..planning.decisions import Decision, Plan
 from .quantize import empty_layer, finished_layer, float_weight, quantized_weight
-from ..model.tracing import replace_submodule
 
 METHOD = "surgery"
 
@@ -36,8 +36,10 @@ class PlanQuantizationConfig(QuantizationConfigMixin):
         self.decisions = dict(decisions or {})
 
     def to_dict(self) -> dict[str, Any]:
-        return {"quant_method": METHOD, "modules": {path: {"kind": d.kind, **d.quant.to_dict()}
-                                                    for path, d in self.decisions.items()}}
+        return {
+            "quant_method": METHOD,
+            "modules": {path: {"kind": d.kind, **d.quant.to_dict()} for path, d in self.decisions.items()},
+        }
 
 
 class PlanQuantizer(HfQuantizer):
@@ -149,8 +151,7 @@ def planned_device_map(model: nn.Module, plan: Plan, max_memory: dict, *, balanc
     no_split = getattr(twin, "_no_split_modules", None) or []
     memory = dict(max_memory)
     if balanced:
-        memory = get_balanced_memory(twin, max_memory=memory, no_split_module_classes=no_split,
-                                     hf_quantizer=quantizer)
+        memory = get_balanced_memory(twin, max_memory=memory, no_split_module_classes=no_split, hf_quantizer=quantizer)
     return infer_auto_device_map(twin, max_memory=memory, no_split_module_classes=no_split, hf_quantizer=quantizer)
 
 

@@ -1,8 +1,9 @@
 """What surgery knows of a base while it lives, and the one place the base changes: quantized for rule files.
 
 A base's record holds its graph (traced once, refreshed after quantization), its live fine-tunes,
-its fingerprint, where its full-precision weights can be read again and, once sharded, FSDP2's root. ``prepare_base`` quantizes the base for rule files
-before fine-tunes are made, and restores every module and flag if anything fails midway.
+its fingerprint, where its full-precision weights can be read again and, once sharded, FSDP2's root.
+``prepare_base`` quantizes the base for rule files before fine-tunes are made, and restores every module and
+flag if anything fails midway.
 """
 
 from __future__ import annotations
@@ -15,15 +16,16 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..layers.bnb import settle_shared_layers
 from ..errors import PlanError, RewriteError, SharedBaseWarning, SurgeryError
+from ..layers.bnb import settle_shared_layers
 from ..model.graph import ModelGraph
-from ..planning.decisions import Plan, plan as make_plan
-from .full_weights import FullWeights
-from .quantize import quantize_base
+from ..model.tracing import refresh, trace
+from ..planning.decisions import Plan
+from ..planning.decisions import plan as make_plan
 from ..rules.rule_file import load_rules
 from ..rules.ruleset import RuleSet
-from ..model.tracing import refresh, trace
+from .full_weights import FullWeights
+from .quantize import quantize_base
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,7 @@ class BaseRecord:
         return f"BaseRecord(graph={'yes' if self.graph else 'no'}, {len(self.finetunes)} live fine-tunes)"
 
 
-_BASES: "weakref.WeakKeyDictionary[nn.Module, BaseRecord]" = weakref.WeakKeyDictionary()
+_BASES: weakref.WeakKeyDictionary[nn.Module, BaseRecord] = weakref.WeakKeyDictionary()
 
 
 def base_record(model: nn.Module) -> BaseRecord:
@@ -68,8 +70,11 @@ def base_graph(model: nn.Module) -> ModelGraph:
     if cached is None:
         key = _structure_key(model)
         cached = _BY_STRUCTURE.get(key)
-        log.debug("graph of a %s: %s", type(model).__name__, "traced" if cached is None else
-                  "reused from a model of the same structure")
+        log.debug(
+            "graph of a %s: %s",
+            type(model).__name__,
+            "traced" if cached is None else "reused from a model of the same structure",
+        )
         graph = trace(model) if cached is None else refresh(cached, model)
         _BY_STRUCTURE[key] = graph
         while len(_BY_STRUCTURE) > _BY_STRUCTURE_SIZE:
@@ -82,10 +87,18 @@ def base_graph(model: nn.Module) -> ModelGraph:
 
 def _structure_key(model: nn.Module) -> tuple:
     config = getattr(model, "config", None)
-    return (type(model).__qualname__, config.to_json_string() if hasattr(config, "to_json_string") else None,
-            tuple((path, type(m).__qualname__, tuple((n, tuple(p.shape), p.dtype) for n, p in
-                                                       m.named_parameters(recurse=False)))
-                  for path, m in model.named_modules(remove_duplicate=False)))
+    return (
+        type(model).__qualname__,
+        config.to_json_string() if hasattr(config, "to_json_string") else None,
+        tuple(
+            (
+                path,
+                type(m).__qualname__,
+                tuple((n, tuple(p.shape), p.dtype) for n, p in m.named_parameters(recurse=False)),
+            )
+            for path, m in model.named_modules(remove_duplicate=False)
+        ),
+    )
 
 
 def prepare_base(model: nn.Module, *rule_sets: RuleSet | str) -> None:
@@ -101,10 +114,15 @@ def prepare_base(model: nn.Module, *rule_sets: RuleSet | str) -> None:
         except PlanError as exc:
             if not done or "C1" not in exc.constraints:
                 raise
-            raise PlanError(exc.violations, exc.lines, note=(
-                f"{rules.source} and {', '.join(done)} (planned first, which quantized the shared base) disagree on "
-                "how the base is stored: all fine-tunes of one base need the same quantization, so write the same "
-                "`quantize:` in every rule file (or train these jobs on separate bases)")) from None
+            raise PlanError(
+                exc.violations,
+                exc.lines,
+                note=(
+                    f"{rules.source} and {', '.join(done)} (planned first, which quantized the shared base) "
+                    "disagree on how the base is stored: all fine-tunes of one base need the same quantization, so "
+                    "write the same `quantize:` in every rule file (or train these jobs on separate bases)"
+                ),
+            ) from None
         if the_plan.quantized:
             done.append(rules.source)
             with restored_on_failure(model, "quantizing the base"):
@@ -123,7 +141,9 @@ def warn_if_quantizing_under_finetunes(model: nn.Module, the_plan: Plan) -> None
             f"{len(live)} fine-tune(s) made earlier use unquantized: they keep their own full-precision copy "
             "(memory) and their adapter files will reload onto the quantized base. Quantize first with "
             "surgery.prepare_base(base, *rule_files), or make this fine-tune first.",
-            SharedBaseWarning, stacklevel=3)
+            SharedBaseWarning,
+            stacklevel=3,
+        )
 
 
 @contextlib.contextmanager
@@ -144,8 +164,7 @@ class _Snapshot:
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self.children = [(parent, name, child) for parent in model.modules()
-                         for name, child in parent.named_children()]
+        self.children = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()]
         self.flags = [(p, p.requires_grad) for p in model.parameters()]
 
     def restore(self) -> None:
@@ -164,7 +183,7 @@ def settle_base(model: nn.Module) -> None:
 
 
 class ShardedBase(nn.Module):
-    """FSDP2's root: holds the base; ``root(model, ...)`` runs ``model`` (the base, a fine-tune or a view) through it."""
+    """FSDP2's root: holds the base; ``root(model, ...)`` runs ``model`` (the base, a fine-tune, a view) through it."""
 
     def __init__(self, base: nn.Module):
         super().__init__()

@@ -7,7 +7,6 @@ hostile: bounded, validated, one clear error naming the file.
 """
 
 from ..stages import submodules_on_use
-
 from . import adapter_folder  # noqa: F401  fine-tunes get save_pretrained, folders their PEFT check
 
 __getattr__ = submodules_on_use(__name__)

@@ -21,15 +21,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import AdapterStateError, PlanError, RuleFileError, SurgeryError, first_line
-from ..disk import GiB, MiB, atomic_write, check_folder_files, check_inside, read_user_file, version
 from ..base.fingerprints import Fingerprint, base_fingerprint
-from ..planning.decisions import plan as make_plan
-from ..finetune.state import finetune_info, own_state, require_finetune
-from ..finetune.rewriting import rewrite
 from ..base.shared_base import base_graph
-from ..rules.ruleset import MAX_RULE_FILE_BYTES, QuantConfig, RuleSet
+from ..disk import GiB, MiB, atomic_write, check_folder_files, check_inside, read_user_file, version
+from ..errors import AdapterStateError, PlanError, RuleFileError, SurgeryError, first_line
+from ..finetune.rewriting import rewrite
+from ..finetune.state import finetune_info, own_state, require_finetune
+from ..planning.decisions import plan as make_plan
 from ..rules.rule_file import parse_rules
+from ..rules.ruleset import MAX_RULE_FILE_BYTES, QuantConfig, RuleSet
 
 ADAPTER_FILE = "adapter.safetensors"  # the adapter file's name in folders: save_pretrained, train runs, checkpoints
 FORMAT = "surgery-adapter"
@@ -37,9 +37,18 @@ FORMAT_VERSION = 1
 MAX_HEADER_BYTES = 16 * MiB  # tensor entries + rules + fingerprint: kilobytes in practice
 MAX_ADAPTER_BYTES = 64 * GiB
 MAX_RULES_JSON = MAX_RULE_FILE_BYTES
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool}
+DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
@@ -66,18 +75,23 @@ class AdapterFile:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
     def __repr__(self) -> str:
-        return (f"AdapterFile({str(self.path)!r}, base={self.base_model or self.base_class!r}, "
-                f"{len(self.tensors)} tensors, {self.nbytes} bytes)")
+        return (
+            f"AdapterFile({str(self.path)!r}, base={self.base_model or self.base_class!r}, "
+            f"{len(self.tensors)} tensors, {self.nbytes} bytes)"
+        )
 
 
 # ---------------------------------------------------------------------------------------- save
+
 
 def save_adapter(finetune: nn.Module, path: str | Path) -> Path:
     """Write the fine-tune's own tensors and metadata to ``path`` (safetensors), atomically."""
     path = Path(path)
     if path.is_dir():
-        raise AdapterStateError(f"{path}: is a directory; give a file name such as {path / ADAPTER_FILE} "
-                                "(or write a whole adapter folder with ft.save_pretrained)")
+        raise AdapterStateError(
+            f"{path}: is a directory; give a file name such as {path / ADAPTER_FILE} "
+            "(or write a whole adapter folder with ft.save_pretrained)"
+        )
     atomic_write(path, adapter_bytes(finetune), error=AdapterStateError)
     return path
 
@@ -112,6 +126,7 @@ def base_name(base: nn.Module) -> str:
 
 # ---------------------------------------------------------------------------------------- read
 
+
 def read_adapter(path: str | Path) -> AdapterFile:
     """Read and validate an adapter file completely (structure, metadata, checksums); changes nothing.
 
@@ -127,15 +142,19 @@ def read_adapter(path: str | Path) -> AdapterFile:
     metadata = _check_metadata(path, header.pop("__metadata__", None))
     tensors = _tensors(path, header, data, data_start)
     if metadata["tensors_sha256"] != _tensors_digest(tensors):
-        raise AdapterStateError(f"{path}: tensor checksum mismatch: the tensor data or names were changed or "
-                                "corrupted after saving; save the adapter again")
+        raise AdapterStateError(
+            f"{path}: tensor checksum mismatch: the tensor data or names were changed or "
+            "corrupted after saving; save the adapter again"
+        )
     try:
         fp = Fingerprint.from_json(metadata["base_fingerprint"])
     except ValueError as exc:
         raise AdapterStateError(f"{path}: unreadable base fingerprint ({exc})") from None
     if len(metadata["rules"]) > MAX_RULES_JSON:
-        raise AdapterStateError(f"{path}: its stored rules are {len(metadata['rules']):,} characters of JSON; rule "
-                                f"files are at most {MAX_RULES_JSON:,}: not a file save_adapter wrote")
+        raise AdapterStateError(
+            f"{path}: its stored rules are {len(metadata['rules']):,} characters of JSON; rule "
+            f"files are at most {MAX_RULES_JSON:,}: not a file save_adapter wrote"
+        )
     try:
         rules = parse_rules(json.loads(metadata["rules"]), source=f"{path}#rules")
     except (ValueError, RecursionError) as exc:
@@ -147,15 +166,20 @@ def read_adapter(path: str | Path) -> AdapterFile:
 
 def _read_bytes(path: Path) -> bytes:
     if path.is_dir():
-        hint = " (it holds adapter_config.json: a PEFT adapter; use surgery.import_peft)" \
-            if (path / "adapter_config.json").exists() else ""
+        hint = (
+            " (it holds adapter_config.json: a PEFT adapter; use surgery.import_peft)"
+            if (path / "adapter_config.json").exists()
+            else ""
+        )
         raise AdapterStateError(f"{path}: is a directory without {ADAPTER_FILE}, not an adapter file{hint}")
     data = read_user_file(path, what="adapter file", limit=MAX_ADAPTER_BYTES, error=AdapterStateError)
     if not data:
         raise AdapterStateError(f"{path}: is empty; it is not an adapter file (was a save interrupted?)")
     if data[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") or data[:4] == b"PK\x03\x04":
-        raise AdapterStateError(f"{path}: is a pickle or torch.save archive, not safetensors; surgery never "
-                                "unpickles files (they can run code). Convert it to safetensors first")
+        raise AdapterStateError(
+            f"{path}: is a pickle or torch.save archive, not safetensors; surgery never "
+            "unpickles files (they can run code). Convert it to safetensors first"
+        )
     if len(data) < 8:
         raise AdapterStateError(f"{path}: is {len(data)} bytes long, too short for a safetensors file")
     return data
@@ -164,15 +188,18 @@ def _read_bytes(path: Path) -> bytes:
 def _parse_header(path: Path, data: bytes) -> tuple[dict, int]:
     (length,) = struct.unpack("<Q", data[:8])
     if length > len(data) - 8:
-        raise AdapterStateError(f"{path}: header claims {length} bytes but the file holds only {len(data) - 8} "
-                                "after the length field: truncated, or not a safetensors file")
+        raise AdapterStateError(
+            f"{path}: header claims {length} bytes but the file holds only {len(data) - 8} "
+            "after the length field: truncated, or not a safetensors file"
+        )
     if length > MAX_HEADER_BYTES:
         raise AdapterStateError(f"{path}: header of {length} bytes is larger than any adapter file writes")
     try:
-        header = json.loads(data[8:8 + length].decode("utf-8"))
+        header = json.loads(data[8 : 8 + length].decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise AdapterStateError(f"{path}: corrupted header (not valid UTF-8 JSON, or nested too deeply: "
-                                f"{first_line(exc)})") from None
+        raise AdapterStateError(
+            f"{path}: corrupted header (not valid UTF-8 JSON, or nested too deeply: {first_line(exc)})"
+        ) from None
     if not isinstance(header, dict):
         raise AdapterStateError(f"{path}: corrupted header (a JSON {type(header).__name__}, not an object)")
     return header, 8 + length
@@ -180,26 +207,33 @@ def _parse_header(path: Path, data: bytes) -> tuple[dict, int]:
 
 def _check_metadata(path: Path, metadata) -> dict[str, str]:
     if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
-        raise AdapterStateError(f"{path}: a safetensors file without surgery adapter metadata; it was not written "
-                                "by surgery.save_adapter (for PEFT adapters use surgery.import_peft)")
+        raise AdapterStateError(
+            f"{path}: a safetensors file without surgery adapter metadata; it was not written "
+            "by surgery.save_adapter (for PEFT adapters use surgery.import_peft)"
+        )
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise AdapterStateError(f"{path}: corrupted metadata (values must be strings)")
     try:
         version = int(metadata.get("format_version", ""))
     except ValueError:
-        raise AdapterStateError(f"{path}: corrupted metadata (format_version "
-                                f"{metadata.get('format_version')!r} is not a number)") from None
+        raise AdapterStateError(
+            f"{path}: corrupted metadata (format_version {metadata.get('format_version')!r} is not a number)"
+        ) from None
     if version > FORMAT_VERSION:
-        raise AdapterStateError(f"{path}: adapter format version {version} is newer than this surgery reads "
-                                f"({FORMAT_VERSION}); upgrade surgery (pip install -U surgery)")
+        raise AdapterStateError(
+            f"{path}: adapter format version {version} is newer than this surgery reads "
+            f"({FORMAT_VERSION}); upgrade surgery (pip install -U surgery)"
+        )
     missing = [k for k in ("rules", "base_fingerprint", "metadata_sha256", "tensors_sha256") if k not in metadata]
     if missing:
         raise AdapterStateError(f"{path}: corrupted metadata (missing {', '.join(missing)})")
     stored = metadata["metadata_sha256"]
     rest = {k: v for k, v in metadata.items() if k not in ("metadata_sha256", "tensors_sha256")}
     if _metadata_digest(rest) != stored:
-        raise AdapterStateError(f"{path}: metadata checksum mismatch: the metadata was changed or corrupted "
-                                "after saving; save the adapter again")
+        raise AdapterStateError(
+            f"{path}: metadata checksum mismatch: the metadata was changed or corrupted "
+            "after saving; save the adapter again"
+        )
     return metadata
 
 
@@ -211,21 +245,33 @@ def _tensors(path: Path, header: dict, data: bytes, start: int) -> dict[str, tor
         if not isinstance(entry, dict) or entry.get("dtype") not in DTYPES:
             raise AdapterStateError(f"{path}: corrupted header entry for '{name}' (unknown dtype or form)")
         shape, offsets = entry.get("shape"), entry.get("data_offsets")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
-                and isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+        if not (
+            isinstance(shape, list)
+            and all(isinstance(d, int) and d >= 0 for d in shape)
+            and isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) for o in offsets)
+        ):
             raise AdapterStateError(f"{path}: corrupted header entry for '{name}' (shape or offsets)")
         begin, end = offsets
         size = ITEMSIZE[entry["dtype"]] * math.prod(shape)
         if not 0 <= begin <= end or end - begin != size:
-            raise AdapterStateError(f"{path}: corrupted header entry for '{name}': offsets {offsets} do not hold a "
-                                    f"{entry['dtype']} tensor of shape {shape}")
+            raise AdapterStateError(
+                f"{path}: corrupted header entry for '{name}': offsets {offsets} do not hold a "
+                f"{entry['dtype']} tensor of shape {shape}"
+            )
         if end > end_of_data:
-            raise AdapterStateError(f"{path}: truncated: tensor '{name}' needs bytes up to {end} of the data section "
-                                    f"but the file holds {end_of_data}")
+            raise AdapterStateError(
+                f"{path}: truncated: tensor '{name}' needs bytes up to {end} of the data section "
+                f"but the file holds {end_of_data}"
+            )
         spans.append((begin, end, name))
-        raw = bytearray(data[start + begin:start + end])
-        tensors[name] = torch.frombuffer(raw, dtype=DTYPES[entry["dtype"]]).reshape(shape) if size else \
-            torch.empty(shape, dtype=DTYPES[entry["dtype"]])
+        raw = bytearray(data[start + begin : start + end])
+        tensors[name] = (
+            torch.frombuffer(raw, dtype=DTYPES[entry["dtype"]]).reshape(shape)
+            if size
+            else torch.empty(shape, dtype=DTYPES[entry["dtype"]])
+        )
     spans.sort()
     if spans and spans[0][0] != 0:
         raise AdapterStateError(f"{path}: corrupted header: {spans[0][0]} unused bytes before the first tensor")
@@ -233,11 +279,15 @@ def _tensors(path: Path, header: dict, data: bytes, start: int) -> dict[str, tor
         if begin_b < end_a:
             raise AdapterStateError(f"{path}: corrupted header: tensors '{a}' and '{b}' overlap")
         if begin_b > end_a:
-            raise AdapterStateError(f"{path}: corrupted header: {begin_b - end_a} unused bytes between tensors '{a}' "
-                                    f"and '{b}' (safetensors data is contiguous)")
+            raise AdapterStateError(
+                f"{path}: corrupted header: {begin_b - end_a} unused bytes between tensors '{a}' "
+                f"and '{b}' (safetensors data is contiguous)"
+            )
     if (spans[-1][1] if spans else 0) != end_of_data:
-        raise AdapterStateError(f"{path}: {end_of_data - (spans[-1][1] if spans else 0)} stray bytes after the "
-                                "last tensor: not a file save_adapter wrote")
+        raise AdapterStateError(
+            f"{path}: {end_of_data - (spans[-1][1] if spans else 0)} stray bytes after the "
+            "last tensor: not a file save_adapter wrote"
+        )
     return tensors
 
 
@@ -256,6 +306,7 @@ def _tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
 
 # ---------------------------------------------------------------------------------------- load
 
+
 def load_adapter(model: nn.Module, path: str | Path | AdapterFile) -> nn.Module:
     """Load an adapter file: onto a base (a new fine-tune from the file's rules) or into a fine-tune.
 
@@ -271,15 +322,15 @@ def load_adapter(model: nn.Module, path: str | Path | AdapterFile) -> nn.Module:
         rules = held_storage_rules(adapter.rules, base)
         if info is not None:
             if info.rules.to_json() not in (adapter.rules.to_json(), rules.to_json()):
-                raise AdapterStateError(f"{adapter.path}: was saved from a fine-tune with other rules than this one "
-                                        f"({info.rules.source}); load it onto the base instead to rebuild it")
+                raise AdapterStateError(
+                    f"{adapter.path}: was saved from a fine-tune with other rules than this one "
+                    f"({info.rules.source}); load it onto the base instead to rebuild it"
+                )
             _copy_into(model, adapter)
             return model
         return rewrite(base, rules, finish=lambda ft: _fill_and_check(ft, adapter))
     except (PlanError, RuleFileError) as exc:
         raise AdapterStateError(f"{adapter.path}: its rules do not plan on this base: {exc}") from None
-
-
 
 
 FOLDER_CHECKS: list = []  # check(finetune, adapter) after loading from a folder; adapter_folder adds the PEFT one
@@ -319,13 +370,17 @@ def held_storage_rules(rules: RuleSet, base: nn.Module) -> RuleSet:
 def check_base(adapter: AdapterFile, base: nn.Module) -> None:
     """Raise AdapterStateError unless ``base`` is the checkpoint the adapter was saved from."""
     if adapter.base_class and adapter.base_class != type(base).__name__:
-        raise AdapterStateError(f"{adapter.path}: was saved on a {adapter.base_class} "
-                                f"({adapter.base_model or 'unnamed'}), not a {type(base).__name__}; "
-                                "load it onto the model it was trained on")
+        raise AdapterStateError(
+            f"{adapter.path}: was saved on a {adapter.base_class} "
+            f"({adapter.base_model or 'unnamed'}), not a {type(base).__name__}; "
+            "load it onto the model it was trained on"
+        )
     why = adapter.fingerprint.mismatch(base_fingerprint(base))
     if why is not None:
-        raise AdapterStateError(f"{adapter.path}: the base differs from the one it was saved on "
-                                f"({adapter.base_model or adapter.base_class}): {why}")
+        raise AdapterStateError(
+            f"{adapter.path}: the base differs from the one it was saved on "
+            f"({adapter.base_model or adapter.base_class}): {why}"
+        )
 
 
 def _copy_into(finetune: nn.Module, adapter: AdapterFile) -> None:
@@ -334,15 +389,20 @@ def _copy_into(finetune: nn.Module, adapter: AdapterFile) -> None:
     unexpected = sorted(set(adapter.tensors) - set(own))
     missing = [name for name in own if name not in adapter.tensors]
     if unexpected or missing:
-        parts = [f"{what} key '{keys[0]}'" + (f" (and {len(keys) - 1} more)" if len(keys) > 1 else "")
-                 for what, keys in (("unexpected", unexpected), ("missing", missing)) if keys]
-        raise AdapterStateError(f"{adapter.path}: {'; '.join(parts)} — the file does not match the fine-tune its "
-                                "rules build")
+        parts = [
+            f"{what} key '{keys[0]}'" + (f" (and {len(keys) - 1} more)" if len(keys) > 1 else "")
+            for what, keys in (("unexpected", unexpected), ("missing", missing))
+            if keys
+        ]
+        raise AdapterStateError(
+            f"{adapter.path}: {'; '.join(parts)} — the file does not match the fine-tune its rules build"
+        )
     for name, p in own.items():
         t = adapter.tensors[name]
         if tuple(t.shape) != tuple(p.shape):
-            raise AdapterStateError(f"{adapter.path}: '{name}' has shape {tuple(t.shape)} but the fine-tune needs "
-                                    f"{tuple(p.shape)}")
+            raise AdapterStateError(
+                f"{adapter.path}: '{name}' has shape {tuple(t.shape)} but the fine-tune needs {tuple(p.shape)}"
+            )
         if t.dtype != p.dtype:
             raise AdapterStateError(f"{adapter.path}: '{name}' is {t.dtype} but the fine-tune holds {p.dtype}")
     with torch.no_grad():

@@ -24,13 +24,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapter_file import ADAPTER_FILE, FOLDER_CHECKS, adapter_bytes
-from ..errors import AdapterStateError, SurgeryError, SurgeryWarning
 from ..disk import write_folder_files
+from ..errors import AdapterStateError, SurgeryError, SurgeryWarning
+from ..finetune.sharding import refuse_sharded
 from ..finetune.state import add_method, own_state, require_finetune
+from .adapter_file import ADAPTER_FILE, FOLDER_CHECKS, adapter_bytes
 from .model_card import CARD_FILE, adapter_card
 from .peft_format import CONFIG_FILE, peft_adapter, peft_files, read_peft_folder
-from ..finetune.sharding import refuse_sharded
 
 TRAINER_FILE = "model.safetensors"  # the file name transformers.Trainer loads a checkpoint's weights from
 IGNORED_KEYWORDS = {  # transformers' save_pretrained keywords that mean nothing for an adapter folder
@@ -43,9 +43,15 @@ IGNORED_KEYWORDS = {  # transformers' save_pretrained keywords that mean nothing
 }
 
 
-def save_pretrained(finetune: nn.Module, save_directory: str | os.PathLike, *, is_main_process: bool = True,
-                    state_dict: dict[str, torch.Tensor] | None = None, push_to_hub: bool = False,
-                    **kwargs) -> Path:
+def save_pretrained(
+    finetune: nn.Module,
+    save_directory: str | os.PathLike,
+    *,
+    is_main_process: bool = True,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    push_to_hub: bool = False,
+    **kwargs,
+) -> Path:
     """Write the fine-tune's adapter folder (see module docstring); the base is never written.
 
     ``state_dict`` (as Trainer passes it) supplies the values of the fine-tune's own tensors; its base
@@ -80,30 +86,42 @@ def _own_values(finetune: nn.Module, state_dict: dict | None) -> dict[str, torch
         return own
     missing = [name for name in own if name not in state_dict]
     if missing:
-        raise AdapterStateError(f"save_pretrained: state_dict lacks '{missing[0]}'"
-                                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-                                + " of the fine-tune's own tensors; pass the fine-tune's state_dict() or none")
+        raise AdapterStateError(
+            f"save_pretrained: state_dict lacks '{missing[0]}'"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            + " of the fine-tune's own tensors; pass the fine-tune's state_dict() or none"
+        )
     for name, p in own.items():
         if tuple(state_dict[name].shape) != tuple(p.shape):
-            raise AdapterStateError(f"save_pretrained: state_dict['{name}'] has shape "
-                                    f"{tuple(state_dict[name].shape)}, the fine-tune holds {tuple(p.shape)}")
+            raise AdapterStateError(
+                f"save_pretrained: state_dict['{name}'] has shape "
+                f"{tuple(state_dict[name].shape)}, the fine-tune holds {tuple(p.shape)}"
+            )
     return {name: state_dict[name] for name in own}
 
 
 def _check_keywords(push_to_hub: bool, kwargs: dict) -> None:
     if push_to_hub:
-        raise AdapterStateError("save_pretrained(push_to_hub=True) is not supported on a fine-tune; save the folder, "
-                                "then call ft.push_to_hub(repo_id), which uploads the adapter folder")
+        raise AdapterStateError(
+            "save_pretrained(push_to_hub=True) is not supported on a fine-tune; save the folder, "
+            "then call ft.push_to_hub(repo_id), which uploads the adapter folder"
+        )
     if kwargs.get("safe_serialization", True) is False:
-        raise AdapterStateError("save_pretrained(safe_serialization=False): surgery writes safetensors only "
-                                "(pickled weights can run code when loaded); drop the argument")
+        raise AdapterStateError(
+            "save_pretrained(safe_serialization=False): surgery writes safetensors only "
+            "(pickled weights can run code when loaded); drop the argument"
+        )
     if kwargs.get("variant"):
-        raise AdapterStateError(f"save_pretrained(variant={kwargs['variant']!r}): adapter folders have no weight "
-                                "variants; drop the argument")
+        raise AdapterStateError(
+            f"save_pretrained(variant={kwargs['variant']!r}): adapter folders have no weight "
+            "variants; drop the argument"
+        )
     unknown = sorted(set(kwargs) - set(IGNORED_KEYWORDS) - {"variant"})
     if unknown:
-        raise AdapterStateError(f"save_pretrained: unknown argument {unknown[0]!r} for a fine-tune's adapter folder "
-                                f"(it takes is_main_process, state_dict and {', '.join(sorted(IGNORED_KEYWORDS))})")
+        raise AdapterStateError(
+            f"save_pretrained: unknown argument {unknown[0]!r} for a fine-tune's adapter folder "
+            f"(it takes is_main_process, state_dict and {', '.join(sorted(IGNORED_KEYWORDS))})"
+        )
 
 
 def _peft_layout(finetune: nn.Module, values: dict[str, torch.Tensor]) -> tuple[dict[str, bytes], str]:
@@ -113,8 +131,12 @@ def _peft_layout(finetune: nn.Module, values: dict[str, torch.Tensor]) -> tuple[
         return peft_files(*peft_adapter(finetune, values)), ""
     except SurgeryError as exc:
         why = str(exc).split(";")[0]
-        warnings.warn(f"save_pretrained: no PEFT layout ({CONFIG_FILE}) for this fine-tune: {why}; the folder "
-                      f"holds surgery's {ADAPTER_FILE} only", SurgeryWarning, stacklevel=4)
+        warnings.warn(
+            f"save_pretrained: no PEFT layout ({CONFIG_FILE}) for this fine-tune: {why}; the folder "
+            f"holds surgery's {ADAPTER_FILE} only",
+            SurgeryWarning,
+            stacklevel=4,
+        )
         return {}, why
 
 
@@ -126,16 +148,27 @@ def check_peft_layout(finetune: nn.Module, adapter) -> None:
         return
     theirs = read_peft_folder(folder)
     config, tensors, _ = peft_adapter(finetune)
-    fields = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "modules_to_save",
-              "trainable_token_indices")
+    fields = (
+        "r",
+        "lora_alpha",
+        "target_modules",
+        "rank_pattern",
+        "alpha_pattern",
+        "modules_to_save",
+        "trainable_token_indices",
+    )
     differ = [f for f in fields if _canonical(config.get(f)) != _canonical(theirs.config.get(f))]
-    if not differ and (tensors.keys() != theirs.tensors.keys() or
-                       not all(torch.equal(tensors[k], theirs.tensors[k].to(tensors[k].dtype)) for k in tensors)):
+    if not differ and (
+        tensors.keys() != theirs.tensors.keys()
+        or not all(torch.equal(tensors[k], theirs.tensors[k].to(tensors[k].dtype)) for k in tensors)
+    ):
         differ = ["adapter_model.safetensors' tensors"]
     if differ:
-        raise AdapterStateError(f"{folder}: its PEFT layout ({CONFIG_FILE}, adapter_model.safetensors) is not the "
-                                f"fine-tune in {ADAPTER_FILE} (they differ in {', '.join(differ)}); the folder mixes "
-                                "two adapters: save it again, or keep one of the two layouts")
+        raise AdapterStateError(
+            f"{folder}: its PEFT layout ({CONFIG_FILE}, adapter_model.safetensors) is not the "
+            f"fine-tune in {ADAPTER_FILE} (they differ in {', '.join(differ)}); the folder mixes "
+            "two adapters: save it again, or keep one of the two layouts"
+        )
 
 
 def _canonical(value):

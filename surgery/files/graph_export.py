@@ -17,14 +17,19 @@ from torch import nn
 
 from ..errors import ExportError, first_line
 from ..finetune.merging import merge as merge_finetune
-from ..finetune.state import detached_copy, require_finetune
 from ..finetune.sharding import refuse_sharded
+from ..finetune.state import detached_copy, require_finetune
 from ..layers.bnb import quantized_storage, standard_layout
 from ..layers.lora import LoraLayer
 
 
-def export_graph(finetune: nn.Module, example_inputs: dict[str, torch.Tensor] | torch.Tensor, *,
-                 merge: bool = False, dynamic: bool = True) -> torch.export.ExportedProgram:
+def export_graph(
+    finetune: nn.Module,
+    example_inputs: dict[str, torch.Tensor] | torch.Tensor,
+    *,
+    merge: bool = False,
+    dynamic: bool = True,
+) -> torch.export.ExportedProgram:
     """A ``torch.export`` program of the fine-tune whose outputs equal the eager fine-tune's.
 
     ``example_inputs``: ``input_ids`` or a dict of keyword tensors; batch and sequence length stay
@@ -32,8 +37,11 @@ def export_graph(finetune: nn.Module, example_inputs: dict[str, torch.Tensor] | 
     Quantized layers stay quantized (see module docstring).
     """
     require_finetune(finetune, "exported with export_graph", ExportError)
-    refuse_sharded(finetune, "export_graph", "load the adapter file the run saved onto an unsharded base in one "
-                   "process and export that fine-tune")
+    refuse_sharded(
+        finetune,
+        "export_graph",
+        "load the adapter file the run saved onto an unsharded base in one process and export that fine-tune",
+    )
     inputs = {"input_ids": example_inputs} if isinstance(example_inputs, torch.Tensor) else dict(example_inputs)
     unknown = sorted(set(inputs) - {"input_ids", "attention_mask"})
     if unknown or "input_ids" not in inputs:
@@ -48,8 +56,10 @@ def export_graph(finetune: nn.Module, example_inputs: dict[str, torch.Tensor] | 
         with torch.no_grad():
             return torch.export.export(model, (), inputs, dynamic_shapes=shapes, strict=False)
     except Exception as exc:
-        raise ExportError(f"torch.export could not capture this {type(finetune).__name__}: {type(exc).__name__}: "
-                          f"{first_line(exc, 300)}") from exc
+        raise ExportError(
+            f"torch.export could not capture this {type(finetune).__name__}: {type(exc).__name__}: "
+            f"{first_line(exc, 300)}"
+        ) from exc
 
 
 class _LogitsOf(nn.Module):
@@ -116,15 +126,20 @@ class _FourBitWeight(nn.Module):
         qs = layer.weight.quant_state
         absmax = qs.absmax
         if qs.nested:
-            absmax = torch.ops.bitsandbytes.dequantize_blockwise(qs.absmax, qs.state2.absmax, qs.state2.code,
-                                                                 qs.state2.blocksize, torch.float32) + qs.offset
+            absmax = (
+                torch.ops.bitsandbytes.dequantize_blockwise(
+                    qs.absmax, qs.state2.absmax, qs.state2.code, qs.state2.blocksize, torch.float32
+                )
+                + qs.offset
+            )
         self.register_buffer("packed", layer.weight.data, persistent=False)
         self.register_buffer("absmax", absmax, persistent=False)
         self.blocksize, self.quant_type, self.shape, self.dtype = qs.blocksize, qs.quant_type, list(qs.shape), qs.dtype
 
     def weight(self) -> torch.Tensor:
-        return torch.ops.bitsandbytes.dequantize_4bit(self.packed, self.absmax, self.blocksize, self.quant_type,
-                                                      self.shape, self.dtype)
+        return torch.ops.bitsandbytes.dequantize_4bit(
+            self.packed, self.absmax, self.blocksize, self.quant_type, self.shape, self.dtype
+        )
 
 
 class _FourBitLinear(_FourBitWeight):

@@ -22,18 +22,18 @@ import regex
 import torch
 from torch import nn
 
-from ..layers.lora import LoraEmbedding, LoraLayer
-from ..errors import AdapterStateError, PlanError, RuleFileError, first_line
 from ..base.fingerprints import Fingerprint
 from ..disk import MiB, check_folder_files, check_inside, check_user_file, read_user_text, version, write_folder_files
+from ..errors import AdapterStateError, PlanError, RuleFileError, first_line
+from ..finetune.rewriting import rewrite
+from ..finetune.sharding import refuse_sharded
 from ..finetune.state import require_finetune
 from ..finetune.vocabulary import extra_token_layers
-from ..finetune.sharding import refuse_sharded
-from ..finetune.rewriting import rewrite
-from ..rules.ruleset import REGEX_TIMEOUT, LoraConfig, QuantConfig
-from ..rules.rule_file import parse_rules
-from .adapter_file import MAX_ADAPTER_BYTES
 from ..layers.bnb import quantized_storage
+from ..layers.lora import LoraEmbedding, LoraLayer
+from ..rules.rule_file import parse_rules
+from ..rules.ruleset import REGEX_TIMEOUT, LoraConfig, QuantConfig
+from .adapter_file import MAX_ADAPTER_BYTES
 from .model_card import CARD_FILE, adapter_card
 from .serving import Target, check_servable
 
@@ -55,6 +55,7 @@ UNSUPPORTED = {  # adapter_config.json field -> what it means, when set to anyth
 
 # -------------------------------------------------------------------------------------- export
 
+
 def export_peft(finetune: nn.Module, folder: str | Path, *, target: Target = "peft") -> Path:
     """Write the fine-tune as a PEFT LoRA adapter folder that ``PeftModel.from_pretrained`` loads.
 
@@ -62,8 +63,12 @@ def export_peft(finetune: nn.Module, folder: str | Path, *, target: Target = "pe
     same outputs. ``target`` ("peft", "vllm", "lorax") first checks the export against that server's loading rules
     (``serving.check_servable``); nothing is written when it does not fit.
     """
-    refuse_sharded(finetune, "export_peft", "export in one process without --fsdp, from the adapter file the run "
-                   "saved (`surgery export-peft ADAPTER --out DIR`)")
+    refuse_sharded(
+        finetune,
+        "export_peft",
+        "export in one process without --fsdp, from the adapter file the run "
+        "saved (`surgery export-peft ADAPTER --out DIR`)",
+    )
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise AdapterStateError(f"{folder}: exists and is not a folder; export_peft writes a folder")
@@ -75,8 +80,9 @@ def export_peft(finetune: nn.Module, folder: str | Path, *, target: Target = "pe
     return folder
 
 
-def peft_adapter(finetune: nn.Module, values: dict[str, torch.Tensor] | None = None
-                 ) -> tuple[dict, dict[str, torch.Tensor], dict[str, str]]:
+def peft_adapter(
+    finetune: nn.Module, values: dict[str, torch.Tensor] | None = None
+) -> tuple[dict, dict[str, torch.Tensor], dict[str, str]]:
     """The fine-tune in PEFT's terms: adapter_config.json's fields, the weights by PEFT key, and metadata.
 
     ``values`` (the fine-tune's own tensors by name, as ``save_pretrained(state_dict=...)`` passes them) replace
@@ -85,21 +91,24 @@ def peft_adapter(finetune: nn.Module, values: dict[str, torch.Tensor] | None = N
     The metadata (stored in the weights file's header, which PEFT and servers ignore) names the base
     and holds its fingerprint, so ``surgery adapter show`` and ``import_peft`` can tell which base it needs.
     """
-    from .adapter_file import base_name
     from ..base.fingerprints import base_fingerprint
+    from .adapter_file import base_name
 
     info = require_finetune(finetune, "exported to PEFT")
     adapters = {path: m for path, m in finetune.named_modules() if isinstance(m, LoraLayer)}
     plain = [d.path for d in info.plan.by_action("plain")]
     if not adapters:
-        raise AdapterStateError("this fine-tune has no LoRA adapters; PEFT's LoRA format needs at least one "
-                                "(save plain modules with surgery.save_adapter instead)")
+        raise AdapterStateError(
+            "this fine-tune has no LoRA adapters; PEFT's LoRA format needs at least one "
+            "(save plain modules with surgery.save_adapter instead)"
+        )
     _check_exportable(adapters)
     configs = {path: m.config for path, m in adapters.items()}
     r = Counter(c.r for c in configs.values()).most_common(1)[0][0]
     alpha = Counter(c.alpha for c in configs.values()).most_common(1)[0][0]
     with_bias = any(c.bias for c in configs.values())
     tensors: dict[str, torch.Tensor] = {}
+
     def own(path: str, name: str, live: torch.Tensor | None) -> torch.Tensor | None:
         value = values.get(f"{path}.{name}", live) if values is not None and live is not None else live
         return value.detach().to("cpu").contiguous() if value is not None else None
@@ -131,12 +140,19 @@ def peft_adapter(finetune: nn.Module, values: dict[str, torch.Tensor] | None = N
         "inference_mode": True,
         **({"trainable_token_indices": token_indices} if token_indices else {}),
     }
-    metadata = {"format": "pt", "surgery_version": version(), "surgery_base_model": base_name(info.base),
-                "surgery_base_class": type(info.base).__name__,
-                "surgery_base_fingerprint": base_fingerprint(info.base).to_json(),
-                "surgery_base_storage": json.dumps(_base_storage(info.base), sort_keys=True),
-                **({"surgery_extra_tokens": json.dumps(info.rules.extra_tokens.to_dict() | {"first_id": token_first})}
-                   if token_indices else {})}
+    metadata = {
+        "format": "pt",
+        "surgery_version": version(),
+        "surgery_base_model": base_name(info.base),
+        "surgery_base_class": type(info.base).__name__,
+        "surgery_base_fingerprint": base_fingerprint(info.base).to_json(),
+        "surgery_base_storage": json.dumps(_base_storage(info.base), sort_keys=True),
+        **(
+            {"surgery_extra_tokens": json.dumps(info.rules.extra_tokens.to_dict() | {"first_id": token_first})}
+            if token_indices
+            else {}
+        ),
+    }
     return config, tensors, metadata
 
 
@@ -144,8 +160,10 @@ def peft_files(config: dict, tensors: dict[str, torch.Tensor], metadata: dict[st
     """The bytes of ``adapter_model.safetensors`` and ``adapter_config.json``, in the order to write them."""
     from safetensors.torch import save
 
-    return {WEIGHTS_FILE: save(tensors, metadata=metadata),
-            CONFIG_FILE: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()}
+    return {
+        WEIGHTS_FILE: save(tensors, metadata=metadata),
+        CONFIG_FILE: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(),
+    }
 
 
 def _base_storage(base: nn.Module) -> dict[str, int]:
@@ -161,10 +179,12 @@ def _trainable_tokens(finetune: nn.Module, plain: list[str], tensors: dict, own)
     seen: set[int] = set()
     for path, layer in extra_token_layers(finetune):
         if isinstance(layer.base_layer, LoraLayer) or path in plain:
-            raise AdapterStateError(f"{path}: holds the fine-tune's extra tokens and is also "
-                                    f"{'adapted with LoRA' if path not in plain else 'plain'}; PEFT keeps trainable "
-                                    "tokens and LoRA or modules_to_save on different layers, so it cannot represent "
-                                    "this: save with surgery.save_adapter, or merge it (`surgery merge`)")
+            raise AdapterStateError(
+                f"{path}: holds the fine-tune's extra tokens and is also "
+                f"{'adapted with LoRA' if path not in plain else 'plain'}; PEFT keeps trainable "
+                "tokens and LoRA or modules_to_save on different layers, so it cannot represent "
+                "this: save with surgery.save_adapter, or merge it (`surgery merge`)"
+            )
         if id(layer.extra_rows) in seen:
             continue  # the output layer tied to the embedding: PEFT ties its token adapter the same way
         seen.add(id(layer.extra_rows))
@@ -178,15 +198,19 @@ def _check_exportable(adapters: dict[str, nn.Module]) -> None:
         raise AdapterStateError("some adapters use rslora and some do not; PEFT has one use_rslora per adapter")
     if len({m.config.use_dora for m in adapters.values()}) > 1:
         dora = next(p for p, m in adapters.items() if m.config.use_dora)
-        raise AdapterStateError(f"{dora} uses DoRA and other adapted layers do not; PEFT has one use_dora per "
-                                "adapter (its embeddings take no DoRA here): set use_dora alike on every adapted "
-                                "layer to export to PEFT")
+        raise AdapterStateError(
+            f"{dora} uses DoRA and other adapted layers do not; PEFT has one use_dora per "
+            "adapter (its embeddings take no DoRA here): set use_dora alike on every adapted "
+            "layer to export to PEFT"
+        )
     embeddings = [p for p, m in adapters.items() if isinstance(m, LoraEmbedding)]
     biased = [p for p, m in adapters.items() if m.lora_bias is not None]
     if embeddings and biased:
-        raise AdapterStateError(f"{biased[0]} has a LoRA bias and {embeddings[0]} is an adapted embedding: PEFT's "
-                                "lora_bias is one switch for every adapted layer and embeddings do not support it; "
-                                "train with `bias: false` or without embedding adapters to export to PEFT")
+        raise AdapterStateError(
+            f"{biased[0]} has a LoRA bias and {embeddings[0]} is an adapted embedding: PEFT's "
+            "lora_bias is one switch for every adapted layer and embeddings do not support it; "
+            "train with `bias: false` or without embedding adapters to export to PEFT"
+        )
 
 
 def _peft_tensors(path: str, m: nn.Module, with_bias: bool, own) -> dict[str, torch.Tensor]:
@@ -205,6 +229,7 @@ def _peft_tensors(path: str, m: nn.Module, with_bias: bool, own) -> dict[str, to
 
 
 # -------------------------------------------------------------------------------------- import
+
 
 @dataclass
 class PeftFolder:
@@ -252,14 +277,18 @@ def import_peft(base: nn.Module, folder: str | Path, *, quantize: str | None = N
     if adapter.fingerprint is not None:
         why = adapter.fingerprint.mismatch(base_fingerprint(base))
         if why is not None:
-            raise AdapterStateError(f"{folder}: was exported from another base ({adapter.base_model or 'unnamed'}) "
-                                    f"than this {type(base).__name__}: {why}")
+            raise AdapterStateError(
+                f"{folder}: was exported from another base ({adapter.base_model or 'unnamed'}) "
+                f"than this {type(base).__name__}: {why}"
+            )
     modules_to_save = config.get("modules_to_save") or []
     names = {path.rsplit(".", 1)[-1] for path, _ in base.named_modules()} | {p for p, _ in base.named_modules()}
     unknown = [m for m in modules_to_save if not isinstance(m, str) or m not in names]
     if unknown:
-        raise AdapterStateError(f"{folder / CONFIG_FILE}: modules_to_save names {unknown[0]!r}, which this "
-                                f"{type(base).__name__} has no module of; the adapter is for another model")
+        raise AdapterStateError(
+            f"{folder / CONFIG_FILE}: modules_to_save names {unknown[0]!r}, which this "
+            f"{type(base).__name__} has no module of; the adapter is for another model"
+        )
     adapters, plain, tokens = _split_keys(folder, tensors, modules_to_save)
     extra = _extra_tokens(adapter, tokens)
     loras = {path: _lora_config(config, path, parts) for path, parts in adapters.items()}
@@ -312,17 +341,24 @@ def _extra_tokens(adapter: PeftFolder, tokens: dict[str, torch.Tensor]) -> dict:
         extra = json.loads(adapter.metadata["surgery_extra_tokens"])
         first, count = int(extra["first_id"]), len(extra["tokens"])
     except (KeyError, ValueError, TypeError):
-        raise AdapterStateError(f"{where}: trains token rows (trainable_token_indices), which PEFT names by id only, "
-                                "and the folder does not say which tokens they are; surgery's extra tokens need the "
-                                "strings: load the adapter surgery saved (adapter.safetensors, surgery.load_adapter), "
-                                "or merge it with PEFT") from None
+        raise AdapterStateError(
+            f"{where}: trains token rows (trainable_token_indices), which PEFT names by id only, "
+            "and the folder does not say which tokens they are; surgery's extra tokens need the "
+            "strings: load the adapter surgery saved (adapter.safetensors, surgery.load_adapter), "
+            "or merge it with PEFT"
+        ) from None
     expected = list(range(first, first + count))
-    if not isinstance(indices, dict) or any(ids != expected for ids in indices.values()) or \
-            {p.rsplit(".", 1)[-1] for p in tokens} != set(indices) or \
-            any(tuple(t.shape)[0] != count for t in tokens.values()):
-        raise AdapterStateError(f"{where}: trainable_token_indices {str(indices)[:200]} and the token rows are not the "
-                                f"{count} extra tokens from id {first} the folder's metadata names; the folder is "
-                                "inconsistent")
+    if (
+        not isinstance(indices, dict)
+        or any(ids != expected for ids in indices.values())
+        or {p.rsplit(".", 1)[-1] for p in tokens} != set(indices)
+        or any(tuple(t.shape)[0] != count for t in tokens.values())
+    ):
+        raise AdapterStateError(
+            f"{where}: trainable_token_indices {str(indices)[:200]} and the token rows are not the "
+            f"{count} extra tokens from id {first} the folder's metadata names; the folder is "
+            "inconsistent"
+        )
     return {"extra_tokens": extra}
 
 
@@ -345,15 +381,17 @@ def _read_config(folder: Path) -> dict:
     if not isinstance(config, dict):
         raise AdapterStateError(f"{path}: must hold a JSON object")
     if config.get("peft_type") != "LORA":
-        raise AdapterStateError(f"{path}: peft_type {config.get('peft_type')!r} is not supported; surgery reads "
-                                "LoRA adapters only")
+        raise AdapterStateError(
+            f"{path}: peft_type {config.get('peft_type')!r} is not supported; surgery reads LoRA adapters only"
+        )
     for key, what in UNSUPPORTED.items():
         if config.get(key):
-            raise AdapterStateError(f"{path}: uses {what} ({key}), which surgery does not support; "
-                                    "nothing was loaded")
+            raise AdapterStateError(f"{path}: uses {what} ({key}), which surgery does not support; nothing was loaded")
     if config.get("bias", "none") != "none":
-        raise AdapterStateError(f"{path}: bias={config['bias']!r} trains the base's biases, which surgery keeps "
-                                "frozen; only bias='none' is supported")
+        raise AdapterStateError(
+            f"{path}: bias={config['bias']!r} trains the base's biases, which surgery keeps "
+            "frozen; only bias='none' is supported"
+        )
     return config
 
 
@@ -362,7 +400,9 @@ def _read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
     safe, pickled = folder / WEIGHTS_FILE, folder / "adapter_model.bin"
     for candidate in (safe, pickled):
         if candidate.exists():
-            check_user_file(candidate, what="PEFT adapter weights file", limit=MAX_ADAPTER_BYTES, error=AdapterStateError)
+            check_user_file(
+                candidate, what="PEFT adapter weights file", limit=MAX_ADAPTER_BYTES, error=AdapterStateError
+            )
     try:
         if safe.is_file():
             from safetensors import safe_open
@@ -372,13 +412,17 @@ def _read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
         if pickled.is_file():  # legacy PEFT format; tensors only, never arbitrary objects
             return torch.load(pickled, map_location="cpu", weights_only=True), {}
     except Exception as exc:  # safetensors and torch.load report corruption in many ways
-        raise AdapterStateError(f"{safe if safe.is_file() else pickled}: unreadable adapter weights "
-                                f"({type(exc).__name__}: {first_line(exc)})") from None
+        raise AdapterStateError(
+            f"{safe if safe.is_file() else pickled}: unreadable adapter weights "
+            f"({type(exc).__name__}: {first_line(exc)})"
+        ) from None
     raise AdapterStateError(f"{folder}: has no {WEIGHTS_FILE} (or adapter_model.bin)")
 
 
-KEY = re.compile(r"^(?P<path>.+)\.(?:(?P<ab>lora_[AB])\.(?P<param>weight|bias)|(?P<emb>lora_embedding_[AB])"
-                 r"|(?P<magnitude>lora_magnitude_vector)(?:\.weight)?)$")
+KEY = re.compile(
+    r"^(?P<path>.+)\.(?:(?P<ab>lora_[AB])\.(?P<param>weight|bias)|(?P<emb>lora_embedding_[AB])"
+    r"|(?P<magnitude>lora_magnitude_vector)(?:\.weight)?)$"
+)
 
 
 def _split_keys(folder: Path, tensors: dict, modules_to_save: list[str]):
@@ -402,12 +446,16 @@ def _split_keys(folder: Path, tensors: dict, modules_to_save: list[str]):
         elif ".base_layer." in name:
             continue  # PEFT may save an adapted embedding's base weight; the base supplies it
         else:
-            raise AdapterStateError(f"{folder / WEIGHTS_FILE}: key '{key}' is not a LoRA A/B weight or a "
-                                    "modules_to_save weight; surgery cannot represent it")
+            raise AdapterStateError(
+                f"{folder / WEIGHTS_FILE}: key '{key}' is not a LoRA A/B weight or a "
+                "modules_to_save weight; surgery cannot represent it"
+            )
     for path, parts in adapters.items():
         if "A" not in parts or "B" not in parts:
-            raise AdapterStateError(f"{folder / WEIGHTS_FILE}: '{path}' has lora_{'B' if 'A' in parts else 'A'} "
-                                    f"but no lora_{'A' if 'A' not in parts else 'B'}")
+            raise AdapterStateError(
+                f"{folder / WEIGHTS_FILE}: '{path}' has lora_{'B' if 'A' in parts else 'A'} "
+                f"but no lora_{'A' if 'A' not in parts else 'B'}"
+            )
     return adapters, plain, tokens
 
 
@@ -419,10 +467,13 @@ def _pattern_value(patterns: dict, path: str, default):
         try:
             found = regex.match(rf"(.*\.)?({key})$", path, timeout=REGEX_TIMEOUT)
         except TimeoutError:
-            raise AdapterStateError(f"adapter_config.json: pattern {key!r} takes too long to match (catastrophic "
-                                    "backtracking)") from None
+            raise AdapterStateError(
+                f"adapter_config.json: pattern {key!r} takes too long to match (catastrophic backtracking)"
+            ) from None
         except Exception as exc:
-            raise AdapterStateError(f"adapter_config.json: pattern {key!r} is not a valid regex ({first_line(exc)})") from None
+            raise AdapterStateError(
+                f"adapter_config.json: pattern {key!r} is not a valid regex ({first_line(exc)})"
+            ) from None
         if found:
             return value
     return default
@@ -430,17 +481,24 @@ def _pattern_value(patterns: dict, path: str, default):
 
 def _lora_config(config: dict, path: str, parts: dict) -> dict:
     if bool(config.get("use_dora")) != ("magnitude" in parts):
-        raise AdapterStateError(f"adapter_config.json {'sets' if config.get('use_dora') else 'does not set'} "
-                                f"use_dora but {path} {'has no' if config.get('use_dora') else 'has a'} "
-                                "lora_magnitude_vector; the folder is inconsistent")
+        raise AdapterStateError(
+            f"adapter_config.json {'sets' if config.get('use_dora') else 'does not set'} "
+            f"use_dora but {path} {'has no' if config.get('use_dora') else 'has a'} "
+            "lora_magnitude_vector; the folder is inconsistent"
+        )
     r = parts["A"].shape[0]
     declared = _pattern_value(config.get("rank_pattern"), path, config.get("r", r))
     if declared != r:
         raise AdapterStateError(f"adapter_config.json gives {path} rank {declared} but its lora_A has {r} rows")
-    return {"r": int(r), "alpha": float(_pattern_value(config.get("alpha_pattern"), path, config.get("lora_alpha", 8))),
-            "dropout": float(config.get("lora_dropout", 0.0)), "bias": "bias" in parts,
-            "use_rslora": bool(config.get("use_rslora", False)), **({"use_dora": True} if "magnitude" in parts else {}),
-            "dtype": str(parts["A"].dtype).removeprefix("torch.")}
+    return {
+        "r": int(r),
+        "alpha": float(_pattern_value(config.get("alpha_pattern"), path, config.get("lora_alpha", 8))),
+        "dropout": float(config.get("lora_dropout", 0.0)),
+        "bias": "bias" in parts,
+        "use_rslora": bool(config.get("use_rslora", False)),
+        **({"use_dora": True} if "magnitude" in parts else {}),
+        "dtype": str(parts["A"].dtype).removeprefix("torch."),
+    }
 
 
 def _rules_for(base: nn.Module, loras: dict[str, dict], plain: dict, quantize: str | None) -> dict:
@@ -451,9 +509,19 @@ def _rules_for(base: nn.Module, loras: dict[str, dict], plain: dict, quantize: s
     for path, lora in sorted(loras.items()):
         storage = held.get(path) or scheme
         groups.setdefault((tuple(sorted(lora.items())), storage), []).append(path)
-    rules = [{"match": "re:" + "|".join(re.escape(p) for p in paths), "action": "adapt", "lora": dict(lora),
-              "quantize": storage} for (lora, storage), paths in groups.items()]
+    rules = [
+        {
+            "match": "re:" + "|".join(re.escape(p) for p in paths),
+            "action": "adapt",
+            "lora": dict(lora),
+            "quantize": storage,
+        }
+        for (lora, storage), paths in groups.items()
+    ]
     plain_modules = sorted({name.rsplit(".", 1)[0] for name in plain})
     rules += [{"match": "re:" + re.escape(p), "action": "plain", "untie": True} for p in plain_modules]
-    return {"quantize": QuantConfig(scheme).to_dict() if quantize else "none",
-            "default": "quantize" if quantize and quantize != "none" else "freeze", "rules": rules}
+    return {
+        "quantize": QuantConfig(scheme).to_dict() if quantize else "none",
+        "default": "quantize" if quantize and quantize != "none" else "freeze",
+        "rules": rules,
+    }

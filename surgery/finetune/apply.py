@@ -6,19 +6,20 @@ what the quantized base computes at init (LoRA B = 0), and the bytes held must e
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
 
-from ..devices import input_device
-from ..planning.memory import extra_bytes, parameter_bytes
-from ..planning.decisions import Plan, plan as make_plan
-from .rewriting import rewrite
 from ..base.shared_base import base_graph
-from ..rules.ruleset import RuleSet
+from ..devices import input_device
+from ..planning.decisions import Plan
+from ..planning.decisions import plan as make_plan
+from ..planning.memory import extra_bytes, parameter_bytes
 from ..rules.rule_file import load_rules
+from ..rules.ruleset import RuleSet
+from .rewriting import rewrite
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 
@@ -40,8 +41,10 @@ class Applied:
         return self.base_bytes + sum(self.own_bytes)
 
     def __repr__(self) -> str:
-        return (f"Applied({len(self.finetunes)} fine-tunes of {self.plan.rules.source}, base {self.base_bytes:,} B, "
-                f"{sum(self.equal_at_init)}/{len(self.equal_at_init)} equal at init)")
+        return (
+            f"Applied({len(self.finetunes)} fine-tunes of {self.plan.rules.source}, base {self.base_bytes:,} B, "
+            f"{sum(self.equal_at_init)}/{len(self.equal_at_init)} equal at init)"
+        )
 
 
 def apply(base: nn.Module, rules: RuleSet | str, finetunes: int = 1, *, progress: Progress | None = None) -> Applied:
@@ -61,5 +64,12 @@ def apply(base: nn.Module, rules: RuleSet | str, finetunes: int = 1, *, progress
         reference = base(ids).logits
         equal = tuple(torch.equal(ft(ids).logits, reference) for ft in made)
     trainable = sum(p.numel() for p in made[0].parameters() if p.requires_grad)
-    return Applied(planned, tuple(made), loaded, parameter_bytes(base), tuple(extra_bytes(ft, base) for ft in made),
-                   equal, trainable)
+    return Applied(
+        planned,
+        tuple(made),
+        loaded,
+        parameter_bytes(base),
+        tuple(extra_bytes(ft, base) for ft in made),
+        equal,
+        trainable,
+    )

@@ -27,13 +27,13 @@ from torch import nn
 
 from ..devices import input_device
 from ..errors import DataError, RewriteError
-from .vocabulary import extra_token_layers
-from .state import finetune_info, guarded_apply, own_state
 from ..layers.lora import LoraLayer
+from ..model.tracing import replace_submodule
 from ..random_state import swap_rng
 from .rewriting import shared_copy
 from .sharding import refuse_sharded
-from ..model.tracing import replace_submodule
+from .state import finetune_info, guarded_apply, own_state
+from .vocabulary import extra_token_layers
 
 
 @dataclass
@@ -48,11 +48,15 @@ class Routing:
         """Row slices of a tensor with ``n`` rows: the routed rows, or rows·T for layers that flatten."""
         rows = sum(self.counts)
         if rows == 0:
-            raise RewriteError("the batched view was called without routing; call surgery.batched.route(view, "
-                               "counts) with the row count of each fine-tune first")
+            raise RewriteError(
+                "the batched view was called without routing; call surgery.batched.route(view, "
+                "counts) with the row count of each fine-tune first"
+            )
         if n % rows:
-            raise RewriteError(f"a routed layer got {n} rows but the call was routed for {rows}; the rows of a "
-                               "batched call must follow the counts given to route()")
+            raise RewriteError(
+                f"a routed layer got {n} rows but the call was routed for {rows}; the rows of a "
+                "batched call must follow the counts given to route()"
+            )
         factor, start, out = n // rows, 0, []
         for count in self.counts:
             out.append(slice(start, start + count * factor))
@@ -84,8 +88,11 @@ class RoutedLayer(nn.Module):
 
     def _lora_rows(self, index: int, part: LoraLayer, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Entry ``index``'s adapter update on its rows; dropout masks drawn from its own state, in its own shape."""
-        if not (part.training and isinstance(part.dropout, nn.Dropout)) or self.routing.rngs is None \
-                or self.routing.rngs[index] is None:
+        if (
+            not (part.training and isinstance(part.dropout, nn.Dropout))
+            or self.routing.rngs is None
+            or self.routing.rngs[index] is None
+        ):
             return part.update(result, x)
         lengths = self.routing.lengths
         length = lengths[index] if lengths is not None and x.dim() >= 3 else None
@@ -117,16 +124,29 @@ def batched(base: nn.Module, entries: Sequence[nn.Module | None]) -> nn.Module:
     entries = tuple(entries)
     if not entries:
         raise RewriteError("batched() needs at least one fine-tune (or None for the base)")
-    refuse_sharded(base, "a batched view (batched generate, --batched training)", "let the fine-tunes take turns "
-                   "(train without --batched), or generate in one process on an unsharded base")
+    refuse_sharded(
+        base,
+        "a batched view (batched generate, --batched training)",
+        "let the fine-tunes take turns (train without --batched), or generate in one process on an unsharded base",
+    )
     plain_paths = [_check_entry(base, i, ft) for i, ft in enumerate(entries)]
-    routed = sorted({path for ft, plain in zip(entries, plain_paths) if ft is not None
-                     for path in [*plain, *(p for p, m in ft.named_modules() if isinstance(m, LoraLayer))]})
+    routed = sorted(
+        {
+            path
+            for ft, plain in zip(entries, plain_paths)
+            if ft is not None
+            for path in [*plain, *(p for p, m in ft.named_modules() if isinstance(m, LoraLayer))]
+        }
+    )
     routing = Routing()
     view = shared_copy(base)
     for path in routed:
-        parts = [None if ft is None or not (path in plain or isinstance(ft.get_submodule(path), LoraLayer))
-                 else ft.get_submodule(path) for ft, plain in zip(entries, plain_paths)]
+        parts = [
+            None
+            if ft is None or not (path in plain or isinstance(ft.get_submodule(path), LoraLayer))
+            else ft.get_submodule(path)
+            for ft, plain in zip(entries, plain_paths)
+        ]
         replace_submodule(view, path, RoutedLayer(view.get_submodule(path), parts, routing))
     if any(p.requires_grad for p in view.parameters()):
         raise RewriteError("internal: the batched view would own a trainable tensor")  # the fine-tunes own them
@@ -142,8 +162,12 @@ def batched_info(view: nn.Module) -> BatchedInfo:
     return info
 
 
-def route(view: nn.Module, counts: Sequence[int], rngs: list[torch.Tensor | None] | None = None,
-          lengths: Sequence[int] | None = None) -> None:
+def route(
+    view: nn.Module,
+    counts: Sequence[int],
+    rngs: list[torch.Tensor | None] | None = None,
+    lengths: Sequence[int] | None = None,
+) -> None:
     """Route the next calls of ``view``: ``counts[i]`` consecutive rows belong to entry i (0 rows allowed).
 
     ``rngs[i]``, when given, is entry i's random state: its LoRA dropout draws from it (and it is
@@ -167,21 +191,29 @@ def _check_entry(base: nn.Module, index: int, ft: nn.Module | None) -> set[str]:
         return set()
     info = finetune_info(ft)
     if info is None:
-        raise RewriteError(f"entry {index} is a {type(ft).__name__} that is not a fine-tune; batched() takes "
-                           "fine-tunes made by surgery.rewrite or surgery.load_adapter (or None for the base)")
+        raise RewriteError(
+            f"entry {index} is a {type(ft).__name__} that is not a fine-tune; batched() takes "
+            "fine-tunes made by surgery.rewrite or surgery.load_adapter (or None for the base)"
+        )
     if info.base is not base:
-        raise RewriteError(f"entry {index} is a fine-tune of another base; all fine-tunes in one batch must share "
-                           "the base object they were made from")
+        raise RewriteError(
+            f"entry {index} is a fine-tune of another base; all fine-tunes in one batch must share "
+            "the base object they were made from"
+        )
     if info.rules.extra_tokens is not None:
-        raise RewriteError(f"entry {index} adds its own tokens ({len(info.rules.extra_tokens.tokens)}, extra_tokens in "
-                           f"{info.rules.source}), so its vocabulary is not the base's; a batched pass needs one "
-                           "vocabulary: generate with it alone, and train it without --batched")
+        raise RewriteError(
+            f"entry {index} adds its own tokens ({len(info.rules.extra_tokens.tokens)}, extra_tokens in "
+            f"{info.rules.source}), so its vocabulary is not the base's; a batched pass needs one "
+            "vocabulary: generate with it alone, and train it without --batched"
+        )
     own = {id(p) for p in own_state(ft).values()}
     held = {id(p) for p in base.parameters()}
     stale = next((name for name, p in ft.named_parameters() if id(p) not in own and id(p) not in held), None)
     if stale is not None:
-        raise RewriteError(f"entry {index}: '{stale}' is not the base's tensor any more (the base was quantized "
-                           "again after this fine-tune was made); reload its adapter file onto the base as it is now")
+        raise RewriteError(
+            f"entry {index}: '{stale}' is not the base's tensor any more (the base was quantized "
+            "again after this fine-tune was made); reload its adapter file onto the base as it is now"
+        )
     return {d.path for d in info.plan.by_action("plain")}
 
 
@@ -193,9 +225,18 @@ def _stop_ids(tokenizer, base: nn.Module) -> list[int]:
     return list(dict.fromkeys(i for i in [tokenizer.eos_token_id, *configured] if isinstance(i, int)))
 
 
-def generate(base: nn.Module, entries: Sequence[nn.Module | None], prompts: Sequence[str], tokenizer, *,
-             max_new_tokens: int = 40, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-             seed: int = 0) -> list[list[str]]:
+def generate(
+    base: nn.Module,
+    entries: Sequence[nn.Module | None],
+    prompts: Sequence[str],
+    tokenizer,
+    *,
+    max_new_tokens: int = 40,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+) -> list[list[str]]:
     """Every entry's answer to every prompt, from one batched ``generate`` (KV cache, left padding).
 
     Returns ``answers[entry][prompt]``. Greedy (temperature 0) gives each fine-tune's own greedy
@@ -222,8 +263,12 @@ def generate(base: nn.Module, entries: Sequence[nn.Module | None], prompts: Sequ
     modes = [(m, m.training) for ft in entries if ft is not None for m in ft.modules()]
     if not alone:
         route(view, [len(prompts)] * rows)
-    options = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": pad,
-               "eos_token_id": _stop_ids(tokenizer, base)}
+    options = {
+        "max_new_tokens": max_new_tokens,
+        "do_sample": False,
+        "pad_token_id": pad,
+        "eos_token_id": _stop_ids(tokenizer, base),
+    }
     if temperature > 0:  # greedy over scores where only the row's own sample is left
         seeds = [seed + i for i in range(len(prompts))] * rows
         options["logits_processor"] = [RowSampler(seeds, temperature, top_p, top_k, device)]
@@ -232,13 +277,14 @@ def generate(base: nn.Module, entries: Sequence[nn.Module | None], prompts: Sequ
             if ft is not None:
                 ft.eval()
         with torch.no_grad():
-            out = view.eval().generate(input_ids=ids.repeat(rows, 1).to(device),
-                                       attention_mask=mask.repeat(rows, 1).to(device), **options)
+            out = view.eval().generate(
+                input_ids=ids.repeat(rows, 1).to(device), attention_mask=mask.repeat(rows, 1).to(device), **options
+            )
     finally:
         for module, training in modes:
             module.training = training
     texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-    return [texts[i * len(prompts):(i + 1) * len(prompts)] for i in range(rows)]
+    return [texts[i * len(prompts) : (i + 1) * len(prompts)] for i in range(rows)]
 
 
 def _check_sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int) -> None:

@@ -14,23 +14,26 @@ import dataclasses
 import torch
 from torch import nn
 
+from ..base.quantize import quantized_layer
 from ..errors import MergeError
 from ..layers.bnb import dense_weight, quantized_storage
-from ..layers.lora import LoraLayer
-from ..base.quantize import quantized_layer
 from ..layers.extra_tokens import ExtraTokenHead, ExtraTokenLayer
-from .vocabulary import extra_token_layers
-from .state import detached_copy, require_finetune
-from .sharding import refuse_sharded
-from ..rules.ruleset import QuantConfig
+from ..layers.lora import LoraLayer
 from ..model.tracing import find_ties, replace_submodule
+from ..rules.ruleset import QuantConfig
+from .sharding import refuse_sharded
+from .state import detached_copy, require_finetune
+from .vocabulary import extra_token_layers
 
 
 def merge(finetune: nn.Module, dtype: torch.dtype | None = None, *, requantize: bool = False) -> nn.Module:
     """A new plain model of the base's class with every adapter folded in (see module docstring)."""
     info = require_finetune(finetune, "merged", MergeError)
-    refuse_sharded(finetune, "merge", "merge in one process without --fsdp, from the adapter file the run saved "
-                   "(`surgery merge ADAPTER --out DIR`)")
+    refuse_sharded(
+        finetune,
+        "merge",
+        "merge in one process without --fsdp, from the adapter file the run saved (`surgery merge ADAPTER --out DIR`)",
+    )
     target = dtype or original_dtype(info.base)
     kinds = {path: d.kind for path, d in info.plan.decisions.items()}
     _check_mergeable(finetune, kinds)
@@ -85,9 +88,11 @@ def _check_mergeable(finetune: nn.Module, kinds: dict[str, str]) -> None:
         if not isinstance(module, LoraLayer) or module.lora_bias is None:
             continue
         if kinds[path] == "embedding" or getattr(module.base_layer, "bias", None) is None:
-            raise MergeError(f"{path}: its adapter has a bias but the {type(module.base_layer).__name__} it adapts "
-                             "has none, so a plain model of this class cannot hold the merged result; "
-                             "train with `bias: false` in the rule's lora settings, or serve the fine-tune unmerged")
+            raise MergeError(
+                f"{path}: its adapter has a bias but the {type(module.base_layer).__name__} it adapts "
+                "has none, so a plain model of this class cannot hold the merged result; "
+                "train with `bias: false` in the rule's lora settings, or serve the fine-tune unmerged"
+            )
 
 
 def _dense_layer(layer: nn.Module, kind: str, dtype: torch.dtype, adapter: nn.Module | None = None) -> nn.Module:
@@ -126,10 +131,11 @@ def _dense_extra_token_layer(layer: ExtraTokenLayer, kind: str, dtype: torch.dty
     if isinstance(dense, nn.Embedding):
         out = nn.Embedding(*weight.shape, padding_idx=dense.padding_idx, device=weight.device, dtype=dtype)
     else:
-        out = nn.Linear(weight.shape[1], weight.shape[0], bias=dense.bias is not None, device=weight.device,
-                        dtype=dtype)
+        out = nn.Linear(
+            weight.shape[1], weight.shape[0], bias=dense.bias is not None, device=weight.device, dtype=dtype
+        )
         if dense.bias is not None:
-            out.bias.zero_()[:dense.bias.shape[0]] = dense.bias
+            out.bias.zero_()[: dense.bias.shape[0]] = dense.bias
     out.weight.copy_(weight)
     return out.requires_grad_(False)
 

@@ -10,30 +10,44 @@ copy. Siblings therefore cost only their adapters and plain copies.
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..layers.bnb import dense_weight, own_class, quantized_storage
-from ..errors import RewriteError, ShardingError
-from .vocabulary import add_extra_tokens, first_extra_id
-from .state import FinetuneInfo, finetune_info, install_guards, mark_shared, own_state
-from ..layers.adapters import make_adapter
-from ..planning.decisions import Decision, Plan, plan as make_plan
 from ..base.full_weights import full_weight_reader
 from ..base.loading import full_weights_of
 from ..base.quantize import float_weight, quantize_base
+from ..base.shared_base import (
+    base_graph,
+    base_record,
+    holds_tensors,
+    restored_on_failure,
+    run_through_root,
+    settle_base,
+    warn_if_quantizing_under_finetunes,
+)
+from ..errors import RewriteError, ShardingError
+from ..layers.adapters import make_adapter
+from ..layers.bnb import dense_weight, own_class, quantized_storage
+from ..model.tracing import replace_submodule
+from ..planning.decisions import Decision, Plan
+from ..planning.decisions import plan as make_plan
 from ..random_state import forked_rng
 from ..rules.rule_file import load_rules
 from ..rules.ruleset import RuleSet
-from ..base.shared_base import (base_graph, base_record, holds_tensors, restored_on_failure, run_through_root,
-                          settle_base, warn_if_quantizing_under_finetunes)
-from ..model.tracing import replace_submodule
+from .state import FinetuneInfo, finetune_info, install_guards, mark_shared, own_state
+from .vocabulary import add_extra_tokens, first_extra_id
 
 
-def rewrite(model: nn.Module, rules: RuleSet | str, *, progress: Callable | None = None,
-            finish: Callable[[nn.Module], None] | None = None) -> nn.Module:
+def rewrite(
+    model: nn.Module,
+    rules: RuleSet | str,
+    *,
+    progress: Callable | None = None,
+    finish: Callable[[nn.Module], None] | None = None,
+) -> nn.Module:
     """A new fine-tune of ``model`` by ``rules``; quantizes the base first where the plan needs it.
 
     Raises PlanError before anything changes. If anything fails later, including ``finish(finetune)``
@@ -41,12 +55,15 @@ def rewrite(model: nn.Module, rules: RuleSet | str, *, progress: Callable | None
     ``init_lora_weights: loftq`` start from the base's quantization error, unless ``finish`` loads them.
     """
     if finetune_info(model) is not None:
-        raise RewriteError("this model is itself a fine-tune; rewrite its base instead "
-                           "(surgery.finetune_info(ft).base)")
+        raise RewriteError(
+            "this model is itself a fine-tune; rewrite its base instead (surgery.finetune_info(ft).base)"
+        )
     meta = next((name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta), None)
     if meta is not None:
-        raise RewriteError(f"'{meta}' is on the meta device (no weights): a fine-tune needs real weights. Load the "
-                           "model with weights (or --random-init); plan and inspect work on meta models")
+        raise RewriteError(
+            f"'{meta}' is on the meta device (no weights): a fine-tune needs real weights. Load the "
+            "model with weights (or --random-init); plan and inspect work on meta models"
+        )
     rules = load_rules(rules)
     the_plan = make_plan(base_graph(model), rules)
     warn_if_quantizing_under_finetunes(model, the_plan)
@@ -98,8 +115,10 @@ def _structural_copy(base: nn.Module, the_plan: Plan) -> nn.Module:
     """New module objects, the base's own tensors; then LoRA wrappers and private plain copies."""
     dora = next((p for p, d in the_plan.decisions.items() if d.lora is not None and d.lora.use_dora), None)
     if dora is not None and base_record(base).sharded is not None:
-        raise ShardingError(f"{dora}: use_dora (DoRA) reads the layer's whole weight in every forward, and this base "
-                            "is sharded with FSDP2; make DoRA fine-tunes of an unsharded base, or drop use_dora")
+        raise ShardingError(
+            f"{dora}: use_dora (DoRA) reads the layer's whole weight in every forward, and this base "
+            "is sharded with FSDP2; make DoRA fine-tunes of an unsharded base, or drop use_dora"
+        )
     finetune = shared_copy(base)
     private: dict[int, nn.Parameter] = {}
     for path, decision in the_plan.decisions.items():
@@ -124,8 +143,10 @@ def _loftq_starts(model: nn.Module, the_plan: Plan, *, loading: bool) -> tuple[l
     if not loftq:
         return [], None
     if base_record(model).sharded is not None:
-        raise ShardingError(f"{loftq[0].path}: init_lora_weights: loftq reads the layer's whole weight, and this base "
-                            "is sharded with FSDP2; make LoftQ fine-tunes of an unsharded base")
+        raise ShardingError(
+            f"{loftq[0].path}: init_lora_weights: loftq reads the layer's whole weight, and this base "
+            "is sharded with FSDP2; make LoftQ fine-tunes of an unsharded base"
+        )
     return loftq, full_weight_reader(model, [d.path for d in loftq], full_weights_of(model))
 
 
@@ -133,8 +154,10 @@ def _first_extra_id(model: nn.Module, rules: RuleSet) -> int | None:
     """The first new token's id (None without ``extra_tokens``), checked before anything changes."""
     first_id = first_extra_id(model, rules)
     if first_id is not None and base_record(model).sharded is not None:
-        raise ShardingError(f"{rules.source}: extra_tokens needs the whole embedding and output layer, and this base "
-                            "is sharded with FSDP2; add new tokens to fine-tunes of an unsharded base")
+        raise ShardingError(
+            f"{rules.source}: extra_tokens needs the whole embedding and output layer, and this base "
+            "is sharded with FSDP2; add new tokens to fine-tunes of an unsharded base"
+        )
     return first_id
 
 
@@ -147,9 +170,11 @@ def _start_from_quantization_error(finetune: nn.Module, decisions: list[Decision
             weight = float_weight(read(decision.path), decision).to(device=device, dtype=torch.float32)
             quantized = dense_weight(adapter.base_layer, decision.kind)
             if weight.shape != quantized.shape:
-                raise RewriteError(f"{decision.path}: the full-precision weight LoftQ read has shape "
-                                   f"{tuple(weight.shape)}, the base's layer {tuple(quantized.shape)}; the checkpoint "
-                                   "it was loaded from has changed or is another model's")
+                raise RewriteError(
+                    f"{decision.path}: the full-precision weight LoftQ read has shape "
+                    f"{tuple(weight.shape)}, the base's layer {tuple(quantized.shape)}; the checkpoint "
+                    "it was loaded from has changed or is another model's"
+                )
             adapter.start_from_residual(weight - quantized)
 
 
@@ -177,14 +202,20 @@ def _own_quantized_leaf(module: nn.Module) -> nn.Module:
     if state is not None and getattr(module.weight, "CB", None) is not None:
         module.init_8bit_state()  # what its first forward does: CB/SCB move into the matmul state
     own = copy.copy(module)
-    own.__dict__.update({name: type(value)(value) for name, value in module.__dict__.items()
-                         if name.startswith("_") and isinstance(value, dict)})  # parameters, buffers, hooks
+    own.__dict__.update(
+        {
+            name: type(value)(value)
+            for name, value in module.__dict__.items()
+            if name.startswith("_") and isinstance(value, dict)
+        }
+    )  # parameters, buffers, hooks
     if state is not None:
         own.state = copy.copy(state)
     return own
 
 
 # ------------------------------------------------------------------------------ copying a fine-tune
+
 
 def _deepcopy(self: nn.Module, memo: dict[int, Any]) -> nn.Module:
     """An independent fine-tune on the same base (or on the base's copy, when the base is copied too)."""
@@ -201,7 +232,7 @@ def _reduce_ex(self: nn.Module, protocol: int):
     return rebuild, (info.base, info.rules, own, [m.training for m in self.modules()])
 
 
-def rebuild(base: nn.Module, rules: "RuleSet", own: dict[str, torch.Tensor], modes: list[bool]) -> nn.Module:
+def rebuild(base: nn.Module, rules: RuleSet, own: dict[str, torch.Tensor], modes: list[bool]) -> nn.Module:
     """A fine-tune of ``base`` by ``rules`` holding ``own`` tensors, each module in the given training mode."""
     with forked_rng():  # LoRA init is overwritten: draw nothing from the caller's stream
         finetune = rewrite(base, rules, finish=lambda ft: ft.load_state_dict(own))

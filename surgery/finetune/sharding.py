@@ -22,12 +22,12 @@ import torch
 from torch import nn
 
 from ..base.fingerprints import base_fingerprint
-from ..layers.bnb import own_class, quantized_storage, state_tensors
+from ..base.shared_base import ShardedBase, base_record, holds_tensors, run_through_root
 from ..distributed import World, world
 from ..errors import ShardingError, ShardingWarning
-from .state import finetune_info
+from ..layers.bnb import own_class, quantized_storage, state_tensors
 from ..model.tracing import decoder_layers
-from ..base.shared_base import ShardedBase, base_record, holds_tensors, run_through_root
+from .state import finetune_info
 
 
 def sharded_root(model: nn.Module) -> ShardedBase | None:
@@ -42,8 +42,9 @@ def refuse_sharded(model: nn.Module, what: str, remedy: str) -> None:
     """``what`` cannot run on a sharded base: say so, and what to do instead."""
     root = sharded_root(model)
     if root is not None:
-        raise ShardingError(f"{what} needs the whole base, which is sharded with FSDP2 over {root.world_size} "
-                            f"processes here; {remedy}")
+        raise ShardingError(
+            f"{what} needs the whole base, which is sharded with FSDP2 over {root.world_size} processes here; {remedy}"
+        )
 
 
 def check_sharding(fsdp: bool, batched: bool, device_map: str | None = None) -> None:
@@ -51,16 +52,22 @@ def check_sharding(fsdp: bool, batched: bool, device_map: str | None = None) -> 
     import os
 
     if device_map is not None and (fsdp or int(os.environ.get("WORLD_SIZE", "1")) > 1):
-        raise ShardingError("--device-map places one process's base over the GPUs; under torchrun each process "
-                            "holds its own: shard one base over the processes with --fsdp, or launch one process "
-                            "with --device-map")
+        raise ShardingError(
+            "--device-map places one process's base over the GPUs; under torchrun each process "
+            "holds its own: shard one base over the processes with --fsdp, or launch one process "
+            "with --device-map"
+        )
     if fsdp and batched:
-        raise ShardingError("--batched does not run on a sharded base yet; drop --batched (the jobs take turns on "
-                            "the sharded base) or drop --fsdp")
+        raise ShardingError(
+            "--batched does not run on a sharded base yet; drop --batched (the jobs take turns on "
+            "the sharded base) or drop --fsdp"
+        )
     if not fsdp and os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
-        raise ShardingError("accelerate's FSDP setting (ACCELERATE_USE_FSDP) does not apply to surgery's training "
-                            "loop, and FSDP1 cannot wrap fine-tunes that share a base; launch with `accelerate "
-                            "launch --multi_gpu` without an FSDP config and pass --fsdp to shard the base with FSDP2")
+        raise ShardingError(
+            "accelerate's FSDP setting (ACCELERATE_USE_FSDP) does not apply to surgery's training "
+            "loop, and FSDP1 cannot wrap fine-tunes that share a base; launch with `accelerate "
+            "launch --multi_gpu` without an FSDP config and pass --fsdp to shard the base with FSDP2"
+        )
 
 
 def shard_base(base: nn.Module) -> ShardedBase:
@@ -77,9 +84,12 @@ def shard_base(base: nn.Module) -> ShardedBase:
     base_fingerprint(base)  # pinned now: probing needs the whole weights (see adapter_file.base_fingerprint)
     _check_same_base_everywhere(base, where)
     if where.size == 1:
-        warnings.warn("sharding the base over 1 process saves no memory; launch several with `torchrun "
-                      "--nproc_per_node N` (or `accelerate launch --multi_gpu --num_processes N`)",
-                      ShardingWarning, stacklevel=2)
+        warnings.warn(
+            "sharding the base over 1 process saves no memory; launch several with `torchrun "
+            "--nproc_per_node N` (or `accelerate launch --multi_gpu --num_processes N`)",
+            ShardingWarning,
+            stacklevel=2,
+        )
     for layer in decoder_layers(base):
         leaves = [m for m in layer.modules() if holds_tensors(m)]
         if leaves:
@@ -94,34 +104,46 @@ def shard_base(base: nn.Module) -> ShardedBase:
 
 def _check_shardable(base: nn.Module, where: World, live_finetunes: int) -> None:
     if finetune_info(base) is not None:
-        raise ShardingError("this model is a fine-tune; shard its base (surgery.finetune_info(ft).base) before "
-                            "making fine-tunes")
+        raise ShardingError(
+            "this model is a fine-tune; shard its base (surgery.finetune_info(ft).base) before making fine-tunes"
+        )
     if live_finetunes:
-        raise ShardingError(f"{live_finetunes} fine-tune(s) of this base exist already and hold its tensors whole; "
-                            "shard the base first (after prepare_base), then make the fine-tunes")
-    embedding = next((path for path, m in base.named_modules()
-                      if own_class(m).__name__ == "Embedding4bit"), None)
+        raise ShardingError(
+            f"{live_finetunes} fine-tune(s) of this base exist already and hold its tensors whole; "
+            "shard the base first (after prepare_base), then make the fine-tunes"
+        )
+    embedding = next((path for path, m in base.named_modules() if own_class(m).__name__ == "Embedding4bit"), None)
     if embedding is not None:
-        raise ShardingError(f"'{embedding}' is a 4-bit embedding, which FSDP2 cannot shard (bitsandbytes' "
-                            f"Embedding4bit has no quant_storage to rebuild its weight from a shard); {_EMBEDDING_FIX}")
+        raise ShardingError(
+            f"'{embedding}' is a 4-bit embedding, which FSDP2 cannot shard (bitsandbytes' "
+            f"Embedding4bit has no quant_storage to rebuild its weight from a shard); {_EMBEDDING_FIX}"
+        )
     int8 = next((path for path, m in base.named_modules() if quantized_storage(m) == "int8"), None)
     if int8 is not None:
-        raise ShardingError(f"'{int8}' is stored as LLM.int8, which FSDP cannot shard (its row scales live in a "
-                            "per-layer matmul state); quantize the base as nf4 (`quantize: nf4`, optionally "
-                            "`storage: bfloat16`) to shard it, or train with DDP without --fsdp")
+        raise ShardingError(
+            f"'{int8}' is stored as LLM.int8, which FSDP cannot shard (its row scales live in a "
+            "per-layer matmul state); quantize the base as nf4 (`quantize: nf4`, optionally "
+            "`storage: bfloat16`) to shard it, or train with DDP without --fsdp"
+        )
     device = rank_device(base)
     for name, t in [*base.named_parameters(), *base.named_buffers()]:
         if t.device != device:
-            raise ShardingError(f"'{name}' is on {t.device}, but rank {where.rank} computes on {device}: load the "
-                                "whole base onto this rank's device (load_model(..., device=...)) before sharding it")
+            raise ShardingError(
+                f"'{name}' is on {t.device}, but rank {where.rank} computes on {device}: load the "
+                "whole base onto this rank's device (load_model(..., device=...)) before sharding it"
+            )
     if device.type == "cuda" and torch.cuda.current_device() != device.index:
-        raise ShardingError(f"rank {where.rank}'s base is on {device} but its current CUDA device is "
-                            f"cuda:{torch.cuda.current_device()}; load each rank's base with --device cuda (it "
-                            "takes cuda:$LOCAL_RANK) so FSDP2 and NCCL use that GPU")
+        raise ShardingError(
+            f"rank {where.rank}'s base is on {device} but its current CUDA device is "
+            f"cuda:{torch.cuda.current_device()}; load each rank's base with --device cuda (it "
+            "takes cuda:$LOCAL_RANK) so FSDP2 and NCCL use that GPU"
+        )
 
 
-_EMBEDDING_FIX = ("keep embeddings unquantized under --fsdp (a rule `- {match: \"*\", type: embedding, action: "
-                  "freeze}` before the one that quantizes them), or train without --fsdp")
+_EMBEDDING_FIX = (
+    'keep embeddings unquantized under --fsdp (a rule `- {match: "*", type: embedding, action: '
+    "freeze}` before the one that quantizes them), or train without --fsdp"
+)
 
 
 def refuse_unshardable(plan) -> None:
@@ -130,28 +152,38 @@ def refuse_unshardable(plan) -> None:
     (which reads it once) and extra tokens."""
     dora = next((d for d in plan.decisions.values() if d.lora is not None and d.lora.use_dora), None)
     if dora is not None:
-        raise ShardingError(f"{dora.decided_by} adapts '{dora.path}' with use_dora: DoRA reads the layer's whole "
-                            "weight in every forward, which FSDP2 holds sharded; train DoRA without --fsdp (DDP, or "
-                            "one process), or drop use_dora")
+        raise ShardingError(
+            f"{dora.decided_by} adapts '{dora.path}' with use_dora: DoRA reads the layer's whole "
+            "weight in every forward, which FSDP2 holds sharded; train DoRA without --fsdp (DDP, or "
+            "one process), or drop use_dora"
+        )
     loftq = next((d for d in plan.decisions.values() if d.lora is not None and d.lora.init == "loftq"), None)
     if loftq is not None:
-        raise ShardingError(f"{loftq.decided_by} adapts '{loftq.path}' with init_lora_weights: loftq, which reads the "
-                            "layer's whole weight when the fine-tune is made, and FSDP2 holds it sharded; train "
-                            "without --fsdp")
+        raise ShardingError(
+            f"{loftq.decided_by} adapts '{loftq.path}' with init_lora_weights: loftq, which reads the "
+            "layer's whole weight when the fine-tune is made, and FSDP2 holds it sharded; train "
+            "without --fsdp"
+        )
     if plan.rules.extra_tokens is not None:
-        raise ShardingError(f"{plan.rules.source}: extra_tokens gives the fine-tune rows of its own beside the "
-                            "embedding and output layer, which FSDP2 holds sharded; train new tokens without --fsdp "
-                            "(DDP, or one process)")
+        raise ShardingError(
+            f"{plan.rules.source}: extra_tokens gives the fine-tune rows of its own beside the "
+            "embedding and output layer, which FSDP2 holds sharded; train new tokens without --fsdp "
+            "(DDP, or one process)"
+        )
     for decision in plan.quantized:
         rule = decision.decided_by if decision.rule else f"{plan.rules.source} (`default: {plan.rules.default}`)"
         where = f"{rule} stores '{decision.path}'"
         if decision.quant.scheme == "int8":
-            raise ShardingError(f"{where} as LLM.int8, which FSDP cannot shard (its row scales live in a per-layer "
-                                "matmul state); quantize the base as nf4 (`quantize: nf4`) to shard it, or train "
-                                "with DDP without --fsdp")
+            raise ShardingError(
+                f"{where} as LLM.int8, which FSDP cannot shard (its row scales live in a per-layer "
+                "matmul state); quantize the base as nf4 (`quantize: nf4`) to shard it, or train "
+                "with DDP without --fsdp"
+            )
         if decision.kind == "embedding":
-            raise ShardingError(f"{where} (an embedding) as {decision.quant.scheme}, which FSDP2 cannot shard "
-                                f"(bitsandbytes' Embedding4bit has no quant_storage); {_EMBEDDING_FIX}")
+            raise ShardingError(
+                f"{where} (an embedding) as {decision.quant.scheme}, which FSDP2 cannot shard "
+                f"(bitsandbytes' Embedding4bit has no quant_storage); {_EMBEDDING_FIX}"
+            )
 
 
 def refuse_unshardable_rules(model: str, rule_sets: list) -> None:
@@ -180,13 +212,16 @@ def _fsdp2(where: World, device: torch.device):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
     except ImportError as exc:
-        raise ShardingError(f"--fsdp needs FSDP2 (torch.distributed.fsdp.fully_shard), which torch "
-                            f"{torch.__version__} does not have; install a newer torch") from exc
+        raise ShardingError(
+            f"--fsdp needs FSDP2 (torch.distributed.fsdp.fully_shard), which torch "
+            f"{torch.__version__} does not have; install a newer torch"
+        ) from exc
     import torch.distributed as dist
 
     if not dist.is_initialized():  # one process without a launcher: a group of one
-        dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(),
-                                rank=0, world_size=1)
+        dist.init_process_group(
+            "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1
+        )
     return fully_shard, init_device_mesh(device.type, (where.size,))
 
 
@@ -205,5 +240,7 @@ def _check_same_base_everywhere(base: nn.Module, where: World) -> None:
     digests: list = [None] * where.size
     dist.all_gather_object(digests, digest.hexdigest())
     if len(set(digests)) > 1:
-        raise ShardingError("the ranks hold different bases (weights or quantization statistics differ); every "
-                            "rank must load the same checkpoint (or seed random init alike) and quantize it alike")
+        raise ShardingError(
+            "the ranks hold different bases (weights or quantization statistics differ); every "
+            "rank must load the same checkpoint (or seed random init alike) and quantize it alike"
+        )

@@ -6,8 +6,9 @@ sibling bit-identical, so a fine-tune carries a few methods of its own (installe
 class stays the base's): ``_apply`` refuses moves and casts that would copy the base,
 ``requires_grad_(True)`` refuses to make shared tensors trainable, ``load_state_dict`` loads only its
 own tensors; ``rewrite`` adds the copy methods (``copy.deepcopy`` makes an independent fine-tune on
-the same base, pickling stores the base plus the fine-tune's own tensors and rebuilds it on load). Two global guards catch what
-goes around those methods: an optimizer step over a shared tensor, and FSDP1 flattening a fine-tune.
+the same base, pickling stores the base plus the fine-tune's own tensors and rebuilds it on load).
+Two global guards catch what goes around those methods: an optimizer step over a shared tensor, and FSDP1
+flattening a fine-tune.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from ..layers.bnb import is_state_key
-from ..layers.lora import LoraLayer
-from ..layers.extra_tokens import ExtraTokenLayer
 from ..errors import AdapterStateError, RewriteError
+from ..layers.bnb import is_state_key
+from ..layers.extra_tokens import ExtraTokenLayer
+from ..layers.lora import LoraLayer
 
 if TYPE_CHECKING:
     from ..planning.decisions import Plan
@@ -37,8 +38,8 @@ SHARED = "_surgery_shared"  # attribute set on every base tensor that fine-tunes
 class FinetuneInfo:
     """What a fine-tune knows of itself: its rules, its plan, and the base it shares."""
 
-    rules: "RuleSet"
-    plan: "Plan"  # as planned on the base before this rewrite quantized it
+    rules: RuleSet
+    plan: Plan  # as planned on the base before this rewrite quantized it
     base: nn.Module
 
     def __repr__(self) -> str:
@@ -54,8 +55,10 @@ def require_finetune(model: nn.Module, verb: str, error: type[Exception] = Adapt
     """The model's FinetuneInfo, or ``error`` saying that only fine-tunes can be ``verb``."""
     info = finetune_info(model)
     if info is None:
-        raise error(f"a {type(model).__name__} that is not a fine-tune cannot be {verb}; make one with "
-                    "surgery.rewrite or surgery.load_adapter")
+        raise error(
+            f"a {type(model).__name__} that is not a fine-tune cannot be {verb}; make one with "
+            "surgery.rewrite or surgery.load_adapter"
+        )
     return info
 
 
@@ -64,8 +67,11 @@ def own_state(finetune: nn.Module) -> dict[str, nn.Parameter]:
     its extra tokens."""
     info = require_finetune(finetune, "saved or loaded")
     plain = {d.path for d in info.plan.by_action("plain")}
-    plain |= {f"{path}.base_layer" for path, m in finetune.named_modules()  # a plain layer under extra tokens
-              if isinstance(m, ExtraTokenLayer) and path in plain}
+    plain |= {
+        f"{path}.base_layer"
+        for path, m in finetune.named_modules()  # a plain layer under extra tokens
+        if isinstance(m, ExtraTokenLayer) and path in plain
+    }
     out: dict[str, nn.Parameter] = {}
     seen: set[int] = set()
     for path, module in finetune.named_modules():
@@ -105,11 +111,13 @@ def detached_copy(finetune: nn.Module, memo: dict[int, Any]) -> nn.Module:
     shell.__dict__.update({k: v for k, v in finetune.__dict__.items() if k not in _INSTANCE_ATTRS})
     out = copy.deepcopy(shell, memo)
     out._forward_pre_hooks = type(out._forward_pre_hooks)(
-        (k, h) for k, h in out._forward_pre_hooks.items() if h is not _refuse_fsdp1_flattening)
+        (k, h) for k, h in out._forward_pre_hooks.items() if h is not _refuse_fsdp1_flattening
+    )
     return out
 
 
 # ------------------------------------------------------------------------------ per-instance methods
+
 
 def guarded_apply(self: nn.Module, fn, *args, **kwargs):
     """Refuse .to()/.cuda()/.half()... that would give a fine-tune its own copy of the shared base."""
@@ -120,7 +128,8 @@ def guarded_apply(self: nn.Module, fn, *args, **kwargs):
             raise RewriteError(
                 f"moving or casting a fine-tune (to {moved.device}, {moved.dtype}) would copy the base it "
                 "shares and silently break sharing with its siblings; put the base where it should live "
-                "(device, dtype) before creating fine-tunes with surgery.rewrite")
+                "(device, dtype) before creating fine-tunes with surgery.rewrite"
+            )
     return type(self)._apply(self, fn, *args, **kwargs)
 
 
@@ -133,7 +142,8 @@ def _requires_grad_(self: nn.Module, requires_grad: bool = True) -> nn.Module:
             raise RewriteError(
                 f"requires_grad_(True) would make '{shared}', a frozen tensor this fine-tune shares with its base "
                 "and siblings, trainable; train a module in full precision with a `plain` rule (it gets a private "
-                "copy), or adapt it with LoRA. Its own tensors are trainable already")
+                "copy), or adapt it with LoRA. Its own tensors are trainable already"
+            )
     return type(self).requires_grad_(self, requires_grad)
 
 
@@ -147,13 +157,17 @@ def _load_state_dict(self: nn.Module, state_dict, strict: bool = True, assign: b
     own = own_state(self)
     missing = [k for k in own if k not in state_dict]
     if strict and missing:
-        raise AdapterStateError(f"load_state_dict: missing '{missing[0]}'"
-                                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-                                + " of this fine-tune's own tensors")
+        raise AdapterStateError(
+            f"load_state_dict: missing '{missing[0]}'"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            + " of this fine-tune's own tensors"
+        )
     for name, p in own.items():
         if name in state_dict and tuple(state_dict[name].shape) != tuple(p.shape):
-            raise AdapterStateError(f"load_state_dict: '{name}' has shape {tuple(state_dict[name].shape)}, "
-                                    f"the fine-tune needs {tuple(p.shape)}")
+            raise AdapterStateError(
+                f"load_state_dict: '{name}' has shape {tuple(state_dict[name].shape)}, "
+                f"the fine-tune needs {tuple(p.shape)}"
+            )
     with torch.no_grad():
         for name, p in own.items():
             if name in state_dict:
@@ -181,6 +195,7 @@ def add_method(name: str, method) -> None:
 
 # ------------------------------------------------------------------------------ global guards
 
+
 def _refuse_stepping_shared(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
     """Optimizer pre-step hook: no optimizer may update a tensor that fine-tunes share with their base."""
     for group in optimizer.param_groups:
@@ -191,7 +206,8 @@ def _refuse_stepping_shared(optimizer: torch.optim.Optimizer, args, kwargs) -> N
                     "with their base (it was made trainable by hand), changing the base and every sibling; "
                     "refused. Give the optimizer only trainable own tensors "
                     "([p for p in ft.parameters() if p.requires_grad]) and use a `plain` rule for modules to train "
-                    "in full precision")
+                    "in full precision"
+                )
 
 
 def _refuse_fsdp1_flattening(module: nn.Module, args) -> None:
@@ -203,7 +219,8 @@ def _refuse_fsdp1_flattening(module: nn.Module, args) -> None:
             "this fine-tune was wrapped by FSDP1 (torch.distributed.fsdp.FullyShardedDataParallel, also accelerate's "
             "and Trainer's FSDP setting), which rewrites the tensors it shares with its base and siblings; FSDP1 is "
             "not supported on fine-tunes. Reload the base, and train with DDP (torchrun) or shard the shared base with "
-            "FSDP2 (`surgery train --fsdp`, surgery.sharding.shard_base) instead")
+            "FSDP2 (`surgery train --fsdp`, surgery.sharding.shard_base) instead"
+        )
 
 
 register_optimizer_step_pre_hook(_refuse_stepping_shared)

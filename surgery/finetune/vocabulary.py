@@ -24,13 +24,17 @@ def first_extra_id(model: nn.Module, rules: RuleSet) -> int | None:
         return None
     embedding, head = _embedding_paths(model)
     if embedding is None or head is None:
-        raise RewriteError(f"{rules.source}: extra_tokens needs a model with an input embedding and an output layer "
-                           f"(get_input_embeddings / get_output_embeddings); {type(model).__name__} lacks one")
+        raise RewriteError(
+            f"{rules.source}: extra_tokens needs a model with an input embedding and an output layer "
+            f"(get_input_embeddings / get_output_embeddings); {type(model).__name__} lacks one"
+        )
     rows = logical_shape(_innermost(model.get_submodule(embedding)))[0]
     first = rows if extra.first_id is None else extra.first_id
     if first > rows:
-        raise RewriteError(f"{rules.source}: extra_tokens first_id {first} leaves ids {rows}..{first - 1} with no row "
-                           f"(the embedding has {rows}); use first_id <= {rows} (the tokenizer's length)")
+        raise RewriteError(
+            f"{rules.source}: extra_tokens first_id {first} leaves ids {rows}..{first - 1} with no row "
+            f"(the embedding has {rows}); use first_id <= {rows} (the tokenizer's length)"
+        )
     return first
 
 
@@ -74,10 +78,12 @@ def tokenizer_with(extra: ExtraTokens, first_id: int, tokenizer):
     expected = list(range(first_id, first_id + len(extra.tokens)))
     if ids != expected:
         wrong = next(i for i, (got, want) in enumerate(zip(ids, expected)) if got != want)
-        raise RewriteError(f"the tokenizer gives extra token {extra.tokens[wrong]!r} the id {ids[wrong]}, but the "
-                           f"fine-tune's row for it is {expected[wrong]} (its tokens start at {first_id}); use the "
-                           f"tokenizer the fine-tune was trained with (of length {first_id}), and extra tokens that "
-                           "are not in it already")
+        raise RewriteError(
+            f"the tokenizer gives extra token {extra.tokens[wrong]!r} the id {ids[wrong]}, but the "
+            f"fine-tune's row for it is {expected[wrong]} (its tokens start at {first_id}); use the "
+            f"tokenizer the fine-tune was trained with (of length {first_id}), and extra tokens that "
+            "are not in it already"
+        )
     return out
 
 
@@ -98,8 +104,10 @@ def extra_token_layers(model: nn.Module) -> list[tuple[str, ExtraTokenLayer]]:
 
 
 def _embedding_paths(model: nn.Module) -> tuple[str | None, str | None]:
-    wanted = {"in": model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None,
-              "out": model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None}
+    wanted = {
+        "in": model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None,
+        "out": model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None,
+    }
     paths = {id(m): path for path, m in model.named_modules()}
     return tuple(paths.get(id(wanted[k])) if wanted[k] is not None else None for k in ("in", "out"))
 

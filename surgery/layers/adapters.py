@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..rules.ruleset import LoraConfig
 from .dora import DoraConv1D, DoraLinear
 from .lora import LoraConv1D, LoraEmbedding, LoraLayer, LoraLinear
-from ..rules.ruleset import LoraConfig
 
 
 def make_adapter(base_layer: nn.Module, kind: str, config: LoraConfig) -> LoraLayer:

@@ -8,14 +8,15 @@ shape, the float weight it stands for, and the 4-bit layout bitsandbytes may rep
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Literal
+from typing import Literal
 
 import torch
 from torch import nn
 
-from .lora import LoraLayer
 from ..rules.ruleset import DTYPES, STORAGES, QuantConfig
+from .lora import LoraLayer
 
 Storage = Literal["int8", "nf4", "fp4"]
 
@@ -74,10 +75,13 @@ def held_quant_config(module: nn.Module) -> QuantConfig | None:
     compute = getattr(layer, "compute_dtype", None)
     compute_name = str(compute).removeprefix("torch.") if isinstance(compute, torch.dtype) else None
     storage = str(layer.weight.dtype).removeprefix("torch.")
-    return QuantConfig(scheme, double_quant=bool(getattr(qs, "nested", False)),
-                       compute_dtype=compute_name if compute_name in DTYPES else None,
-                       blocksize=int(getattr(qs, "blocksize", 64) or 64),
-                       storage=storage if storage in STORAGES else "uint8")
+    return QuantConfig(
+        scheme,
+        double_quant=bool(getattr(qs, "nested", False)),
+        compute_dtype=compute_name if compute_name in DTYPES else None,
+        blocksize=int(getattr(qs, "blocksize", 64) or 64),
+        storage=storage if storage in STORAGES else "uint8",
+    )
 
 
 def state_tensors(weight: torch.Tensor, layer: nn.Module | None = None) -> Iterator[torch.Tensor]:
@@ -96,8 +100,12 @@ def state_tensors(weight: torch.Tensor, layer: nn.Module | None = None) -> Itera
         qs = getattr(layer, "quant_state", None)  # FSDP holds the weight sharded; the state stays on the layer
     if qs is not None:
         nested = getattr(qs, "state2", None)
-        parts = [qs.absmax, qs.code, getattr(qs, "offset", None),
-                 *([nested.absmax, nested.code] if nested is not None else [])]
+        parts = [
+            qs.absmax,
+            qs.code,
+            getattr(qs, "offset", None),
+            *([nested.absmax, nested.code] if nested is not None else []),
+        ]
         yield from (t for t in parts if isinstance(t, torch.Tensor))
 
 
@@ -119,8 +127,9 @@ def plain_equivalent(module: nn.Module) -> nn.Module:
     if not isinstance(dtype, torch.dtype):
         dtype = torch.float16
     if isinstance(module, nn.Linear):
-        return nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                         device="meta", dtype=dtype)
+        return nn.Linear(
+            module.in_features, module.out_features, bias=module.bias is not None, device="meta", dtype=dtype
+        )
     return nn.Embedding(module.num_embeddings, module.embedding_dim, device="meta", dtype=dtype)
 
 
@@ -152,8 +161,9 @@ def standard_layout(module: nn.Module) -> None:
     if getattr(quant_state, "packing_format_for_cpu", False):
         import bitsandbytes as bnb
 
-        weight.data, weight.quant_state = bnb.functional._convert_weight_packed_for_cpu_inverse(weight.data,
-                                                                                                quant_state)
+        weight.data, weight.quant_state = bnb.functional._convert_weight_packed_for_cpu_inverse(
+            weight.data, quant_state
+        )
         if getattr(module, "quant_state", None) is quant_state:
             module.quant_state = weight.quant_state
 
@@ -194,14 +204,18 @@ def int8_rows(module: nn.Module, rows) -> torch.Tensor:
 
 # --------------------------------------------------------------------- loading the base elsewhere
 
+
 def bitsandbytes_config_text(quant: QuantConfig, skip_modules: list[str]) -> str:
     """transformers' ``BitsAndBytesConfig(...)`` (as Python source) that stores weights as ``quant`` does,
     leaving ``skip_modules`` unquantized (given even when empty: without it transformers skips lm_head)."""
     if quant.scheme == "int8":
         args = ["load_in_8bit=True", f"llm_int8_threshold={quant.threshold!r}"]
     else:
-        args = ["load_in_4bit=True", f'bnb_4bit_quant_type="{quant.scheme}"',
-                f"bnb_4bit_use_double_quant={quant.double_quant}"]
+        args = [
+            "load_in_4bit=True",
+            f'bnb_4bit_quant_type="{quant.scheme}"',
+            f"bnb_4bit_use_double_quant={quant.double_quant}",
+        ]
         if quant.compute_dtype:
             args.append(f"bnb_4bit_compute_dtype=torch.{quant.compute_dtype}")
         if quant.storage != "uint8":
@@ -229,13 +243,19 @@ class BaseLoading:
     def note(self, name: str) -> str:
         """One paragraph for a model card or the terminal."""
         if not self.schemes:
-            return (f"The adapter was trained on {name} unquantized: load it without a quantization_config "
-                    "(a quantized base gives other outputs).")
-        text = (f"The adapter was trained on {name} with {self.modules} modules stored as "
-                f"{' and '.join(self.schemes)} by bitsandbytes. For the same outputs load the base the same way")
+            return (
+                f"The adapter was trained on {name} unquantized: load it without a quantization_config "
+                "(a quantized base gives other outputs)."
+            )
+        text = (
+            f"The adapter was trained on {name} with {self.modules} modules stored as "
+            f"{' and '.join(self.schemes)} by bitsandbytes. For the same outputs load the base the same way"
+        )
         if self.quantization_config is None:
-            text += (f": with surgery (`surgery.load_model({name!r})` and this adapter's rules), since transformers' "
-                     f"BitsAndBytesConfig cannot express {', '.join(self.inexpressible)}")
+            text += (
+                f": with surgery (`surgery.load_model({name!r})` and this adapter's rules), since transformers' "
+                f"BitsAndBytesConfig cannot express {', '.join(self.inexpressible)}"
+            )
         else:
             text += f": `{self.from_pretrained(name)}`"
         return text + ". On a base loaded otherwise (e.g. unquantized) the outputs differ by the quantization error."

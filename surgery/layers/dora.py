@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..rules.ruleset import LoraConfig
 from .bnb import dense_weight
 from .lora import LoraConv1D, LoraLinear
-from ..rules.ruleset import LoraConfig
 
 
 class DoraLayer:

@@ -58,7 +58,7 @@ class ExtraTokenHead(ExtraTokenLayer):
         base = self.base_layer(hidden)
         extra = F.linear(hidden.to(self.extra_rows.dtype), self.extra_rows).to(base.dtype)
         end = self.first_id + self.count
-        return torch.cat([base[..., :self.first_id], extra, base[..., end:]], dim=-1)
+        return torch.cat([base[..., : self.first_id], extra, base[..., end:]], dim=-1)
 
     def dense(self, weight: torch.Tensor) -> torch.Tensor:
         """The (width, dim) output matrix over the base's dense ``weight`` (rows, dim)."""
@@ -67,6 +67,6 @@ class ExtraTokenHead(ExtraTokenLayer):
 
 def _spliced(weight: torch.Tensor, rows: torch.Tensor, first_id: int, width: int) -> torch.Tensor:
     out = torch.zeros(width, weight.shape[1], dtype=weight.dtype, device=weight.device)
-    out[:weight.shape[0]] = weight
-    out[first_id:first_id + rows.shape[0]] = rows.detach().to(weight)
+    out[: weight.shape[0]] = weight
+    out[first_id : first_id + rows.shape[0]] = rows.detach().to(weight)
     return out

@@ -82,7 +82,7 @@ class ModelGraph:
     name: str | None = None
 
     @property
-    def graph_module(self) -> "torch.fx.GraphModule | None":
+    def graph_module(self) -> torch.fx.GraphModule | None:
         return None if self.exported is None else self.exported.graph_module
 
     def leaves(self) -> list[ModuleInfo]:
@@ -102,13 +102,18 @@ class ModelGraph:
     @property
     def numel(self) -> int:
         canon = self.canonical_names()
-        unique = {canon.get(join_path(m.path, p.name), join_path(m.path, p.name)): p.numel
-                  for m in self.leaves() for p in m.params}
+        unique = {
+            canon.get(join_path(m.path, p.name), join_path(m.path, p.name)): p.numel
+            for m in self.leaves()
+            for p in m.params
+        }
         return sum(unique.values())
 
     def __repr__(self) -> str:
-        return (f"ModelGraph({self.model_class}, {len(self.leaves())} parametrized modules, "
-                f"{self.numel:,} parameters, method={self.method}, {self.seconds:.2f}s)")
+        return (
+            f"ModelGraph({self.model_class}, {len(self.leaves())} parametrized modules, "
+            f"{self.numel:,} parameters, method={self.method}, {self.seconds:.2f}s)"
+        )
 
 
 def join_path(prefix: str, name: str) -> str:

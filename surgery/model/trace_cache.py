@@ -14,11 +14,12 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from ..errors import SurgeryError
 from ..disk import MiB, atomic_write, read_user_file, version
+from ..errors import SurgeryError
 from .graph import ModelGraph, ModuleInfo, ParamInfo
 
 log = logging.getLogger(__name__)
@@ -50,8 +51,13 @@ def cached_graph(identity: dict | None, build: Callable[[], ModelGraph]) -> Mode
 def _key(identity: dict) -> dict:
     from importlib.metadata import version as installed
 
-    return {"format": FORMAT, "model": identity, "torch": installed("torch"),
-            "transformers": installed("transformers"), "surgery": version()}
+    return {
+        "format": FORMAT,
+        "model": identity,
+        "torch": installed("torch"),
+        "transformers": installed("transformers"),
+        "surgery": version(),
+    }
 
 
 def _digest(key: dict) -> str:
@@ -83,15 +89,30 @@ def _write(path: Path, key: dict, graph: ModelGraph) -> None:
 
 # ------------------------------------------------------------------------ graph <-> plain data
 
+
 def graph_to_data(graph: ModelGraph) -> dict:
     """A ModelGraph as JSON-able data (without the ExportedProgram and the config object)."""
-    return {"model_class": graph.model_class, "ties": [list(t) for t in graph.ties], "method": graph.method,
-            "seconds": graph.seconds, "reason": graph.reason,
-            "reduced": {k: list(v) for k, v in graph.reduced.items()},
-            "modules": [{"path": m.path, "cls": m.cls, "kind": m.kind, "calls": m.calls, "order": m.order,
-                         "input_shape": m.input_shape, "output_shape": m.output_shape,
-                         "params": [[p.name, list(p.shape), p.dtype, p.nbytes] for p in m.params]}
-                        for m in graph.modules.values()]}
+    return {
+        "model_class": graph.model_class,
+        "ties": [list(t) for t in graph.ties],
+        "method": graph.method,
+        "seconds": graph.seconds,
+        "reason": graph.reason,
+        "reduced": {k: list(v) for k, v in graph.reduced.items()},
+        "modules": [
+            {
+                "path": m.path,
+                "cls": m.cls,
+                "kind": m.kind,
+                "calls": m.calls,
+                "order": m.order,
+                "input_shape": m.input_shape,
+                "output_shape": m.output_shape,
+                "params": [[p.name, list(p.shape), p.dtype, p.nbytes] for p in m.params],
+            }
+            for m in graph.modules.values()
+        ],
+    }
 
 
 def graph_from_data(data: Any) -> ModelGraph:
@@ -100,12 +121,21 @@ def graph_from_data(data: Any) -> ModelGraph:
     modules = {}
     for m in _list(data.get("modules")):
         _expect(isinstance(m, dict), "module")
-        params = [ParamInfo(_str(p[0]), tuple(_int(d) for d in _list(p[1])), _str(p[2]), _int(p[3]))
-                  for p in _list(m.get("params")) if _expect(isinstance(p, list) and len(p) == 4, "param")]
-        info = ModuleInfo(_str(m.get("path"), empty=True), _str(m.get("cls")), _str(m.get("kind")), params,
-                          calls=_int(m.get("calls")), order=_optional(m.get("order"), _int),
-                          input_shape=_optional(m.get("input_shape"), _shape),
-                          output_shape=_optional(m.get("output_shape"), _shape))
+        params = [
+            ParamInfo(_str(p[0]), tuple(_int(d) for d in _list(p[1])), _str(p[2]), _int(p[3]))
+            for p in _list(m.get("params"))
+            if _expect(isinstance(p, list) and len(p) == 4, "param")
+        ]
+        info = ModuleInfo(
+            _str(m.get("path"), empty=True),
+            _str(m.get("cls")),
+            _str(m.get("kind")),
+            params,
+            calls=_int(m.get("calls")),
+            order=_optional(m.get("order"), _int),
+            input_shape=_optional(m.get("input_shape"), _shape),
+            output_shape=_optional(m.get("output_shape"), _shape),
+        )
         _expect(info.path not in modules, "duplicate module")
         modules[info.path] = info
     ties = [tuple(_str(n) for n in _list(t)) for t in _list(data.get("ties"))]
@@ -113,9 +143,15 @@ def graph_from_data(data: Any) -> ModelGraph:
     _expect(isinstance(reduced, dict), "reduced")
     method = data.get("method")
     _expect(method in ("export", "module-tree"), "method")
-    return ModelGraph(_str(data.get("model_class")), modules, ties, method, float(data.get("seconds")),
-                      _optional(data.get("reason"), _str),
-                      {_str(k): tuple(_int(n) for n in _list(v)) for k, v in reduced.items()})
+    return ModelGraph(
+        _str(data.get("model_class")),
+        modules,
+        ties,
+        method,
+        float(data.get("seconds")),
+        _optional(data.get("reason"), _str),
+        {_str(k): tuple(_int(n) for n in _list(v)) for k, v in reduced.items()},
+    )
 
 
 def _expect(ok: bool, what: str) -> bool:
@@ -145,4 +181,3 @@ def _shape(value) -> tuple:
 
 def _optional(value, parse):
     return None if value is None else parse(value)
-

@@ -24,9 +24,19 @@ import torch
 from torch import nn
 
 from ..errors import TraceError, first_line
-from ..layers.bnb import from_conv1d, held_bytes, held_quant_config, is_bnb_layer, logical_shape, own_class, plain_equivalent, quantized_storage
+from ..layers.bnb import (
+    from_conv1d,
+    held_bytes,
+    held_quant_config,
+    is_bnb_layer,
+    logical_shape,
+    own_class,
+    plain_equivalent,
+    quantized_storage,
+)
 from ..layers.lora import LoraLayer
-from .graph import ModelGraph, ModuleInfo, ParamInfo, join_path as _join
+from .graph import ModelGraph, ModuleInfo, ParamInfo
+from .graph import join_path as _join
 
 log = logging.getLogger(__name__)
 KEEP_REPEATED = 3  # layers kept per repeated block: layer 0, then one odd and one even representative
@@ -37,6 +47,7 @@ STATIC_SIZES = ((11, 37), (13, 41), (17, 43), (19, 47), (23, 53))
 
 
 # ----------------------------------------------------------------------------------------- kinds
+
 
 def op_kind(module: nn.Module) -> str:
     """Classify a module: linear, conv1d, embedding, norm or other (bitsandbytes and LoRA forms included)."""
@@ -52,7 +63,8 @@ def op_kind(module: nn.Module) -> str:
     if own_class(module).__name__ == "Conv1D" and own_class(module).__module__.startswith("transformers"):
         return "conv1d"
     if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)) or type(module).__name__.endswith(
-            ("RMSNorm", "LayerNorm", "Norm")):
+        ("RMSNorm", "LayerNorm", "Norm")
+    ):
         return "norm"
     return "other"
 
@@ -74,24 +86,33 @@ def _param_infos(module: nn.Module) -> list[ParamInfo]:
             shape = logical_shape(module)  # (out, in); a Conv1D's weight is (in, out)
             infos.append(ParamInfo(name, shape[::-1] if from_conv1d(module) else shape, quant, held_bytes(p, module)))
         else:
-            infos.append(ParamInfo(name, tuple(p.shape), str(p.dtype).removeprefix("torch."),
-                                   p.numel() * p.element_size()))
+            infos.append(
+                ParamInfo(name, tuple(p.shape), str(p.dtype).removeprefix("torch."), p.numel() * p.element_size())
+            )
     return infos
 
 
 # ----------------------------------------------------------------------------------------- trace
 
-def trace(model: nn.Module, example_inputs: dict[str, torch.Tensor] | None = None, *,
-          reduce_repeated: bool = True) -> ModelGraph:
+
+def trace(
+    model: nn.Module, example_inputs: dict[str, torch.Tensor] | None = None, *, reduce_repeated: bool = True
+) -> ModelGraph:
     """Trace ``model`` into a ModelGraph; falls back to the module tree (and says why) when export fails.
 
     ``example_inputs``: keyword inputs for forward; HF causal LMs get ``input_ids`` by default.
     The model itself is never modified, moved or run on real data.
     """
     start = time.perf_counter()
-    graph = ModelGraph(type(model).__name__, _module_infos(model), find_ties(model), "module-tree", 0.0,
-                       config=getattr(model, "config", None),
-                       name=getattr(getattr(model, "config", None), "name_or_path", None) or None)
+    graph = ModelGraph(
+        type(model).__name__,
+        _module_infos(model),
+        find_ties(model),
+        "module-tree",
+        0.0,
+        config=getattr(model, "config", None),
+        name=getattr(getattr(model, "config", None), "name_or_path", None) or None,
+    )
     try:
         inputs, dynamic, names = _export_inputs(model, example_inputs)
         meta = _logical_meta_copy(model)
@@ -114,9 +135,17 @@ def trace(model: nn.Module, example_inputs: dict[str, torch.Tensor] | None = Non
 
 def _module_infos(model: nn.Module) -> dict[str, ModuleInfo]:
     """What the module tree alone tells about every module (no calls, no shapes)."""
-    return {path: ModuleInfo(path, f"{own_class(m).__module__}.{own_class(m).__qualname__}", op_kind(m), _param_infos(m),
-                             quantized_storage(m), held_quant_config(m))
-            for path, m in model.named_modules(remove_duplicate=False)}
+    return {
+        path: ModuleInfo(
+            path,
+            f"{own_class(m).__module__}.{own_class(m).__qualname__}",
+            op_kind(m),
+            _param_infos(m),
+            quantized_storage(m),
+            held_quant_config(m),
+        )
+        for path, m in model.named_modules(remove_duplicate=False)
+    }
 
 
 def replace_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -143,19 +172,33 @@ def _export_inputs(model: nn.Module, example_inputs) -> tuple[dict, dict | None,
 
     if example_inputs is not None:
         inputs = {k: (v.to("meta") if isinstance(v, torch.Tensor) else v) for k, v in example_inputs.items()}
-        dynamic = {k: ({i: Dim.AUTO for i in range(v.dim())} if isinstance(v, torch.Tensor) else None)
-                   for k, v in inputs.items()}
+        dynamic = {
+            k: ({i: Dim.AUTO for i in range(v.dim())} if isinstance(v, torch.Tensor) else None)
+            for k, v in inputs.items()
+        }
         return inputs, dynamic, {}
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "vocab_size"):
         raise TraceError("not a HuggingFace model and no example_inputs given")
-    max_len = next((getattr(config, a) for a in ("max_position_embeddings", "n_positions", "n_ctx")
-                    if isinstance(getattr(config, a, None), int)), 4096)
+    max_len = next(
+        (
+            getattr(config, a)
+            for a in ("max_position_embeddings", "n_positions", "n_ctx")
+            if isinstance(getattr(config, a, None), int)
+        ),
+        4096,
+    )
     sizes = _free_sizes(model, config, max_len)
     if sizes is None:
         inputs = {"input_ids": torch.zeros(2, 8, dtype=torch.long, device="meta"), "use_cache": False}
-        return inputs, {"input_ids": {0: Dim("batch", min=1, max=4096), 1: Dim("seq", min=2, max=max(max_len, 8))},
-                        "use_cache": None}, {}
+        return (
+            inputs,
+            {
+                "input_ids": {0: Dim("batch", min=1, max=4096), 1: Dim("seq", min=2, max=max(max_len, 8))},
+                "use_cache": None,
+            },
+            {},
+        )
     batch, seq = sizes
     inputs = {"input_ids": torch.zeros(batch, seq, dtype=torch.long, device="meta"), "use_cache": False}
     return inputs, None, {batch: "batch", seq: "seq", batch * seq: "seq*batch"}
@@ -185,15 +228,16 @@ def _logical_meta_copy(model: nn.Module) -> nn.Module:
         for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
             if id(t) not in memo:
                 meta = torch.empty(t.shape, dtype=t.dtype, device="meta")
-                memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(
-                    t, nn.Parameter) else meta
+                memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
     copied = copy.deepcopy(model, memo)
     return copied.eval()
 
 
 def _structure(module: nn.Module) -> tuple:
-    return (type(module), tuple((n, tuple(t.shape), t.dtype) for n, t in
-                                [*module.named_parameters(), *module.named_buffers()]))
+    return (
+        type(module),
+        tuple((n, tuple(t.shape), t.dtype) for n, t in [*module.named_parameters(), *module.named_buffers()]),
+    )
 
 
 def _reduce_repeated_blocks(model: nn.Module) -> dict[str, tuple[int, int]]:
@@ -215,7 +259,7 @@ def representative(path: str, reduced: dict[str, tuple[int, int]]) -> str | None
     """The traced module that stands for ``path`` in a depth-reduced trace (layer i -> 0, 1 or 2)."""
     for block in reduced:
         if path.startswith(block + "."):
-            rest = path[len(block) + 1:]
+            rest = path[len(block) + 1 :]
             index, _, tail = rest.partition(".")
             if not index.isdigit():
                 return path
@@ -272,7 +316,7 @@ def _expand_order(traced: list[str], reduced: dict[str, tuple[int, int]]) -> lis
         inside = [t for t in traced if t.startswith(block + ".")]
         for i in range(reduced[block][0]):
             rep = representative(f"{block}.{i}", reduced)
-            out += [f"{block}.{i}{t[len(rep):]}" for t in inside if t == rep or t.startswith(rep + ".")]
+            out += [f"{block}.{i}{t[len(rep) :]}" for t in inside if t == rep or t.startswith(rep + ".")]
     return out
 
 
@@ -298,8 +342,9 @@ def _readable(expr: str, symbols: dict) -> str:
     return re.sub(r"\bs\d+\b", lambda m: symbols.get(m.group(0), m.group(0)), expr)
 
 
-def _call_shapes(nodes: set, position: dict, user_inputs: set,
-                 symbols: dict[str, str]) -> tuple[tuple | None, tuple | None]:
+def _call_shapes(
+    nodes: set, position: dict, user_inputs: set, symbols: dict[str, str]
+) -> tuple[tuple | None, tuple | None]:
     """Shape of the first outside input and of the last result used outside of one module call."""
     ordered = sorted(nodes, key=position.__getitem__)
     input_shape = None
@@ -332,13 +377,28 @@ def refresh(graph: ModelGraph, model: nn.Module) -> ModelGraph:
         old = graph.modules.get(path)
         if old is not None:
             info.calls, info.order, info.input_shape, info.output_shape = (
-                old.calls, old.order, old.input_shape, old.output_shape)
-    return ModelGraph(graph.model_class, modules, find_ties(model), graph.method, graph.seconds, graph.reason,
-                      graph.reduced, graph.exported, graph.config, graph.name)
+                old.calls,
+                old.order,
+                old.input_shape,
+                old.output_shape,
+            )
+    return ModelGraph(
+        graph.model_class,
+        modules,
+        find_ties(model),
+        graph.method,
+        graph.seconds,
+        graph.reason,
+        graph.reduced,
+        graph.exported,
+        graph.config,
+        graph.name,
+    )
 
 
 def decoder_layers(base: nn.Module) -> list[nn.Module]:
-    """The repeated blocks to shard one by one: transformers' ``_no_split_modules`` classes, else the longest ModuleList."""
+    """The repeated blocks (to shard one by one): transformers' ``_no_split_modules`` classes, else the longest
+    ModuleList."""
     names = set(getattr(base, "_no_split_modules", None) or [])
     layers = [m for m in base.modules() if type(m).__name__ in names]
     if layers:

@@ -14,11 +14,20 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..errors import PlanError, Violation
-from ..rules.ruleset import (ADAPTABLE_KINDS, Action, Kind, LoraConfig, QuantConfig, Rule, RuleSet, grouped,
-                    pattern_matches)
-from ..rules.rule_file import load_rules, parse_rules
-from .memory import DTYPE_BYTES, base_bytes, extra_token_cost, finetune_cost, fmt_bytes, lora_param_count
 from ..model.graph import ModelGraph, ModuleInfo
+from ..rules.rule_file import load_rules, parse_rules
+from ..rules.ruleset import (
+    ADAPTABLE_KINDS,
+    Action,
+    Kind,
+    LoraConfig,
+    QuantConfig,
+    Rule,
+    RuleSet,
+    grouped,
+    pattern_matches,
+)
+from .memory import DTYPE_BYTES, base_bytes, extra_token_cost, finetune_cost, fmt_bytes, lora_param_count
 
 if TYPE_CHECKING:
     from torch import nn
@@ -100,7 +109,7 @@ class Plan:
     def ok(self) -> bool:
         return not self.violations
 
-    def check(self) -> "Plan":
+    def check(self) -> Plan:
         """Raise PlanError listing every violation; return self when there is none."""
         if self.violations:
             raise PlanError(self.violations, violation_lines(self.violations))
@@ -130,20 +139,45 @@ class Plan:
     def to_dict(self) -> dict:
         """JSON-ready: decisions, ties, violations and memory."""
         return {
-            "model": self.graph.name, "model_class": self.graph.model_class, "rules": self.rules.source,
-            "ok": self.ok, "finetunes": self.finetunes,
-            "memory": {"base_bytes_now": self.base_bytes_now, "base_bytes_after": self.base_bytes_after,
-                       "finetune_bytes": self.finetune_bytes, "total_bytes": self.total_bytes(),
-                       "full_copies_bytes": self.full_copies_bytes()},
+            "model": self.graph.name,
+            "model_class": self.graph.model_class,
+            "rules": self.rules.source,
+            "ok": self.ok,
+            "finetunes": self.finetunes,
+            "memory": {
+                "base_bytes_now": self.base_bytes_now,
+                "base_bytes_after": self.base_bytes_after,
+                "finetune_bytes": self.finetune_bytes,
+                "total_bytes": self.total_bytes(),
+                "full_copies_bytes": self.full_copies_bytes(),
+            },
             "trainable_params_per_finetune": self.trainable_params,
-            "decisions": [{"module": d.path, "kind": d.kind, "action": d.action, "storage": d.storage,
-                           "trainable": d.trainable, "rule": d.rule.index if d.rule else None,
-                           "decided_by": d.decided_by, "lora": d.lora.to_dict() if d.lora else None,
-                           "adapter_params": d.adapter_params} for d in self.decisions.values()],
-            "ties": [{"names": list(t.names), "message": t.message, "extra_base_bytes": t.extra_base_bytes,
-                      "extra_finetune_bytes": t.extra_finetune_bytes} for t in self.ties],
-            "violations": [{"constraint": v.constraint, "module": v.module, "message": v.message}
-                           for v in self.violations],
+            "decisions": [
+                {
+                    "module": d.path,
+                    "kind": d.kind,
+                    "action": d.action,
+                    "storage": d.storage,
+                    "trainable": d.trainable,
+                    "rule": d.rule.index if d.rule else None,
+                    "decided_by": d.decided_by,
+                    "lora": d.lora.to_dict() if d.lora else None,
+                    "adapter_params": d.adapter_params,
+                }
+                for d in self.decisions.values()
+            ],
+            "ties": [
+                {
+                    "names": list(t.names),
+                    "message": t.message,
+                    "extra_base_bytes": t.extra_base_bytes,
+                    "extra_finetune_bytes": t.extra_finetune_bytes,
+                }
+                for t in self.ties
+            ],
+            "violations": [
+                {"constraint": v.constraint, "module": v.module, "message": v.message} for v in self.violations
+            ],
             "shadowed_rules": self.shadowed,
         }
 
@@ -159,12 +193,15 @@ class Plan:
 
     def __repr__(self) -> str:
         counts = Counter(d.action for d in self.decisions.values())
-        return (f"Plan({self.graph.model_class}, {self.rules.name}, {dict(counts)}, "
-                f"base {self.base_bytes_now:,} -> {self.base_bytes_after:,} B, "
-                f"+{self.finetune_bytes:,} B per fine-tune, {len(self.violations)} violations)")
+        return (
+            f"Plan({self.graph.model_class}, {self.rules.name}, {dict(counts)}, "
+            f"base {self.base_bytes_now:,} -> {self.base_bytes_after:,} B, "
+            f"+{self.finetune_bytes:,} B per fine-tune, {len(self.violations)} violations)"
+        )
 
 
 # ------------------------------------------------------------------------------------------ plan
+
 
 def _settings_differ(wanted: QuantConfig, held: QuantConfig, kind: str) -> str:
     """The settings ``wanted`` writes explicitly that differ from how the base holds a module ('' if none).
@@ -172,19 +209,31 @@ def _settings_differ(wanted: QuantConfig, held: QuantConfig, kind: str) -> str:
     Settings a rule file leaves out follow the base as held; ``compute_dtype: null`` (the input's dtype)
     accepts any held compute dtype.
     """
-    pairs = [("threshold", wanted.threshold, held.threshold)] if wanted.scheme == "int8" and kind != "embedding" else \
-        [("double_quant", wanted.double_quant, held.double_quant), ("blocksize", wanted.blocksize, held.blocksize),
-         ("compute_dtype", wanted.compute_dtype, held.compute_dtype)] if wanted.scheme != "int8" else []
-    return ", ".join(f"{name}: {a} (held: {b})" for name, a, b in pairs
-                     if name in wanted.given and a != b and not (name == "compute_dtype" and None in (a, b)))
+    pairs = (
+        [("threshold", wanted.threshold, held.threshold)]
+        if wanted.scheme == "int8" and kind != "embedding"
+        else [
+            ("double_quant", wanted.double_quant, held.double_quant),
+            ("blocksize", wanted.blocksize, held.blocksize),
+            ("compute_dtype", wanted.compute_dtype, held.compute_dtype),
+        ]
+        if wanted.scheme != "int8"
+        else []
+    )
+    return ", ".join(
+        f"{name}: {a} (held: {b})"
+        for name, a, b in pairs
+        if name in wanted.given and a != b and not (name == "compute_dtype" and None in (a, b))
+    )
 
 
 def _held_text(held: QuantConfig) -> str:
     return ", ".join(f"{k}: {v}" for k, v in held.to_dict().items() if v is not None)
 
 
-def plan(model_or_graph: nn.Module | ModelGraph, rules: RuleSet | str, *, finetunes: int = 1,
-         check: bool = True) -> Plan:
+def plan(
+    model_or_graph: nn.Module | ModelGraph, rules: RuleSet | str, *, finetunes: int = 1, check: bool = True
+) -> Plan:
     """Decide every parametrized module of the model by ``rules`` and check C1-C7.
 
     Raises PlanError with every violation unless ``check=False`` (then they are in ``plan.violations``).
@@ -209,8 +258,7 @@ def plan(model_or_graph: nn.Module | ModelGraph, rules: RuleSet | str, *, finetu
         violations += problems
     violations += _check_unmatched(rules, matched, graph)
     violations += _check_lora_coverage(rules, decisions)
-    shadowed = [r.label for r in rules.rules if matched[r.index] and not any(
-        d.rule is r for d in decisions.values())]
+    shadowed = [r.label for r in rules.rules if matched[r.index] and not any(d.rule is r for d in decisions.values())]
     tie_notes, tie_violations = _ties(graph, decisions)
     violations += tie_violations
     base_now, base_after = base_bytes(graph, decisions)
@@ -218,8 +266,9 @@ def plan(model_or_graph: nn.Module | ModelGraph, rules: RuleSet | str, *, finetu
     if rules.extra_tokens is not None:
         extra_bytes, extra_params = extra_token_cost(graph, decisions, len(rules.extra_tokens.tokens))
         ft_bytes, trainable = ft_bytes + extra_bytes, trainable + extra_params
-    result = Plan(graph, rules, decisions, tie_notes, violations, base_now, base_after, ft_bytes, trainable,
-                  finetunes, shadowed)
+    result = Plan(
+        graph, rules, decisions, tie_notes, violations, base_now, base_after, ft_bytes, trainable, finetunes, shadowed
+    )
     return result.check() if check else result
 
 
@@ -266,61 +315,112 @@ def _decide(info: ModuleInfo, rule: Rule | None, rules: RuleSet) -> tuple[Decisi
     storage, plan_quant = original, None
     if info.quantized:  # already a bitsandbytes layer in the base
         if action == "plain":
-            problems.append(Violation("C2", (
-                f"{where} makes {info.path} plain (trainable, full precision), but the base holds it as "
-                f"{info.quantized} and quantized weights cannot be trained; adapt it instead (action: adapt) "
-                "or load the base unquantized"), info.path))
+            problems.append(
+                Violation(
+                    "C2",
+                    (
+                        f"{where} makes {info.path} plain (trainable, full precision), but the base holds it as "
+                        f"{info.quantized} and quantized weights cannot be trained; adapt it instead (action: adapt) "
+                        "or load the base unquantized"
+                    ),
+                    info.path,
+                )
+            )
         elif action in ("quantize", "adapt") and (not quant.quantizes or quant.scheme != info.quantized):
             target = "unquantized" if not quant.quantizes else f"as {quant.scheme}"
-            problems.append(Violation("C1", (
-                f"{where} keeps {info.path} {target}, but the base already holds it as {info.quantized}; "
-                f"quantized weights cannot be restored or re-quantized — load the base again or drop "
-                f"{rule.label if rule else 'the default'}"), info.path))
+            problems.append(
+                Violation(
+                    "C1",
+                    (
+                        f"{where} keeps {info.path} {target}, but the base already holds it as {info.quantized}; "
+                        f"quantized weights cannot be restored or re-quantized — load the base again or drop "
+                        f"{rule.label if rule else 'the default'}"
+                    ),
+                    info.path,
+                )
+            )
         elif action in ("quantize", "adapt") and info.held is not None:
             differs = _settings_differ(quant, info.held, info.kind)
             if differs:
-                problems.append(Violation("C1", (
-                    f"{where} asks for {info.path} as {quant.scheme} with {differs}, but the base already holds it "
-                    f"as {info.quantized} with other settings and quantized weights cannot be re-quantized; write "
-                    f"the base's settings in the rule file's `quantize:` ({_held_text(info.held)}) or load the "
-                    "base again"), info.path))
+                problems.append(
+                    Violation(
+                        "C1",
+                        (
+                            f"{where} asks for {info.path} as {quant.scheme} with {differs}, but the base already "
+                            f"holds it as {info.quantized} with other settings and quantized weights cannot be "
+                            f"re-quantized; write the base's settings in the rule file's `quantize:` "
+                            f"({_held_text(info.held)}) or load the base again"
+                        ),
+                        info.path,
+                    )
+                )
         storage = info.quantized
     elif wants_quant:
         storage, plan_quant = quant.scheme, quant
     lora, adapter_params, adapter_bytes = None, 0, 0
     if action == "adapt":
         if info.kind not in ADAPTABLE_KINDS or weight is None:
-            problems.append(Violation("C3", (
-                f"{where} adapts {info.path} ({info.cls.rsplit('.', 1)[-1]}, kind {info.kind}), but LoRA "
-                f"supports only {', '.join(ADAPTABLE_KINDS)} layers (a subclass with its own forward, such as "
-                "OPT's learned positional embedding, is 'other'); narrow the rule (e.g. `type: linear`)"),
-                info.path))
+            problems.append(
+                Violation(
+                    "C3",
+                    (
+                        f"{where} adapts {info.path} ({info.cls.rsplit('.', 1)[-1]}, kind {info.kind}), but LoRA "
+                        f"supports only {', '.join(ADAPTABLE_KINDS)} layers (a subclass with its own forward, such as "
+                        "OPT's learned positional embedding, is 'other'); narrow the rule (e.g. `type: linear`)"
+                    ),
+                    info.path,
+                )
+            )
         else:
             lora = rule.lora_for(info.path) if rule else LoraConfig()
             if lora is not None and lora.use_dora and info.kind == "embedding":
-                problems.append(Violation("C3", (
-                    f"{where} adapts the embedding {info.path} with use_dora, but DoRA here covers linear and "
-                    "conv1d layers only; narrow the rule (e.g. `type: linear`) or drop use_dora for it"), info.path))
+                problems.append(
+                    Violation(
+                        "C3",
+                        (
+                            f"{where} adapts the embedding {info.path} with use_dora, but DoRA here covers linear and "
+                            "conv1d layers only; narrow the rule (e.g. `type: linear`) or drop use_dora for it"
+                        ),
+                        info.path,
+                    )
+                )
             if lora is not None and lora.init == "loftq":
                 problems += _loftq_problems(info, where, storage)
             if lora is not None:
                 adapter_params = lora_param_count(info.kind, weight.shape, lora)
                 adapter_bytes = adapter_params * DTYPE_BYTES[lora.dtype]
-    decision = Decision(info.path, info.kind, action, storage, action == "plain", rule, lora, plan_quant,
-                        adapter_params, adapter_bytes)
+    decision = Decision(
+        info.path, info.kind, action, storage, action == "plain", rule, lora, plan_quant, adapter_params, adapter_bytes
+    )
     return decision, problems
 
 
 def _loftq_problems(info: ModuleInfo, where: str, storage: str) -> list[Violation]:
     """LoftQ starts the adapter from the base's quantization error: a linear or conv1d layer stored quantized."""
     if info.kind == "embedding":
-        return [Violation("C3", (f"{where} adapts the embedding {info.path} with init_lora_weights: loftq, but LoftQ "
-                                 "here covers linear and conv1d layers only; narrow the rule (e.g. `type: linear`) or "
-                                 "use init true for it"), info.path)]
+        return [
+            Violation(
+                "C3",
+                (
+                    f"{where} adapts the embedding {info.path} with init_lora_weights: loftq, but LoftQ "
+                    "here covers linear and conv1d layers only; narrow the rule (e.g. `type: linear`) or "
+                    "use init true for it"
+                ),
+                info.path,
+            )
+        ]
     if storage not in QUANTIZED_STORAGE:
-        return [Violation("C3", (f"{where} adapts {info.path} with init_lora_weights: loftq, which starts the adapter "
-                                 f"from the base's quantization error, but the base keeps it as {storage} (no error "
-                                 "to start from); quantize it (`quantize: nf4` or int8) or use init true"), info.path)]
+        return [
+            Violation(
+                "C3",
+                (
+                    f"{where} adapts {info.path} with init_lora_weights: loftq, which starts the adapter "
+                    f"from the base's quantization error, but the base keeps it as {storage} (no error "
+                    "to start from); quantize it (`quantize: nf4` or int8) or use init true"
+                ),
+                info.path,
+            )
+        ]
     return []
 
 
@@ -340,9 +440,16 @@ def _check_unmatched(rules: RuleSet, matched: dict[int, list[str]], graph: Model
         close = difflib.get_close_matches(target, list(names), n=3, cutoff=0.6)
         hint = ("; did you mean " + ", ".join(f"'{c}' ({names[c]} modules)" for c in close) + "?") if close else ""
         typed = f" of type {rule.type}" if rule.type else ""
-        out.append(Violation("C4", (
-            f"{rule.location}: {rule.label} matched no module{typed} of {graph.model_class}{hint} "
-            "(add `optional: true` if that is expected)"), None))
+        out.append(
+            Violation(
+                "C4",
+                (
+                    f"{rule.location}: {rule.label} matched no module{typed} of {graph.model_class}{hint} "
+                    "(add `optional: true` if that is expected)"
+                ),
+                None,
+            )
+        )
     return out
 
 
@@ -357,18 +464,33 @@ def _check_lora_coverage(rules: RuleSet, decisions: dict[str, Decision]) -> list
             for path in adapted:
                 if rule.lora_for(path) is None:
                     keys = ", ".join(p for p, _ in rule.lora_by_module)
-                    out.append(Violation("C7", (
-                        f"{rule.location}: {rule.label} adapts {path} but its lora_by_module has no entry for it "
-                        f"(entries: {keys}); add one, or give the rule a `lora:` default"), path))
+                    out.append(
+                        Violation(
+                            "C7",
+                            (
+                                f"{rule.location}: {rule.label} adapts {path} but its lora_by_module has no entry "
+                                f"for it (entries: {keys}); add one, or give the rule a `lora:` default"
+                            ),
+                            path,
+                        )
+                    )
         for pattern, _ in rule.lora_by_module:
             if not any(pattern_matches(pattern, p) for p in adapted):
-                out.append(Violation("C7", (
-                    f"{rule.location}: {rule.label} has a lora_by_module entry '{pattern}' that matches none of "
-                    "the modules it adapts; remove it or fix the name"), None))
+                out.append(
+                    Violation(
+                        "C7",
+                        (
+                            f"{rule.location}: {rule.label} has a lora_by_module entry '{pattern}' that matches "
+                            "none of the modules it adapts; remove it or fix the name"
+                        ),
+                        None,
+                    )
+                )
     return out
 
 
 # ------------------------------------------------------------------------------------------ ties
+
 
 def _param_owner(name: str) -> tuple[str, str]:
     path, _, local = name.rpartition(".")
@@ -392,17 +514,27 @@ def _ties(graph: ModelGraph, decisions: dict[str, Decision]) -> tuple[list[TieNo
             accepted = all(d.rule is not None and d.rule.untie for _, d in plain)
             p_names = ", ".join(_param_owner(n)[0] for n, _ in plain)
             f_names = ", ".join(_param_owner(n)[0] for n, _ in frozen)
-            message = (f"{names[0]} is tied to {', '.join(names[1:])}: {p_names} is plain, so each fine-tune "
-                       f"trains a private copy (+{fmt_bytes(full_bytes)} per fine-tune) while {f_names} keeps "
-                       "the shared base tensor; the tie is split in every fine-tune")
+            message = (
+                f"{names[0]} is tied to {', '.join(names[1:])}: {p_names} is plain, so each fine-tune "
+                f"trains a private copy (+{fmt_bytes(full_bytes)} per fine-tune) while {f_names} keeps "
+                "the shared base tensor; the tie is split in every fine-tune"
+            )
             if accepted:
                 notes.append(TieNote(names, message, 0, full_bytes))
             else:
                 rule = plain[0][1].rule
-                fix = f"add `untie: true` to {rule.label} ({rule.location})" if rule else \
-                    "add a plain rule with `untie: true` for it"
-                violations.append(Violation("C6", f"{message}; {fix} to accept that, or make all of them plain",
-                                            _param_owner(plain[0][0])[0]))
+                fix = (
+                    f"add `untie: true` to {rule.label} ({rule.location})"
+                    if rule
+                    else "add a plain rule with `untie: true` for it"
+                )
+                violations.append(
+                    Violation(
+                        "C6",
+                        f"{message}; {fix} to accept that, or make all of them plain",
+                        _param_owner(plain[0][0])[0],
+                    )
+                )
             continue
         dtype = info.dtype if info else ""
         forms = {d.stored_form(_param_owner(n)[1], dtype) for n, d in members}
@@ -414,15 +546,29 @@ def _ties(graph: ModelGraph, decisions: dict[str, Decision]) -> tuple[list[TieNo
         quantized = [(n, d) for n, d in members if d.stored_form(_param_owner(n)[1], dtype) != "original"]
         if full:
             q = ", ".join(f"{_param_owner(n)[0]} ({d.storage})" for n, d in quantized)
-            notes.append(TieNote(names, (
-                f"{', '.join(_param_owner(n)[0] for n in full)} is tied to {q}: quantizing keeps the "
-                f"{info.dtype if info else ''} weight alive for {', '.join(_param_owner(n)[0] for n in full)} "
-                f"(+{fmt_bytes(full_bytes)})"), full_bytes, 0))
+            notes.append(
+                TieNote(
+                    names,
+                    (
+                        f"{', '.join(_param_owner(n)[0] for n in full)} is tied to {q}: quantizing keeps the "
+                        f"{info.dtype if info else ''} weight alive for {', '.join(_param_owner(n)[0] for n in full)} "
+                        f"(+{fmt_bytes(full_bytes)})"
+                    ),
+                    full_bytes,
+                    0,
+                )
+            )
         else:
             shown = ", ".join(sorted(f"{form[0]} as {form[1]}" for form in forms))
-            notes.append(TieNote(names, (
-                f"{', '.join(names)} are one tensor quantized in {len(forms)} ways ({shown}): "
-                "each form is stored")))
+            notes.append(
+                TieNote(
+                    names,
+                    (
+                        f"{', '.join(names)} are one tensor quantized in {len(forms)} ways ({shown}): "
+                        "each form is stored"
+                    ),
+                )
+            )
     return notes, violations
 
 

@@ -11,8 +11,8 @@ import math
 from collections import defaultdict
 from typing import TYPE_CHECKING
 
-from ..rules.ruleset import LoraConfig, QuantConfig
 from ..model.graph import ModelGraph, ModuleInfo, ParamInfo
+from ..rules.ruleset import LoraConfig, QuantConfig
 
 if TYPE_CHECKING:
     from torch import nn
@@ -22,6 +22,7 @@ DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 
 
 
 # ---------------------------------------------------------------------------------------- planned
+
 
 def lora_param_count(kind: str, weight_shape: tuple[int, ...], lora: LoraConfig) -> int:
     """Parameters of one LoRA adapter: r*(in+out), plus ``out`` for a trainable adapter bias or DoRA's magnitude."""
@@ -34,7 +35,6 @@ def lora_dims(kind: str, weight_shape: tuple[int, ...]) -> tuple[int, int]:
     if kind == "linear":
         return weight_shape[1], weight_shape[0]
     return weight_shape[0], weight_shape[1]
-
 
 
 def quantized_weight_bytes(kind: str, shape: tuple[int, ...], quant: QuantConfig) -> int:
@@ -90,8 +90,9 @@ def base_bytes_by_device(graph: ModelGraph, decisions: dict, device_of) -> dict[
         for p in info.params:
             full = f"{path}.{p.name}" if path else p.name
             form = decision.stored_form(p.name, p.dtype)
-            placed[canon.get(full, full)].setdefault(form, (str(device_of(path)),
-                                                            stored_bytes(info, p, form, decision.quant)))
+            placed[canon.get(full, full)].setdefault(
+                form, (str(device_of(path)), stored_bytes(info, p, form, decision.quant))
+            )
     out: dict[str, int] = defaultdict(int)
     for forms in placed.values():
         for device, nbytes in forms.values():
@@ -153,8 +154,9 @@ def extra_token_tensors(graph: ModelGraph, decisions: dict, count: int) -> list[
     name = f"{embedding.path}.weight" if embedding.path else "weight"
     group = next((g for g in graph.ties if name in g), ())
     sides = [decisions.get(n.rsplit(".", 1)[0]) for n in group]
-    tied = len(group) > 1 and all(d is not None and d.action != "plain" and d.storage not in ("int8", "nf4", "fp4")
-                                  for d in sides)
+    tied = len(group) > 1 and all(
+        d is not None and d.action != "plain" and d.storage not in ("int8", "nf4", "fp4") for d in sides
+    )
     return [(count * dim, 4)] * (1 if tied else 2)
 
 

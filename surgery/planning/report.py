@@ -10,9 +10,9 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from .memory import fmt_bytes
-from ..rules.ruleset import ADAPTABLE_KINDS, grouped
 from ..model.graph import ModelGraph
+from ..rules.ruleset import ADAPTABLE_KINDS, grouped
+from .memory import fmt_bytes
 
 
 def render_text(renderable, width: int = 120) -> str:
@@ -24,15 +24,21 @@ def render_text(renderable, width: int = 120) -> str:
 
 # ------------------------------------------------------------------------------------------ graph
 
+
 def graph_summary(graph: ModelGraph, memory: dict[str, int]) -> dict:
     """JSON-ready facts of a graph; ``memory`` is bytes by storage scheme (``plan.memory_by_scheme``)."""
     dtypes = sorted({p.dtype for m in graph.leaves() for p in m.params})
     blocks = {path: n for path, (n, _) in graph.reduced.items()} or _block_lengths(graph)
     return {
-        "model": graph.name, "class": graph.model_class, "parameters": graph.numel,
-        "layers": max(blocks.values(), default=0), "dtypes": dtypes,
+        "model": graph.name,
+        "class": graph.model_class,
+        "parameters": graph.numel,
+        "layers": max(blocks.values(), default=0),
+        "dtypes": dtypes,
         "memory": memory,
-        "tied": [list(t) for t in graph.ties], "trace": graph.method, "trace_seconds": round(graph.seconds, 3),
+        "tied": [list(t) for t in graph.ties],
+        "trace": graph.method,
+        "trace_seconds": round(graph.seconds, 3),
         "trace_reason": graph.reason,
         "reduced_blocks": {k: {"layers": n, "traced": t} for k, (n, t) in graph.reduced.items()},
         "uncalled": graph.uncalled(),
@@ -70,8 +76,11 @@ def graph_renderable(graph: ModelGraph, memory: dict[str, int], pattern: str | N
     head.add_row("tied", "; ".join(" = ".join(t) for t in s["tied"]) or "none")
     how = f"{graph.method} in {graph.seconds:.2f}s"
     if graph.reduced:
-        how += " (" + ", ".join(f"{k}: {t} of {n} layers traced, rest carried over"
-                                for k, (n, t) in graph.reduced.items()) + ")"
+        how += (
+            " ("
+            + ", ".join(f"{k}: {t} of {n} layers traced, rest carried over" for k, (n, t) in graph.reduced.items())
+            + ")"
+        )
     if graph.reason:
         how += f" — export failed: {graph.reason}"
     head.add_row("traced by", how)
@@ -82,16 +91,32 @@ def graph_renderable(graph: ModelGraph, memory: dict[str, int], pattern: str | N
     groups = grouped([m.path for m in leaves])
     table = Table(title="modules (repeated blocks collapsed)", show_lines=False)
     add_name_column(table, "module", groups)
-    for col, justify in (("×", "right"), ("class", "left"), ("kind", "left"), ("params", "right"),
-                         ("weight", "left"), ("dtype", "left"), ("calls", "right"), ("input → output", "left")):
+    for col, justify in (
+        ("×", "right"),
+        ("class", "left"),
+        ("kind", "left"),
+        ("params", "right"),
+        ("weight", "left"),
+        ("dtype", "left"),
+        ("calls", "right"),
+        ("input → output", "left"),
+    ):
         table.add_column(col, justify=justify)
     for key, paths in groups.items():
         m = graph.modules[paths[0]]
         w = m.param("weight") or (m.params[0] if m.params else None)
         shapes = f"{_shape(m.input_shape)} → {_shape(m.output_shape)}" if m.input_shape else ""
-        table.add_row(key, str(len(paths)), m.cls.rsplit(".", 1)[-1], m.kind, f"{m.numel:,}",
-                      str(list(w.shape)) if w else "", m.quantized or (w.dtype if w else ""),
-                      str(m.calls) if graph.method == "export" else "-", shapes)
+        table.add_row(
+            key,
+            str(len(paths)),
+            m.cls.rsplit(".", 1)[-1],
+            m.kind,
+            f"{m.numel:,}",
+            str(list(w.shape)) if w else "",
+            m.quantized or (w.dtype if w else ""),
+            str(m.calls) if graph.method == "export" else "-",
+            shapes,
+        )
     adapt = Text("adaptable modules (LoRA): ", style="bold") + Text(", ".join(s["adaptable"]))
     return Group(head, table, adapt)
 
@@ -107,6 +132,7 @@ def _shape(shape) -> str:
 
 
 # ------------------------------------------------------------------------------------------- plan
+
 
 def plan_renderable(plan):
     """A plan as rich tables: decisions grouped by rule, ties, memory (a ``plan.Plan``)."""
@@ -125,9 +151,11 @@ def plan_renderable(plan):
         storages = ", ".join(sorted({d.storage for d in decisions}))
         loras = sorted({f"r={d.lora.r} α={d.lora.alpha:g}" for d in decisions if d.lora})
         trainable = sum(d.adapter_params for d in decisions) + sum(
-            p.numel for d in decisions if d.action == "plain" for p in plan.graph.modules[d.path].params)
-        table.add_row(who, decisions[0].action, shown, str(len(decisions)), storages, ", ".join(loras),
-                      f"{trainable:,}")
+            p.numel for d in decisions if d.action == "plain" for p in plan.graph.modules[d.path].params
+        )
+        table.add_row(
+            who, decisions[0].action, shown, str(len(decisions)), storages, ", ".join(loras), f"{trainable:,}"
+        )
     parts = [table, memory_table(plan)]
     for note in plan.ties:
         parts.append(Text(f"tie: {note.message}", style="cyan"))
@@ -150,10 +178,13 @@ def memory_table(plan, finetunes: int | None = None) -> Table:
     table.add_column("what")
     table.add_column("bytes", justify="right")
     table.add_column("", justify="right")
-    rows = [("base as loaded", plan.base_bytes_now), ("base after quantization", plan.base_bytes_after),
-            (_finetune_label(plan), plan.finetune_bytes),
-            (f"base + {n} fine-tune{'s' if n != 1 else ''}", plan.total_bytes(n)),
-            (f"{n} full cop{'ies' if n != 1 else 'y'} of the model", plan.full_copies_bytes(n))]
+    rows = [
+        ("base as loaded", plan.base_bytes_now),
+        ("base after quantization", plan.base_bytes_after),
+        (_finetune_label(plan), plan.finetune_bytes),
+        (f"base + {n} fine-tune{'s' if n != 1 else ''}", plan.total_bytes(n)),
+        (f"{n} full cop{'ies' if n != 1 else 'y'} of the model", plan.full_copies_bytes(n)),
+    ]
     for label, value in rows:
         table.add_row(label, f"{value:,}", fmt_bytes(value))
     table.add_row("trainable parameters per fine-tune", f"{plan.trainable_params:,}", "")
@@ -167,9 +198,14 @@ def per_device(plan, world_size: int, fsdp: bool, finetunes: int | None = None) 
     """
     n = plan.finetunes if finetunes is None else finetunes
     base = plan.base_bytes_per_rank(world_size, fsdp)
-    return {"world_size": world_size, "fsdp": fsdp, "base_bytes": base, "finetune_bytes": plan.finetune_bytes,
-            "finetune_training_bytes": 4 * plan.finetune_bytes,
-            "total_training_bytes": base + n * 4 * plan.finetune_bytes}
+    return {
+        "world_size": world_size,
+        "fsdp": fsdp,
+        "base_bytes": base,
+        "finetune_bytes": plan.finetune_bytes,
+        "finetune_training_bytes": 4 * plan.finetune_bytes,
+        "total_training_bytes": base + n * 4 * plan.finetune_bytes,
+    }
 
 
 def per_device_table(plan, world_size: int, fsdp: bool) -> Table:
@@ -180,9 +216,12 @@ def per_device_table(plan, world_size: int, fsdp: bool) -> Table:
     table.add_column("bytes", justify="right")
     table.add_column("", justify="right")
     n = plan.finetunes
-    for label, key in (("base", "base_bytes"), (_finetune_label(plan), "finetune_bytes"),
-                       ("each fine-tune training (+ gradients + AdamW moments)", "finetune_training_bytes"),
-                       (f"base + {n} fine-tune{'s' if n != 1 else ''} training", "total_training_bytes")):
+    for label, key in (
+        ("base", "base_bytes"),
+        (_finetune_label(plan), "finetune_bytes"),
+        ("each fine-tune training (+ gradients + AdamW moments)", "finetune_training_bytes"),
+        (f"base + {n} fine-tune{'s' if n != 1 else ''} training", "total_training_bytes"),
+    ):
         table.add_row(label, f"{facts[key]:,}", fmt_bytes(facts[key]))
     return table
 
@@ -190,15 +229,19 @@ def per_device_table(plan, world_size: int, fsdp: bool) -> Table:
 def applied_table(applied, model: str) -> Table:
     """``surgery apply``: measured bytes next to the plan's, for the base and each fine-tune (an ``apply.Applied``)."""
     plan, n = applied.plan, len(applied.finetunes)
-    table = Table(title=f"{model} + {n} fine-tune{'s' if n != 1 else ''} of {plan.rules.source}: measured (unique "
-                        "parameter storage) vs planned")
+    table = Table(
+        title=f"{model} + {n} fine-tune{'s' if n != 1 else ''} of {plan.rules.source}: measured (unique "
+        "parameter storage) vs planned"
+    )
     for col in ("", "measured bytes", "planned bytes", ""):
         table.add_column(col, justify="right" if col else "left")
-    rows = [("base as loaded", applied.loaded_bytes, plan.base_bytes_now),
-            ("base, quantized and shared", applied.base_bytes, plan.base_bytes_after),
-            *[(f"fine-tune {i + 1} (own tensors)", own, plan.finetune_bytes) for i, own in enumerate(applied.own_bytes)],
-            (f"base + {n} fine-tunes", applied.total_bytes, plan.total_bytes()),
-            (f"{n} full copies", n * applied.loaded_bytes, plan.full_copies_bytes())]
+    rows = [
+        ("base as loaded", applied.loaded_bytes, plan.base_bytes_now),
+        ("base, quantized and shared", applied.base_bytes, plan.base_bytes_after),
+        *[(f"fine-tune {i + 1} (own tensors)", own, plan.finetune_bytes) for i, own in enumerate(applied.own_bytes)],
+        (f"base + {n} fine-tunes", applied.total_bytes, plan.total_bytes()),
+        (f"{n} full copies", n * applied.loaded_bytes, plan.full_copies_bytes()),
+    ]
     for label, measured, planned in rows:
         table.add_row(label, f"{measured:,}", f"{planned:,}", fmt_bytes(measured))
     table.add_row("trainable parameters / fine-tune", f"{applied.trainable:,}", f"{plan.trainable_params:,}", "")
@@ -213,9 +256,15 @@ def training_summary(runs: list, adapter_file: str) -> Table:
     for run in runs:
         losses = [r["loss"] for r in run.history if r.get("loss") is not None]
         final = next((r for r in reversed(run.history) if "eval_loss" in r), {})
-        table.add_row(run.job.name, str(run.step), f"{losses[0]:.4f}" if losses else "-",
-                      f"{losses[-1]:.4f}" if losses else "-", f"{final['eval_loss']:.4f}" if final else "-",
-                      f"{final['perplexity']:.2f}" if final else "-", str(run.job.out / adapter_file))
+        table.add_row(
+            run.job.name,
+            str(run.step),
+            f"{losses[0]:.4f}" if losses else "-",
+            f"{losses[-1]:.4f}" if losses else "-",
+            f"{final['eval_loss']:.4f}" if final else "-",
+            f"{final['perplexity']:.2f}" if final else "-",
+            str(run.job.out / adapter_file),
+        )
     return table
 
 
@@ -238,18 +287,21 @@ def peft_tables(folder, show_all: bool = False, limit: int = 40) -> tuple[Table,
     meta.add_column("value")
     config = folder.config
     targets = config.get("target_modules") or []
-    rows = {"base_model_name_or_path": str(config.get("base_model_name_or_path") or ""),
-            "base class": folder.metadata.get("surgery_base_class", ""),
-            "base fingerprint": repr(folder.fingerprint) if folder.fingerprint else "none (not exported by surgery)",
-            "base storage": folder.metadata.get("surgery_base_storage", ""),
-            "r / lora_alpha": f"{config.get('r')} / {config.get('lora_alpha')}"
-                              + (" (rsLoRA)" if config.get("use_rslora") else ""),
-            "rank_pattern / alpha_pattern": f"{len(config.get('rank_pattern') or {})} / "
-                                            f"{len(config.get('alpha_pattern') or {})} entries",
-            "target_modules": f"{len(targets)}: {', '.join(targets[:3])}{', ...' if len(targets) > 3 else ''}"
-                              if isinstance(targets, list) else str(targets),
-            "modules_to_save": ", ".join(config.get("modules_to_save") or []) or "none",
-            "lora_bias": str(bool(config.get("lora_bias")))}
+    rows = {
+        "base_model_name_or_path": str(config.get("base_model_name_or_path") or ""),
+        "base class": folder.metadata.get("surgery_base_class", ""),
+        "base fingerprint": repr(folder.fingerprint) if folder.fingerprint else "none (not exported by surgery)",
+        "base storage": folder.metadata.get("surgery_base_storage", ""),
+        "r / lora_alpha": f"{config.get('r')} / {config.get('lora_alpha')}"
+        + (" (rsLoRA)" if config.get("use_rslora") else ""),
+        "rank_pattern / alpha_pattern": f"{len(config.get('rank_pattern') or {})} / "
+        f"{len(config.get('alpha_pattern') or {})} entries",
+        "target_modules": f"{len(targets)}: {', '.join(targets[:3])}{', ...' if len(targets) > 3 else ''}"
+        if isinstance(targets, list)
+        else str(targets),
+        "modules_to_save": ", ".join(config.get("modules_to_save") or []) or "none",
+        "lora_bias": str(bool(config.get("lora_bias"))),
+    }
     for key, value in rows.items():
         meta.add_row(key, value)
     return meta, tensors_table(folder.tensors, show_all, limit)
@@ -264,23 +316,29 @@ def tensors_table(tensors: dict, show_all: bool, limit: int) -> Table:
         table.add_column(col, justify="right" if col == "bytes" else "left")
     for name in names if show_all else names[:limit]:
         t = tensors[name]
-        table.add_row(name, str(t.dtype).removeprefix("torch."), str(tuple(t.shape)), f"{t.numel() * t.element_size():,}")
+        table.add_row(
+            name, str(t.dtype).removeprefix("torch."), str(tuple(t.shape)), f"{t.numel() * t.element_size():,}"
+        )
     if not show_all and len(names) > limit:
         table.add_row(f"... {len(names) - limit} more (--all)", "", "", "")
     return table
 
 
-def demo_memory_table(base_bytes: int, loaded_bytes: int, own: list[tuple[str, int]], scheme: str = "int8",
-                      loaded_dtype: str = "fp32") -> Table:
+def demo_memory_table(
+    base_bytes: int, loaded_bytes: int, own: list[tuple[str, int]], scheme: str = "int8", loaded_dtype: str = "fp32"
+) -> Table:
     """The demo's memory: one quantized base, each fine-tune's own tensors, against full copies."""
     table = Table(title=f"2. memory: one {scheme} base shared by {len(own)} fine-tunes (unique parameter storage)")
     table.add_column("")
     table.add_column("bytes", justify="right")
     table.add_column("", justify="right")
     total = base_bytes + sum(n for _, n in own)
-    for label, n in [(f"base, quantized once ({scheme})", base_bytes), *own,
-                     (f"[bold]base + {len(own)} fine-tunes[/]", total),
-                     (f"{len(own)} full {loaded_dtype} copies", len(own) * loaded_bytes)]:
+    for label, n in [
+        (f"base, quantized once ({scheme})", base_bytes),
+        *own,
+        (f"[bold]base + {len(own)} fine-tunes[/]", total),
+        (f"{len(own)} full {loaded_dtype} copies", len(own) * loaded_bytes),
+    ]:
         table.add_row(label, f"{n:,}", fmt_bytes(n))
     return table
 
@@ -294,8 +352,14 @@ def demo_results_table(rows: list[tuple[str, float, float, str, str, str]]) -> T
     for name, before, after, prompt, generated, expected in rows:
         first = name not in shown
         shown.add(name)
-        table.add_row(name if first else "", f"{before:.3f}" if first else "", f"{after:.3f}" if first else "",
-                      prompt, repr(generated), repr(expected))
+        table.add_row(
+            name if first else "",
+            f"{before:.3f}" if first else "",
+            f"{after:.3f}" if first else "",
+            prompt,
+            repr(generated),
+            repr(expected),
+        )
     return table
 
 

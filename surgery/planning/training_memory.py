@@ -69,12 +69,15 @@ class TrainingPeak:
 
     def rows(self) -> list[tuple[str, int, str]]:
         gathered = [("FSDP2 gathered (exact bytes)", self.gathered, "root group + two decoder layers unsharded")]
-        return [("base (exact)", self.base, "the plan's bytes on this device"), *(gathered if self.gathered else []),
-                ("adapters + plain copies (exact)", self.own, "each training fine-tune's own tensors"),
-                ("gradients (exact)", self.gradients, "one per trainable tensor, fp32 for half ones"),
-                ("optimizer state (exact)", self.optimizer, "AdamW moments / 8-bit states, fp32 masters"),
-                ("activations (estimated)", self.activations, "saved for backward, meta-device forward"),
-                ("CUDA context margin", self.context, "context, workspaces, allocator slack")]
+        return [
+            ("base (exact)", self.base, "the plan's bytes on this device"),
+            *(gathered if self.gathered else []),
+            ("adapters + plain copies (exact)", self.own, "each training fine-tune's own tensors"),
+            ("gradients (exact)", self.gradients, "one per trainable tensor, fp32 for half ones"),
+            ("optimizer state (exact)", self.optimizer, "AdamW moments / 8-bit states, fp32 masters"),
+            ("activations (estimated)", self.activations, "saved for backward, meta-device forward"),
+            ("CUDA context margin", self.context, "context, workspaces, allocator slack"),
+        ]
 
     def advice(self, device_memory: int, shape: TrainingShape, all_4bit: bool = False) -> list[str]:
         """What to change when the run does not fit ``device_memory``, most effective first (``all_4bit``: every
@@ -89,14 +92,19 @@ class TrainingPeak:
         if self.base > over and not all_4bit:
             tips.append("store the base in nf4 (`quantize: nf4`, e.g. the bundled qlora_nf4)")
         if self.base > over:
-            tips.append(f"--fsdp over more GPUs (each holds about 1/N of the base; now {shape.world_size})"
-                        if shape.fsdp else "--fsdp over several GPUs (each holds about 1/N of the base)")
+            tips.append(
+                f"--fsdp over more GPUs (each holds about 1/N of the base; now {shape.world_size})"
+                if shape.fsdp
+                else "--fsdp over several GPUs (each holds about 1/N of the base)"
+            )
         trained = self.own + self.gradients + self.optimizer
         if shape.optimizer == "adamw" and self.optimizer > over / 4:
             tips.append("--optimizer adamw8bit (a quarter of AdamW's state)")
         if trained > over / 2:
-            tips.append("a smaller LoRA rank or fewer adapted modules (adapters, gradients and optimizer state: "
-                        f"{fmt_bytes(trained)})")
+            tips.append(
+                "a smaller LoRA rank or fewer adapted modules (adapters, gradients and optimizer state: "
+                f"{fmt_bytes(trained)})"
+            )
         return tips or ["a GPU with more memory"]
 
 
@@ -113,7 +121,7 @@ def optimizer_state_bytes(tensors: list[tuple[int, int]], optimizer: OptimizerNa
     return total + (2 * 256 * 4 if optimizer == "adamw8bit" and tensors else 0)  # the two quantization maps
 
 
-def gathered_bytes(plan: "Plan") -> int:
+def gathered_bytes(plan: Plan) -> int:
     """What FSDP2 holds unsharded at once besides each rank's shard (``sharding.shard_base``'s groups): the
     root group (embeddings, final norm, head; FSDP2 keeps the root gathered from forward into backward) and
     two decoder layers (the one computing and the next, prefetched)."""
@@ -127,7 +135,7 @@ def layer_group(path: str) -> str:
     return match.group(1) if match else ROOT_GROUP
 
 
-def trainable_tensors(plan: "Plan") -> list[tuple[int, int]]:
+def trainable_tensors(plan: Plan) -> list[tuple[int, int]]:
     """(elements, bytes per element) of every tensor one fine-tune trains: LoRA A, B, bias, DoRA's magnitude; plain
     copies; new token rows."""
     out: list[tuple[int, int]] = []
@@ -150,7 +158,7 @@ def trainable_tensors(plan: "Plan") -> list[tuple[int, int]]:
     return out + (extra_token_tensors(plan.graph, plan.decisions, len(extra.tokens)) if extra is not None else [])
 
 
-def training_peak(plan: "Plan", model: "nn.Module | None", shape: TrainingShape, *, cuda: bool = True) -> TrainingPeak:
+def training_peak(plan: Plan, model: nn.Module | None, shape: TrainingShape, *, cuda: bool = True) -> TrainingPeak:
     """The predicted peak on one device of a training run of ``plan``; ``model`` is the model on meta (for the
     activation estimate; None leaves activations out)."""
     tensors = trainable_tensors(plan)
@@ -159,18 +167,21 @@ def training_peak(plan: "Plan", model: "nn.Module | None", shape: TrainingShape,
     n = shape.finetunes
     activations = activation_bytes(model, plan, shape) if model is not None else 0
     sharded = shape.fsdp and shape.world_size > 1
-    return TrainingPeak(base=plan.base_bytes_per_rank(shape.world_size, shape.fsdp), own=n * plan.finetune_bytes,
-                        gathered=gathered_bytes(plan) if sharded else 0,
-                        gradients=n * sum(numel * size for numel, size in stepped),
-                        optimizer=n * (optimizer_state_bytes(stepped, shape.optimizer) + masters),
-                        activations=activations, context=CUDA_CONTEXT_BYTES if cuda else 0)
+    return TrainingPeak(
+        base=plan.base_bytes_per_rank(shape.world_size, shape.fsdp),
+        own=n * plan.finetune_bytes,
+        gathered=gathered_bytes(plan) if sharded else 0,
+        gradients=n * sum(numel * size for numel, size in stepped),
+        optimizer=n * (optimizer_state_bytes(stepped, shape.optimizer) + masters),
+        activations=activations,
+        context=CUDA_CONTEXT_BYTES if cuda else 0,
+    )
 
 
-def activation_bytes(model: "nn.Module", plan: "Plan", shape: TrainingShape) -> int:
+def activation_bytes(model: nn.Module, plan: Plan, shape: TrainingShape) -> int:
     """Bytes autograd saves in one micro-batch's forward and loss (each storage once), plus the logits' gradient,
     counted on the meta device for this plan's fine-tune (one job: fine-tunes take turns)."""
     import torch
-
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     twin = meta_finetune(model, plan)
@@ -184,8 +195,9 @@ def activation_bytes(model: "nn.Module", plan: "Plan", shape: TrainingShape) -> 
         _fake_parameters(twin, mode)
         saved = SavedBytes(twin)
         per_layer = {id(layer): 0 for layer in layers}
-        hooks = [layer.register_forward_pre_hook(_start(saved)) for layer in layers] + \
-                [layer.register_forward_hook(_stop(saved, per_layer, layer)) for layer in layers]
+        hooks = [layer.register_forward_pre_hook(_start(saved)) for layer in layers] + [
+            layer.register_forward_hook(_stop(saved, per_layer, layer)) for layer in layers
+        ]
         ids = torch.zeros(rows, length, dtype=torch.long, device="meta")
         try:
             with saved, _fused_attention(shape.attention == "fused"):
@@ -205,7 +217,7 @@ class SavedBytes:
     """Counts the bytes of every tensor autograd saves while active, each storage once, parameters left out
     (they exist anyway)."""
 
-    def __init__(self, model: "nn.Module", skip=None):
+    def __init__(self, model: nn.Module, skip=None):
         self.params = {p.untyped_storage()._cdata for p in model.parameters()}
         self.skip = skip or (lambda t: False)
         self.seen: dict[int, object] = {}
@@ -232,18 +244,18 @@ class SavedBytes:
         return False
 
 
-def _decoder_layers(model: "nn.Module") -> list:
+def _decoder_layers(model: nn.Module) -> list:
     from ..model.tracing import decoder_layers
 
     return decoder_layers(model)
 
 
-def _hidden_size(model: "nn.Module") -> int:
+def _hidden_size(model: nn.Module) -> int:
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     return int(getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or config.d_model)
 
 
-def _dtype_bytes(model: "nn.Module") -> int:
+def _dtype_bytes(model: nn.Module) -> int:
     return next(model.parameters()).element_size()
 
 
@@ -286,7 +298,7 @@ def _fused_attention(enabled: bool):
     return mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _SavedLikeFusedAttention.apply)
 
 
-def _fake_parameters(model: "nn.Module", mode) -> None:
+def _fake_parameters(model: nn.Module, mode) -> None:
     from torch import nn
 
     for module in model.modules():
@@ -298,16 +310,18 @@ def _fake_parameters(model: "nn.Module", mode) -> None:
 def _start(saved):
     def hook(module, args):
         saved.mark = saved.bytes
+
     return hook
 
 
 def _stop(saved, per_layer: dict, layer):
     def hook(module, args, output):
         per_layer[id(layer)] += saved.bytes - saved.mark
+
     return hook
 
 
-def meta_finetune(model: "nn.Module", plan: "Plan") -> "nn.Module":
+def meta_finetune(model: nn.Module, plan: Plan) -> nn.Module:
     """The plan's fine-tune as a meta-device model: frozen everywhere, LoRA where adapted, plain copies trainable."""
     import copy
 
@@ -336,7 +350,10 @@ def peak_table(peak: TrainingPeak, device_memory: int | None, shape: TrainingSha
     table.add_row("[bold]predicted peak[/]", f"{peak.total:,}", fmt_bytes(peak.total), "")
     if device_memory is not None:
         verdict = "[green]fits[/]" if peak.total <= device_memory else "[red]does not fit[/]"
-        table.add_row(f"device memory: {verdict}", f"{device_memory:,}", fmt_bytes(device_memory),
-                      f"{'headroom' if peak.total <= device_memory else 'short by'} "
-                      f"{fmt_bytes(abs(device_memory - peak.total))}")
+        table.add_row(
+            f"device memory: {verdict}",
+            f"{device_memory:,}",
+            fmt_bytes(device_memory),
+            f"{'headroom' if peak.total <= device_memory else 'short by'} {fmt_bytes(abs(device_memory - peak.total))}",
+        )
     return table

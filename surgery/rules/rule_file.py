@@ -15,17 +15,38 @@ from typing import Any
 
 import yaml
 
-from ..errors import RuleFileError, first_line
 from ..disk import read_user_file
-from .ruleset import (ACTIONS, ADAPTABLE_KINDS, BLOCKSIZES, DTYPES, FORMAT_VERSION, KINDS, MAX_LORA_RANK, MAX_PATTERN_CHARS,
-                    MAX_RULE_FILE_BYTES, MAX_RULES, MAX_YAML_DEPTH, MAX_YAML_NODES, SCHEMES, STORAGES, ExtraTokens, LoraConfig,
-                    QuantConfig,
-                    Rule, RuleSet, bundled_rules, compile_regex)
-
+from ..errors import RuleFileError, first_line
+from .ruleset import (
+    ACTIONS,
+    ADAPTABLE_KINDS,
+    BLOCKSIZES,
+    DTYPES,
+    FORMAT_VERSION,
+    KINDS,
+    MAX_LORA_RANK,
+    MAX_PATTERN_CHARS,
+    MAX_RULE_FILE_BYTES,
+    MAX_RULES,
+    MAX_YAML_DEPTH,
+    MAX_YAML_NODES,
+    SCHEMES,
+    STORAGES,
+    ExtraTokens,
+    LoraConfig,
+    QuantConfig,
+    Rule,
+    RuleSet,
+    bundled_rules,
+    compile_regex,
+)
 
 MAX_EXTRA_TOKENS, MAX_TOKEN_CHARS, MAX_VOCAB = 65_536, 256, 2**31 - 1
 MAX_LORA_ALPHA = 1e6  # alpha / r scales the update; beyond this it overflows half precision at once
-PEFT_LORA_KEYS = ("init_lora_weights", "loftq_config")  # read (or refused with the reason) under PEFT's LoraConfig name (besides use_rslora, use_dora)
+PEFT_LORA_KEYS = (
+    "init_lora_weights",
+    "loftq_config",
+)  # read (or refused with the reason) under PEFT's LoraConfig name (besides use_rslora, use_dora)
 BASE_REWRITING_INITS = ("pissa", "olora", "corda", "eva")  # PEFT inits that change the base's weights
 INITS = ("kaiming", "gaussian", "loftq")
 LEGACY_RSLORA = "rslora"  # the old spelling of use_rslora, still read (adapter files written before carry it)
@@ -46,8 +67,10 @@ def load_rules(spec: str | Path | RuleSet | dict) -> RuleSet:
         else:
             close = difflib.get_close_matches(stem, list(bundled), n=3)
             hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-            raise RuleFileError(f"{spec}: no such rule file, and no bundled rule file of that name{hint} "
-                                f"(bundled: {', '.join(bundled)})")
+            raise RuleFileError(
+                f"{spec}: no such rule file, and no bundled rule file of that name{hint} "
+                f"(bundled: {', '.join(bundled)})"
+            )
     return parse_rules(_read_yaml(path), source=str(path))
 
 
@@ -58,7 +81,7 @@ def _read_yaml(path: Path) -> Any:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        line = raw[:exc.start].count(b"\n") + 1
+        line = raw[: exc.start].count(b"\n") + 1
         raise RuleFileError(f"{path}:{line}: is not UTF-8 text (byte {exc.start}); a rule file is YAML text") from None
     if not text.strip():
         raise RuleFileError(f"{path}: is empty; a rule file needs at least `rules:` (see `surgery rules list`)")
@@ -69,8 +92,9 @@ def _read_yaml(path: Path) -> Any:
     except _Refused as exc:
         raise RuleFileError(f"{path}:{exc.line}: {exc}") from None
     except RecursionError:
-        raise RuleFileError(f"{path}: nested too deeply (at most {MAX_YAML_DEPTH} levels); a rule file is a "
-                            "short, shallow document") from None
+        raise RuleFileError(
+            f"{path}: nested too deeply (at most {MAX_YAML_DEPTH} levels); a rule file is a short, shallow document"
+        ) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -94,8 +118,10 @@ def _check_size(root: yaml.Node) -> None:
 
     def count(node: yaml.Node, depth: int) -> int:
         if depth > MAX_YAML_DEPTH:
-            raise _Refused(f"nested deeper than {MAX_YAML_DEPTH} levels; a rule file is a short, shallow document",
-                           node.start_mark.line + 1)
+            raise _Refused(
+                f"nested deeper than {MAX_YAML_DEPTH} levels; a rule file is a short, shallow document",
+                node.start_mark.line + 1,
+            )
         if id(node) in expanded:  # an alias: the same node again, counted again (that is what expansion costs)
             return expanded[id(node)]
         if isinstance(node, yaml.MappingNode):
@@ -105,8 +131,11 @@ def _check_size(root: yaml.Node) -> None:
         else:
             total = 1
         if total > MAX_YAML_NODES:
-            raise _Refused(f"more than {MAX_YAML_NODES:,} values once anchors and aliases are expanded; a rule "
-                           "file is small (alias bombs are refused)", node.start_mark.line + 1)
+            raise _Refused(
+                f"more than {MAX_YAML_NODES:,} values once anchors and aliases are expanded; a rule "
+                "file is small (alias bombs are refused)",
+                node.start_mark.line + 1,
+            )
         expanded[id(node)] = total
         return total
 
@@ -142,8 +171,9 @@ class _LineLoader(yaml.SafeLoader):
             try:
                 hash(key)
             except TypeError:
-                raise _Refused(f"a mapping key must be a plain value, not {_kind(key)}",
-                               key_node.start_mark.line + 1) from None
+                raise _Refused(
+                    f"a mapping key must be a plain value, not {_kind(key)}", key_node.start_mark.line + 1
+                ) from None
             if key in result:
                 raise _DuplicateKey(key, key_node.start_mark.line + 1)
             result[key] = self.construct_object(value_node, deep=True)
@@ -155,6 +185,7 @@ _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _Lin
 
 
 # ------------------------------------------------------------------------------------- parsing
+
 
 class _Where:
     """Builds 'file:line: rule N: ...' messages for one mapping of the file."""
@@ -182,8 +213,9 @@ def parse_rules(data: Any, source: str = "<rules>") -> RuleSet:
     if not isinstance(version, int) or isinstance(version, bool):
         raise top.error(f"version must be an integer, not {_kind(version)}", "version")
     if version > FORMAT_VERSION:
-        raise top.error(f"version {version} is newer than this surgery reads ({FORMAT_VERSION}); upgrade surgery",
-                        "version")
+        raise top.error(
+            f"version {version} is newer than this surgery reads ({FORMAT_VERSION}); upgrade surgery", "version"
+        )
     if version < 1:
         raise top.error(f"version must be {FORMAT_VERSION}", "version")
     quant = _parse_quant(data.get("quantize", "none"), top, "quantize")
@@ -211,8 +243,9 @@ def read_extra_tokens(path: str | Path) -> list[str]:
     checked as a rule file's ``extra_tokens:`` is (each error names the file)."""
     from ..disk import read_user_text
 
-    text = read_user_text(path, what="extra tokens file", limit=MAX_EXTRA_TOKENS * (MAX_TOKEN_CHARS + 1),
-                          error=RuleFileError)
+    text = read_user_text(
+        path, what="extra tokens file", limit=MAX_EXTRA_TOKENS * (MAX_TOKEN_CHARS + 1), error=RuleFileError
+    )
     tokens = [line for line in text.splitlines() if line.strip()]
     parse_rules({"version": 1, "extra_tokens": tokens}, source=str(path))  # the same checks, naming the file
     return tokens
@@ -221,12 +254,13 @@ def read_extra_tokens(path: str | Path) -> list[str]:
 def with_extra_tokens(rules: RuleSet, tokens: list[str], source: str) -> RuleSet:
     """The rules with ``tokens`` as their extra tokens (``--extra-tokens``); a file that has its own is refused."""
     if rules.extra_tokens is not None:
-        raise RuleFileError(f"{rules.source} already lists extra_tokens; give them there or with --extra-tokens "
-                            f"{source}, not both")
+        raise RuleFileError(
+            f"{rules.source} already lists extra_tokens; give them there or with --extra-tokens {source}, not both"
+        )
     return dataclasses.replace(rules, extra_tokens=ExtraTokens(tuple(tokens)))
 
 
-def _parse_extra_tokens(raw: Any, top: "_Where") -> ExtraTokens:
+def _parse_extra_tokens(raw: Any, top: _Where) -> ExtraTokens:
     """``extra_tokens: [tok, ...]`` or ``{tokens: [...], first_id: N}``: distinct non-empty strings."""
     where = _Where(top.source, raw if getattr(raw, "line", None) else top.node, top.prefix)
     first_id = None
@@ -234,18 +268,22 @@ def _parse_extra_tokens(raw: Any, top: "_Where") -> ExtraTokens:
         _check_keys(raw, {"tokens", "first_id"}, where, what="extra_tokens option")
         first_id = raw.get("first_id")
         if first_id is not None and (not _is_int(first_id) or not 0 <= first_id <= MAX_VOCAB):
-            raise where.error(f"extra_tokens first_id must be an integer from 0 to {MAX_VOCAB:,}, got {first_id!r}",
-                              "first_id")
+            raise where.error(
+                f"extra_tokens first_id must be an integer from 0 to {MAX_VOCAB:,}, got {first_id!r}", "first_id"
+            )
         raw = raw.get("tokens")
     if not isinstance(raw, list) or not raw:
-        raise top.error("`extra_tokens` must be a non-empty list of token strings (or {tokens: [...], first_id: N})",
-                        "extra_tokens")
+        raise top.error(
+            "`extra_tokens` must be a non-empty list of token strings (or {tokens: [...], first_id: N})", "extra_tokens"
+        )
     if len(raw) > MAX_EXTRA_TOKENS:
         raise top.error(f"{len(raw):,} extra tokens; a rule file adds at most {MAX_EXTRA_TOKENS:,}", "extra_tokens")
     for token in raw:
         if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_CHARS:
-            raise top.error(f"extra token {str(token)[:40]!r} must be a non-empty string of at most {MAX_TOKEN_CHARS} "
-                            "characters", "extra_tokens")
+            raise top.error(
+                f"extra token {str(token)[:40]!r} must be a non-empty string of at most {MAX_TOKEN_CHARS} characters",
+                "extra_tokens",
+            )
     repeated = next((t for t in raw if raw.count(t) > 1), None)
     if repeated is not None:
         raise top.error(f"extra token {repeated!r} is listed twice", "extra_tokens")
@@ -256,8 +294,7 @@ def _parse_rule(index: int, raw: Any, source: str, top: _Where) -> Rule:
     where = _Where(source, raw if isinstance(raw, dict) else top.node, f"rule {index}: ")
     if not isinstance(raw, dict):
         raise where.error(f"must be a mapping like `- match: q_proj`, not {_kind(raw)}", "rules")
-    _check_keys(raw, {"match", "type", "action", "lora", "lora_by_module", "quantize", "optional",
-                     "untie"}, where)
+    _check_keys(raw, {"match", "type", "action", "lora", "lora_by_module", "quantize", "optional", "untie"}, where)
     match = raw.get("match")
     if not isinstance(match, str) or not match.strip():
         raise where.error("needs `match:`, a module-name pattern such as 'q_proj' or 're:.*proj'", "match")
@@ -287,36 +324,50 @@ def _parse_rule(index: int, raw: Any, source: str, top: _Where) -> Rule:
         raise where.error(f"{len(by_module):,} patterns in lora_by_module; at most {MAX_RULES:,}", "lora_by_module")
     for pattern in by_module:
         if not isinstance(pattern, str) or len(pattern) > MAX_PATTERN_CHARS:
-            raise where.error(f"lora_by_module keys must be module-name patterns of at most {MAX_PATTERN_CHARS} "
-                              "characters", "lora_by_module")
+            raise where.error(
+                f"lora_by_module keys must be module-name patterns of at most {MAX_PATTERN_CHARS} characters",
+                "lora_by_module",
+            )
         if pattern.startswith("re:"):
             try:
                 compile_regex(pattern[3:])
             except Exception as exc:
-                raise where.error(f"bad regex in lora_by_module '{pattern}': {first_line(exc)}",
-                                  "lora_by_module") from None
+                raise where.error(
+                    f"bad regex in lora_by_module '{pattern}': {first_line(exc)}", "lora_by_module"
+                ) from None
     lora_by_module = tuple((str(p), _parse_lora(c, where, "lora_by_module")) for p, c in by_module.items())
     quant = None
     if "quantize" in raw:
         if action not in ("quantize", "adapt"):
-            raise where.error(f"`quantize:` is only allowed on quantize and adapt rules (this one is '{action}')",
-                              "quantize")
+            raise where.error(
+                f"`quantize:` is only allowed on quantize and adapt rules (this one is '{action}')", "quantize"
+            )
         quant = _parse_quant(raw["quantize"], where, "quantize")
     for flag in ("optional", "untie"):
         if not isinstance(raw.get(flag, False), bool):
             raise where.error(f"{flag} must be true or false, not {_kind(raw[flag])}", flag)
     if raw.get("untie") and action != "plain":
         raise where.error(f"`untie:` is only allowed on a plain rule (this one is '{action}')", "untie")
-    return Rule(index, match, action, kind, lora, lora_by_module, quant, raw.get("optional", False),
-                raw.get("untie", False), source, where.line())
+    return Rule(
+        index,
+        match,
+        action,
+        kind,
+        lora,
+        lora_by_module,
+        quant,
+        raw.get("optional", False),
+        raw.get("untie", False),
+        source,
+        where.line(),
+    )
 
 
 def _parse_lora(raw: Any, where: _Where, key: str) -> LoraConfig:
     if not isinstance(raw, dict):
         raise where.error(f"`{key}` must be a mapping like {{r: 8, alpha: 16}}, not {_kind(raw)}", key)
     inner = _Where(where.source, raw if getattr(raw, "line", None) else where.node, where.prefix)
-    _check_keys(raw, set(LoraConfig.__dataclass_fields__) | {LEGACY_RSLORA, *PEFT_LORA_KEYS}, inner,
-                what="LoRA option")
+    _check_keys(raw, set(LoraConfig.__dataclass_fields__) | {LEGACY_RSLORA, *PEFT_LORA_KEYS}, inner, what="LoRA option")
     cfg = LoraConfig()
     r = raw.get("r", cfg.r)
     if not _is_int(r) or not 1 <= r <= MAX_LORA_RANK:
@@ -325,14 +376,18 @@ def _parse_lora(raw: Any, where: _Where, key: str) -> LoraConfig:
     if not _is_number(alpha) or not math.isfinite(alpha) or alpha <= 0:
         raise inner.error(f"lora alpha must be a finite number > 0, got {alpha!r}", "alpha")
     if alpha > MAX_LORA_ALPHA:
-        raise inner.error(f"lora alpha {alpha:g} is beyond {MAX_LORA_ALPHA:g}: its scaling would swamp the base's "
-                          "outputs (alpha is usually r or 2r)", "alpha")
+        raise inner.error(
+            f"lora alpha {alpha:g} is beyond {MAX_LORA_ALPHA:g}: its scaling would swamp the base's "
+            "outputs (alpha is usually r or 2r)",
+            "alpha",
+        )
     dropout = raw.get("dropout", cfg.dropout)
     if not _is_number(dropout) or not 0 <= dropout < 1:
         raise inner.error(f"lora dropout must be in [0, 1), got {dropout!r}", "dropout")
     if LEGACY_RSLORA in raw and "use_rslora" in raw:
-        raise inner.error("give `use_rslora` only (`rslora` is its old spelling, read in files written before)",
-                          LEGACY_RSLORA)
+        raise inner.error(
+            "give `use_rslora` only (`rslora` is its old spelling, read in files written before)", LEGACY_RSLORA
+        )
     rslora_key = LEGACY_RSLORA if LEGACY_RSLORA in raw else "use_rslora"
     for flag in ("bias", rslora_key):
         if not isinstance(raw.get(flag, False), bool):
@@ -340,28 +395,42 @@ def _parse_lora(raw: Any, where: _Where, key: str) -> LoraConfig:
     if not isinstance(raw.get("use_dora", False), bool):
         raise inner.error(f"lora use_dora must be true or false, got {raw['use_dora']!r}", "use_dora")
     if raw.get("use_dora") and raw.get("bias"):
-        raise inner.error("use_dora with a LoRA bias is not supported (PEFT refuses it too); drop one of them",
-                          "use_dora")
+        raise inner.error(
+            "use_dora with a LoRA bias is not supported (PEFT refuses it too); drop one of them", "use_dora"
+        )
     init = _init_of(raw, inner, cfg.init)
     if raw.get("use_dora") and init == "loftq":
-        raise inner.error("use_dora with init_lora_weights: loftq is not supported (DoRA's magnitude is the norm of the "
-                          "base's weight, which LoftQ's start changes); drop one of them", "use_dora")
+        raise inner.error(
+            "use_dora with init_lora_weights: loftq is not supported (DoRA's magnitude is the norm of the "
+            "base's weight, which LoftQ's start changes); drop one of them",
+            "use_dora",
+        )
     dtype = raw.get("dtype", cfg.dtype)
     if dtype not in DTYPES:
         raise inner.error(_unknown("lora dtype", dtype, DTYPES), "dtype")
-    return LoraConfig(int(r), float(alpha), float(dropout), raw.get("bias", False), init,
-                      raw.get(rslora_key, False), dtype, raw.get("use_dora", False))
+    return LoraConfig(
+        int(r),
+        float(alpha),
+        float(dropout),
+        raw.get("bias", False),
+        init,
+        raw.get(rslora_key, False),
+        dtype,
+        raw.get("use_dora", False),
+    )
 
 
-def _init_of(raw: dict, inner: "_Where", default: str) -> str:
+def _init_of(raw: dict, inner: _Where, default: str) -> str:
     """The adapter's start from ``init`` or PEFT's ``init_lora_weights`` (true: kaiming; gaussian; loftq)."""
     if "init" in raw and "init_lora_weights" in raw:
         raise inner.error("give `init` or PEFT's `init_lora_weights`, not both", "init_lora_weights")
     if "loftq_config" in raw:
-        raise inner.error("loftq_config is not needed: LoftQ here takes its bits from the rule file's `quantize:` and "
-                          "makes one pass (PEFT's loftq_iter: 1, as its replace_lora_weights_loftq), because further "
-                          "passes re-quantize the base and this base is shared; write init_lora_weights: loftq alone",
-                          "loftq_config")
+        raise inner.error(
+            "loftq_config is not needed: LoftQ here takes its bits from the rule file's `quantize:` and "
+            "makes one pass (PEFT's loftq_iter: 1, as its replace_lora_weights_loftq), because further "
+            "passes re-quantize the base and this base is shared; write init_lora_weights: loftq alone",
+            "loftq_config",
+        )
     if "init_lora_weights" not in raw:
         init = raw.get("init", default)
         if init not in INITS:
@@ -371,11 +440,14 @@ def _init_of(raw: dict, inner: "_Where", default: str) -> str:
     if value is True or value in ("gaussian", "loftq"):
         return "kaiming" if value is True else value
     if isinstance(value, str) and value.split("_")[0] in BASE_REWRITING_INITS:
-        raise inner.error(f"init_lora_weights {value!r} is not supported: in PEFT it moves part of the base's weights "
-                          "into the adapter and subtracts it from the base (PiSSA and OLoRA, also CorDA and EVA's "
-                          "rewrites), but here one base is shared by every fine-tune and stays untouched; use true "
-                          "(kaiming, the default), gaussian, or loftq (which starts from the base's quantization "
-                          "error and leaves the base as it is)", "init_lora_weights")
+        raise inner.error(
+            f"init_lora_weights {value!r} is not supported: in PEFT it moves part of the base's weights "
+            "into the adapter and subtracts it from the base (PiSSA and OLoRA, also CorDA and EVA's "
+            "rewrites), but here one base is shared by every fine-tune and stays untouched; use true "
+            "(kaiming, the default), gaussian, or loftq (which starts from the base's quantization "
+            "error and leaves the base as it is)",
+            "init_lora_weights",
+        )
     raise inner.error(_unknown("init_lora_weights", value, ("true", "gaussian", "loftq")), "init_lora_weights")
 
 
@@ -404,13 +476,19 @@ def _parse_quant(raw: Any, where: _Where, key: str) -> QuantConfig:
         raise inner.error(_unknown("compute_dtype", compute_dtype, DTYPES), "compute_dtype")
     blocksize = raw.get("blocksize", 64)
     if blocksize not in BLOCKSIZES or not _is_int(blocksize):
-        raise inner.error(f"blocksize must be one of {', '.join(map(str, BLOCKSIZES))}, got {blocksize!r}",
-                          "blocksize")
+        raise inner.error(f"blocksize must be one of {', '.join(map(str, BLOCKSIZES))}, got {blocksize!r}", "blocksize")
     storage = raw.get("storage", "uint8")
     if storage not in STORAGES:
         raise inner.error(_unknown("4-bit storage", storage, STORAGES), "storage")
-    return QuantConfig(scheme, float(threshold), double_quant, compute_dtype, int(blocksize), storage,
-                       given=frozenset(k for k in raw if k != "scheme"))
+    return QuantConfig(
+        scheme,
+        float(threshold),
+        double_quant,
+        compute_dtype,
+        int(blocksize),
+        storage,
+        given=frozenset(k for k in raw if k != "scheme"),
+    )
 
 
 def _check_keys(raw: dict, allowed: set, where: _Where, what: str = "key") -> None:
@@ -448,15 +526,22 @@ def _kind(x: Any) -> str:
     return {list: "a list", dict: "a mapping", str: "a string", type(None): "nothing"}.get(type(x), type(x).__name__)
 
 
-
 # ------------------------------------------------------------------------------------- shorthand
 
 ALL_LINEAR = "all-linear"  # PEFT's name for every Linear/Conv1D but the output layer
 
 
-def shorthand_rules(target_modules: list[str], *, r: int = 8, alpha: float | None = None, dropout: float = 0.0,
-                    quantize: str = "none", use_rslora: bool = False, use_dora: bool = False,
-                    init_lora_weights: bool | str = True) -> RuleSet:
+def shorthand_rules(
+    target_modules: list[str],
+    *,
+    r: int = 8,
+    alpha: float | None = None,
+    dropout: float = 0.0,
+    quantize: str = "none",
+    use_rslora: bool = False,
+    use_dora: bool = False,
+    init_lora_weights: bool | str = True,
+) -> RuleSet:
     """The rule file that ``--target-modules`` (PEFT-style names, or ``all-linear``), ``--lora-r``,
     ``--lora-alpha`` (default: r), ``--lora-dropout``, ``--use-rslora``, ``--use-dora``, ``--init-lora-weights``
     and ``--quantize`` stand for.
@@ -468,13 +553,20 @@ def shorthand_rules(target_modules: list[str], *, r: int = 8, alpha: float | Non
     targets = [t.strip() for t in target_modules if t.strip()]
     if not targets:
         raise RuleFileError("--target-modules: name at least one module (e.g. q_proj,v_proj) or all-linear")
-    lora = {"r": r, "alpha": r if alpha is None else alpha, "dropout": dropout, "use_rslora": use_rslora,
-            **({"use_dora": True} if use_dora else {}),
-            **({"init_lora_weights": init_lora_weights} if init_lora_weights is not True else {})}
+    lora = {
+        "r": r,
+        "alpha": r if alpha is None else alpha,
+        "dropout": dropout,
+        "use_rslora": use_rslora,
+        **({"use_dora": True} if use_dora else {}),
+        **({"init_lora_weights": init_lora_weights} if init_lora_weights is not True else {}),
+    }
     if targets == [ALL_LINEAR]:
-        adapt = [{"match": "lm_head", "action": "freeze"},
-                 {"type": "linear", "match": "*", "action": "adapt", "lora": lora},
-                 {"type": "conv1d", "match": "*", "action": "adapt", "optional": True, "lora": lora}]
+        adapt = [
+            {"match": "lm_head", "action": "freeze"},
+            {"type": "linear", "match": "*", "action": "adapt", "lora": lora},
+            {"type": "conv1d", "match": "*", "action": "adapt", "optional": True, "lora": lora},
+        ]
     elif ALL_LINEAR in targets:
         raise RuleFileError(f"--target-modules: {ALL_LINEAR} stands alone (it already names every linear layer)")
     else:
@@ -484,6 +576,13 @@ def shorthand_rules(target_modules: list[str], *, r: int = 8, alpha: float | Non
     flags = f"--target-modules {','.join(targets)} --lora-r {r} --lora-alpha {lora['alpha']:g}"
     flags += f" --lora-dropout {dropout:g}{' --use-rslora' if use_rslora else ''}{' --use-dora' if use_dora else ''}"
     flags += f"{'' if init_lora_weights is True else f' --init-lora-weights {init_lora_weights}'} --quantize {quantize}"
-    data = {"version": 1, "description": f"from the command line: {flags}", "quantize": quantize,
-            "default": "freeze", "rules": adapt + (quantized if quantize != "none" else [])}
-    return parse_rules(data, source="--target-modules/--lora-r/--lora-alpha/--lora-dropout/--init-lora-weights/--quantize")
+    data = {
+        "version": 1,
+        "description": f"from the command line: {flags}",
+        "quantize": quantize,
+        "default": "freeze",
+        "rules": adapt + (quantized if quantize != "none" else []),
+    }
+    return parse_rules(
+        data, source="--target-modules/--lora-r/--lora-alpha/--lora-dropout/--init-lora-weights/--quantize"
+    )

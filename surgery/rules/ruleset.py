@@ -8,8 +8,8 @@ it; matching a whole model happens in ``plan``.
 from __future__ import annotations
 
 import functools
-import re
 import json
+import re
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, replace
 from fnmatch import fnmatchcase
@@ -62,8 +62,13 @@ class QuantConfig:
         if self.scheme == "int8":
             return {"scheme": "int8", "threshold": self.threshold}
         if self.scheme in ("nf4", "fp4"):
-            return {"scheme": self.scheme, "double_quant": self.double_quant, "compute_dtype": self.compute_dtype,
-                    "blocksize": self.blocksize, **({"storage": self.storage} if self.storage != "uint8" else {})}
+            return {
+                "scheme": self.scheme,
+                "double_quant": self.double_quant,
+                "compute_dtype": self.compute_dtype,
+                "blocksize": self.blocksize,
+                **({"storage": self.storage} if self.storage != "uint8" else {}),
+            }
         return {"scheme": "none"}
 
 
@@ -82,7 +87,7 @@ class LoraConfig:
 
     @property
     def scaling(self) -> float:
-        return self.alpha / (self.r ** 0.5 if self.use_rslora else self.r)
+        return self.alpha / (self.r**0.5 if self.use_rslora else self.r)
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -182,20 +187,26 @@ class RuleSet:
     def quant_for(self, rule: Rule | None) -> QuantConfig:
         return rule.quantize if rule is not None and rule.quantize is not None else self.quantize
 
-    def with_compute_dtype(self, dtype: DtypeName) -> "RuleSet":
+    def with_compute_dtype(self, dtype: DtypeName) -> RuleSet:
         """The same rules with ``dtype`` as the compute dtype of every 4-bit setting that leaves it out (a file
         that writes ``compute_dtype:``, null included, keeps its own)."""
+
         def fill(q: QuantConfig | None) -> QuantConfig | None:
             if q is None or q.scheme not in ("nf4", "fp4") or q.compute_dtype or "compute_dtype" in q.given:
                 return q
             return replace(q, compute_dtype=dtype)
 
-        return replace(self, quantize=fill(self.quantize),
-                       rules=tuple(replace(r, quantize=fill(r.quantize)) for r in self.rules))
+        return replace(
+            self, quantize=fill(self.quantize), rules=tuple(replace(r, quantize=fill(r.quantize)) for r in self.rules)
+        )
 
     def to_dict(self) -> dict:
-        out: dict[str, Any] = {"version": self.version, "quantize": self.quantize.to_dict(), "default": self.default,
-                               "rules": [r.to_dict() for r in self.rules]}
+        out: dict[str, Any] = {
+            "version": self.version,
+            "quantize": self.quantize.to_dict(),
+            "default": self.default,
+            "rules": [r.to_dict() for r in self.rules],
+        }
         if self.model:
             out["model"] = self.model
         if self.description:
@@ -213,11 +224,14 @@ class RuleSet:
         return Path(self.source).stem if self.source.endswith((".yaml", ".yml")) else self.source
 
     def __repr__(self) -> str:
-        return (f"RuleSet({self.source!r}, quantize={self.quantize.scheme}, default={self.default}, "
-                f"{len(self.rules)} rules)")
+        return (
+            f"RuleSet({self.source!r}, quantize={self.quantize.scheme}, default={self.default}, "
+            f"{len(self.rules)} rules)"
+        )
 
 
 # ------------------------------------------------------------------------------------ matching
+
 
 def pattern_matches(pattern: str, path: str) -> bool:
     """Glob against the full dotted path and each dot-aligned suffix; ``re:`` is a full-match regex.
@@ -242,6 +256,7 @@ def compile_regex(text: str):
 
 # ------------------------------------------------------------------------------------- bundled
 
+
 def bundled_rules_dir() -> Path:
     """The folder of bundled rule files: installed as ``surgery/bundled_rules``, or ``rules/`` in a checkout."""
     package = Path(__file__).resolve().parent.parent
@@ -259,7 +274,7 @@ def collapse(path: str) -> str:
     return re.sub(r"(?<=\.)\d+(?=\.|$)", "*", path)
 
 
-def grouped(paths: list[str]) -> "OrderedDict[str, list[str]]":
+def grouped(paths: list[str]) -> OrderedDict[str, list[str]]:
     """Paths by their collapsed pattern, in first-seen order."""
     groups: OrderedDict[str, list[str]] = OrderedDict()
     for path in paths:

@@ -21,18 +21,18 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..finetune.batched import batched, route
-from .data import IGNORE
 from ..distributed import World, rank_weight
 from ..errors import TrainError
+from ..finetune.batched import batched, route
 from ..finetune.state import finetune_info
+from .data import IGNORE
 from .job import Job, Run
 from .step import autocast, micro_batch, model_inputs, optimizer_step, tokens, trainable_device
 
@@ -50,23 +50,34 @@ class Group:
     pending: dict[int, list[float]] = field(default_factory=dict)  # job index -> [loss sum, tokens, seconds]
 
 
-def check_batching(batched: bool, max_batched_tokens: int | None, gradient_checkpointing: bool = False,
-                   compiled: bool = False, rule_sets: tuple = ()) -> None:
+def check_batching(
+    batched: bool,
+    max_batched_tokens: int | None,
+    gradient_checkpointing: bool = False,
+    compiled: bool = False,
+    rule_sets: tuple = (),
+) -> None:
     """Refuse a token cap that is below 1 or given without batching, checkpointing in batched passes
     (their backward runs after the pass is re-routed per job, so a recompute would route wrongly),
     --compile with them (it compiles each fine-tune's own forward, which a batched pass does not call),
     and fine-tunes with tokens of their own (one vocabulary per pass), before anything loads."""
     with_tokens = next((r for r in rule_sets if batched and r.extra_tokens is not None), None)
     if with_tokens is not None:
-        raise TrainError(f"{with_tokens.source}: its fine-tune adds tokens of its own (extra_tokens / --extra-tokens), "
-                         "so its vocabulary is not the base's and a --batched pass needs one vocabulary; train "
-                         "without --batched (the jobs take turns)")
+        raise TrainError(
+            f"{with_tokens.source}: its fine-tune adds tokens of its own (extra_tokens / --extra-tokens), "
+            "so its vocabulary is not the base's and a --batched pass needs one vocabulary; train "
+            "without --batched (the jobs take turns)"
+        )
     if batched and gradient_checkpointing:
-        raise TrainError("--gradient-checkpointing does not run with --batched yet; drop one of them (the jobs take "
-                         "turns with checkpointing)")
+        raise TrainError(
+            "--gradient-checkpointing does not run with --batched yet; drop one of them (the jobs take "
+            "turns with checkpointing)"
+        )
     if batched and compiled:
-        raise TrainError("--compile compiles each fine-tune's forward, which --batched passes do not call; drop one "
-                         "of them (the jobs take turns compiled)")
+        raise TrainError(
+            "--compile compiles each fine-tune's forward, which --batched passes do not call; drop one "
+            "of them (the jobs take turns compiled)"
+        )
     if max_batched_tokens is not None and not batched:
         raise TrainError("--max-batched-tokens caps batched passes; add --batched or leave it out")
     if max_batched_tokens is not None and max_batched_tokens < 1:
@@ -78,8 +89,16 @@ def group_jobs(jobs: list[Job], max_batched_tokens: int | None) -> list[Job]:
     groups: dict[tuple, list[str]] = {}
     for job in jobs:
         groups.setdefault(_group_key(job), []).append(job.name)
-    return [dataclasses.replace(job, identity={**job.identity, "batched": {
-        "jobs": sorted(groups[_group_key(job)]), "max_batched_tokens": max_batched_tokens}}) for job in jobs]
+    return [
+        dataclasses.replace(
+            job,
+            identity={
+                **job.identity,
+                "batched": {"jobs": sorted(groups[_group_key(job)]), "max_batched_tokens": max_batched_tokens},
+            },
+        )
+        for job in jobs
+    ]
 
 
 def run_batched(runs: list[Run], where: World, max_batched_tokens: int | None, after_step: AfterStep) -> None:
@@ -114,8 +133,10 @@ def _body_and_head(view: nn.Module, runs: list[Run]) -> tuple[nn.Module, nn.Modu
     head = view.get_output_embeddings() if hasattr(view, "get_output_embeddings") else None
     name = type(view).__name__
     if body is None or body is view or head is None:
-        raise TrainError(f"batched training needs a causal LM with a separate body and output layer; {name} has "
-                         "none; train without --batched")
+        raise TrainError(
+            f"batched training needs a causal LM with a separate body and output layer; {name} has "
+            "none; train without --batched"
+        )
     device = trainable_device(runs[0])
     ids = torch.tensor([[1, 2]], device=device)
     modes = [(m, m.training) for run in runs for m in run.job.finetune.modules()] + [(view, view.training)]
@@ -131,8 +152,10 @@ def _body_and_head(view: nn.Module, runs: list[Run]) -> tuple[nn.Module, nn.Modu
         for module, training in modes:
             module.training = training
     if whole.shape != split.shape or not torch.allclose(whole, split, rtol=1e-4, atol=1e-4 * whole.abs().max()):
-        raise TrainError(f"{name} computes more than output_layer(body(...)) (e.g. scaled or capped logits); "
-                         "batched training cannot split it per job; train without --batched")
+        raise TrainError(
+            f"{name} computes more than output_layer(body(...)) (e.g. scaled or capped logits); "
+            "batched training cannot split it per job; train without --batched"
+        )
     return body, head
 
 
@@ -191,9 +214,11 @@ def _forward_backward(group: Group, members: list[int], batches: dict[int, dict]
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(_pass_seed(runs, members, where))  # base dropout: one draw over the pass
         with autocast(config, device):
-            hidden = group.body(input_ids=torch.cat([padded[i]["input_ids"] for i in members]),
-                                attention_mask=torch.cat([padded[i]["attention_mask"] for i in members]),
-                                use_cache=False)[0]
+            hidden = group.body(
+                input_ids=torch.cat([padded[i]["input_ids"] for i in members]),
+                attention_mask=torch.cat([padded[i]["attention_mask"] for i in members]),
+                use_cache=False,
+            )[0]
     detached = hidden.detach().requires_grad_(hidden.requires_grad)
     start = 0
     for i in members:
@@ -228,8 +253,7 @@ def _pad_right(batch: dict[str, torch.Tensor], width: int) -> dict[str, torch.Te
 def _causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Token-mean next-token cross-entropy, as transformers computes a causal LM's loss (fp32 logits)."""
     logits = logits.float()
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                           ignore_index=IGNORE)
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE)
 
 
 def _pass_seed(runs: list[Run], members: list[int], where: World) -> int:

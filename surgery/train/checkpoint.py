@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from ..base.loading import TOKENIZER_FILES
-from ..files.adapter_file import ADAPTER_FILE, load_adapter, save_adapter
+from ..disk import MiB, atomic_folder, atomic_write, check_user_file, remove_folder
 from ..distributed import World
 from ..errors import SurgeryError, TrainError, first_line
-from ..disk import MiB, atomic_folder, atomic_write, check_user_file, remove_folder
+from ..files.adapter_file import ADAPTER_FILE, load_adapter, save_adapter
 from ..finetune.state import own_state
 from .job import Job, Run, build_optimizer
 
@@ -41,23 +41,42 @@ def earlier_run(out: Path) -> list[str]:
     out = Path(out)
     if not out.is_dir():
         return []
-    return sorted(p.name for p in out.iterdir()
-                  if p.name in (ADAPTER_FILE, METRICS_FILE) or p.name.startswith("checkpoint-"))
+    return sorted(
+        p.name for p in out.iterdir() if p.name in (ADAPTER_FILE, METRICS_FILE) or p.name.startswith("checkpoint-")
+    )
 
 
-# what the CLI (rules.yaml, loss.png) and the experiment trackers (trackers.py) write into OUT besides the run's own files
-# and the tokenizer with a fine-tune's extra tokens (what tokenizer.save_pretrained writes)
-RUN_FILES = ("rules.yaml", "loss.png", "tensorboard", "wandb", "mlflow.db", "mlruns", *TOKENIZER_FILES,
-             "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "merges.txt")
+# what the CLI (rules.yaml, loss.png) and the experiment trackers (trackers.py) write into OUT besides the run's own
+# files, and the tokenizer with a fine-tune's extra tokens (what tokenizer.save_pretrained writes)
+RUN_FILES = (
+    "rules.yaml",
+    "loss.png",
+    "tensorboard",
+    "wandb",
+    "mlflow.db",
+    "mlruns",
+    *TOKENIZER_FILES,
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "merges.txt",
+)
 
 
 def _not_a_run(out: Path) -> list[str]:
     """Entries of OUT that no surgery run writes (a user's own files), sorted."""
     if not out.is_dir():
         return []
-    return sorted(p.name for p in out.iterdir()
-                  if not (p.name in (ADAPTER_FILE, METRICS_FILE, LOCK_FILE, *RUN_FILES) or p.name.startswith(".")
-                          or p.name.startswith("checkpoint-") or (p.is_dir() and earlier_run(p))))
+    return sorted(
+        p.name
+        for p in out.iterdir()
+        if not (
+            p.name in (ADAPTER_FILE, METRICS_FILE, LOCK_FILE, *RUN_FILES)
+            or p.name.startswith(".")
+            or p.name.startswith("checkpoint-")
+            or (p.is_dir() and earlier_run(p))
+        )
+    )
 
 
 def check_output_folder(out: Path, *, resume: Path | None = None, overwrite: bool = False) -> None:
@@ -79,15 +98,18 @@ def check_output_folder(out: Path, *, resume: Path | None = None, overwrite: boo
     foreign = _not_a_run(out)
     if overwrite and foreign:
         shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
-        raise TrainError(f"{out}: holds files that are not a surgery run ({shown}); --overwrite moves only an "
-                         "earlier run aside, so nothing was moved: choose a new --out")
+        raise TrainError(
+            f"{out}: holds files that are not a surgery run ({shown}); --overwrite moves only an "
+            "earlier run aside, so nothing was moved: choose a new --out"
+        )
     if earlier and resume is None and not overwrite:
         shown = ", ".join(earlier[:4]) + (f" and {len(earlier) - 4} more" if len(earlier) > 4 else "")
         has_checkpoint = any(name.startswith("checkpoint-") for name in earlier)
-        advice = (f"continue it with --resume {out}, " if has_checkpoint else
-                  "it has no checkpoint to resume from; ")
-        raise TrainError(f"{out}: holds an earlier run ({shown}); {advice}choose a new --out, or pass --overwrite "
-                         f"to move it aside (to {aside_path(out)}; nothing is deleted)")
+        advice = f"continue it with --resume {out}, " if has_checkpoint else "it has no checkpoint to resume from; "
+        raise TrainError(
+            f"{out}: holds an earlier run ({shown}); {advice}choose a new --out, or pass --overwrite "
+            f"to move it aside (to {aside_path(out)}; nothing is deleted)"
+        )
 
 
 def aside_path(out: Path) -> Path:
@@ -107,8 +129,9 @@ def move_aside(out: Path) -> Path | None:
     try:
         os.rename(out, target)
     except OSError as exc:
-        raise TrainError(f"{out}: cannot move the earlier run aside to {target} ({exc.strerror or exc}); move or "
-                         "remove it yourself") from None
+        raise TrainError(
+            f"{out}: cannot move the earlier run aside to {target} ({exc.strerror or exc}); move or remove it yourself"
+        ) from None
     return target
 
 
@@ -155,8 +178,10 @@ def run_lock(out: Path):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             owner = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            raise TrainError(f"{out}: another surgery run (pid {owner}) is writing to this folder; wait for it to "
-                             "finish or choose another --out") from None
+            raise TrainError(
+                f"{out}: another surgery run (pid {owner}) is writing to this folder; wait for it to "
+                "finish or choose another --out"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         try:
@@ -190,17 +215,29 @@ def save_checkpoint(run: Run, rngs: torch.Tensor | None = None) -> Path:
     path = job.out / f"checkpoint-{run.step}"
     tensors, meta = _flatten_optimizer(run.optimizer.state_dict())
     tensors["rng"] = rngs if rngs is not None else run.rng.unsqueeze(0)
-    tensors.update({f"{MASTER}{index}": master.detach().to("cpu").contiguous()
-                    for index, (_, master) in enumerate(run.masters.pairs)})
+    tensors.update(
+        {
+            f"{MASTER}{index}": master.detach().to("cpu").contiguous()
+            for index, (_, master) in enumerate(run.masters.pairs)
+        }
+    )
     state = {
-        "step": run.step, "micro": run.micro, "total_steps": run.total_steps, "identity": job.identity,
-        "config": asdict(job.config), "optimizer": meta, "scheduler": run.scheduler.state_dict(),
+        "step": run.step,
+        "micro": run.micro,
+        "total_steps": run.total_steps,
+        "identity": job.identity,
+        "config": asdict(job.config),
+        "optimizer": meta,
+        "scheduler": run.scheduler.state_dict(),
         "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
     }
     if run.early is not None:  # early stopping's record and best weights, so a resumed run stops alike
         early = run.early
-        state["early_stopping"] = {"best_loss": early.best_loss if math.isfinite(early.best_loss) else None,
-                                   "best_step": early.best_step, "evals_since_best": early.evals_since_best}
+        state["early_stopping"] = {
+            "best_loss": early.best_loss if math.isfinite(early.best_loss) else None,
+            "best_step": early.best_step,
+            "evals_since_best": early.evals_since_best,
+        }
         tensors.update({f"{BEST}{name}": t.detach().to("cpu").contiguous() for name, t in early.best_weights.items()})
     with atomic_folder(path, overwrite=True, error=TrainError) as tmp:
         save_adapter(job.finetune, tmp / ADAPTER_FILE)
@@ -213,8 +250,10 @@ def _rotate(job: Job) -> None:
     limit = job.config.save_total_limit
     if not limit:
         return
-    checkpoints = sorted((p for p in job.out.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-                         key=lambda p: int(p.name.split("-")[-1]))
+    checkpoints = sorted(
+        (p for p in job.out.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+    )
     for old in checkpoints[:-limit]:
         remove_folder(old)  # renamed aside first: never seen half deleted
 
@@ -248,8 +287,10 @@ def read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     path = Path(path)
     state_file = path / STATE_FILE
     if not state_file.is_file() or not (path / ADAPTER_FILE).is_file():
-        raise TrainError(f"{path}: not a checkpoint folder (needs {ADAPTER_FILE} and {STATE_FILE}; checkpoints are "
-                         "written as OUT/checkpoint-STEP by --save-steps)")
+        raise TrainError(
+            f"{path}: not a checkpoint folder (needs {ADAPTER_FILE} and {STATE_FILE}; checkpoints are "
+            "written as OUT/checkpoint-STEP by --save-steps)"
+        )
     check_user_file(state_file, what="training state file", limit=MAX_STATE_BYTES, error=TrainError)
     try:
         tensors = load_file(state_file)
@@ -270,8 +311,10 @@ def _checked_state(path: Path, state: dict, tensors: dict[str, torch.Tensor]) ->
     def need(key: str, kind: type | tuple, container: dict = state, label: str = ""):
         value = container.get(key)
         if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
-            raise TrainError(f"{where}: {label or key} is missing or not a {getattr(kind, '__name__', kind)} "
-                             f"(found {type(value).__name__}); the file is damaged — resume from another checkpoint")
+            raise TrainError(
+                f"{where}: {label or key} is missing or not a {getattr(kind, '__name__', kind)} "
+                f"(found {type(value).__name__}); the file is damaged — resume from another checkpoint"
+            )
         return value
 
     step, micro = need("step", int), need("micro", int)
@@ -283,10 +326,16 @@ def _checked_state(path: Path, state: dict, tensors: dict[str, torch.Tensor]) ->
     need("scheduler", dict)
     rng = tensors.get("rng")
     cpu_size = torch.get_rng_state().numel()
-    if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8 or rng.dim() not in (1, 2) \
-            or rng.shape[-1] < cpu_size:
-        raise TrainError(f"{where}: the random state 'rng' is missing or not a uint8 tensor of at least {cpu_size} "
-                         "bytes per rank; the file is damaged")
+    if (
+        not isinstance(rng, torch.Tensor)
+        or rng.dtype != torch.uint8
+        or rng.dim() not in (1, 2)
+        or rng.shape[-1] < cpu_size
+    ):
+        raise TrainError(
+            f"{where}: the random state 'rng' is missing or not a uint8 tensor of at least {cpu_size} "
+            "bytes per rank; the file is damaged"
+        )
     return state
 
 
@@ -301,25 +350,32 @@ def _check_optimizer_state(where: Path, run: Run, loaded: dict) -> None:
     expected = probe.state_dict()["state"]
     state = loaded.get("state", {})
     if set(state) - set(expected):
-        raise TrainError(f"{where}: optimizer state for {len(state)} parameters, but this job trains {len(params)}; "
-                         "the file is damaged or from another run")
+        raise TrainError(
+            f"{where}: optimizer state for {len(state)} parameters, but this job trains {len(params)}; "
+            "the file is damaged or from another run"
+        )
     for index, entries in state.items():
         wanted = expected[index]
         if set(entries) != set(wanted):
-            raise TrainError(f"{where}: optimizer state of parameter {index} has entries {sorted(entries)}, "
-                             f"{type(run.optimizer).__name__} needs {sorted(wanted)}; the file is damaged")
+            raise TrainError(
+                f"{where}: optimizer state of parameter {index} has entries {sorted(entries)}, "
+                f"{type(run.optimizer).__name__} needs {sorted(wanted)}; the file is damaged"
+            )
         for key, value in entries.items():
-            if isinstance(wanted[key], torch.Tensor) and (not isinstance(value, torch.Tensor)
-                                                          or value.shape != wanted[key].shape):
-                raise TrainError(f"{where}: optimizer state '{index}.{key}' is not a tensor of shape "
-                                 f"{tuple(wanted[key].shape)}; the file is damaged")
+            if isinstance(wanted[key], torch.Tensor) and (
+                not isinstance(value, torch.Tensor) or value.shape != wanted[key].shape
+            ):
+                raise TrainError(
+                    f"{where}: optimizer state '{index}.{key}' is not a tensor of shape "
+                    f"{tuple(wanted[key].shape)}; the file is damaged"
+                )
 
 
 def _check_rng_state(state: torch.Tensor) -> None:
     """Raise RuntimeError unless torch accepts ``state`` as a CPU random state (changes nothing)."""
     saved = torch.get_rng_state()
     try:
-        torch.set_rng_state(state[:saved.numel()].clone())  # a copy: a view into a bigger tensor crashes it
+        torch.set_rng_state(state[: saved.numel()].clone())  # a copy: a view into a bigger tensor crashes it
     finally:
         torch.set_rng_state(saved)
 
@@ -331,8 +387,10 @@ def resume(run: Run, path: Path, where: World) -> None:
     if state.get("identity") != job.identity:
         stored = state.get("identity") if isinstance(state.get("identity"), dict) else {}
         differs = sorted(k for k in set(stored) | set(job.identity) if stored.get(k) != job.identity.get(k))
-        raise TrainError(f"{path}: a checkpoint of another run (differs in: {', '.join(differs)}); resume only "
-                         "with the same rules, model, data and global batch settings")
+        raise TrainError(
+            f"{path}: a checkpoint of another run (differs in: {', '.join(differs)}); resume only "
+            "with the same rules, model, data and global batch settings"
+        )
     state = _checked_state(path, state, tensors)
     rngs = tensors["rng"] if tensors["rng"].dim() == 2 else tensors["rng"].unsqueeze(0)
     optimizer_state = _unflatten_optimizer(tensors, state["optimizer"])
@@ -349,8 +407,10 @@ def resume(run: Run, path: Path, where: World) -> None:
     except SurgeryError:
         raise
     except (KeyError, ValueError, TypeError, IndexError, AttributeError, RuntimeError) as exc:
-        raise TrainError(f"{path / STATE_FILE}: cannot be resumed ({type(exc).__name__}: {first_line(exc)}); the "
-                         "file is damaged or from another optimizer — resume from another checkpoint") from None
+        raise TrainError(
+            f"{path / STATE_FILE}: cannot be resumed ({type(exc).__name__}: {first_line(exc)}); the "
+            "file is damaged or from another optimizer — resume from another checkpoint"
+        ) from None
     if run.early is not None and "early_stopping" in state:
         _resume_early_stopping(run, path / STATE_FILE, state["early_stopping"], tensors)
     run.rng = rngs[where.rank % len(rngs)].clone()
@@ -361,13 +421,17 @@ def _checked_masters(where: Path, run: Run, tensors: dict[str, torch.Tensor]) ->
     """The checkpoint's fp32 masters, one per half trainable tensor of this run, each of its shape."""
     saved = [tensors.get(f"{MASTER}{index}") for index in range(len(run.masters.pairs))]
     if sum(name.startswith(MASTER) for name in tensors) > len(saved):
-        raise TrainError(f"{where}: more fp32 masters than this run's {len(saved)} half-precision trainable "
-                         "tensors; the file is from another run — resume from another checkpoint")
+        raise TrainError(
+            f"{where}: more fp32 masters than this run's {len(saved)} half-precision trainable "
+            "tensors; the file is from another run — resume from another checkpoint"
+        )
     for index, ((p, _), master) in enumerate(zip(run.masters.pairs, saved)):
         if not isinstance(master, torch.Tensor) or master.dtype != torch.float32 or master.shape != p.shape:
-            raise TrainError(f"{where}: the fp32 master '{MASTER}{index}' of a half-precision trainable tensor of "
-                             f"shape {tuple(p.shape)} is missing or is not float32 of that shape; the file is damaged "
-                             "or from another run — resume from another checkpoint")
+            raise TrainError(
+                f"{where}: the fp32 master '{MASTER}{index}' of a half-precision trainable tensor of "
+                f"shape {tuple(p.shape)} is missing or is not float32 of that shape; the file is damaged "
+                "or from another run — resume from another checkpoint"
+            )
     return saved
 
 
@@ -376,13 +440,17 @@ def _resume_early_stopping(run: Run, where: Path, saved, tensors: dict[str, torc
     ok = isinstance(saved, dict) and (saved.get("best_loss") is None or _is_number(saved.get("best_loss")))
     counts = [saved.get(k) if isinstance(saved, dict) else None for k in ("best_step", "evals_since_best")]
     if not ok or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
-        raise TrainError(f"{where}: early_stopping is not {{best_loss, best_step, evals_since_best}}; the file is "
-                         "damaged — resume from another checkpoint")
+        raise TrainError(
+            f"{where}: early_stopping is not {{best_loss, best_step, evals_since_best}}; the file is "
+            "damaged — resume from another checkpoint"
+        )
     own = own_state(run.job.finetune)
-    best = {name[len(BEST):]: t for name, t in tensors.items() if name.startswith(BEST)}
+    best = {name[len(BEST) :]: t for name, t in tensors.items() if name.startswith(BEST)}
     if best and (best.keys() != own.keys() or any(best[k].shape != own[k].shape for k in own)):
-        raise TrainError(f"{where}: the best weights kept for early stopping do not match this fine-tune's "
-                         "tensors; the file is damaged or from another run")
+        raise TrainError(
+            f"{where}: the best weights kept for early stopping do not match this fine-tune's "
+            "tensors; the file is damaged or from another run"
+        )
     run.early.best_loss = math.inf if saved["best_loss"] is None else float(saved["best_loss"])
     run.early.best_step, run.early.evals_since_best = counts
     run.early.best_weights = {name: t.to(own[name].device, own[name].dtype) for name, t in best.items()}

@@ -8,8 +8,8 @@ non-empty line, or in corpus mode one running text with its newlines); .parquet,
 folders and cached dataset names through ``stored_data``; column names from ``rows.Fields``. Two modes:
 ``corpus`` concatenates every example with EOS and cuts the stream into ``block_size`` chunks;
 ``entries`` keeps one example per row (EOS appended), truncated to ``block_size`` and padded on the
-right, with padding masked out of the loss and the attention; a micro-batch is cut to its longest row. Every problem is a DataError naming the file
-(and line) before any training starts.
+right, with padding masked out of the loss and the attention; a micro-batch is cut to its longest row. Every
+problem is a DataError naming the file (and line) before any training starts.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from typing import Literal
 
 import torch
 
-from ..errors import DataError, TruncationWarning, first_line
 from ..disk import read_user_text
+from ..errors import DataError, TruncationWarning, first_line
 from .rows import DEFAULT_FIELDS, MAX_DATA_BYTES, WHOLE, DatasetParts, Example, Fields, Split, example_of
 
 IGNORE = -100  # label of positions that carry no loss (prompt, padding), as in transformers
@@ -80,18 +80,22 @@ class Blocks:
         rows, width = self.input_ids.shape
         return f"Blocks({rows} rows x {width} tokens, {self.source or 'unnamed'})"
 
-    def split(self, fraction: float, seed: int) -> tuple["Blocks", "Blocks"]:
+    def split(self, fraction: float, seed: int) -> tuple[Blocks, Blocks]:
         """(train, eval): a seeded random ``fraction`` of the rows for evaluation (at least one row)."""
         order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
         n_eval = max(1, round(len(self) * fraction))
         if n_eval >= len(self):
-            raise DataError(f"{self.source}: {len(self)} rows cannot give {fraction:.0%} for evaluation and keep "
-                            "some for training; give more data or a separate --eval file")
+            raise DataError(
+                f"{self.source}: {len(self)} rows cannot give {fraction:.0%} for evaluation and keep "
+                "some for training; give more data or a separate --eval file"
+            )
         ev, tr = order[:n_eval].sort().values, order[n_eval:].sort().values
         if self.position_ids is not None:
             raise DataError(f"{self.source}: split the rows before packing them (the eval split stays unpacked)")
-        return (Blocks(self.input_ids[tr], self.labels[tr], self.attention_mask[tr], self.source),
-                Blocks(self.input_ids[ev], self.labels[ev], self.attention_mask[ev], f"{self.source} (eval split)"))
+        return (
+            Blocks(self.input_ids[tr], self.labels[tr], self.attention_mask[tr], self.source),
+            Blocks(self.input_ids[ev], self.labels[ev], self.attention_mask[ev], f"{self.source} (eval split)"),
+        )
 
 
 def bundled_data() -> dict[str, Path]:
@@ -109,8 +113,13 @@ def data_path(spec: str | Path) -> Path:
     return path
 
 
-def read_examples(path: str | Path, mode: Mode = "entries", fields: Fields = DEFAULT_FIELDS,
-                  split: Split = "train", parts: DatasetParts = WHOLE) -> list[Example]:
+def read_examples(
+    path: str | Path,
+    mode: Mode = "entries",
+    fields: Fields = DEFAULT_FIELDS,
+    split: Split = "train",
+    parts: DatasetParts = WHOLE,
+) -> list[Example]:
     """Read a .csv / .jsonl / .txt file, a stored dataset (``stored_data``: a ``save_to_disk`` folder,
     .parquet, .arrow, a dataset in the local datasets cache) or a bundled data set into examples.
 
@@ -125,18 +134,24 @@ def read_examples(path: str | Path, mode: Mode = "entries", fields: Fields = DEF
     if stored_data.is_stored(path):
         return stored_data.read_stored(path, fields, split, parts)
     if parts.given():
-        raise DataError(f"{path}: {parts.given()[0]} chooses a part of a stored dataset (a datasets folder or a "
-                        "cached dataset name); this is a plain data file: drop the option")
+        raise DataError(
+            f"{path}: {parts.given()[0]} chooses a part of a stored dataset (a datasets folder or a "
+            "cached dataset name); this is a plain data file: drop the option"
+        )
     if not path.exists():
         raise DataError(f"{path}: no such data file (bundled data sets: {', '.join(bundled_data())})")
     if path.is_dir():
-        raise DataError(f"{path}: is a directory but no saved dataset (no dataset_info.json or dataset_dict.json); "
-                        "give a .csv, .jsonl, .txt, .parquet or .arrow file, or a datasets save_to_disk folder")
+        raise DataError(
+            f"{path}: is a directory but no saved dataset (no dataset_info.json or dataset_dict.json); "
+            "give a .csv, .jsonl, .txt, .parquet or .arrow file, or a datasets save_to_disk folder"
+        )
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".jsonl", ".json", ".txt", ".text", ""):
-        raise DataError(f"{path}: unknown data format '{suffix}'; use .csv (text column), .jsonl (text, or "
-                        "prompt + completion), .txt (lines, or one running text with --group-texts), .parquet, "
-                        ".arrow or a datasets folder")
+        raise DataError(
+            f"{path}: unknown data format '{suffix}'; use .csv (text column), .jsonl (text, or "
+            "prompt + completion), .txt (lines, or one running text with --group-texts), .parquet, "
+            ".arrow or a datasets folder"
+        )
     text = read_user_text(path, what="data file", limit=MAX_DATA_BYTES, error=DataError)
     if not text.strip():
         raise DataError(f"{path}: is empty; it holds no examples")
@@ -164,9 +179,11 @@ def _csv(path: Path, text: str, fields: Fields) -> list[Example]:
     columns = set(fieldnames or [])
     if fields.text not in columns and not {fields.prompt, fields.completion} <= columns:
         found = ", ".join(fieldnames or []) or "none"
-        raise DataError(f"{path}:1: a CSV needs a `{fields.text}` column (found columns: {found}), or `{fields.prompt}` "
-                        f"and `{fields.completion}` columns; name others with --text-field, --prompt-field, "
-                        "--completion-field")
+        raise DataError(
+            f"{path}:1: a CSV needs a `{fields.text}` column (found columns: {found}), or `{fields.prompt}` "
+            f"and `{fields.completion}` columns; name others with --text-field, --prompt-field, "
+            "--completion-field"
+        )
     out = []
     while True:
         start = rows.line_num + 1
@@ -201,8 +218,15 @@ def _jsonl(path: Path, text: str, fields: Fields) -> list[Example]:
     return out
 
 
-def load_examples(path: Path, mode: Mode, tokenizer, chat_template: bool, fields: Fields = DEFAULT_FIELDS,
-                  split: Split = "train", parts: DatasetParts = WHOLE) -> tuple[list[Example], bool]:
+def load_examples(
+    path: Path,
+    mode: Mode,
+    tokenizer,
+    chat_template: bool,
+    fields: Fields = DEFAULT_FIELDS,
+    split: Split = "train",
+    parts: DatasetParts = WHOLE,
+) -> tuple[list[Example], bool]:
     """A data source's examples for training, and whether the tokenizer's chat template rendered them
     (when ``chat_template`` is asked for, or when rows hold messages)."""
     examples = read_examples(path, mode, fields, split, parts)
@@ -224,18 +248,24 @@ def chat_examples(examples: list[Example], tokenizer, source: str) -> list[Examp
         elif ex.prompt:
             messages = (("user", ex.prompt), ("assistant", ex.completion))
         else:
-            raise DataError(f"{where}: a `text` row has no roles for a chat template; write `prompt` + `completion` "
-                            "or `messages` rows, or drop --chat-template")
+            raise DataError(
+                f"{where}: a `text` row has no roles for a chat template; write `prompt` + `completion` "
+                "or `messages` rows, or drop --chat-template"
+            )
         if messages[-1][0] != "assistant":
-            raise DataError(f"{where}: the conversation ends with a {messages[-1][0]!r} turn; training needs it "
-                            "to end with the assistant's answer (the loss is on that turn)")
+            raise DataError(
+                f"{where}: the conversation ends with a {messages[-1][0]!r} turn; training needs it "
+                "to end with the assistant's answer (the loss is on that turn)"
+            )
         prompt = render_chat(tokenizer, messages[:-1], where, generation_prompt=True)
         whole = render_chat(tokenizer, messages, where, generation_prompt=False)
         if not whole.startswith(prompt):
-            raise DataError(f"{where}: the chat template writes the conversation differently once the last answer "
-                            "is added, so the answer's tokens cannot be told apart; use prompt/completion rows "
-                            "without --chat-template")
-        out.append(Example(whole[len(prompt):], prompt, where=ex.where))
+            raise DataError(
+                f"{where}: the chat template writes the conversation differently once the last answer "
+                "is added, so the answer's tokens cannot be told apart; use prompt/completion rows "
+                "without --chat-template"
+            )
+        out.append(Example(whole[len(prompt) :], prompt, where=ex.where))
     return out
 
 
@@ -251,18 +281,25 @@ def chat_prompt(example: Example, tokenizer, source: str) -> str:
 
 def _require_template(tokenizer, source: str) -> None:
     if not getattr(tokenizer, "chat_template", None):
-        raise DataError(f"{source}: the tokenizer has no chat template; drop --chat-template (and `messages` rows), "
-                        "or pass --tokenizer with one that has a template")
+        raise DataError(
+            f"{source}: the tokenizer has no chat template; drop --chat-template (and `messages` rows), "
+            "or pass --tokenizer with one that has a template"
+        )
 
 
 def render_chat(tokenizer, messages: tuple[tuple[str, str], ...], where: str, *, generation_prompt: bool) -> str:
     """The tokenizer's chat template applied to ``messages`` as text (its errors as DataErrors)."""
     try:
-        text = tokenizer.apply_chat_template([{"role": role, "content": content} for role, content in messages],
-                                             tokenize=False, add_generation_prompt=generation_prompt)
+        text = tokenizer.apply_chat_template(
+            [{"role": role, "content": content} for role, content in messages],
+            tokenize=False,
+            add_generation_prompt=generation_prompt,
+        )
     except Exception as exc:  # jinja's TemplateError, the template's own raise_exception, ...
-        raise DataError(f"{where}: the tokenizer's chat template refused this conversation "
-                        f"({type(exc).__name__}: {first_line(exc)})") from None
+        raise DataError(
+            f"{where}: the tokenizer's chat template refused this conversation "
+            f"({type(exc).__name__}: {first_line(exc)})"
+        ) from None
     if not isinstance(text, str):
         raise DataError(f"{where}: the tokenizer's chat template returned {type(text).__name__}, not text")
     return text
@@ -278,8 +315,15 @@ def model_max_length(model) -> int | None:
     return None
 
 
-def tokenize(examples: list[Example], tokenizer, *, block_size: int, mode: str = "entries",
-             pad_token_id: int | None = None, source: str = "") -> Blocks:
+def tokenize(
+    examples: list[Example],
+    tokenizer,
+    *,
+    block_size: int,
+    mode: str = "entries",
+    pad_token_id: int | None = None,
+    source: str = "",
+) -> Blocks:
     """Token blocks for training: ``corpus`` (concatenate + cut) or ``entries`` (one row each)."""
     if mode not in ("corpus", "entries"):
         raise DataError(f"unknown data mode '{mode}'; use corpus (--group-texts) or entries")
@@ -291,8 +335,10 @@ def tokenize(examples: list[Example], tokenizer, *, block_size: int, mode: str =
     if any(ex.messages for ex in examples):
         raise DataError(f"{source}: `messages` rows need the tokenizer's chat template (data.chat_examples) first")
     pieces = [(_ids(tokenizer, ex.prompt), _ids(tokenizer, ex.completion)) for ex in examples]
-    pieces = [(prompt, completion[:-1] if completion[-1:] == [eos] else completion)  # EOS is appended once
-              for prompt, completion in pieces]
+    pieces = [
+        (prompt, completion[:-1] if completion[-1:] == [eos] else completion)  # EOS is appended once
+        for prompt, completion in pieces
+    ]
     if mode == "corpus":
         ids, labels = [], []
         for prompt, completion in pieces:
@@ -300,24 +346,25 @@ def tokenize(examples: list[Example], tokenizer, *, block_size: int, mode: str =
             labels += [IGNORE] * len(prompt) + completion + [eos]
         rows = len(ids) // block_size
         if rows == 0:
-            raise DataError(f"{source}: {len(ids)} tokens in all, fewer than one block of {block_size}; "
-                            "lower --block-size or give more data")
-        ids_t = torch.tensor(ids[:rows * block_size]).view(rows, block_size)
-        labels_t = torch.tensor(labels[:rows * block_size]).view(rows, block_size)
+            raise DataError(
+                f"{source}: {len(ids)} tokens in all, fewer than one block of {block_size}; "
+                "lower --block-size or give more data"
+            )
+        ids_t = torch.tensor(ids[: rows * block_size]).view(rows, block_size)
+        labels_t = torch.tensor(labels[: rows * block_size]).view(rows, block_size)
         return Blocks(ids_t, labels_t, torch.ones_like(ids_t), source)
     pad = pad_token_id if pad_token_id is not None else tokenizer.pad_token_id
     if pad is None:
-        raise DataError("the tokenizer has no pad token; pass --pad-token-id (often the EOS id, "
-                        f"{eos}) to pad entries")
+        raise DataError(f"the tokenizer has no pad token; pass --pad-token-id (often the EOS id, {eos}) to pad entries")
     ids_t = torch.full((len(pieces), block_size), pad, dtype=torch.long)
     labels_t = torch.full((len(pieces), block_size), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(pieces), block_size), dtype=torch.long)
     for row, (prompt, completion) in enumerate(pieces):
         seq = (prompt + completion + [eos])[:block_size]
         lab = ([IGNORE] * len(prompt) + completion + [eos])[:block_size]
-        ids_t[row, :len(seq)] = torch.tensor(seq)
-        labels_t[row, :len(lab)] = torch.tensor(lab)
-        mask[row, :len(seq)] = 1
+        ids_t[row, : len(seq)] = torch.tensor(seq)
+        labels_t[row, : len(lab)] = torch.tensor(lab)
+        mask[row, : len(seq)] = 1
     _check_truncation(labels_t, pieces, block_size, source)
     return Blocks(ids_t, labels_t, mask, source)
 
@@ -332,7 +379,8 @@ def block_mask(positions: torch.Tensor, form: PackedMask) -> torch.Tensor:
     if form == "bool":
         return allowed
     return torch.zeros(allowed.shape, dtype=torch.float32, device=positions.device).masked_fill(
-        ~allowed, torch.finfo(torch.float32).min)
+        ~allowed, torch.finfo(torch.float32).min
+    )
 
 
 def pack(blocks: Blocks, keep_apart: PackedMask = "positions") -> Blocks:
@@ -358,17 +406,18 @@ def pack(blocks: Blocks, keep_apart: PackedMask = "positions") -> Blocks:
         start = 0
         for index in members:
             n = int(lengths[index])
-            ids[row, start:start + n] = blocks.input_ids[index, :n]
-            labels[row, start + 1:start + n] = blocks.labels[index, 1:n]  # the first token stays IGNORE
-            mask[row, start:start + n] = 1
-            positions[row, start:start + n] = torch.arange(n)
+            ids[row, start : start + n] = blocks.input_ids[index, :n]
+            labels[row, start + 1 : start + n] = blocks.labels[index, 1:n]  # the first token stays IGNORE
+            mask[row, start : start + n] = 1
+            positions[row, start : start + n] = torch.arange(n)
             start += n
         positions[row, start:] = torch.arange(shape[1] - start)  # the padded tail: a sequence of its own
     return Blocks(ids, labels, mask, f"{blocks.source} (packed)", positions, keep_apart)
 
 
-def _check_truncation(labels: torch.Tensor, pieces: list[tuple[list[int], list[int]]], block_size: int,
-                      source: str) -> None:
+def _check_truncation(
+    labels: torch.Tensor, pieces: list[tuple[list[int], list[int]]], block_size: int, source: str
+) -> None:
     """Refuse data whose rows all lost their loss tokens to the block size; warn when some did."""
     empty = int((labels[:, 1:] == IGNORE).all(dim=1).sum())  # the first token is never predicted
     if empty == 0:
@@ -376,12 +425,18 @@ def _check_truncation(labels: torch.Tensor, pieces: list[tuple[list[int], list[i
     longest = max(len(prompt) for prompt, _ in pieces)
     fits = max(len(prompt) + len(completion) + 1 for prompt, completion in pieces)
     if empty == len(pieces):
-        raise DataError(f"{source}: every example's completion lies beyond --block-size {block_size} (the longest "
-                        f"prompt has {longest} tokens): training would learn nothing. Use --block-size {fits} "
-                        "(fits every example whole) or shorter prompts")
-    warnings.warn(f"{source}: {empty} of {len(pieces)} examples have no completion token within --block-size "
-                  f"{block_size} and teach nothing (the longest prompt has {longest} tokens); --block-size {fits} "
-                  "fits every example whole", TruncationWarning, stacklevel=3)
+        raise DataError(
+            f"{source}: every example's completion lies beyond --block-size {block_size} (the longest "
+            f"prompt has {longest} tokens): training would learn nothing. Use --block-size {fits} "
+            "(fits every example whole) or shorter prompts"
+        )
+    warnings.warn(
+        f"{source}: {empty} of {len(pieces)} examples have no completion token within --block-size "
+        f"{block_size} and teach nothing (the longest prompt has {longest} tokens); --block-size {fits} "
+        "fits every example whole",
+        TruncationWarning,
+        stacklevel=3,
+    )
 
 
 def _ids(tokenizer, text: str) -> list[int]:

@@ -16,11 +16,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .data import DEFAULT_FIELDS, Blocks, Fields, Mode, PackedMask, block_mask
-from .rows import WHOLE, DatasetParts
 from ..errors import DataError, TrainError, first_line
-from .master_weights import MasterWeights
 from ..random_state import forked_rng
+from .data import DEFAULT_FIELDS, Blocks, Fields, Mode, PackedMask, block_mask
+from .master_weights import MasterWeights
+from .rows import WHOLE, DatasetParts
 
 Schedule = Literal["cosine", "linear", "constant"]
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -56,7 +56,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the fine-tune's forward (in place: the same module, the same state keys)
     compile_backend: str = "inductor"  # a torch.compile backend (torch.compiler.list_backends())
 
-    def check(self) -> "TrainConfig":
+    def check(self) -> TrainConfig:
         """Raise TrainError naming the first option out of range (NaN and inf included); return self."""
         for name in ("batch_size", "grad_accum", "epochs"):
             if getattr(self, name) < 1:
@@ -70,20 +70,25 @@ class TrainConfig:
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise TrainError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
         if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
-            raise TrainError(f"--max-grad-norm must be a finite number > 0 (0 turns clipping off), got "
-                             f"{self.max_grad_norm}")
+            raise TrainError(
+                f"--max-grad-norm must be a finite number > 0 (0 turns clipping off), got {self.max_grad_norm}"
+            )
         if not (math.isfinite(self.early_stopping_threshold) and self.early_stopping_threshold >= 0):
-            raise TrainError(f"--early-stopping-threshold must be a finite number >= 0, got "
-                             f"{self.early_stopping_threshold}")
+            raise TrainError(
+                f"--early-stopping-threshold must be a finite number >= 0, got {self.early_stopping_threshold}"
+            )
         if self.warmup < 0:
             raise TrainError(f"--warmup must be >= 0, got {self.warmup}")
         if not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
-            raise TrainError(f"--seed must be between {SEED_RANGE[0]} and {SEED_RANGE[1]} (torch's range), got "
-                             f"{self.seed}")
+            raise TrainError(
+                f"--seed must be between {SEED_RANGE[0]} and {SEED_RANGE[1]} (torch's range), got {self.seed}"
+            )
         if self.compile:
             if self.compile_backend not in torch.compiler.list_backends(exclude_tags=()):
-                raise TrainError(f"--compile-backend must be one of {', '.join(torch.compiler.list_backends())} (or "
-                                 f"a debug backend such as aot_eager), not {self.compile_backend!r}")
+                raise TrainError(
+                    f"--compile-backend must be one of {', '.join(torch.compiler.list_backends())} (or "
+                    f"a debug backend such as aot_eager), not {self.compile_backend!r}"
+                )
         for name, allowed in (("schedule", SCHEDULES), ("precision", PRECISIONS), ("optimizer", OPTIMIZERS)):
             if getattr(self, name) not in allowed:
                 raise TrainError(f"--{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
@@ -104,8 +109,10 @@ class Job:
     tokenizer: Any = None  # with the fine-tune's extra tokens added: written beside its adapter file
 
     def __repr__(self) -> str:
-        return (f"Job({self.name!r}, {type(self.finetune).__name__}, {len(self.data)} rows, "
-                f"out={str(self.out) if self.out else None!r})")
+        return (
+            f"Job({self.name!r}, {type(self.finetune).__name__}, {len(self.data)} rows, "
+            f"out={str(self.out) if self.out else None!r})"
+        )
 
 
 @dataclass
@@ -160,9 +167,11 @@ def build_optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.op
         _probe_8bit_optimizer(params[0].device)
         return optimizer
     except Exception as exc:
-        raise TrainError(f"--optimizer adamw8bit is not available here ({type(exc).__name__}: "
-                         f"{first_line(exc)}); bitsandbytes' 8-bit optimizers do not "
-                         "run on this platform — use --optimizer adamw") from None
+        raise TrainError(
+            f"--optimizer adamw8bit is not available here ({type(exc).__name__}: "
+            f"{first_line(exc)}); bitsandbytes' 8-bit optimizers do not "
+            "run on this platform — use --optimizer adamw"
+        ) from None
 
 
 def _probe_8bit_optimizer(device: torch.device) -> None:
@@ -182,11 +191,26 @@ def build_scheduler(config: TrainConfig, optimizer, total: int):
     return get_scheduler(name, optimizer, num_warmup_steps=config.warmup, num_training_steps=total)
 
 
-def make_job(base: nn.Module, name: str, rules, data: str | Path, tokenizer, config: TrainConfig, *,
-             out: Path | None = None, eval_data: str | Path | None = None, eval_split: float | None = None,
-             mode: Mode = "entries", block_size: int = 128, pad_token_id: int | None = None,
-             model_name: str = "", chat_template: bool = False, packing: bool = False,
-             fields: Fields = DEFAULT_FIELDS, parts: DatasetParts = WHOLE) -> Job:
+def make_job(
+    base: nn.Module,
+    name: str,
+    rules,
+    data: str | Path,
+    tokenizer,
+    config: TrainConfig,
+    *,
+    out: Path | None = None,
+    eval_data: str | Path | None = None,
+    eval_split: float | None = None,
+    mode: Mode = "entries",
+    block_size: int = 128,
+    pad_token_id: int | None = None,
+    model_name: str = "",
+    chat_template: bool = False,
+    packing: bool = False,
+    fields: Fields = DEFAULT_FIELDS,
+    parts: DatasetParts = WHOLE,
+) -> Job:
     """Read and check everything a job needs, then make its fine-tune (seeded): errors come first.
 
     ``chat_template``: render prompt/completion rows with the tokenizer's chat template (``messages``
@@ -194,43 +218,55 @@ def make_job(base: nn.Module, name: str, rules, data: str | Path, tokenizer, con
     eval rows stay one example each. ``fields``: which columns hold text, prompt, completion, messages;
     ``parts``: a cached dataset's configuration and the splits to train and evaluate on.
     ``data`` and ``eval_data`` may be stored datasets (``stored_data``); eval takes their validation split."""
-    from .data import data_digest, data_path, load_examples, model_max_length, pack, tokenize
     from ..finetune.rewriting import rewrite
     from ..finetune.vocabulary import pinned_to, tokenizer_with
     from ..rules.rule_file import load_rules
+    from .data import data_digest, data_path, load_examples, model_max_length, pack, tokenize
 
     config.check()
     rules = pinned_to(load_rules(rules), tokenizer)
     if rules.extra_tokens is not None:  # the data reads the new tokens with the ids the fine-tune gives them
         tokenizer = tokenizer_with(rules.extra_tokens, rules.extra_tokens.first_id, tokenizer)
     if config.gradient_checkpointing and not getattr(base, "supports_gradient_checkpointing", False):
-        raise TrainError(f"--gradient-checkpointing: {type(base).__name__} does not support transformers' activation "
-                         "checkpointing; train without it")
+        raise TrainError(
+            f"--gradient-checkpointing: {type(base).__name__} does not support transformers' activation "
+            "checkpointing; train without it"
+        )
     vocab = _vocab_size(base)
     if pad_token_id is not None and vocab is not None and not 0 <= pad_token_id < vocab:
-        raise DataError(f"--pad-token-id {pad_token_id} is outside the model's vocabulary (0 to {vocab - 1}); use "
-                        f"the tokenizer's EOS id ({getattr(tokenizer, 'eos_token_id', None)}) or another id below {vocab}")
+        raise DataError(
+            f"--pad-token-id {pad_token_id} is outside the model's vocabulary (0 to {vocab - 1}); use "
+            f"the tokenizer's EOS id ({getattr(tokenizer, 'eos_token_id', None)}) or another id below {vocab}"
+        )
     limit = model_max_length(base)
     if limit is not None and block_size > limit:
-        raise DataError(f"--block-size {block_size} is above {model_name or type(base).__name__}'s maximum "
-                        f"sequence length ({limit}); use at most {limit}")
+        raise DataError(
+            f"--block-size {block_size} is above {model_name or type(base).__name__}'s maximum "
+            f"sequence length ({limit}); use at most {limit}"
+        )
     if config.early_stopping_patience and not (config.eval_steps and (eval_data is not None or eval_split)):
-        raise TrainError("--early-stopping-patience stops on the eval loss: add --eval-steps N and --eval FILE "
-                         "or --eval-split FRACTION")
+        raise TrainError(
+            "--early-stopping-patience stops on the eval loss: add --eval-steps N and --eval FILE "
+            "or --eval-split FRACTION"
+        )
     if packing and mode != "entries":
-        raise DataError("--packing fills rows with whole examples; --group-texts already concatenates the data "
-                        "into full blocks: give one of them")
+        raise DataError(
+            "--packing fills rows with whole examples; --group-texts already concatenates the data "
+            "into full blocks: give one of them"
+        )
     keep_apart = _packed_attention(base, model_name or type(base).__name__) if packing else "positions"
     path = data_path(data)
     examples, templated = load_examples(path, mode, tokenizer, chat_template, fields, parts=parts)
-    blocks = tokenize(examples, tokenizer, block_size=block_size, mode=mode, pad_token_id=pad_token_id,
-                      source=str(path))
+    blocks = tokenize(
+        examples, tokenizer, block_size=block_size, mode=mode, pad_token_id=pad_token_id, source=str(path)
+    )
     held_out, eval_digest = None, eval_split
     if eval_data is not None:
         eval_path = data_path(eval_data)
         eval_examples = load_examples(eval_path, mode, tokenizer, chat_template, fields, split="eval", parts=parts)[0]
-        held_out = tokenize(eval_examples, tokenizer, block_size=block_size, mode=mode, pad_token_id=pad_token_id,
-                            source=str(eval_path))
+        held_out = tokenize(
+            eval_examples, tokenizer, block_size=block_size, mode=mode, pad_token_id=pad_token_id, source=str(eval_path)
+        )
         eval_digest = data_digest(eval_path, eval_examples)
     elif eval_split:
         if not 0 < eval_split < 1:
@@ -238,13 +274,19 @@ def make_job(base: nn.Module, name: str, rules, data: str | Path, tokenizer, con
         blocks, held_out = blocks.split(eval_split, config.seed)
     if packing:
         blocks = pack(blocks, keep_apart)
-    identity = {"rules": rules.to_json(), "model": model_name, "data": data_digest(path, examples),
-                "eval": eval_digest,
-                "mode": mode, "block_size": block_size,
-                "global_batch": config.batch_size * int(os.environ.get("WORLD_SIZE", "1")),
-                "grad_accum": config.grad_accum, "seed": config.seed,
-                **({"chat_template": tokenizer.chat_template} if templated else {}),
-                **({"packing": True} if packing else {})}
+    identity = {
+        "rules": rules.to_json(),
+        "model": model_name,
+        "data": data_digest(path, examples),
+        "eval": eval_digest,
+        "mode": mode,
+        "block_size": block_size,
+        "global_batch": config.batch_size * int(os.environ.get("WORLD_SIZE", "1")),
+        "grad_accum": config.grad_accum,
+        "seed": config.seed,
+        **({"chat_template": tokenizer.chat_template} if templated else {}),
+        **({"packing": True} if packing else {}),
+    }
     with forked_rng():
         torch.manual_seed(config.seed)
         finetune = rewrite(base, rules)
@@ -252,8 +294,16 @@ def make_job(base: nn.Module, name: str, rules, data: str | Path, tokenizer, con
         checkpoint_activations(finetune)
     if config.compile:
         compile_forward(finetune, config.compile_backend)
-    return Job(name, finetune, blocks, config, Path(out) if out is not None else None, held_out, identity,
-               tokenizer if rules.extra_tokens is not None else None)
+    return Job(
+        name,
+        finetune,
+        blocks,
+        config,
+        Path(out) if out is not None else None,
+        held_out,
+        identity,
+        tokenizer if rules.extra_tokens is not None else None,
+    )
 
 
 def checkpoint_activations(finetune: nn.Module) -> None:
@@ -281,8 +331,10 @@ def compile_forward(finetune: nn.Module, backend: str) -> None:
         if not torch.equal(probe(torch.zeros(3, device=device)), torch.zeros(3, device=device)):
             raise RuntimeError("the compiled probe gave a wrong answer")
     except Exception as exc:
-        raise TrainError(f"--compile: torch.compile with backend {backend!r} does not work here ({type(exc).__name__}: "
-                         f"{first_line(exc)}); train without --compile, or pick another --compile-backend") from None
+        raise TrainError(
+            f"--compile: torch.compile with backend {backend!r} does not work here ({type(exc).__name__}: "
+            f"{first_line(exc)}); train without --compile, or pick another --compile-backend"
+        ) from None
     finetune.compile(backend=backend)
 
 
@@ -313,11 +365,16 @@ def _packed_attention(model: nn.Module, name: str) -> PackedMask:
             alone = logits[0].float()
             for form in forms:
                 extra = {} if form == first else {"attention_mask": block_mask(positions, form).to(device)}
-                packed = model(input_ids=ids.to(device), position_ids=positions.to(device), use_cache=False,
-                               **extra).logits[0, 3:].float()  # one row: flattened is the same six tokens
+                packed = (
+                    model(input_ids=ids.to(device), position_ids=positions.to(device), use_cache=False, **extra)
+                    .logits[0, 3:]
+                    .float()
+                )  # one row: flattened is the same six tokens
                 if (packed - alone).abs().max() <= tolerance * alone.abs().max() + 1e-5:
                     return form
     finally:
         model.train(was_training)
-    raise DataError(f"--packing: {name} ({type(model).__name__}, {attention} attention) does not keep packed examples "
-                    "apart, from restarting position ids or from a block-diagonal mask; train it without --packing")
+    raise DataError(
+        f"--packing: {name} ({type(model).__name__}, {attention} attention) does not keep packed examples "
+        "apart, from restarting position ids or from a block-diagonal mask; train it without --packing"
+    )

@@ -14,25 +14,36 @@ import functools
 import logging
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 
 from ..devices import input_device
-from ..files.adapter_file import save_adapter
-from .checkpoint import (ADAPTER_FILE, append_metrics, check_output_folder, move_aside, remove_leftovers,
-                         resume as resume_run, run_lock, save_checkpoint, truncate_metrics)
-from .batched_train import check_batching, group_jobs, run_batched
-from .data import TOKENS, Blocks
 from ..distributed import World, broadcast_trainables, gathered_rng, rank_seed, world
 from ..errors import TrainError
+from ..files.adapter_file import save_adapter
+from ..finetune.sharding import refuse_sharded
 from ..finetune.state import finetune_info, own_state, require_finetune
+from ..random_state import new_rng
+from .batched_train import check_batching, group_jobs, run_batched
+from .checkpoint import (
+    ADAPTER_FILE,
+    append_metrics,
+    check_output_folder,
+    move_aside,
+    remove_leftovers,
+    run_lock,
+    save_checkpoint,
+    truncate_metrics,
+)
+from .checkpoint import (
+    resume as resume_run,
+)
+from .data import TOKENS, Blocks
 from .job import EarlyStopping, Job, Run, build_optimizer, build_scheduler
 from .master_weights import MasterWeights
-from ..random_state import new_rng
-from ..finetune.sharding import refuse_sharded
 from .step import train_step
 from .trackers import Trackers, parse_report_to
 
@@ -47,12 +58,16 @@ def prepare(job: Job, where: World, resume: Path | None = None) -> Run:
     info = require_finetune(job.finetune, "trained", TrainError)
     params = [p for p in job.finetune.parameters() if p.requires_grad]
     if not params:
-        raise TrainError(f"job {job.name}: the fine-tune has no trainable parameters (rules {info.rules.source} "
-                         "adapt nothing and make nothing plain)")
+        raise TrainError(
+            f"job {job.name}: the fine-tune has no trainable parameters (rules {info.rules.source} "
+            "adapt nothing and make nothing plain)"
+        )
     global_batch = job.config.batch_size * where.size
     if len(job.data) < global_batch:
-        raise TrainError(f"job {job.name}: {len(job.data)} training rows are fewer than one global batch "
-                         f"({job.config.batch_size} x {where.size} processes); lower --batch-size or add data")
+        raise TrainError(
+            f"job {job.name}: {len(job.data)} training rows are fewer than one global batch "
+            f"({job.config.batch_size} x {where.size} processes); lower --batch-size or add data"
+        )
     micro_per_epoch = len(job.data) // global_batch
     steps_per_epoch = max(1, micro_per_epoch // job.config.grad_accum)
     total_steps = job.config.max_steps or steps_per_epoch * job.config.epochs
@@ -64,8 +79,16 @@ def prepare(job: Job, where: World, resume: Path | None = None) -> Run:
         device = params[0].device
         scaler = torch.amp.GradScaler(device.type, enabled=job.config.precision == "fp16" and device.type == "cuda")
         rng = new_rng(rank_seed(job.config.seed, where.rank), device)
-        run = Run(job, total_steps, optimizer, build_scheduler(job.config, optimizer, total_steps), scaler, rng,
-                  early=EarlyStopping() if job.config.early_stopping_patience else None, masters=masters)
+        run = Run(
+            job,
+            total_steps,
+            optimizer,
+            build_scheduler(job.config, optimizer, total_steps),
+            scaler,
+            rng,
+            early=EarlyStopping() if job.config.early_stopping_patience else None,
+            masters=masters,
+        )
         if resume is not None:
             resume_run(run, resume, where)
     except BaseException:
@@ -94,9 +117,17 @@ def evaluate(model: nn.Module, data: Blocks, batch_size: int = 8) -> dict:
     return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
-def train(jobs: list[Job], *, resume: dict[str, Path] | None = None, on_step: StepCallback | None = None,
-          batched: bool = False, max_batched_tokens: int | None = None, overwrite: bool = False,
-          report_to: str | tuple[str, ...] | None = None, log_dir: Path | None = None) -> list[Run]:
+def train(
+    jobs: list[Job],
+    *,
+    resume: dict[str, Path] | None = None,
+    on_step: StepCallback | None = None,
+    batched: bool = False,
+    max_batched_tokens: int | None = None,
+    overwrite: bool = False,
+    report_to: str | tuple[str, ...] | None = None,
+    log_dir: Path | None = None,
+) -> list[Run]:
     """Train every job to its end; checkpoints, eval and files as configured.
 
     Jobs take turns, one step each; with ``batched=True`` the micro-batches of jobs on one base share
@@ -112,15 +143,21 @@ def train(jobs: list[Job], *, resume: dict[str, Path] | None = None, on_step: St
     trackers = parse_report_to(report_to)
     if trackers and log_dir is None:
         log_dir = _common_folder(jobs)
-    check_batching(batched, max_batched_tokens, any(job.config.gradient_checkpointing for job in jobs),
-                   any(job.config.compile for job in jobs),
-                   [info.rules for job in jobs if (info := finetune_info(job.finetune)) is not None])
+    check_batching(
+        batched,
+        max_batched_tokens,
+        any(job.config.gradient_checkpointing for job in jobs),
+        any(job.config.compile for job in jobs),
+        [info.rules for job in jobs if (info := finetune_info(job.finetune)) is not None],
+    )
     if batched:
         for job in jobs:
             refuse_sharded(job.finetune, "--batched training", "train without --batched (the jobs take turns)")
             if job.data.position_ids is not None:
-                raise TrainError(f"job {job.name}: --packing with --batched is not supported (a shared base pass "
-                                 "pads every job's rows to one mask); train packed jobs without --batched")
+                raise TrainError(
+                    f"job {job.name}: --packing with --batched is not supported (a shared base pass "
+                    "pads every job's rows to one mask); train packed jobs without --batched"
+                )
         jobs = group_jobs(jobs, max_batched_tokens)
     resume = resume or {}
     with contextlib.ExitStack() as locks:
@@ -204,10 +241,18 @@ def _watch_eval_loss(run: Run, record: dict) -> None:
     early.evals_since_best += 1
     if early.evals_since_best >= config.early_stopping_patience:
         early.stopped = True
-        record["early_stopping"] = {"stopped_at": run.step, "best_step": early.best_step,
-                                    "best_eval_loss": early.best_loss}
-        logger.warning("job %s: no better eval loss in %d evaluations; stopped at step %d, keeping step %d's weights",
-                       run.job.name, early.evals_since_best, run.step, early.best_step)
+        record["early_stopping"] = {
+            "stopped_at": run.step,
+            "best_step": early.best_step,
+            "best_eval_loss": early.best_loss,
+        }
+        logger.warning(
+            "job %s: no better eval loss in %d evaluations; stopped at step %d, keeping step %d's weights",
+            run.job.name,
+            early.evals_since_best,
+            run.step,
+            early.best_step,
+        )
 
 
 def _restore_best(run: Run) -> None:

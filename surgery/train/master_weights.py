@@ -26,7 +26,7 @@ class MasterWeights:
     hooks: list = field(default_factory=list)
 
     @classmethod
-    def of(cls, params: list[nn.Parameter]) -> tuple[list[nn.Parameter], "MasterWeights"]:
+    def of(cls, params: list[nn.Parameter]) -> tuple[list[nn.Parameter], MasterWeights]:
         """The tensors the optimizer steps (an fp32 master in place of each half tensor) and their masters."""
         masters = cls()
         stepped = []
@@ -65,8 +65,9 @@ class MasterWeights:
 
 def _into(master: nn.Parameter):
     """A post-accumulate hook that adds the half gradient to the master's fp32 one and frees it."""
+
     def hook(p: torch.Tensor) -> None:
         master.grad = p.grad.float() if master.grad is None else master.grad.add_(p.grad)
         p.grad = None
-    return hook
 
+    return hook

@@ -56,8 +56,11 @@ class DatasetParts:
 
     def given(self) -> list[str]:
         """The options set, by their CLI names (for errors about sources they do not apply to)."""
-        names = {"config": "--dataset-config", "train_split": "--dataset-train-split",
-                 "test_split": "--dataset-test-split"}
+        names = {
+            "config": "--dataset-config",
+            "train_split": "--dataset-train-split",
+            "test_split": "--dataset-test-split",
+        }
         return [flag for key, flag in names.items() if getattr(self, key) is not None]
 
 
@@ -73,19 +76,24 @@ def example_of(row, where: str, fields: Fields = DEFAULT_FIELDS) -> Example:
         return Example(row[fields.completion], row[fields.prompt], where=where)
     if row.get(fields.messages) is not None:
         return Example("", messages=messages_of(row[fields.messages], where, fields.messages), where=where)
-    raise DataError(f"{where}: needs a string `{fields.text}`, string `{fields.prompt}` and `{fields.completion}`, "
-                    f"or `{fields.messages}` (found: {', '.join(map(str, row))[:200] or 'none'}); name other "
-                    "columns with --text-field, --prompt-field, --completion-field or --messages-field")
+    raise DataError(
+        f"{where}: needs a string `{fields.text}`, string `{fields.prompt}` and `{fields.completion}`, "
+        f"or `{fields.messages}` (found: {', '.join(map(str, row))[:200] or 'none'}); name other "
+        "columns with --text-field, --prompt-field, --completion-field or --messages-field"
+    )
 
 
 def messages_of(raw, where: str, name: str = "messages") -> tuple[tuple[str, str], ...]:
     """A row's ``messages``: a non-empty list of {"role": str, "content": str} objects."""
     if not isinstance(raw, (list, tuple)) or not raw:
-        raise DataError(f"{where}: `{name}` must be a non-empty list of {{\"role\": ..., \"content\": ...}} objects")
+        raise DataError(f'{where}: `{name}` must be a non-empty list of {{"role": ..., "content": ...}} objects')
     out = []
     for i, message in enumerate(raw):
-        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
-                and isinstance(message.get("content"), str)):
+        if not (
+            isinstance(message, dict)
+            and isinstance(message.get("role"), str)
+            and isinstance(message.get("content"), str)
+        ):
             raise DataError(f"{where}: {name}[{i}] needs a string `role` and a string `content`")
         out.append((message["role"], message["content"]))
     return tuple(out)

@@ -15,9 +15,9 @@ import torch
 from ..devices import input_device
 from ..distributed import World, all_reduce_grads, rank_weight
 from ..errors import TrainError
-from .job import Run, TrainConfig
-from .data import TOKENS
 from ..random_state import swap_rng
+from .data import TOKENS
+from .job import Run, TrainConfig
 
 
 def micro_batch(run: Run, where: World, device: torch.device) -> dict[str, torch.Tensor]:
@@ -30,7 +30,7 @@ def micro_batch(run: Run, where: World, device: torch.device) -> dict[str, torch
     if run.order is None or run.order[0] != epoch:  # epochs reshuffle, seeded
         generator = torch.Generator().manual_seed(job.config.seed + epoch)
         run.order = (epoch, torch.randperm(len(job.data), generator=generator))
-    rows = run.order[1][index * global_batch:(index + 1) * global_batch][where.rank::where.size]
+    rows = run.order[1][index * global_batch : (index + 1) * global_batch][where.rank :: where.size]
     run.micro += 1
     host = job.data.batch(rows)
     if device.type != "cuda":
@@ -94,9 +94,11 @@ def optimizer_step(run: Run, where: World, loss_sum: float | torch.Tensor, token
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf))
     if not math.isfinite(loss_sum) or (not math.isfinite(grad_norm) and not run.scaler.is_enabled()):
         what = f"loss {loss_sum / config.grad_accum}" if not math.isfinite(loss_sum) else f"gradient norm {grad_norm}"
-        raise TrainError(f"job {job.name}: step {run.step + 1}: {what} is not finite; training stopped before the "
-                         "optimizer step (the last checkpoint and adapter file are kept). Lower --lr, set "
-                         "--max-grad-norm, or check the data")
+        raise TrainError(
+            f"job {job.name}: step {run.step + 1}: {what} is not finite; training stopped before the "
+            "optimizer step (the last checkpoint and adapter file are kept). Lower --lr, set "
+            "--max-grad-norm, or check the data"
+        )
     lr = run.optimizer.param_groups[0]["lr"]
     run.scaler.step(run.optimizer)
     run.masters.write_back()
@@ -104,7 +106,14 @@ def optimizer_step(run: Run, where: World, loss_sum: float | torch.Tensor, token
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
-    record = {"job": job.name, "step": run.step, "loss": loss_sum / config.grad_accum, "lr": lr,
-              "tokens": tokens, "tokens_per_s": tokens / seconds if seconds > 0 else 0.0, "grad_norm": grad_norm}
+    record = {
+        "job": job.name,
+        "step": run.step,
+        "loss": loss_sum / config.grad_accum,
+        "lr": lr,
+        "tokens": tokens,
+        "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
+        "grad_norm": grad_norm,
+    }
     run.history.append(record)
     return record

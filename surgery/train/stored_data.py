@@ -42,8 +42,10 @@ def read_stored(path: Path, fields: Fields, split: Split, parts: DatasetParts = 
     if path.suffix.lower() in SUFFIXES and not path.is_file():
         raise DataError(f"{path}: no such data file")
     if parts.config is not None and (path.exists() or path.suffix.lower() in SUFFIXES):
-        raise DataError(f"{path}: --dataset-config picks a configuration of a dataset in the local cache (by name); "
-                        "a file or folder holds one: drop the option")
+        raise DataError(
+            f"{path}: --dataset-config picks a configuration of a dataset in the local cache (by name); "
+            "a file or folder holds one: drop the option"
+        )
     with tempfile.TemporaryDirectory(prefix="surgery-parquet-") as scratch:  # its builder's lock files, not the cache's
         try:
             return _examples(*_open(datasets, path, split, parts, scratch), fields)
@@ -70,10 +72,14 @@ def _datasets(path: Path):
         import datasets
     except ImportError:
         if not path.exists() and path.suffix.lower() not in SUFFIXES:
-            raise DataError(f"{path}: no such data file (to read it as a dataset name from the local datasets cache, "
-                            "pip install 'surgery[datasets]')") from None
-        raise DataError(f"{path}: reading .parquet, .arrow, dataset folders and cached datasets needs the datasets "
-                        "library: pip install 'surgery[datasets]'") from None
+            raise DataError(
+                f"{path}: no such data file (to read it as a dataset name from the local datasets cache, "
+                "pip install 'surgery[datasets]')"
+            ) from None
+        raise DataError(
+            f"{path}: reading .parquet, .arrow, dataset folders and cached datasets needs the datasets "
+            "library: pip install 'surgery[datasets]'"
+        ) from None
     return datasets
 
 
@@ -89,10 +95,12 @@ def _from_cache(datasets, name: str, config: str | None = None):
             return datasets.load_dataset(name, config)
         except Exception as exc:
             which = f" (configuration {config!r})" if config is not None else ""
-            raise DataError(f"{name}{which}: no such data file, and no dataset of that name in the local datasets cache "
-                            f"({datasets.config.HF_DATASETS_CACHE}; {type(exc).__name__}: {first_line(exc, 160)}). "
-                            "Nothing is downloaded: run datasets.load_dataset(...) once where there is network, or "
-                            "save it with save_to_disk and give the folder") from None
+            raise DataError(
+                f"{name}{which}: no such data file, and no dataset of that name in the local datasets cache "
+                f"({datasets.config.HF_DATASETS_CACHE}; {type(exc).__name__}: {first_line(exc, 160)}). "
+                "Nothing is downloaded: run datasets.load_dataset(...) once where there is network, or "
+                "save it with save_to_disk and give the folder"
+            ) from None
 
 
 @contextlib.contextmanager
@@ -112,8 +120,10 @@ def _flag(split: Split) -> str:
 def _one_split(rows, path: Path, split: Split, parts: DatasetParts):
     """(rows, source) of a file, which holds one split: a split option names what is not there."""
     if parts.split_for(split) is not None:
-        raise DataError(f"{path}: holds one split, so {_flag(split)} {parts.split_for(split)!r} has nothing to "
-                        "choose; drop the option (or give a datasets folder with several splits)")
+        raise DataError(
+            f"{path}: holds one split, so {_flag(split)} {parts.split_for(split)!r} has nothing to "
+            "choose; drop the option (or give a datasets folder with several splits)"
+        )
     return rows, str(path)
 
 
@@ -132,8 +142,10 @@ def _pick_split(loaded, path: Path, split: Split, parts: DatasetParts = WHOLE):
     wanted = ("train",) if split == "train" else EVAL_SPLITS
     found = next((n for n in wanted if n in names), names[0] if len(names) == 1 else None)
     if found is None:
-        raise DataError(f"{path}: holds the splits {', '.join(names)} but none named {' or '.join(wanted)} for "
-                        f"{'training' if split == 'train' else 'evaluation'}; save the split you want on its own")
+        raise DataError(
+            f"{path}: holds the splits {', '.join(names)} but none named {' or '.join(wanted)} for "
+            f"{'training' if split == 'train' else 'evaluation'}; save the split you want on its own"
+        )
     return loaded[found], f"{path} [{found}]"
 
 
@@ -144,8 +156,9 @@ def _examples(rows, source: str, fields: Fields) -> list[Example]:
         example = example_of(row, f"{source} row {index}", fields)
         size += len(example.completion) + len(example.prompt) + sum(len(r) + len(c) for r, c in example.messages)
         if size > MAX_DATA_BYTES:
-            raise DataError(f"{source}: holds more than {MAX_DATA_BYTES >> 30} GiB of text (row {index}); train on "
-                            "a part of it")
+            raise DataError(
+                f"{source}: holds more than {MAX_DATA_BYTES >> 30} GiB of text (row {index}); train on a part of it"
+            )
         if example.completion.strip() or example.prompt or example.messages:
             out.append(example)
     if not out:

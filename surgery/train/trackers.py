@@ -54,8 +54,9 @@ def parse_report_to(value: str | list[str] | tuple[str, ...] | None) -> tuple[Tr
     out: list[TrackerName] = []
     for name in names:
         if name not in TRACKERS:
-            raise TrainError(f"--report-to {name!r}: unknown tracker; use {', '.join(TRACKERS)} or none "
-                             "(several: tensorboard,wandb)")
+            raise TrainError(
+                f"--report-to {name!r}: unknown tracker; use {', '.join(TRACKERS)} or none (several: tensorboard,wandb)"
+            )
         if name not in out:
             out.append(name)  # type: ignore[arg-type]
     for name in out:
@@ -68,26 +69,38 @@ def _require(name: TrackerName) -> None:
         for module in MODULES[name]:
             importlib.import_module(module)
     except ImportError as exc:
-        raise TrainError(f"--report-to {name} needs the {name} package ({first_line(exc)}); install it with "
-                         f"pip install 'surgery[{name}]'") from None
+        raise TrainError(
+            f"--report-to {name} needs the {name} package ({first_line(exc)}); install it with "
+            f"pip install 'surgery[{name}]'"
+        ) from None
 
 
-def run_config(job: "Job") -> dict:
+def run_config(job: Job) -> dict:
     """What a tracker run records as its config: the job, its rule file, its plan and its settings."""
     from ..finetune.state import require_finetune
 
     info = require_finetune(job.finetune, "reported")
     identity = {k: v for k, v in job.identity.items() if k != "rules"}
-    return {"job": job.name, "rules": info.rules.to_dict(), "rules_source": str(info.rules.source),
-            "plan": _plan_summary(info.plan), "train": dataclasses.asdict(job.config), **identity,
-            "train_rows": len(job.data), "eval_rows": len(job.eval_data) if job.eval_data is not None else 0}
+    return {
+        "job": job.name,
+        "rules": info.rules.to_dict(),
+        "rules_source": str(info.rules.source),
+        "plan": _plan_summary(info.plan),
+        "train": dataclasses.asdict(job.config),
+        **identity,
+        "train_rows": len(job.data),
+        "eval_rows": len(job.eval_data) if job.eval_data is not None else 0,
+    }
 
 
 def _plan_summary(plan) -> dict:
     """The plan's memory, trainable count and decisions (module -> action) as JSON-ready data."""
     full = plan.to_dict()
-    return {"memory": full["memory"], "trainable_params_per_finetune": full["trainable_params_per_finetune"],
-            "decisions": {d["module"]: d["action"] for d in full["decisions"]}}
+    return {
+        "memory": full["memory"],
+        "trainable_params_per_finetune": full["trainable_params_per_finetune"],
+        "decisions": {d["module"]: d["action"] for d in full["decisions"]},
+    }
 
 
 def metrics_of(record: dict) -> dict[str, float]:
@@ -100,7 +113,7 @@ def metrics_of(record: dict) -> dict[str, float]:
         if not math.isfinite(value):
             continue
         if key.startswith("eval_"):
-            out[f"eval/{key[len('eval_'):]}"] = float(value)
+            out[f"eval/{key[len('eval_') :]}"] = float(value)
         elif key == "perplexity":
             out["eval/perplexity"] = float(value)
         else:
@@ -111,7 +124,7 @@ def metrics_of(record: dict) -> dict[str, float]:
 class Trackers:
     """Every tracker run of every job; ``report(job name, record)`` after each step, ``close()`` at the end."""
 
-    def __init__(self, names: tuple[TrackerName, ...], jobs: list["Job"], log_dir: Path):
+    def __init__(self, names: tuple[TrackerName, ...], jobs: list[Job], log_dir: Path):
         self.runs: dict[str, list[TrackerRun]] = {}
         try:
             for job in jobs:
@@ -123,8 +136,9 @@ class Trackers:
             raise
         except Exception as exc:  # a tracker that cannot start (a bad URI, an unwritable folder, ...)
             self.close()
-            raise TrainError(f"--report-to: a tracker run could not start in {log_dir} ({type(exc).__name__}: "
-                             f"{first_line(exc)})") from None
+            raise TrainError(
+                f"--report-to: a tracker run could not start in {log_dir} ({type(exc).__name__}: {first_line(exc)})"
+            ) from None
 
     def report(self, job: str, record: dict) -> None:
         metrics = metrics_of(record)
@@ -163,8 +177,13 @@ class _Wandb:
         import wandb
 
         log_dir.mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", PROJECT), name=job, dir=str(log_dir),
-                              config=config, reinit="create_new")
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", PROJECT),
+            name=job,
+            dir=str(log_dir),
+            config=config,
+            reinit="create_new",
+        )
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.run.log(metrics, step=step)
@@ -187,8 +206,16 @@ class _Mlflow:
         self.client = MlflowClient(tracking_uri=uri)
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME", PROJECT)
         found = self.client.get_experiment_by_name(name)
-        experiment = found.experiment_id if found else self.client.create_experiment(
-            name, artifact_location=None if os.environ.get("MLFLOW_TRACKING_URI") else (log_dir / "mlruns").resolve().as_uri())
+        experiment = (
+            found.experiment_id
+            if found
+            else self.client.create_experiment(
+                name,
+                artifact_location=None
+                if os.environ.get("MLFLOW_TRACKING_URI")
+                else (log_dir / "mlruns").resolve().as_uri(),
+            )
+        )
         self.run_id = self.client.create_run(experiment, run_name=job).info.run_id
         params = [Param(key, str(value)) for key, value in config["train"].items()]  # searchable settings
         self.client.log_batch(self.run_id, params=params)
