@@ -121,9 +121,9 @@ class TruncationWarning(SurgeryWarning):
 
 CONSTRAINTS = {  # what each constraint id in a PlanError means; the README's table says the same
     "C1": "no unquantize after quantize: a module the base already holds quantized cannot be planned unquantized "
-    "or quantized again with another scheme or other settings",
+    "(a rule that freezes it, `quantize: none`) or quantized again with another scheme or other settings",
     "C2": "no trainable quantized module: `plain` on a quantized module is an error",
-    "C3": "`adapt` only on Linear, Conv1D, Embedding (and their bitsandbytes forms)",
+    "C3": "`adapt` only on Linear, Conv1D, Embedding (and their bitsandbytes forms) and learned positional embeddings",
     "C4": "a rule that matches nothing is an error (close names suggested) unless `optional: true`",
     "C5": "malformed rule files fail at load with file:line",
     "C6": "ties are never split silently: a `plain` rule that splits one needs `untie: true`",

@@ -280,7 +280,7 @@ def test_rules_that_do_not_plan_on_the_base_are_refused_before_any_change(tmp_pa
     quantized = surgery.tiny_model("tiny-opt")
     surgery.rewrite(quantized, {"quantize": "int8", "default": "quantize"})  # lm_head is int8 now: no plain copy (C2)
     before = tensors_of(quantized)
-    with pytest.raises(AdapterStateError, match="do not plan on this base.*C2"):
+    with pytest.raises(AdapterStateError, match="(?s)do not plan on this base.*C2"):
         surgery.load_adapter(quantized, path)
     assert_same_tensors(before, tensors_of(quantized))
 
@@ -371,3 +371,36 @@ def test_metadata_is_plain_json_a_user_can_read(saved):
     rules = json.loads(adapter.metadata["rules"])
     assert rules["rules"][0]["action"] == "adapt"
     assert json.loads(adapter.metadata["base_fingerprint"])["architecture"] == adapter.fingerprint.architecture
+
+
+def test_frozen_modules_of_an_adapter_file_follow_a_base_held_quantized(tmp_path, digest):
+    """An adapter saved where the base kept embeddings and lm_head frozen in full precision loads onto a base that
+    holds them int8 (finetuna's quantize_base_model): freeze becomes quantize-as-held for loading, nothing of the
+    base changes; a rule set that would then quantize more than its own is refused (C1) instead."""
+    import surgery.finetuna as finetuna
+
+    rules = {"quantize": "none", "default": "freeze", "rules": [{"match": "q_proj", "action": "adapt"}]}
+    path = surgery.save_adapter(trained(surgery.rewrite(surgery.tiny_model("tiny-opt"), rules)), tmp_path / "a.st")
+    held = finetuna.quantize_base_model(surgery.tiny_model("tiny-opt"), set())  # lm_head and embeddings int8 too
+    finetuna.new_finetuned(held, plain_layers=set())  # a first fine-tune: LLM.int8 state settles in the layers
+    before = digest(held)
+    loaded = surgery.load_adapter(held, path)
+    assert digest(held) == before
+    assert torch.equal(loaded.lm_head.weight, held.lm_head.weight)  # the base's own int8 tensor, shared
+    for name, t in surgery.read_adapter(path).tensors.items():
+        assert torch.equal(surgery.finetune.state.own_state(loaded)[name], t)
+    explicit = {"quantize": "none", "default": "freeze", "rules": [{"match": "fc1", "action": "freeze"}]}
+    explicit["rules"].append({"match": "q_proj", "action": "adapt"})
+    path = surgery.save_adapter(surgery.rewrite(surgery.tiny_model("tiny-opt"), explicit), tmp_path / "b.st")
+    surgery.load_adapter(held, path)  # the explicit freeze of fc1 follows the base too
+    assert digest(held) == before
+    partly = surgery.tiny_model("tiny-opt")
+    surgery.rewrite(
+        partly, {"quantize": "int8", "default": "freeze", "rules": [{"match": "fc1", "action": "quantize"}]}
+    )
+    settled = digest(partly)
+    wide = {"quantize": "none", "default": "quantize", "rules": [{"match": "q_proj", "action": "adapt"}]}
+    path = surgery.save_adapter(surgery.rewrite(surgery.tiny_model("tiny-opt"), wide), tmp_path / "c.st")
+    with pytest.raises(AdapterStateError, match=r"C1.*fc1"):
+        surgery.load_adapter(partly, path)  # following the base would quantize every other layer too: refused
+    assert digest(partly) == settled

@@ -15,7 +15,7 @@ def test_tiny_models_trace_by_export(tiny_graphs, name):
     # every parametrized module of a causal LM is called exactly once and has first-call shapes
     for info in graph.leaves():
         assert info.calls == 1, info
-        out_dim = {"linear": 0, "conv1d": 1, "embedding": 1, "norm": 0, "other": 1}[info.kind]
+        out_dim = {"linear": 0, "conv1d": 1, "embedding": 1, "positional": 1, "norm": 0, "other": 1}[info.kind]
         assert info.output_shape[-1] == info.param("weight").shape[out_dim], info
     orders = [m.order for m in graph.leaves()]
     assert len(set(orders)) == len(orders)
@@ -31,7 +31,7 @@ def test_first_call_shapes_use_batch_and_seq(tiny_graphs):
 
 def test_op_kinds_on_a_real_module_tree(tiny_graphs):
     # OPT's positional embedding has its own forward: neither quantizable nor adaptable as an Embedding
-    assert tiny_graphs["tiny-opt"].modules["model.decoder.embed_positions"].kind == "other"
+    assert tiny_graphs["tiny-opt"].modules["model.decoder.embed_positions"].kind == "positional"
     g = tiny_graphs["tiny-gpt2"]
     assert g.modules["transformer.h.0.attn.c_attn"].kind == "conv1d"
     assert g.modules["transformer.wte"].kind == "embedding"

@@ -349,22 +349,31 @@ def held_storage_rules(rules: RuleSet, base: nn.Module) -> RuleSet:
 
     Adapter tensors do not depend on how the base is stored, so a file saved on an fp32 base loads
     onto the same checkpoint held as int8 or nf4: a rule (or the default) whose only conflict is how
-    an already-quantized module is stored (C1: unquantized, another scheme or other settings) takes
-    the scheme and settings the base holds.
+    an already-quantized module is stored (C1: unquantized, frozen in full precision, another scheme or
+    other settings) takes the scheme and settings the base holds (a ``freeze`` becomes a ``quantize``, which
+    keeps the module frozen as held). The rules returned never quantize a module the given ones would not.
     """
     graph = base_graph(base)
     trial = make_plan(graph, rules, check=False)
     if not trial.violations or any(v.constraint != "C1" for v in trial.violations):
         return rules
-    by_rule: dict[int, set[QuantConfig]] = {}
-    for v in trial.violations:
+    held: dict[int, QuantConfig | None] = {}  # per rule (0: the default), how the base holds what it decides
+    for v in sorted(trial.violations, key=lambda v: trial.decisions[v.module].kind == "embedding"):
         decision = trial.decisions[v.module]
-        by_rule.setdefault(decision.rule.index if decision.rule else 0, set()).add(graph.modules[v.module].held)
-    if any(len(configs) > 1 or None in configs for configs in by_rule.values()):
+        held.setdefault(decision.rule.index if decision.rule else 0, graph.modules[v.module].held)
+    if None in held.values():
         return rules
-    held = {index: configs.pop() for index, configs in by_rule.items()}
-    new_rules = tuple(dataclasses.replace(r, quantize=held[r.index]) if r.index in held else r for r in rules.rules)
-    return dataclasses.replace(rules, rules=new_rules, quantize=held.get(0, rules.quantize))
+    new_rules = tuple(_as_held(r, held[r.index]) if r.index in held else r for r in rules.rules)
+    default = "quantize" if 0 in held and rules.default == "freeze" else rules.default
+    out = dataclasses.replace(rules, rules=new_rules, quantize=held.get(0, rules.quantize), default=default)
+    again = make_plan(graph, out, check=False)  # the held settings must fit every module, and quantize nothing new
+    new = {d.path for d in again.quantized} - {d.path for d in trial.quantized}
+    return out if not again.violations and not new else rules
+
+
+def _as_held(rule, quant: QuantConfig):
+    """A rule that keeps what it matches as the base holds it: its storage the held one, a freeze a quantize."""
+    return dataclasses.replace(rule, quantize=quant, action="quantize" if rule.action == "freeze" else rule.action)
 
 
 def check_base(adapter: AdapterFile, base: nn.Module) -> None:

@@ -30,7 +30,7 @@ from ..finetune.sharding import refuse_sharded
 from ..finetune.state import require_finetune
 from ..finetune.vocabulary import extra_token_layers
 from ..layers.bnb import quantized_storage
-from ..layers.lora import LoraEmbedding, LoraLayer
+from ..layers.lora import LoraEmbedding, LoraLayer, LoraPositionalEmbedding
 from ..rules.rule_file import parse_rules
 from ..rules.ruleset import REGEX_TIMEOUT, LoraConfig, QuantConfig
 from .adapter_file import MAX_ADAPTER_BYTES
@@ -194,6 +194,13 @@ def _trainable_tokens(finetune: nn.Module, plain: list[str], tensors: dict, own)
 
 
 def _check_exportable(adapters: dict[str, nn.Module]) -> None:
+    positional = next((p for p, m in adapters.items() if isinstance(m, LoraPositionalEmbedding)), None)
+    if positional is not None:
+        raise AdapterStateError(
+            f"{positional}: a LoRA adapter on a learned positional embedding, which PEFT cannot express: PEFT's LoRA "
+            "embedding looks rows up by the layer's input (for OPT's positional embedding the attention mask), not "
+            "by the positions the layer computes; save it with surgery.save_adapter, or merge it (`surgery merge`)"
+        )
     if len({m.config.use_rslora for m in adapters.values()}) > 1:
         raise AdapterStateError("some adapters use rslora and some do not; PEFT has one use_rslora per adapter")
     if len({m.config.use_dora for m in adapters.values()}) > 1:

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..devices import input_device
 from ..errors import DataError, RewriteError
-from ..layers.lora import LoraLayer
+from ..layers.lora import LoraLayer, LoraPositionalEmbedding
 from ..model.tracing import replace_submodule
 from ..random_state import swap_rng
 from .rewriting import shared_copy
@@ -73,7 +73,10 @@ class RoutedLayer(nn.Module):
         self.__dict__["parts"] = tuple(parts)  # the fine-tunes' own modules: referenced, never registered
         self.__dict__["routing"] = routing
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        if kwargs or len(args) != 1:
+            return self._computed_rows(*args, **kwargs)
+        x = args[0]
         needs_base = any(p is None or isinstance(p, LoraLayer) for p in self.parts)
         result = self.base_layer(x) if needs_base else None
         outputs = []
@@ -84,6 +87,20 @@ class RoutedLayer(nn.Module):
                 outputs.append(self._lora_rows(i, part, result[rows], x[rows]))
             else:
                 outputs.append(part(x[rows]))
+        return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+
+    def _computed_rows(self, *args, **kwargs) -> torch.Tensor:
+        """A layer that computes its rows from several inputs (a learned positional embedding: attention mask, cache
+        length, position ids): each part computes every row and each entry keeps its own."""
+        result = self.base_layer(*args, **kwargs)
+        outputs = []
+        for part, rows in zip(self.parts, self.routing.segments(result.shape[0])):
+            if part is None:
+                outputs.append(result[rows])
+            elif isinstance(part, LoraPositionalEmbedding):
+                outputs.append(part.update(result[rows], part.rows(*args, **kwargs)[rows]))
+            else:
+                outputs.append(part(*args, **kwargs)[rows])
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
     def _lora_rows(self, index: int, part: LoraLayer, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

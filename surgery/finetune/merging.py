@@ -20,7 +20,7 @@ from ..layers.bnb import dense_weight, quantized_storage
 from ..layers.extra_tokens import ExtraTokenHead, ExtraTokenLayer
 from ..layers.lora import LoraLayer
 from ..model.tracing import find_ties, replace_submodule
-from ..rules.ruleset import QuantConfig
+from ..rules.ruleset import EMBEDDING_KINDS, QuantConfig
 from .sharding import refuse_sharded
 from .state import detached_copy, require_finetune
 from .vocabulary import extra_token_layers
@@ -87,7 +87,7 @@ def _check_mergeable(finetune: nn.Module, kinds: dict[str, str]) -> None:
     for path, module in finetune.named_modules():
         if not isinstance(module, LoraLayer) or module.lora_bias is None:
             continue
-        if kinds[path] == "embedding" or getattr(module.base_layer, "bias", None) is None:
+        if kinds[path] in EMBEDDING_KINDS or getattr(module.base_layer, "bias", None) is None:
             raise MergeError(
                 f"{path}: its adapter has a bias but the {type(module.base_layer).__name__} it adapts "
                 "has none, so a plain model of this class cannot hold the merged result; "
@@ -105,7 +105,12 @@ def _dense_layer(layer: nn.Module, kind: str, dtype: torch.dtype, adapter: nn.Mo
         if adapter.lora_bias is not None:
             bias = bias + adapter.lora_bias.float()
     device = weight.device
-    if kind == "embedding":
+    if kind == "positional":  # the layer's own class (it computes its rows), holding the merged weight
+        out = type(layer).__new__(type(layer))
+        nn.Module.__init__(out)
+        out.__dict__.update({k: v for k, v in layer.__dict__.items() if not k.startswith("_")})  # offset, sizes
+        out.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+    elif kind == "embedding":
         out = nn.Embedding(*weight.shape, padding_idx=getattr(layer, "padding_idx", None), device=device, dtype=dtype)
         out.weight.copy_(weight)
     elif kind == "conv1d":

@@ -132,7 +132,11 @@ def _structural_copy(base: nn.Module, the_plan: Plan) -> nn.Module:
                     private[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=True)
                 setattr(module, name, private[id(p)])
         elif decision.action == "adapt" and decision.lora is not None:
-            replace_submodule(finetune, path, make_adapter(finetune.get_submodule(path), decision.kind, decision.lora))
+            try:
+                adapter = make_adapter(finetune.get_submodule(path), decision.kind, decision.lora)
+            except RewriteError as exc:
+                raise RewriteError(f"{decision.decided_by} adapts {path}: {exc}") from None
+            replace_submodule(finetune, path, adapter)
     return finetune
 
 

@@ -8,12 +8,14 @@ error. DoRA's wrappers build on these (``dora``); ``adapters.make_adapter`` pick
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import RewriteError
 from ..rules.ruleset import LoraConfig
 
 
@@ -135,6 +137,51 @@ class LoraEmbedding(LoraLayer):
         if self.lora_bias is not None:
             out = out + self.lora_bias
         return (result + out).to(result.dtype)
+
+
+class LoraPositionalEmbedding(LoraEmbedding):
+    """LoRA over a learned positional embedding that computes its own rows (OPT's: positions from the attention
+    mask or ``position_ids``, plus OPT's offset of 2, cut by the cache length).
+
+    The adapter reads exactly the rows the base layer reads: ``rows(...)`` runs the base layer's own forward over
+    a table whose row i holds i, so positions, offset, left padding and cache length are whatever the layer
+    computes. Construction checks, on a probe, that the layer is such a lookup (its output equals its weight's
+    rows at the indices it computes); anything else is refused.
+    """
+
+    MAX_ROWS = 1 << 24  # row indices travel as float32 through the layer's lookup: exact below 2**24
+
+    def __init__(self, base_layer: nn.Module, config: LoraConfig):
+        super().__init__(base_layer, config)
+        self._check_lookup()
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return self.update(self.base_layer(*args, **kwargs), self.rows(*args, **kwargs))
+
+    def rows(self, *args, **kwargs) -> torch.Tensor:
+        """The row indices the base layer looks up for these inputs, from its own forward over an index table."""
+        layer = self.base_layer
+        table = torch.arange(layer.num_embeddings, device=layer.weight.device, dtype=torch.float32).unsqueeze(1)
+        shadow = copy.copy(layer)  # the layer's settings (offset, padding_idx) over the table instead of its weight
+        shadow.__dict__["_parameters"] = {"weight": table}
+        return type(layer).forward(shadow, *args, **kwargs).squeeze(-1).round().long()
+
+    def _check_lookup(self) -> None:
+        layer = self.base_layer
+        name = type(layer).__name__
+        refuse = f"surgery's LoRA for learned positional embeddings cannot adapt this {name}"
+        if layer.num_embeddings >= self.MAX_ROWS or layer.max_norm is not None:
+            raise RewriteError(f"{refuse}: it needs fewer than 2**24 rows and no max_norm; do not adapt it")
+        probe = torch.ones(2, 5, dtype=torch.long, device=layer.weight.device)
+        try:
+            with torch.no_grad():
+                found, expected = F.embedding(self.rows(probe), layer.weight), layer(probe)
+        except Exception as exc:  # a forward that takes other inputs than a (batch, seq) mask or ids
+            raise RewriteError(
+                f"{refuse}: its forward does not take a (batch, seq) tensor ({exc}); do not adapt it"
+            ) from None
+        if found.shape != expected.shape or not torch.equal(found, expected):
+            raise RewriteError(f"{refuse}: its output is not a lookup of the rows it computes; do not adapt it")
 
 
 def _device_of(module: nn.Module) -> torch.device:

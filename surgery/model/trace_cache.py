@@ -23,7 +23,7 @@ from ..errors import SurgeryError
 from .graph import ModelGraph, ModuleInfo, ParamInfo
 
 log = logging.getLogger(__name__)
-FORMAT = 1
+FORMAT = 2  # 2: OPT's learned positional embedding is kind 'positional' (was 'other')
 MAX_ENTRY_BYTES = 64 * MiB
 
 

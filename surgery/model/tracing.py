@@ -50,7 +50,8 @@ STATIC_SIZES = ((11, 37), (13, 41), (17, 43), (19, 47), (23, 53))
 
 
 def op_kind(module: nn.Module) -> str:
-    """Classify a module: linear, conv1d, embedding, norm or other (bitsandbytes and LoRA forms included)."""
+    """Classify a module: linear, conv1d, embedding, positional, norm or other (bitsandbytes and LoRA forms
+    included)."""
     base = getattr(module, "base_layer", None)
     if isinstance(module, LoraLayer):
         return op_kind(base)
@@ -60,6 +61,8 @@ def op_kind(module: nn.Module) -> str:
         return "linear"
     if isinstance(module, nn.Embedding) and _standard_forward(module, nn.Embedding):
         return "embedding"
+    if is_learned_positional(module):
+        return "positional"
     if own_class(module).__name__ == "Conv1D" and own_class(module).__module__.startswith("transformers"):
         return "conv1d"
     if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)) or type(module).__name__.endswith(
@@ -72,10 +75,21 @@ def op_kind(module: nn.Module) -> str:
 def _standard_forward(module: nn.Module, cls: type) -> bool:
     """True when ``module`` computes what ``cls`` computes: its own forward, or a bitsandbytes form of it.
 
-    Subclasses with their own forward (OPT's learned positional embedding) are "other": swapping them
-    for a quantized or LoRA layer would change what they compute.
+    Subclasses with their own forward (OPT's learned positional embedding) are not: swapping them for a
+    quantized or plain LoRA layer would change what they compute.
     """
     return type(module).forward is cls.forward or is_bnb_layer(module)
+
+
+def is_learned_positional(module: nn.Module) -> bool:
+    """An embedding that computes its own rows from its inputs (OPT's, BART's and BioGPT's learned positional
+    embeddings: positions from the attention mask or position ids, plus an offset) and then looks them up:
+    ``LoraPositionalEmbedding`` adapts it with the rows it computes; bitsandbytes has no layer for it."""
+    return (
+        isinstance(module, nn.Embedding)
+        and not _standard_forward(module, nn.Embedding)
+        and type(module).__name__.endswith("LearnedPositionalEmbedding")
+    )
 
 
 def _param_infos(module: nn.Module) -> list[ParamInfo]:

@@ -18,6 +18,7 @@ from ..model.graph import ModelGraph, ModuleInfo
 from ..rules.rule_file import load_rules, parse_rules
 from ..rules.ruleset import (
     ADAPTABLE_KINDS,
+    EMBEDDING_KINDS,
     Action,
     Kind,
     LoraConfig,
@@ -339,6 +340,19 @@ def _decide(info: ModuleInfo, rule: Rule | None, rules: RuleSet) -> tuple[Decisi
                     info.path,
                 )
             )
+        elif action == "freeze" and rule is not None:  # the default leaves what no rule names as the base holds it
+            problems.append(
+                Violation(
+                    "C1",
+                    (
+                        f"{where} keeps {info.path} unquantized (freeze keeps a module's original precision), but the "
+                        f"base already holds it as {info.quantized}; quantized weights cannot be restored — write "
+                        f"`action: quantize` in {rule.label} to keep it frozen as the base holds it, or load the "
+                        "base again"
+                    ),
+                    info.path,
+                )
+            )
         elif action in ("quantize", "adapt") and info.held is not None:
             differs = _settings_differ(quant, info.held, info.kind)
             if differs:
@@ -366,14 +380,14 @@ def _decide(info: ModuleInfo, rule: Rule | None, rules: RuleSet) -> tuple[Decisi
                     (
                         f"{where} adapts {info.path} ({info.cls.rsplit('.', 1)[-1]}, kind {info.kind}), but LoRA "
                         f"supports only {', '.join(ADAPTABLE_KINDS)} layers (a subclass with its own forward, such as "
-                        "OPT's learned positional embedding, is 'other'); narrow the rule (e.g. `type: linear`)"
+                        "Gemma's scaled word embedding, is 'other'); narrow the rule (e.g. `type: linear`)"
                     ),
                     info.path,
                 )
             )
         else:
             lora = rule.lora_for(info.path) if rule else LoraConfig()
-            if lora is not None and lora.use_dora and info.kind == "embedding":
+            if lora is not None and lora.use_dora and info.kind in EMBEDDING_KINDS:
                 problems.append(
                     Violation(
                         "C3",
@@ -397,7 +411,7 @@ def _decide(info: ModuleInfo, rule: Rule | None, rules: RuleSet) -> tuple[Decisi
 
 def _loftq_problems(info: ModuleInfo, where: str, storage: str) -> list[Violation]:
     """LoftQ starts the adapter from the base's quantization error: a linear or conv1d layer stored quantized."""
-    if info.kind == "embedding":
+    if info.kind in EMBEDDING_KINDS:
         return [
             Violation(
                 "C3",

@@ -30,12 +30,14 @@ MAX_YAML_DEPTH = 32
 REGEX_TIMEOUT = 0.5  # seconds for one ``re:`` pattern against one module name
 Action = Literal["quantize", "freeze", "adapt", "plain"]
 Scheme = Literal["int8", "nf4", "fp4", "none"]
-Kind = Literal["linear", "conv1d", "embedding", "norm", "other"]
+Kind = Literal["linear", "conv1d", "embedding", "positional", "norm", "other"]
 DtypeName = Literal["float32", "float16", "bfloat16"]
 ACTIONS: tuple[Action, ...] = ("quantize", "freeze", "adapt", "plain")
 SCHEMES: tuple[Scheme, ...] = ("int8", "nf4", "fp4", "none")
-KINDS: tuple[Kind, ...] = ("linear", "conv1d", "embedding", "norm", "other")
-ADAPTABLE_KINDS: tuple[Kind, ...] = ("linear", "conv1d", "embedding")
+KINDS: tuple[Kind, ...] = ("linear", "conv1d", "embedding", "positional", "norm", "other")
+# positional: a learned positional embedding that computes its own rows (OPT's): adaptable, never quantized
+ADAPTABLE_KINDS: tuple[Kind, ...] = ("linear", "conv1d", "embedding", "positional")
+EMBEDDING_KINDS: tuple[Kind, ...] = ("embedding", "positional")  # looked up by row: LoRA A is (r, rows)
 DTYPES: tuple[DtypeName, ...] = ("float32", "float16", "bfloat16")
 StorageName = Literal["uint8", "float16", "bfloat16"]
 STORAGES: tuple[StorageName, ...] = ("uint8", "float16", "bfloat16")  # how packed 4-bit bytes are typed
