@@ -8,6 +8,11 @@ PEFT scales a LoRA bias (``lora_bias``, the bias of lora_B) with alpha/r; ours i
 so it is divided by the scaling on export and multiplied on import. PEFT features we cannot
 represent (other tuner types, trained base biases, ...) are refused with a clear error. DoRA's
 magnitude is ``lora_magnitude_vector`` there, ``lora_magnitude`` here.
+
+On import, the modules adapter_config.json selects on the base (``target_modules`` as names or a regex,
+``layers_to_transform``, ``exclude_modules``, ``modules_to_save``, as PEFT 0.22 reads them) must be the modules the
+weights hold; they become a few rules, per (LoRA settings, storage) one pattern per module position in a block
+(``model.layers.*.self_attn.q_proj``), so a 100-layer model reads as easily as a 2-layer one.
 """
 
 from __future__ import annotations
@@ -15,10 +20,10 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import regex
 import torch
 from torch import nn
 
@@ -32,7 +37,7 @@ from ..finetune.vocabulary import extra_token_layers
 from ..layers.bnb import quantized_storage
 from ..layers.lora import LoraEmbedding, LoraLayer, LoraPositionalEmbedding
 from ..rules.rule_file import parse_rules
-from ..rules.ruleset import REGEX_TIMEOUT, LoraConfig, QuantConfig
+from ..rules.ruleset import REGEX_TIMEOUT, LoraConfig, QuantConfig, RuleSet, compile_regex, covering_patterns
 from .adapter_file import MAX_ADAPTER_BYTES
 from .model_card import CARD_FILE, adapter_card
 from .serving import Target, check_servable
@@ -297,12 +302,18 @@ def import_peft(base: nn.Module, folder: str | Path, *, quantize: str | None = N
             f"{type(base).__name__} has no module of; the adapter is for another model"
         )
     adapters, plain, tokens = _split_keys(folder, tensors, modules_to_save)
+    plain_modules = {name.rsplit(".", 1)[0] for name in plain}
+    paths = _check_modules(adapter, base, set(adapters), plain_modules)
     extra = _extra_tokens(adapter, tokens)
-    loras = {path: _lora_config(config, path, parts) for path, parts in adapters.items()}
+    rank, alpha = (_pattern_lookup(config.get(f), f, folder / CONFIG_FILE) for f in ("rank_pattern", "alpha_pattern"))
+    loras = {path: _lora_config(config, path, parts, rank, alpha) for path, parts in adapters.items()}
     try:
-        rules = parse_rules({**_rules_for(base, loras, plain, quantize), **extra}, source=f"{folder} (PEFT)")
+        rules = parse_rules(
+            {**_rules_for(base, paths, loras, plain_modules, quantize), **extra}, source=f"{folder} (PEFT)"
+        )
     except RuleFileError as exc:  # a value of adapter_config.json out of range: name the file it came from
         raise AdapterStateError(f"{folder / CONFIG_FILE}: a setting is out of range ({exc})") from None
+    _check_rules(folder, rules, paths, set(adapters), plain_modules)
     values = {}
     for path, parts in adapters.items():
         values[f"{path}.lora_A"], values[f"{path}.lora_B"] = parts["A"], parts["B"]
@@ -466,27 +477,8 @@ def _split_keys(folder: Path, tensors: dict, modules_to_save: list[str]):
     return adapters, plain, tokens
 
 
-def _pattern_value(patterns: dict, path: str, default):
-    """PEFT's rank/alpha pattern lookup: the first key that matches the end of the module name."""
-    if not isinstance(patterns or {}, dict):
-        raise AdapterStateError(f"adapter_config.json: rank_pattern/alpha_pattern must be a mapping, not {patterns!r}")
-    for key, value in (patterns or {}).items():
-        try:
-            found = regex.match(rf"(.*\.)?({key})$", path, timeout=REGEX_TIMEOUT)
-        except TimeoutError:
-            raise AdapterStateError(
-                f"adapter_config.json: pattern {key!r} takes too long to match (catastrophic backtracking)"
-            ) from None
-        except Exception as exc:
-            raise AdapterStateError(
-                f"adapter_config.json: pattern {key!r} is not a valid regex ({first_line(exc)})"
-            ) from None
-        if found:
-            return value
-    return default
-
-
-def _lora_config(config: dict, path: str, parts: dict) -> dict:
+def _lora_config(config: dict, path: str, parts: dict, rank: Callable, alpha: Callable) -> dict:
+    """One adapted module's LoRA settings; ``rank`` / ``alpha`` look up ``rank_pattern`` / ``alpha_pattern``."""
     if bool(config.get("use_dora")) != ("magnitude" in parts):
         raise AdapterStateError(
             f"adapter_config.json {'sets' if config.get('use_dora') else 'does not set'} "
@@ -494,12 +486,12 @@ def _lora_config(config: dict, path: str, parts: dict) -> dict:
             "lora_magnitude_vector; the folder is inconsistent"
         )
     r = parts["A"].shape[0]
-    declared = _pattern_value(config.get("rank_pattern"), path, config.get("r", r))
+    declared = rank(path, config.get("r", r))
     if declared != r:
         raise AdapterStateError(f"adapter_config.json gives {path} rank {declared} but its lora_A has {r} rows")
     return {
         "r": int(r),
-        "alpha": float(_pattern_value(config.get("alpha_pattern"), path, config.get("lora_alpha", 8))),
+        "alpha": float(alpha(path, config.get("lora_alpha", 8))),
         "dropout": float(config.get("lora_dropout", 0.0)),
         "bias": "bias" in parts,
         "use_rslora": bool(config.get("use_rslora", False)),
@@ -508,27 +500,195 @@ def _lora_config(config: dict, path: str, parts: dict) -> dict:
     }
 
 
-def _rules_for(base: nn.Module, loras: dict[str, dict], plain: dict, quantize: str | None) -> dict:
-    """Rules that rebuild the adapter: one adapt rule per (LoRA settings, storage), plain rules, freeze the rest."""
+def _pattern_lookup(patterns, field: str, where: Path) -> Callable[[str, object], object]:
+    """PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup (``get_pattern_key``): the value of the first key ``k``
+    for which ``(.*\\.)?(k)$`` matches the module path from its start, else the default.
+
+    Raises:
+        AdapterStateError: the field is not a mapping, a key is not a valid regex, or one backtracks too long.
+    """
+    if not isinstance(patterns or {}, dict):
+        raise AdapterStateError(f"{where}: {field} must be a mapping of module patterns to values, not {patterns!r}")
+    keys = [(_peft_regex(where, field, rf"(.*\.)?({key})$"), value) for key, value in (patterns or {}).items()]
+
+    def lookup(path: str, default):
+        return next((value for pattern, value in keys if _found(where, field, pattern.match, path)), default)
+
+    return lookup
+
+
+# ---------------------------------------------------------------------------- which modules, as PEFT picks them
+
+
+def _check_modules(adapter: PeftFolder, base: nn.Module, adapted: set[str], plain: set[str]) -> list[str]:
+    """Refuse a folder whose weights name modules the base lacks, or whose adapter_config.json selects other modules
+    for LoRA on this base than its weights hold (PEFT would leave those at their start, or drop weights).
+
+    Returns:
+        Every module path of the base (the root's empty path left out), in order.
+
+    Raises:
+        AdapterStateError: naming the folder and the first module that differs.
+    """
+    paths = [path for path, _ in base.named_modules() if path]
+    known = set(paths)
+    lacking = next((p for p in sorted(adapted | plain) if p not in known), None)
+    if lacking is not None:
+        raise AdapterStateError(
+            f"{adapter.path / WEIGHTS_FILE}: holds weights for '{lacking}', which this {type(base).__name__} has no "
+            "module of; the adapter is for another model"
+        )
+    selected = _selected(adapter.config, adapter.path / CONFIG_FILE, paths)
+    differs = None if selected is None else next((p for p in paths if (p in adapted) != (p in selected)), None)
+    if differs in adapted:
+        raise AdapterStateError(
+            f"{adapter.path}: {WEIGHTS_FILE} holds LoRA weights for '{differs}', which {CONFIG_FILE} does not select "
+            f"on this {type(base).__name__} (target_modules, layers_to_transform, exclude_modules, modules_to_save); "
+            "the config and the weights are of different adapters: export the adapter again"
+        )
+    if differs is not None:
+        raise AdapterStateError(
+            f"{adapter.path}: {CONFIG_FILE} selects '{differs}' for LoRA on this {type(base).__name__}, but "
+            f"{WEIGHTS_FILE} holds no LoRA weights for it; the config and the weights are of different adapters: "
+            "export the adapter again"
+        )
+    return paths
+
+
+def _selected(config: dict, where: Path, paths: list[str]) -> set[str] | None:
+    """The modules PEFT 0.22 gives a LoRA layer (``check_target_module_exists``) on a model with these module paths.
+
+    ``target_modules`` as names selects a module whose path equals a name or ends in ``.name`` (the latter then
+    narrowed by ``layers_to_transform``); as a string it is a regex the whole path must match. ``exclude_modules``
+    (the same two forms) and ``modules_to_save`` are left out. None where PEFT picks by model type instead (no
+    ``target_modules``, or ``all-linear``, which PEFT writes out as names when it saves): the weights decide there.
+
+    Raises:
+        AdapterStateError: a field of the wrong type, a pattern that is not a valid regex or backtracks too long.
+    """
+    targets = config.get("target_modules")
+    if targets is None or (isinstance(targets, str) and targets.lower() == "all-linear"):
+        return None
+    excluded = _names_test(config.get("exclude_modules") or [], "exclude_modules", where, lambda path: True)
+    saved = [
+        _peft_regex(where, "modules_to_save", rf"(^|.*\.){m}($|\..*)") for m in config.get("modules_to_save") or []
+    ]
+    targeted = _names_test(targets, "target_modules", where, _layers_test(config, where))
+    return {
+        p
+        for p in paths
+        if not excluded(p) and not any(_found(where, "modules_to_save", s.match, p) for s in saved) and targeted(p)
+    }
+
+
+def _names_test(value, field: str, where: Path, in_layers: Callable[[str], bool]) -> Callable[[str], bool]:
+    """PEFT's test of a module path against ``target_modules`` / ``exclude_modules``: a regex string to match whole,
+    or names equal to the path (selected as they are) or to a dot-aligned suffix of it (then also ``in_layers``)."""
+    if isinstance(value, str):
+        pattern = _peft_regex(where, field, value)
+        return lambda path: _found(where, field, pattern.fullmatch, path)
+    if not isinstance(value, list) or not all(isinstance(name, str) for name in value):
+        raise AdapterStateError(
+            f"{where}: {field} must be a list of module names or a regex string, not {value!r:.200}"
+        )
+    names = set(value)
+    return lambda path: path in names or (not names.isdisjoint(_suffixes(path)) and in_layers(path))
+
+
+def _suffixes(path: str) -> set[str]:
+    """What follows each dot of a module path: the names ``path.endswith("." + name)`` holds for."""
+    return {path[i + 1 :] for i, c in enumerate(path) if c == "."}
+
+
+def _layers_test(config: dict, where: Path) -> Callable[[str], bool]:
+    """PEFT's ``layers_to_transform`` (one index or a list) with ``layers_pattern``: whether a path's first layer
+    index (after a ``layers_pattern`` part, else after any part) is one of them; no test when it is unset or empty."""
+    indexes, names = config.get("layers_to_transform"), config.get("layers_pattern")
+    if indexes is None or indexes == []:
+        return lambda path: True
+    if not _is_index(indexes) and not (isinstance(indexes, list) and all(map(_is_index, indexes))):
+        raise AdapterStateError(
+            f"{where}: layers_to_transform must be a layer index or a list of them, not {indexes!r:.200}"
+        )
+    wanted = set(indexes) if isinstance(indexes, list) else {indexes}
+    names = [names] if isinstance(names, str) else names or []
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise AdapterStateError(f"{where}: layers_pattern must be a name or a list of names, not {names!r:.200}")
+    finders = [_peft_regex(where, "layers_pattern", rf"(?:^|.*?\.){name}\.(?P<idx>\d+)\.") for name in names]
+    finders = finders or [compile_regex(r".*?\.[^.]*\.(?P<idx>\d+)\.")]
+
+    def in_layers(path: str) -> bool:
+        found = next((m for f in finders if (m := _found(where, "layers_pattern", f.match, path, whole=True))), None)
+        return found is not None and int(found["idx"]) in wanted
+
+    return in_layers
+
+
+def _is_index(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _peft_regex(where: Path, field: str, text: str):
+    """A regex built from adapter_config.json (PEFT hands these to ``re`` as written), compiled for timed matching."""
+    try:
+        return compile_regex(text)
+    except Exception as exc:  # the regex package reports bad patterns in several types
+        raise AdapterStateError(
+            f"{where}: {field} pattern {text[:200]!r} is not a valid regex ({first_line(exc)})"
+        ) from None
+
+
+def _found(where: Path, field: str, match: Callable, path: str, *, whole: bool = False):
+    """``match(path)`` within REGEX_TIMEOUT: a bool, or the match itself with ``whole``."""
+    try:
+        found = match(path, timeout=REGEX_TIMEOUT)
+    except TimeoutError:
+        raise AdapterStateError(
+            f"{where}: a {field} pattern takes over {REGEX_TIMEOUT} s to match '{path}' (catastrophic backtracking); "
+            "nothing was loaded"
+        ) from None
+    return found if whole else found is not None
+
+
+# ---------------------------------------------------------------------------------------------- the rules
+
+
+def _rules_for(
+    base: nn.Module, paths: list[str], loras: dict[str, dict], plain: set[str], quantize: str | None
+) -> dict:
+    """Rules that rebuild the adapter, as few as its settings allow: per (LoRA settings, storage) the adapted modules
+    as patterns collapsed by layer index (``covering_patterns``), the plain modules alike, and freeze the rest.
+    Their number grows with the distinct settings and module positions in a block, never with depth."""
     held = {path: quantized_storage(m) for path, m in base.named_modules()}
     scheme = quantize or "none"
     groups: dict[tuple, list[str]] = {}
     for path, lora in sorted(loras.items()):
-        storage = held.get(path) or scheme
-        groups.setdefault((tuple(sorted(lora.items())), storage), []).append(path)
+        groups.setdefault((tuple(sorted(lora.items())), held.get(path) or scheme), []).append(path)
     rules = [
-        {
-            "match": "re:" + "|".join(re.escape(p) for p in paths),
-            "action": "adapt",
-            "lora": dict(lora),
-            "quantize": storage,
-        }
-        for (lora, storage), paths in groups.items()
+        {"match": match, "action": "adapt", "lora": dict(lora), "quantize": storage}
+        for (lora, storage), members in groups.items()
+        for match in covering_patterns(members, paths)
     ]
-    plain_modules = sorted({name.rsplit(".", 1)[0] for name in plain})
-    rules += [{"match": "re:" + re.escape(p), "action": "plain", "untie": True} for p in plain_modules]
+    rules += [{"match": match, "action": "plain", "untie": True} for match in covering_patterns(sorted(plain), paths)]
     return {
         "quantize": QuantConfig(scheme).to_dict() if quantize else "none",
         "default": "quantize" if quantize and quantize != "none" else "freeze",
         "rules": rules,
     }
+
+
+def _check_rules(folder: Path, rules: RuleSet, paths: list[str], adapted: set[str], plain: set[str]) -> None:
+    """Refuse (before anything is built) rules that would adapt or copy other modules than the folder's weights name.
+
+    Raises:
+        AdapterStateError: naming the folder and the first module whose rule disagrees with the weights.
+    """
+    for path in paths:
+        rule = rules.decide(path, "other")  # the rules name no module kind
+        got = rule.action if rule is not None and rule.action in ("adapt", "plain") else "freeze"
+        wanted = "adapt" if path in adapted else "plain" if path in plain else "freeze"
+        if got != wanted:
+            raise AdapterStateError(
+                f"{folder}: the rules read from this PEFT adapter would {got} '{path}', where its weights "
+                f"{'adapt' if wanted == 'adapt' else 'copy' if wanted == 'plain' else 'leave'} it; nothing was loaded"
+            )

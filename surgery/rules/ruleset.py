@@ -271,9 +271,13 @@ def bundled_rules() -> dict[str, Path]:
     return {p.stem: p for p in sorted(bundled_rules_dir().glob("*.yaml"))}
 
 
+INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)")  # a layer index: a dot-separated part of a module path made of digits
+PATTERN_BUDGET = MAX_PATTERN_CHARS // 2  # covering_patterns splits an alternation longer than this
+
+
 def collapse(path: str) -> str:
     """A module path with layer indices replaced by '*', so repeated blocks share one row."""
-    return re.sub(r"(?<=\.)\d+(?=\.|$)", "*", path)
+    return INDEX.sub("*", path)
 
 
 def grouped(paths: list[str]) -> OrderedDict[str, list[str]]:
@@ -282,3 +286,78 @@ def grouped(paths: list[str]) -> OrderedDict[str, list[str]]:
     for path in paths:
         groups.setdefault(collapse(path), []).append(path)
     return groups
+
+
+def covering_patterns(paths: list[str], every: list[str]) -> list[str]:
+    """Few ``match:`` patterns that, among the module paths ``every``, match exactly ``paths``.
+
+    Paths are grouped by their collapsed path (``collapse``). A group holding every module of ``every`` with that
+    collapsed path becomes the glob itself (``model.layers.*.self_attn.q_proj``) when the glob matches nothing else;
+    otherwise one ``re:`` pattern whose layer indices are an alternation (``model\\.layers\\.(?:0|3|7)\\.mlp``) or,
+    when shorter, a lookahead that leaves out the other indices. So the count grows with the distinct collapsed paths,
+    not with the depth of the model; an alternation longer than PATTERN_BUDGET (several hundred layers) is split.
+
+    Args:
+        paths: module paths to match, each one of ``every``.
+        every: every module path of the model (the patterns are exact among these, not among all strings).
+
+    Returns:
+        The patterns, in the order of the first path of each collapsed group.
+    """
+    everywhere: dict[str, list[str]] = {}
+    for path in every:
+        everywhere.setdefault(collapse(path), []).append(path)
+    out: list[str] = []
+    for shape, members in grouped(sorted(set(paths))).items():
+        universe = everywhere.get(shape, [])
+        if set(members) == set(universe) and {p for p in every if pattern_matches(shape, p)} == set(members):
+            out.append(shape)
+        else:
+            out += _index_patterns(members, universe)
+    return out
+
+
+def _index_patterns(members: list[str], universe: list[str]) -> list[str]:
+    """``re:`` patterns for ``members`` (one collapsed path) among ``universe`` (all modules of that path)."""
+    pieces = INDEX.split(members[0])
+    chosen = {tuple(INDEX.findall(p)) for p in members}
+    pattern = "re:" + re.escape(pieces[0]) + _indices(pieces[1:], chosen, {tuple(INDEX.findall(p)) for p in universe})
+    if len(pattern) <= PATTERN_BUDGET or len(members) == 1:
+        return [pattern]
+    half = len(members) // 2
+    return _index_patterns(members[:half], universe) + _index_patterns(members[half:], universe)
+
+
+def _indices(pieces: list[str], chosen: set[tuple[str, ...]], universe: set[tuple[str, ...]]) -> str:
+    """A regex for ``index pieces[0] index pieces[1] ...`` whose index tuples, among ``universe``, are ``chosen``.
+
+    Leading indices with the same set of following tuples share one alternative, so a full product (every expert
+    of layers 0-3) stays one alternation per position.
+    """
+    if not pieces:
+        return ""
+    following: dict[str, set[tuple[str, ...]]] = {}
+    for t in chosen:
+        following.setdefault(t[0], set()).add(t[1:])
+    heads: dict[frozenset, list[str]] = {}
+    for first in sorted(following, key=_index_order):
+        heads.setdefault(frozenset(following[first]), []).append(first)
+    firsts = {t[0] for t in universe}
+    alternatives = []
+    for rest, same in heads.items():
+        within = {t[1:] for t in universe if t[0] in set(same)}
+        alternatives.append(_one_of(same, firsts) + re.escape(pieces[0]) + _indices(pieces[1:], set(rest), within))
+    return alternatives[0] if len(alternatives) == 1 else "(?:" + "|".join(alternatives) + ")"
+
+
+def _one_of(values: list[str], universe: set[str]) -> str:
+    """A regex for one index that is one of ``values``, among ``universe``: the values, or the others left out."""
+    left_out = sorted(universe - set(values), key=_index_order)
+    if not left_out:
+        return r"\d+"
+    include, exclude = (v[0] if len(v) == 1 else "(?:" + "|".join(v) + ")" for v in (values, left_out))
+    return min(include, rf"(?!{exclude}\b)\d+", key=len)
+
+
+def _index_order(index: str) -> tuple[int, str]:
+    return len(index), index
