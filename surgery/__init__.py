@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from .disk import version as _version
+from .package import version as _version
 
 _ERRORS = (
     "AdapterStateError",

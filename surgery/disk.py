@@ -70,17 +70,6 @@ def read_user_text(path: str | Path, *, what: str, limit: int, error: type[Surge
         raise error(f"{path}:{line}: not UTF-8 text (byte {exc.start}); a {what} must be UTF-8") from None
 
 
-def version() -> str:
-    """surgery's installed version (from the package metadata; nothing imports the package root for it)."""
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as installed
-
-    try:
-        return installed("surgery")
-    except PackageNotFoundError:  # a checkout on sys.path, not installed
-        return "0+unknown"
-
-
 def umask() -> int:
     """The process umask (read without changing it for longer than the call)."""
     mask = os.umask(0)

@@ -26,13 +26,13 @@ from torch import nn
 
 from .base.quantize import quantize_base
 from .base.shared_base import base_graph, settle_base
-from .disk import version
 from .errors import PlanError, Violation
 from .finetune.rewriting import rewrite
 from .finetune.state import own_state, require_finetune
 from .layers.bnb import quantized_storage
 from .layers.lora import LoraLayer
 from .model.tracing import op_kind
+from .package import version
 from .planning.decisions import plan as make_plan
 from .rules.rule_file import parse_rules
 from .rules.ruleset import ADAPTABLE_KINDS, EMBEDDING_KINDS, RuleSet

@@ -75,10 +75,11 @@ def test_user_errors_exit_2_without_traceback(tmp_path, args, needle):
 
 
 def test_rules_list_shows_bundled_files():
-    result = run("rules", "list")
-    assert result.exit_code == 0
-    for name in ("qv_lora", "all_linear_lora", "qlora_nf4", "finetuna_default", "full_finetune"):
-        assert name in result.stdout
+    for args in (("rules", "list"), ("rules",)):  # bare `surgery rules` lists too
+        result = run(*args)
+        assert result.exit_code == 0
+        for name in ("qv_lora", "all_linear_lora", "qlora_nf4", "finetuna_default", "full_finetune"):
+            assert name in result.stdout
 
 
 def _commands(group: TyperGroup, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:

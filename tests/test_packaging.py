@@ -18,7 +18,7 @@ def test_the_wheel_carries_modules_rules_and_data(tmp_path):
         timeout=600,
     )
     assert built.returncode == 0, built.stderr[-2000:]
-    (wheel,) = tmp_path.glob("surgery-*.whl")
+    (wheel,) = tmp_path.glob("model_surgery-*.whl")  # the distribution name (import name: surgery)
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = {p.relative_to(ROOT).as_posix() for p in (ROOT / "surgery").rglob("*.py")}  # every stage's modules
     expected |= {f"surgery/bundled_rules/{p.name}" for p in (ROOT / "rules").glob("*.yaml")}

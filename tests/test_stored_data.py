@@ -192,7 +192,7 @@ def test_stored_data_mistakes_name_the_source_and_change_nothing(stored, monkeyp
     with pytest.raises(DataError, match=r"more than .* of text"):
         read_examples(stored / "caps.parquet", fields=QA)
     monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
-    with pytest.raises(DataError, match=r"pip install 'surgery\[datasets\]'"):
+    with pytest.raises(DataError, match=r"pip install 'model-surgery\[datasets\]'"):
         read_examples(stored / "caps.parquet", fields=QA)
 
 

@@ -4,6 +4,7 @@ run's metrics.jsonl, one run per job with its rules and plan as config; bad name
 from __future__ import annotations
 
 import json
+import os
 import struct
 import sys
 from pathlib import Path
@@ -140,7 +141,7 @@ def test_unknown_or_missing_trackers_fail_before_anything_is_written(tmp_path, m
     with pytest.raises(TrainError, match="unknown tracker.*tensorboard, wandb, mlflow"):
         train(jobs, report_to="tensorbord")
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed: importing it raises ImportError
-    with pytest.raises(TrainError, match=r"pip install 'surgery\[wandb\]'"):
+    with pytest.raises(TrainError, match=r"pip install 'model-surgery\[wandb\]'"):
         train(jobs, report_to="wandb")
     assert not tmp_path.joinpath("caps").exists() and not tmp_path.joinpath("up").exists()
 
@@ -166,4 +167,27 @@ def test_the_cli_refuses_a_bad_tracker_before_loading(tmp_path):
         ],
     )
     assert result.exit_code == 2 and "unknown tracker" in result.output and "comet" in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_cli_prints_the_install_hint_whole(tmp_path):
+    """The hint names the distribution and the extra (rich markup would swallow `[wandb]`): a terminal user pastes it
+    as printed. Run as a user would, in a fresh process where the wandb package cannot be imported."""
+    import subprocess
+
+    fake = tmp_path / "site"
+    (fake / "wandb").mkdir(parents=True)
+    (fake / "wandb" / "__init__.py").write_text("raise ImportError('wandb is not installed here')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(fake), os.environ.get("PYTHONPATH", "")])}
+    args = ["train", "qv_lora", "--model", "tiny-llama", "--data", "upper", "--out", str(tmp_path / "run")]
+    code = "import sys; from surgery_cli.app import main; sys.argv = ['surgery', *sys.argv[1:]]; main()"
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args, "--report-to", "wandb"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "pip install 'model-surgery[wandb]'" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "run").exists()

@@ -18,6 +18,7 @@ from .common import (
     placement,
     probe_inputs,
     quiet_libraries,
+    say,
     where_text,
 )
 
@@ -45,7 +46,7 @@ def adapter_show(
     info = read_adapter(adapter)
     meta, tensors = adapter_tables(info, show_all)
     console.print(meta)
-    console.print("[bold]rules[/] (stored in the file; they rebuild the fine-tune):")
+    say(("rules", "bold"), " (stored in the file; they rebuild the fine-tune):")
     console.print(yaml.safe_dump(info.rules.to_dict(), sort_keys=False), highlight=False, markup=False)
     console.print(tensors)
 
@@ -86,7 +87,7 @@ def merge(
         raise typer.BadParameter(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     where = placement(device)
     base, ft, name = finetune_from(adapter, model, random_init, where)
-    console.print(f"model: [bold]{name}[/]; {where_text(where)}", highlight=False)
+    say("model: ", (name, "bold"), f"; {where_text(where)}")
     merged = merge_ft(ft, getattr(torch, dtype) if dtype else None)
     inputs = probe_inputs(base)
     error = output_error(ft, merged, inputs)

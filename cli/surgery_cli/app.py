@@ -21,7 +21,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     cls=Commands,
 )
-rules_app = typer.Typer(help="Bundled rule files.", no_args_is_help=True)
+rules_app = typer.Typer(help="Bundled rule files (bare `surgery rules` lists them).")
 adapter_app = typer.Typer(help="Adapter files (safetensors written by surgery).", no_args_is_help=True)
 app.add_typer(rules_app, name="rules")
 app.add_typer(adapter_app, name="adapter")
@@ -32,6 +32,15 @@ app.command()(model_cmds.inspect)
 app.command()(plan_cmd.plan)
 app.command()(model_cmds.apply)
 rules_app.command("list")(model_cmds.rules_list)
+
+
+@rules_app.callback(invoke_without_command=True)
+def rules(ctx: typer.Context) -> None:
+    """Bundled rule files: `surgery rules` (or `rules list`) lists them, `surgery rules show NAME` prints one."""
+    if ctx.invoked_subcommand is None:
+        model_cmds.rules_list()
+
+
 rules_app.command("show")(model_cmds.rules_show)
 adapter_app.command("show")(adapter_cmds.adapter_show)
 app.command()(adapter_cmds.merge)

@@ -10,11 +10,20 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.text import Text
 from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
-console = Console(width=None if sys.stdout.isatty() else 160)
-err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+# markup off: messages carry paths, module names and install hints such as "pip install 'model-surgery[plot]'",
+# which rich markup would swallow; styles are given explicitly (say, rich Text)
+console = Console(width=None if sys.stdout.isatty() else 160, markup=False)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160, markup=False)
+
+
+def say(*parts: str | tuple[str, str], out: Console | None = None) -> None:
+    """Print one message as it is written (never as markup); a part given as (text, style) is styled."""
+    (out or console).print(Text.assemble(*parts), highlight=False, soft_wrap=True)
+
 
 RULES_ARG = typer.Argument(..., help="Rule file path or bundled name (see `surgery rules list`).")
 MODEL_OPT = typer.Option(
@@ -77,19 +86,20 @@ class Commands(TyperGroup):
         try:
             return super().invoke(ctx)
         except SurgeryError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            say(("error: ", "bold red"), str(exc), out=err_console)
             raise typer.Exit(2) from None
         except OSError as exc:  # a path the user gave that the library did not wrap: still one line
             where = f"{exc.filename}: " if exc.filename else ""
-            err_console.print(f"[bold red]error:[/] {where}{exc.strerror or exc}", highlight=False, soft_wrap=True)
+            say(("error: ", "bold red"), f"{where}{exc.strerror or exc}", out=err_console)
             raise typer.Exit(2) from None
         except (typer.Exit, typer.Abort, TyperException, KeyboardInterrupt):
             raise
         except Exception:
-            err_console.print(
-                "[bold red]internal error[/] (a bug in surgery, not in what you typed): please report it "
-                "with the command you ran and the traceback below",
-                highlight=False,
+            say(
+                ("internal error", "bold red"),
+                " (a bug in surgery, not in what you typed): please report it with the command you ran and the "
+                "traceback below",
+                out=err_console,
             )
             raise
 

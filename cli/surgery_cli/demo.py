@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .common import DEVICE_OPT, RANDOM_INIT_OPT, console, placement, quiet_libraries, where_text
+from .common import DEVICE_OPT, RANDOM_INIT_OPT, console, placement, quiet_libraries, say, where_text
 from .progress import run_with_progress
 
 TASKS = {  # data set -> two prompts shown after training
@@ -86,10 +86,10 @@ def demo(
     dtype = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(
         str(next(layout.model.parameters()).dtype).removeprefix("torch."), "fp32"
     )
-    console.print(
-        f"[bold]1. base[/]: {model} on {where_text(where).removeprefix('device ')} "
+    say(
+        ("1. base", "bold"),
+        f": {model} on {where_text(where).removeprefix('device ')} "
         f"({type(layout.model).__name__}, {parameters:,} parameters, {loaded_bytes:,} bytes {dtype})",
-        highlight=False,
     )
     console.print(
         f"three fine-tunes on toy tasks, rule files for {kind} models: "
@@ -125,7 +125,7 @@ def demo(
     console.print(demo_memory_table(base_bytes, loaded_bytes, own, scheme, dtype))
 
     before = {job.name: evaluate(job.finetune, job.data)["eval_loss"] for job in jobs}
-    console.print(f"[bold]3. training[/] the three together, {steps} steps each, on the one base:")
+    say(("3. training", "bold"), f" the three together, {steps} steps each, on the one base:")
     run_with_progress(jobs, {}, show=True)
     rows = []
     for job, (task, _, prompts) in zip(jobs, tasks):

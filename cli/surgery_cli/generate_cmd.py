@@ -16,6 +16,7 @@ from .common import (
     console,
     placement,
     quiet_libraries,
+    say,
     where_text,
 )
 
@@ -93,7 +94,7 @@ def generate(
     prompts = [chat_prompt(e, tokenizer, source) for e in examples] if chat else shown
     placed = placement(device, device_map, max_memory, attn_implementation)
     if prompts_file is None:
-        console.print(f"model: [bold]{name}[/]; {where_text(placed)}", highlight=False)
+        say("model: ", (name, "bold"), f"; {where_text(placed)}")
     # quantized once for every adapter's rules as it loads; then the adapters are loaded onto it
     base = load_model(name, random_init=random_init, rules=[f.rules for f in files], **placed).model
     base.requires_grad_(False)  # only answered with: the bare base too (a base no rule file froze was refused)

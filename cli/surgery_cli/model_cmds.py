@@ -18,6 +18,7 @@ from .common import (
     model_for,
     placement,
     quiet_libraries,
+    say,
     where_text,
 )
 
@@ -73,7 +74,7 @@ def apply(
     ruleset = load_rules(rules)
     name, why = model_for(ruleset, model)
     where = placement(device)
-    console.print(f"model: [bold]{name}[/] (from {why}); {where_text(where)}")
+    say("model: ", (name, "bold"), f" (from {why}); {where_text(where)}")
     base = load_model(name, random_init=random_init, rules=ruleset, **where).model  # quantized as it loads
     with Progress(console=console, transient=True) as progress:
         bar = progress.add_task("planning", total=1)
@@ -87,9 +88,11 @@ def apply(
         )
     console.print(applied_table(applied, name))
     equal = applied.equal_at_init
-    verdict = "[green]equal[/]" if all(equal) else "[red]DIFFERENT[/]"
-    console.print(
-        f"each fine-tune's output at init vs the quantized base: {verdict} ({sum(equal)}/{len(equal)} bit-identical)"
+    verdict = ("equal", "green") if all(equal) else ("DIFFERENT", "red")
+    say(
+        "each fine-tune's output at init vs the quantized base: ",
+        verdict,
+        f" ({sum(equal)}/{len(equal)} bit-identical)",
     )
     if not all(equal):
         raise typer.Exit(1)

@@ -6,7 +6,7 @@ import json
 
 import typer
 
-from .common import MODEL_OPT, NO_CACHE_OPT, RULES_ARG, console, model_for, quiet_libraries
+from .common import MODEL_OPT, NO_CACHE_OPT, RULES_ARG, console, model_for, quiet_libraries, say
 
 TRAINING_PANEL = "Training run (predicted peak per device)"
 
@@ -125,7 +125,7 @@ def plan(
         print(json.dumps({**result.to_dict(), **extra}, indent=2))
     else:
         if why != "--model":
-            console.print(f"model: [bold]{name}[/] (from {why})")
+            say("model: ", (name, "bold"), f" (from {why})")
         console.print(result)
         console.print(f"4-bit compute dtype: {_compute_text(result)}", highlight=False)
         if devices:

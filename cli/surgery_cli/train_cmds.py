@@ -19,6 +19,7 @@ from .common import (
     model_for,
     placement,
     quiet_libraries,
+    say,
     where_text,
 )
 from .progress import plot_losses, run_with_progress
@@ -319,6 +320,7 @@ def train(
     from surgery.base.loading import load_model, load_tokenizer
     from surgery.distributed import world
     from surgery.finetune.sharding import check_sharding, refuse_unshardable_rules, shard_base
+    from surgery.package import install_hint
     from surgery.planning.report import training_summary
     from surgery.rules.rule_file import load_rules, read_extra_tokens, with_extra_tokens
     from surgery.train.batched_train import check_batching
@@ -418,11 +420,12 @@ def train(
                     raise typer.BadParameter(f"--resume {resume}: no checkpoint-N folder for job {j.name} in {folder}")
                 resume_from[j.name] = found
     if where.main:
-        console.print(
-            f"model: [bold]{name}[/] (from {why}); {len(jobs)} fine-tune{'s' if len(jobs) > 1 else ''}"
+        say(
+            "model: ",
+            (name, "bold"),
+            f" (from {why}); {len(jobs)} fine-tune{'s' if len(jobs) > 1 else ''}"
             f"{f' x {where.size} processes' if where.size > 1 else ''}"
             f"{', base sharded with FSDP2' if fsdp else ''}; {where_text(placed)}",
-            highlight=False,
         )
     runs = run_with_progress(
         jobs,
@@ -446,7 +449,7 @@ def train(
         )
     png = plot_losses(runs, out / "loss.png")
     console.print(
-        f"loss curve: {png}" if png else "loss curve: not drawn (pip install 'surgery[plot]' for matplotlib)",
+        f"loss curve: {png}" if png else f"loss curve: not drawn ({install_hint('plot')} for matplotlib)",
         highlight=False,
         markup=False,
     )

@@ -23,10 +23,11 @@ from torch import nn
 
 from ..base.fingerprints import Fingerprint, base_fingerprint
 from ..base.shared_base import base_graph
-from ..disk import GiB, MiB, atomic_write, check_folder_files, check_inside, read_user_file, version
+from ..disk import GiB, MiB, atomic_write, check_folder_files, check_inside, read_user_file
 from ..errors import AdapterStateError, PlanError, RuleFileError, SurgeryError, first_line
 from ..finetune.rewriting import rewrite
 from ..finetune.state import finetune_info, own_state, require_finetune
+from ..package import install_hint, version
 from ..planning.decisions import plan as make_plan
 from ..rules.rule_file import parse_rules
 from ..rules.ruleset import MAX_RULE_FILE_BYTES, QuantConfig, RuleSet
@@ -222,7 +223,7 @@ def _check_metadata(path: Path, metadata) -> dict[str, str]:
     if version > FORMAT_VERSION:
         raise AdapterStateError(
             f"{path}: adapter format version {version} is newer than this surgery reads "
-            f"({FORMAT_VERSION}); upgrade surgery (pip install -U surgery)"
+            f"({FORMAT_VERSION}); upgrade surgery ({install_hint(upgrade=True)})"
         )
     missing = [k for k in ("rules", "base_fingerprint", "metadata_sha256", "tensors_sha256") if k not in metadata]
     if missing:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..base.fingerprints import Fingerprint
-from ..disk import MiB, check_folder_files, check_inside, check_user_file, read_user_text, version, write_folder_files
+from ..disk import MiB, check_folder_files, check_inside, check_user_file, read_user_text, write_folder_files
 from ..errors import AdapterStateError, PlanError, RuleFileError, first_line
 from ..finetune.rewriting import rewrite
 from ..finetune.sharding import refuse_sharded
@@ -36,6 +36,7 @@ from ..finetune.state import require_finetune
 from ..finetune.vocabulary import extra_token_layers
 from ..layers.bnb import quantized_storage
 from ..layers.lora import LoraEmbedding, LoraLayer, LoraPositionalEmbedding
+from ..package import version
 from ..rules.rule_file import parse_rules
 from ..rules.ruleset import REGEX_TIMEOUT, LoraConfig, QuantConfig, RuleSet, compile_regex, covering_patterns
 from .adapter_file import MAX_ADAPTER_BYTES

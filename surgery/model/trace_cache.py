@@ -18,8 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..disk import MiB, atomic_write, read_user_file, version
+from ..disk import MiB, atomic_write, read_user_file
 from ..errors import SurgeryError
+from ..package import version
 from .graph import ModelGraph, ModuleInfo, ParamInfo
 
 log = logging.getLogger(__name__)

@@ -336,7 +336,7 @@ def demo_memory_table(
     for label, n in [
         (f"base, quantized once ({scheme})", base_bytes),
         *own,
-        (f"[bold]base + {len(own)} fine-tunes[/]", total),
+        (Text(f"base + {len(own)} fine-tunes", style="bold"), total),
         (f"{len(own)} full {loaded_dtype} copies", len(own) * loaded_bytes),
     ]:
         table.add_row(label, f"{n:,}", fmt_bytes(n))
@@ -369,5 +369,7 @@ def demo_files_table(checked: list[tuple[Path, bool]]) -> Table:
     for col in ("file", "bytes", "reloaded == trained"):
         table.add_column(col, justify="right" if col == "bytes" else "left")
     for path, same in checked:
-        table.add_row(str(path), f"{path.stat().st_size:,}", "[green]yes, bit for bit[/]" if same else "[red]NO[/]")
+        table.add_row(
+            str(path), f"{path.stat().st_size:,}", Text("yes, bit for bit", "green") if same else Text("NO", "red")
+        )
     return table

@@ -341,15 +341,16 @@ def meta_finetune(model: nn.Module, plan: Plan) -> nn.Module:
 def peak_table(peak: TrainingPeak, device_memory: int | None, shape: TrainingShape, title: str):
     """A rich table of the predicted peak, the budget and what to change."""
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title=title)
     for col in ("", "bytes", "", "what"):
         table.add_column(col, justify="right" if col == "bytes" or col == "" and table.columns else "left")
     for label, value, what in peak.rows():
         table.add_row(label, f"{value:,}", fmt_bytes(value), what)
-    table.add_row("[bold]predicted peak[/]", f"{peak.total:,}", fmt_bytes(peak.total), "")
+    table.add_row(Text("predicted peak", style="bold"), f"{peak.total:,}", fmt_bytes(peak.total), "")
     if device_memory is not None:
-        verdict = "[green]fits[/]" if peak.total <= device_memory else "[red]does not fit[/]"
+        verdict = Text("fits", "green") if peak.total <= device_memory else Text("does not fit", "red")
         table.add_row(
             f"device memory: {verdict}",
             f"{device_memory:,}",

@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import DataError, first_line
+from ..package import install_hint
 from .rows import MAX_DATA_BYTES, WHOLE, DatasetParts, Example, Fields, Split, example_of
 
 SUFFIXES = (".parquet", ".arrow")
@@ -74,11 +75,11 @@ def _datasets(path: Path):
         if not path.exists() and path.suffix.lower() not in SUFFIXES:
             raise DataError(
                 f"{path}: no such data file (to read it as a dataset name from the local datasets cache, "
-                "pip install 'surgery[datasets]')"
+                f"{install_hint('datasets')})"
             ) from None
         raise DataError(
             f"{path}: reading .parquet, .arrow, dataset folders and cached datasets needs the datasets "
-            "library: pip install 'surgery[datasets]'"
+            f"library: {install_hint('datasets')}"
         ) from None
     return datasets
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
 
 from ..errors import TrainError, first_line
+from ..package import install_hint
 
 if TYPE_CHECKING:
     from .job import Job
@@ -70,8 +71,7 @@ def _require(name: TrackerName) -> None:
             importlib.import_module(module)
     except ImportError as exc:
         raise TrainError(
-            f"--report-to {name} needs the {name} package ({first_line(exc)}); install it with "
-            f"pip install 'surgery[{name}]'"
+            f"--report-to {name} needs the {name} package ({first_line(exc)}); install it with {install_hint(name)}"
         ) from None
 
 
