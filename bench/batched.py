@@ -56,7 +56,7 @@ def finetunes(base_kind: str, n: int, device: str):
 
     import surgery
     from surgery.base.loading import load_model
-    from surgery.finetune.state import own_state
+    from surgery.base.ownership import own_state
 
     base = load_model(MODEL, random_init=True).model.float().to(device)  # the config says fp16: slow on a CPU
     rules = rules_for(base_kind)

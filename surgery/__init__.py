@@ -51,18 +51,19 @@ _PUBLIC = {  # public name -> the module that defines it
     **{name: "surgery.base.loading" for name in ("load_model", "tiny_model", "tiny_tokenizer")},
     "prepare_base": "surgery.base.shared_base",
     **{name: "surgery.base.fingerprints" for name in ("Fingerprint", "fingerprint")},
-    **{name: "surgery.finetune.state" for name in ("FinetuneInfo", "finetune_info")},
+    **{name: "surgery.base.ownership" for name in ("FinetuneInfo", "finetune_info")},
+    "Finetune": "surgery.finetune.rewriting",
     "rewrite": "surgery.finetune.rewriting",
     "extended_tokenizer": "surgery.finetune.vocabulary",
     "merge": "surgery.finetune.merging",
     "shard_base": "surgery.finetune.sharding",
-    **{name: "surgery.files.adapter_file" for name in ("AdapterFile", "load_adapter", "read_adapter", "save_adapter")},
-    **{name: "surgery.files.peft_format" for name in ("export_peft", "import_peft")},
-    "export_graph": "surgery.files.graph_export",
+    **{name: "surgery.files.adapter_file" for name in ("AdapterFile", "read_adapter", "save_adapter")},
+    **{name: "surgery.finetune.loading" for name in ("load_adapter", "import_peft")},
+    "export_peft": "surgery.files.peft_format",
+    "export_graph": "surgery.finetune.graph_export",
 }
 _MODULES = {"finetuna": "surgery.finetuna"}  # public modules: finetuna's API, above the stages
-_STAGES = ("rules", "layers", "model", "planning", "base", "finetune", "files", "train")
-_LIGHT = ("surgery.errors", "surgery.rules.", "surgery.model.graph", "surgery.planning.decisions")  # torch-free
+_STAGES = ("rules", "layers", "model", "planning", "base", "files", "finetune", "train")
 
 __version__ = _version()
 __all__ = sorted([*_PUBLIC, *_MODULES]) + ["__version__"]
@@ -75,8 +76,6 @@ def __getattr__(name: str):
     where = _PUBLIC.get(name) or _MODULES.get(name)
     if where is None:
         raise AttributeError(f"module 'surgery' has no attribute {name!r}")
-    if not where.startswith(_LIGHT):
-        importlib.import_module("surgery.files")  # fine-tunes get save_pretrained, folders their PEFT check
     module = importlib.import_module(where)
     value = module if name in _MODULES else getattr(module, name)
     globals()[name] = value
@@ -91,6 +90,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the names as they resolve
     from . import finetuna
     from .base.fingerprints import Fingerprint, fingerprint
     from .base.loading import load_model, tiny_model, tiny_tokenizer
+    from .base.ownership import FinetuneInfo, finetune_info
     from .base.shared_base import prepare_base
     from .errors import (
         AdapterStateError,
@@ -112,13 +112,13 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the names as they resolve
         TruncationWarning,
         Violation,
     )
-    from .files.adapter_file import AdapterFile, load_adapter, read_adapter, save_adapter
-    from .files.graph_export import export_graph
-    from .files.peft_format import export_peft, import_peft
+    from .files.adapter_file import AdapterFile, read_adapter, save_adapter
+    from .files.peft_format import export_peft
+    from .finetune.graph_export import export_graph
+    from .finetune.loading import import_peft, load_adapter
     from .finetune.merging import merge
-    from .finetune.rewriting import rewrite
+    from .finetune.rewriting import Finetune, rewrite
     from .finetune.sharding import shard_base
-    from .finetune.state import FinetuneInfo, finetune_info
     from .finetune.vocabulary import extended_tokenizer
     from .model.graph import ModelGraph, ModuleInfo, ParamInfo
     from .model.tracing import trace

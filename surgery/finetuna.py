@@ -24,11 +24,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .base.ownership import own_state, require_finetune
 from .base.quantize import quantize_base
 from .base.shared_base import base_graph, settle_base
 from .errors import PlanError, Violation
 from .finetune.rewriting import rewrite
-from .finetune.state import own_state, require_finetune
 from .layers.bnb import quantized_storage
 from .layers.lora import LoraLayer
 from .model.tracing import op_kind

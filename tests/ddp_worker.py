@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 import surgery
-from surgery.finetune.state import own_state
+from surgery.base.ownership import own_state
 from surgery.train.job import TrainConfig, make_job
 from surgery.train.loop import train
 

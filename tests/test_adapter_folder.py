@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 import surgery
 from surgery import AdapterStateError
-from surgery.finetune.state import own_state
+from surgery.base.ownership import own_state
 from surgery_cli.app import app
 
 peft = pytest.importorskip("peft")
@@ -155,7 +155,7 @@ def test_folders_are_read_by_the_cli_and_peft_exports_name_their_base(tmp_path):
     assert said.exit_code == 0 and "owl ->" in said.stdout, said.output
     surgery.export_peft(ft, tmp_path / "peft")
     shown = runner.invoke(app, ["adapter", "show", str(tmp_path / "peft")])
-    fingerprint = surgery.files.adapter_file.base_fingerprint(ft.__dict__["_surgery"].base).short
+    fingerprint = surgery.files.adapter_file.base_fingerprint(ft.surgery_info.base).short
     assert shown.exit_code == 0 and "PEFT LoRA adapter" in shown.stdout and fingerprint in shown.stdout, shown.output
     other = surgery.tiny_model("tiny-llama")
     with torch.no_grad():

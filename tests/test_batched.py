@@ -9,9 +9,9 @@ from typer.testing import CliRunner
 
 import surgery
 from surgery.base.loading import build_from_config, config_from_dict
+from surgery.base.ownership import own_state
 from surgery.errors import DataError, RewriteError, TrainError
 from surgery.finetune.batched import batched, generate, route
-from surgery.finetune.state import own_state
 from surgery.model.architectures import TINY_MODELS
 from surgery.train.job import TrainConfig, make_job
 from surgery.train.loop import train

@@ -180,7 +180,7 @@ def test_adapter_files_through_the_cli_apply_show_merge_export_import(tmp_path):
     nf4 = tmp_path / "nf4.safetensors"
     trained = surgery.rewrite(surgery.tiny_model("tiny-llama"), "qlora_nf4")
     with torch.no_grad():  # a trained-looking adapter (a new one has B = 0 and merges to the base itself)
-        for tensor in surgery.finetune.state.own_state(trained).values():
+        for tensor in surgery.base.ownership.own_state(trained).values():
             tensor.add_(torch.randn(tensor.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
     surgery.save_adapter(trained, nf4)
     result = run("merge", str(nf4), "--out", str(tmp_path / "merged-nf4"), "--report-requantized")

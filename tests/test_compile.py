@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import surgery
+from surgery.base.ownership import own_state
 from surgery.errors import TrainError
-from surgery.finetune.state import own_state
 from surgery.train.job import TrainConfig, make_job
 from surgery.train.loop import train
 

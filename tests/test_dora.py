@@ -10,10 +10,11 @@ import pytest
 import torch
 
 import surgery
+from surgery.base.ownership import own_state
 from surgery.errors import ExportError, PlanError, RuleFileError
-from surgery.files.peft_format import export_peft, import_peft
+from surgery.files.peft_format import export_peft
 from surgery.finetune.batched import batched, route
-from surgery.finetune.state import own_state
+from surgery.finetune.loading import import_peft
 from surgery.rules.rule_file import parse_rules
 
 peft = pytest.importorskip("peft")

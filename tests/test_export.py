@@ -7,7 +7,8 @@ import torch
 from test_state import INPUTS, trained
 
 import surgery
-from surgery.files.graph_export import ExportError, export_graph
+from surgery.errors import ExportError
+from surgery.finetune.graph_export import export_graph
 from surgery.model.architectures import TINY_MODELS
 
 FP32 = {
@@ -47,7 +48,7 @@ def test_a_quantized_finetune_exports_quantized_with_equal_outputs(rules):
     program = export_graph(ft, INPUTS["input_ids"])
     targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
     assert any("bitsandbytes" in t for t in targets)  # still quantized in the graph
-    assert not any(type(m).__module__.startswith("surgery.files.graph_export") for m in ft.modules())  # ft untouched
+    assert not any(type(m).__module__.startswith("surgery.finetune.graph_export") for m in ft.modules())  # ft untouched
     other = torch.randint(0, 256, (3, 11))
     with torch.no_grad():
         assert torch.equal(program.module()(input_ids=other), ft(input_ids=other).logits)

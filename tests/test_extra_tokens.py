@@ -11,10 +11,11 @@ import pytest
 import torch
 
 import surgery
+from surgery.base.ownership import own_state
 from surgery.errors import AdapterStateError, ExportError, RewriteError, RuleFileError
-from surgery.files.peft_format import export_peft, import_peft
+from surgery.files.peft_format import export_peft
 from surgery.finetune.batched import batched, generate
-from surgery.finetune.state import own_state
+from surgery.finetune.loading import import_peft
 from surgery.finetune.vocabulary import extended_tokenizer
 from surgery.rules.rule_file import parse_rules, read_extra_tokens
 

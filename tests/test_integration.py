@@ -27,7 +27,7 @@ def test_a_finetune_trains_under_hf_trainer(tmp_path):
     base = surgery.tiny_model("tiny-llama")
     ft = surgery.rewrite(base, "qv_lora_head")
     before = {n: p.detach().clone() for n, p in base.named_parameters()}  # the quantized base
-    start = {k: v.detach().clone() for k, v in surgery.finetune.state.own_state(ft).items()}
+    start = {k: v.detach().clone() for k, v in surgery.base.ownership.own_state(ft).items()}
     blocks = tokenize(read_examples("upper"), surgery.tiny_tokenizer(), block_size=24)
     rows = [{k: v[i] for k, v in blocks.batch(torch.arange(len(blocks))).items()} for i in range(len(blocks))]
     args = TrainingArguments(
@@ -48,13 +48,13 @@ def test_a_finetune_trains_under_hf_trainer(tmp_path):
     assert (tmp_path / "checkpoint-4" / "adapter.safetensors").exists()
     final = surgery.load_adapter(base, tmp_path)
     assert all(
-        torch.equal(p, surgery.finetune.state.own_state(ft)[k])
-        for k, p in surgery.finetune.state.own_state(final).items()
+        torch.equal(p, surgery.base.ownership.own_state(ft)[k])
+        for k, p in surgery.base.ownership.own_state(final).items()
     )
     optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
-    assert optimized == {id(p) for p in surgery.finetune.state.own_state(ft).values()}  # adapters + plain lm_head only
+    assert optimized == {id(p) for p in surgery.base.ownership.own_state(ft).values()}  # adapters + plain lm_head only
     assert all(
-        not torch.equal(start[k], p) for k, p in surgery.finetune.state.own_state(ft).items() if k.endswith("lora_B")
+        not torch.equal(start[k], p) for k, p in surgery.base.ownership.own_state(ft).items() if k.endswith("lora_B")
     )
     assert all(torch.equal(before[n], p) for n, p in base.named_parameters())
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
@@ -68,7 +68,7 @@ def test_load_state_dict_on_a_finetune_never_writes_the_shared_base():
     before = {n: p.detach().clone() for n, p in base.named_parameters()}
     result = ft.load_state_dict(full, strict=False)
     assert all(torch.equal(before[n], p) for n, p in base.named_parameters())
-    assert all(float(p.abs().sum()) == 0 for p in surgery.finetune.state.own_state(ft).values())  # own tensors loaded
+    assert all(float(p.abs().sum()) == 0 for p in surgery.base.ownership.own_state(ft).values())  # own tensors loaded
     assert result.unexpected_keys == []
     with pytest.raises(surgery.AdapterStateError, match="missing"):
         ft.load_state_dict({}, strict=True)

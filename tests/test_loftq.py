@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import surgery
+from surgery.base.ownership import own_state
 from surgery.errors import PlanError, RewriteError
 from surgery.files.peft_format import export_peft
-from surgery.finetune.state import own_state
 from surgery.layers.bnb import dense_weight
 from surgery.rules.rule_file import parse_rules
 

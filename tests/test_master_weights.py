@@ -109,8 +109,8 @@ def test_a_plain_head_on_a_bf16_base_trains_through_masters_and_resumes_exactly(
     resumed = bf16_job(bf16_base(), out=tmp_path / "resumed")
     train([resumed], resume={"job": tmp_path / "straight" / "checkpoint-3"})
     for (name, a), b in zip(
-        surgery.finetune.state.own_state(straight.finetune).items(),
-        surgery.finetune.state.own_state(resumed.finetune).values(),
+        surgery.base.ownership.own_state(straight.finetune).items(),
+        surgery.base.ownership.own_state(resumed.finetune).values(),
     ):
         assert torch.equal(a, b), name
     ids = torch.tensor([[1, 2, 3]])
@@ -145,7 +145,7 @@ def test_a_checkpoint_without_its_masters_is_refused_and_changes_nothing(tmp_pat
     tensors["master.0"] = tensors["master.0"].bfloat16()  # a master that lost its low bits
     save_file(tensors, state, metadata=metadata)
     fresh = bf16_job(bf16_base(), max_steps=4, out=tmp_path / "again")
-    before = {k: v.clone() for k, v in surgery.finetune.state.own_state(fresh.finetune).items()}
+    before = {k: v.clone() for k, v in surgery.base.ownership.own_state(fresh.finetune).items()}
     with pytest.raises(TrainError, match="training_state.safetensors: the fp32 master 'master.0'"):
         train([fresh], resume={"job": tmp_path / "run" / "checkpoint-2"})
-    assert all(torch.equal(before[k], v) for k, v in surgery.finetune.state.own_state(fresh.finetune).items())
+    assert all(torch.equal(before[k], v) for k, v in surgery.base.ownership.own_state(fresh.finetune).items())

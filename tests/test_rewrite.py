@@ -40,7 +40,7 @@ def test_fresh_finetune_equals_base_and_plan_equals_measurement(model, rules):
     ft = surgery.rewrite(base, rules)
     with torch.no_grad():
         assert torch.equal(ft(IDS).logits, base(IDS).logits)
-    assert type(ft) is type(base)
+    assert isinstance(ft, type(base)) and isinstance(ft, surgery.Finetune) and type(ft).base_class is type(base)
     assert parameter_bytes(base) == predicted.base_bytes_after
     assert extra_bytes(ft, base) == predicted.finetune_bytes
     trainable = sum(p.numel() for p in ft.parameters() if p.requires_grad)

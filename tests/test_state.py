@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import pickle
@@ -58,7 +59,7 @@ def test_save_then_load_is_bit_exact(tmp_path, model, rules):
     path = surgery.save_adapter(ft, tmp_path / "ft.safetensors")
     again = surgery.load_adapter(base, path)
     assert again is not ft
-    mine, theirs = surgery.finetune.state.own_state(ft), surgery.finetune.state.own_state(again)
+    mine, theirs = surgery.base.ownership.own_state(ft), surgery.base.ownership.own_state(again)
     assert mine.keys() == theirs.keys() and mine
     for name in mine:
         assert torch.equal(mine[name], theirs[name]), name
@@ -90,8 +91,8 @@ def test_adapter_from_an_fp32_base_loads_onto_the_same_checkpoint_quantized(tmp_
         quantized = surgery.tiny_model("tiny-llama")
         surgery.rewrite(quantized, held)  # the base is now int8 / nf4
         loaded = surgery.load_adapter(quantized, path)
-        for name, t in surgery.finetune.state.own_state(ft).items():
-            assert torch.equal(surgery.finetune.state.own_state(loaded)[name], t)
+        for name, t in surgery.base.ownership.own_state(ft).items():
+            assert torch.equal(surgery.base.ownership.own_state(loaded)[name], t)
         assert surgery.load_adapter(loaded, path) is loaded  # its rules follow the base; still compatible
     half = surgery.tiny_model("tiny-llama").half()
     assert surgery.fingerprint(half).mismatch(surgery.fingerprint(surgery.tiny_model("tiny-llama"))) is None
@@ -295,7 +296,7 @@ def test_storage_follows_the_base_as_held(tmp_path):
     ft = surgery.load_adapter(nf4, path)
     assert surgery.finetune_info(ft).plan.decisions["model.decoder.layers.0.self_attn.q_proj"].storage == "nf4"
     assert torch.equal(
-        surgery.finetune.state.own_state(ft)["model.decoder.layers.0.self_attn.q_proj.lora_B"],
+        surgery.base.ownership.own_state(ft)["model.decoder.layers.0.self_attn.q_proj.lora_B"],
         surgery.read_adapter(path).tensors["model.decoder.layers.0.self_attn.q_proj.lora_B"],
     )
 
@@ -388,7 +389,7 @@ def test_frozen_modules_of_an_adapter_file_follow_a_base_held_quantized(tmp_path
     assert digest(held) == before
     assert torch.equal(loaded.lm_head.weight, held.lm_head.weight)  # the base's own int8 tensor, shared
     for name, t in surgery.read_adapter(path).tensors.items():
-        assert torch.equal(surgery.finetune.state.own_state(loaded)[name], t)
+        assert torch.equal(surgery.base.ownership.own_state(loaded)[name], t)
     explicit = {"quantize": "none", "default": "freeze", "rules": [{"match": "fc1", "action": "freeze"}]}
     explicit["rules"].append({"match": "q_proj", "action": "adapt"})
     path = surgery.save_adapter(surgery.rewrite(surgery.tiny_model("tiny-opt"), explicit), tmp_path / "b.st")
@@ -404,3 +405,52 @@ def test_frozen_modules_of_an_adapter_file_follow_a_base_held_quantized(tmp_path
     with pytest.raises(AdapterStateError, match=r"C1.*fc1"):
         surgery.load_adapter(partly, path)  # following the base would quantize every other layer too: refused
     assert digest(partly) == settled
+
+
+def test_a_finetune_is_one_type_that_needs_no_other_module_imported(tmp_path):
+    """Built and saved in a fresh interpreter that imports only the module that makes fine-tunes: save_pretrained
+    writes the adapter folder (never the base), and nothing surgery imports hooks every optimizer of the process."""
+    import subprocess
+    import sys
+
+    code = (
+        "import json, os, sys, torch, transformers\n"
+        "from surgery.finetune.rewriting import rewrite\n"
+        "config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,"
+        " num_attention_heads=4, num_key_value_heads=2)\n"
+        "torch.manual_seed(0)\n"
+        "base = transformers.LlamaForCausalLM(config)\n"
+        "ft = rewrite(base, 'qv_lora')\n"
+        "ft.save_pretrained(sys.argv[1])\n"
+        "from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks\n"
+        "import surgery, surgery.finetuna, surgery.train.loop, surgery.finetune.batched  # everything, then look\n"
+        "print(json.dumps({'files': sorted(os.listdir(sys.argv[1])), 'type': type(ft).__name__,\n"
+        "  'is_finetune': isinstance(ft, surgery.Finetune),\n"
+        "  'is_llama': isinstance(ft, transformers.LlamaForCausalLM),\n"
+        "  'hooks': len(_global_optimizer_pre_hooks) + len(_global_optimizer_post_hooks)}))\n"
+    )
+    folder = tmp_path / "ft"
+    done = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    said = json.loads(done.stdout.strip().splitlines()[-1])
+    assert {"adapter.safetensors", "adapter_config.json", "adapter_model.safetensors"} <= set(said["files"])
+    assert "config.json" not in said["files"]  # the base is never written
+    assert (folder / "model.safetensors").stat().st_size == (folder / "adapter.safetensors").stat().st_size
+    assert said["type"] == "FinetuneLlamaForCausalLM" and said["is_finetune"] and said["is_llama"]
+    assert said["hooks"] == 0
+    assert set(surgery.read_adapter(folder).tensors) == {
+        f"model.layers.{i}.self_attn.{p}_proj.lora_{m}" for i in (0, 1) for p in "qv" for m in "AB"
+    }
+
+
+def test_the_base_record_hangs_off_the_base_and_copies_of_it_are_new_bases():
+    from surgery.base.shared_base import base_record
+
+    base = surgery.tiny_model("tiny-opt")
+    ft = surgery.rewrite(base, "qv_lora")
+    record = base_record(base)
+    assert base.__dict__["_surgery_base"] is record and ft in record.finetunes
+    assert "_surgery_base" not in ft.__dict__  # a fine-tune is not a base
+    twin = copy.deepcopy(base)
+    assert base_record(twin) is not record and len(base_record(twin).finetunes) == 0
+    assert len(record.finetunes) == 1

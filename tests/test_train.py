@@ -26,7 +26,7 @@ def job(base, name="job", rules="qv_lora_head", data="upper", out=None, block_si
 
 
 def own(ft) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in surgery.finetune.state.own_state(ft).items()}
+    return {k: v.detach().clone() for k, v in surgery.base.ownership.own_state(ft).items()}
 
 
 def assert_bit_identical(a: dict, b: dict) -> None:

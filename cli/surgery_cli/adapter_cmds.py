@@ -201,7 +201,8 @@ def import_peft_cmd(
     quiet_libraries()
     from surgery.base.loading import load_model
     from surgery.files.adapter_file import save_adapter
-    from surgery.files.peft_format import import_peft, peft_base_model
+    from surgery.files.peft_format import peft_base_model
+    from surgery.finetune.loading import import_peft
     from surgery.rules.ruleset import SCHEMES
 
     if quantize not in (None, *SCHEMES):

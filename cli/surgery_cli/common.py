@@ -206,7 +206,8 @@ def finetune_from(adapter: Path, model: str | None, random_init: bool, where: di
     """Load the base (from --model or the file's metadata), quantized for the adapter's rules as it loads, on the
     device asked for, and the adapter onto it."""
     from surgery.base.loading import load_model
-    from surgery.files.adapter_file import load_adapter, read_adapter
+    from surgery.files.adapter_file import read_adapter
+    from surgery.finetune.loading import load_adapter
 
     info = read_adapter(adapter)
     name = model or info.base_model

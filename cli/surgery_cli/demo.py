@@ -66,7 +66,8 @@ def demo(
     import torch
 
     from surgery.base.loading import load_model
-    from surgery.files.adapter_file import ADAPTER_FILE, load_adapter
+    from surgery.files.adapter_file import ADAPTER_FILE
+    from surgery.finetune.loading import load_adapter
     from surgery.model.architectures import TINY_MODELS
     from surgery.planning.memory import extra_bytes, parameter_bytes
     from surgery.planning.report import demo_files_table, demo_memory_table, demo_results_table
@@ -182,7 +183,7 @@ def _tokenizer(model: str, base, random_init: bool):
 
 
 def _rules_name(job) -> str:
-    from surgery.finetune.state import finetune_info
+    from surgery.base.ownership import finetune_info
 
     return finetune_info(job.finetune).rules.name
 

@@ -76,8 +76,9 @@ def generate(
     from rich.table import Table
 
     from surgery.base.loading import load_model, load_tokenizer
-    from surgery.files.adapter_file import load_adapter, read_adapter
+    from surgery.files.adapter_file import read_adapter
     from surgery.finetune.batched import generate as generate_batched
+    from surgery.finetune.loading import load_adapter
     from surgery.finetune.vocabulary import extended_tokenizer
     from surgery.model.architectures import TINY_DEFAULT
     from surgery.train.data import Example, chat_prompt, read_examples

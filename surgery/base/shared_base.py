@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..errors import PlanError, RewriteError, SharedBaseWarning, SurgeryError
+from ..errors import PlanError, RewriteError, ShardingError, SharedBaseWarning, SurgeryError
 from ..layers.bnb import settle_shared_layers
 from ..model.graph import ModelGraph
 from ..model.tracing import refresh, trace
@@ -25,6 +25,7 @@ from ..planning.decisions import plan as make_plan
 from ..rules.rule_file import load_rules
 from ..rules.ruleset import RuleSet
 from .full_weights import FullWeights
+from .ownership import finetune_info
 from .quantize import quantize_base
 
 log = logging.getLogger(__name__)
@@ -43,16 +44,41 @@ class BaseRecord:
     def __repr__(self) -> str:
         return f"BaseRecord(graph={'yes' if self.graph else 'no'}, {len(self.finetunes)} live fine-tunes)"
 
+    def __deepcopy__(self, memo) -> BaseRecord:
+        """A copied base is another base: it keeps the graph (plain data) and nothing else of this one."""
+        return BaseRecord(graph=self.graph)
 
-_BASES: weakref.WeakKeyDictionary[nn.Module, BaseRecord] = weakref.WeakKeyDictionary()
+    def __reduce__(self):
+        return BaseRecord, ()  # a pickled base comes back with a fresh record
+
+
+RECORD = "_surgery_base"  # the attribute of a base that holds its record
 
 
 def base_record(model: nn.Module) -> BaseRecord:
-    """The record of a base (made on first use, dropped with the base)."""
-    record = _BASES.get(model)
+    """The record of a base, kept on the base itself (made on first use, gone with the base)."""
+    record = model.__dict__.get(RECORD)
     if record is None:
-        record = _BASES[model] = BaseRecord()
+        record = model.__dict__[RECORD] = BaseRecord()
     return record
+
+
+def sharded_root(model: nn.Module) -> nn.Module | None:
+    """The FSDP2 root of a sharded base (or of the base a fine-tune or batched view shares), else None."""
+    info = finetune_info(model)
+    view = model.__dict__.get("_surgery_batched")
+    base = info.base if info is not None else view.base if view is not None else model
+    record = base.__dict__.get(RECORD)
+    return record.sharded if record is not None else None
+
+
+def refuse_sharded(model: nn.Module, what: str, remedy: str) -> None:
+    """``what`` cannot run on a sharded base: say so, and what to do instead."""
+    root = sharded_root(model)
+    if root is not None:
+        raise ShardingError(
+            f"{what} needs the whole base, which is sharded with FSDP2 over {root.world_size} processes here; {remedy}"
+        )
 
 
 _BY_STRUCTURE: dict[tuple, ModelGraph] = {}  # a few recent traces, by architecture (see _structure_key)

@@ -1,12 +1,12 @@
-"""Files: fine-tunes to and from disk and other tools.
+"""Files: the formats fine-tunes are saved in and read from, below the fine-tune type that uses them.
 
-Adapter-only safetensors (``adapter_file``), adapter folders with ``save_pretrained``
-(``adapter_folder``), PEFT export and import (``peft_format``), vLLM / LoRAX folders (``serving``),
-``torch.export`` programs (``graph_export``) and model cards. Every reader treats its input as
-hostile: bounded, validated, one clear error naming the file.
+Adapter-only safetensors (``adapter_file``: write, read, check against a base), adapter folders
+(``adapter_folder``: the files ``ft.save_pretrained`` writes), PEFT's LoRA format both ways (``peft_format``),
+vLLM / LoRAX checks (``serving``) and model cards. Fine-tunes are read through ``base.ownership``; building
+one from a file is the fine-tune stage's (``finetune.loading``). Every reader treats its input as hostile:
+bounded, validated, one clear error naming the file.
 """
 
 from ..stages import submodules_on_use
-from . import adapter_folder  # noqa: F401  fine-tunes get save_pretrained, folders their PEFT check
 
 __getattr__ = submodules_on_use(__name__)

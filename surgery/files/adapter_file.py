@@ -10,7 +10,6 @@ were. Nothing is ever unpickled.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -22,15 +21,12 @@ import torch
 from torch import nn
 
 from ..base.fingerprints import Fingerprint, base_fingerprint
-from ..base.shared_base import base_graph
+from ..base.ownership import own_state, require_finetune
 from ..disk import GiB, MiB, atomic_write, check_folder_files, check_inside, read_user_file
-from ..errors import AdapterStateError, PlanError, RuleFileError, SurgeryError, first_line
-from ..finetune.rewriting import rewrite
-from ..finetune.state import finetune_info, own_state, require_finetune
+from ..errors import AdapterStateError, SurgeryError, first_line
 from ..package import install_hint, version
-from ..planning.decisions import plan as make_plan
 from ..rules.rule_file import parse_rules
-from ..rules.ruleset import MAX_RULE_FILE_BYTES, QuantConfig, RuleSet
+from ..rules.ruleset import MAX_RULE_FILE_BYTES, RuleSet
 
 ADAPTER_FILE = "adapter.safetensors"  # the adapter file's name in folders: save_pretrained, train runs, checkpoints
 FORMAT = "surgery-adapter"
@@ -305,76 +301,7 @@ def _tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-# ---------------------------------------------------------------------------------------- load
-
-
-def load_adapter(model: nn.Module, path: str | Path | AdapterFile) -> nn.Module:
-    """Load an adapter file: onto a base (a new fine-tune from the file's rules) or into a fine-tune.
-
-    Loading is strict (every key present, none extra, same shapes and dtypes) and atomic: on any
-    AdapterStateError the base and the target fine-tune are exactly as before. ``path`` may be an
-    AdapterFile already read with ``read_adapter``.
-    """
-    adapter = path if isinstance(path, AdapterFile) else read_adapter(path)
-    info = finetune_info(model)
-    base = info.base if info is not None else model
-    check_base(adapter, base)
-    try:
-        rules = held_storage_rules(adapter.rules, base)
-        if info is not None:
-            if info.rules.to_json() not in (adapter.rules.to_json(), rules.to_json()):
-                raise AdapterStateError(
-                    f"{adapter.path}: was saved from a fine-tune with other rules than this one "
-                    f"({info.rules.source}); load it onto the base instead to rebuild it"
-                )
-            _copy_into(model, adapter)
-            return model
-        return rewrite(base, rules, finish=lambda ft: _fill_and_check(ft, adapter))
-    except (PlanError, RuleFileError) as exc:
-        raise AdapterStateError(f"{adapter.path}: its rules do not plan on this base: {exc}") from None
-
-
-FOLDER_CHECKS: list = []  # check(finetune, adapter) after loading from a folder; adapter_folder adds the PEFT one
-
-
-def _fill_and_check(finetune: nn.Module, adapter: AdapterFile) -> None:
-    """Load the adapter's tensors; one loaded from a folder then passes the folder's checks (FOLDER_CHECKS)."""
-    _copy_into(finetune, adapter)
-    if adapter.path.name == ADAPTER_FILE:
-        for check in FOLDER_CHECKS:
-            check(finetune, adapter)
-
-
-def held_storage_rules(rules: RuleSet, base: nn.Module) -> RuleSet:
-    """The rules with their storage following the base where it is already quantized.
-
-    Adapter tensors do not depend on how the base is stored, so a file saved on an fp32 base loads
-    onto the same checkpoint held as int8 or nf4: a rule (or the default) whose only conflict is how
-    an already-quantized module is stored (C1: unquantized, frozen in full precision, another scheme or
-    other settings) takes the scheme and settings the base holds (a ``freeze`` becomes a ``quantize``, which
-    keeps the module frozen as held). The rules returned never quantize a module the given ones would not.
-    """
-    graph = base_graph(base)
-    trial = make_plan(graph, rules, check=False)
-    if not trial.violations or any(v.constraint != "C1" for v in trial.violations):
-        return rules
-    held: dict[int, QuantConfig | None] = {}  # per rule (0: the default), how the base holds what it decides
-    for v in sorted(trial.violations, key=lambda v: trial.decisions[v.module].kind == "embedding"):
-        decision = trial.decisions[v.module]
-        held.setdefault(decision.rule.index if decision.rule else 0, graph.modules[v.module].held)
-    if None in held.values():
-        return rules
-    new_rules = tuple(_as_held(r, held[r.index]) if r.index in held else r for r in rules.rules)
-    default = "quantize" if 0 in held and rules.default == "freeze" else rules.default
-    out = dataclasses.replace(rules, rules=new_rules, quantize=held.get(0, rules.quantize), default=default)
-    again = make_plan(graph, out, check=False)  # the held settings must fit every module, and quantize nothing new
-    new = {d.path for d in again.quantized} - {d.path for d in trial.quantized}
-    return out if not again.violations and not new else rules
-
-
-def _as_held(rule, quant: QuantConfig):
-    """A rule that keeps what it matches as the base holds it: its storage the held one, a freeze a quantize."""
-    return dataclasses.replace(rule, quantize=quant, action="quantize" if rule.action == "freeze" else rule.action)
+# ---------------------------------------------------------------------------------------- base
 
 
 def check_base(adapter: AdapterFile, base: nn.Module) -> None:
@@ -391,30 +318,3 @@ def check_base(adapter: AdapterFile, base: nn.Module) -> None:
             f"{adapter.path}: the base differs from the one it was saved on "
             f"({adapter.base_model or adapter.base_class}): {why}"
         )
-
-
-def _copy_into(finetune: nn.Module, adapter: AdapterFile) -> None:
-    """Check every key, shape and dtype first, then copy: a mismatch changes nothing."""
-    own = own_state(finetune)
-    unexpected = sorted(set(adapter.tensors) - set(own))
-    missing = [name for name in own if name not in adapter.tensors]
-    if unexpected or missing:
-        parts = [
-            f"{what} key '{keys[0]}'" + (f" (and {len(keys) - 1} more)" if len(keys) > 1 else "")
-            for what, keys in (("unexpected", unexpected), ("missing", missing))
-            if keys
-        ]
-        raise AdapterStateError(
-            f"{adapter.path}: {'; '.join(parts)} — the file does not match the fine-tune its rules build"
-        )
-    for name, p in own.items():
-        t = adapter.tensors[name]
-        if tuple(t.shape) != tuple(p.shape):
-            raise AdapterStateError(
-                f"{adapter.path}: '{name}' has shape {tuple(t.shape)} but the fine-tune needs {tuple(p.shape)}"
-            )
-        if t.dtype != p.dtype:
-            raise AdapterStateError(f"{adapter.path}: '{name}' is {t.dtype} but the fine-tune holds {p.dtype}")
-    with torch.no_grad():
-        for name, p in own.items():
-            p.copy_(adapter.tensors[name])

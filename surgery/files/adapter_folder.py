@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..base.ownership import own_state, require_finetune
+from ..base.shared_base import refuse_sharded
 from ..disk import write_folder_files
 from ..errors import AdapterStateError, SurgeryError, SurgeryWarning
-from ..finetune.sharding import refuse_sharded
-from ..finetune.state import add_method, own_state, require_finetune
-from .adapter_file import ADAPTER_FILE, FOLDER_CHECKS, adapter_bytes
+from .adapter_file import ADAPTER_FILE, adapter_bytes
 from .model_card import CARD_FILE, adapter_card
 from .peft_format import CONFIG_FILE, peft_adapter, peft_files, read_peft_folder
 
@@ -43,7 +43,7 @@ IGNORED_KEYWORDS = {  # transformers' save_pretrained keywords that mean nothing
 }
 
 
-def save_pretrained(
+def write_adapter_folder(
     finetune: nn.Module,
     save_directory: str | os.PathLike,
     *,
@@ -174,7 +174,3 @@ def check_peft_layout(finetune: nn.Module, adapter) -> None:
 def _canonical(value):
     """A config value compared without regard to list order (PEFT writes target_modules as a set)."""
     return sorted(map(str, value)) if isinstance(value, (list, tuple)) else value
-
-
-add_method("save_pretrained", save_pretrained)
-FOLDER_CHECKS.append(check_peft_layout)

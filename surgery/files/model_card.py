@@ -14,9 +14,9 @@ import yaml
 from torch import nn
 
 from ..base.fingerprints import base_fingerprint
-from ..finetune.state import require_finetune
-from ..finetune.vocabulary import extra_token_layers
+from ..base.ownership import require_finetune
 from ..layers.bnb import base_loading
+from ..layers.extra_tokens import extra_token_layers
 from .adapter_file import base_name
 
 CARD_FILE = "README.md"

@@ -27,14 +27,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..base.fingerprints import Fingerprint
+from ..base.fingerprints import Fingerprint, base_fingerprint
+from ..base.ownership import require_finetune
+from ..base.shared_base import refuse_sharded
 from ..disk import MiB, check_folder_files, check_inside, check_user_file, read_user_text, write_folder_files
-from ..errors import AdapterStateError, PlanError, RuleFileError, first_line
-from ..finetune.rewriting import rewrite
-from ..finetune.sharding import refuse_sharded
-from ..finetune.state import require_finetune
-from ..finetune.vocabulary import extra_token_layers
+from ..errors import AdapterStateError, RuleFileError, first_line
 from ..layers.bnb import quantized_storage
+from ..layers.extra_tokens import extra_token_layers
 from ..layers.lora import LoraEmbedding, LoraLayer, LoraPositionalEmbedding
 from ..package import version
 from ..rules.rule_file import parse_rules
@@ -97,7 +96,6 @@ def peft_adapter(
     The metadata (stored in the weights file's header, which PEFT and servers ignore) names the base
     and holds its fingerprint, so ``surgery adapter show`` and ``import_peft`` can tell which base it needs.
     """
-    from ..base.fingerprints import base_fingerprint
     from .adapter_file import base_name
 
     info = require_finetune(finetune, "exported to PEFT")
@@ -277,14 +275,31 @@ def read_peft_folder(folder: str | Path) -> PeftFolder:
     return PeftFolder(folder, config, tensors, metadata, fingerprint)
 
 
-def import_peft(base: nn.Module, folder: str | Path, *, quantize: str | None = None) -> nn.Module:
-    """A fine-tune of ``base`` with a PEFT LoRA adapter folder's weights, giving PEFT's outputs.
+@dataclass(frozen=True)
+class PeftImport:
+    """A PEFT LoRA folder read for one base: the rules that rebuild it there and the fine-tune's tensors by name."""
 
-    ``quantize`` (int8, nf4, fp4, none) sets how the base is stored; by default it is kept as it is held.
-    A folder surgery exported names its base's fingerprint: another base is refused.
+    folder: Path
+    rules: RuleSet
+    values: dict[str, torch.Tensor]
+    tied_rows: torch.Tensor | None = None  # PEFT's one token delta for an output layer tied to the embedding
+
+
+def read_peft_import(base: nn.Module, folder: str | Path, *, quantize: str | None = None) -> PeftImport:
+    """Read a PEFT LoRA folder for ``base``: which modules it adapts on this base (as PEFT would), their LoRA settings
+    as a small rule set, and its weights under surgery's names; every check before anything is built.
+
+    Args:
+        base: the model the folder is loaded onto.
+        folder: the PEFT adapter folder.
+        quantize: int8, nf4, fp4 or none for how the base is stored; by default it is kept as it is held.
+
+    Returns:
+        A ``PeftImport`` that ``surgery.import_peft`` builds the fine-tune from.
+
+    Raises:
+        AdapterStateError: the folder is malformed, for another base, or does not plan on this one.
     """
-    from .adapter_file import base_fingerprint
-
     adapter = read_peft_folder(folder)
     folder, config, tensors = adapter.path, adapter.config, adapter.tensors
     if adapter.fingerprint is not None:
@@ -324,29 +339,8 @@ def import_peft(base: nn.Module, folder: str | Path, *, quantize: str | None = N
             values[f"{path}.lora_magnitude"] = parts["magnitude"]
     values.update(plain)
     values.update({f"{path}.extra_rows": rows for path, rows in tokens.items()})
-
-    def fill(ft: nn.Module) -> None:
-        from ..finetune.state import own_state
-
-        own = own_state(ft)
-        if len(tokens) == 1:  # PEFT's one delta for an output layer tied to the embedding: both take it
-            values.update({name: next(iter(tokens.values())) for name in own if name.endswith(".extra_rows")})
-        for name, p in own.items():
-            t = values.get(name)
-            if t is None or tuple(t.shape) != tuple(p.shape):
-                why = "missing" if t is None else f"shape {tuple(t.shape)}, needs {tuple(p.shape)}"
-                raise AdapterStateError(f"{folder}: no usable weights for '{name}' ({why})")
-        extra = sorted(set(values) - set(own))
-        if extra:
-            raise AdapterStateError(f"{folder}: weights for '{extra[0]}', which the fine-tune does not have")
-        with torch.no_grad():
-            for name, p in own.items():
-                p.copy_(values[name].to(p.dtype))
-
-    try:
-        return rewrite(base, rules, finish=fill)
-    except PlanError as exc:
-        raise AdapterStateError(f"{folder}: this PEFT adapter does not plan on this base: {exc}") from exc
+    tied = next(iter(tokens.values())) if len(tokens) == 1 else None
+    return PeftImport(folder, rules, values, tied)
 
 
 def _extra_tokens(adapter: PeftFolder, tokens: dict[str, torch.Tensor]) -> dict:

@@ -21,8 +21,8 @@ from typing import Literal
 
 from torch import nn
 
+from ..base.ownership import require_finetune
 from ..errors import ExportError
-from ..finetune.state import require_finetune
 from ..layers.lora import LoraEmbedding, LoraLayer
 
 Target = Literal["peft", "vllm", "lorax"]

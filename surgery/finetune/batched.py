@@ -18,22 +18,21 @@ masks are drawn from its own random state (``Routing.rngs``) when one is given.
 from __future__ import annotations
 
 import math
-import types
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from ..base.ownership import finetune_info, own_state, refuse_copying_move, refuse_training_shared
+from ..base.shared_base import refuse_sharded
 from ..devices import input_device
 from ..errors import DataError, RewriteError
+from ..layers.extra_tokens import extra_token_layers
 from ..layers.lora import LoraLayer, LoraPositionalEmbedding
 from ..model.tracing import replace_submodule
 from ..random_state import swap_rng
-from .rewriting import shared_copy
-from .sharding import refuse_sharded
-from .state import finetune_info, guarded_apply, own_state
-from .vocabulary import extra_token_layers
+from .rewriting import shared_copy, subclass_of
 
 
 @dataclass
@@ -127,6 +126,16 @@ class RoutedLayer(nn.Module):
         return f"parts=[{', '.join(kinds)}]"
 
 
+class BatchedView(nn.Module):
+    """A batched view (made by ``batched``): a model of the base's class over the base's tensors whose routed layers
+    run each row through its own fine-tune's parts; ``type(view)`` is ``BatchedView<BaseClass>``."""
+
+    def _apply(self, fn, *args, **kwargs):
+        """Refuse moves and casts: they would give the view its own copy of the shared base."""
+        refuse_copying_move(self, fn, "a batched view")
+        return super()._apply(fn, *args, **kwargs)
+
+
 @dataclass(frozen=True)
 class BatchedInfo:
     """What a batched view serves: its base, its entries (fine-tunes or None for the base), its routing."""
@@ -167,8 +176,9 @@ def batched(base: nn.Module, entries: Sequence[nn.Module | None]) -> nn.Module:
         replace_submodule(view, path, RoutedLayer(view.get_submodule(path), parts, routing))
     if any(p.requires_grad for p in view.parameters()):
         raise RewriteError("internal: the batched view would own a trainable tensor")  # the fine-tunes own them
+    view.__class__ = subclass_of(BatchedView, type(base))
     view.__dict__["_surgery_batched"] = BatchedInfo(base, entries, routing)
-    view.__dict__["_apply"] = types.MethodType(guarded_apply, view)  # moving the view would copy the base
+    view.register_forward_pre_hook(lambda module, args: refuse_training_shared(module))
     return view
 
 

@@ -14,16 +14,16 @@ import dataclasses
 import torch
 from torch import nn
 
+from ..base.ownership import require_finetune
 from ..base.quantize import quantized_layer
+from ..base.shared_base import refuse_sharded
 from ..errors import MergeError
 from ..layers.bnb import dense_weight, quantized_storage
-from ..layers.extra_tokens import ExtraTokenHead, ExtraTokenLayer
+from ..layers.extra_tokens import ExtraTokenHead, ExtraTokenLayer, extra_token_layers
 from ..layers.lora import LoraLayer
 from ..model.tracing import find_ties, replace_submodule
 from ..rules.ruleset import EMBEDDING_KINDS, QuantConfig
-from .sharding import refuse_sharded
-from .state import detached_copy, require_finetune
-from .vocabulary import extra_token_layers
+from .rewriting import detached_copy
 
 
 def merge(finetune: nn.Module, dtype: torch.dtype | None = None, *, requantize: bool = False) -> nn.Module:

@@ -1,16 +1,28 @@
-"""Make fine-tunes: structural copies of a base that share every frozen tensor with it.
+"""What a fine-tune is (``Finetune``) and how one is made (``rewrite``): a copy of the base that shares its tensors.
 
-``rewrite(base, rules)`` plans (all errors first), quantizes the base in place once where the plan
-needs it, then builds a fine-tune of the same class: every module object is new (own hooks, own
-training flag) but every frozen parameter and buffer is the base's own tensor; quantized layers are
-shared as they are; adapted layers are wrapped in LoRA; ``plain`` modules get a private trainable
-copy. Siblings therefore cost only their adapters and plain copies.
+``rewrite(base, rules)`` plans (all errors first), quantizes the base in place once where the plan needs it,
+then builds a fine-tune: every module object is new (own hooks, own training flag) but every frozen parameter
+and buffer is the base's own tensor; quantized layers are shared as they are; adapted layers are wrapped in
+LoRA; ``plain`` modules get a private trainable copy. Siblings therefore cost only their adapters and plain
+copies.
+
+A fine-tune is a ``Finetune``: its class is a subclass of the base's own class, made once per base class
+(``finetune_class``), so ``generate``, ``Trainer`` and ``isinstance(ft, LlamaForCausalLM)`` keep working, and
+``isinstance(ft, surgery.Finetune)`` says what is a fine-tune. Everything a user can do through its public
+surface leaves the base and every sibling bit-identical: ``_apply`` refuses moves and casts that would copy
+the base, ``requires_grad_(True)`` refuses to make shared tensors trainable, ``load_state_dict`` loads only its
+own tensors, ``save_pretrained`` writes an adapter folder (never the base), ``copy.deepcopy`` makes an
+independent fine-tune of the same base, pickling stores the base plus the fine-tune's own tensors. The shared
+tensors carry their own guard (``base.ownership.mark_shared``); a fine-tune wrapped by FSDP1 refuses to
+run.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,8 +30,18 @@ from torch import nn
 
 from ..base.full_weights import full_weight_reader
 from ..base.loading import full_weights_of
+from ..base.ownership import (
+    INFO,
+    FinetuneInfo,
+    finetune_info,
+    mark_shared,
+    own_state,
+    refuse_copying_move,
+    refuse_training_shared,
+)
 from ..base.quantize import float_weight, quantize_base
 from ..base.shared_base import (
+    RECORD,
     base_graph,
     base_record,
     holds_tensors,
@@ -28,17 +50,165 @@ from ..base.shared_base import (
     settle_base,
     warn_if_quantizing_under_finetunes,
 )
-from ..errors import RewriteError, ShardingError
+from ..errors import AdapterStateError, RewriteError, ShardingError
+from ..files.adapter_folder import write_adapter_folder
 from ..layers.adapters import make_adapter
-from ..layers.bnb import dense_weight, own_class, quantized_storage
+from ..layers.bnb import dense_weight, is_state_key, own_class, quantized_storage
 from ..model.tracing import replace_submodule
 from ..planning.decisions import Decision, Plan
 from ..planning.decisions import plan as make_plan
 from ..random_state import forked_rng
 from ..rules.rule_file import load_rules
 from ..rules.ruleset import RuleSet
-from .state import FinetuneInfo, finetune_info, install_guards, mark_shared, own_state
 from .vocabulary import add_extra_tokens, first_extra_id
+
+
+class Finetune(nn.Module):
+    """A fine-tune of a shared base: a model of the base's own class over the base's frozen tensors, plus tensors
+    of its own (LoRA, private copies of ``plain`` modules, new token rows).
+
+    Made by ``surgery.rewrite`` (and ``load_adapter``, ``import_peft``, ``finetuna.new_finetuned``), never
+    constructed directly. ``type(ft)`` is ``Finetune<BaseClass>``, a subclass of both ``Finetune`` and the base's
+    class.
+    """
+
+    @property
+    def surgery_info(self) -> FinetuneInfo:
+        """The rules this fine-tune was made from, their plan, and the base it shares."""
+        return self.__dict__[INFO]
+
+    def own_state(self) -> dict[str, nn.Parameter]:
+        """The fine-tune's own tensors by state-dict name (what adapter files hold)."""
+        return own_state(self)
+
+    def _apply(self, fn, *args, **kwargs):
+        """Refuse ``.to()``/``.cuda()``/``.half()``... that would give the fine-tune its own copy of the shared base
+        (moves that change nothing, as ``Trainer`` makes them, pass)."""
+        refuse_copying_move(self, fn, "a fine-tune")
+        return super()._apply(fn, *args, **kwargs)
+
+    def requires_grad_(self, requires_grad: bool = True) -> Finetune:
+        """Refuse to make the base's shared tensors trainable (an optimizer would write into every sibling)."""
+        if requires_grad:
+            own = {id(p) for p in own_state(self).values()}
+            shared = next((name for name, p in self.named_parameters() if id(p) not in own), None)
+            if shared is not None:
+                raise RewriteError(
+                    f"requires_grad_(True) would make '{shared}', a frozen tensor this fine-tune shares with its base "
+                    "and siblings, trainable; train a module in full precision with a `plain` rule (it gets a "
+                    "private copy), or adapt it with LoRA. Its own tensors are trainable already"
+                )
+        return super().requires_grad_(requires_grad)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load this fine-tune's own tensors only, never the base it shares.
+
+        A full state dict (e.g. a Trainer checkpoint's model.safetensors) may name the base's tensors too; writing
+        them through one fine-tune would change the base under every sibling, so they are skipped. Missing own
+        tensors fail under ``strict``; a shape mismatch always fails, before any copy.
+        """
+        own = own_state(self)
+        missing = [k for k in own if k not in state_dict]
+        if strict and missing:
+            raise AdapterStateError(
+                f"load_state_dict: missing '{missing[0]}'"
+                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                + " of this fine-tune's own tensors"
+            )
+        for name, p in own.items():
+            if name in state_dict and tuple(state_dict[name].shape) != tuple(p.shape):
+                raise AdapterStateError(
+                    f"load_state_dict: '{name}' has shape {tuple(state_dict[name].shape)}, "
+                    f"the fine-tune needs {tuple(p.shape)}"
+                )
+        with torch.no_grad():
+            for name, p in own.items():
+                if name in state_dict:
+                    p.copy_(state_dict[name])
+        known = {n for n, _ in self.named_parameters(remove_duplicate=False)}
+        known |= {n for n, _ in self.named_buffers(remove_duplicate=False)}
+        unexpected = [k for k in state_dict if k not in known and not is_state_key(k, known)]
+        return nn.modules.module._IncompatibleKeys(missing, unexpected)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> Path:
+        """Write the fine-tune's adapter folder (PEFT's layout where PEFT can hold it, surgery's adapter file, the
+        Trainer link, a model card); the base is never written. Takes transformers' keywords (``is_main_process``,
+        ``state_dict``, ...); see ``surgery.files.adapter_folder.write_adapter_folder``.
+
+        Returns:
+            The folder.
+        """
+        return write_adapter_folder(self, save_directory, **kwargs)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Finetune:
+        """An independent fine-tune on the same base (or on the base's copy, when the base is copied too)."""
+        info = self.surgery_info
+        base = memo.get(id(info.base), info.base)
+        own = {name: p.detach().clone() for name, p in own_state(self).items()}
+        return rebuild(base, info.rules, own, [m.training for m in self.modules()])
+
+    def __reduce_ex__(self, protocol: int):
+        """Pickle as (base, rules, own tensors, training flags): unpickling rebuilds a fine-tune of that base."""
+        info = self.surgery_info
+        own = {name: p.detach().to("cpu").clone() for name, p in own_state(self).items()}
+        return rebuild, (info.base, info.rules, own, [m.training for m in self.modules()])
+
+
+_CLASSES: dict[tuple[type, type], type] = {}  # (surgery's type, base class) -> their subclass, made once
+
+
+def finetune_class(base_class: type) -> type:
+    """The fine-tune class of a base class: ``Finetune<BaseClass>(Finetune, BaseClass)``, made once and reused."""
+    return subclass_of(Finetune, base_class)
+
+
+def subclass_of(kind: type, base_class: type) -> type:
+    """``<kind><BaseClass>(kind, BaseClass)``: one of surgery's model types (a fine-tune, a batched view) over a
+    base's own class, made once per pair; ``cls.base_class`` is the base's class."""
+    cls = _CLASSES.get((kind, base_class))
+    if cls is None:
+        name = f"{kind.__name__}{base_class.__name__}"
+        cls = type(name, (kind, base_class), {"__module__": kind.__module__, "__qualname__": name})
+        cls.base_class = base_class
+        _CLASSES[(kind, base_class)] = cls
+    return cls
+
+
+def detached_copy(finetune: nn.Module, memo: dict[int, Any]) -> nn.Module:
+    """``copy.deepcopy(finetune, memo)`` as a plain model of the base's class: no fine-tune info, type or guards."""
+    cls = getattr(type(finetune), "base_class", type(finetune))
+    shell = object.__new__(cls)
+    shell.__dict__.update({k: v for k, v in finetune.__dict__.items() if k != INFO})
+    out = copy.deepcopy(shell, memo)
+    out._forward_pre_hooks = type(out._forward_pre_hooks)(
+        (k, h) for k, h in out._forward_pre_hooks.items() if h is not _guard_forward
+    )
+    return out
+
+
+def _become_finetune(model: nn.Module, info: FinetuneInfo) -> Finetune:
+    """Make a structural copy of the base into a fine-tune: its type, its info, its FSDP1 guard."""
+    model.__class__ = finetune_class(type(model))
+    model.__dict__[INFO] = info
+    model.register_forward_pre_hook(_guard_forward)
+    return model
+
+
+def _guard_forward(finetune: nn.Module, args) -> None:
+    """Forward pre-hook of a fine-tune: no shared tensor may train, and FSDP1 must not have flattened the base."""
+    refuse_training_shared(finetune)
+    _refuse_fsdp1_flattening(finetune)
+
+
+def _refuse_fsdp1_flattening(module: nn.Module) -> None:
+    """FSDP1 rewrites the parameters a fine-tune shares with its base; refuse to run on."""
+    if any(getattr(p, "_fsdp_flattened", False) for p in module.surgery_info.base.parameters()):
+        raise RewriteError(
+            "this fine-tune was wrapped by FSDP1 (torch.distributed.fsdp.FullyShardedDataParallel, also accelerate's "
+            "and Trainer's FSDP setting), which rewrites the tensors it shares with its base and siblings; FSDP1 is "
+            "not supported on fine-tunes. Reload the base, and train with DDP (torchrun) or shard the shared base "
+            "with FSDP2 (`surgery train --fsdp`, surgery.shard_base) instead"
+        )
 
 
 def rewrite(
@@ -77,7 +247,7 @@ def rewrite(
             _start_from_quantization_error(finetune, loftq, full)
         if first_id is not None:
             add_extra_tokens(finetune, rules.extra_tokens, first_id)
-        install_guards(finetune, FinetuneInfo(rules, the_plan, model), COPYING)
+        finetune = _become_finetune(finetune, FinetuneInfo(rules, the_plan, model))
         if finish is not None:
             finish(finetune)
     mark_shared(model)
@@ -106,6 +276,7 @@ def shared_copy(base: nn.Module) -> nn.Module:
     if root is not None:
         memo[id(root)] = root  # the base's own forward goes through the root too
     out = copy.deepcopy(base, memo)
+    out.__dict__.pop(RECORD, None)  # the base's record stays the base's
     if root is not None:
         run_through_root(out, root)
     return out
@@ -218,24 +389,6 @@ def _own_quantized_leaf(module: nn.Module) -> nn.Module:
     return own
 
 
-# ------------------------------------------------------------------------------ copying a fine-tune
-
-
-def _deepcopy(self: nn.Module, memo: dict[int, Any]) -> nn.Module:
-    """An independent fine-tune on the same base (or on the base's copy, when the base is copied too)."""
-    info = finetune_info(self)
-    base = memo.get(id(info.base), info.base)
-    own = {name: p.detach().clone() for name, p in own_state(self).items()}
-    return rebuild(base, info.rules, own, [m.training for m in self.modules()])
-
-
-def _reduce_ex(self: nn.Module, protocol: int):
-    """Pickle as (base, rules, own tensors, training flags): unpickling rebuilds a fine-tune of that base."""
-    info = finetune_info(self)
-    own = {name: p.detach().to("cpu").clone() for name, p in own_state(self).items()}
-    return rebuild, (info.base, info.rules, own, [m.training for m in self.modules()])
-
-
 def rebuild(base: nn.Module, rules: RuleSet, own: dict[str, torch.Tensor], modes: list[bool]) -> nn.Module:
     """A fine-tune of ``base`` by ``rules`` holding ``own`` tensors, each module in the given training mode."""
     with forked_rng():  # LoRA init is overwritten: draw nothing from the caller's stream
@@ -243,6 +396,3 @@ def rebuild(base: nn.Module, rules: RuleSet, own: dict[str, torch.Tensor], modes
     for module, training in zip(finetune.modules(), modes):
         module.training = training
     return finetune
-
-
-COPYING = {"__deepcopy__": _deepcopy, "__reduce_ex__": _reduce_ex}

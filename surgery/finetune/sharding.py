@@ -22,29 +22,12 @@ import torch
 from torch import nn
 
 from ..base.fingerprints import base_fingerprint
+from ..base.ownership import finetune_info
 from ..base.shared_base import ShardedBase, base_record, holds_tensors, run_through_root
 from ..distributed import World, world
 from ..errors import ShardingError, ShardingWarning
 from ..layers.bnb import own_class, quantized_storage, state_tensors
 from ..model.tracing import decoder_layers
-from .state import finetune_info
-
-
-def sharded_root(model: nn.Module) -> ShardedBase | None:
-    """The FSDP2 root of a sharded base (or of the base a fine-tune or view shares), else None."""
-    info = finetune_info(model)
-    view = model.__dict__.get("_surgery_batched")
-    base = info.base if info is not None else view.base if view is not None else model
-    return base_record(base).sharded
-
-
-def refuse_sharded(model: nn.Module, what: str, remedy: str) -> None:
-    """``what`` cannot run on a sharded base: say so, and what to do instead."""
-    root = sharded_root(model)
-    if root is not None:
-        raise ShardingError(
-            f"{what} needs the whole base, which is sharded with FSDP2 over {root.world_size} processes here; {remedy}"
-        )
 
 
 def check_sharding(fsdp: bool, batched: bool, device_map: str | None = None) -> None:

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..errors import RewriteError
 from ..layers.bnb import dense_weight, logical_shape, quantized_storage
-from ..layers.extra_tokens import ExtraTokenEmbedding, ExtraTokenHead, ExtraTokenLayer
+from ..layers.extra_tokens import ExtraTokenEmbedding, ExtraTokenHead, extra_token_layers
 from ..model.tracing import replace_submodule
 from ..rules.ruleset import ExtraTokens, RuleSet
 
@@ -90,17 +90,13 @@ def tokenizer_with(extra: ExtraTokens, first_id: int, tokenizer):
 def extended_tokenizer(finetune: nn.Module, tokenizer):
     """``tokenizer`` (the base's) with the fine-tune's extra tokens added, as a copy; the same object when the
     fine-tune adds none."""
-    from .state import require_finetune
+    from ..base.ownership import require_finetune
 
     extra = require_finetune(finetune, "given a tokenizer").rules.extra_tokens
     layers = extra_token_layers(finetune)
     if extra is None or not layers:
         return tokenizer
     return tokenizer_with(extra, layers[0][1].first_id, tokenizer)
-
-
-def extra_token_layers(model: nn.Module) -> list[tuple[str, ExtraTokenLayer]]:
-    return [(path, m) for path, m in model.named_modules() if isinstance(m, ExtraTokenLayer)]
 
 
 def _embedding_paths(model: nn.Module) -> tuple[str | None, str | None]:

@@ -70,3 +70,8 @@ def _spliced(weight: torch.Tensor, rows: torch.Tensor, first_id: int, width: int
     out[: weight.shape[0]] = weight
     out[first_id : first_id + rows.shape[0]] = rows.detach().to(weight)
     return out
+
+
+def extra_token_layers(model: nn.Module) -> list[tuple[str, ExtraTokenLayer]]:
+    """The layers of ``model`` that hold a fine-tune's new token rows, by path."""
+    return [(path, m) for path, m in model.named_modules() if isinstance(m, ExtraTokenLayer)]

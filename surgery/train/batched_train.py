@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..base.ownership import finetune_info
 from ..distributed import World, rank_weight
 from ..errors import TrainError
 from ..finetune.batched import batched, route
-from ..finetune.state import finetune_info
 from .data import IGNORE
 from .job import Job, Run
 from .step import autocast, micro_batch, model_inputs, optimizer_step, tokens, trainable_device

@@ -20,11 +20,12 @@ import torch
 from torch import nn
 
 from ..base.loading import TOKENIZER_FILES
+from ..base.ownership import own_state
 from ..disk import MiB, atomic_folder, atomic_write, check_user_file, remove_folder
 from ..distributed import World
 from ..errors import SurgeryError, TrainError, first_line
-from ..files.adapter_file import ADAPTER_FILE, load_adapter, save_adapter
-from ..finetune.state import own_state
+from ..files.adapter_file import ADAPTER_FILE, save_adapter
+from ..finetune.loading import load_adapter
 from .job import Job, Run, build_optimizer
 
 STATE_FILE = "training_state.safetensors"

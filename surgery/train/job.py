@@ -322,7 +322,7 @@ def compile_forward(finetune: nn.Module, backend: str) -> None:
     adapter files and shared base are as without), after a probe that the backend works on the fine-tune's device
     (inductor needs a C++ compiler on the CPU, Triton on CUDA): a TrainError before training rather than an error
     deep inside the first step."""
-    from ..finetune.sharding import refuse_sharded
+    from ..base.shared_base import refuse_sharded
 
     refuse_sharded(finetune, "--compile", "train without --compile")
     device = next((p.device for p in finetune.parameters() if p.requires_grad), torch.device("cpu"))  # where steps run

@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..base.ownership import finetune_info, own_state, require_finetune
+from ..base.shared_base import refuse_sharded
 from ..devices import input_device
 from ..distributed import World, broadcast_trainables, gathered_rng, rank_seed, world
 from ..errors import TrainError
 from ..files.adapter_file import save_adapter
-from ..finetune.sharding import refuse_sharded
-from ..finetune.state import finetune_info, own_state, require_finetune
 from ..random_state import new_rng
 from .batched_train import check_batching, group_jobs, run_batched
 from .checkpoint import (

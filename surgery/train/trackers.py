@@ -77,7 +77,7 @@ def _require(name: TrackerName) -> None:
 
 def run_config(job: Job) -> dict:
     """What a tracker run records as its config: the job, its rule file, its plan and its settings."""
-    from ..finetune.state import require_finetune
+    from ..base.ownership import require_finetune
 
     info = require_finetune(job.finetune, "reported")
     identity = {k: v for k, v in job.identity.items() if k != "rules"}

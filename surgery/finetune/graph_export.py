@@ -15,12 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..base.ownership import require_finetune
+from ..base.shared_base import refuse_sharded
 from ..errors import ExportError, first_line
-from ..finetune.merging import merge as merge_finetune
-from ..finetune.sharding import refuse_sharded
-from ..finetune.state import detached_copy, require_finetune
 from ..layers.bnb import quantized_storage, standard_layout
 from ..layers.lora import LoraLayer
+from .merging import merge as merge_finetune
+from .rewriting import detached_copy
 
 
 def export_graph(
