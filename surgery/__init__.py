@@ -48,7 +48,9 @@ _PUBLIC = {  # public name -> the module that defines it
     **{name: "surgery.model.graph" for name in ("ModelGraph", "ModuleInfo", "ParamInfo")},
     "trace": "surgery.model.tracing",
     **{name: "surgery.planning.decisions" for name in ("Decision", "Plan", "plan")},
-    **{name: "surgery.base.loading" for name in ("load_model", "tiny_model", "tiny_tokenizer")},
+    "load_model": "surgery.base.loading",
+    "tiny_model": "surgery.base.tiny",
+    "tiny_tokenizer": "surgery.base.tokenizer",
     "prepare_base": "surgery.base.shared_base",
     **{name: "surgery.base.fingerprints" for name in ("Fingerprint", "fingerprint")},
     **{name: "surgery.base.ownership" for name in ("FinetuneInfo", "finetune_info")},
@@ -89,9 +91,11 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and IDEs: the names as they resolve
     from . import finetuna
     from .base.fingerprints import Fingerprint, fingerprint
-    from .base.loading import load_model, tiny_model, tiny_tokenizer
+    from .base.loading import load_model
     from .base.ownership import FinetuneInfo, finetune_info
     from .base.shared_base import prepare_base
+    from .base.tiny import tiny_model
+    from .base.tokenizer import tiny_tokenizer
     from .errors import (
         AdapterStateError,
         DataError,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -246,7 +247,17 @@ def check_folder_files(folder: str | Path, *, error: type[SurgeryError]) -> None
 
 def check_inside(folder: Path, name: str, *, error: type[SurgeryError]) -> None:
     """Refuse a file of a folder that is a link to somewhere outside the folder (or a link loop): a folder from
-    the internet must not make surgery read other files."""
+    the internet must not make surgery read other files. A snapshot of the HF cache is the exception the cache's
+    layout makes: its files are links into its repository's blobs (``link_roots``), and those are followed.
+
+    Args:
+        folder: the folder the file belongs to.
+        name: the file's name in it.
+        error: the SurgeryError to raise.
+
+    Raises:
+        error: the file is a link that leads nowhere, or out of ``link_roots(folder)``.
+    """
     path = folder / name
     if not path.is_symlink():
         return
@@ -256,11 +267,42 @@ def check_inside(folder: Path, name: str, *, error: type[SurgeryError]) -> None:
         raise error(
             f"{path}: is a link that leads nowhere (a loop or a missing target); replace it with the file"
         ) from None
-    if not target.is_relative_to(folder.resolve()):
+    roots = link_roots(folder)
+    if not any(target.is_relative_to(root) for root in roots):
+        where = "outside its folder" + (" and its HF cache repository" if len(roots) > 1 else "")
         raise error(
-            f"{path}: is a link to {target}, outside its folder; surgery reads only the folder's own files "
-            "(copy the file in)"
+            f"{path}: is a link to {target}, {where}; surgery reads only the folder's own files (copy the file in)"
         )
+
+
+HF_CACHE_REPOSITORY = re.compile(r"(models|datasets|spaces)--.+")  # huggingface_hub's folder of one repository
+HF_SHARED_BLOBS_MARKER = ".huggingface-shared-blobs"  # marks huggingface_hub's cache-wide blob store, <cache>/blobs
+
+
+def link_roots(folder: Path) -> list[Path]:
+    """The folders a link in ``folder`` may lead into (resolved).
+
+    Args:
+        folder: a folder of files surgery reads.
+
+    Returns:
+        The folder itself; for a snapshot in huggingface_hub's cache (``<cache>/models--org--name/snapshots/<commit>``
+        or a folder below it, whose files link into ``../../blobs/``) also that repository's folder, and the
+        cache-wide blob store its blobs link on to when huggingface_hub has marked one (``<cache>/blobs``).
+    """
+    real = folder.resolve()
+    roots = [real]
+    snapshots = next((p for p in real.parents if p.name == "snapshots"), None)
+    if snapshots is None or not HF_CACHE_REPOSITORY.fullmatch(snapshots.parent.name):
+        return roots
+    repository = snapshots.parent
+    if not (repository / "blobs").is_dir():
+        return roots
+    roots.append(repository)
+    store = repository.parent / "blobs"
+    if (store / HF_SHARED_BLOBS_MARKER).is_file():
+        roots.append(store.resolve())
+    return roots
 
 
 def fsync_folder(folder: Path) -> None:

@@ -179,6 +179,7 @@ def test_resume_takes_the_earlier_runs_folder_and_refuses_another_model_or_rules
 
 def test_random_init_of_a_config_bigger_than_memory_is_refused_before_allocating(tmp_path, monkeypatch):
     import surgery.base.loading as loading
+    import surgery.base.tiny as tiny  # the memory guard of --random-init
 
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text(
@@ -194,7 +195,7 @@ def test_random_init_of_a_config_bigger_than_memory_is_refused_before_allocating
             }
         )
     )
-    monkeypatch.setattr(loading, "_available_memory", lambda: 8 * 2**30)
+    monkeypatch.setattr(tiny, "_available_memory", lambda: 8 * 2**30)
     with pytest.raises(ModelConfigError, match=r"would build 262.8 GiB of weights.*8.0 GiB is available"):
         loading.load_model(str(tmp_path / "m"), random_init=True)
     done = CliRunner().invoke(app, ["demo", "--model", str(tmp_path / "m"), "--random-init", "--steps", "1"])

@@ -1,7 +1,7 @@
 """A quantized base's full-precision weights, read again where they still are: LoftQ starts from W − deq(Q(W)).
 
 The base itself keeps only Q(W). W is read, one module at a time, from the module while the base still
-holds it unquantized, else from where the base came from (``loading.full_weights_of`` says where): its
+holds it unquantized, else from where the base came from (``sources.full_weights_of`` says where): its
 checkpoint's safetensors files (as PEFT's ``replace_lora_weights_loftq`` does), or a rebuild of a model made
 in memory from a seed (tiny models, ``--random-init``). Nothing here changes the base.
 """
@@ -43,6 +43,11 @@ class CheckpointWeights:
 
     folder: Path
     prefix: str = ""  # the model's base_model_prefix: checkpoints are written with or without it
+
+    @classmethod
+    def of(cls, folder: Path, model: nn.Module) -> CheckpointWeights:
+        """The checkpoint in ``folder`` that ``model`` was (or can be) loaded from."""
+        return cls(folder, getattr(model, "base_model_prefix", "") or "")
 
     def describe(self) -> str:
         return f"the checkpoint in {self.folder}"

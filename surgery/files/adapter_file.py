@@ -22,7 +22,7 @@ from torch import nn
 
 from ..base.fingerprints import Fingerprint, base_fingerprint
 from ..base.ownership import own_state, require_finetune
-from ..disk import GiB, MiB, atomic_write, check_folder_files, check_inside, read_user_file
+from ..disk import GiB, MiB, atomic_write, check_folder_files, check_inside, check_user_file
 from ..errors import AdapterStateError, SurgeryError, first_line
 from ..package import install_hint, version
 from ..rules.rule_file import parse_rules
@@ -127,17 +127,32 @@ def base_name(base: nn.Module) -> str:
 def read_adapter(path: str | Path) -> AdapterFile:
     """Read and validate an adapter file completely (structure, metadata, checksums); changes nothing.
 
-    ``path`` may be a folder ``save_pretrained`` wrote (or a Trainer checkpoint): its adapter file is read.
+    The file's size and header are checked first, from a bounded read (a regular file of at most 64 GiB, a header
+    of at most 16 MiB), so a file surgery did not write is refused saying what is wrong before its data is touched;
+    the metadata and tensors are then read through ``safetensors.safe_open`` and the tensors copied out: the
+    AdapterFile keeps no file open or mapped, and a later change to the file cannot change it.
+
+    Args:
+        path: the adapter file, or a folder ``save_pretrained`` wrote (or a Trainer checkpoint): its adapter file.
+
+    Returns:
+        The validated AdapterFile.
+
+    Raises:
+        AdapterStateError: naming the file and what is wrong with it (not a regular file, a pickle, truncated,
+            a malformed header, metadata or checksums that do not match, invalid stored rules).
     """
     path = Path(path)
     if path.is_dir() and ((path / ADAPTER_FILE).is_file() or (path / ADAPTER_FILE).is_symlink()):
         check_folder_files(path, error=AdapterStateError)
         check_inside(path, ADAPTER_FILE, error=AdapterStateError)
         path = path / ADAPTER_FILE
-    data = _read_bytes(path)
-    header, data_start = _parse_header(path, data)
+    size = _file_size(path)
+    text = _header_bytes(path, size)
+    header = _parse_header(path, text)
     metadata = _check_metadata(path, header.pop("__metadata__", None))
-    tensors = _tensors(path, header, data, data_start)
+    _check_entries(path, header, size - 8 - len(text))
+    tensors = _read_tensors(path, metadata, set(header))
     if metadata["tensors_sha256"] != _tensors_digest(tensors):
         raise AdapterStateError(
             f"{path}: tensor checksum mismatch: the tensor data or names were changed or "
@@ -147,21 +162,11 @@ def read_adapter(path: str | Path) -> AdapterFile:
         fp = Fingerprint.from_json(metadata["base_fingerprint"])
     except ValueError as exc:
         raise AdapterStateError(f"{path}: unreadable base fingerprint ({exc})") from None
-    if len(metadata["rules"]) > MAX_RULES_JSON:
-        raise AdapterStateError(
-            f"{path}: its stored rules are {len(metadata['rules']):,} characters of JSON; rule "
-            f"files are at most {MAX_RULES_JSON:,}: not a file save_adapter wrote"
-        )
-    try:
-        rules = parse_rules(json.loads(metadata["rules"]), source=f"{path}#rules")
-    except (ValueError, RecursionError) as exc:
-        raise AdapterStateError(f"{path}: its stored rules are not valid JSON ({first_line(exc)})") from None
-    except SurgeryError as exc:
-        raise AdapterStateError(f"{path}: its stored rules are invalid: {exc}") from None
-    return AdapterFile(path, metadata, rules, fp, tensors)
+    return AdapterFile(path, metadata, _stored_rules(path, metadata), fp, tensors)
 
 
-def _read_bytes(path: Path) -> bytes:
+def _file_size(path: Path) -> int:
+    """The size of a regular, non-empty file of at most MAX_ADAPTER_BYTES (a folder without one gets a hint)."""
     if path.is_dir():
         hint = (
             " (it holds adapter_config.json: a PEFT adapter; use surgery.import_peft)"
@@ -169,37 +174,55 @@ def _read_bytes(path: Path) -> bytes:
             else ""
         )
         raise AdapterStateError(f"{path}: is a directory without {ADAPTER_FILE}, not an adapter file{hint}")
-    data = read_user_file(path, what="adapter file", limit=MAX_ADAPTER_BYTES, error=AdapterStateError)
-    if not data:
+    size = check_user_file(path, what="adapter file", limit=MAX_ADAPTER_BYTES, error=AdapterStateError)
+    if not size:
         raise AdapterStateError(f"{path}: is empty; it is not an adapter file (was a save interrupted?)")
-    if data[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") or data[:4] == b"PK\x03\x04":
+    return size
+
+
+def _header_bytes(path: Path, size: int) -> bytes:
+    """The header's JSON bytes, read only as far as they are plausible: never from a pickle, never more than the
+    file holds or MAX_HEADER_BYTES."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            _refuse_pickle(path, head)
+            if len(head) < 8:
+                raise AdapterStateError(f"{path}: is {len(head)} bytes long, too short for a safetensors file")
+            (length,) = struct.unpack("<Q", head)
+            if length > size - 8:
+                raise AdapterStateError(
+                    f"{path}: header claims {length} bytes but the file holds only {size - 8} "
+                    "after the length field: truncated, or not a safetensors file"
+                )
+            if length > MAX_HEADER_BYTES:
+                raise AdapterStateError(f"{path}: header of {length} bytes is larger than any adapter file writes")
+            text = f.read(length)
+    except OSError as exc:
+        raise AdapterStateError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if len(text) < length:
+        raise AdapterStateError(f"{path}: changed while being read; try again once nothing writes to it")
+    return text
+
+
+def _refuse_pickle(path: Path, head: bytes) -> None:
+    if head[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") or head[:4] == b"PK\x03\x04":
         raise AdapterStateError(
             f"{path}: is a pickle or torch.save archive, not safetensors; surgery never "
             "unpickles files (they can run code). Convert it to safetensors first"
         )
-    if len(data) < 8:
-        raise AdapterStateError(f"{path}: is {len(data)} bytes long, too short for a safetensors file")
-    return data
 
 
-def _parse_header(path: Path, data: bytes) -> tuple[dict, int]:
-    (length,) = struct.unpack("<Q", data[:8])
-    if length > len(data) - 8:
-        raise AdapterStateError(
-            f"{path}: header claims {length} bytes but the file holds only {len(data) - 8} "
-            "after the length field: truncated, or not a safetensors file"
-        )
-    if length > MAX_HEADER_BYTES:
-        raise AdapterStateError(f"{path}: header of {length} bytes is larger than any adapter file writes")
+def _parse_header(path: Path, text: bytes) -> dict:
     try:
-        header = json.loads(data[8 : 8 + length].decode("utf-8"))
+        header = json.loads(text.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise AdapterStateError(
             f"{path}: corrupted header (not valid UTF-8 JSON, or nested too deeply: {first_line(exc)})"
         ) from None
     if not isinstance(header, dict):
         raise AdapterStateError(f"{path}: corrupted header (a JSON {type(header).__name__}, not an object)")
-    return header, 8 + length
+    return header
 
 
 def _check_metadata(path: Path, metadata) -> dict[str, str]:
@@ -234,42 +257,10 @@ def _check_metadata(path: Path, metadata) -> dict[str, str]:
     return metadata
 
 
-def _tensors(path: Path, header: dict, data: bytes, start: int) -> dict[str, torch.Tensor]:
-    """Every tensor entry checked (dtype, shape, offsets inside the file, no overlap), then read."""
-    end_of_data = len(data) - start
-    tensors, spans = {}, []
-    for name, entry in header.items():
-        if not isinstance(entry, dict) or entry.get("dtype") not in DTYPES:
-            raise AdapterStateError(f"{path}: corrupted header entry for '{name}' (unknown dtype or form)")
-        shape, offsets = entry.get("shape"), entry.get("data_offsets")
-        if not (
-            isinstance(shape, list)
-            and all(isinstance(d, int) and d >= 0 for d in shape)
-            and isinstance(offsets, list)
-            and len(offsets) == 2
-            and all(isinstance(o, int) for o in offsets)
-        ):
-            raise AdapterStateError(f"{path}: corrupted header entry for '{name}' (shape or offsets)")
-        begin, end = offsets
-        size = ITEMSIZE[entry["dtype"]] * math.prod(shape)
-        if not 0 <= begin <= end or end - begin != size:
-            raise AdapterStateError(
-                f"{path}: corrupted header entry for '{name}': offsets {offsets} do not hold a "
-                f"{entry['dtype']} tensor of shape {shape}"
-            )
-        if end > end_of_data:
-            raise AdapterStateError(
-                f"{path}: truncated: tensor '{name}' needs bytes up to {end} of the data section "
-                f"but the file holds {end_of_data}"
-            )
-        spans.append((begin, end, name))
-        raw = bytearray(data[start + begin : start + end])
-        tensors[name] = (
-            torch.frombuffer(raw, dtype=DTYPES[entry["dtype"]]).reshape(shape)
-            if size
-            else torch.empty(shape, dtype=DTYPES[entry["dtype"]])
-        )
-    spans.sort()
+def _check_entries(path: Path, header: dict, data_bytes: int) -> None:
+    """Every tensor entry of the header checked (dtype, shape, offsets inside the ``data_bytes`` after the header),
+    and the entries together: contiguous from 0, no overlap, no gap, nothing after the last."""
+    spans = sorted(_span(path, name, entry, data_bytes) for name, entry in header.items())
     if spans and spans[0][0] != 0:
         raise AdapterStateError(f"{path}: corrupted header: {spans[0][0]} unused bytes before the first tensor")
     for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:]):
@@ -280,12 +271,70 @@ def _tensors(path: Path, header: dict, data: bytes, start: int) -> dict[str, tor
                 f"{path}: corrupted header: {begin_b - end_a} unused bytes between tensors '{a}' "
                 f"and '{b}' (safetensors data is contiguous)"
             )
-    if (spans[-1][1] if spans else 0) != end_of_data:
+    if (spans[-1][1] if spans else 0) != data_bytes:
         raise AdapterStateError(
-            f"{path}: {end_of_data - (spans[-1][1] if spans else 0)} stray bytes after the "
+            f"{path}: {data_bytes - (spans[-1][1] if spans else 0)} stray bytes after the "
             "last tensor: not a file save_adapter wrote"
         )
+
+
+def _span(path: Path, name: str, entry, data_bytes: int) -> tuple[int, int, str]:
+    """(begin, end, name) of one tensor entry in the data section, once its dtype, shape and offsets agree."""
+    if not isinstance(entry, dict) or entry.get("dtype") not in DTYPES:
+        raise AdapterStateError(f"{path}: corrupted header entry for '{name}' (unknown dtype or form)")
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not (
+        isinstance(shape, list)
+        and all(isinstance(d, int) and d >= 0 for d in shape)
+        and isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(isinstance(o, int) for o in offsets)
+    ):
+        raise AdapterStateError(f"{path}: corrupted header entry for '{name}' (shape or offsets)")
+    begin, end = offsets
+    if not 0 <= begin <= end or end - begin != ITEMSIZE[entry["dtype"]] * math.prod(shape):
+        raise AdapterStateError(
+            f"{path}: corrupted header entry for '{name}': offsets {offsets} do not hold a "
+            f"{entry['dtype']} tensor of shape {shape}"
+        )
+    if end > data_bytes:
+        raise AdapterStateError(
+            f"{path}: truncated: tensor '{name}' needs bytes up to {end} of the data section "
+            f"but the file holds {data_bytes}"
+        )
+    return begin, end, name
+
+
+def _read_tensors(path: Path, metadata: dict[str, str], names: set[str]) -> dict[str, torch.Tensor]:
+    """The file's tensors through ``safe_open``, each copied out of the mapped file (``get_tensor`` returns a view
+    of it, which a later write to the file would change); the file as checked (same metadata and names), or an
+    error saying it changed meanwhile."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            read_metadata = f.metadata()
+            tensors = {name: f.get_tensor(name).clone() for name in f.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise AdapterStateError(f"{path}: not a readable safetensors file ({first_line(exc)})") from None
+    if read_metadata != metadata or set(tensors) != names:
+        raise AdapterStateError(f"{path}: changed while being read; try again once nothing writes to it")
     return tensors
+
+
+def _stored_rules(path: Path, metadata: dict[str, str]) -> RuleSet:
+    """The rules the file stores (canonical JSON), parsed as a rule file is."""
+    if len(metadata["rules"]) > MAX_RULES_JSON:
+        raise AdapterStateError(
+            f"{path}: its stored rules are {len(metadata['rules']):,} characters of JSON; rule "
+            f"files are at most {MAX_RULES_JSON:,}: not a file save_adapter wrote"
+        )
+    try:
+        return parse_rules(json.loads(metadata["rules"]), source=f"{path}#rules")
+    except (ValueError, RecursionError) as exc:
+        raise AdapterStateError(f"{path}: its stored rules are not valid JSON ({first_line(exc)})") from None
+    except SurgeryError as exc:
+        raise AdapterStateError(f"{path}: its stored rules are invalid: {exc}") from None
 
 
 def _metadata_digest(metadata: dict[str, str]) -> str:

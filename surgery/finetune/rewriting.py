@@ -29,7 +29,6 @@ import torch
 from torch import nn
 
 from ..base.full_weights import full_weight_reader
-from ..base.loading import full_weights_of
 from ..base.ownership import (
     INFO,
     FinetuneInfo,
@@ -50,6 +49,7 @@ from ..base.shared_base import (
     settle_base,
     warn_if_quantizing_under_finetunes,
 )
+from ..base.sources import full_weights_of
 from ..errors import AdapterStateError, RewriteError, ShardingError
 from ..files.adapter_folder import write_adapter_folder
 from ..layers.adapters import make_adapter

@@ -1,7 +1,7 @@
 """Traces cached on disk, so ``plan`` and ``inspect`` of a known architecture build no model at all.
 
 An entry is plain JSON (never pickle) named by the sha256 of its key: the model's config as loading
-reads it (``loading.config_identity``) and the torch, transformers and surgery versions. It is
+reads it (``base.sources.config_identity``) and the torch, transformers and surgery versions. It is
 written atomically and validated on read: it must parse, carry exactly its own key and match the
 graph schema; anything else (corrupted, truncated, another version's, hand-edited) is ignored and
 rewritten, never trusted. The folder is ``$SURGERY_CACHE``, else ``$XDG_CACHE_HOME/surgery``, else
@@ -37,7 +37,7 @@ def cache_folder() -> Path:
 
 
 def cached_graph(identity: dict | None, build: Callable[[], ModelGraph]) -> ModelGraph:
-    """The graph cached for ``identity`` (a model's config as plain data, ``loading.config_identity``), else
+    """The graph cached for ``identity`` (a model's config as plain data, ``base.sources.config_identity``), else
     ``build()``'s, written to the cache; ``identity`` None skips the cache (``--no-cache``, unreadable config)."""
     key = _key(identity) if identity is not None else None
     path = cache_folder() / "traces" / f"{_digest(key)}.json" if key is not None else None
