@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import surgery
-from surgery.errors import AdapterStateError
 from surgery.base.ownership import own_state
+from surgery.errors import AdapterStateError
 
 
 @pytest.fixture(scope="module")

@@ -17,10 +17,10 @@ import torch
 
 import surgery
 from surgery.base.loading import load_model, load_tokenizer, locate
+from surgery.base.ownership import own_state
 from surgery.base.sources import full_weights_of
 from surgery.disk import HF_SHARED_BLOBS_MARKER, check_inside
 from surgery.errors import ModelNotFoundError, RewriteError
-from surgery.base.ownership import own_state
 
 MAIN, OLD = "a" * 40, "b" * 40
 IDS = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(3))
