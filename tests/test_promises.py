@@ -590,7 +590,7 @@ BOMB = (
         ("oversize repeat", "rules:\n  - match: 're:a{99999999999}'\n    action: adapt\n", ":2: rule 1: bad regex"),
     ],
 )
-def test_hostile_yaml_is_refused_with_file_and_line(write_rules, case, text, message, no_hang):
+def test_hostile_yaml_is_refused_quickly_with_file_and_line(write_rules, case, text, message, no_hang):
     path = write_rules(text)
     with pytest.raises(RuleFileError, match=message) as info:
         no_hang(load_rules, path)
@@ -707,7 +707,7 @@ def _fingerprint_json(good: Path, change) -> str:
         ),
     ],
 )
-def test_crafted_adapter_metadata_is_refused(tmp_path, case, field, value, message, digest, no_hang):
+def test_crafted_adapter_metadata_is_refused_quickly(tmp_path, case, field, value, message, digest, no_hang):
     good, base = _saved_adapter(tmp_path)
     crafted = _with_metadata(good, tmp_path / "crafted.safetensors", **{field: value(good)})
     before = digest(base)
