@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+HANG_SECONDS = 300  # a hang guard, never a speed test: far above what any call guarded here takes on a loaded machine
 
 import surgery  # noqa: E402
 from surgery.layers.bnb import state_tensors  # noqa: E402
@@ -52,3 +54,34 @@ def write_rules(tmp_path):
         return path
 
     return write
+
+
+@pytest.fixture()
+def no_hang():
+    """``no_hang(call, *args)``: the call's result (or its exception), run in a worker thread; the calling test fails
+    if the call still runs after HANG_SECONDS.
+
+    A guard for tests whose failure mode is a hang (a FIFO, an endless device, a bomb). It cannot interrupt
+    anything: no signal reaches pytest's own frames, a stuck worker is left behind as a daemon thread, and
+    only the test that called it fails, naming the call.
+    """
+
+    def run(call, *args, **kwargs):
+        outcome: dict = {}
+
+        def work():
+            try:
+                outcome["value"] = call(*args, **kwargs)
+            except BaseException as exc:  # handed to the test's thread, as if the call had raised there
+                outcome["error"] = exc
+
+        worker = threading.Thread(target=work, name=f"no_hang {getattr(call, '__name__', call)}", daemon=True)
+        worker.start()
+        worker.join(HANG_SECONDS)
+        if worker.is_alive():
+            pytest.fail(f"{worker.name}{args} still runs after {HANG_SECONDS} s: it hangs", pytrace=False)
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome.get("value")
+
+    return run

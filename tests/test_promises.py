@@ -1,7 +1,8 @@
 """What surgery promises under hostile input: isolation, crash-safe runs, no hang, one clear error.
 
 Each class of the reliability issue has its own corpus here. Every refusal is checked for its error
-class, the key words of its message, bounded time, and that nothing changed (base, siblings, files).
+class, the key words of its message, bounded work (limits by size, depth or steps; a hang guard of minutes
+where a hang is the failure mode, never a clock) and that nothing changed (base, siblings, files).
 """
 
 from __future__ import annotations
@@ -11,11 +12,9 @@ import hashlib
 import json
 import os
 import pickle
-import signal
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -50,7 +49,7 @@ FP32_RULES = {
         {"match": "lm_head", "action": "plain", "untie": True},
     ],
 }
-SLOW_PATTERN = r"re:(.*)(.*)(.*)(.*)(.*)(.*)(.*)(.*)\1\."  # backtracks for seconds on any module name
+SLOW_PATTERN = r"re:(.*)(.*)(.*)(.*)(.*)(.*)(.*)(.*)\1\."  # backtracks for hours on any module name
 
 
 def folder_digest(folder: Path) -> dict[str, str]:
@@ -59,22 +58,6 @@ def folder_digest(folder: Path) -> dict[str, str]:
         for p in sorted(folder.rglob("*"))
         if p.is_file()
     }
-
-
-@contextmanager
-def within(seconds: int):
-    """Fail (instead of hanging the suite) when the block runs longer than ``seconds``."""
-
-    def expire(*_):
-        raise TimeoutError(f"took longer than {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def logits(model, ids=torch.tensor([[3, 9, 27, 81, 200, 7]])) -> torch.Tensor:
@@ -370,6 +353,21 @@ def test_a_model_folder_without_a_tokenizer_names_the_missing_tokenizer(tmp_path
 # ---------------------------------------------------------------------- kill loop
 
 
+def _wait_for_progress(made, child, what: str) -> None:
+    """Poll until ``made()`` (the child got somewhere) or the child ended: kill points relative to the child's
+    progress, so a loaded machine changes when they fall, never whether there is anything to find after them."""
+    for _ in range(30_000):  # 10 ms apart: a hang guard of 5 minutes, not a clock
+        if made() or not child.is_alive():
+            return
+        time.sleep(0.01)
+    pytest.fail(f"the child made no progress in 5 minutes ({what})")
+
+
+def _checkpoint_step(out: Path) -> int:
+    found = latest_checkpoint(out)
+    return int(found.name.split("-")[1]) if found is not None else 0
+
+
 def test_killed_runs_lose_nothing_and_always_resume(tmp_path, monkeypatch):
     import multiprocessing
     import random
@@ -382,11 +380,13 @@ def test_killed_runs_lose_nothing_and_always_resume(tmp_path, monkeypatch):
 
     out = tmp_path / "run"
     rng = random.Random(0)
-    for _ in range(20):
-        ready = context.Event()
+    for kill in range(20):
+        ready, start = context.Event(), _checkpoint_step(out)
         child = context.Process(target=kill_child.run, args=(str(out), 100_000, ready))
         child.start()
-        assert ready.wait(60), "the training child did not start"
+        assert ready.wait(300), "the training child did not start"
+        if kill % 2:  # every other kill comes after a new checkpoint, whatever the machine's load
+            _wait_for_progress(lambda s=start: _checkpoint_step(out) > s, child, f"a checkpoint after step {start}")
         time.sleep(rng.uniform(0.0, 0.6))
         child.kill()  # SIGKILL: no cleanup of any kind
         child.join()
@@ -427,7 +427,8 @@ def test_a_folder_killed_while_written_loads_as_before_as_after_or_is_refused(tm
         ready = context.Event()
         child = context.Process(target=kill_child.write_folders, args=(str(folder), kind, ready))
         child.start()
-        assert ready.wait(60), "the writing child did not start"
+        assert ready.wait(300), "the writing child did not start"
+        _wait_for_progress(folder.exists, child, "the folder's first writing")  # then rewritten until killed
         time.sleep(rng.uniform(0.05, 0.4))
         child.kill()
         child.join()
@@ -520,27 +521,44 @@ READERS = {
 }
 
 
+def test_the_hang_guard_fails_the_test_it_guards_and_nothing_else(no_hang, monkeypatch):
+    """What guards the tests below: a call stuck for good fails its test as an ordinary failure (no signal, no
+    exception raised into whatever frame runs when a clock expires), and the stuck call is left behind."""
+    import threading
+
+    import conftest
+
+    assert no_hang(lambda: 42) == 42  # a result comes back, an exception is raised in the test as it was
+    with pytest.raises(ZeroDivisionError):
+        no_hang(lambda: 1 / 0)
+    stuck = threading.Event()
+    monkeypatch.setattr(conftest, "HANG_SECONDS", 0.1)  # a wait that never ends fails at any limit; a short one here
+    with pytest.raises(pytest.fail.Exception, match="no_hang wait.*still runs after 0.1 s: it hangs"):
+        no_hang(stuck.wait)
+    stuck.set()  # let the abandoned worker end
+
+
 @pytest.mark.parametrize("reader", READERS)
-def test_special_and_oversized_files_are_refused_at_once(tmp_path, reader):
+def test_special_and_oversized_files_are_refused_at_once(tmp_path, reader, no_hang):
     read, error = READERS[reader]
     for name, path in _special_files(tmp_path).items():
-        with within(5), pytest.raises(error, match="regular file|at most|is a device|is a FIFO") as info:
-            read(path)
+        with pytest.raises(error, match="regular file|at most|is a device|is a FIFO") as info:
+            no_hang(read, path)
         assert "Traceback" not in str(info.value), name
 
 
-def test_special_files_inside_peft_and_model_folders_are_refused(tmp_path):
+def test_special_files_inside_peft_and_model_folders_are_refused(tmp_path, no_hang):
     for name, path in _special_files(tmp_path).items():
         folder = tmp_path / f"peft-{name}"
         folder.mkdir()
         (folder / "adapter_config.json").symlink_to(path)
-        with within(5), pytest.raises(AdapterStateError, match="regular file|at most|outside its folder"):
-            surgery.import_peft(surgery.tiny_model("tiny-opt"), folder)  # a link out of the folder: refused first
+        with pytest.raises(AdapterStateError, match="regular file|at most|outside its folder"):
+            no_hang(surgery.import_peft, surgery.tiny_model("tiny-opt"), folder)  # a link out of the folder: refused
         model = tmp_path / f"model-{name}"
         model.mkdir()
         (model / "config.json").symlink_to(path)
-        with within(5), pytest.raises(ModelConfigError, match="regular file|at most"):
-            surgery.load_model(str(model))
+        with pytest.raises(ModelConfigError, match="regular file|at most"):
+            no_hang(surgery.load_model, str(model))
 
 
 BOMB = (
@@ -570,19 +588,17 @@ BOMB = (
         ("oversize repeat", "rules:\n  - match: 're:a{99999999999}'\n    action: adapt\n", ":2: rule 1: bad regex"),
     ],
 )
-def test_hostile_yaml_is_refused_quickly_with_file_and_line(write_rules, case, text, message):
+def test_hostile_yaml_is_refused_quickly_with_file_and_line(write_rules, case, text, message, no_hang):
     path = write_rules(text)
-    with within(5), pytest.raises(RuleFileError, match=message) as info:
-        load_rules(path)
+    with pytest.raises(RuleFileError, match=message) as info:
+        no_hang(load_rules, path)
     assert str(info.value).startswith(str(path))
 
 
-def test_a_backtracking_pattern_cannot_hang_plan_or_load_adapter(write_rules, tmp_path, tiny_graphs, digest):
+def test_a_backtracking_pattern_cannot_hang_plan_or_load_adapter(write_rules, tmp_path, tiny_graphs, digest, no_hang):
     path = write_rules(f"rules:\n  - match: '{SLOW_PATTERN}'\n    action: adapt\n")
-    started = time.perf_counter()
     with pytest.raises(RuleFileError, match=r"rules.yaml:2: .*catastrophic backtracking"):
-        surgery.plan(tiny_graphs["tiny-opt"], path)
-    assert time.perf_counter() - started < 5
+        no_hang(surgery.plan, tiny_graphs["tiny-opt"], path)
     good, base = _saved_adapter(tmp_path)
     crafted = _with_metadata(
         good,
@@ -597,10 +613,9 @@ def test_a_backtracking_pattern_cannot_hang_plan_or_load_adapter(write_rules, tm
         ),
     )
     before = digest(base)
-    started = time.perf_counter()
     with pytest.raises(AdapterStateError, match="catastrophic backtracking"):
-        surgery.load_adapter(base, crafted)
-    assert time.perf_counter() - started < 5 and digest(base) == before
+        no_hang(surgery.load_adapter, base, crafted)
+    assert digest(base) == before
 
 
 def _saved_adapter(tmp_path: Path):
@@ -690,14 +705,13 @@ def _fingerprint_json(good: Path, change) -> str:
         ),
     ],
 )
-def test_crafted_adapter_metadata_is_refused_quickly(tmp_path, case, field, value, message, digest):
+def test_crafted_adapter_metadata_is_refused_quickly(tmp_path, case, field, value, message, digest, no_hang):
     good, base = _saved_adapter(tmp_path)
     crafted = _with_metadata(good, tmp_path / "crafted.safetensors", **{field: value(good)})
     before = digest(base)
-    started = time.perf_counter()
     with pytest.raises(AdapterStateError, match=message):
-        surgery.load_adapter(base, crafted)
-    assert time.perf_counter() - started < 5 and digest(base) == before
+        no_hang(surgery.load_adapter, base, crafted)
+    assert digest(base) == before
 
 
 def test_a_data_section_with_a_gap_is_refused(tmp_path):
@@ -719,11 +733,11 @@ def test_a_data_section_with_a_gap_is_refused(tmp_path):
         surgery.read_adapter(crafted)
 
 
-def test_deeply_nested_jsonl_is_a_data_error_with_its_line(tmp_path):
+def test_deeply_nested_jsonl_is_a_data_error_with_its_line(tmp_path, no_hang):
     path = tmp_path / "deep.jsonl"
     path.write_text('{"text": "fine"}\n' + '{"text": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
-    with within(5), pytest.raises(DataError, match="deep.jsonl:2: JSON nested too deeply"):
-        read_examples(path)
+    with pytest.raises(DataError, match="deep.jsonl:2: JSON nested too deeply"):
+        no_hang(read_examples, path)
 
 
 # ============================================================================ 4. offline
@@ -734,15 +748,19 @@ def test_a_cached_hub_model_without_a_tokenizer_fails_at_once_even_with_the_netw
     surgery.tiny_model("tiny-llama").save_pretrained(snapshot)
     (tmp_path / "hub" / "models--someone--tiny" / "refs").mkdir()
     (tmp_path / "hub" / "models--someone--tiny" / "refs" / "main").write_text("abc")
+    # "at once" is "without asking the network": a child process of ours records every socket it would open
     code = (
-        "import time, surgery.base.loading as m\nt = time.perf_counter()\n"
+        "import sys\nasked = []\n"
+        "sys.addaudithook(lambda event, args: event.startswith(('socket.connect', 'socket.getaddrinfo')) "
+        "and asked.append((event, str(args)[:80])))\n"
+        "import surgery.base.loading as m\n"
         "try:\n    m.load_tokenizer('someone/tiny')\nexcept Exception as e:\n    print(type(e).__name__, e)\n"
-        "print('seconds', time.perf_counter() - t)\n"
+        "print('network', asked)\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_ETAG_TIMEOUT": "20"}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert "ModelConfigError" in result.stdout and "holds no tokenizer" in result.stdout, result.stdout + result.stderr
-    assert float(result.stdout.split("seconds")[-1]) < 1.0
+    assert result.stdout.rstrip().endswith("network []"), result.stdout
 
 
 # ============================================================================ 5. CLI: one line, exit 2

@@ -3,8 +3,9 @@ import os
 import pytest
 
 import surgery
+from surgery.rules import ruleset
 from surgery.rules.rule_file import load_rules, parse_rules
-from surgery.rules.ruleset import RuleFileError, pattern_matches
+from surgery.rules.ruleset import RuleFileError, fullmatch_bounded, pattern_matches
 
 # ------------------------------------------------------------------------------------ matching
 
@@ -40,6 +41,62 @@ def test_regex_is_a_full_match_on_the_full_path(tiny_graphs):
         "model.layers.1.mlp.up_proj",
     ]
     assert not pattern_matches("re:mlp", "model.layers.1.mlp.up_proj")
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [r"(q|v)_proj\.\1", r"(?P<p>q)_(?P=p)", r"(q)_proj\g<1>", r"(q(?R)?)", r"(q)(?1)", r"(?P<p>q)(?&p)", r"(q)(?-1)"],
+)
+def test_backreferences_and_recursion_are_refused_when_the_rule_file_is_read(write_rules, pattern):
+    path = write_rules(f"rules:\n  - match: q_proj\n    action: adapt\n  - match: 're:{pattern}'\n    action: freeze\n")
+    with pytest.raises(RuleFileError, match="refers back to a group.*catastrophic backtracking") as err:
+        load_rules(path)
+    assert str(err.value).startswith(f"{path}:4: rule 2: "), err.value
+    by_module = write_rules(
+        f"rules:\n  - match: q_proj\n    action: adapt\n    lora_by_module:\n      're:{pattern}': {{r: 4}}\n"
+    )
+    with pytest.raises(RuleFileError, match=f"{by_module}:4: rule 1: .*catastrophic backtracking"):
+        load_rules(by_module)
+
+
+@pytest.mark.parametrize(
+    "pattern,path,matches",
+    [
+        (r".*\.[\1]_proj", "model.layers.0.self_attn.\x01_proj", True),  # in a class, \1 is a character
+        (r".*\\1", "a\\1", True),  # an escaped backslash, then the digit
+        (r"(?:q|k)_proj", "q_proj", True),
+        (r"(?P<kind>q|k)_proj", "k_proj", True),  # a named group is no backreference
+        (r"\101_proj", "A_proj", True),  # three octal digits are one character
+    ],
+)
+def test_what_only_looks_like_a_backreference_is_read_and_matched(pattern, path, matches):
+    assert pattern_matches(f"re:{pattern}", path) is matches
+
+
+def test_a_pattern_is_refused_by_its_own_work_not_by_the_machine_s_clock(write_rules, tiny_graphs, monkeypatch):
+    """A catastrophic pattern without a backreference passes the reading and is caught while it matches."""
+    path = write_rules("rules:\n  - match: 're:(.*?)+_'\n    action: adapt\n")
+    load_rules(path)  # nothing to see statically
+    monkeypatch.setattr(ruleset, "REGEX_TIMEOUT", 0.2)  # CPU seconds of the matching thread; the default is 2
+    with pytest.raises(RuleFileError, match=f"{path}:2: pattern .* took over 0.2 s .*catastrophic backtracking"):
+        surgery.plan(tiny_graphs["tiny-opt"], path)
+
+
+def test_a_busy_process_delays_a_benign_pattern_but_never_refuses_it(monkeypatch):
+    """regex's timeout counts the whole process's CPU time (other threads' too): when it fires while the match
+    itself has spent next to nothing, the match runs again with more room instead of being refused."""
+    limits = []
+
+    class Busy:  # fullmatch as regex answers it while other threads of the process spend the CPU time
+        def fullmatch(self, path, timeout):
+            limits.append(timeout)
+            if len(limits) < 4:
+                raise TimeoutError("regex timed out")
+            return path
+
+    monkeypatch.setattr(ruleset, "compile_regex", lambda text: Busy())
+    assert fullmatch_bounded("re:.*q_proj", "model.layers.0.self_attn.q_proj", budget=0.5)
+    assert limits == [0.5, 1.0, 2.0, 4.0]
 
 
 def test_type_narrows_by_op_kind(tiny_graphs):
@@ -127,6 +184,7 @@ BAD = [
     ("newer version", "version: 2\nrules: []\n", 1, "newer"),
     ("default adapt", "default: adapt\n", 1, "default cannot be 'adapt'"),
     ("bad regex", "rules:\n  - match: 're:(q'\n    action: adapt\n", 2, "bad regex"),
+    ("backreference", "rules:\n  - match: 're:(q|v)_proj\\.\\1'\n    action: adapt\n", 2, "catastrophic backtracking"),
     ("untie on adapt", "rules:\n  - match: q\n    action: adapt\n    untie: true\n", 4, "only allowed on a plain"),
     ("empty", "", None, "is empty"),
     ("whitespace only", "  \n\n", None, "is empty"),

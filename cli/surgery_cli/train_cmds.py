@@ -22,7 +22,7 @@ from .common import (
     say,
     where_text,
 )
-from .progress import plot_losses, run_with_progress
+from .progress import LOGGING_STEPS, plot_losses, run_with_progress
 
 DATA = "Data"
 SCHEDULE = "Schedule & optimizer"
@@ -293,6 +293,14 @@ def train(
         rich_help_panel=OUTPUT,
         help="Move an earlier run in --out aside (to OUT.replaced-N, nothing deleted) when training starts.",
     ),
+    logging_steps: int = typer.Option(
+        LOGGING_STEPS,
+        "--logging-steps",
+        min=1,
+        rich_help_panel=OUTPUT,
+        help="When stdout is no terminal (a log file, a pipe, a scheduler): a progress line per job every N "
+        "steps, and at its first and last step and every eval (a terminal shows a progress bar).",
+    ),
     random_init: bool = RANDOM_INIT_OPT,
     tokenizer_name: str | None = TOKENIZER_OPT,
     device: str = DEVICE_OPT,
@@ -436,6 +444,7 @@ def train(
         overwrite=overwrite,
         report_to=trackers,
         log_dir=out,
+        logging_steps=logging_steps,
     )
     if not where.main:
         return

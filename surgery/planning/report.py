@@ -248,24 +248,60 @@ def applied_table(applied, model: str) -> Table:
     return table
 
 
-def training_summary(runs: list, adapter_file: str) -> Table:
-    """One row per finished run: steps, first and last loss, final eval loss and perplexity, its adapter file."""
+def training_summary(runs: list, adapter_file: str) -> Group:
+    """``surgery train``'s summary: a row per finished run, then each run's adapter file whole on a line of its own.
+
+    A row holds the steps, the run's first and last logged loss (a run resumed without its earlier metrics says
+    from which step its first one is) and the eval loss and perplexity of the weights its adapter file holds
+    (under early stopping, the best evaluation's). Paths are never cut to fit the table: a user copies them.
+
+    Args:
+        runs: finished ``train.job.Run``s, their ``history`` the run's whole log as far as it is known.
+        adapter_file: the file name the adapter has in each run's output folder.
+
+    Returns:
+        A rich renderable: the table, then one ``adapter file: PATH`` line per run with an output folder.
+    """
     table = Table(title="training summary")
-    for col in ("job", "steps", "first loss", "last loss", "eval loss", "perplexity", "adapter file"):
-        table.add_column(col, justify="left" if col in ("job", "adapter file") else "right")
+    for col in ("job", "steps", "first loss", "last loss", "eval loss", "perplexity"):
+        table.add_column(col, justify="left" if col == "job" else "right")
     for run in runs:
-        losses = [r["loss"] for r in run.history if r.get("loss") is not None]
-        final = next((r for r in reversed(run.history) if "eval_loss" in r), {})
+        losses = [r for r in run.history if _is_number(r.get("loss"))]
+        kept = _kept_eval(run)
         table.add_row(
             run.job.name,
             str(run.step),
-            f"{losses[0]:.4f}" if losses else "-",
-            f"{losses[-1]:.4f}" if losses else "-",
-            f"{final['eval_loss']:.4f}" if final else "-",
-            f"{final['perplexity']:.2f}" if final else "-",
-            str(run.job.out / adapter_file),
+            _first_loss(losses[0]) if losses else "-",
+            f"{losses[-1]['loss']:.4f}" if losses else "-",
+            f"{kept['eval_loss']:.4f}" if kept else "-",
+            f"{kept['perplexity']:.2f}" if _is_number(kept.get("perplexity")) else "-",
         )
-    return table
+    named = len(runs) > 1
+    paths = [
+        Text(f"adapter file{f' of {run.job.name}' if named else ''}: {run.job.out / adapter_file}", overflow="fold")
+        for run in runs
+        if run.job.out is not None
+    ]
+    return Group(table, *paths)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _first_loss(record: dict) -> str:
+    """The first logged loss; when the log starts after step 1 (resumed, earlier metrics not at hand), at which step."""
+    text = f"{record['loss']:.4f}"
+    return text if record.get("step") == 1 else f"{text} (step {record.get('step')})"
+
+
+def _kept_eval(run) -> dict:
+    """The eval record of the weights the adapter file holds: the best evaluation's under early stopping, else
+    the last evaluation's; empty when there is none."""
+    early = getattr(run, "early", None)
+    kept = early.best_step if early is not None and early.best_weights else None
+    evals = [r for r in run.history if _is_number(r.get("eval_loss")) and kept in (None, r.get("step"))]
+    return evals[-1] if evals else {}
 
 
 def adapter_tables(adapter, show_all: bool = False, limit: int = 40) -> tuple[Table, Table]:

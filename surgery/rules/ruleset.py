@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, replace
 from fnmatch import fnmatchcase
@@ -27,7 +28,7 @@ MAX_PATTERN_CHARS = 1000
 MAX_LORA_RANK = 65536
 MAX_YAML_NODES = 100_000  # values in the document once aliases are expanded
 MAX_YAML_DEPTH = 32
-REGEX_TIMEOUT = 0.5  # seconds for one ``re:`` pattern against one module name
+REGEX_TIMEOUT = 2.0  # CPU seconds one ``re:`` pattern may spend on one module name (benign ones take microseconds)
 Action = Literal["quantize", "freeze", "adapt", "plain"]
 Scheme = Literal["int8", "nf4", "fp4", "none"]
 Kind = Literal["linear", "conv1d", "embedding", "positional", "norm", "other"]
@@ -238,21 +239,70 @@ class RuleSet:
 def pattern_matches(pattern: str, path: str) -> bool:
     """Glob against the full dotted path and each dot-aligned suffix; ``re:`` is a full-match regex.
 
-    A regex gets REGEX_TIMEOUT seconds per module name: a pattern that backtracks catastrophically
-    raises PatternTimeout instead of hanging (rule files and adapter files may come from anywhere).
+    A regex may spend REGEX_TIMEOUT seconds of its own CPU time per module name (``fullmatch_bounded``):
+    a pattern that backtracks catastrophically raises PatternTimeout instead of hanging (rule files and
+    adapter files may come from anywhere), while a busy machine only delays a benign one.
     """
     if pattern.startswith("re:"):
-        try:
-            return compile_regex(pattern[3:]).fullmatch(path, timeout=REGEX_TIMEOUT) is not None
-        except TimeoutError:
-            raise PatternTimeout(pattern, REGEX_TIMEOUT) from None
+        return fullmatch_bounded(pattern, path)
     parts = path.split(".")
     return any(fnmatchcase(".".join(parts[i:]), pattern) for i in range(len(parts)))
 
 
+def fullmatch_bounded(pattern: str, path: str, budget: float | None = None) -> bool:
+    """Whether the ``re:`` ``pattern`` matches all of ``path``, refused after ``budget`` CPU seconds of this thread.
+
+    The regex package's own timeout counts the CPU time of the whole process, which other threads spend
+    too; when it fires before this thread has spent ``budget`` itself, the match runs again with a longer
+    limit. So only the work of the match counts: other processes or threads can slow it, never refuse it.
+
+    Args:
+        pattern: ``re:`` followed by the regular expression.
+        path: the dotted module path.
+        budget: CPU seconds of the calling thread (default REGEX_TIMEOUT).
+
+    Returns:
+        True when the regex matches the whole path.
+
+    Raises:
+        PatternTimeout: the match alone took ``budget`` CPU seconds (catastrophic backtracking).
+    """
+    budget = REGEX_TIMEOUT if budget is None else budget
+    compiled, started, limit = compile_regex(pattern[3:]), time.thread_time(), budget
+    for _ in range(_MAX_RETRIES):
+        try:
+            return compiled.fullmatch(path, timeout=limit) is not None
+        except TimeoutError:
+            if time.thread_time() - started >= budget:
+                break
+            limit *= 2  # the process's other threads spent the limit: try again with room for them
+    raise PatternTimeout(pattern, budget)
+
+
+_MAX_RETRIES = 12  # a limit doubled 11 times is 2048 x the budget: only a thread that never runs gets that far
+# a backreference or a recursive call, outside a character class: matching with one can take exponential time
+_BACKTRACKING = regex.compile(
+    r"\[\^?\]?(?:\\.|[^\]\\])*\]"  # a character class (its escapes mean characters): skipped
+    r"|(?P<ref>\\(?![0-7]{3})[1-9]|\\g<|\(\?(?:P=|P>|&|R\)|[+-]?\d+\)))"
+    r"|\\."  # any other escape: skipped
+)
+
+
 @functools.lru_cache(maxsize=256)
 def compile_regex(text: str):
-    """A compiled ``re:`` pattern (the ``regex`` package, whose matching takes a timeout)."""
+    """A compiled ``re:`` pattern (the ``regex`` package, whose matching takes a timeout).
+
+    Raises:
+        ValueError: the pattern refers back to a group or recurses (``\\1``, ``(?P=name)``, ``(?R)``, ...):
+            matching with those can backtrack catastrophically, and no module name needs them.
+    """
+    for found in _BACKTRACKING.finditer(text):
+        if found["ref"]:
+            raise ValueError(
+                f"'{found['ref']}' refers back to a group (a backreference or a recursion), which invites "
+                "catastrophic backtracking; module names never need one: write the alternatives out, "
+                "e.g. 're:.*\\.(q|v)_proj'"
+            )
     return regex.compile(text)
 
 

@@ -143,12 +143,16 @@ def append_metrics(out: Path, record: dict) -> None:
         f.write(json.dumps(clean, allow_nan=False) + "\n")
 
 
-def truncate_metrics(out: Path, step: int) -> None:
-    """Drop the metrics lines a killed run logged after the checkpoint we resume from (and any torn last line)."""
+def truncate_metrics(out: Path, step: int) -> list[dict]:
+    """Drop the metrics lines a killed run logged after the checkpoint we resume from (and any torn last line).
+
+    Returns:
+        The records kept (the run's log up to ``step``), oldest first; none when OUT has no metrics file.
+    """
     path = out / METRICS_FILE
     if not path.is_file():
-        return
-    kept = []
+        return []
+    kept, records = [], []
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             record = json.loads(line)
@@ -156,7 +160,9 @@ def truncate_metrics(out: Path, step: int) -> None:
             continue
         if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
             kept.append(line)
+            records.append(record)
     atomic_write(path, "".join(f"{line}\n" for line in kept).encode(), error=TrainError)
+    return records
 
 
 @contextlib.contextmanager

@@ -178,8 +178,8 @@ def train(
         for run in runs:
             if run.job.out is not None and where.main:
                 remove_leftovers(run.job.out)
-                if run.job.name in resume:
-                    truncate_metrics(run.job.out, run.step)
+                if run.job.name in resume:  # the run's log so far: steps up to the checkpoint, as logged then
+                    run.history[:0] = truncate_metrics(run.job.out, run.step)
         report = None
         if trackers and where.main:
             opened = Trackers(trackers, [run.job for run in runs], log_dir)
@@ -193,7 +193,7 @@ def train(
                 for run in runs:
                     if not run.done:
                         after_step(run, train_step(run, where))
-        _finish(runs, where, report)
+        _finish(runs, where)
     return runs
 
 
@@ -207,27 +207,23 @@ def _common_folder(jobs: list[Job]) -> Path:
     return Path(os.path.commonpath([str(o.resolve()) for o in outs]))
 
 
-def _finish(runs: list[Run], where: World, report: Report | None = None) -> None:
-    """After the last step: final eval and the adapter file of every job."""
+def _finish(runs: list[Run], where: World) -> None:
+    """After the last step (whose record holds the final eval): the adapter file of every job.
+
+    With early stopping, the adapter holds the best evaluation's weights, whose eval loss is that step's record.
+    """
     if where.size > 1:
         import torch.distributed as dist
 
         dist.barrier()
     for run in runs:
-        job, final = run.job, None
+        job = run.job
         if run.early is not None and run.early.best_weights:
             _restore_best(run)
-        if job.eval_data is not None:
-            final = {"job": job.name, "step": run.step, **evaluate(job.finetune, job.eval_data, job.config.batch_size)}
-            run.history.append(final)
-            if report is not None:
-                report(job.name, final)
         if where.main and job.out is not None:
             save_adapter(job.finetune, job.out / ADAPTER_FILE)
             if job.tokenizer is not None:  # the fine-tune's own tokens: AutoTokenizer.from_pretrained(out) has them
                 job.tokenizer.save_pretrained(job.out)
-            if final is not None:
-                append_metrics(job.out, final)
 
 
 def _watch_eval_loss(run: Run, record: dict) -> None:
@@ -264,9 +260,14 @@ def _restore_best(run: Run) -> None:
 
 
 def _record_step(run: Run, record: dict, where: World, on_step: StepCallback | None, report: Report | None) -> None:
-    """After one step of one run: its eval, metrics line (and tracker entries) and checkpoint when they are due."""
+    """After one step of one run: its eval, metrics line (and tracker entries) and checkpoint when they are due.
+
+    The last step is always evaluated (when there is eval data): the final eval is part of the last step's
+    record, so metrics.jsonl and the trackers hold each step once.
+    """
     job, config = run.job, run.job.config
-    if config.eval_steps and job.eval_data is not None and run.step % config.eval_steps == 0:
+    eval_due = run.done or (config.eval_steps and run.step % config.eval_steps == 0)
+    if eval_due and job.eval_data is not None:
         record.update(evaluate(job.finetune, job.eval_data, config.batch_size))
         if run.early is not None:
             _watch_eval_loss(run, record)
