@@ -30,6 +30,8 @@ import time
 import warnings
 from pathlib import Path
 
+from surgery.base.tokenizer import tiny_tokenizer
+
 warnings.filterwarnings("ignore")
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # a cast notice on every int8 call
 
@@ -100,11 +102,10 @@ def alternate(contenders: dict, repeats: int, device: str, warmup: int = 1) -> d
 
 
 def bench_generate(base_kind: str, ns: list[int], repeats: int, new_tokens: int, device: str) -> list[dict]:
-    import surgery
     from surgery.finetune.batched import generate
 
     base, fts = finetunes(base_kind, max(ns), device)
-    tokenizer = surgery.tiny_tokenizer()
+    tokenizer = tiny_tokenizer()
     prompt = ["the quick brown fox jumps"]
     rows = []
     for n in ns:
@@ -124,11 +125,11 @@ def bench_train(base_kind: str, ns: list[int], repeats: int, seq: int, device: s
     import torch
 
     from surgery.distributed import World
-    from surgery.train.batched_train import make_group, micro_step
-    from surgery.train.data import Blocks
-    from surgery.train.job import Job, TrainConfig
-    from surgery.train.loop import prepare
-    from surgery.train.step import train_step
+    from surgery.training.batched_train import make_group, micro_step
+    from surgery.training.data import Blocks
+    from surgery.training.job import Job, TrainConfig
+    from surgery.training.loop import prepare
+    from surgery.training.step import train_step
 
     where = World()
     _, fts = finetunes(base_kind, 1 + max(ns), device)

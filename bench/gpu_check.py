@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from surgery.base.tokenizer import tiny_tokenizer
+
 ROOT = Path(__file__).resolve().parent.parent
 SMOLLM2_135M = {
     "model_type": "llama",
@@ -115,12 +117,12 @@ def plan_peak(out: Path) -> None:
     import torch
     from transformers import AutoConfig
 
-    import surgery
     from surgery.base.loading import graph_of, load_model
     from surgery.planning.decisions import plan
     from surgery.planning.training_memory import TrainingShape, training_peak
-    from surgery.train.job import TrainConfig, make_job
-    from surgery.train.loop import train
+    from surgery.training.config import DataConfig
+    from surgery.training.job import TrainConfig, make_job
+    from surgery.training.loop import train_jobs as train
 
     spec = dict(SMOLLM2_135M)
     folder = Path(tempfile.mkdtemp(prefix="smollm2-shape-"))
@@ -135,11 +137,19 @@ def plan_peak(out: Path) -> None:
     ):
         torch.cuda.empty_cache()
         base = load_model(str(folder), random_init=True, rules=rules, device="cuda").model
-        tokenizer = surgery.tiny_tokenizer()
+        tokenizer = tiny_tokenizer()
         config = TrainConfig(batch_size=batch, max_steps=3, precision="bf16", gradient_checkpointing=checkpointing)
+        data = DataConfig(block_size=block, group_texts=True)  # every row a full block, as the plan assumes
         job = make_job(
-            base, "peak", rules, str(text), tokenizer, config, block_size=block, model_name=str(folder), mode="corpus"
-        )  # every row a full block, as the plan assumes
+            base,
+            name="peak",
+            rules=rules,
+            data=str(text),
+            tokenizer=tokenizer,
+            config=config,
+            data_config=data,
+            model_name=str(folder),
+        )
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         train([job])

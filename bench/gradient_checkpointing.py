@@ -36,7 +36,7 @@ def measure(model: str, batch: int, seq: int, device: str, checkpointing: bool) 
 
     import surgery
     from surgery.base.loading import load_model
-    from surgery.train.job import checkpoint_activations
+    from surgery.training.job import checkpoint_activations
 
     base = load_model(model, random_init=True).model.float().to(device)
     torch.manual_seed(0)

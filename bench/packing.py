@@ -16,11 +16,13 @@ import platform
 import time
 from pathlib import Path
 
-import surgery
+from surgery.base.tiny import tiny_model
+from surgery.base.tokenizer import tiny_tokenizer
 from surgery.distributed import world
-from surgery.train.job import TrainConfig, make_job
-from surgery.train.loop import prepare
-from surgery.train.step import train_step
+from surgery.training.config import DataConfig
+from surgery.training.job import TrainConfig, make_job
+from surgery.training.loop import prepare
+from surgery.training.step import train_step
 
 
 def padding(blocks, batch_size: int, seed: int = 0) -> float:
@@ -40,21 +42,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "packing.json")
     args = parser.parse_args()
-    tokenizer, where, results = surgery.tiny_tokenizer(), world(), {}
+    tokenizer, where, results = tiny_tokenizer(), world(), {}
     for data in ("capitals", "upper", "reverse"):
         config = TrainConfig(batch_size=4, lr=1e-2, max_steps=args.steps, seed=0)
         runs = {
             packed: prepare(
                 make_job(
-                    surgery.tiny_model("tiny-llama"),
-                    "j",
-                    "qv_lora_head",
-                    data,
-                    tokenizer,
-                    config,
-                    block_size=64,
+                    tiny_model("tiny-llama"),
+                    name="j",
+                    rules="qv_lora_head",
+                    data=data,
+                    tokenizer=tokenizer,
+                    config=config,
+                    data_config=DataConfig(block_size=64, packing=packed),
                     model_name="tiny-llama",
-                    packing=packed,
                 ),
                 where,
             )

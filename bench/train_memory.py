@@ -8,7 +8,7 @@ dropout 0.05 on all of them, embeddings and the tied output layer frozen in full
 checkpointing (non-reentrant) on, AdamW on the adapters:
 
 - ``surgery chunked``: ``surgery.rewrite(base, "qlora_nf4")`` + ``checkpoint_activations``, loss
-  ``surgery.train.loss.causal_lm_loss`` (the output layer and loss in chunks of 512 tokens);
+  ``surgery.training.loss.causal_lm_loss`` (the output layer and loss in chunks of 512 tokens);
 - ``surgery full logits``: the same fine-tune, loss ``finetune(**batch).loss``;
 - ``peft``: transformers' ``from_pretrained`` with ``BitsAndBytesConfig`` nf4 (double quantization, fp32 compute),
   ``peft.prepare_model_for_kbit_training`` (non-reentrant checkpointing), ``peft.get_peft_model`` with
@@ -96,8 +96,8 @@ def contender(name: str, model_dir: str, device: str):
         return model, lambda ids: model(input_ids=ids, labels=ids, use_cache=False).loss
 
     import surgery
-    from surgery.train.job import checkpoint_activations
-    from surgery.train.loss import causal_lm_loss, causal_lm_parts
+    from surgery.training.job import checkpoint_activations
+    from surgery.training.loss import causal_lm_loss, causal_lm_parts
 
     base = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
     ft = surgery.rewrite(base, "qlora_nf4")

@@ -5,14 +5,15 @@ Run: python examples/finetuna_loop.py   (CPU, tiny bundled model, about 10 s)
 
 import torch
 
-import surgery
 import surgery.finetuna as finetuna
-from surgery.train.data import read_examples, tokenize
+from surgery.base.tiny import tiny_model
+from surgery.base.tokenizer import tiny_tokenizer
+from surgery.training.data import read_examples, tokenize
 
-base = surgery.tiny_model("tiny-opt")
+base = tiny_model("tiny-opt")
 finetuna.quantize_base_model(base)  # int8 everything but lm_head, frozen
 ft = finetuna.new_finetuned(base, plain_layers={"lm_head"}, linear_config=finetuna.LinearAdapterConfig(r=8, alpha=16))
-blocks = tokenize(read_examples("upper"), surgery.tiny_tokenizer(), block_size=24)
+blocks = tokenize(read_examples("upper"), tiny_tokenizer(), block_size=24)
 
 optimizer = torch.optim.AdamW([p for p in ft.parameters() if p.requires_grad], lr=1e-2)
 generator = torch.Generator().manual_seed(0)

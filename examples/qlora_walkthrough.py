@@ -6,13 +6,14 @@ Run: python examples/qlora_walkthrough.py   (CPU, tiny bundled model, a few seco
 import torch
 
 import surgery
+from surgery.base.tiny import tiny_model
 from surgery.layers.lora import LoraLayer
 from surgery.planning.memory import extra_bytes, parameter_bytes
 
 # 1. The same checkpoint held three ways: bytes of unique parameter storage.
-sizes = {"fp32": parameter_bytes(surgery.tiny_model("tiny-llama"))}
+sizes = {"fp32": parameter_bytes(tiny_model("tiny-llama"))}
 for scheme in ("int8", "nf4"):
-    base = surgery.tiny_model("tiny-llama")
+    base = tiny_model("tiny-llama")
     surgery.prepare_base(
         base, {"quantize": scheme, "default": "quantize", "rules": [{"match": "lm_head", "action": "freeze"}]}
     )
@@ -21,7 +22,7 @@ for name, size in sizes.items():
     print(f"{name:5s} base: {size:9,d} bytes ({size / sizes['fp32']:.0%} of fp32)")
 
 # 2. A QLoRA fine-tune: nf4 base, LoRA on every Linear. Each adapter adds r * (in + out) parameters.
-base = surgery.tiny_model("tiny-llama")
+base = tiny_model("tiny-llama")
 ft = surgery.rewrite(base, "qlora_nf4")
 adapters = {path: m for path, m in ft.named_modules() if isinstance(m, LoraLayer)}
 expected = sum(m.config.r * (m.in_features + m.out_features) for m in adapters.values())

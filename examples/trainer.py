@@ -9,11 +9,13 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 import surgery
-from surgery.train.data import read_examples, tokenize
+from surgery.base.tiny import tiny_model
+from surgery.base.tokenizer import tiny_tokenizer
+from surgery.training.data import read_examples, tokenize
 
-base = surgery.tiny_model("tiny-llama")
+base = tiny_model("tiny-llama")
 ft = surgery.rewrite(base, "qv_lora_head")
-blocks = tokenize(read_examples("upper"), surgery.tiny_tokenizer(), block_size=24)
+blocks = tokenize(read_examples("upper"), tiny_tokenizer(), block_size=24)
 rows = [{k: v[i] for k, v in blocks.batch(torch.arange(len(blocks))).items()} for i in range(len(blocks))]
 out = tempfile.mkdtemp(prefix="trainer-")
 args = TrainingArguments(

@@ -14,6 +14,7 @@ imported from its stage on first use (PEP 562).
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import TYPE_CHECKING
 
 from .package import version as _version
@@ -45,12 +46,10 @@ _PUBLIC = {  # public name -> the module that defines it
         for name in ("ExtraTokens", "LoraConfig", "QuantConfig", "Rule", "RuleSet", "bundled_rules")
     },
     "load_rules": "surgery.rules.rule_file",
-    **{name: "surgery.model.graph" for name in ("ModelGraph", "ModuleInfo", "ParamInfo")},
+    "ModelGraph": "surgery.model.graph",
     "trace": "surgery.model.tracing",
     **{name: "surgery.planning.decisions" for name in ("Decision", "Plan", "plan")},
     "load_model": "surgery.base.loading",
-    "tiny_model": "surgery.base.tiny",
-    "tiny_tokenizer": "surgery.base.tokenizer",
     "prepare_base": "surgery.base.shared_base",
     **{name: "surgery.base.fingerprints" for name in ("Fingerprint", "fingerprint")},
     **{name: "surgery.base.ownership" for name in ("FinetuneInfo", "finetune_info")},
@@ -63,9 +62,19 @@ _PUBLIC = {  # public name -> the module that defines it
     **{name: "surgery.finetune.loading" for name in ("load_adapter", "import_peft")},
     "export_peft": "surgery.files.peft_format",
     "export_graph": "surgery.finetune.graph_export",
+    **{name: "surgery.training.run" for name in ("train", "JobSpec")},
+    **{name: "surgery.training.config" for name in ("TrainConfig", "DataConfig", "TrackerConfig")},
+    "DeviceConfig": "surgery.devices",
+    "LoraShorthand": "surgery.rules.shorthand",
+}
+_DEPRECATED = {  # name -> (its home now, what to use); importable from the top level with a warning for one release
+    "tiny_model": ("surgery.base.tiny", "surgery.load_model('tiny-opt').model, or surgery.base.tiny.tiny_model"),
+    "tiny_tokenizer": ("surgery.base.tokenizer", "surgery.base.tokenizer.load_tokenizer('tiny-opt')"),
+    "ModuleInfo": ("surgery.model.graph", "surgery.model.graph.ModuleInfo"),
+    "ParamInfo": ("surgery.model.graph", "surgery.model.graph.ParamInfo"),
 }
 _MODULES = {"finetuna": "surgery.finetuna"}  # public modules: finetuna's API, above the stages
-_STAGES = ("rules", "layers", "model", "planning", "base", "files", "finetune", "train")
+_STAGES = ("rules", "layers", "model", "planning", "base", "files", "finetune", "training")
 
 __version__ = _version()
 __all__ = sorted([*_PUBLIC, *_MODULES]) + ["__version__"]
@@ -75,6 +84,10 @@ def __getattr__(name: str):
     """A public name (or stage) imported from its module on first use, then kept as a plain attribute."""
     if name in _STAGES:
         return importlib.import_module(f"{__name__}.{name}")
+    if name in _DEPRECATED:
+        home, instead = _DEPRECATED[name]
+        warnings.warn(f"surgery.{name} moved out of the top level; use {instead}", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(home), name)
     where = _PUBLIC.get(name) or _MODULES.get(name)
     if where is None:
         raise AttributeError(f"module 'surgery' has no attribute {name!r}")
@@ -94,8 +107,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the names as they resolve
     from .base.loading import load_model
     from .base.ownership import FinetuneInfo, finetune_info
     from .base.shared_base import prepare_base
-    from .base.tiny import tiny_model
-    from .base.tokenizer import tiny_tokenizer
+    from .devices import DeviceConfig
     from .errors import (
         AdapterStateError,
         DataError,
@@ -124,8 +136,11 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the names as they resolve
     from .finetune.rewriting import Finetune, rewrite
     from .finetune.sharding import shard_base
     from .finetune.vocabulary import extended_tokenizer
-    from .model.graph import ModelGraph, ModuleInfo, ParamInfo
+    from .model.graph import ModelGraph
     from .model.tracing import trace
     from .planning.decisions import Decision, Plan, plan
     from .rules.rule_file import load_rules
     from .rules.ruleset import ExtraTokens, LoraConfig, QuantConfig, Rule, RuleSet, bundled_rules
+    from .rules.shorthand import LoraShorthand
+    from .training.config import DataConfig, TrackerConfig, TrainConfig
+    from .training.run import JobSpec, train

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import os
 import re
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
+from .combinations import check
 from .errors import DeviceError
+from .options import flags_of, option, set_options
 
 if TYPE_CHECKING:
     import torch
@@ -52,17 +55,21 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def parse_device(spec: str) -> tuple[str, str | None]:
+    """``--device`` as written: (auto|cpu|cuda, the index or None); a DeviceError for anything else (empty too)."""
+    found = _SPEC.fullmatch(spec.strip().lower()) if isinstance(spec, str) else None
+    if found is None or (found.group(2) is not None and found.group(1) != "cuda"):
+        raise DeviceError(f"--device {spec!r}: write {DEVICE_HELP}")
+    return found.group(1), found.group(2)
+
+
 def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     """The device ``spec`` names, checked: one DeviceError (what is wrong, what to pass) when it is not there."""
     import torch
 
     if isinstance(spec, torch.device):
         spec = str(spec)
-    text = (spec or "auto").strip().lower()
-    found = _SPEC.fullmatch(text)
-    if found is None or (found.group(2) is not None and found.group(1) != "cuda"):
-        raise DeviceError(f"--device {spec!r}: write {DEVICE_HELP}")
-    kind, index = found.group(1), found.group(2)
+    kind, index = parse_device(spec if spec is not None else "auto")
     rank = local_rank()
     if kind == "cpu" or (kind == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
@@ -141,3 +148,75 @@ def parse_max_memory(text: str) -> dict[int | str, int]:
     if not out:
         raise DeviceError("--max-memory is empty: write DEVICE=SIZE pairs, e.g. 0=20GiB,1=20GiB")
     return out
+
+
+DEVICE_PANEL = "Device & distributed"
+AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
+DeviceMap = Literal["auto", "balanced"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeviceConfig:
+    """Where a model computes and how its base is placed: one device, or accelerate's placement over several GPUs.
+
+    Checked as written here (the spelling of each value); whether the device is there is checked by ``resolve``,
+    before any model loads.
+    """
+
+    device: str = option(
+        "auto",
+        help=f"Where the model computes: {DEVICE_HELP}; under torchrun each process takes cuda:$LOCAL_RANK.",
+        panel=DEVICE_PANEL,
+    )
+    device_map: DeviceMap | None = option(
+        None,
+        help="auto or balanced: place the base's layers over every GPU (accelerate's placement, no FSDP); adapters "
+        "sit on their layer's GPU.",
+        panel=DEVICE_PANEL,
+    )
+    max_memory: str | None = option(
+        None, help="With --device-map: the most each device holds, e.g. 0=20GiB,1=20GiB,cpu=64GiB.", panel=DEVICE_PANEL
+    )
+    attn_implementation: AttnImplementation | None = option(
+        None,
+        help="sdpa, eager or flash_attention_2 (where installed); default: transformers' choice for the model.",
+        panel=DEVICE_PANEL,
+    )
+
+    def __post_init__(self) -> None:
+        parse_device(self.device)
+        if self.device_map not in (None, "auto", "balanced"):
+            raise DeviceError(f"--device-map must be auto or balanced, not {self.device_map!r}")
+        if self.attn_implementation not in (None, "sdpa", "eager", "flash_attention_2"):
+            raise DeviceError(
+                f"--attn-implementation must be sdpa, eager or flash_attention_2, not {self.attn_implementation!r}"
+            )
+        check(set_options(self), only=flags_of(type(self)))
+        if self.max_memory is not None:
+            parse_max_memory(self.max_memory)
+
+    @property
+    def memory_map(self) -> dict[int | str, int] | None:
+        """--max-memory in bytes per device, as accelerate takes it."""
+        return parse_max_memory(self.max_memory) if self.max_memory is not None else None
+
+    def placement(self) -> dict:
+        """``load_model``'s keywords for this placement, the device resolved (a DeviceError when it is not there) and
+        made current."""
+        target = resolve_device(self.device)
+        use_device(target)
+        return {
+            "device": target,
+            "device_map": self.device_map,
+            "max_memory": self.memory_map,
+            "attn_implementation": self.attn_implementation,
+        }
+
+    def describe(self) -> str:
+        """The device part of a command's first line: 'device cuda:0', or the device map asked for."""
+        if self.device_map:
+            import torch
+
+            count = torch.cuda.device_count()
+            return f"device map {self.device_map} over {f'{count} GPUs' if count else 'the CPU'}"
+        return f"device {resolve_device(self.device)}"

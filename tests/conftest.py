@@ -13,6 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 HANG_SECONDS = 300  # a hang guard, never a speed test: far above what any call guarded here takes on a loaded machine
 
 import surgery  # noqa: E402
+from surgery.base.tiny import tiny_model  # noqa: E402
 from surgery.layers.bnb import state_tensors  # noqa: E402
 from surgery.model.architectures import TINY_MODELS  # noqa: E402
 
@@ -41,7 +42,7 @@ def digest():
 @pytest.fixture(scope="session")
 def tiny_graphs():
     """ModelGraph of each tiny model, traced once per session."""
-    return {name: surgery.trace(surgery.tiny_model(name)) for name in TINY_MODELS}
+    return {name: surgery.trace(tiny_model(name)) for name in TINY_MODELS}
 
 
 @pytest.fixture()

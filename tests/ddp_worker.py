@@ -9,13 +9,15 @@ import sys
 import torch
 from safetensors.torch import save_file
 
-import surgery
 from surgery.base.ownership import own_state
-from surgery.train.job import TrainConfig, make_job
-from surgery.train.loop import train
+from surgery.base.tiny import tiny_model
+from surgery.base.tokenizer import tiny_tokenizer
+from surgery.training.config import DataConfig
+from surgery.training.job import TrainConfig, make_job
+from surgery.training.loop import train_jobs as train
 
 out, batch_size, batched = sys.argv[1], int(sys.argv[2]), sys.argv[3:] == ["batched"]
-base = surgery.tiny_model("tiny-llama")
+base = tiny_model("tiny-llama")
 # An fp32 base: LLM.int8's outlier split (threshold 6) depends on which rows share a batch, so an int8
 # base gives DDP results close to, not within 1e-5 of, one process.
 RULES = {
@@ -25,25 +27,24 @@ RULES = {
 }
 job = make_job(
     base,
-    "ddp",
-    RULES,
-    "upper",
-    surgery.tiny_tokenizer(),
-    TrainConfig(batch_size=batch_size, lr=1e-2, max_steps=6, seed=0),
-    mode="corpus",
-    block_size=16,
+    name="ddp",
+    rules=RULES,
+    data="upper",
+    tokenizer=tiny_tokenizer(),
+    config=TrainConfig(batch_size=batch_size, lr=1e-2, max_steps=6, seed=0),
+    data_config=DataConfig(group_texts=True, block_size=16),
 )
 OTHER = {"quantize": "none", "default": "freeze", "rules": [{"match": "v_proj", "action": "adapt", "lora": {"r": 2}}]}
 others = (
     [
         make_job(
             base,
-            "other",
-            OTHER,
-            "reverse",
-            surgery.tiny_tokenizer(),
-            TrainConfig(batch_size=batch_size // 2, grad_accum=2, lr=1e-2, max_steps=2, seed=1),
-            block_size=20,
+            name="other",
+            rules=OTHER,
+            data="reverse",
+            tokenizer=tiny_tokenizer(),
+            config=TrainConfig(batch_size=batch_size // 2, grad_accum=2, lr=1e-2, max_steps=2, seed=1),
+            data_config=DataConfig(block_size=20),
         )
     ]
     if batched

@@ -17,9 +17,12 @@ from safetensors.torch import save_file
 
 import surgery
 from surgery.base.ownership import own_state
+from surgery.base.tiny import tiny_model
+from surgery.base.tokenizer import tiny_tokenizer
 from surgery.planning.memory import parameter_bytes
-from surgery.train.job import TrainConfig, make_job
-from surgery.train.loop import train
+from surgery.training.config import DataConfig
+from surgery.training.job import TrainConfig, make_job
+from surgery.training.loop import train_jobs as train
 
 out, base_kinds, steps = sys.argv[1], sys.argv[2].split(","), int(sys.argv[3])
 flags = sys.argv[4:]
@@ -52,38 +55,37 @@ def run_kind(base_kind: str) -> None:
         "default": default,
         "rules": [*FROZEN, {"match": "re:.*(up_proj|o_proj)", "action": "adapt", "lora": {"r": 2}}],
     }
-    base = surgery.tiny_model("tiny-llama")
+    base = tiny_model("tiny-llama")
     surgery.prepare_base(base, rules_a, rules_b)
     whole = parameter_bytes(base)
     planned = surgery.plan(surgery.trace(base), rules_a).base_bytes_per_rank(world, fsdp=True)
     if shard:
         surgery.shard_base(base)
-    tokenizer = surgery.tiny_tokenizer()
+    tokenizer = tiny_tokenizer()
     folder = os.path.join(out, f"{base_kind}-{'sharded' if shard else 'whole'}-a")
     jobs = [
         make_job(
             base,
-            "a",
-            rules_a,
-            "upper",
-            tokenizer,
-            TrainConfig(batch_size=4 // world, lr=1e-2, max_steps=steps, seed=0, save_steps=5),
-            mode="corpus",
-            block_size=16,
+            name="a",
+            rules=rules_a,
+            data="upper",
+            tokenizer=tokenizer,
+            config=TrainConfig(batch_size=4 // world, lr=1e-2, max_steps=steps, seed=0, save_steps=5),
+            data_config=DataConfig(group_texts=True, block_size=16),
             out=folder,
         ),
         make_job(
             base,
-            "b",
-            rules_b,
-            "reverse",
-            tokenizer,
-            TrainConfig(batch_size=4 // world, lr=1e-2, max_steps=steps // 2, seed=1),
-            block_size=20,
+            name="b",
+            rules=rules_b,
+            data="reverse",
+            tokenizer=tokenizer,
+            config=TrainConfig(batch_size=4 // world, lr=1e-2, max_steps=steps // 2, seed=1),
+            data_config=DataConfig(block_size=20),
         ),
     ]
     if resume:
-        from surgery.train.checkpoint import latest_checkpoint
+        from surgery.training.checkpoint import latest_checkpoint
 
         train(jobs, resume={"a": latest_checkpoint(jobs[0].out)})
     else:

@@ -12,25 +12,28 @@ torch.set_num_threads(1)  # forked children must not inherit a started OpenMP po
 
 import surgery  # noqa: E402
 from surgery.base.shared_base import base_graph  # noqa: E402
-from surgery.train.checkpoint import latest_checkpoint  # noqa: E402
-from surgery.train.job import TrainConfig, make_job  # noqa: E402
-from surgery.train.loop import train  # noqa: E402
+from surgery.base.tiny import tiny_model  # noqa: E402
+from surgery.base.tokenizer import tiny_tokenizer  # noqa: E402
+from surgery.training.checkpoint import latest_checkpoint  # noqa: E402
+from surgery.training.config import DataConfig  # noqa: E402
+from surgery.training.job import TrainConfig, make_job  # noqa: E402
+from surgery.training.loop import train_jobs as train  # noqa: E402
 
-base_graph(surgery.tiny_model("tiny-llama"))  # the trace cache every forked run reuses
+base_graph(tiny_model("tiny-llama"))  # the trace cache every forked run reuses
 
 
 def run(out: str, steps: int, ready) -> None:
     """Train (resuming from the newest complete checkpoint, if any) with a checkpoint at every step."""
-    base = surgery.tiny_model("tiny-llama")
+    base = tiny_model("tiny-llama")
     job = make_job(
         base,
-        "job",
-        "qv_lora_head",
-        "upper",
-        surgery.tiny_tokenizer(),
-        TrainConfig(batch_size=4, lr=1e-2, max_steps=steps, seed=0, save_steps=1, save_total_limit=2),
+        name="job",
+        rules="qv_lora_head",
+        data="upper",
+        tokenizer=tiny_tokenizer(),
+        config=TrainConfig(batch_size=4, lr=1e-2, max_steps=steps, seed=0, save_steps=1, save_total_limit=2),
+        data_config=DataConfig(block_size=24),
         out=out,
-        block_size=24,
         model_name="tiny-llama",
     )
     found = latest_checkpoint(job.out) if job.out.exists() else None
@@ -42,7 +45,7 @@ def run(out: str, steps: int, ready) -> None:
 
 def two_finetunes():
     """Two fine-tunes of tiny-llama with different (seeded) adapter values: what the folder writers alternate."""
-    base = surgery.tiny_model("tiny-llama")
+    base = tiny_model("tiny-llama")
     out = []
     for seed in (1, 2):
         ft = surgery.rewrite(base, "qv_lora")

@@ -15,6 +15,8 @@ from typer.testing import CliRunner
 import surgery
 from surgery import AdapterStateError
 from surgery.base.ownership import own_state
+from surgery.base.tiny import tiny_model
+from surgery.base.tokenizer import tiny_tokenizer
 from surgery_cli.app import app
 
 peft = pytest.importorskip("peft")
@@ -43,7 +45,7 @@ def keys_in(path) -> set[str]:
 
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-gpt2"])
 def test_save_pretrained_writes_an_adapter_folder_that_peft_and_surgery_load(tmp_path, model):
-    base = surgery.tiny_model(model)
+    base = tiny_model(model)
     ft = trained(surgery.rewrite(base, WITH_PLAIN))
     ft.save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
@@ -59,18 +61,18 @@ def test_save_pretrained_writes_an_adapter_folder_that_peft_and_surgery_load(tmp
         assert not {k.removeprefix("base_model.model.") for k in keys_in(tmp_path / name)} & base_names, name
     assert (tmp_path / "model.safetensors").read_bytes() == (tmp_path / "adapter.safetensors").read_bytes()
     expected = logits(ft)
-    twin = peft_model(surgery.tiny_model(model), tmp_path)  # PEFT on the plain base
+    twin = peft_model(tiny_model(model), tmp_path)  # PEFT on the plain base
     assert (logits(twin) - expected).abs().max() <= 1e-5 * expected.abs().max()
-    assert torch.equal(logits(surgery.load_adapter(surgery.tiny_model(model), tmp_path)), expected)
+    assert torch.equal(logits(surgery.load_adapter(tiny_model(model), tmp_path)), expected)
     card = (tmp_path / "README.md").read_text()
     assert f"base_model: {model}" in card and "PeftModel.from_pretrained" in card and "lm_head" in card
 
 
 @pytest.mark.parametrize("rules", ["qv_lora", "qlora_nf4"])
 def test_save_pretrained_on_a_quantized_base_matches_peft_on_that_base(tmp_path, rules):
-    ft = trained(surgery.rewrite(surgery.tiny_model("tiny-opt"), rules))
+    ft = trained(surgery.rewrite(tiny_model("tiny-opt"), rules))
     ft.save_pretrained(tmp_path)
-    other = surgery.tiny_model("tiny-opt")
+    other = tiny_model("tiny-opt")
     surgery.rewrite(other, rules)  # the same checkpoint quantized the same way, for PEFT to wrap in place
     assert torch.equal(logits(peft_model(other, tmp_path)), logits(ft))
     note = "load_in_8bit=True" if rules == "qv_lora" else 'bnb_4bit_quant_type="nf4"'
@@ -78,7 +80,7 @@ def test_save_pretrained_on_a_quantized_base_matches_peft_on_that_base(tmp_path,
 
 
 def test_save_pretrained_keywords_are_taken_or_refused_and_a_refusal_writes_nothing(tmp_path):
-    ft = trained(surgery.rewrite(surgery.tiny_model("tiny-llama"), "qv_lora"))
+    ft = trained(surgery.rewrite(tiny_model("tiny-llama"), "qv_lora"))
     ft.save_pretrained(tmp_path / "a", max_shard_size="1MB", safe_serialization=True)  # meaningless here: accepted
     assert (tmp_path / "a" / "adapter.safetensors").is_file()
     ft.save_pretrained(tmp_path / "rank1", is_main_process=False)
@@ -100,7 +102,7 @@ def test_save_pretrained_keywords_are_taken_or_refused_and_a_refusal_writes_noth
 
 
 def test_save_pretrained_takes_own_values_from_a_full_state_dict(tmp_path):
-    base = surgery.tiny_model("tiny-llama")
+    base = tiny_model("tiny-llama")
     ft = surgery.rewrite(base, "qv_lora")
     state = {k: v.clone() for k, v in ft.state_dict().items()}  # the whole model, as Trainer may pass it
     name = next(iter(own_state(ft)))
@@ -131,7 +133,7 @@ def test_push_to_hub_uploads_the_adapter_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(hub, "hf_api", lambda: Api())
     monkeypatch.setattr(hub, "create_and_tag_model_card", lambda *a, **k: Card())
     monkeypatch.setattr(hub.PushToHubMixin, "_upload_modified_files", upload)
-    ft = surgery.rewrite(surgery.tiny_model("tiny-llama"), "qv_lora")
+    ft = surgery.rewrite(tiny_model("tiny-llama"), "qv_lora")
     ft.push_to_hub("me/qv")
     own_bytes = sum(t.numel() * t.element_size() for t in own_state(ft).values())
     assert set(uploaded) == {
@@ -146,7 +148,7 @@ def test_push_to_hub_uploads_the_adapter_folder(tmp_path, monkeypatch):
 
 
 def test_folders_are_read_by_the_cli_and_peft_exports_name_their_base(tmp_path):
-    base = surgery.tiny_model("tiny-llama")
+    base = tiny_model("tiny-llama")
     ft = trained(surgery.rewrite(base, "qv_lora"))
     ft.save_pretrained(tmp_path / "ft")
     shown = runner.invoke(app, ["adapter", "show", str(tmp_path / "ft")])
@@ -157,7 +159,7 @@ def test_folders_are_read_by_the_cli_and_peft_exports_name_their_base(tmp_path):
     shown = runner.invoke(app, ["adapter", "show", str(tmp_path / "peft")])
     fingerprint = surgery.files.adapter_file.base_fingerprint(ft.surgery_info.base).short
     assert shown.exit_code == 0 and "PEFT LoRA adapter" in shown.stdout and fingerprint in shown.stdout, shown.output
-    other = surgery.tiny_model("tiny-llama")
+    other = tiny_model("tiny-llama")
     with torch.no_grad():
         for p in other.parameters():
             p.copy_(torch.randn_like(p))  # the same architecture, other weights
@@ -168,13 +170,13 @@ def test_folders_are_read_by_the_cli_and_peft_exports_name_their_base(tmp_path):
 def test_trainer_checkpoints_hold_the_adapter_only_and_resume_exactly(tmp_path):
     from transformers import Trainer, TrainingArguments
 
-    from surgery.train.data import read_examples, tokenize
+    from surgery.training.data import read_examples, tokenize
 
-    blocks = tokenize(read_examples("upper"), surgery.tiny_tokenizer(), block_size=24)
+    blocks = tokenize(read_examples("upper"), tiny_tokenizer(), block_size=24)
     rows = [{k: v[i] for k, v in blocks.batch(torch.arange(len(blocks))).items()} for i in range(len(blocks))]
 
     def run(out, resume=None, **extra):
-        base = surgery.tiny_model("tiny-llama")
+        base = tiny_model("tiny-llama")
         ft = surgery.rewrite(base, "qv_lora")
         sibling = surgery.rewrite(base, "qv_lora")
         frozen = {n: p.detach().clone() for n, p in base.named_parameters()}

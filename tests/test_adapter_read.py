@@ -15,13 +15,14 @@ import torch
 
 import surgery
 from surgery.base.ownership import own_state
+from surgery.base.tiny import tiny_model
 from surgery.errors import AdapterStateError
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """A fine-tune with non-zero adapters, its own tensors as saved, and its adapter file."""
-    ft = surgery.rewrite(surgery.tiny_model("tiny-opt"), "qv_lora")
+    ft = surgery.rewrite(tiny_model("tiny-opt"), "qv_lora")
     generator = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for p in ft.parameters():

@@ -10,14 +10,17 @@ from typer.testing import CliRunner
 import surgery
 from surgery.base.loading import build_from_config, config_from_dict
 from surgery.base.ownership import own_state
+from surgery.base.tiny import tiny_model
+from surgery.base.tokenizer import tiny_tokenizer
 from surgery.errors import DataError, RewriteError, TrainError
 from surgery.finetune.batched import batched, generate, route
 from surgery.model.architectures import TINY_MODELS
-from surgery.train.job import TrainConfig, make_job
-from surgery.train.loop import train
+from surgery.training.config import DataConfig
+from surgery.training.job import TrainConfig, make_job
+from surgery.training.loop import train_jobs as train
 from surgery_cli.app import app
 
-TOK = surgery.tiny_tokenizer()
+TOK = tiny_tokenizer()
 FP32 = [
     {"quantize": "none", "default": "freeze", "rules": [{"match": "q_proj", "action": "adapt", "lora": {"r": 8}}]},
     {
@@ -48,7 +51,7 @@ INT8_EXACT = [
 
 def finetunes(model: str, rules: list) -> tuple[torch.nn.Module, list[torch.nn.Module]]:
     """A base and three trained-looking fine-tunes from two rule files (different ranks, a plain lm_head)."""
-    base = surgery.tiny_model(model)
+    base = tiny_model(model)
     surgery.prepare_base(base, *rules)
     fts = [surgery.rewrite(base, r) for r in (rules[0], rules[1], rules[0])]
     generator = torch.Generator().manual_seed(0)
@@ -204,7 +207,7 @@ def test_bad_batches_are_refused():
 
 
 def test_a_finetune_whose_base_was_quantized_again_is_refused():
-    base = surgery.tiny_model("tiny-llama")
+    base = tiny_model("tiny-llama")
     early = surgery.rewrite(base, FP32[0])
     with pytest.warns(surgery.SharedBaseWarning):
         surgery.rewrite(base, "qlora_nf4")  # quantizes modules the early fine-tune still holds in fp32
@@ -253,13 +256,13 @@ def training_jobs(base, model: str, quantize: str, out=None, **config) -> list:
     return [
         make_job(
             base,
-            name,
-            rules,
-            data,
-            TOK,
-            TrainConfig(batch_size=batch, grad_accum=accum, lr=1e-2, max_steps=steps, seed=i, **config),
+            name=name,
+            rules=rules,
+            data=data,
+            tokenizer=TOK,
+            config=TrainConfig(batch_size=batch, grad_accum=accum, lr=1e-2, max_steps=steps, seed=i, **config),
+            data_config=DataConfig(block_size=block),
             out=out / name if out else None,
-            block_size=block,
             model_name=model,
         )
         for i, (name, rules, data, batch, accum, steps, block) in enumerate(specs)
@@ -296,8 +299,8 @@ def test_batched_training_equals_taking_turns(model, quantize):
 
 def test_base_dropout_makes_batched_training_match_only_statistically():
     """tiny-opt has base dropout 0.1: drawn once over the whole pass, so the adapters differ from turn-taking."""
-    alone = train(training_jobs(surgery.tiny_model("tiny-opt"), "tiny-opt", "none"))
-    together = train(training_jobs(surgery.tiny_model("tiny-opt"), "tiny-opt", "none"), batched=True)
+    alone = train(training_jobs(tiny_model("tiny-opt"), "tiny-opt", "none"))
+    together = train(training_jobs(tiny_model("tiny-opt"), "tiny-opt", "none"), batched=True)
     first = [(a.history[0]["loss"], b.history[0]["loss"]) for a, b in zip(together, alone)]
     assert all(x != y and x == pytest.approx(y, rel=0.02) for x, y in first)
 

@@ -6,6 +6,8 @@ import typer
 from typer.core import TyperGroup
 from typer.testing import CliRunner
 
+from surgery.base.tiny import tiny_model
+from surgery.base.tokenizer import tiny_tokenizer
 from surgery_cli.app import app
 
 runner = CliRunner()
@@ -161,12 +163,12 @@ def test_adapter_files_through_the_cli_apply_show_merge_export_import(tmp_path):
     assert result.exit_code == 0, result.output
     assert "merged vs fine-tune" in result.stdout and "requantized vs merged" in result.stdout
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
-    expected = surgery.merge(surgery.load_adapter(surgery.tiny_model("tiny-llama"), first))
+    expected = surgery.merge(surgery.load_adapter(tiny_model("tiny-llama"), first))
     ids = torch.tensor([[3, 4, 5, 6]])
     with torch.no_grad():
         assert torch.equal(merged(ids).logits, expected(ids).logits)
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "merged")  # the folder is complete
-    assert tokenizer("owl")["input_ids"] == surgery.tiny_tokenizer()("owl")["input_ids"]
+    assert tokenizer("owl")["input_ids"] == tiny_tokenizer()("owl")["input_ids"]
     assert (tmp_path / "merged" / "generation_config.json").is_file()
     mask = os.umask(0)
     os.umask(mask)
@@ -178,7 +180,7 @@ def test_adapter_files_through_the_cli_apply_show_merge_export_import(tmp_path):
     assert again.exit_code == 2 and "not empty" in again.output
     assert "note: requantizing" not in result.stdout  # int8: about 1 % on tiny-llama
     nf4 = tmp_path / "nf4.safetensors"
-    trained = surgery.rewrite(surgery.tiny_model("tiny-llama"), "qlora_nf4")
+    trained = surgery.rewrite(tiny_model("tiny-llama"), "qlora_nf4")
     with torch.no_grad():  # a trained-looking adapter (a new one has B = 0 and merges to the base itself)
         for tensor in surgery.base.ownership.own_state(trained).values():
             tensor.add_(torch.randn(tensor.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
@@ -282,8 +284,8 @@ def test_chat_template_training_and_generation_through_the_cli(tmp_path):
     import surgery
 
     folder = tmp_path / "tiny-chat"
-    surgery.tiny_model("tiny-llama").save_pretrained(folder)
-    tokenizer = surgery.tiny_tokenizer()
+    tiny_model("tiny-llama").save_pretrained(folder)
+    tokenizer = tiny_tokenizer()
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(folder)
     result = run(
@@ -341,7 +343,7 @@ def test_bitsandbytes_warnings_about_the_run_show_once_and_its_noise_not_at_all(
         for f in [f for f in logger.filters if isinstance(f, OnceEach)]:
             logger.removeFilter(f)
     quiet_libraries()
-    ft = surgery.rewrite(surgery.tiny_model("tiny-llama"), "qv_lora")
+    ft = surgery.rewrite(tiny_model("tiny-llama"), "qv_lora")
     with caplog.at_level(logging.WARNING):
         for _ in range(3):
             ft(input_ids=torch.tensor([[1, 2, 3]]))
@@ -383,7 +385,7 @@ def test_use_rslora_shorthand_trains_a_rank_stabilized_lora_and_exports_it_to_pe
 
 
 def test_shorthand_init_and_dora_flags_stand_for_their_rule_keys():
-    from surgery.rules.rule_file import shorthand_rules
+    from surgery.rules.shorthand import shorthand_rules
 
     rules = shorthand_rules(["q_proj"], init_lora_weights="gaussian", use_dora=True)
     lora = rules.rules[0].lora

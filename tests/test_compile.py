@@ -6,13 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-import surgery
 from surgery.base.ownership import own_state
+from surgery.base.tiny import tiny_model
+from surgery.base.tokenizer import tiny_tokenizer
 from surgery.errors import TrainError
-from surgery.train.job import TrainConfig, make_job
-from surgery.train.loop import train
+from surgery.training.config import DataConfig
+from surgery.training.job import TrainConfig, make_job
+from surgery.training.loop import train_jobs as train
 
-TOK = surgery.tiny_tokenizer()
+TOK = tiny_tokenizer()
 
 
 def rules(storage: str, dropout: float = 0.1) -> dict:
@@ -30,19 +32,18 @@ def rules(storage: str, dropout: float = 0.1) -> dict:
 
 def trained(storage: str, dropout: float = 0.1, evaluate: bool = True, **compile_settings):
     """(losses, adapter tensors, fine-tune, base) of 3 steps (ragged batches), with an eval at step 3."""
-    base = surgery.tiny_model("tiny-llama")
+    base = tiny_model("tiny-llama")
     config = TrainConfig(
         batch_size=4, lr=1e-2, max_steps=3, eval_steps=3 if evaluate else None, seed=0, **compile_settings
     )
     job = make_job(
         base,
-        "j",
-        rules(storage, dropout),
-        "capitals",
-        TOK,
-        config,
-        eval_data="upper" if evaluate else None,
-        block_size=40,
+        name="j",
+        rules=rules(storage, dropout),
+        data="capitals",
+        tokenizer=TOK,
+        config=config,
+        data_config=DataConfig(eval_data="upper" if evaluate else None, block_size=40),
     )
     (run,) = train([job])
     losses = [r.get("loss", r.get("eval_loss")) for r in run.history]
@@ -84,18 +85,25 @@ def test_inductor_compiles_the_finetune_and_matches_eager():
 
 
 def test_bad_compile_settings_fail_before_training(tmp_path):
-    base = surgery.tiny_model("tiny-llama")
+    base = tiny_model("tiny-llama")
     with pytest.raises(TrainError, match=r"--compile-backend must be one of .*inductor.*not 'fast'"):
-        make_job(base, "j", rules("none"), "upper", TOK, TrainConfig(compile=True, compile_backend="fast"))
+        make_job(
+            base,
+            name="j",
+            rules=rules("none"),
+            data="upper",
+            tokenizer=TOK,
+            config=TrainConfig(compile=True, compile_backend="fast"),
+        )
     job = make_job(
         base,
-        "j",
-        rules("none"),
-        "upper",
-        TOK,
-        TrainConfig(compile=True, compile_backend="aot_eager", max_steps=1),
+        name="j",
+        rules=rules("none"),
+        data="upper",
+        tokenizer=TOK,
+        config=TrainConfig(compile=True, compile_backend="aot_eager", max_steps=1),
         out=tmp_path / "run",
     )
-    with pytest.raises(TrainError, match=r"--compile compiles each fine-tune's forward.*--batched"):
+    with pytest.raises(TrainError, match=r"--batched with --compile: --compile compiles each fine-tune's forward"):
         train([job], batched=True)
     assert not (tmp_path / "run").exists()

@@ -9,18 +9,21 @@ import pytest
 import torch
 
 import surgery
+from surgery.base.tiny import tiny_model
+from surgery.base.tokenizer import tiny_tokenizer
 from surgery.planning.memory import extra_bytes, parameter_bytes
-from surgery.train.job import TrainConfig, make_job
-from surgery.train.loop import train
+from surgery.training.config import DataConfig
+from surgery.training.job import TrainConfig, make_job
+from surgery.training.loop import train_jobs as train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-TOK = surgery.tiny_tokenizer()
+TOK = tiny_tokenizer()
 SCHEMES = {"int8": "qv_lora", "nf4": "qlora_nf4"}
 
 
 def cuda_base(name: str = "tiny-llama") -> torch.nn.Module:
-    return surgery.tiny_model(name).to("cuda").eval()
+    return tiny_model(name).to("cuda").eval()
 
 
 def inputs(rows: int = 2, length: int = 12) -> torch.Tensor:
@@ -57,7 +60,16 @@ def test_training_on_cuda_learns_and_leaves_base_and_sibling_alone(scheme, preci
     sibling = surgery.rewrite(base, SCHEMES[scheme])
     before_base, before_sibling = digest(base), digest(sibling)
     config = TrainConfig(batch_size=8, lr=1e-2, max_steps=30, seed=0, precision=precision)
-    job = make_job(base, "job", "lora_plus_head", "upper", TOK, config, block_size=24, model_name="tiny-llama")
+    job = make_job(
+        base,
+        name="job",
+        rules="lora_plus_head",
+        data="upper",
+        tokenizer=TOK,
+        config=config,
+        data_config=DataConfig(block_size=24),
+        model_name="tiny-llama",
+    )
     (run,) = train([job])
     losses = [r["loss"] for r in run.history if "loss" in r]
     assert all(torch.isfinite(torch.tensor(losses)))
@@ -67,9 +79,18 @@ def test_training_on_cuda_learns_and_leaves_base_and_sibling_alone(scheme, preci
 
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_a_bf16_base_trains_its_plain_head_through_fp32_masters_on_cuda(scheme):
-    base = surgery.tiny_model("tiny-llama").to("cuda", torch.bfloat16).eval()
+    base = tiny_model("tiny-llama").to("cuda", torch.bfloat16).eval()
     config = TrainConfig(batch_size=8, lr=1e-2, max_steps=20, seed=0, precision="bf16")
-    job = make_job(base, "job", "lora_plus_head", "upper", TOK, config, block_size=24, model_name="tiny-llama")
+    job = make_job(
+        base,
+        name="job",
+        rules="lora_plus_head",
+        data="upper",
+        tokenizer=TOK,
+        config=config,
+        data_config=DataConfig(block_size=24),
+        model_name="tiny-llama",
+    )
     (run,) = train([job])
     ((head, master),) = run.masters.pairs
     assert head.is_cuda and head.dtype == torch.bfloat16 and master.dtype == torch.float32
@@ -81,7 +102,16 @@ def test_a_bf16_base_trains_its_plain_head_through_fp32_masters_on_cuda(scheme):
 def test_8bit_adamw_runs_on_cuda():
     base = cuda_base()
     config = TrainConfig(batch_size=8, lr=1e-2, max_steps=10, seed=0, optimizer="adamw8bit")
-    job = make_job(base, "job", "lora_plus_head", "upper", TOK, config, block_size=24, model_name="tiny-llama")
+    job = make_job(
+        base,
+        name="job",
+        rules="lora_plus_head",
+        data="upper",
+        tokenizer=TOK,
+        config=config,
+        data_config=DataConfig(block_size=24),
+        model_name="tiny-llama",
+    )
     (run,) = train([job])
     assert type(run.optimizer).__module__.startswith("bitsandbytes")
     assert all(torch.isfinite(torch.tensor([r["loss"] for r in run.history if "loss" in r])))
@@ -115,7 +145,7 @@ def test_quantized_while_loading_onto_cuda_equals_quantizing_on_the_cpu(tmp_path
     """bitsandbytes' CUDA and CPU quantization of the same tensors: the issue asks for bit-identical storage."""
     from surgery.base.loading import load_model
 
-    surgery.tiny_model("tiny-llama").to(torch.bfloat16).save_pretrained(tmp_path / "m")
+    tiny_model("tiny-llama").to(torch.bfloat16).save_pretrained(tmp_path / "m")
     on_gpu = load_model(str(tmp_path / "m"), rules=rules, device="cuda").model
     on_cpu = load_model(str(tmp_path / "m"), rules=rules, device="cpu").model
     assert all(t.is_cuda for t in on_gpu.parameters())
@@ -185,7 +215,7 @@ def test_a_peft_export_loads_in_peft_on_cuda_with_the_same_outputs(tmp_path):
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
 
-    surgery.tiny_model("tiny-llama").save_pretrained(tmp_path / "base")
+    tiny_model("tiny-llama").save_pretrained(tmp_path / "base")
     base = surgery.load_model(str(tmp_path / "base"), rules="qv_lora", device="cuda").model
     ft = surgery.rewrite(base, "qv_lora")
     with torch.no_grad():
@@ -212,7 +242,7 @@ def test_a_peft_export_loads_in_peft_on_cuda_with_the_same_outputs(tmp_path):
 def test_generation_on_cuda_answers_like_the_cpu_greedily():
     from surgery.finetune.batched import generate
 
-    tok = surgery.tiny_tokenizer()
+    tok = tiny_tokenizer()
     answers = {}
     for device in ("cpu", "cuda"):
         base = surgery.load_model("tiny-llama", device=device).model.requires_grad_(False)
@@ -224,7 +254,7 @@ def test_the_planned_device_map_is_the_one_the_loader_uses(tmp_path):
     from surgery.base.loading import graph_of, load_model
     from surgery.base.quantizer import planned_device_map
 
-    surgery.tiny_model("tiny-llama").save_pretrained(tmp_path / "m")
+    tiny_model("tiny-llama").save_pretrained(tmp_path / "m")
     memory = {0: 200 * 1024, "cpu": 2**30}  # a tiny budget on the GPU: part of the base goes to the CPU
     planned = planned_device_map(
         load_model(str(tmp_path / "m"), weights=False).model,
@@ -242,7 +272,7 @@ def test_loftq_on_cuda_equals_peft_s_replace_lora_weights_loftq(tmp_path):
     from peft.utils.loftq_utils import replace_lora_weights_loftq
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    surgery.tiny_model("tiny-llama").save_pretrained(tmp_path / "ckpt")
+    tiny_model("tiny-llama").save_pretrained(tmp_path / "ckpt")
     rules = {
         "version": 1,
         "quantize": {"scheme": "nf4", "double_quant": False, "compute_dtype": "float32"},
@@ -292,7 +322,16 @@ def test_new_tokens_train_on_cuda_and_leave_the_nf4_base_alone(precision, digest
     surgery.prepare_base(base, rules)
     before = digest(base)
     config = TrainConfig(batch_size=8, lr=1e-2, max_steps=20, seed=0, precision=precision)
-    job = make_job(base, "job", rules, "upper", TOK, config, block_size=24, model_name="tiny-llama")
+    job = make_job(
+        base,
+        name="job",
+        rules=rules,
+        data="upper",
+        tokenizer=TOK,
+        config=config,
+        data_config=DataConfig(block_size=24),
+        model_name="tiny-llama",
+    )
     rows = job.finetune.get_output_embeddings().extra_rows  # tiny-llama's head is untied: rows of its own
     assert rows.is_cuda and job.finetune.config.vocab_size == 261
     start = rows.detach().clone()
@@ -308,12 +347,12 @@ def test_packed_examples_keep_apart_on_cuda(attention):
     row; flash attention gets the micro-batch flattened into one row (its variable-length kernels)."""
     from test_packing import packed_and_alone_losses
 
-    from surgery.train.job import _packed_attention
+    from surgery.training.job import _packed_attention
 
     if attention == "flash_attention_2":
         pytest.importorskip("flash_attn")
     dtype = torch.bfloat16 if attention == "flash_attention_2" else torch.float32
-    model = surgery.tiny_model("tiny-llama").to("cuda", dtype).eval()
+    model = tiny_model("tiny-llama").to("cuda", dtype).eval()
     model.set_attn_implementation(attention)
     form = _packed_attention(model, "tiny-llama")
     assert form == ("flattened" if attention == "flash_attention_2" else "positions")
@@ -382,8 +421,8 @@ def _peak_step(ft, compute, context=None):
 def test_offloaded_checkpoints_train_bit_identically_and_hold_less_on_cuda():
     """Gradient checkpointing keeps each layer's input for backward (16 layers x 4,096 tokens x 256 fp32 = 64 MiB);
     offloaded, they wait in pinned host memory: the same gradients bit for bit, a lower peak."""
-    from surgery.train.job import checkpoint_activations
-    from surgery.train.offload import offloaded_activations
+    from surgery.training.job import checkpoint_activations
+    from surgery.training.offload import offloaded_activations
 
     layers, tokens, hidden = 16, 4096, 256
     ft = _lora_finetune(_cuda_llama(num_hidden_layers=layers))
@@ -405,7 +444,7 @@ def test_offloaded_checkpoints_train_bit_identically_and_hold_less_on_cuda():
 @pytest.mark.parametrize(("head", "storage"), [("freeze", "nf4"), ("adapt", "nf4"), ("plain", "none")])
 def test_the_chunked_loss_equals_the_full_loss_on_cuda_and_holds_less(head, storage, precision):
     """A 32,000-token vocabulary at 2 x 2,048 tokens: the full fp32 logits are 500 MiB, one chunk's 62.5 MiB."""
-    from surgery.train.loss import causal_lm_loss, causal_lm_parts
+    from surgery.training.loss import causal_lm_loss, causal_lm_parts
 
     vocab, rows, tokens = 32000, 2, 2048
     ft = _lora_finetune(_cuda_llama(vocab_size=vocab, hidden_size=64, intermediate_size=128), head, storage)

@@ -11,6 +11,7 @@ import torch
 
 import surgery
 from surgery.base.ownership import own_state
+from surgery.base.tiny import tiny_model
 from surgery.errors import ExportError, PlanError, RuleFileError
 from surgery.files.peft_format import export_peft
 from surgery.finetune.batched import batched, route
@@ -59,7 +60,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def peft_on(storage: str, folder, model: str = "tiny-llama"):
-    base = surgery.tiny_model(model)
+    base = tiny_model(model)
     if storage != "none":
         surgery.prepare_base(base, rules(storage, model))  # the same layers quantized the same way
     with warnings.catch_warnings():
@@ -70,7 +71,7 @@ def peft_on(storage: str, folder, model: str = "tiny-llama"):
 @pytest.mark.parametrize("storage", STORAGES)
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-gpt2"])
 def test_dora_logits_and_gradients_equal_peft_s_dora_layer(tmp_path, storage, model):
-    ft = nudged(surgery.rewrite(surgery.tiny_model(model), rules(storage, model)))
+    ft = nudged(surgery.rewrite(tiny_model(model), rules(storage, model)))
     export_peft(ft, tmp_path / "dora")
     theirs = peft_on(storage, tmp_path / "dora", model)
     assert theirs.peft_config["default"].use_dora
@@ -90,7 +91,7 @@ def test_dora_logits_and_gradients_equal_peft_s_dora_layer(tmp_path, storage, mo
 
 @pytest.mark.parametrize("storage", STORAGES)
 def test_a_peft_dora_adapter_imports_with_peft_s_outputs(tmp_path, storage):
-    base = surgery.tiny_model("tiny-llama")
+    base = tiny_model("tiny-llama")
     if storage != "none":
         surgery.prepare_base(base, rules(storage))
     with warnings.catch_warnings():
@@ -105,7 +106,7 @@ def test_a_peft_dora_adapter_imports_with_peft_s_outputs(tmp_path, storage):
                 p.add_(torch.randn(p.shape, generator=g) * 0.1)
     theirs.save_pretrained(tmp_path / "peft")
     reference = logits(theirs)
-    ours_base = surgery.tiny_model("tiny-llama")
+    ours_base = tiny_model("tiny-llama")
     if storage != "none":
         surgery.prepare_base(ours_base, rules(storage))  # held as PEFT's base was: import keeps it so
     ours = import_peft(ours_base, tmp_path / "peft")
@@ -113,7 +114,7 @@ def test_a_peft_dora_adapter_imports_with_peft_s_outputs(tmp_path, storage):
 
 
 def test_a_new_dora_adapter_is_the_base_and_merges_save_and_batch_like_lora(tmp_path, digest):
-    base = surgery.tiny_model("tiny-llama")
+    base = tiny_model("tiny-llama")
     before = digest(base)
     fresh = surgery.rewrite(base, rules("none"))
     assert rel(logits(fresh), logits(base)) <= 1e-6  # m = ||W|| and B = 0
@@ -131,7 +132,7 @@ def test_a_new_dora_adapter_is_the_base_and_merges_save_and_batch_like_lora(tmp_
 
 
 def test_dora_mistakes_are_refused_before_anything_changes(tmp_path, write_rules):
-    base = surgery.tiny_model("tiny-llama")
+    base = tiny_model("tiny-llama")
     with pytest.raises(RuleFileError, match="use_dora must be true or false"):
         parse_rules(rules("none", use_dora="yes"))
     with pytest.raises(RuleFileError, match="use_dora with a LoRA bias is not supported"):
@@ -160,7 +161,7 @@ def test_dora_mistakes_are_refused_before_anything_changes(tmp_path, write_rules
 def test_under_bf16_autocast_dora_reads_the_base_in_bf16_and_matches_peft(tmp_path):
     """A bf16 step dequantizes W in bf16 (no float32 copy of each weight), as PEFT's DoRA does: the two agree to
     bf16 rounding, and both stay near the fp32 outputs."""
-    ft = nudged(surgery.rewrite(surgery.tiny_model("tiny-llama"), rules("nf4")))
+    ft = nudged(surgery.rewrite(tiny_model("tiny-llama"), rules("nf4")))
     export_peft(ft, tmp_path / "dora")
     theirs = peft_on("nf4", tmp_path / "dora")
     fp32 = logits(ft)

@@ -7,6 +7,7 @@ import torch
 from test_state import INPUTS, trained
 
 import surgery
+from surgery.base.tiny import tiny_model
 from surgery.errors import ExportError
 from surgery.finetune.graph_export import export_graph
 from surgery.model.architectures import TINY_MODELS
@@ -23,7 +24,7 @@ FP32 = {
 
 @pytest.mark.parametrize("model", list(TINY_MODELS))
 def test_adapters_are_their_own_nodes_and_outputs_equal_eager(model):
-    ft = trained(surgery.rewrite(surgery.tiny_model(model), FP32))
+    ft = trained(surgery.rewrite(tiny_model(model), FP32))
     program = export_graph(ft, INPUTS["input_ids"])
     assert any(name.endswith("lora_A") for name in program.graph_signature.parameters)
     other = torch.randint(0, 256, (3, 11))  # another batch size and length: shapes stay dynamic
@@ -44,7 +45,7 @@ NF4_EMBEDDINGS = {
     ids=["int8", "nf4", "int8-embeddings", "nf4-dq-embeddings"],
 )
 def test_a_quantized_finetune_exports_quantized_with_equal_outputs(rules):
-    ft = trained(surgery.rewrite(surgery.tiny_model("tiny-llama"), rules))
+    ft = trained(surgery.rewrite(tiny_model("tiny-llama"), rules))
     program = export_graph(ft, INPUTS["input_ids"])
     targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
     assert any("bitsandbytes" in t for t in targets)  # still quantized in the graph
@@ -55,7 +56,7 @@ def test_a_quantized_finetune_exports_quantized_with_equal_outputs(rules):
 
 
 def test_merged_export_of_a_quantized_finetune_equals_the_merged_model():
-    ft = trained(surgery.rewrite(surgery.tiny_model("tiny-llama"), "qv_lora"))
+    ft = trained(surgery.rewrite(tiny_model("tiny-llama"), "qv_lora"))
     program = export_graph(ft, INPUTS["input_ids"], merge=True)
     assert not any("lora" in name for name in program.graph_signature.parameters)
     merged = surgery.merge(ft)
@@ -66,8 +67,8 @@ def test_merged_export_of_a_quantized_finetune_equals_the_merged_model():
 
 
 def test_bad_inputs_are_explained():
-    ft = surgery.rewrite(surgery.tiny_model("tiny-opt"), FP32)
+    ft = surgery.rewrite(tiny_model("tiny-opt"), FP32)
     with pytest.raises(ExportError, match="input_ids and optionally attention_mask"):
         export_graph(ft, {"pixel_values": torch.zeros(1, 3)})
     with pytest.raises(ExportError, match="not a fine-tune"):
-        export_graph(surgery.tiny_model("tiny-opt"), INPUTS["input_ids"])
+        export_graph(tiny_model("tiny-opt"), INPUTS["input_ids"])

@@ -8,6 +8,7 @@ from torch import nn
 
 import surgery
 import surgery.finetuna as ft
+from surgery.base.tiny import tiny_model
 from surgery.errors import PlanError
 from surgery.layers.lora import LoraLayer
 
@@ -15,7 +16,7 @@ IDS = torch.tensor([[5, 17, 99, 3, 200, 41, 7, 8], [9, 8, 7, 6, 5, 4, 3, 2]])
 
 
 def _base():
-    return surgery.tiny_model("tiny-opt")
+    return tiny_model("tiny-opt")
 
 
 def _kind(model, path):

@@ -13,13 +13,14 @@ import torch
 from typer.testing import CliRunner
 
 import surgery
+from surgery.base.tiny import tiny_model
 from surgery.errors import AdapterStateError, ModelConfigError
 from surgery_cli.app import app
 
 
 @pytest.fixture(scope="module")
 def base():
-    return surgery.tiny_model("tiny-llama")
+    return tiny_model("tiny-llama")
 
 
 def trained_finetune(base, seed: int):

@@ -19,6 +19,8 @@ import surgery
 from surgery.base.loading import load_model, load_tokenizer, locate
 from surgery.base.ownership import own_state
 from surgery.base.sources import full_weights_of
+from surgery.base.tiny import tiny_model
+from surgery.base.tokenizer import tiny_tokenizer
 from surgery.disk import HF_SHARED_BLOBS_MARKER, check_inside
 from surgery.errors import ModelNotFoundError, RewriteError
 
@@ -35,7 +37,7 @@ def cache_model(
     written = cache.parent / f"written-{repo.name}-{commit[:4]}"
     model.save_pretrained(written, **save)
     if tokenizer:
-        surgery.tiny_tokenizer().save_pretrained(written)
+        tiny_tokenizer().save_pretrained(written)
     snapshot = repo / "snapshots" / commit
     snapshot.mkdir(parents=True)
     (repo / "blobs").mkdir(exist_ok=True)
@@ -91,7 +93,7 @@ def loftq_rules():
 def test_the_fake_cache_is_the_layout_huggingface_hub_reads(cache):
     from huggingface_hub import scan_cache_dir, try_to_load_from_cache
 
-    snapshot = cache_model(cache, "org/tiny", surgery.tiny_model("tiny-llama"))
+    snapshot = cache_model(cache, "org/tiny", tiny_model("tiny-llama"))
     scanned = scan_cache_dir(cache)
     assert not scanned.warnings
     [repo] = scanned.repos
@@ -102,19 +104,19 @@ def test_the_fake_cache_is_the_layout_huggingface_hub_reads(cache):
 
 
 def test_a_model_in_the_cache_loads_by_its_hub_id_with_its_tokenizer(cache):
-    snapshot = cache_model(cache, "org/tiny", surgery.tiny_model("tiny-llama"))
+    snapshot = cache_model(cache, "org/tiny", tiny_model("tiny-llama"))
     loaded = load_model("org/tiny")
     assert loaded.source == "hub-cache" and loaded.has_weights and type(loaded.model).__name__ == "LlamaForCausalLM"
     assert locate("org/tiny") == ("hub-cache", snapshot.resolve())
-    assert torch.equal(logits(loaded.model), logits(surgery.tiny_model("tiny-llama")))
-    assert load_tokenizer("org/tiny")("hi").input_ids == surgery.tiny_tokenizer()("hi").input_ids
+    assert torch.equal(logits(loaded.model), logits(tiny_model("tiny-llama")))
+    assert load_tokenizer("org/tiny")("hi").input_ids == tiny_tokenizer()("hi").input_ids
     meta = load_model("org/tiny", weights=False)
     assert meta.source == "hub-cache" and next(meta.model.parameters()).is_meta
 
 
 def test_refs_main_names_the_snapshot_else_the_newest_is_taken(cache):
-    old = cache_model(cache, "org/tiny", surgery.tiny_model("tiny-gpt2"), commit=OLD, main=False, tokenizer=False)
-    new = cache_model(cache, "org/tiny", surgery.tiny_model("tiny-llama"), commit=MAIN, main=False)
+    old = cache_model(cache, "org/tiny", tiny_model("tiny-gpt2"), commit=OLD, main=False, tokenizer=False)
+    new = cache_model(cache, "org/tiny", tiny_model("tiny-llama"), commit=MAIN, main=False)
     repo = cache / "models--org--tiny"
     old_blobs, new_blobs = ({(s / f).resolve() for f in os.listdir(s)} for s in (old, new))
     assert not old_blobs & new_blobs  # huggingface_hub dates a snapshot by its newest blob: none shared
@@ -129,7 +131,7 @@ def test_refs_main_names_the_snapshot_else_the_newest_is_taken(cache):
 
 
 def test_a_name_that_is_not_cached_keeps_its_message(cache):
-    cache_model(cache, "org/tiny", surgery.tiny_model("tiny-llama"))
+    cache_model(cache, "org/tiny", tiny_model("tiny-llama"))
     for name in ("org/other", "org/tiny/extra", "not a hub id"):
         with pytest.raises(ModelNotFoundError, match="not in the local HF cache \\(no network is used\\)"):
             load_model(name)
@@ -140,14 +142,14 @@ def test_a_name_that_is_not_cached_keeps_its_message(cache):
 
 
 def test_a_loftq_start_reads_a_sharded_cached_checkpoint_through_its_links(cache):
-    snapshot = cache_model(cache, "org/sharded", surgery.tiny_model("tiny-llama"), max_shard_size=250_000)
+    snapshot = cache_model(cache, "org/sharded", tiny_model("tiny-llama"), max_shard_size=250_000)
     shards = sorted(p.name for p in snapshot.iterdir() if p.name.startswith("model"))
     assert shards == [
         "model-00001-of-00002.safetensors",
         "model-00002-of-00002.safetensors",
         "model.safetensors.index.json",
     ]
-    expected = own_state(surgery.rewrite(surgery.tiny_model("tiny-llama"), loftq_rules()))
+    expected = own_state(surgery.rewrite(tiny_model("tiny-llama"), loftq_rules()))
     base = load_model("org/sharded", rules=loftq_rules()).model
     assert any(type(m).__name__ == "Linear4bit" for m in base.modules())  # quantized while loading: W only on disk
     got = own_state(surgery.rewrite(base, loftq_rules()))
@@ -155,15 +157,15 @@ def test_a_loftq_start_reads_a_sharded_cached_checkpoint_through_its_links(cache
 
 
 def test_a_transformers_model_named_by_its_hub_id_finds_its_cached_checkpoint(cache):
-    snapshot = cache_model(cache, "org/tiny", surgery.tiny_model("tiny-llama"))
-    model = surgery.tiny_model("tiny-llama")
+    snapshot = cache_model(cache, "org/tiny", tiny_model("tiny-llama"))
+    model = tiny_model("tiny-llama")
     model.name_or_path = "org/tiny"  # as from_pretrained("org/tiny") names it
     weights = full_weights_of(model)
     assert weights.folder == snapshot.resolve() and weights.missing(["model.layers.0.self_attn.q_proj"]) == []
 
 
 def test_a_shard_linked_out_of_the_cache_repository_is_refused_before_anything_changes(cache, tmp_path, digest):
-    snapshot = cache_model(cache, "org/sharded", surgery.tiny_model("tiny-llama"), max_shard_size=250_000)
+    snapshot = cache_model(cache, "org/sharded", tiny_model("tiny-llama"), max_shard_size=250_000)
     base = load_model("org/sharded", rules=loftq_rules()).model
     shard = snapshot / "model-00002-of-00002.safetensors"
     outside = tmp_path / "elsewhere.safetensors"
@@ -177,8 +179,8 @@ def test_a_shard_linked_out_of_the_cache_repository_is_refused_before_anything_c
 
 
 def test_links_into_another_repository_or_an_unmarked_blob_store_are_refused(cache):
-    snapshot = cache_model(cache, "org/tiny", surgery.tiny_model("tiny-llama"))
-    other = cache_model(cache, "org/other", surgery.tiny_model("tiny-gpt2"))
+    snapshot = cache_model(cache, "org/tiny", tiny_model("tiny-llama"))
+    other = cache_model(cache, "org/other", tiny_model("tiny-gpt2"))
     check_inside(snapshot, "config.json", error=RewriteError)  # the cache's own layout: accepted
     (snapshot / "stolen.json").symlink_to(os.path.relpath((other / "config.json").resolve(), snapshot))
     with pytest.raises(RewriteError, match="stolen.json: is a link to .*models--org--other.*outside its folder"):

@@ -15,7 +15,9 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import surgery
-from surgery.train.data import read_examples, tokenize
+from surgery.base.tiny import tiny_model
+from surgery.base.tokenizer import tiny_tokenizer
+from surgery.training.data import read_examples, tokenize
 from surgery_cli.app import app
 
 HERE = Path(__file__).resolve().parent
@@ -24,11 +26,11 @@ HERE = Path(__file__).resolve().parent
 def test_a_finetune_trains_under_hf_trainer(tmp_path):
     from transformers import Trainer, TrainingArguments
 
-    base = surgery.tiny_model("tiny-llama")
+    base = tiny_model("tiny-llama")
     ft = surgery.rewrite(base, "qv_lora_head")
     before = {n: p.detach().clone() for n, p in base.named_parameters()}  # the quantized base
     start = {k: v.detach().clone() for k, v in surgery.base.ownership.own_state(ft).items()}
-    blocks = tokenize(read_examples("upper"), surgery.tiny_tokenizer(), block_size=24)
+    blocks = tokenize(read_examples("upper"), tiny_tokenizer(), block_size=24)
     rows = [{k: v[i] for k, v in blocks.batch(torch.arange(len(blocks))).items()} for i in range(len(blocks))]
     args = TrainingArguments(
         output_dir=str(tmp_path),
@@ -62,7 +64,7 @@ def test_a_finetune_trains_under_hf_trainer(tmp_path):
 
 
 def test_load_state_dict_on_a_finetune_never_writes_the_shared_base():
-    base = surgery.tiny_model("tiny-opt")
+    base = tiny_model("tiny-opt")
     ft = surgery.rewrite(base, "finetuna_default")
     full = {n: torch.zeros_like(p) for n, p in ft.named_parameters() if p.dtype.is_floating_point}
     before = {n: p.detach().clone() for n, p in base.named_parameters()}
@@ -317,8 +319,8 @@ def test_demo_runs_offline_and_verifies_its_files(tmp_path):
 
 def test_demo_runs_on_a_model_folder_with_rule_files_for_a_pretrained_model(tmp_path):
     folder = tmp_path / "my-model"
-    surgery.tiny_model("tiny-llama").save_pretrained(folder)
-    surgery.tiny_tokenizer().save_pretrained(folder)
+    tiny_model("tiny-llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
     result = runner.invoke(app, ["demo", "--model", str(folder), "--steps", "6", "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     assert "rule files for pretrained, under 3B parameters models" in result.stdout

@@ -12,7 +12,7 @@ from pathlib import Path
 import surgery
 
 PACKAGE = Path(surgery.__file__).resolve().parent
-STAGES = ["rules", "layers", "model", "planning", "base", "files", "finetune", "train"]  # the pipeline, in order
+STAGES = ["rules", "layers", "model", "planning", "base", "files", "finetune", "training"]  # the pipeline, in order
 
 
 def _relative_imports(path: Path):

@@ -11,6 +11,7 @@ import torch
 
 import surgery
 from surgery.base.ownership import own_state
+from surgery.base.tiny import tiny_model
 from surgery.errors import PlanError, RewriteError
 from surgery.files.peft_format import export_peft
 from surgery.layers.bnb import dense_weight
@@ -57,8 +58,8 @@ def test_loftq_starts_each_adapter_at_the_best_rank_r_fit_of_the_quantization_er
     divided out), so the remaining error is exactly the residual's trailing singular values (Eckart–Young)."""
     from peft.utils.loftq_utils import _low_rank_decomposition
 
-    reference = surgery.tiny_model(model)
-    ft = surgery.rewrite(surgery.tiny_model(model), rules(storage, model))
+    reference = tiny_model(model)
+    ft = surgery.rewrite(tiny_model(model), rules(storage, model))
     assert adapters(ft)
     for path, adapter in adapters(ft).items():
         kind = MATCH[model][1]
@@ -76,8 +77,8 @@ def test_with_alpha_equal_to_r_the_factors_are_peft_s():
     """PEFT's LoftQ leaves the scaling out (peft#1982): with alpha = r (scaling 1) both agree factor by factor."""
     from peft.utils.loftq_utils import _low_rank_decomposition
 
-    reference = surgery.tiny_model("tiny-llama")
-    ft = surgery.rewrite(surgery.tiny_model("tiny-llama"), rules("nf4", alpha=4))
+    reference = tiny_model("tiny-llama")
+    ft = surgery.rewrite(tiny_model("tiny-llama"), rules("nf4", alpha=4))
     path, adapter = next(iter(adapters(ft).items()))
     residual = reference.get_submodule(path).weight - dense_weight(adapter.base_layer, "linear")
     factors = _low_rank_decomposition(residual.detach(), reduced_rank=4)
@@ -89,8 +90,8 @@ def test_with_alpha_equal_to_r_the_factors_are_peft_s():
 def test_a_loftq_fine_tune_is_closer_to_the_full_precision_model_and_leaves_the_base_as_plain_quantization_does(
     storage, digest
 ):
-    want = logits(surgery.tiny_model("tiny-llama"))
-    base, plain_base = surgery.tiny_model("tiny-llama"), surgery.tiny_model("tiny-llama")
+    want = logits(tiny_model("tiny-llama"))
+    base, plain_base = tiny_model("tiny-llama"), tiny_model("tiny-llama")
     loftq = surgery.rewrite(base, rules(storage))
     plain = surgery.rewrite(plain_base, rules(storage, init="true"))
     assert digest(base) == digest(plain_base)  # the same quantized base: LoftQ changes only the adapters
@@ -105,8 +106,8 @@ def test_loftq_reads_w_from_the_checkpoint_or_the_seed_when_the_base_loaded_quan
     (a tiny model: from its seed) and gets the same adapters as one made from the unquantized model."""
     for model in MATCH:
         the_rules = rules("nf4", model)
-        expected = own_state(surgery.rewrite(surgery.tiny_model(model), the_rules))
-        surgery.tiny_model(model).save_pretrained(tmp_path / model)  # GPT-2: Conv1D weights stored (in, out)
+        expected = own_state(surgery.rewrite(tiny_model(model), the_rules))
+        tiny_model(model).save_pretrained(tmp_path / model)  # GPT-2: Conv1D weights stored (in, out)
         for name in (model, str(tmp_path / model)):
             base = surgery.load_model(name, rules=the_rules).model
             assert any(type(m).__name__ == "Linear4bit" for m in base.modules())
@@ -119,8 +120,8 @@ def test_a_model_transformers_loaded_from_a_folder_is_read_back_from_its_checkpo
     """As PEFT's replace_lora_weights_loftq finds W: the model's name_or_path, a folder with safetensors."""
     import transformers
 
-    surgery.tiny_model("tiny-llama").save_pretrained(tmp_path / "ckpt")
-    expected = own_state(surgery.rewrite(surgery.tiny_model("tiny-llama"), rules("nf4")))
+    tiny_model("tiny-llama").save_pretrained(tmp_path / "ckpt")
+    expected = own_state(surgery.rewrite(tiny_model("tiny-llama"), rules("nf4")))
     base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
     surgery.prepare_base(base, rules("nf4", init="true"))  # quantized in memory: W only in the folder now
     got = own_state(surgery.rewrite(base, rules("nf4")))
@@ -128,7 +129,7 @@ def test_a_model_transformers_loaded_from_a_folder_is_read_back_from_its_checkpo
 
 
 def test_without_full_precision_weights_loftq_is_refused_before_anything_changes(digest):
-    base = surgery.tiny_model("tiny-llama")
+    base = tiny_model("tiny-llama")
     surgery.prepare_base(base, rules("nf4", init="true"))  # quantized in memory: W is gone
     before = digest(base)
     with pytest.raises(
@@ -142,7 +143,7 @@ def test_without_full_precision_weights_loftq_is_refused_before_anything_changes
         PlanError,
         match="loftq, which starts the adapter from the base's quantization error, but the base keeps it as float32",
     ):
-        surgery.plan(surgery.tiny_model("tiny-llama"), rules("none"))
+        surgery.plan(tiny_model("tiny-llama"), rules("none"))
     embedding = parse_rules(
         {
             "version": 1,
@@ -151,30 +152,30 @@ def test_without_full_precision_weights_loftq_is_refused_before_anything_changes
         }
     )
     with pytest.raises(PlanError, match="adapts the embedding model.embed_tokens with init_lora_weights: loftq"):
-        surgery.plan(surgery.tiny_model("tiny-llama"), embedding)
+        surgery.plan(tiny_model("tiny-llama"), embedding)
 
 
 def test_a_loftq_adapter_saves_loads_onto_a_bare_base_and_exports_to_peft(tmp_path, digest):
     """Loading fills the adapters from the file (no W needed); PEFT reads the export as a plain LoRA
     (init_lora_weights true) and computes the same logits."""
     peft = pytest.importorskip("peft")
-    ft = surgery.rewrite(surgery.tiny_model("tiny-llama"), rules("nf4"))
+    ft = surgery.rewrite(tiny_model("tiny-llama"), rules("nf4"))
     surgery.save_adapter(ft, tmp_path / "a.safetensors")
-    bare = surgery.tiny_model("tiny-llama")
+    bare = tiny_model("tiny-llama")
     surgery.prepare_base(bare, rules("nf4", init="true"))  # quantized in memory: no W to read
     loaded = surgery.load_adapter(bare, tmp_path / "a.safetensors")
     assert torch.equal(logits(loaded), logits(ft))
     export_peft(ft, tmp_path / "peft")
     config = (tmp_path / "peft" / "adapter_config.json").read_text()
     assert '"init_lora_weights": true' in config
-    base = surgery.tiny_model("tiny-llama")
+    base = tiny_model("tiny-llama")
     surgery.prepare_base(base, rules("nf4", init="true"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs = peft.PeftModel.from_pretrained(base, tmp_path / "peft")
     ours = logits(ft)
     assert ((logits(theirs) - ours).abs().max() / ours.abs().max()).item() <= 1e-5
-    back = surgery.tiny_model("tiny-llama")
+    back = tiny_model("tiny-llama")
     surgery.prepare_base(back, rules("nf4", init="true"))
     assert torch.equal(logits(surgery.import_peft(back, tmp_path / "peft")), ours)  # and back, as plain LoRA
 
@@ -186,7 +187,7 @@ def test_a_hostile_or_changed_checkpoint_is_refused_and_the_base_restored(tmp_pa
     from safetensors.torch import load_file, save_file
 
     folder = tmp_path / "ckpt"
-    surgery.tiny_model("tiny-llama").save_pretrained(folder)
+    tiny_model("tiny-llama").save_pretrained(folder)
     base = surgery.load_model(str(folder), rules=rules("nf4")).model
     before = digest(base)
     weights = load_file(folder / "model.safetensors")

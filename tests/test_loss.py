@@ -1,4 +1,4 @@
-"""The chunked causal LM loss (``surgery.train.loss``) against transformers' own full-logits loss: the same loss and
+"""The chunked causal LM loss (``surgery.training.loss``) against transformers' own full-logits loss: the same loss and
 gradients (every trainable parameter and the hidden states) for every kind of output layer, padding, packing, new
 token rows, soft-capped and scaled architectures, head dropout and mixed precision; no (tokens x vocabulary) tensor
 saved for backward, and the live logits bounded by one chunk."""
@@ -16,12 +16,13 @@ from torch.utils.checkpoint import noop_context_fn
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 import surgery
+from surgery.base.tiny import tiny_model
 from surgery.errors import TrainError
 from surgery.finetune.batched import batched, route
 from surgery.random_state import new_rng
-from surgery.train.data import IGNORE, TOKENS, Blocks, pack
-from surgery.train.job import checkpoint_activations
-from surgery.train.loss import (
+from surgery.training.data import IGNORE, TOKENS, Blocks, pack
+from surgery.training.job import checkpoint_activations
+from surgery.training.loss import (
     DEFAULT_CHUNK_TOKENS,
     LogitStep,
     causal_lm_loss,
@@ -29,7 +30,7 @@ from surgery.train.loss import (
     chunked_lm_loss,
     replaying,
 )
-from surgery.train.offload import ActivationOffload, offloaded_activations
+from surgery.training.offload import ActivationOffload, offloaded_activations
 
 ADAPT = {"tiny-llama": "re:.*(q_proj|v_proj)", "tiny-opt": "re:.*(q_proj|v_proj)", "tiny-gpt2": "c_attn"}
 EMBEDDING = {"tiny-llama": "embed_tokens", "tiny-opt": "embed_tokens", "tiny-gpt2": "wte"}
@@ -58,7 +59,7 @@ def rules(model: str, head: str, dropout: float = 0.0, **more) -> dict:
 def finetune(model: str, head: str, dropout: float = 0.0, **more) -> torch.nn.Module:
     """A fine-tune of the bundled ``model`` whose trainable tensors are nudged off their start (B = 0 gives zero
     gradients to A), in training mode."""
-    ft = surgery.rewrite(surgery.tiny_model(model), rules(model, head, dropout, **more))
+    ft = surgery.rewrite(tiny_model(model), rules(model, head, dropout, **more))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in trainable(ft):
@@ -240,7 +241,7 @@ def test_a_model_that_computes_more_than_its_output_layer_is_refused_by_name():
             out.logits = out.logits * 2
             return out
 
-    model = DoubledLogits(surgery.tiny_model("tiny-llama").config)
+    model = DoubledLogits(tiny_model("tiny-llama").config)
     with pytest.raises(TrainError, match="DoubledLogits computes more than its output layer"):
         causal_lm_parts(model)
 
@@ -254,7 +255,7 @@ def test_a_model_whose_loss_does_not_shift_the_labels_is_refused_by_name():
 
 
 def test_a_logit_field_set_on_an_architecture_surgery_does_not_know_is_refused():
-    model = surgery.tiny_model("tiny-llama")
+    model = tiny_model("tiny-llama")
     model.config.final_logit_softcapping = 30.0  # LlamaForCausalLM ignores it: a custom class might not
     with pytest.raises(TrainError, match="LlamaForCausalLM: its config sets final_logit_softcapping=30.0"):
         causal_lm_parts(model)
@@ -296,7 +297,7 @@ def test_a_batched_view_s_output_layer_replays_each_job_s_own_random_state(repla
     """The batched path: a job's rows through the view's routed output layer, whose LoRA dropout draws from the job's
     own state (swapped in by the layer); ``replaying`` makes the recomputation draw the forward's masks again and
     leaves the job's stream where the forward left it. Without it the gradients are other ones."""
-    base = surgery.tiny_model("tiny-llama")
+    base = tiny_model("tiny-llama")
     fts = [surgery.rewrite(base, rules("tiny-llama", "lora", dropout=0.5)).train() for _ in range(2)]
     for k, ft in enumerate(fts):
         with torch.no_grad():
@@ -354,13 +355,13 @@ def test_num_items_in_batch_and_a_batch_without_targets_are_as_transformers_has_
 
 @pytest.mark.parametrize("chunk", [0, -3, 2.5, True, "512"])
 def test_a_chunk_size_that_is_not_a_whole_number_of_tokens_is_refused(chunk):
-    parts = causal_lm_parts(surgery.tiny_model("tiny-llama"))
+    parts = causal_lm_parts(tiny_model("tiny-llama"))
     with pytest.raises(TrainError, match="chunk_tokens must be a whole number of tokens >= 1"):
         causal_lm_loss(parts, **padded_batch(), chunk_tokens=chunk)
 
 
 def test_labels_of_another_shape_are_refused():
-    parts = causal_lm_parts(surgery.tiny_model("tiny-llama"))
+    parts = causal_lm_parts(tiny_model("tiny-llama"))
     batch = padded_batch()
     with pytest.raises(TrainError, match=r"labels have shape \(2, 22\) but input_ids \(2, 23\)"):
         causal_lm_loss(parts, **{**batch, "labels": batch["labels"][:, 1:]})
@@ -452,7 +453,7 @@ def test_the_logits_alive_at_once_are_one_chunk_s_in_forward_and_backward():
     assert chunked.peak <= 4 * chunk_bytes < full.peak / 4  # head output, fp32 copy, log-softmax, gradient
 
 
-# Checkpoints off the device (surgery.train.offload): a no-op on the CPU; the hooks' bookkeeping (which tensors move,
+# Checkpoints off the device (surgery.training.offload): a no-op on the CPU; the hooks' bookkeeping (which tensors move,
 # in which order they come back, the copy back of the next one started early) run here through host copies that
 # speak the CUDA copies' protocol. The CUDA path itself is tested in test_cuda.py.
 class HostCopies:

@@ -10,14 +10,17 @@ import torch
 from safetensors import safe_open
 
 import surgery
+from surgery.base.tiny import tiny_model
+from surgery.base.tokenizer import tiny_tokenizer
 from surgery.errors import TrainError
 from surgery.planning.decisions import plan
 from surgery.planning.training_memory import TrainingShape, training_peak
-from surgery.train.job import TrainConfig, make_job
-from surgery.train.loop import train
-from surgery.train.master_weights import MasterWeights
+from surgery.training.config import DataConfig
+from surgery.training.job import TrainConfig, make_job
+from surgery.training.loop import train_jobs as train
+from surgery.training.master_weights import MasterWeights
 
-TOK = surgery.tiny_tokenizer()
+TOK = tiny_tokenizer()
 
 
 def bf16_linear() -> torch.nn.Linear:
@@ -79,19 +82,19 @@ def bf16_job(base, out=None, **config):
     settings = {"batch_size": 8, "lr": 1e-3, "max_steps": 6, "seed": 0, **config}
     return make_job(
         base,
-        "job",
-        "qv_lora_head",
-        "upper",
-        TOK,
-        TrainConfig(**settings),
+        name="job",
+        rules="qv_lora_head",
+        data="upper",
+        tokenizer=TOK,
+        config=TrainConfig(**settings),
+        data_config=DataConfig(block_size=24),
         out=out,
-        block_size=24,
         model_name="tiny-llama",
     )
 
 
 def bf16_base() -> torch.nn.Module:
-    return surgery.tiny_model("tiny-llama").to(torch.bfloat16)
+    return tiny_model("tiny-llama").to(torch.bfloat16)
 
 
 def test_a_plain_head_on_a_bf16_base_trains_through_masters_and_resumes_exactly(tmp_path):

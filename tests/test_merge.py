@@ -8,6 +8,7 @@ import transformers
 from test_state import INPUTS, tensors_of, trained
 
 import surgery
+from surgery.base.tiny import tiny_model
 from surgery.finetune.merging import output_error
 from surgery.layers.lora import LoraLayer
 from surgery.model.architectures import TINY_MODELS
@@ -25,7 +26,7 @@ FP32_ALL = {
 
 @pytest.mark.parametrize("model", list(TINY_MODELS))
 def test_merged_fp32_model_reloads_with_plain_transformers_to_the_same_outputs(tmp_path, model):
-    base = surgery.tiny_model(model)
+    base = tiny_model(model)
     ft = trained(surgery.rewrite(base, FP32_ALL))
     before = tensors_of(base)
     merged = surgery.merge(ft)
@@ -44,8 +45,8 @@ def test_merged_fp32_model_reloads_with_plain_transformers_to_the_same_outputs(t
 @pytest.mark.parametrize("rules", ["qv_lora", "qlora_nf4", "finetuna_default"])
 def test_merging_a_quantized_finetune_dequantizes_and_reports_its_error(tmp_path, rules):
     """Against the quantized fine-tune the merge differs by the activation/weight quantization error (measured)."""
-    base = surgery.tiny_model("tiny-llama")
-    reference = surgery.tiny_model("tiny-llama")
+    base = tiny_model("tiny-llama")
+    reference = tiny_model("tiny-llama")
     ft = trained(surgery.rewrite(base, rules), scale=0.01)
     merged = surgery.merge(ft)
     assert all(not type(m).__module__.startswith("bitsandbytes") for m in merged.modules())
@@ -60,7 +61,7 @@ def test_merging_a_quantized_finetune_dequantizes_and_reports_its_error(tmp_path
 
 
 def test_a_broken_tie_is_written_into_the_config():
-    base = surgery.tiny_model("tiny-opt")
+    base = tiny_model("tiny-opt")
     assert base.config.tie_word_embeddings
     ft = trained(
         surgery.rewrite(
@@ -74,7 +75,7 @@ def test_a_broken_tie_is_written_into_the_config():
 
 
 def test_requantize_quantizes_as_the_base_held_and_the_added_error_is_small():
-    base = surgery.tiny_model("tiny-opt")
+    base = tiny_model("tiny-opt")
     ft = trained(surgery.rewrite(base, "qv_lora"), scale=0.01)
     dense = surgery.merge(ft)
     requantized = surgery.merge(ft, requantize=True)
@@ -86,7 +87,7 @@ def test_requantize_quantizes_as_the_base_held_and_the_added_error_is_small():
 
 
 def test_merge_to_another_dtype():
-    ft = trained(surgery.rewrite(surgery.tiny_model("tiny-gpt2"), FP32_ALL))
+    ft = trained(surgery.rewrite(tiny_model("tiny-gpt2"), FP32_ALL))
     merged = surgery.merge(ft, dtype=torch.bfloat16)
     assert {p.dtype for p in merged.parameters()} == {torch.bfloat16}
     assert output_error(ft, merged, INPUTS)["max_rel"] < 0.05
@@ -94,7 +95,7 @@ def test_merge_to_another_dtype():
 
 def test_a_lora_bias_on_a_bias_free_layer_is_refused_before_any_work():
     ft = surgery.rewrite(
-        surgery.tiny_model("tiny-llama"),
+        tiny_model("tiny-llama"),
         {
             "quantize": "none",
             "default": "freeze",
@@ -104,7 +105,7 @@ def test_a_lora_bias_on_a_bias_free_layer_is_refused_before_any_work():
     with pytest.raises(surgery.MergeError, match="q_proj: its adapter has a bias"):
         surgery.merge(ft)
     with pytest.raises(surgery.MergeError, match="not a fine-tune"):
-        surgery.merge(surgery.tiny_model("tiny-llama"))
+        surgery.merge(tiny_model("tiny-llama"))
 
 
 def test_a_gpt2_fine_tune_of_a_base_quantized_before_it_merges_back_into_conv1d_layers(tmp_path):
@@ -112,7 +113,7 @@ def test_a_gpt2_fine_tune_of_a_base_quantized_before_it_merges_back_into_conv1d_
     the base was quantized, and the merge wrote nn.Linear weights that transformers could not load)."""
     from transformers.pytorch_utils import Conv1D
 
-    base = surgery.tiny_model("tiny-gpt2")
+    base = tiny_model("tiny-gpt2")
     surgery.rewrite(base, "qlora_nf4")  # the first fine-tune quantizes the base
     ft = trained(surgery.rewrite(base, "qlora_nf4"), scale=0.01)
     assert {d.kind for p, d in surgery.finetune_info(ft).plan.decisions.items() if "attn.c_" in p} == {"conv1d"}

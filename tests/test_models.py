@@ -5,18 +5,20 @@ import torch
 
 import surgery
 from surgery.base.loading import load_model
+from surgery.base.tiny import tiny_model
+from surgery.base.tokenizer import tiny_tokenizer
 from surgery.model.architectures import ARCHITECTURES
 
 
 def test_tiny_models_are_deterministic_and_on_cpu():
-    a, b = surgery.tiny_model("tiny-llama"), surgery.tiny_model("tiny-llama")
+    a, b = tiny_model("tiny-llama"), tiny_model("tiny-llama")
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         assert p.device.type == "cpu"
         assert torch.equal(p, q), name
 
 
 def test_tiny_tokenizer_round_trips_bytes():
-    tok = surgery.tiny_tokenizer()
+    tok = tiny_tokenizer()
     text = "héllo, wörld! 123\n"
     ids = tok(text)["input_ids"]
     assert ids == list(text.encode("utf-8"))
@@ -83,7 +85,7 @@ def test_architecture_without_weights_needs_random_init():
 
 
 def test_local_directory_with_and_without_weights(tmp_path):
-    model = surgery.tiny_model("tiny-opt")
+    model = tiny_model("tiny-opt")
     model.save_pretrained(tmp_path / "full")
     loaded = load_model(str(tmp_path / "full"))
     assert loaded.source == "directory" and loaded.has_weights
@@ -110,7 +112,7 @@ def test_hub_id_is_found_in_the_local_cache(tmp_path, monkeypatch):
     snap.mkdir(parents=True)
     (tmp_path / "models--acme--tiny" / "refs").mkdir()
     (tmp_path / "models--acme--tiny" / "refs" / "main").write_text("abc123")
-    surgery.tiny_model("tiny-gpt2").save_pretrained(snap)
+    tiny_model("tiny-gpt2").save_pretrained(snap)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     loaded = load_model("acme/tiny")
     assert loaded.source == "hub-cache" and type(loaded.model).__name__ == "GPT2LMHeadModel"

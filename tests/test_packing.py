@@ -8,12 +8,15 @@ import torch
 import torch.nn.functional as F
 
 import surgery
+from surgery.base.tiny import tiny_model
+from surgery.base.tokenizer import tiny_tokenizer
 from surgery.errors import DataError, TrainError
-from surgery.train.data import IGNORE, TOKENS, Example, pack, tokenize
-from surgery.train.job import TrainConfig, _packed_attention, make_job
-from surgery.train.loop import train
+from surgery.training.config import DataConfig
+from surgery.training.data import IGNORE, TOKENS, Example, pack, tokenize
+from surgery.training.job import TrainConfig, _packed_attention, make_job
+from surgery.training.loop import train_jobs as train
 
-TOK = surgery.tiny_tokenizer()
+TOK = tiny_tokenizer()
 EXAMPLES = [
     Example("Paris", "France ->"),
     Example("LIMA", "lima ->"),
@@ -23,7 +26,7 @@ EXAMPLES = [
 ]
 
 
-def unpacked() -> surgery.train.data.Blocks:
+def unpacked() -> surgery.training.data.Blocks:
     return tokenize(EXAMPLES, TOK, block_size=32)
 
 
@@ -79,7 +82,7 @@ def packed_and_alone_losses(model, keep_apart) -> tuple[torch.Tensor, torch.Tens
     ],
 )  # OPT's mask ignores position ids
 def test_each_examples_loss_in_a_packed_row_is_its_loss_alone(name, attention, keep_apart):
-    model = surgery.tiny_model(name).eval()  # fp32: LLM.int8's outlier columns depend on what else is in the batch
+    model = tiny_model(name).eval()  # fp32: LLM.int8's outlier columns depend on what else is in the batch
     model.config._attn_implementation = attention
     assert _packed_attention(model, name) == keep_apart  # the probe picks what keeps examples apart
     got, expected = packed_and_alone_losses(model, keep_apart)
@@ -90,7 +93,7 @@ def test_a_micro_batch_flattened_into_one_row_keeps_each_example_s_loss():
     """The form flash attention gets (transformers reads packed position ids only for a batch of one row): the
     rows of a micro-batch joined into one, each row's padded tail a segment of its own; checked here with SDPA,
     which reads the same position ids."""
-    model = surgery.tiny_model("tiny-llama").eval()
+    model = tiny_model("tiny-llama").eval()
     packed = pack(unpacked(), "flattened")
     batch = packed.batch(torch.arange(len(packed)))
     assert batch["input_ids"].shape[0] == 1 and len(packed) > 1 and "attention_mask" not in batch
@@ -114,16 +117,16 @@ def test_a_micro_batch_flattened_into_one_row_keeps_each_example_s_loss():
 
 def packed_job(**options):
     config = TrainConfig(batch_size=4, lr=1e-2, max_steps=15, seed=0)
+    data_config = DataConfig(block_size=96, **options)
     return make_job(
-        surgery.tiny_model("tiny-llama"),
-        "packed",
-        "qv_lora_head",
-        "upper",
-        TOK,
-        config,
-        block_size=96,
+        tiny_model("tiny-llama"),
+        name="packed",
+        rules="qv_lora_head",
+        data="upper",
+        tokenizer=TOK,
+        config=config,
+        data_config=data_config,
         model_name="tiny-llama",
-        **options,
     )
 
 
@@ -138,15 +141,14 @@ def test_a_packed_run_learns_and_its_eval_rows_stay_single():
 def test_an_opt_run_packs_with_a_block_diagonal_mask():
     config = TrainConfig(batch_size=4, lr=1e-2, max_steps=12, seed=0)
     job = make_job(
-        surgery.tiny_model("tiny-opt"),
-        "opt",
-        "qv_lora_head",
-        "upper",
-        TOK,
-        config,
-        block_size=96,
+        tiny_model("tiny-opt"),
+        name="opt",
+        rules="qv_lora_head",
+        data="upper",
+        tokenizer=TOK,
+        config=config,
+        data_config=DataConfig(block_size=96, packing=True),
         model_name="tiny-opt",
-        packing=True,
     )
     assert job.data.packed_mask == "bool" and job.identity["packing"]
     (run,) = train([job])
@@ -155,24 +157,33 @@ def test_an_opt_run_packs_with_a_block_diagonal_mask():
 
 
 def test_packing_refuses_what_it_cannot_mean(monkeypatch):
-    opt = surgery.tiny_model("tiny-opt")
+    opt = tiny_model("tiny-opt")
     attend_everywhere = lambda positions, form: torch.ones(1, 1, 6, 6, dtype=torch.bool)  # noqa: E731
-    monkeypatch.setattr("surgery.train.job.block_mask", attend_everywhere)  # as a model that ignores both ways
+    monkeypatch.setattr("surgery.training.job.block_mask", attend_everywhere)  # as a model that ignores both ways
     with pytest.raises(
         DataError, match="tiny-opt .OPTForCausalLM, sdpa attention. does not keep packed examples apart"
     ):
-        make_job(opt, "j", "qv_lora", "upper", TOK, TrainConfig(), model_name="tiny-opt", packing=True)
+        make_job(
+            opt,
+            name="j",
+            rules="qv_lora",
+            data="upper",
+            tokenizer=TOK,
+            config=TrainConfig(),
+            data_config=DataConfig(packing=True),
+            model_name="tiny-opt",
+        )
     assert not any(type(m).__name__.startswith("Linear8bit") for m in opt.modules())  # nothing changed
     monkeypatch.undo()
     with pytest.raises(DataError, match="--group-texts already concatenates"):
-        packed_job(packing=True, mode="corpus")
+        packed_job(packing=True, group_texts=True)
     with pytest.raises(TrainError, match="--packing with --batched"):
         train([packed_job(packing=True)], batched=True)
 
 
 def test_evaluating_packed_rows_gives_the_unpacked_token_mean():
-    from surgery.train.loop import evaluate
+    from surgery.training.loop import evaluate
 
-    model = surgery.tiny_model("tiny-llama")
+    model = tiny_model("tiny-llama")
     packed, alone = evaluate(model, pack(unpacked()), batch_size=2), evaluate(model, unpacked(), batch_size=2)
     assert packed["eval_loss"] == pytest.approx(alone["eval_loss"], rel=1e-5)

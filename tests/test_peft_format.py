@@ -12,6 +12,7 @@ from test_state import logits, trained
 
 import surgery
 from surgery import AdapterStateError
+from surgery.base.tiny import tiny_model
 from surgery.files.model_card import CPU_KERNEL_LINE
 from surgery.model.architectures import TINY_MODELS
 
@@ -81,26 +82,26 @@ def peft_model(base, folder):
 @pytest.mark.parametrize("rules", [MIXED, WITH_EMBEDDING], ids=["ranks-bias-plain", "embedding-rslora"])
 @pytest.mark.parametrize("model", list(TINY_MODELS))
 def test_export_loads_in_peft_with_the_same_outputs_and_imports_back(tmp_path, model, rules):
-    ft = trained(surgery.rewrite(surgery.tiny_model(model), rules))
+    ft = trained(surgery.rewrite(tiny_model(model), rules))
     surgery.export_peft(ft, tmp_path / "peft")
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == model
-    twin = peft_model(surgery.tiny_model(model), tmp_path / "peft")
+    twin = peft_model(tiny_model(model), tmp_path / "peft")
     expected = logits(ft)
     got = logits(twin)
     assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
     twin.save_pretrained(tmp_path / "peft-saved")  # PEFT's own writing, read back by us
-    back = surgery.import_peft(surgery.tiny_model(model), tmp_path / "peft-saved")
+    back = surgery.import_peft(tiny_model(model), tmp_path / "peft-saved")
     assert (logits(back) - got).abs().max() <= 1e-5 * got.abs().max()
 
 
 @pytest.mark.parametrize("rules", ["qv_lora", "qlora_nf4"])
 def test_export_and_import_on_a_quantized_base_match_peft_on_that_base(tmp_path, rules):
-    base = surgery.tiny_model("tiny-opt")
+    base = tiny_model("tiny-opt")
     ft = trained(surgery.rewrite(base, rules))
     surgery.export_peft(ft, tmp_path / "peft")
     expected = logits(ft)
-    other = surgery.tiny_model("tiny-opt")
+    other = tiny_model("tiny-opt")
     surgery.rewrite(other, rules)  # the same checkpoint, quantized the same way, for PEFT to wrap in place
     twin = peft_model(other, tmp_path / "peft")
     assert torch.equal(logits(twin), expected)
@@ -117,7 +118,7 @@ def test_the_exports_card_says_how_to_load_the_base_for_the_same_outputs_in_tran
     """The README's from_pretrained call (BitsAndBytesConfig included), run as written, then PEFT: equal logits."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    surgery.tiny_model("tiny-opt").save_pretrained(tmp_path / "base")
+    tiny_model("tiny-opt").save_pretrained(tmp_path / "base")
     base = surgery.load_model(str(tmp_path / "base")).model
     ft = trained(surgery.rewrite(base, rules))
     ft.eval()
@@ -140,7 +141,7 @@ def test_the_exports_card_says_how_to_load_the_base_for_the_same_outputs_in_tran
 
 def test_import_of_a_peft_trained_adapter_matches_peft(tmp_path):
     """An adapter made by PEFT itself (its own init, per-module rank), not by our export."""
-    base = surgery.tiny_model("tiny-llama")
+    base = tiny_model("tiny-llama")
     config = peft.LoraConfig(
         r=4,
         lora_alpha=12,
@@ -150,7 +151,7 @@ def test_import_of_a_peft_trained_adapter_matches_peft(tmp_path):
         init_lora_weights="gaussian",
         modules_to_save=["lm_head"],
     )
-    twin = peft.get_peft_model(surgery.tiny_model("tiny-llama"), config)
+    twin = peft.get_peft_model(tiny_model("tiny-llama"), config)
     trained(twin)  # lora_B leaves zero, as training would
     twin.save_pretrained(tmp_path)
     expected = logits(twin)
@@ -175,12 +176,12 @@ def test_import_of_a_peft_trained_adapter_matches_peft(tmp_path):
     ],
 )
 def test_unsupported_peft_features_are_refused(tmp_path, field, value, message):
-    ft = trained(surgery.rewrite(surgery.tiny_model("tiny-opt"), "qv_lora"))
+    ft = trained(surgery.rewrite(tiny_model("tiny-opt"), "qv_lora"))
     surgery.export_peft(ft, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     config[field] = value
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
-    base = surgery.tiny_model("tiny-opt")
+    base = tiny_model("tiny-opt")
     with pytest.raises(AdapterStateError, match=message):
         surgery.import_peft(base, tmp_path)
     assert not any(type(m).__module__.startswith("bitsandbytes") for m in base.modules())
@@ -189,18 +190,18 @@ def test_unsupported_peft_features_are_refused(tmp_path, field, value, message):
 def test_unknown_tensors_in_a_peft_folder_are_refused(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    ft = trained(surgery.rewrite(surgery.tiny_model("tiny-opt"), "qv_lora"))
+    ft = trained(surgery.rewrite(tiny_model("tiny-opt"), "qv_lora"))
     surgery.export_peft(ft, tmp_path)
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     tensors["base_model.model.model.decoder.layers.0.self_attn.q_proj.lora_magnitude_vector"] = torch.ones(64)
     save_file(tensors, tmp_path / "adapter_model.safetensors")
     with pytest.raises(AdapterStateError, match="lora_magnitude_vector"):
-        surgery.import_peft(surgery.tiny_model("tiny-opt"), tmp_path)
+        surgery.import_peft(tiny_model("tiny-opt"), tmp_path)
 
 
 def test_exports_peft_cannot_express_are_refused(tmp_path):
     ft = surgery.rewrite(
-        surgery.tiny_model("tiny-opt"),
+        tiny_model("tiny-opt"),
         {
             "quantize": "none",
             "default": "freeze",
@@ -218,7 +219,7 @@ def test_exports_peft_cannot_express_are_refused(tmp_path):
 def test_a_base_transformers_cannot_store_the_same_way_is_loaded_with_surgery():
     from surgery.layers.bnb import base_loading
 
-    base = surgery.tiny_model("tiny-opt")
+    base = tiny_model("tiny-opt")
     surgery.rewrite(
         base,
         {

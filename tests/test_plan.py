@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import surgery
+from surgery.base.tiny import tiny_model
 from surgery.errors import PlanError
 from surgery.layers.bnb import held_bytes
 from surgery.model.architectures import TINY_MODELS
@@ -86,7 +87,7 @@ def _quantize_with_bnb(module, quant: QuantConfig):
 )
 @pytest.mark.parametrize("model", ["tiny-opt", "tiny-llama"])
 def test_predicted_bytes_equal_what_bitsandbytes_allocates(tiny_graphs, model, quant):
-    torch_model = surgery.tiny_model(model)
+    torch_model = tiny_model(model)
     graph = tiny_graphs[model]
     checked = 0
     for path, module in torch_model.named_modules():
@@ -131,7 +132,7 @@ def test_double_quant_formula_for_a_large_layer():
 
 
 def _quantized_base(name="tiny-opt", module="model.decoder.layers.0.fc1"):
-    model = surgery.tiny_model(name)
+    model = tiny_model(name)
     parent_name, _, child = module.rpartition(".")
     parent = model.get_submodule(parent_name)
     fp = getattr(parent, child)
@@ -173,7 +174,7 @@ def test_c2_no_trainable_quantized_module(write_rules):
 
 
 def test_c3_adapt_only_on_supported_kinds(write_rules):
-    graph = surgery.trace(surgery.tiny_model("tiny-llama"))
+    graph = surgery.trace(tiny_model("tiny-llama"))
     msg, path = _violation(graph, "rules:\n  - match: input_layernorm\n    action: adapt\n", write_rules, "C3")
     assert f"{path}:2:" in msg and "adapts 2 modules (model.layers.*.input_layernorm)" in msg and "kind norm" in msg
 
@@ -245,7 +246,7 @@ def test_all_violations_are_reported_together(tiny_graphs):
 
 
 def test_plan_is_pure(tiny_graphs):
-    model = surgery.tiny_model("tiny-opt")
+    model = tiny_model("tiny-opt")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     surgery.plan(model, "finetuna_default")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -258,7 +259,7 @@ def test_tables_never_cut_module_names(width):
     from surgery.planning.report import graph_renderable, render_text
     from surgery.rules.ruleset import grouped
 
-    graph = surgery.trace(surgery.tiny_model("tiny-opt"))
+    graph = surgery.trace(tiny_model("tiny-opt"))
     names = list(grouped([m.path for m in graph.leaves()]))
     assert "model.decoder.layers.*.self_attn.out_proj" in names
     inspect_text = render_text(graph_renderable(graph, memory_by_scheme(graph)), width=width)
@@ -273,7 +274,7 @@ def test_tables_never_cut_module_names(width):
 
 
 def test_violations_of_one_rule_and_cause_are_one_line_and_a_conflict_between_jobs_says_so():
-    base = surgery.tiny_model("tiny-llama")
+    base = tiny_model("tiny-llama")
     with pytest.raises(PlanError) as caught:
         surgery.prepare_base(base, "qv_lora", "qlora_nf4")
     message = str(caught.value)

@@ -23,6 +23,8 @@ from typer.testing import CliRunner
 
 import surgery
 from surgery.base.ownership import own_state
+from surgery.base.tiny import tiny_model
+from surgery.base.tokenizer import tiny_tokenizer
 from surgery.distributed import rank_seed, world
 from surgery.errors import (
     AdapterStateError,
@@ -34,13 +36,14 @@ from surgery.errors import (
     TrainError,
 )
 from surgery.rules.rule_file import load_rules, parse_rules
-from surgery.train.checkpoint import latest_checkpoint, read_checkpoint, run_lock
-from surgery.train.data import read_examples
-from surgery.train.job import TrainConfig, make_job
-from surgery.train.loop import train
+from surgery.training.checkpoint import latest_checkpoint, read_checkpoint, run_lock
+from surgery.training.config import DataConfig
+from surgery.training.data import read_examples
+from surgery.training.job import TrainConfig, make_job
+from surgery.training.loop import train_jobs as train
 from surgery_cli.app import app
 
-TOK = surgery.tiny_tokenizer()
+TOK = tiny_tokenizer()
 FP32_RULES = {
     "quantize": "none",
     "default": "freeze",
@@ -79,7 +82,7 @@ def step(ft, seed=0):
 
 
 def test_nothing_done_through_a_finetune_reaches_the_base_or_a_sibling(digest):
-    base = surgery.tiny_model("tiny-llama")
+    base = tiny_model("tiny-llama")
     sibling = surgery.rewrite(base, FP32_RULES)
     ft = surgery.rewrite(base, FP32_RULES)
     base_before, sibling_before = digest(base), digest(sibling)
@@ -130,7 +133,7 @@ def test_a_meta_model_is_refused_by_rewrite_but_planned():
     ],
 )
 def test_other_quantization_settings_on_a_quantized_base_are_a_c1_violation(first, second, setting, digest):
-    base = surgery.tiny_model("tiny-llama")
+    base = tiny_model("tiny-llama")
     surgery.rewrite(base, {"quantize": first, "rules": [{"match": "q_proj", "action": "adapt"}]})
     before = digest(base)
     with pytest.raises(PlanError, match=f"{setting}.*held") as info:
@@ -142,7 +145,7 @@ def test_other_quantization_settings_on_a_quantized_base_are_a_c1_violation(firs
 def test_4bit_weights_repacked_for_the_cpu_kernel_are_read_as_usual(tmp_path):
     import bitsandbytes as bnb
 
-    base = surgery.tiny_model("tiny-llama")
+    base = tiny_model("tiny-llama")
     ft = surgery.rewrite(base, "qlora_nf4")
     sibling = surgery.rewrite(base, "qlora_nf4")
     with torch.no_grad():
@@ -173,7 +176,7 @@ def test_4bit_weights_repacked_for_the_cpu_kernel_are_read_as_usual(tmp_path):
 
 
 def test_a_base_changed_in_place_gets_a_new_fingerprint(tmp_path):
-    base = surgery.tiny_model("tiny-opt")
+    base = tiny_model("tiny-opt")
     ft = surgery.rewrite(base, FP32_RULES | {"rules": [FP32_RULES["rules"][0]]})
     path = surgery.save_adapter(ft, tmp_path / "a.safetensors")
     with torch.no_grad():
@@ -189,7 +192,15 @@ def test_a_base_changed_in_place_gets_a_new_fingerprint(tmp_path):
 def _job(base, out=None, rules="qv_lora_head", **config):
     settings = {"batch_size": 8, "lr": 1e-2, "max_steps": 6, "seed": 0, **config}
     return make_job(
-        base, "job", rules, "upper", TOK, TrainConfig(**settings), out=out, block_size=24, model_name="tiny-llama"
+        base,
+        name="job",
+        rules=rules,
+        data="upper",
+        tokenizer=TOK,
+        config=TrainConfig(**settings),
+        data_config=DataConfig(block_size=24),
+        out=out,
+        model_name="tiny-llama",
     )
 
 
@@ -198,15 +209,15 @@ def test_a_second_run_on_the_same_out_fails_at_once(tmp_path):
     with run_lock(out):
         assert (out / ".surgery.lock").read_text().strip() == str(os.getpid())
         with pytest.raises(TrainError, match=f"another surgery run \\(pid {os.getpid()}\\)"):
-            train([_job(surgery.tiny_model("tiny-llama"), out=out)])
+            train([_job(tiny_model("tiny-llama"), out=out)])
     assert not (out / ".surgery.lock").exists()
     (out / ".surgery.lock").write_text("999999\n")  # left by a crashed run: the kernel lock died with it
-    train([_job(surgery.tiny_model("tiny-llama"), out=out, max_steps=2)])
+    train([_job(tiny_model("tiny-llama"), out=out, max_steps=2)])
     assert (out / "adapter.safetensors").is_file() and not (out / ".surgery.lock").exists()
 
 
 def test_a_non_finite_loss_stops_the_job_and_keeps_the_last_good_files(tmp_path):
-    base = surgery.tiny_model("tiny-llama")
+    base = tiny_model("tiny-llama")
     out = tmp_path / "run"
     job = _job(base, out=out, save_steps=2, max_steps=6)
 
@@ -241,7 +252,7 @@ def test_a_non_finite_loss_stops_the_job_and_keeps_the_last_good_files(tmp_path)
 )
 def test_bad_option_values_are_refused_before_anything(option, value, message):
     with pytest.raises(TrainError, match=message):
-        TrainConfig(**{option: value}).check()
+        TrainConfig(**{option: value})
 
 
 @pytest.mark.parametrize(
@@ -259,15 +270,23 @@ def test_non_finite_lora_settings_are_refused(lora, message):
 
 
 def test_a_pad_token_outside_the_vocabulary_is_refused():
-    base = surgery.tiny_model("tiny-llama")
+    base = tiny_model("tiny-llama")
     with pytest.raises(DataError, match="--pad-token-id 100000 is outside the model's vocabulary"):
-        make_job(base, "j", "qv_lora_head", "upper", TOK, TrainConfig(), pad_token_id=100_000)
+        make_job(
+            base,
+            name="j",
+            rules="qv_lora_head",
+            data="upper",
+            tokenizer=TOK,
+            config=TrainConfig(),
+            data_config=DataConfig(pad_token_id=100_000),
+        )
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("ckpt") / "run"
-    train([_job(surgery.tiny_model("tiny-llama"), out=out, save_steps=2, max_steps=4)])
+    train([_job(tiny_model("tiny-llama"), out=out, save_steps=2, max_steps=4)])
     return out / "checkpoint-2"
 
 
@@ -317,14 +336,14 @@ def test_a_damaged_training_state_is_one_clear_error(checkpoint, tmp_path, case,
         (folder / "training_state.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
     else:
         _edit_state(folder, change)
-    job = _job(surgery.tiny_model("tiny-llama"), out=tmp_path / "again", save_steps=2, max_steps=4)
+    job = _job(tiny_model("tiny-llama"), out=tmp_path / "again", save_steps=2, max_steps=4)
     with pytest.raises(TrainError, match=message) as info:
         train([job], resume={"job": folder})
     assert "training_state.safetensors" in str(info.value)
 
 
 def test_a_resume_needs_the_same_global_batch_not_the_same_process_count(monkeypatch):
-    base = surgery.tiny_model("tiny-llama")
+    base = tiny_model("tiny-llama")
     alone = _job(base, batch_size=8)
     monkeypatch.setenv("WORLD_SIZE", "2")
     two = _job(base, batch_size=4)
@@ -345,7 +364,7 @@ def test_accelerate_cpu_launch_that_collapsed_to_one_process_is_refused(monkeypa
 
 
 def test_a_model_folder_without_a_tokenizer_names_the_missing_tokenizer(tmp_path):
-    surgery.tiny_model("tiny-llama").save_pretrained(tmp_path / "m")
+    tiny_model("tiny-llama").save_pretrained(tmp_path / "m")
     with pytest.raises(ModelConfigError, match="holds no tokenizer.*--tokenizer"):
         surgery.base.loading.load_tokenizer(str(tmp_path / "m"))
 
@@ -553,7 +572,7 @@ def test_special_files_inside_peft_and_model_folders_are_refused(tmp_path, no_ha
         folder.mkdir()
         (folder / "adapter_config.json").symlink_to(path)
         with pytest.raises(AdapterStateError, match="regular file|at most|outside its folder"):
-            no_hang(surgery.import_peft, surgery.tiny_model("tiny-opt"), folder)  # a link out of the folder: refused
+            no_hang(surgery.import_peft, tiny_model("tiny-opt"), folder)  # a link out of the folder: refused
         model = tmp_path / f"model-{name}"
         model.mkdir()
         (model / "config.json").symlink_to(path)
@@ -619,7 +638,7 @@ def test_a_backtracking_pattern_cannot_hang_plan_or_load_adapter(write_rules, tm
 
 
 def _saved_adapter(tmp_path: Path):
-    base = surgery.tiny_model("tiny-opt")
+    base = tiny_model("tiny-opt")
     ft = surgery.rewrite(
         base, {"quantize": "none", "default": "freeze", "rules": [{"match": "q_proj", "action": "adapt"}]}
     )
@@ -745,7 +764,7 @@ def test_deeply_nested_jsonl_is_a_data_error_with_its_line(tmp_path, no_hang):
 
 def test_a_cached_hub_model_without_a_tokenizer_fails_at_once_even_with_the_network_allowed(tmp_path):
     snapshot = tmp_path / "hub" / "models--someone--tiny" / "snapshots" / "abc"
-    surgery.tiny_model("tiny-llama").save_pretrained(snapshot)
+    tiny_model("tiny-llama").save_pretrained(snapshot)
     (tmp_path / "hub" / "models--someone--tiny" / "refs").mkdir()
     (tmp_path / "hub" / "models--someone--tiny" / "refs" / "main").write_text("abc")
     # "at once" is "without asking the network": a child process of ours records every socket it would open
@@ -775,7 +794,7 @@ def _cli_cases(tmp_path: Path) -> dict[str, list[str]]:
     assert runner.invoke(app, ["apply", "qv_lora", "--model", "tiny-opt", "--out", str(adapter)]).exit_code == 0
     adapter = tmp_path / "ok-1.safetensors" if not adapter.exists() else adapter
     bad_sizes = tmp_path / "bad-sizes"
-    config = surgery.tiny_model("tiny-llama").config.to_dict() | {"num_attention_heads": 5}
+    config = tiny_model("tiny-llama").config.to_dict() | {"num_attention_heads": 5}
     bad_sizes.mkdir()
     (bad_sizes / "config.json").write_text(json.dumps(config))
     not_causal = tmp_path / "vit"
@@ -792,7 +811,7 @@ def _cli_cases(tmp_path: Path) -> dict[str, list[str]]:
         )
     )
     no_tokenizer = tmp_path / "no-tok"
-    surgery.tiny_model("tiny-llama").save_pretrained(no_tokenizer)
+    tiny_model("tiny-llama").save_pretrained(no_tokenizer)
     under_file = str(blocker / "out")
     return {
         "apply --out under a file": ["apply", "qv_lora", "--model", "tiny-opt", "--out", f"{under_file}/a.safetensors"],
@@ -867,7 +886,7 @@ def test_a_txt_corpus_is_one_running_text(tmp_path):
     path.write_text("It was a dark\nand stormy night.\n\nThe end.\n")
     assert [e.completion for e in read_examples(path, "corpus")] == [path.read_text()]
     assert [e.completion for e in read_examples(path, "entries")] == ["It was a dark", "and stormy night.", "The end."]
-    blocks = surgery.train.data.tokenize(read_examples(path, "corpus"), TOK, block_size=8, mode="corpus")
+    blocks = surgery.training.data.tokenize(read_examples(path, "corpus"), TOK, block_size=8, mode="corpus")
     assert int((blocks.input_ids == TOK.eos_token_id).sum()) <= 1  # no EOS at every line break
 
 
@@ -885,7 +904,7 @@ def test_a_finetune_wrapped_by_fsdp1_refuses_to_run(tmp_path):
         port = s.getsockname()[1]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
-        ft = surgery.rewrite(surgery.tiny_model("tiny-llama"), FP32_RULES)
+        ft = surgery.rewrite(tiny_model("tiny-llama"), FP32_RULES)
         wrapped = FullyShardedDataParallel(ft, use_orig_params=True, device_id=torch.device("cpu"))
         with pytest.raises(RewriteError, match="wrapped by FSDP1.*not supported on fine-tunes"):
             wrapped(input_ids=torch.tensor([[1, 2, 3]]))

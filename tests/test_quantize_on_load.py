@@ -171,7 +171,7 @@ def test_a_4bit_base_computes_in_the_rule_files_dtype_or_the_devices_default():
     assert written.with_compute_dtype("bfloat16").quantize.compute_dtype == "float32"  # the file's own wins
     null = surgery.rules.rule_file.parse_rules({"quantize": {"scheme": "nf4", "compute_dtype": None}})
     assert null.with_compute_dtype("bfloat16").quantize.compute_dtype is None
-    open_rules = surgery.rules.rule_file.shorthand_rules(["q_proj"], r=4, alpha=None, dropout=0.0, quantize="nf4")
+    open_rules = surgery.rules.shorthand.shorthand_rules(["q_proj"], r=4, alpha=None, dropout=0.0, quantize="nf4")
     assert open_rules.quantize.compute_dtype is None
     assert open_rules.with_compute_dtype("bfloat16").quantize.compute_dtype == "bfloat16"
     loaded = load_model("tiny-llama", rules=open_rules, device="cpu").model  # the CPU keeps the input's dtype

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import surgery
+from surgery.base.tiny import tiny_model
 from surgery.errors import PlanError, RewriteError
 from surgery.finetune.apply import apply
 from surgery.layers.lora import LoraConv1D, LoraEmbedding, LoraLayer, LoraLinear
@@ -35,7 +36,7 @@ def _hashes(model):
 @pytest.mark.parametrize("rules", RULES)
 @pytest.mark.parametrize("model", list(TINY_MODELS))
 def test_fresh_finetune_equals_base_and_plan_equals_measurement(model, rules):
-    base = surgery.tiny_model(model)
+    base = tiny_model(model)
     predicted = surgery.plan(base, rules)
     ft = surgery.rewrite(base, rules)
     with torch.no_grad():
@@ -49,7 +50,7 @@ def test_fresh_finetune_equals_base_and_plan_equals_measurement(model, rules):
 
 
 def test_frozen_tensors_are_the_bases_own_objects():
-    base = surgery.tiny_model("tiny-llama")
+    base = tiny_model("tiny-llama")
     ft = surgery.rewrite(base, "qv_lora")
     base_ids = {id(p) for p in base.parameters()} | {id(b) for b in base.buffers()}
     for name, p in ft.named_parameters():
@@ -62,7 +63,7 @@ def test_frozen_tensors_are_the_bases_own_objects():
 
 
 def test_siblings_share_one_quantized_base():
-    base = surgery.tiny_model("tiny-opt")
+    base = tiny_model("tiny-opt")
     fts = [surgery.rewrite(base, "qv_lora") for _ in range(4)]
     before = parameter_bytes(base)
     for ft in fts:
@@ -75,7 +76,7 @@ def test_siblings_share_one_quantized_base():
 
 
 def test_training_one_finetune_leaves_siblings_and_base_untouched():
-    base = surgery.tiny_model("tiny-opt")
+    base = tiny_model("tiny-opt")
     a = surgery.rewrite(base, "finetuna_default")  # adapters and a plain (untied) lm_head
     b = surgery.rewrite(base, "finetuna_default")
     with torch.no_grad():
@@ -97,7 +98,7 @@ def test_training_one_finetune_leaves_siblings_and_base_untouched():
 
 
 def test_only_adapters_and_plain_modules_get_gradients():
-    base = surgery.tiny_model("tiny-gpt2")
+    base = tiny_model("tiny-gpt2")
     ft = surgery.rewrite(base, "finetuna_default")
     ft(IDS, labels=IDS).loss.backward()
     for name, p in ft.named_parameters():
@@ -189,7 +190,7 @@ def test_lora_under_autocast_returns_the_base_dtype():
 @pytest.mark.parametrize("rules,bound", [("qv_lora", 0.03), ("qlora_nf4", 0.25)])
 def test_quantization_error_against_fp32_is_bounded(model, rules, bound):
     """Relative logit error of the quantized base (measured: int8 ~0.01, nf4 ~0.1 on the tiny models)."""
-    base = surgery.tiny_model(model)
+    base = tiny_model(model)
     with torch.no_grad():
         ref = base(IDS).logits
         surgery.rewrite(base, rules)
@@ -217,7 +218,7 @@ def _peft_twin(base, ft, targets, fan_in_fan_out=False):
 
 @pytest.mark.parametrize("quantized", [False, True])
 def test_forward_matches_peft_on_linear(quantized):
-    base = surgery.tiny_model("tiny-llama")
+    base = tiny_model("tiny-llama")
     rules = {
         "quantize": "int8" if quantized else "none",
         "default": "freeze",
@@ -231,7 +232,7 @@ def test_forward_matches_peft_on_linear(quantized):
 
 
 def test_forward_matches_peft_on_conv1d():
-    base = surgery.tiny_model("tiny-gpt2")
+    base = tiny_model("tiny-gpt2")
     ft = surgery.rewrite(
         base,
         {
@@ -249,7 +250,7 @@ def test_forward_matches_peft_on_conv1d():
 
 
 def test_plan_errors_come_before_any_change():
-    base = surgery.tiny_model("tiny-opt")
+    base = tiny_model("tiny-opt")
     types = {n: type(m) for n, m in base.named_modules()}
     with pytest.raises(PlanError):
         surgery.rewrite(base, {"quantize": "int8", "rules": [{"match": "q_projj", "action": "adapt"}]})
@@ -262,7 +263,7 @@ def test_failure_midway_restores_the_base(monkeypatch):
 
     rw = sys.modules["surgery.finetune.rewriting"]  # the module, not the function surgery.rewrite
 
-    base = surgery.tiny_model("tiny-opt")
+    base = tiny_model("tiny-opt")
     hashes, types = _hashes(base), {n: type(m) for n, m in base.named_modules()}
     calls = []
 
@@ -280,7 +281,7 @@ def test_failure_midway_restores_the_base(monkeypatch):
 
 
 def test_moving_a_finetune_is_refused_but_no_op_moves_pass():
-    base = surgery.tiny_model("tiny-opt")
+    base = tiny_model("tiny-opt")
     ft = surgery.rewrite(base, "qv_lora")
     with pytest.raises(RewriteError, match="break sharing"):
         ft.to(torch.float16)
@@ -291,14 +292,14 @@ def test_moving_a_finetune_is_refused_but_no_op_moves_pass():
 
 
 def test_a_finetune_cannot_be_rewritten():
-    ft = surgery.rewrite(surgery.tiny_model("tiny-opt"), "qv_lora")
+    ft = surgery.rewrite(tiny_model("tiny-opt"), "qv_lora")
     with pytest.raises(RewriteError, match="itself a fine-tune"):
         surgery.rewrite(ft, "qv_lora")
 
 
 @pytest.mark.parametrize("model", list(TINY_MODELS))
 def test_generate_matches_the_base_at_init(model):
-    base = surgery.tiny_model(model)
+    base = tiny_model(model)
     ft = surgery.rewrite(base, "qv_lora")
     prompt = IDS[:1, :4]
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=256)
@@ -306,7 +307,7 @@ def test_generate_matches_the_base_at_init(model):
 
 
 def test_quantizing_twice_is_a_no_op():
-    base = surgery.tiny_model("tiny-opt")
+    base = tiny_model("tiny-opt")
     surgery.rewrite(base, "qv_lora")
     fc1 = base.model.decoder.layers[0].fc1
     data = fc1.weight.data.clone()
@@ -318,7 +319,7 @@ def test_quantizing_twice_is_a_no_op():
 def test_base_loaded_with_bitsandbytes_config_is_recognised(tmp_path, scheme):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    surgery.tiny_model("tiny-llama").save_pretrained(tmp_path)
+    tiny_model("tiny-llama").save_pretrained(tmp_path)
     config = (
         BitsAndBytesConfig(load_in_8bit=True)
         if scheme == "int8"
@@ -345,7 +346,7 @@ def test_base_loaded_with_bitsandbytes_config_is_recognised(tmp_path, scheme):
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_a_new_finetune_keeps_the_bases_mode_in_every_module(mode):
     """New adapter modules must not switch dropout on in an eval model (or off in a training one)."""
-    base = getattr(surgery.tiny_model("tiny-llama"), mode)()
+    base = getattr(tiny_model("tiny-llama"), mode)()
     ft = surgery.rewrite(base, "qv_lora")
     assert {m.training for m in ft.modules()} == {mode == "train"}
 
@@ -353,14 +354,14 @@ def test_a_new_finetune_keeps_the_bases_mode_in_every_module(mode):
 def test_quantizing_more_under_existing_finetunes_warns_and_prepare_base_avoids_it(tmp_path):
     import warnings
 
-    base = surgery.tiny_model("tiny-opt")
+    base = tiny_model("tiny-opt")
     early = surgery.rewrite(base, "qv_lora_head")  # leaves fc1/fc2/k/out in fp32
     with pytest.warns(surgery.SharedBaseWarning, match="use unquantized"):
         surgery.rewrite(base, "lora_plus_head")  # quantizes them now
     saved = surgery.read_adapter(surgery.save_adapter(early, tmp_path / "early.safetensors"))
     assert all("lora" in k or k.startswith("lm_head") for k in saved.tensors)  # own tensors only
 
-    fresh = surgery.tiny_model("tiny-opt")
+    fresh = tiny_model("tiny-opt")
     surgery.prepare_base(fresh, "qv_lora_head", "lora_plus_head")
     with warnings.catch_warnings():
         warnings.simplefilter("error", surgery.SharedBaseWarning)
@@ -377,7 +378,7 @@ def test_plan_is_byte_exact_on_half_precision_bases_before_and_after_forward(dty
         f"version: 1\nquantize: {quantize}\ndefault: quantize\nrules:\n"
         "  - {match: 're:.*q_proj', action: adapt, lora: {r: 4}}\n"
     )
-    base = surgery.tiny_model("tiny-opt").to(dtype)
+    base = tiny_model("tiny-opt").to(dtype)
     assert base.model.decoder.layers[0].fc1.bias is not None  # OPT's biases are what bitsandbytes casts
     applied = apply(base, rules, finetunes=2)  # runs each fine-tune and the base once
     assert applied.base_bytes == applied.plan.base_bytes_after

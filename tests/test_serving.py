@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 import surgery
 from surgery import ExportError
+from surgery.base.tiny import tiny_model
 from surgery_cli.app import app
 
 runner = CliRunner()
@@ -64,14 +65,14 @@ REFUSED = [  # (target, model, rules, what the message must say)
     ids=["plain", "bias", "rank", "target", "conv1d", "scaling", "lorax-arch", "lorax-target"],
 )
 def test_an_export_a_server_would_refuse_is_refused_before_writing(tmp_path, target, model, rules, message):
-    ft = surgery.rewrite(surgery.tiny_model(model), rules)
+    ft = surgery.rewrite(tiny_model(model), rules)
     with pytest.raises(ExportError, match=message):
         surgery.export_peft(ft, tmp_path / "out", target=target)
     assert not (tmp_path / "out").exists()
 
 
 def test_a_clean_export_passes_for_every_target_and_the_cli_prints_the_vllm_flags(tmp_path):
-    ft = trained(surgery.rewrite(surgery.tiny_model("tiny-llama"), "qv_lora"))
+    ft = trained(surgery.rewrite(tiny_model("tiny-llama"), "qv_lora"))
     for target in ("peft", "vllm", "lorax"):
         surgery.export_peft(ft, tmp_path / target, target=target)
         assert json.loads((tmp_path / target / "adapter_config.json").read_text())["modules_to_save"] is None

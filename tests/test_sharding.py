@@ -16,8 +16,11 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import surgery
-from surgery.train.job import TrainConfig, make_job
-from surgery.train.loop import train
+from surgery.base.tiny import tiny_model
+from surgery.base.tokenizer import tiny_tokenizer
+from surgery.training.config import DataConfig
+from surgery.training.job import TrainConfig, make_job
+from surgery.training.loop import train_jobs as train
 
 HERE = Path(__file__).parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
@@ -106,7 +109,7 @@ def test_resume_under_fsdp_is_exact(runs):
 @pytest.mark.parametrize("kind", ["fp32", "nf4-bf16"])
 def test_adapter_file_saved_under_fsdp_loads_on_an_unsharded_base(runs, kind):
     sharded_logits = result(runs, f"{kind}-sharded-rank0-of-2")["logits"]
-    ft = surgery.load_adapter(surgery.tiny_model("tiny-llama"), runs / f"{kind}-sharded-a" / "adapter.safetensors")
+    ft = surgery.load_adapter(tiny_model("tiny-llama"), runs / f"{kind}-sharded-a" / "adapter.safetensors")
     with torch.no_grad():
         logits = ft(torch.arange(3, 19).reshape(2, 8)).logits
     torch.testing.assert_close(logits, sharded_logits, rtol=1e-5, atol=1e-5)
@@ -171,13 +174,12 @@ RULES = {
 def _job(base, name="job", **config):
     return make_job(
         base,
-        name,
-        RULES,
-        "upper",
-        surgery.tiny_tokenizer(),
-        TrainConfig(batch_size=4, lr=1e-2, max_steps=3, seed=0, **config),
-        mode="corpus",
-        block_size=16,
+        name=name,
+        rules=RULES,
+        data="upper",
+        tokenizer=tiny_tokenizer(),
+        config=TrainConfig(batch_size=4, lr=1e-2, max_steps=3, seed=0, **config),
+        data_config=DataConfig(group_texts=True, block_size=16),
     )
 
 
@@ -196,8 +198,8 @@ def group_of_one():
 
 
 def test_gradient_checkpointing_on_a_sharded_base_trains_like_an_unsharded_base_without_it(group_of_one):
-    (alone,) = train([_job(surgery.tiny_model("tiny-llama"))])
-    base = surgery.tiny_model("tiny-llama")
+    (alone,) = train([_job(tiny_model("tiny-llama"))])
+    base = tiny_model("tiny-llama")
     surgery.prepare_base(base, RULES)
     with pytest.warns(surgery.ShardingWarning):
         surgery.shard_base(base)
@@ -210,9 +212,9 @@ def test_gradient_checkpointing_on_a_sharded_base_trains_like_an_unsharded_base_
 
 
 def test_a_base_sharded_over_one_process_warns_and_trains_like_an_unsharded_one(group_of_one):
-    reference = surgery.tiny_model("tiny-llama")
+    reference = tiny_model("tiny-llama")
     (alone,) = train([_job(reference)])
-    base = surgery.tiny_model("tiny-llama")
+    base = tiny_model("tiny-llama")
     surgery.prepare_base(base, RULES)
     with pytest.warns(surgery.ShardingWarning, match="saves no memory"):
         surgery.shard_base(base)
@@ -244,8 +246,10 @@ def test_a_base_sharded_over_one_process_warns_and_trains_like_an_unsharded_one(
         surgery.rewrite(base, dora)  # DoRA reads whole weights each forward: refused, before anything changes
     from surgery.finetune.sharding import refuse_unshardable
 
-    with pytest.raises(surgery.ShardingError, match="with use_dora: DoRA reads the layer's whole weight"):
-        refuse_unshardable(surgery.plan(surgery.tiny_model("tiny-llama"), dora))  # --fsdp's check before loading
+    with pytest.raises(
+        surgery.ShardingError, match=r"--fsdp with use_dora \(.*rule 3.*\): DoRA reads each adapted layer"
+    ):
+        refuse_unshardable(surgery.plan(tiny_model("tiny-llama"), dora))  # --fsdp's check before loading
     loftq = {**RULES, "rules": [*RULES["rules"][:2], {**RULES["rules"][2], "lora": {"init_lora_weights": "loftq"}}]}
     tokens = {**RULES, "extra_tokens": ["<new>"]}
     for rules, message in (
@@ -254,22 +258,23 @@ def test_a_base_sharded_over_one_process_warns_and_trains_like_an_unsharded_one(
     ):
         with pytest.raises(surgery.ShardingError, match=message):
             surgery.rewrite(base, rules)
-    for rules, message in ((loftq, "with init_lora_weights: loftq, which reads"), (tokens, "extra_tokens gives")):
+    refused = ((loftq, "--fsdp with loftq .*rule 3.*: a LoftQ start reads"), (tokens, "--fsdp with extra_tokens"))
+    for rules, message in refused:
         with pytest.raises(surgery.ShardingError, match=message):
-            refuse_unshardable(surgery.plan(surgery.tiny_model("tiny-llama"), rules))
+            refuse_unshardable(surgery.plan(tiny_model("tiny-llama"), rules))
 
 
 def test_sharding_refuses_int8_live_finetunes_and_a_base_on_another_device():
-    base = surgery.tiny_model("tiny-llama")
+    base = tiny_model("tiny-llama")
     surgery.prepare_base(base, "qv_lora")  # LLM.int8
     with pytest.raises(surgery.ShardingError, match="LLM.int8.*nf4"):
         surgery.shard_base(base)
-    base = surgery.tiny_model("tiny-llama")
+    base = tiny_model("tiny-llama")
     ft = surgery.rewrite(base, RULES)
     with pytest.raises(surgery.ShardingError, match="1 fine-tune.*shard the base first"):
         surgery.shard_base(base)
     del ft
-    base = surgery.tiny_model("tiny-llama").to("meta")
+    base = tiny_model("tiny-llama").to("meta")
     with pytest.raises(surgery.ShardingError, match="is on meta, but rank 0 computes on cpu"):
         surgery.shard_base(base)
 
@@ -280,7 +285,7 @@ def test_cli_refuses_fsdp_with_batched_and_accelerates_fsdp1_config(tmp_path, mo
     runner = CliRunner()
     args = ["train", "qlora_nf4", "--model", "tiny-llama", "--data", "upper", "--out", str(tmp_path / "o")]
     done = runner.invoke(app, [*args, "--fsdp", "--batched"])
-    assert done.exit_code != 0 and "--batched does not run on a sharded base" in done.output
+    assert done.exit_code != 0 and "a batched pass does not run on a sharded base" in done.output
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     done = runner.invoke(app, args)
     assert done.exit_code != 0 and "pass --fsdp to shard the base with FSDP2" in done.output
@@ -295,13 +300,11 @@ def test_plan_per_device_and_the_storage_option(tmp_path):
     )
     assert done.exit_code == 0, done.output
     facts = json.loads(done.output)["per_device"]
-    planned = surgery.plan(surgery.trace(surgery.tiny_model("tiny-llama")), "qlora_nf4")
+    planned = surgery.plan(surgery.trace(tiny_model("tiny-llama")), "qlora_nf4")
     assert facts["base_bytes"] == planned.base_bytes_per_rank(2, fsdp=True) < planned.base_bytes_after
     assert facts["total_training_bytes"] == facts["base_bytes"] + 4 * planned.finetune_bytes
     memory = json.loads(CliRunner().invoke(app, ["inspect", "tiny-llama", "--json"]).output)["memory"]
-    everything_nf4 = surgery.plan(
-        surgery.trace(surgery.tiny_model("tiny-llama")), {"quantize": "nf4", "default": "quantize"}
-    )
+    everything_nf4 = surgery.plan(surgery.trace(tiny_model("tiny-llama")), {"quantize": "nf4", "default": "quantize"})
     assert memory["nf4 FSDP2/4"] == everything_nf4.base_bytes_per_rank(4, fsdp=True) < memory["nf4"]
     bad = tmp_path / "bad.yaml"
     bad.write_text("quantize:\n  scheme: nf4\n  storage: int4\n")
@@ -322,7 +325,7 @@ def test_a_4bit_embedding_is_refused_for_sharding_with_its_rule_and_the_remedy(w
     rules = write_rules(QUANTIZED_EMBEDDING)
     with pytest.raises(surgery.ShardingError, match=r"rules.yaml.*default.*embed_tokens.*embedding.*type: embedding"):
         refuse_unshardable(surgery.plan(graph_of("tiny-llama"), rules))
-    base = surgery.tiny_model("tiny-llama")
+    base = tiny_model("tiny-llama")
     surgery.prepare_base(base, rules)
     with pytest.raises(surgery.ShardingError, match="'model.embed_tokens' is a 4-bit embedding.*type: embedding"):
         surgery.shard_base(base)

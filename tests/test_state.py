@@ -16,6 +16,7 @@ import torch
 import surgery
 from surgery import AdapterStateError
 from surgery.base.loading import build_from_config, config_from_dict
+from surgery.base.tiny import tiny_model
 from surgery.model.architectures import TINY_MODELS
 
 RULES = sorted(surgery.bundled_rules())
@@ -54,7 +55,7 @@ def logits(model) -> torch.Tensor:
 @pytest.mark.parametrize("rules", RULES)
 @pytest.mark.parametrize("model", list(TINY_MODELS))
 def test_save_then_load_is_bit_exact(tmp_path, model, rules):
-    base = surgery.tiny_model(model)
+    base = tiny_model(model)
     ft = trained(surgery.rewrite(base, rules))
     path = surgery.save_adapter(ft, tmp_path / "ft.safetensors")
     again = surgery.load_adapter(base, path)
@@ -68,7 +69,7 @@ def test_save_then_load_is_bit_exact(tmp_path, model, rules):
 
 
 def test_file_holds_only_the_finetunes_own_tensors_and_self_describing_metadata(tmp_path):
-    base = surgery.tiny_model("tiny-llama")
+    base = tiny_model("tiny-llama")
     ft = surgery.rewrite(base, "qv_lora")
     adapter = surgery.read_adapter(surgery.save_adapter(ft, tmp_path / "a.safetensors"))
     expected = {
@@ -85,21 +86,21 @@ def test_file_holds_only_the_finetunes_own_tensors_and_self_describing_metadata(
 
 def test_adapter_from_an_fp32_base_loads_onto_the_same_checkpoint_quantized(tmp_path):
     fp32_rules = {"quantize": "none", "default": "freeze", "rules": [{"match": "*_proj", "action": "adapt"}]}
-    ft = trained(surgery.rewrite(surgery.tiny_model("tiny-llama"), fp32_rules))
+    ft = trained(surgery.rewrite(tiny_model("tiny-llama"), fp32_rules))
     path = surgery.save_adapter(ft, tmp_path / "fp32.safetensors")
     for held in ("qv_lora", "qlora_nf4"):
-        quantized = surgery.tiny_model("tiny-llama")
+        quantized = tiny_model("tiny-llama")
         surgery.rewrite(quantized, held)  # the base is now int8 / nf4
         loaded = surgery.load_adapter(quantized, path)
         for name, t in surgery.base.ownership.own_state(ft).items():
             assert torch.equal(surgery.base.ownership.own_state(loaded)[name], t)
         assert surgery.load_adapter(loaded, path) is loaded  # its rules follow the base; still compatible
-    half = surgery.tiny_model("tiny-llama").half()
-    assert surgery.fingerprint(half).mismatch(surgery.fingerprint(surgery.tiny_model("tiny-llama"))) is None
+    half = tiny_model("tiny-llama").half()
+    assert surgery.fingerprint(half).mismatch(surgery.fingerprint(tiny_model("tiny-llama"))) is None
 
 
 def test_loading_into_an_existing_finetune_replaces_its_state(tmp_path):
-    base = surgery.tiny_model("tiny-opt")
+    base = tiny_model("tiny-opt")
     source = trained(surgery.rewrite(base, "qv_lora"), seed=1)
     path = surgery.save_adapter(source, tmp_path / "a.safetensors")
     target = surgery.rewrite(base, "qv_lora")
@@ -117,7 +118,7 @@ def test_loading_into_an_existing_finetune_replaces_its_state(tmp_path):
 def saved(tmp_path_factory):
     """A trained tiny-opt qv_lora fine-tune, its base, and its adapter file."""
     folder = tmp_path_factory.mktemp("saved")
-    base = surgery.tiny_model("tiny-opt")
+    base = tiny_model("tiny-opt")
     ft = trained(surgery.rewrite(base, "qv_lora"))
     return base, ft, surgery.save_adapter(ft, folder / "good.safetensors")
 
@@ -214,7 +215,7 @@ def _bad_files(saved, folder) -> dict[str, tuple]:
         "checksum mismatch",
     )
 
-    other_arch = surgery.rewrite(surgery.tiny_model("tiny-llama"), "qv_lora")
+    other_arch = surgery.rewrite(tiny_model("tiny-llama"), "qv_lora")
     files["other_architecture"] = (
         surgery.save_adapter(other_arch, folder / "llama.safetensors"),
         "was saved on a LlamaForCausalLM",
@@ -277,8 +278,8 @@ def test_rules_that_do_not_plan_on_the_base_are_refused_before_any_change(tmp_pa
         "default": "freeze",
         "rules": [{"match": "lm_head", "action": "plain", "untie": True}],
     }
-    path = surgery.save_adapter(surgery.rewrite(surgery.tiny_model("tiny-opt"), head_rules), tmp_path / "a.safetensors")
-    quantized = surgery.tiny_model("tiny-opt")
+    path = surgery.save_adapter(surgery.rewrite(tiny_model("tiny-opt"), head_rules), tmp_path / "a.safetensors")
+    quantized = tiny_model("tiny-opt")
     surgery.rewrite(quantized, {"quantize": "int8", "default": "quantize"})  # lm_head is int8 now: no plain copy (C2)
     before = tensors_of(quantized)
     with pytest.raises(AdapterStateError, match="(?s)do not plan on this base.*C2"):
@@ -288,10 +289,8 @@ def test_rules_that_do_not_plan_on_the_base_are_refused_before_any_change(tmp_pa
 
 def test_storage_follows_the_base_as_held(tmp_path):
     """An int8 file onto an nf4-held base: the adapters load, the base stays nf4."""
-    path = surgery.save_adapter(
-        trained(surgery.rewrite(surgery.tiny_model("tiny-opt"), "qv_lora")), tmp_path / "a.safetensors"
-    )
-    nf4 = surgery.tiny_model("tiny-opt")
+    path = surgery.save_adapter(trained(surgery.rewrite(tiny_model("tiny-opt"), "qv_lora")), tmp_path / "a.safetensors")
+    nf4 = tiny_model("tiny-opt")
     surgery.rewrite(nf4, "qlora_nf4")
     ft = surgery.load_adapter(nf4, path)
     assert surgery.finetune_info(ft).plan.decisions["model.decoder.layers.0.self_attn.q_proj"].storage == "nf4"
@@ -310,7 +309,7 @@ def test_a_failure_while_loading_restores_a_base_it_had_quantized(saved, tmp_pat
         metadata=lambda m: _resealed(good, m, lambda d: {**d, "extra.lora_A": torch.zeros(1)}),
         out=tmp_path / "extra.safetensors",
     )
-    base = surgery.tiny_model("tiny-opt")
+    base = tiny_model("tiny-opt")
     modules_before = {name: type(m) for name, m in base.named_modules()}
     before = tensors_of(base)
     with pytest.raises(AdapterStateError, match="unexpected key 'extra.lora_A'"):
@@ -355,7 +354,7 @@ def test_a_save_that_fails_midway_leaves_the_earlier_file_and_no_temp_file(saved
 
 def test_saving_something_that_is_not_a_finetune_is_refused(tmp_path):
     with pytest.raises(AdapterStateError, match="not a fine-tune"):
-        surgery.save_adapter(surgery.tiny_model("tiny-opt"), tmp_path / "x.safetensors")
+        surgery.save_adapter(tiny_model("tiny-opt"), tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
 
 
@@ -381,8 +380,8 @@ def test_frozen_modules_of_an_adapter_file_follow_a_base_held_quantized(tmp_path
     import surgery.finetuna as finetuna
 
     rules = {"quantize": "none", "default": "freeze", "rules": [{"match": "q_proj", "action": "adapt"}]}
-    path = surgery.save_adapter(trained(surgery.rewrite(surgery.tiny_model("tiny-opt"), rules)), tmp_path / "a.st")
-    held = finetuna.quantize_base_model(surgery.tiny_model("tiny-opt"), set())  # lm_head and embeddings int8 too
+    path = surgery.save_adapter(trained(surgery.rewrite(tiny_model("tiny-opt"), rules)), tmp_path / "a.st")
+    held = finetuna.quantize_base_model(tiny_model("tiny-opt"), set())  # lm_head and embeddings int8 too
     finetuna.new_finetuned(held, plain_layers=set())  # a first fine-tune: LLM.int8 state settles in the layers
     before = digest(held)
     loaded = surgery.load_adapter(held, path)
@@ -392,16 +391,16 @@ def test_frozen_modules_of_an_adapter_file_follow_a_base_held_quantized(tmp_path
         assert torch.equal(surgery.base.ownership.own_state(loaded)[name], t)
     explicit = {"quantize": "none", "default": "freeze", "rules": [{"match": "fc1", "action": "freeze"}]}
     explicit["rules"].append({"match": "q_proj", "action": "adapt"})
-    path = surgery.save_adapter(surgery.rewrite(surgery.tiny_model("tiny-opt"), explicit), tmp_path / "b.st")
+    path = surgery.save_adapter(surgery.rewrite(tiny_model("tiny-opt"), explicit), tmp_path / "b.st")
     surgery.load_adapter(held, path)  # the explicit freeze of fc1 follows the base too
     assert digest(held) == before
-    partly = surgery.tiny_model("tiny-opt")
+    partly = tiny_model("tiny-opt")
     surgery.rewrite(
         partly, {"quantize": "int8", "default": "freeze", "rules": [{"match": "fc1", "action": "quantize"}]}
     )
     settled = digest(partly)
     wide = {"quantize": "none", "default": "quantize", "rules": [{"match": "q_proj", "action": "adapt"}]}
-    path = surgery.save_adapter(surgery.rewrite(surgery.tiny_model("tiny-opt"), wide), tmp_path / "c.st")
+    path = surgery.save_adapter(surgery.rewrite(tiny_model("tiny-opt"), wide), tmp_path / "c.st")
     with pytest.raises(AdapterStateError, match=r"C1.*fc1"):
         surgery.load_adapter(partly, path)  # following the base would quantize every other layer too: refused
     assert digest(partly) == settled
@@ -423,7 +422,7 @@ def test_a_finetune_is_one_type_that_needs_no_other_module_imported(tmp_path):
         "ft = rewrite(base, 'qv_lora')\n"
         "ft.save_pretrained(sys.argv[1])\n"
         "from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks\n"
-        "import surgery, surgery.finetuna, surgery.train.loop, surgery.finetune.batched  # everything, then look\n"
+        "import surgery, surgery.finetuna, surgery.training.loop, surgery.finetune.batched  # everything, then look\n"
         "print(json.dumps({'files': sorted(os.listdir(sys.argv[1])), 'type': type(ft).__name__,\n"
         "  'is_finetune': isinstance(ft, surgery.Finetune),\n"
         "  'is_llama': isinstance(ft, transformers.LlamaForCausalLM),\n"
@@ -446,7 +445,7 @@ def test_a_finetune_is_one_type_that_needs_no_other_module_imported(tmp_path):
 def test_the_base_record_hangs_off_the_base_and_copies_of_it_are_new_bases():
     from surgery.base.shared_base import base_record
 
-    base = surgery.tiny_model("tiny-opt")
+    base = tiny_model("tiny-opt")
     ft = surgery.rewrite(base, "qv_lora")
     record = base_record(base)
     assert base.__dict__["_surgery_base"] is record and ft in record.finetunes

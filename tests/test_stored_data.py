@@ -11,14 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-import surgery
+from surgery.base.tiny import tiny_model
+from surgery.base.tokenizer import tiny_tokenizer
 from surgery.errors import DataError
-from surgery.train.data import Fields, bundled_data, read_examples, tokenize
-from surgery.train.job import TrainConfig, make_job
-from surgery.train.loop import train
+from surgery.training.config import DataConfig
+from surgery.training.data import Fields, bundled_data, read_examples, tokenize
+from surgery.training.job import TrainConfig, make_job
+from surgery.training.loop import train_jobs as train
 
 datasets = pytest.importorskip("datasets")
-TOK = surgery.tiny_tokenizer()
+TOK = tiny_tokenizer()
 QA = Fields(prompt="question", completion="answer")
 
 
@@ -93,7 +95,7 @@ def test_a_cached_configuration_and_named_splits_are_chosen_as_trl_names_them(tm
     choose the option is refused, naming it."""
     from datasets.packaged_modules.parquet.parquet import Parquet
 
-    from surgery.train.rows import DatasetParts
+    from surgery.training.rows import DatasetParts
 
     cache = tmp_path / "datasets-cache"
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
@@ -188,7 +190,7 @@ def test_stored_data_mistakes_name_the_source_and_change_nothing(stored, monkeyp
     datasets.Dataset.from_list([{"text": 5}]).to_parquet(str(stored / "numbers.parquet"))
     with pytest.raises(DataError, match=r"numbers.parquet row 0: needs a string `text`"):
         read_examples(stored / "numbers.parquet")
-    monkeypatch.setattr("surgery.train.stored_data.MAX_DATA_BYTES", 100)
+    monkeypatch.setattr("surgery.training.stored_data.MAX_DATA_BYTES", 100)
     with pytest.raises(DataError, match=r"more than .* of text"):
         read_examples(stored / "caps.parquet", fields=QA)
     monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
@@ -202,17 +204,22 @@ def test_a_job_on_a_saved_dataset_trains_as_on_its_jsonl(stored):
     config = dict(batch_size=8, lr=1e-2, max_steps=3, eval_steps=3, seed=0)
 
     def run(data, eval_data, fields):
-        base = surgery.tiny_model("tiny-llama")
+        base = tiny_model("tiny-llama")
         job = make_job(
             base,
-            "j",
-            "qv_lora_head",
-            data,
-            TOK,
-            TrainConfig(**config),
-            eval_data=eval_data,
-            block_size=40,
-            fields=fields,
+            name="j",
+            rules="qv_lora_head",
+            data=data,
+            tokenizer=TOK,
+            config=TrainConfig(**config),
+            data_config=DataConfig(
+                eval_data=eval_data,
+                block_size=40,
+                text_field=fields.text,
+                prompt_field=fields.prompt,
+                completion_field=fields.completion,
+                messages_field=fields.messages,
+            ),
         )
         (trained,) = train([job])
         return job, [

@@ -4,6 +4,7 @@ from torch import nn
 
 import surgery
 from surgery.base.loading import load_model
+from surgery.base.tiny import tiny_model
 from surgery.model.tracing import op_kind
 
 
@@ -123,7 +124,7 @@ def test_custom_model_with_example_inputs_exports():
 
 
 def test_trace_never_touches_the_model(tiny_graphs):
-    model = surgery.tiny_model("tiny-opt")
+    model = tiny_model("tiny-opt")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     surgery.trace(model)
     after = model.state_dict()
@@ -134,7 +135,7 @@ def test_trace_never_touches_the_model(tiny_graphs):
 def test_quantized_modules_are_recognised_and_traced():
     import bitsandbytes as bnb
 
-    model = surgery.tiny_model("tiny-opt")
+    model = tiny_model("tiny-opt")
     fc1 = model.model.decoder.layers[0].fc1
     q = bnb.nn.Linear8bitLt(fc1.in_features, fc1.out_features, has_fp16_weights=False)
     q.load_state_dict(fc1.state_dict())

@@ -11,22 +11,32 @@ from pathlib import Path
 
 import pytest
 
-import surgery
+from surgery.base.tiny import tiny_model
+from surgery.base.tokenizer import tiny_tokenizer
 from surgery.errors import TrainError
-from surgery.train.job import TrainConfig, make_job
-from surgery.train.loop import train
-from surgery.train.trackers import metrics_of, parse_report_to
+from surgery.training.config import DataConfig, parse_report_to
+from surgery.training.job import TrainConfig, make_job
+from surgery.training.loop import train_jobs as train
+from surgery.training.trackers import metrics_of
 
-TOK = surgery.tiny_tokenizer()
+TOK = tiny_tokenizer()
 
 
 def two_jobs(out: Path):
     """Two fine-tunes on one tiny base, 4 steps each, evaluated at steps 2 and 4 (and at the end)."""
-    base = surgery.tiny_model("tiny-llama")
+    base = tiny_model("tiny-llama")
     config = TrainConfig(batch_size=8, lr=1e-2, max_steps=4, eval_steps=2)
     return [
         make_job(
-            base, name, rules, data, TOK, config, out=out / name, eval_data=data, block_size=40, model_name="tiny-llama"
+            base,
+            name=name,
+            rules=rules,
+            data=data,
+            tokenizer=TOK,
+            config=config,
+            data_config=DataConfig(eval_data=data, block_size=40),
+            out=out / name,
+            model_name="tiny-llama",
         )
         for name, rules, data in (("caps", "lora_plus_head", "capitals"), ("up", "qv_lora", "upper"))
     ]

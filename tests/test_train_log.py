@@ -14,13 +14,15 @@ import sys
 import pytest
 from rich.console import Console
 
-import surgery
+from surgery.base.tiny import tiny_model
+from surgery.base.tokenizer import tiny_tokenizer
 from surgery.planning.report import training_summary
-from surgery.train.job import TrainConfig, make_job
-from surgery.train.loop import train
+from surgery.training.config import DataConfig
+from surgery.training.job import TrainConfig, make_job
+from surgery.training.loop import train_jobs as train
 from surgery_cli import progress
 
-TOK = surgery.tiny_tokenizer()
+TOK = tiny_tokenizer()
 LINE = re.compile(
     r"^\[(?P<job>[^\]]+)\] step (?P<step>\d+)/(?P<total>\d+)  loss (?P<loss>\d+\.\d{4})  lr (?P<lr>\S+)  "
     r"(?P<tps>[\d,]+) tok/s  (?:eval_loss (?P<eval>\d+\.\d{4}) perplexity \S+  )?"
@@ -31,14 +33,14 @@ LINE = re.compile(
 def _job(out=None, **config):
     settings = {"batch_size": 4, "lr": 1e-2, "max_steps": 4, "seed": 0, **config}
     return make_job(
-        surgery.tiny_model("tiny-llama"),
-        "job",
-        "qv_lora_head",
-        "upper",
-        TOK,
-        TrainConfig(**settings),
+        tiny_model("tiny-llama"),
+        name="job",
+        rules="qv_lora_head",
+        data="upper",
+        tokenizer=TOK,
+        config=TrainConfig(**settings),
+        data_config=DataConfig(block_size=24),
         out=out,
-        block_size=24,
         model_name="tiny-llama",
     )
 

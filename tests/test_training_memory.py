@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 import surgery
 from surgery.base.loading import graph_of, load_model
+from surgery.base.tiny import tiny_model
 from surgery.planning.decisions import plan
 from surgery.planning.training_memory import (
     SavedBytes,
@@ -20,7 +21,7 @@ from surgery.planning.training_memory import (
     trainable_tensors,
     training_peak,
 )
-from surgery.train.job import TrainConfig, build_optimizer
+from surgery.training.job import TrainConfig, build_optimizer
 from surgery_cli.app import app
 
 
@@ -61,7 +62,7 @@ DORA_AND_NEW_TOKENS = {
     ids=["qv_lora", "lora_plus_head", "full_finetune", "dora_and_new_tokens"],
 )
 def test_optimizer_state_and_gradients_are_what_the_optimizer_allocates(optimizer, rules):
-    ft = surgery.rewrite(surgery.tiny_model("tiny-llama"), rules)
+    ft = surgery.rewrite(tiny_model("tiny-llama"), rules)
     params = [p for p in ft.parameters() if p.requires_grad]
     opt = build_optimizer(TrainConfig(optimizer=optimizer), params)
     for p in params:
@@ -168,7 +169,7 @@ def test_fsdp_counts_the_root_group_and_two_decoder_layers_unsharded(name):
     from surgery.model.tracing import decoder_layers
     from surgery.planning.memory import extra_bytes, parameter_bytes
 
-    base = surgery.tiny_model(name)
+    base = tiny_model(name)
     surgery.prepare_base(base, "qlora_nf4")  # the base as the rules store it: what FSDP2 gathers
     layers = decoder_layers(base)
     root = extra_bytes(base, *layers)  # everything outside the decoder layers: FSDP2's root group

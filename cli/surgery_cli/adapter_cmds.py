@@ -13,13 +13,12 @@ from .common import (
     DEVICE_OPT,
     OVERWRITE_OPT,
     RANDOM_INIT_OPT,
+    DeviceConfig,
     console,
     finetune_from,
-    placement,
     probe_inputs,
     quiet_libraries,
     say,
-    where_text,
 )
 
 
@@ -85,9 +84,9 @@ def merge(
 
     if dtype not in (None, *DTYPES):
         raise typer.BadParameter(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
-    where = placement(device)
-    base, ft, name = finetune_from(adapter, model, random_init, where)
-    say("model: ", (name, "bold"), f"; {where_text(where)}")
+    devices = DeviceConfig(device=device)
+    base, ft, name = finetune_from(adapter, model, random_init, devices.placement())
+    say("model: ", (name, "bold"), f"; {devices.describe()}")
     merged = merge_ft(ft, getattr(torch, dtype) if dtype else None)
     inputs = probe_inputs(base)
     error = output_error(ft, merged, inputs)
@@ -162,7 +161,7 @@ def export_peft_cmd(
     from surgery.files.serving import launch_hints
     from surgery.layers.bnb import base_loading
 
-    base, ft, name = finetune_from(adapter, model, random_init, placement(device))
+    base, ft, name = finetune_from(adapter, model, random_init, DeviceConfig(device=device).placement())
     with atomic_folder(out, overwrite=overwrite, error=AdapterStateError) as tmp:
         export_peft(ft, tmp, target=target)
     console.print(f"wrote {out}: PeftModel.from_pretrained(<{name}>, {str(out)!r})", highlight=False)
@@ -207,7 +206,7 @@ def import_peft_cmd(
 
     if quantize not in (None, *SCHEMES):
         raise typer.BadParameter(f"--quantize must be one of {', '.join(SCHEMES)}, not {quantize!r}")
-    where = placement(device)
+    where = DeviceConfig(device=device).placement()
     name = model or peft_base_model(folder)
     if not name:
         raise typer.BadParameter("the adapter names no base model (base_model_name_or_path); pass --model")

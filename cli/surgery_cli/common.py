@@ -14,6 +14,11 @@ from rich.text import Text
 from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
+from surgery.devices import DeviceConfig
+from surgery.options import options_of
+
+from .options import typer_option
+
 # markup off: messages carry paths, module names and install hints such as "pip install 'model-surgery[plot]'",
 # which rich markup would swallow; styles are given explicitly (say, rich Text)
 console = Console(width=None if sys.stdout.isatty() else 160, markup=False)
@@ -40,35 +45,7 @@ NO_CACHE_OPT = typer.Option(
     help="Trace the model again instead of reading the trace cache "
     "($SURGERY_CACHE, else $XDG_CACHE_HOME/surgery, else ~/.cache/surgery).",
 )
-DEVICE_PANEL = "Device & distributed"
-DEVICE_OPT = typer.Option(
-    "auto",
-    "--device",
-    rich_help_panel=DEVICE_PANEL,
-    help="Where the model computes: auto "
-    "(CUDA when there is a GPU, else the CPU), cpu, cuda or cuda:N; under torchrun each "
-    "process takes cuda:$LOCAL_RANK.",
-)
-DEVICE_MAP_OPT = typer.Option(
-    None,
-    "--device-map",
-    rich_help_panel=DEVICE_PANEL,
-    help="auto or balanced: place "
-    "the base's layers over every GPU (accelerate's placement, no FSDP); adapters sit on "
-    "their layer's GPU.",
-)
-MAX_MEMORY_OPT = typer.Option(
-    None,
-    "--max-memory",
-    rich_help_panel=DEVICE_PANEL,
-    help="With --device-map: the most each device holds, e.g. 0=20GiB,1=20GiB,cpu=64GiB.",
-)
-ATTN_OPT = typer.Option(
-    None,
-    "--attn-implementation",
-    rich_help_panel=DEVICE_PANEL,
-    help="sdpa, eager or flash_attention_2 (where installed); default: transformers' choice for the model.",
-)
+DEVICE_OPT = typer_option(next(o for o in options_of(DeviceConfig) if o.name == "device"))  # --device alone
 NOISY_LIBRARIES = ("transformers", "torch", "bitsandbytes", "peft", "accelerate", "huggingface_hub")
 # bitsandbytes' warnings that concern the run itself (a matmul slower or less precise than asked), by logger
 BNB_RUN_WARNINGS = {
@@ -159,47 +136,6 @@ def model_for(rules, model: str | None) -> tuple[str, str]:
     if rules.model:
         return rules.model, f"`model:` of {rules.source}"
     return TINY_DEFAULT, "the bundled tiny default (no --model and no `model:` in the rule file)"
-
-
-def placement(
-    device: str = "auto",
-    device_map: str | None = None,
-    max_memory: str | None = None,
-    attn_implementation: str | None = None,
-) -> dict:
-    """``load_model`` keywords for the device options, checked (one clear error for a device that is not there)."""
-    from surgery.devices import parse_max_memory, resolve_device, use_device
-
-    if device_map not in (None, "auto", "balanced"):
-        raise typer.BadParameter(f"--device-map must be auto or balanced, not {device_map!r}")
-    if max_memory is not None and device_map is None:
-        raise typer.BadParameter("--max-memory belongs with --device-map (it bounds what each device takes)")
-    if attn_implementation not in (None, "sdpa", "eager", "flash_attention_2"):
-        raise typer.BadParameter(
-            f"--attn-implementation must be sdpa, eager or flash_attention_2, not {attn_implementation!r}"
-        )
-    target = resolve_device(device)
-    use_device(target)
-    return {
-        "device": target,
-        "device_map": device_map,
-        "attn_implementation": attn_implementation,
-        "max_memory": parse_max_memory(max_memory) if max_memory else None,
-    }
-
-
-def where_text(where: dict) -> str:
-    """The device part of a command's first line: 'device cuda:0', or the device map asked for."""
-    if where.get("device_map"):
-        return f"device map {where['device_map']} over {_gpus()}"
-    return f"device {where['device']}"
-
-
-def _gpus() -> str:
-    import torch
-
-    count = torch.cuda.device_count()
-    return f"{count} GPU{'s' if count != 1 else ''}" if count else "the CPU"
 
 
 def finetune_from(adapter: Path, model: str | None, random_init: bool, where: dict | None = None):

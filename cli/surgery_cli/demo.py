@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .common import DEVICE_OPT, RANDOM_INIT_OPT, console, placement, quiet_libraries, say, where_text
+from .common import DEVICE_OPT, RANDOM_INIT_OPT, DeviceConfig, console, quiet_libraries, say
 from .progress import run_with_progress
 
 TASKS = {  # data set -> two prompts shown after training
@@ -72,11 +72,13 @@ def demo(
     from surgery.planning.memory import extra_bytes, parameter_bytes
     from surgery.planning.report import demo_files_table, demo_memory_table, demo_results_table
     from surgery.rules.rule_file import load_rules
-    from surgery.train.job import TrainConfig, make_job
-    from surgery.train.loop import evaluate
+    from surgery.training.config import DataConfig, TrainConfig
+    from surgery.training.job import make_job
+    from surgery.training.loop import evaluate
 
     start = time.perf_counter()
-    where = placement(device)
+    devices = DeviceConfig(device=device)
+    where = devices.placement()
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="surgery-demo-"))
     layout = load_model(model, weights=False)  # the model as it would load (meta: no memory) picks the rule files
     loaded_bytes = sum(p.numel() * p.element_size() for p in layout.model.parameters())  # tied ones once
@@ -89,7 +91,7 @@ def demo(
     )
     say(
         ("1. base", "bold"),
-        f": {model} on {where_text(where).removeprefix('device ')} "
+        f": {model} on {devices.describe().removeprefix('device ')} "
         f"({type(layout.model).__name__}, {parameters:,} parameters, {loaded_bytes:,} bytes {dtype})",
     )
     console.print(
@@ -105,15 +107,14 @@ def demo(
     jobs = [
         make_job(
             base,
-            task,
-            rules,
-            task,
-            tokenizer,
-            config,
+            name=task,
+            rules=rules,
+            data=task,
+            tokenizer=tokenizer,
+            config=config,
+            data_config=DataConfig(block_size=32, pad_token_id=pad),
             out=out / task,
-            block_size=32,
             model_name=model,
-            pad_token_id=pad,
         )
         for task, rules, _ in tasks
     ]
@@ -189,7 +190,7 @@ def _rules_name(job) -> str:
 
 
 def _expected_answers(task: str) -> dict[str, str]:
-    from surgery.train.data import read_examples
+    from surgery.training.data import read_examples
 
     return {ex.prompt: ex.completion for ex in read_examples(task)}
 

@@ -6,19 +6,10 @@ from pathlib import Path
 
 import typer
 
-from .common import (
-    ATTN_OPT,
-    DEVICE_MAP_OPT,
-    DEVICE_OPT,
-    MAX_MEMORY_OPT,
-    RANDOM_INIT_OPT,
-    TOKENIZER_OPT,
-    console,
-    placement,
-    quiet_libraries,
-    say,
-    where_text,
-)
+from surgery.devices import DeviceConfig
+
+from .common import RANDOM_INIT_OPT, TOKENIZER_OPT, console, quiet_libraries, say
+from .options import with_configs
 
 
 def _asked(example) -> str:
@@ -27,6 +18,7 @@ def _asked(example) -> str:
     return example.prompt or example.completion or (users or [example.messages[-1][1]])[-1]
 
 
+@with_configs(devices=DeviceConfig)
 def generate(
     prompt: str | None = typer.Argument(None, help="Text to continue (or use --prompts)."),
     model: str | None = typer.Option(
@@ -58,10 +50,7 @@ def generate(
     ),
     random_init: bool = RANDOM_INIT_OPT,
     tokenizer_name: str | None = TOKENIZER_OPT,
-    device: str = DEVICE_OPT,
-    device_map: str | None = DEVICE_MAP_OPT,
-    max_memory: str | None = MAX_MEMORY_OPT,
-    attn_implementation: str | None = ATTN_OPT,
+    devices: DeviceConfig = DeviceConfig(),
 ):
     """Answer one or many prompts with one or several fine-tunes (and the base), in one batched generate.
 
@@ -81,7 +70,7 @@ def generate(
     from surgery.finetune.loading import load_adapter
     from surgery.finetune.vocabulary import extended_tokenizer
     from surgery.model.architectures import TINY_DEFAULT
-    from surgery.train.data import Example, chat_prompt, read_examples
+    from surgery.training.data import Example, chat_prompt, read_examples
 
     if (prompt is None) == (prompts_file is None):
         raise typer.BadParameter("give one PROMPT or --prompts FILE")
@@ -93,9 +82,9 @@ def generate(
     chat = chat_template or any(e.messages for e in examples)
     source = str(prompts_file or "PROMPT")
     prompts = [chat_prompt(e, tokenizer, source) for e in examples] if chat else shown
-    placed = placement(device, device_map, max_memory, attn_implementation)
+    placed = devices.placement()
     if prompts_file is None:
-        say("model: ", (name, "bold"), f"; {where_text(placed)}")
+        say("model: ", (name, "bold"), f"; {devices.describe()}")
     # quantized once for every adapter's rules as it loads; then the adapters are loaded onto it
     base = load_model(name, random_init=random_init, rules=[f.rules for f in files], **placed).model
     base.requires_grad_(False)  # only answered with: the bare base too (a base no rule file froze was refused)

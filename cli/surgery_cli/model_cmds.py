@@ -14,12 +14,11 @@ from .common import (
     NO_CACHE_OPT,
     RANDOM_INIT_OPT,
     RULES_ARG,
+    DeviceConfig,
     console,
     model_for,
-    placement,
     quiet_libraries,
     say,
-    where_text,
 )
 
 
@@ -73,8 +72,9 @@ def apply(
 
     ruleset = load_rules(rules)
     name, why = model_for(ruleset, model)
-    where = placement(device)
-    say("model: ", (name, "bold"), f" (from {why}); {where_text(where)}")
+    devices = DeviceConfig(device=device)
+    where = devices.placement()
+    say("model: ", (name, "bold"), f" (from {why}); {devices.describe()}")
     base = load_model(name, random_init=random_init, rules=ruleset, **where).model  # quantized as it loads
     with Progress(console=console, transient=True) as progress:
         bar = progress.add_task("planning", total=1)

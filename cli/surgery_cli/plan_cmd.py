@@ -167,7 +167,7 @@ def _training_peak(
 ):
     from surgery.base.loading import load_model
     from surgery.planning.training_memory import TrainingShape, training_peak
-    from surgery.train.job import OPTIMIZERS, PRECISIONS
+    from surgery.training.config import OPTIMIZERS, PRECISIONS
 
     for flag, value, allowed in (
         ("--optimizer", optimizer, OPTIMIZERS),

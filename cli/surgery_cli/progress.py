@@ -30,15 +30,9 @@ def run_with_progress(
     log) a bar would print only at the end, so a plain line per job every ``logging_steps`` steps instead, as
     HF Trainer logs: step, loss, lr, tokens/s, the eval when it runs, elapsed and remaining time.
     """
-    from surgery.train.loop import train
+    from surgery.training.loop import train_jobs as train
 
-    if not show:
-        display = contextlib.nullcontext(None)
-    elif console.is_jupyter or (console.is_terminal and not console.is_dumb_terminal):
-        display = _Bars()
-    else:
-        display = contextlib.nullcontext(_LogLines(logging_steps))
-    with display as shown:
+    with progress_display(show=show, logging_steps=logging_steps) as shown:
         return train(
             jobs,
             resume=resume_from,
@@ -49,6 +43,17 @@ def run_with_progress(
             report_to=report_to,
             log_dir=log_dir,
         )
+
+
+def progress_display(*, show: bool, logging_steps: int = LOGGING_STEPS):
+    """What shows a run's steps (its ``on_step``), entered as a context: a rich bar per job on a terminal, a plain
+    line per job every ``logging_steps`` steps elsewhere (a file, a pipe, a scheduler's log), nothing unless
+    ``show`` (the other ranks of a launch)."""
+    if not show:
+        return contextlib.nullcontext(None)
+    if console.is_jupyter or (console.is_terminal and not console.is_dumb_terminal):
+        return _Bars()
+    return contextlib.nullcontext(_LogLines(logging_steps))
 
 
 class _Bars:

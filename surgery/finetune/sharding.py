@@ -24,33 +24,11 @@ from torch import nn
 from ..base.fingerprints import base_fingerprint
 from ..base.ownership import finetune_info
 from ..base.shared_base import ShardedBase, base_record, holds_tensors, run_through_root
+from ..combinations import check, rule_features
 from ..distributed import World, world
 from ..errors import ShardingError, ShardingWarning
 from ..layers.bnb import own_class, quantized_storage, state_tensors
 from ..model.tracing import decoder_layers
-
-
-def check_sharding(fsdp: bool, batched: bool, device_map: str | None = None) -> None:
-    """The launch options around --fsdp and --device-map, checked before anything loads."""
-    import os
-
-    if device_map is not None and (fsdp or int(os.environ.get("WORLD_SIZE", "1")) > 1):
-        raise ShardingError(
-            "--device-map places one process's base over the GPUs; under torchrun each process "
-            "holds its own: shard one base over the processes with --fsdp, or launch one process "
-            "with --device-map"
-        )
-    if fsdp and batched:
-        raise ShardingError(
-            "--batched does not run on a sharded base yet; drop --batched (the jobs take turns on "
-            "the sharded base) or drop --fsdp"
-        )
-    if not fsdp and os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
-        raise ShardingError(
-            "accelerate's FSDP setting (ACCELERATE_USE_FSDP) does not apply to surgery's training "
-            "loop, and FSDP1 cannot wrap fine-tunes that share a base; launch with `accelerate "
-            "launch --multi_gpu` without an FSDP config and pass --fsdp to shard the base with FSDP2"
-        )
 
 
 def shard_base(base: nn.Module) -> ShardedBase:
@@ -130,43 +108,9 @@ _EMBEDDING_FIX = (
 
 
 def refuse_unshardable(plan) -> None:
-    """What a plan would quantize that FSDP2 cannot shard, named with its rule and the remedy, before anything
-    loads: LLM.int8 layers, 4-bit embeddings, DoRA (which reads the whole base weight in every forward), LoftQ
-    (which reads it once) and extra tokens."""
-    dora = next((d for d in plan.decisions.values() if d.lora is not None and d.lora.use_dora), None)
-    if dora is not None:
-        raise ShardingError(
-            f"{dora.decided_by} adapts '{dora.path}' with use_dora: DoRA reads the layer's whole "
-            "weight in every forward, which FSDP2 holds sharded; train DoRA without --fsdp (DDP, or "
-            "one process), or drop use_dora"
-        )
-    loftq = next((d for d in plan.decisions.values() if d.lora is not None and d.lora.init == "loftq"), None)
-    if loftq is not None:
-        raise ShardingError(
-            f"{loftq.decided_by} adapts '{loftq.path}' with init_lora_weights: loftq, which reads the "
-            "layer's whole weight when the fine-tune is made, and FSDP2 holds it sharded; train "
-            "without --fsdp"
-        )
-    if plan.rules.extra_tokens is not None:
-        raise ShardingError(
-            f"{plan.rules.source}: extra_tokens gives the fine-tune rows of its own beside the "
-            "embedding and output layer, which FSDP2 holds sharded; train new tokens without --fsdp "
-            "(DDP, or one process)"
-        )
-    for decision in plan.quantized:
-        rule = decision.decided_by if decision.rule else f"{plan.rules.source} (`default: {plan.rules.default}`)"
-        where = f"{rule} stores '{decision.path}'"
-        if decision.quant.scheme == "int8":
-            raise ShardingError(
-                f"{where} as LLM.int8, which FSDP cannot shard (its row scales live in a per-layer "
-                "matmul state); quantize the base as nf4 (`quantize: nf4`) to shard it, or train "
-                "with DDP without --fsdp"
-            )
-        if decision.kind == "embedding":
-            raise ShardingError(
-                f"{where} (an embedding) as {decision.quant.scheme}, which FSDP2 cannot shard "
-                f"(bitsandbytes' Embedding4bit has no quant_storage); {_EMBEDDING_FIX}"
-            )
+    """What a plan would store or start that FSDP2 cannot shard (LLM.int8 layers, 4-bit embeddings, DoRA, LoftQ,
+    extra tokens), named with its rule and the remedy from the table of combinations, before anything loads."""
+    check({"--fsdp": "--fsdp", **rule_features(plan.rules, plan)})
 
 
 def refuse_unshardable_rules(model: str, rule_sets: list) -> None:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..base.ownership import finetune_info
+from ..combinations import check, rule_features
 from ..distributed import World, rank_weight
 from ..errors import TrainError
 from ..finetune.batched import batched, route
@@ -51,35 +52,23 @@ class Group:
 
 
 def check_batching(
-    batched: bool,
-    max_batched_tokens: int | None,
-    gradient_checkpointing: bool = False,
-    compiled: bool = False,
-    rule_sets: tuple = (),
+    batched: bool, max_batched_tokens: int | None, gradient_checkpointing: bool, compiled: bool, rule_sets: list
 ) -> None:
-    """Refuse a token cap that is below 1 or given without batching, checkpointing in batched passes
-    (their backward runs after the pass is re-routed per job, so a recompute would route wrongly),
-    --compile with them (it compiles each fine-tune's own forward, which a batched pass does not call),
-    and fine-tunes with tokens of their own (one vocabulary per pass), before anything loads."""
-    with_tokens = next((r for r in rule_sets if batched and r.extra_tokens is not None), None)
-    if with_tokens is not None:
-        raise TrainError(
-            f"{with_tokens.source}: its fine-tune adds tokens of its own (extra_tokens / --extra-tokens), "
-            "so its vocabulary is not the base's and a --batched pass needs one vocabulary; train "
-            "without --batched (the jobs take turns)"
+    """The jobs of a run against the table of combinations around --batched (checkpointing, --compile, new tokens,
+    the token cap), and the cap's range, before anything trains."""
+    present = {
+        name: name
+        for name, on in (
+            ("--batched", batched),
+            ("--gradient-checkpointing", gradient_checkpointing),
+            ("--compile", compiled),
+            ("--max-batched-tokens", max_batched_tokens is not None),
         )
-    if batched and gradient_checkpointing:
-        raise TrainError(
-            "--gradient-checkpointing does not run with --batched yet; drop one of them (the jobs take "
-            "turns with checkpointing)"
-        )
-    if batched and compiled:
-        raise TrainError(
-            "--compile compiles each fine-tune's forward, which --batched passes do not call; drop one "
-            "of them (the jobs take turns compiled)"
-        )
-    if max_batched_tokens is not None and not batched:
-        raise TrainError("--max-batched-tokens caps batched passes; add --batched or leave it out")
+        if on
+    }
+    if batched:
+        present.update(next((rule_features(r) for r in rule_sets if r.extra_tokens is not None), {}))
+    check(present)
     if max_batched_tokens is not None and max_batched_tokens < 1:
         raise TrainError(f"--max-batched-tokens must be at least 1, got {max_batched_tokens}")
 

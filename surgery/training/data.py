@@ -218,20 +218,35 @@ def _jsonl(path: Path, text: str, fields: Fields) -> list[Example]:
     return out
 
 
-def load_examples(
-    path: Path,
-    mode: Mode,
-    tokenizer,
-    chat_template: bool,
-    fields: Fields = DEFAULT_FIELDS,
-    split: Split = "train",
-    parts: DatasetParts = WHOLE,
-) -> tuple[list[Example], bool]:
-    """A data source's examples for training, and whether the tokenizer's chat template rendered them
-    (when ``chat_template`` is asked for, or when rows hold messages)."""
-    examples = read_examples(path, mode, fields, split, parts)
+@dataclass(frozen=True)
+class DataSource:
+    """A job's data, read and checked (files, columns, splits) before any model loads: its training examples and,
+    with ``--eval``, its evaluation examples."""
+
+    path: Path
+    examples: list[Example]
+    eval_path: Path | None = None
+    eval_examples: list[Example] | None = None
+
+
+def read_data(data: str | Path, config) -> DataSource:
+    """Read a job's training data (and the evaluation data ``config.eval_data`` names) as ``config`` (a
+    ``DataConfig``) says: fields, splits, corpus or entries. Needs no tokenizer, so every data error comes first."""
+    fields = Fields(config.text_field, config.prompt_field, config.completion_field, config.messages_field)
+    parts = DatasetParts(config.dataset_config, config.dataset_train_split, config.dataset_test_split)
+    path = data_path(data)
+    examples = read_examples(path, config.mode, fields, "train", parts)
+    if config.eval_data is None:
+        return DataSource(path, examples)
+    eval_path = data_path(config.eval_data)
+    return DataSource(path, examples, eval_path, read_examples(eval_path, config.mode, fields, "eval", parts))
+
+
+def render(examples: list[Example], tokenizer, chat_template: bool, source: str) -> tuple[list[Example], bool]:
+    """The examples as the model sees them, and whether the tokenizer's chat template rendered them (when
+    ``chat_template`` is asked for, or when rows hold messages)."""
     if chat_template or any(ex.messages for ex in examples):
-        return chat_examples(examples, tokenizer, str(path)), True
+        return chat_examples(examples, tokenizer, source), True
     return examples, False
 
 

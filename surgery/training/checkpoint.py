@@ -474,3 +474,40 @@ def latest_checkpoint(folder: Path) -> Path | None:
         if (candidate / ADAPTER_FILE).is_file() and (candidate / STATE_FILE).is_file():
             return candidate
     return None
+
+
+def resume_points(resume: Path | None, jobs: dict[str, Path | None], named: bool = False) -> dict[str, Path]:
+    """Where each job resumes: ``resume`` itself when it is a checkpoint folder (one job), else each job's newest
+    checkpoint in the --out ``resume`` of an earlier run (OUT for one job, OUT/NAME for each of --job ``named``).
+
+    Args:
+        resume: --resume, or None.
+        jobs: the jobs' names (and output folders).
+        named: the jobs came from --job (each has its own subfolder).
+
+    Returns:
+        The checkpoint folder of each job.
+
+    Raises:
+        TrainError: a folder that is not there, or a job without a checkpoint, in one line naming it.
+    """
+    if resume is None:
+        return {}
+    if not resume.exists():
+        raise TrainError(
+            f"--resume {resume}: no such folder; give a checkpoint-N folder or the --out of an earlier run"
+        )
+    if not resume.is_dir():
+        raise TrainError(f"--resume {resume}: is a file; give a checkpoint-N folder or the --out of an earlier run")
+    if (resume / STATE_FILE).exists():
+        if len(jobs) > 1:
+            raise TrainError(f"--resume {resume}: a checkpoint of one job; with several jobs give the run's --out")
+        return {next(iter(jobs)): resume}
+    out = {}
+    for name in jobs:
+        folder = resume / name if named else resume
+        found = latest_checkpoint(folder) if folder.is_dir() else None
+        if found is None:
+            raise TrainError(f"--resume {resume}: no checkpoint-N folder for job {name} in {folder}")
+        out[name] = found
+    return out

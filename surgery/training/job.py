@@ -1,4 +1,4 @@
-"""A training job: its settings (``TrainConfig``), what it trains (``Job``) and its progress (``Run``).
+"""A training job: what it trains (``Job``, with its ``TrainConfig``) and its progress (``Run``).
 
 ``make_job`` reads and checks everything a job needs (rules, data, options) and only then makes its
 fine-tune, so a bad job fails before anything changes. The spec is fixed; everything that changes
@@ -11,88 +11,16 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import DataError, TrainError, first_line
 from ..random_state import forked_rng
-from .data import DEFAULT_FIELDS, Blocks, Fields, Mode, PackedMask, block_mask
+from .config import DataConfig, TrainConfig
+from .data import Blocks, DataSource, PackedMask, block_mask, read_data
 from .master_weights import MasterWeights
-from .rows import WHOLE, DatasetParts
-
-Schedule = Literal["cosine", "linear", "constant"]
-Precision = Literal["fp32", "bf16", "fp16"]
-OptimizerName = Literal["adamw", "adamw8bit"]
-SCHEDULES: tuple[Schedule, ...] = ("cosine", "linear", "constant")
-PRECISIONS: tuple[Precision, ...] = ("fp32", "bf16", "fp16")
-OPTIMIZERS: tuple[OptimizerName, ...] = ("adamw", "adamw8bit")
-SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.manual_seed accepts
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation settings of one job (the CLI's options)."""
-
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 2e-4
-    epochs: int = 1
-    max_steps: int | None = None
-    warmup: int = 0
-    schedule: Schedule = "cosine"
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-    seed: int = 0
-    precision: Precision = "fp32"
-    optimizer: OptimizerName = "adamw"
-    eval_steps: int | None = None
-    save_steps: int | None = None
-    save_total_limit: int | None = None
-    gradient_checkpointing: bool = False  # recompute decoder layers' activations in backward (less memory)
-    early_stopping_patience: int | None = None  # stop after this many evaluations without a better eval loss
-    early_stopping_threshold: float = 0.0  # an eval loss must beat the best by more than this to count
-    compile: bool = False  # torch.compile the fine-tune's forward (in place: the same module, the same state keys)
-    compile_backend: str = "inductor"  # a torch.compile backend (torch.compiler.list_backends())
-
-    def check(self) -> TrainConfig:
-        """Raise TrainError naming the first option out of range (NaN and inf included); return self."""
-        for name in ("batch_size", "grad_accum", "epochs"):
-            if getattr(self, name) < 1:
-                raise TrainError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_steps", "eval_steps", "save_steps", "save_total_limit", "early_stopping_patience"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise TrainError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise TrainError(f"--lr must be a finite number > 0, got {self.lr}")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise TrainError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
-        if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
-            raise TrainError(
-                f"--max-grad-norm must be a finite number > 0 (0 turns clipping off), got {self.max_grad_norm}"
-            )
-        if not (math.isfinite(self.early_stopping_threshold) and self.early_stopping_threshold >= 0):
-            raise TrainError(
-                f"--early-stopping-threshold must be a finite number >= 0, got {self.early_stopping_threshold}"
-            )
-        if self.warmup < 0:
-            raise TrainError(f"--warmup must be >= 0, got {self.warmup}")
-        if not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
-            raise TrainError(
-                f"--seed must be between {SEED_RANGE[0]} and {SEED_RANGE[1]} (torch's range), got {self.seed}"
-            )
-        if self.compile:
-            if self.compile_backend not in torch.compiler.list_backends(exclude_tags=()):
-                raise TrainError(
-                    f"--compile-backend must be one of {', '.join(torch.compiler.list_backends())} (or "
-                    f"a debug backend such as aot_eager), not {self.compile_backend!r}"
-                )
-        for name, allowed in (("schedule", SCHEDULES), ("precision", PRECISIONS), ("optimizer", OPTIMIZERS)):
-            if getattr(self, name) not in allowed:
-                raise TrainError(f"--{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
-        return self
 
 
 @dataclass(frozen=True)
@@ -193,99 +121,71 @@ def build_scheduler(config: TrainConfig, optimizer, total: int):
 
 def make_job(
     base: nn.Module,
+    *,
     name: str,
     rules,
-    data: str | Path,
+    data: DataSource | str | Path,
     tokenizer,
-    config: TrainConfig,
-    *,
-    out: Path | None = None,
-    eval_data: str | Path | None = None,
-    eval_split: float | None = None,
-    mode: Mode = "entries",
-    block_size: int = 128,
-    pad_token_id: int | None = None,
+    config: TrainConfig = TrainConfig(),
+    data_config: DataConfig = DataConfig(),
+    out: str | Path | None = None,
     model_name: str = "",
-    chat_template: bool = False,
-    packing: bool = False,
-    fields: Fields = DEFAULT_FIELDS,
-    parts: DatasetParts = WHOLE,
 ) -> Job:
-    """Read and check everything a job needs, then make its fine-tune (seeded): errors come first.
+    """Check everything a job needs against the model, then make its fine-tune (seeded): errors come first.
 
-    ``chat_template``: render prompt/completion rows with the tokenizer's chat template (``messages``
-    rows always are). ``packing``: fill each training row with several examples (``data.pack``); the
-    eval rows stay one example each. ``fields``: which columns hold text, prompt, completion, messages;
-    ``parts``: a cached dataset's configuration and the splits to train and evaluate on.
-    ``data`` and ``eval_data`` may be stored datasets (``stored_data``); eval takes their validation split."""
+    Args:
+        base: the shared base.
+        name: the job's name (its folder under a run's --out, its tracker run).
+        rules: its rule file (a RuleSet, a path or a bundled name).
+        data: its training data: a ``DataSource`` read with ``read_data`` before the model loaded, or a path or
+            name to read now (JSONL, CSV, TXT, stored datasets, bundled sets; ``data_config`` says how).
+        tokenizer: the base's tokenizer (extended with the rules' extra tokens here).
+        config: how it trains.
+        data_config: how the data is read and cut into rows.
+        out: its output folder (adapter file, metrics, checkpoints), or None.
+        model_name: the base's name, for messages and the resume identity.
+
+    Returns:
+        The job, its fine-tune made and its data tokenized.
+
+    Raises:
+        DataError, TrainError, PlanError: before the fine-tune is made.
+    """
     from ..finetune.rewriting import rewrite
     from ..finetune.vocabulary import pinned_to, tokenizer_with
     from ..rules.rule_file import load_rules
-    from .data import data_digest, data_path, load_examples, model_max_length, pack, tokenize
+    from .data import data_digest, pack, render, tokenize
 
-    config.check()
+    source = data if isinstance(data, DataSource) else read_data(data, data_config)
     rules = pinned_to(load_rules(rules), tokenizer)
     if rules.extra_tokens is not None:  # the data reads the new tokens with the ids the fine-tune gives them
         tokenizer = tokenizer_with(rules.extra_tokens, rules.extra_tokens.first_id, tokenizer)
-    if config.gradient_checkpointing and not getattr(base, "supports_gradient_checkpointing", False):
-        raise TrainError(
-            f"--gradient-checkpointing: {type(base).__name__} does not support transformers' activation "
-            "checkpointing; train without it"
-        )
-    vocab = _vocab_size(base)
-    if pad_token_id is not None and vocab is not None and not 0 <= pad_token_id < vocab:
-        raise DataError(
-            f"--pad-token-id {pad_token_id} is outside the model's vocabulary (0 to {vocab - 1}); use "
-            f"the tokenizer's EOS id ({getattr(tokenizer, 'eos_token_id', None)}) or another id below {vocab}"
-        )
-    limit = model_max_length(base)
-    if limit is not None and block_size > limit:
-        raise DataError(
-            f"--block-size {block_size} is above {model_name or type(base).__name__}'s maximum "
-            f"sequence length ({limit}); use at most {limit}"
-        )
-    if config.early_stopping_patience and not (config.eval_steps and (eval_data is not None or eval_split)):
-        raise TrainError(
-            "--early-stopping-patience stops on the eval loss: add --eval-steps N and --eval FILE "
-            "or --eval-split FRACTION"
-        )
-    if packing and mode != "entries":
-        raise DataError(
-            "--packing fills rows with whole examples; --group-texts already concatenates the data "
-            "into full blocks: give one of them"
-        )
-    keep_apart = _packed_attention(base, model_name or type(base).__name__) if packing else "positions"
-    path = data_path(data)
-    examples, templated = load_examples(path, mode, tokenizer, chat_template, fields, parts=parts)
-    blocks = tokenize(
-        examples, tokenizer, block_size=block_size, mode=mode, pad_token_id=pad_token_id, source=str(path)
-    )
-    held_out, eval_digest = None, eval_split
-    if eval_data is not None:
-        eval_path = data_path(eval_data)
-        eval_examples = load_examples(eval_path, mode, tokenizer, chat_template, fields, split="eval", parts=parts)[0]
-        held_out = tokenize(
-            eval_examples, tokenizer, block_size=block_size, mode=mode, pad_token_id=pad_token_id, source=str(eval_path)
-        )
-        eval_digest = data_digest(eval_path, eval_examples)
-    elif eval_split:
-        if not 0 < eval_split < 1:
-            raise DataError(f"--eval-split must be between 0 and 1, got {eval_split}")
-        blocks, held_out = blocks.split(eval_split, config.seed)
-    if packing:
+    _check_model(base, config, data_config, tokenizer, model_name)
+    keep_apart = _packed_attention(base, model_name or type(base).__name__) if data_config.packing else "positions"
+    mode, cut = data_config.mode, dict(block_size=data_config.block_size, pad_token_id=data_config.pad_token_id)
+    examples, templated = render(source.examples, tokenizer, data_config.chat_template, str(source.path))
+    blocks = tokenize(examples, tokenizer, mode=mode, source=str(source.path), **cut)
+    held_out, eval_digest = None, data_config.eval_split
+    if source.eval_examples is not None:
+        eval_examples, _ = render(source.eval_examples, tokenizer, data_config.chat_template, str(source.eval_path))
+        held_out = tokenize(eval_examples, tokenizer, mode=mode, source=str(source.eval_path), **cut)
+        eval_digest = data_digest(source.eval_path, source.eval_examples)
+    elif data_config.eval_split:
+        blocks, held_out = blocks.split(data_config.eval_split, config.seed)
+    if data_config.packing:
         blocks = pack(blocks, keep_apart)
     identity = {
         "rules": rules.to_json(),
         "model": model_name,
-        "data": data_digest(path, examples),
+        "data": data_digest(source.path, source.examples),
         "eval": eval_digest,
         "mode": mode,
-        "block_size": block_size,
+        "block_size": data_config.block_size,
         "global_batch": config.batch_size * int(os.environ.get("WORLD_SIZE", "1")),
         "grad_accum": config.grad_accum,
         "seed": config.seed,
         **({"chat_template": tokenizer.chat_template} if templated else {}),
-        **({"packing": True} if packing else {}),
+        **({"packing": True} if data_config.packing else {}),
     }
     with forked_rng():
         torch.manual_seed(config.seed)
@@ -293,7 +193,7 @@ def make_job(
     if config.gradient_checkpointing:
         checkpoint_activations(finetune)
     if config.compile:
-        compile_forward(finetune, config.compile_backend)
+        compile_forward(finetune, config.backend)
     return Job(
         name,
         finetune,
@@ -304,6 +204,30 @@ def make_job(
         identity,
         tokenizer if rules.extra_tokens is not None else None,
     )
+
+
+def _check_model(base: nn.Module, config: TrainConfig, data_config: DataConfig, tokenizer, model_name: str) -> None:
+    """What the job's options ask of this model: checkpointing support, a pad id in its vocabulary, a block size
+    within its context."""
+    from .data import model_max_length
+
+    if config.gradient_checkpointing and not getattr(base, "supports_gradient_checkpointing", False):
+        raise TrainError(
+            f"--gradient-checkpointing: {type(base).__name__} does not support transformers' activation "
+            "checkpointing; train without it"
+        )
+    vocab, pad = _vocab_size(base), data_config.pad_token_id
+    if pad is not None and vocab is not None and not 0 <= pad < vocab:
+        raise DataError(
+            f"--pad-token-id {pad} is outside the model's vocabulary (0 to {vocab - 1}); use "
+            f"the tokenizer's EOS id ({getattr(tokenizer, 'eos_token_id', None)}) or another id below {vocab}"
+        )
+    limit = model_max_length(base)
+    if limit is not None and data_config.block_size > limit:
+        raise DataError(
+            f"--block-size {data_config.block_size} is above {model_name or type(base).__name__}'s maximum "
+            f"sequence length ({limit}); use at most {limit}"
+        )
 
 
 def checkpoint_activations(finetune: nn.Module) -> None:

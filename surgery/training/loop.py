@@ -41,11 +41,12 @@ from .checkpoint import (
 from .checkpoint import (
     resume as resume_run,
 )
+from .config import parse_report_to
 from .data import TOKENS, Blocks
 from .job import EarlyStopping, Job, Run, build_optimizer, build_scheduler
 from .master_weights import MasterWeights
 from .step import train_step
-from .trackers import Trackers, parse_report_to
+from .trackers import Trackers
 
 StepCallback = Callable[[Run, dict], None]
 Report = Callable[[str, dict], None]  # (job name, step record) to the experiment trackers
@@ -54,7 +55,6 @@ logger = logging.getLogger(__name__)
 
 def prepare(job: Job, where: World, resume: Path | None = None) -> Run:
     """A job's Run: optimizer, scheduler, random state and step count; continued from a checkpoint if given."""
-    job.config.check()
     info = require_finetune(job.finetune, "trained", TrainError)
     params = [p for p in job.finetune.parameters() if p.requires_grad]
     if not params:
@@ -117,7 +117,7 @@ def evaluate(model: nn.Module, data: Blocks, batch_size: int = 8) -> dict:
     return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
-def train(
+def train_jobs(
     jobs: list[Job],
     *,
     resume: dict[str, Path] | None = None,

@@ -16,24 +16,19 @@ default ``surgery``).
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import math
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ..errors import TrainError, first_line
-from ..package import install_hint
+from .config import TrackerName
 
 if TYPE_CHECKING:
     from .job import Job
 
-TrackerName = Literal["tensorboard", "wandb", "mlflow"]
-TRACKERS: tuple[TrackerName, ...] = ("tensorboard", "wandb", "mlflow")
-# what each one imports (MLflow's local store is SQLite through SQLAlchemy, its schema made by Alembic)
-MODULES = {"tensorboard": ("tensorboard",), "wandb": ("wandb",), "mlflow": ("mlflow", "sqlalchemy", "alembic")}
 PROJECT = "surgery"  # W&B project and MLflow experiment unless the environment names one
 
 
@@ -43,36 +38,6 @@ class TrackerRun(Protocol):
     def log(self, metrics: dict[str, float], step: int) -> None: ...
 
     def close(self) -> None: ...
-
-
-def parse_report_to(value: str | list[str] | tuple[str, ...] | None) -> tuple[TrackerName, ...]:
-    """Tracker names from ``--report-to`` (comma-separated, or a list; ``none`` or empty: no tracker), each
-    checked to be known and installed: TrainError naming the extra otherwise."""
-    names = value.split(",") if isinstance(value, str) else list(value or ())
-    names = [n.strip().lower() for n in names if n.strip()]
-    if names == ["none"]:
-        return ()
-    out: list[TrackerName] = []
-    for name in names:
-        if name not in TRACKERS:
-            raise TrainError(
-                f"--report-to {name!r}: unknown tracker; use {', '.join(TRACKERS)} or none (several: tensorboard,wandb)"
-            )
-        if name not in out:
-            out.append(name)  # type: ignore[arg-type]
-    for name in out:
-        _require(name)
-    return tuple(out)
-
-
-def _require(name: TrackerName) -> None:
-    try:
-        for module in MODULES[name]:
-            importlib.import_module(module)
-    except ImportError as exc:
-        raise TrainError(
-            f"--report-to {name} needs the {name} package ({first_line(exc)}); install it with {install_hint(name)}"
-        ) from None
 
 
 def run_config(job: Job) -> dict:
