@@ -326,7 +326,7 @@ def rule_features(rules, plan=None) -> dict[str, str]:
     if rules.extra_tokens is not None:
         out["extra_tokens"] = f"{rules.source}: extra_tokens"
     configs = [(r, c) for r in rules.rules for c in [r.lora, *(c for _, c in r.lora_by_module)] if c is not None]
-    for key, test in (("use_dora", lambda c: c.use_dora), ("loftq", lambda c: c.init == "loftq")):
+    for key, test in (("use_dora", lambda c: c.use_dora), ("loftq", lambda c: c.init_lora_weights == "loftq")):
         found = next((r for r, c in configs if test(c)), None)
         if found is not None:
             out[key] = f"{found.location}: {found.label}"

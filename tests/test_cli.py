@@ -389,7 +389,7 @@ def test_shorthand_init_and_dora_flags_stand_for_their_rule_keys():
 
     rules = shorthand_rules(["q_proj"], init_lora_weights="gaussian", use_dora=True)
     lora = rules.rules[0].lora
-    assert lora.init == "gaussian" and lora.use_dora
+    assert lora.init_lora_weights == "gaussian" and lora.use_dora
     assert "--use-dora" in rules.description and "--init-lora-weights gaussian" in rules.description
     assert (
         shorthand_rules(["q_proj"]).rules[0].lora == shorthand_rules(["q_proj"], init_lora_weights=True).rules[0].lora

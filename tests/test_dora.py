@@ -135,7 +135,7 @@ def test_dora_mistakes_are_refused_before_anything_changes(tmp_path, write_rules
     base = tiny_model("tiny-llama")
     with pytest.raises(RuleFileError, match="use_dora must be true or false"):
         parse_rules(rules("none", use_dora="yes"))
-    with pytest.raises(RuleFileError, match="use_dora with a LoRA bias is not supported"):
+    with pytest.raises(RuleFileError, match="use_dora with bias: DoRA with a LoRA bias is not supported"):
         parse_rules(rules("none", bias=True))
     on_embeddings = {
         "quantize": "none",

@@ -48,7 +48,7 @@ def test_readme_example_quantize_then_finetune():
     assert "model.decoder.embed_positions" in adapted
     assert model_1.lm_head.weight.requires_grad and model_1.lm_head.weight is not base_model.lm_head.weight
     layer = model_1.model.decoder.layers[0].self_attn.q_proj
-    assert (layer.config.r, layer.config.alpha, layer.config.bias) == (4, 1.0, True)  # finetuna's defaults
+    assert (layer.config.r, layer.config.lora_alpha, layer.config.bias) == (4, 1.0, True)  # finetuna's defaults
 
 
 def test_readme_example_with_granular_parameters_rejects_its_own_typo():
@@ -71,7 +71,7 @@ def test_readme_example_with_granular_parameters_rejects_its_own_typo():
     model_2 = ft.new_finetuned(base_model, adapt_layers={"embed_tokens", "q_proj", "v_proj"}, **kwargs)
     attn = model_2.model.decoder.layers[1].self_attn
     assert (attn.q_proj.config.r, attn.q_proj.config.bias) == (8, False)
-    assert (attn.v_proj.config.r, attn.v_proj.config.dropout, attn.v_proj.config.bias) == (4, 0.1, True)
+    assert (attn.v_proj.config.r, attn.v_proj.config.lora_dropout, attn.v_proj.config.bias) == (4, 0.1, True)
     assert model_2.model.decoder.embed_tokens.config.r == 4
     assert _kind(model_2, "model.decoder.layers.1.fc1") == "Linear8bitLt"  # not adapted: quantized, frozen
 
@@ -509,7 +509,7 @@ def test_positional_lora_in_rule_files_and_finetunas_granular_example():
         },
     )
     positions = model_2.model.decoder.embed_positions
-    assert (positions.config.r, positions.config.alpha) == (4, 1.0)
+    assert (positions.config.r, positions.config.lora_alpha) == (4, 1.0)
     with pytest.raises(PlanError, match="C3.*use_dora"):
         surgery.plan(base, {"rules": [{"match": "embed_positions", "action": "adapt", "lora": {"use_dora": True}}]})
 

@@ -231,5 +231,5 @@ def test_the_cli_trains_from_a_loftq_start(tmp_path):
     )
     assert result.exit_code == 0, result.output
     adapter = surgery.read_adapter(tmp_path / "run" / "adapter.safetensors")
-    assert {r.lora.init for r in adapter.rules.rules if r.lora} == {"loftq"}
+    assert {r.lora.init_lora_weights for r in adapter.rules.rules if r.lora} == {"loftq"}
     assert "--init-lora-weights loftq" in (tmp_path / "run" / "rules.yaml").read_text()

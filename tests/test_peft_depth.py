@@ -53,7 +53,7 @@ def rel(got: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def adapters(model: torch.nn.Module) -> dict[str, tuple[int, float]]:
-    return {p: (m.config.r, m.config.alpha) for p, m in model.named_modules() if isinstance(m, LoraLayer)}
+    return {p: (m.config.r, m.config.lora_alpha) for p, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
 def patterns(ft: torch.nn.Module) -> list[str]:

@@ -158,7 +158,7 @@ def test_import_of_a_peft_trained_adapter_matches_peft(tmp_path):
     ft = surgery.import_peft(base, tmp_path)
     assert (logits(ft) - expected).abs().max() <= 1e-5 * expected.abs().max()
     down = ft.model.layers[0].mlp.down_proj
-    assert down.config.r == 2 and ft.model.layers[0].self_attn.v_proj.config.alpha == 5
+    assert down.config.r == 2 and ft.model.layers[0].self_attn.v_proj.config.lora_alpha == 5
 
 
 @pytest.mark.parametrize(

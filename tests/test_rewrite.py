@@ -122,7 +122,7 @@ def _random_lora(layer):
 def test_lora_linear_matches_hand_written_reference(rslora):
     torch.manual_seed(0)
     base = nn.Linear(16, 12)
-    cfg = LoraConfig(r=4, alpha=8, use_rslora=rslora, bias=True)
+    cfg = LoraConfig(r=4, lora_alpha=8, use_rslora=rslora, bias=True)
     lora = _random_lora(LoraLinear(base, cfg))
     with torch.no_grad():
         lora.lora_bias.normal_()
@@ -138,7 +138,7 @@ def test_lora_conv1d_matches_hand_written_reference():
 
     torch.manual_seed(0)
     base = Conv1D(12, 16)  # nf=out=12, nx=in=16, weight (16, 12)
-    lora = _random_lora(LoraConv1D(base, LoraConfig(r=4, alpha=16)))
+    lora = _random_lora(LoraConv1D(base, LoraConfig(r=4, lora_alpha=16)))
     x = torch.randn(2, 7, 16)
     ref = x @ base.weight + base.bias + 4.0 * (x @ lora.lora_A.T @ lora.lora_B.T)
     assert torch.allclose(lora(x), ref, atol=1e-5)
@@ -147,7 +147,7 @@ def test_lora_conv1d_matches_hand_written_reference():
 def test_lora_embedding_matches_hand_written_reference():
     torch.manual_seed(0)
     base = nn.Embedding(30, 8)
-    lora = _random_lora(LoraEmbedding(base, LoraConfig(r=2, alpha=2)))
+    lora = _random_lora(LoraEmbedding(base, LoraConfig(r=2, lora_alpha=2)))
     ids = torch.tensor([[1, 5, 29], [0, 0, 3]])
     ref = base.weight[ids] + 1.0 * (lora.lora_A.T[ids] @ lora.lora_B.T)
     assert torch.allclose(lora(ids), ref, atol=1e-6)
@@ -156,7 +156,7 @@ def test_lora_embedding_matches_hand_written_reference():
 def test_fresh_adapters_are_exact_no_ops():
     torch.manual_seed(0)
     base = nn.Linear(8, 8)
-    lora = LoraLinear(base, LoraConfig(r=2, dropout=0.5)).train()
+    lora = LoraLinear(base, LoraConfig(r=2, lora_dropout=0.5)).train()
     x = torch.randn(4, 8)
     assert torch.equal(lora(x), base(x))
 
@@ -164,7 +164,7 @@ def test_fresh_adapters_are_exact_no_ops():
 def test_dropout_applies_to_the_adapter_input_only_in_training():
     torch.manual_seed(0)
     base = nn.Linear(8, 8)
-    lora = _random_lora(LoraLinear(base, LoraConfig(r=2, alpha=2, dropout=0.5)))
+    lora = _random_lora(LoraLinear(base, LoraConfig(r=2, lora_alpha=2, lora_dropout=0.5)))
     x = torch.randn(4, 8)
     torch.manual_seed(1)
     train_out = lora.train()(x)

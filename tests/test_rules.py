@@ -274,7 +274,7 @@ def test_init_lora_weights_is_peft_s_name_and_base_rewriting_inits_are_refused_w
         lora(init_lora_weights="gausian")
     with pytest.raises(RuleFileError, match="not both"):
         lora(init="gaussian", init_lora_weights="gaussian")
-    with pytest.raises(RuleFileError, match="use_dora with init_lora_weights: loftq is not supported"):
+    with pytest.raises(RuleFileError, match="use_dora with loftq: DoRA.s magnitude is the norm"):
         lora(init_lora_weights="loftq", use_dora=True)
     path = write_rules(
         "version: 1\nrules:\n  - match: q_proj\n    action: adapt\n    lora: {r: 4, init_lora_weights: "
@@ -286,3 +286,38 @@ def test_init_lora_weights_is_peft_s_name_and_base_rewriting_inits_are_refused_w
         "loftq_iter: 1",
     ):
         load_rules(path)
+
+
+def test_lora_config_takes_pefts_names_and_rule_files_read_both_spellings():
+    from surgery.rules.ruleset import LoraConfig, LoraValueError
+
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, init_lora_weights="gaussian", use_rslora=True)
+    assert config.scaling == 8 / 2 and config.to_dict()["alpha"] == 8 and config.to_dict()["init"] == "gaussian"
+    with pytest.raises(TypeError):
+        LoraConfig(4, 8)  # keyword-only
+    with pytest.raises(LoraValueError, match="lora r must be an integer"):
+        LoraConfig(r=0)
+    with pytest.raises(LoraValueError, match="use_dora with bias"):
+        LoraConfig(use_dora=True, bias=True)
+    peft_names = parse_rules(
+        {
+            "rules": [
+                {
+                    "match": "q",
+                    "action": "adapt",
+                    "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "init_lora_weights": "gaussian"},
+                }
+            ]
+        }
+    )
+    short_names = parse_rules(
+        {"rules": [{"match": "q", "action": "adapt", "lora": {"r": 4, "alpha": 8, "dropout": 0.1, "init": "gaussian"}}]}
+    )
+    assert (
+        peft_names.rules[0].lora
+        == short_names.rules[0].lora
+        == LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, init_lora_weights="gaussian")
+    )
+    assert peft_names.to_json() == short_names.to_json()  # one canonical form in adapter files
+    with pytest.raises(RuleFileError, match="give `lora_alpha` only"):
+        parse_rules({"rules": [{"match": "q", "action": "adapt", "lora": {"alpha": 8, "lora_alpha": 8}}]})

@@ -109,7 +109,7 @@ def peft_adapter(
     _check_exportable(adapters)
     configs = {path: m.config for path, m in adapters.items()}
     r = Counter(c.r for c in configs.values()).most_common(1)[0][0]
-    alpha = Counter(c.alpha for c in configs.values()).most_common(1)[0][0]
+    alpha = Counter(c.lora_alpha for c in configs.values()).most_common(1)[0][0]
     with_bias = any(c.bias for c in configs.values())
     tensors: dict[str, torch.Tensor] = {}
 
@@ -131,8 +131,8 @@ def peft_adapter(
         "r": r,
         "lora_alpha": alpha,
         "rank_pattern": {p: c.r for p, c in sorted(configs.items()) if c.r != r},
-        "alpha_pattern": {p: c.alpha for p, c in sorted(configs.items()) if c.alpha != alpha},
-        "lora_dropout": Counter(c.dropout for c in configs.values()).most_common(1)[0][0],
+        "alpha_pattern": {p: c.lora_alpha for p, c in sorted(configs.items()) if c.lora_alpha != alpha},
+        "lora_dropout": Counter(c.lora_dropout for c in configs.values()).most_common(1)[0][0],
         "target_modules": sorted(adapters),
         "modules_to_save": sorted(plain) or None,
         "fan_in_fan_out": any(info.plan.decisions[p].kind == "conv1d" for p in adapters),
@@ -334,7 +334,9 @@ def read_peft_import(base: nn.Module, folder: str | Path, *, quantize: str | Non
     for path, parts in adapters.items():
         values[f"{path}.lora_A"], values[f"{path}.lora_B"] = parts["A"], parts["B"]
         if "bias" in parts:  # PEFT scales its lora_B bias; ours is added as is
-            values[f"{path}.lora_bias"] = parts["bias"] * LoraConfig(**loras[path]).scaling
+            lora = loras[path]
+            scaling = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], use_rslora=lora["use_rslora"]).scaling
+            values[f"{path}.lora_bias"] = parts["bias"] * scaling
         if "magnitude" in parts:
             values[f"{path}.lora_magnitude"] = parts["magnitude"]
     values.update(plain)

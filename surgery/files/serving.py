@@ -122,7 +122,7 @@ def _refuse_mixed_scaling(adapters: dict[str, nn.Module], config: dict, server: 
     for path, m in sorted(adapters.items()):
         if not math.isclose(m.scaling, shared, rel_tol=1e-6):
             raise ExportError(
-                f"{path}: scales its LoRA by {m.scaling:g} (r={m.config.r}, alpha={m.config.alpha:g}), "
+                f"{path}: scales its LoRA by {m.scaling:g} (r={m.config.r}, alpha={m.config.lora_alpha:g}), "
                 f"but {server} reads one r and lora_alpha for the whole adapter (scaling {shared:g}); "
                 "give every adapted module the same alpha/r, or serve a merged model"
             )

@@ -314,7 +314,11 @@ def _structural_copy(base: nn.Module, the_plan: Plan) -> nn.Module:
 def _loftq_starts(model: nn.Module, the_plan: Plan, *, loading: bool) -> tuple[list[Decision], Any]:
     """The LoftQ decisions and a reader of their full-precision weights, checked before anything changes; none when
     saved adapters are loaded (``loading``: they overwrite any start)."""
-    loftq = [] if loading else [d for d in the_plan.decisions.values() if d.lora is not None and d.lora.init == "loftq"]
+    loftq = (
+        []
+        if loading
+        else [d for d in the_plan.decisions.values() if d.lora is not None and d.lora.init_lora_weights == "loftq"]
+    )
     if not loftq:
         return [], None
     if base_record(model).sharded is not None:

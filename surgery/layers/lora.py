@@ -37,13 +37,13 @@ class LoraLayer(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(config.r, in_features, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.empty(out_features, config.r, dtype=dtype, device=device))
         self.lora_bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if config.bias else None
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.reset_lora()
 
     def reset_lora(self) -> None:
         """A random, B zero: the adapter starts as a no-op."""
         with torch.no_grad():
-            if self.config.init == "gaussian":
+            if self.config.init_lora_weights == "gaussian":
                 nn.init.normal_(self.lora_A, std=1 / self.config.r)
             else:
                 nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
@@ -80,7 +80,7 @@ class LoraLayer(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return f"r={c.r}, alpha={c.alpha:g}, scaling={self.scaling:.4g}, dropout={c.dropout:g}, bias={c.bias}"
+        return f"r={c.r}, alpha={c.lora_alpha:g}, scaling={self.scaling:.4g}, dropout={c.lora_dropout:g}, bias={c.bias}"
 
 
 class LoraLinear(LoraLayer):

@@ -398,7 +398,7 @@ def _decide(info: ModuleInfo, rule: Rule | None, rules: RuleSet) -> tuple[Decisi
                         info.path,
                     )
                 )
-            if lora is not None and lora.init == "loftq":
+            if lora is not None and lora.init_lora_weights == "loftq":
                 problems += _loftq_problems(info, where, storage)
             if lora is not None:
                 adapter_params = lora_param_count(info.kind, weight.shape, lora)

@@ -149,7 +149,7 @@ def plan_renderable(plan):
         names = list(grouped([d.path for d in decisions]))
         shown = "\n".join(names[:4]) + (f"\n… (+{len(names) - 4})" if len(names) > 4 else "")
         storages = ", ".join(sorted({d.storage for d in decisions}))
-        loras = sorted({f"r={d.lora.r} α={d.lora.alpha:g}" for d in decisions if d.lora})
+        loras = sorted({f"r={d.lora.r} α={d.lora.lora_alpha:g}" for d in decisions if d.lora})
         trainable = sum(d.adapter_params for d in decisions) + sum(
             p.numel for d in decisions if d.action == "plain" for p in plan.graph.modules[d.path].params
         )

@@ -24,7 +24,6 @@ from .ruleset import (
     DTYPES,
     FORMAT_VERSION,
     KINDS,
-    MAX_LORA_RANK,
     MAX_PATTERN_CHARS,
     MAX_RULE_FILE_BYTES,
     MAX_RULES,
@@ -34,6 +33,7 @@ from .ruleset import (
     STORAGES,
     ExtraTokens,
     LoraConfig,
+    LoraValueError,
     QuantConfig,
     Rule,
     RuleSet,
@@ -42,7 +42,6 @@ from .ruleset import (
 )
 
 MAX_EXTRA_TOKENS, MAX_TOKEN_CHARS, MAX_VOCAB = 65_536, 256, 2**31 - 1
-MAX_LORA_ALPHA = 1e6  # alpha / r scales the update; beyond this it overflows half precision at once
 PEFT_LORA_KEYS = (
     "init_lora_weights",
     "loftq_config",
@@ -363,65 +362,52 @@ def _parse_rule(index: int, raw: Any, source: str, top: _Where) -> Rule:
     )
 
 
+LORA_KEYS = {  # rule-file key -> LoraConfig field (PEFT's names and the short ones)
+    "r": "r",
+    "alpha": "lora_alpha",
+    "lora_alpha": "lora_alpha",
+    "dropout": "lora_dropout",
+    "lora_dropout": "lora_dropout",
+    "bias": "bias",
+    "use_rslora": "use_rslora",
+    LEGACY_RSLORA: "use_rslora",
+    "dtype": "dtype",
+    "use_dora": "use_dora",
+}
+
+
 def _parse_lora(raw: Any, where: _Where, key: str) -> LoraConfig:
     if not isinstance(raw, dict):
         raise where.error(f"`{key}` must be a mapping like {{r: 8, alpha: 16}}, not {_kind(raw)}", key)
     inner = _Where(where.source, raw if getattr(raw, "line", None) else where.node, where.prefix)
-    _check_keys(raw, set(LoraConfig.__dataclass_fields__) | {LEGACY_RSLORA, *PEFT_LORA_KEYS}, inner, what="LoRA option")
-    cfg = LoraConfig()
-    r = raw.get("r", cfg.r)
-    if not _is_int(r) or not 1 <= r <= MAX_LORA_RANK:
-        raise inner.error(f"lora r must be an integer from 1 to {MAX_LORA_RANK}, got {r!r}", "r")
-    alpha = raw.get("alpha", cfg.alpha)
-    if not _is_number(alpha) or not math.isfinite(alpha) or alpha <= 0:
-        raise inner.error(f"lora alpha must be a finite number > 0, got {alpha!r}", "alpha")
-    if alpha > MAX_LORA_ALPHA:
-        raise inner.error(
-            f"lora alpha {alpha:g} is beyond {MAX_LORA_ALPHA:g}: its scaling would swamp the base's "
-            "outputs (alpha is usually r or 2r)",
-            "alpha",
-        )
-    dropout = raw.get("dropout", cfg.dropout)
-    if not _is_number(dropout) or not 0 <= dropout < 1:
-        raise inner.error(f"lora dropout must be in [0, 1), got {dropout!r}", "dropout")
-    if LEGACY_RSLORA in raw and "use_rslora" in raw:
-        raise inner.error(
-            "give `use_rslora` only (`rslora` is its old spelling, read in files written before)", LEGACY_RSLORA
-        )
-    rslora_key = LEGACY_RSLORA if LEGACY_RSLORA in raw else "use_rslora"
-    for flag in ("bias", rslora_key):
-        if not isinstance(raw.get(flag, False), bool):
-            raise inner.error(f"lora {flag} must be true or false, got {raw[flag]!r}", flag)
-    if not isinstance(raw.get("use_dora", False), bool):
-        raise inner.error(f"lora use_dora must be true or false, got {raw['use_dora']!r}", "use_dora")
-    if raw.get("use_dora") and raw.get("bias"):
-        raise inner.error(
-            "use_dora with a LoRA bias is not supported (PEFT refuses it too); drop one of them", "use_dora"
-        )
-    init = _init_of(raw, inner, cfg.init)
-    if raw.get("use_dora") and init == "loftq":
-        raise inner.error(
-            "use_dora with init_lora_weights: loftq is not supported (DoRA's magnitude is the norm of the "
-            "base's weight, which LoftQ's start changes); drop one of them",
-            "use_dora",
-        )
-    dtype = raw.get("dtype", cfg.dtype)
-    if dtype not in DTYPES:
-        raise inner.error(_unknown("lora dtype", dtype, DTYPES), "dtype")
-    return LoraConfig(
-        int(r),
-        float(alpha),
-        float(dropout),
-        raw.get("bias", False),
-        init,
-        raw.get(rslora_key, False),
-        dtype,
-        raw.get("use_dora", False),
-    )
+    _check_keys(raw, {*LORA_KEYS, "init", *PEFT_LORA_KEYS}, inner, what="LoRA option")
+    values: dict[str, Any] = {}
+    for name, value in raw.items():
+        field_name = LORA_KEYS.get(name)
+        if field_name is None:
+            continue
+        if field_name in values:
+            first = next(k for k in raw if LORA_KEYS.get(k) == field_name)
+            prefer = {"use_rslora": "use_rslora", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout"}
+            raise inner.error(
+                f"give `{prefer.get(field_name, first)}` only (`{first}` and `{name}` are two "
+                "spellings of one setting; files written before read either)",
+                name,
+            )
+        values[field_name] = value
+    init = _init_of(raw, inner)
+    if init is not None:
+        values["init_lora_weights"] = init
+    try:
+        return LoraConfig(**values)
+    except LoraValueError as exc:
+        spelled = next((k for k in raw if LORA_KEYS.get(k, k) == LORA_KEYS.get(exc.key, exc.key)), exc.key)
+        raise inner.error(str(exc), spelled) from None
 
 
-def _init_of(raw: dict, inner: _Where, default: str) -> str:
-    """The adapter's start from ``init`` or PEFT's ``init_lora_weights`` (true: kaiming; gaussian; loftq)."""
+def _init_of(raw: dict, inner: _Where) -> bool | str | None:
+    """The adapter's start from ``init`` or PEFT's ``init_lora_weights`` (true or kaiming; gaussian; loftq), None
+    when neither is written."""
     if "init" in raw and "init_lora_weights" in raw:
         raise inner.error("give `init` or PEFT's `init_lora_weights`, not both", "init_lora_weights")
     if "loftq_config" in raw:
@@ -432,13 +418,15 @@ def _init_of(raw: dict, inner: _Where, default: str) -> str:
             "loftq_config",
         )
     if "init_lora_weights" not in raw:
-        init = raw.get("init", default)
+        if "init" not in raw:
+            return None
+        init = raw["init"]
         if init not in INITS:
             raise inner.error(_unknown("lora init", init, INITS), "init")
-        return init
+        return True if init == "kaiming" else init
     value = raw["init_lora_weights"]
     if value is True or value in ("gaussian", "loftq"):
-        return "kaiming" if value is True else value
+        return value
     if isinstance(value, str) and value.split("_")[0] in BASE_REWRITING_INITS:
         raise inner.error(
             f"init_lora_weights {value!r} is not supported: in PEFT it moves part of the base's weights "

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Literal
 
 import regex
 
+from ..combinations import row
 from ..errors import PatternTimeout, RuleFileError
 
 FORMAT_VERSION = 1
@@ -75,27 +77,95 @@ class QuantConfig:
         return {"scheme": "none"}
 
 
-@dataclass(frozen=True)
+class LoraValueError(RuleFileError):
+    """A LoRA setting out of range; ``key`` is the rule-file key it came from (the file parser adds file:line)."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+MAX_LORA_ALPHA = 1e6  # alpha / r scales the update; beyond this it overflows half precision at once
+InitName = Literal["gaussian", "loftq"]
+
+
+@dataclass(frozen=True, kw_only=True)
 class LoraConfig:
-    """One LoRA adapter's settings; scaling is alpha/r, or alpha/sqrt(r) with rslora."""
+    """One LoRA adapter's settings, under PEFT's names; scaling is lora_alpha/r, or lora_alpha/sqrt(r) with
+    ``use_rslora``. Rule files also read the short names (``alpha``, ``dropout``, ``init``) and write them.
+
+    Args:
+        r: the rank.
+        lora_alpha: the scaling numerator.
+        lora_dropout: dropout on the adapter's input, in [0, 1).
+        bias: a trainable adapter bias (added unscaled).
+        init_lora_weights: True (A kaiming-uniform, B zero: the fine-tune starts as the base), "gaussian", or
+            "loftq" (start from the base's quantization error).
+        use_rslora: rank-stabilized LoRA.
+        dtype: the adapter tensors' dtype.
+        use_dora: DoRA, a trainable magnitude per output over the normalized W + BA.
+
+    Raises:
+        LoraValueError: a value out of range, or settings that do not combine (``surgery.combinations``).
+    """
 
     r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
     bias: bool = False
-    init: Literal["kaiming", "gaussian", "loftq"] = "kaiming"  # loftq: start from the base's quantization error
-    use_rslora: bool = False  # PEFT's name: scaling alpha / sqrt(r) (rank-stabilized LoRA)
+    init_lora_weights: bool | InitName = True
+    use_rslora: bool = False
     dtype: DtypeName = "float32"
-    use_dora: bool = False  # PEFT's name: DoRA, a trainable magnitude per output over the normalized W + BA
+    use_dora: bool = False
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.r, int) and not isinstance(self.r, bool) and 1 <= self.r <= MAX_LORA_RANK):
+            raise LoraValueError("r", f"lora r must be an integer from 1 to {MAX_LORA_RANK}, got {self.r!r}")
+        alpha = self.lora_alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+            raise LoraValueError("alpha", f"lora alpha must be a finite number > 0, got {alpha!r}")
+        if alpha > MAX_LORA_ALPHA:
+            raise LoraValueError(
+                "alpha",
+                f"lora alpha {alpha:g} is beyond {MAX_LORA_ALPHA:g}: its scaling would "
+                "swamp the base's outputs (alpha is usually r or 2r)",
+            )
+        dropout = self.lora_dropout
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise LoraValueError("dropout", f"lora dropout must be in [0, 1), got {dropout!r}")
+        for name in ("bias", "use_rslora", "use_dora"):
+            if not isinstance(getattr(self, name), bool):
+                raise LoraValueError(name, f"lora {name} must be true or false, got {getattr(self, name)!r}")
+        if self.init_lora_weights not in (True, "gaussian", "loftq"):
+            raise LoraValueError(
+                "init_lora_weights",
+                f"init_lora_weights must be true, gaussian or loftq, got {self.init_lora_weights!r}",
+            )
+        if self.dtype not in DTYPES:
+            raise LoraValueError("dtype", f"lora dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        for other, on in (("bias", self.bias), ("loftq", self.init_lora_weights == "loftq")):
+            if self.use_dora and on:
+                found = row("use_dora", other)
+                raise LoraValueError("use_dora", f"use_dora with {other}: {found.reason}; {found.remedy}")
 
     @property
     def scaling(self) -> float:
-        return self.alpha / (self.r**0.5 if self.use_rslora else self.r)
+        return self.lora_alpha / (self.r**0.5 if self.use_rslora else self.r)
 
     def to_dict(self) -> dict:
-        out = asdict(self)
-        if not self.use_dora:  # written only when on, so files and run identities from before read the same
-            del out["use_dora"]
+        """The rule-file form (short names; ``use_dora`` written only when on, so files and run identities from
+        before read the same)."""
+        out = {
+            "r": self.r,
+            "alpha": self.lora_alpha,
+            "dropout": self.lora_dropout,
+            "bias": self.bias,
+            "init": "kaiming" if self.init_lora_weights is True else self.init_lora_weights,
+            "use_rslora": self.use_rslora,
+            "dtype": self.dtype,
+        }
+        if self.use_dora:
+            out["use_dora"] = True
         return out
 
 
