@@ -336,9 +336,12 @@ def test_bitsandbytes_warnings_about_the_run_show_once_and_its_noise_not_at_all(
     import torch
 
     import surgery
-    from surgery_cli.common import BNB_RUN_WARNINGS, OnceEach, quiet_libraries
+    from surgery.layers import notices
+    from surgery.layers.notices import NOTICES, OnceEach
+    from surgery_cli.common import quiet_libraries
 
-    for name in BNB_RUN_WARNINGS:  # a fresh filter: earlier commands in this process may have shown it
+    notices._ONCE.seen.clear()  # fresh filters: earlier calls in this process may have shown it
+    for name in NOTICES:
         logger = logging.getLogger(name)
         for f in [f for f in logger.filters if isinstance(f, OnceEach)]:
             logger.removeFilter(f)
@@ -394,3 +397,18 @@ def test_shorthand_init_and_dora_flags_stand_for_their_rule_keys():
     assert (
         shorthand_rules(["q_proj"]).rules[0].lora == shorthand_rules(["q_proj"], init_lora_weights=True).rules[0].lora
     )
+
+
+def test_generate_with_adapters_of_differently_quantized_bases_says_the_one_thing_wrong(tmp_path):
+    import surgery
+
+    paths = []
+    for rules in ("qv_lora", "qlora_nf4"):  # an int8 base and an nf4 base of the same model
+        paths.append(tmp_path / f"{rules}.safetensors")
+        surgery.save_adapter(surgery.rewrite(tiny_model("tiny-opt"), rules), paths[-1])
+    result = run("generate", "hi", "-a", str(paths[0]), "-a", str(paths[1]), "-n", "2")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    error = result.output[result.output.index("error: ") :]
+    first_line = error.splitlines()[0]
+    assert "disagree on how the base is stored" in first_line and "separate bases" in first_line
+    assert "qv_lora.safetensors" in first_line and "qlora_nf4.safetensors" in first_line

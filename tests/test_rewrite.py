@@ -387,3 +387,39 @@ def test_plan_is_byte_exact_on_half_precision_bases_before_and_after_forward(dty
         applied.finetunes[0](IDS)
     assert parameter_bytes(base) == applied.plan.base_bytes_after
     assert surgery.plan(base, rules).base_bytes_after == applied.plan.base_bytes_after  # nothing left to cast
+
+
+def test_bitsandbytes_notices_reach_the_log_once_through_surgery_and_unfiltered_outside(caplog):
+    import logging
+
+    from surgery.finetune.batched import batched, route
+    from surgery.layers import notices
+
+    notices._ONCE.seen.clear()  # this process may have shown the notice already
+    names = list(notices.NOTICES)
+    saved = {name: list(logging.getLogger(name).filters) for name in names}
+    for name in names:  # filters an earlier CLI command in this process left on the loggers
+        for f in saved[name]:
+            logging.getLogger(name).removeFilter(f)
+    try:
+        base = tiny_model("tiny-llama")
+        ft = surgery.rewrite(base, "qv_lora")  # an int8 base: every int8 matmul of fp32 inputs logs a notice
+        ids = torch.tensor([[1, 2, 3]])
+        with caplog.at_level(logging.WARNING, logger="bitsandbytes.autograd._functions"):
+            for _ in range(3):
+                ft(input_ids=ids)
+            ft.generate(ids, max_new_tokens=3, do_sample=False)
+            view = batched(base, [ft, None])
+            route(view, [1, 1])
+            view(input_ids=torch.cat([ids, ids]))
+            through_surgery = [r.getMessage() for r in caplog.records if "MatMul8bitLt" in r.getMessage()]
+            caplog.clear()
+            base(input_ids=ids)  # not a surgery call: bitsandbytes' own behaviour, a notice per int8 layer
+            direct = [r.getMessage() for r in caplog.records if "MatMul8bitLt" in r.getMessage()]
+    finally:
+        for name in names:
+            for f in saved[name]:
+                logging.getLogger(name).addFilter(f)
+    assert through_surgery == ["MatMul8bitLt: inputs will be cast from torch.float32 to float16 during quantization"]
+    assert len(direct) > 1
+    assert all(notices._ONCE not in logging.getLogger(name).filters for name in names)

@@ -46,12 +46,7 @@ NO_CACHE_OPT = typer.Option(
     "($SURGERY_CACHE, else $XDG_CACHE_HOME/surgery, else ~/.cache/surgery).",
 )
 DEVICE_OPT = typer_option(next(o for o in options_of(DeviceConfig) if o.name == "device"))  # --device alone
-NOISY_LIBRARIES = ("transformers", "torch", "bitsandbytes", "peft", "accelerate", "huggingface_hub")
-# bitsandbytes' warnings that concern the run itself (a matmul slower or less precise than asked), by logger
-BNB_RUN_WARNINGS = {
-    "bitsandbytes.nn.modules": ("Input type into Linear4bit", "Embedding size"),
-    "bitsandbytes.autograd._functions": ("MatMul8bitLt: inputs will be cast",),
-}
+NOISY_LIBRARIES = ("transformers", "torch", "bitsandbytes", "peft", "accelerate", "huggingface_hub", "kernels")
 
 
 class Commands(TyperGroup):
@@ -81,22 +76,6 @@ class Commands(TyperGroup):
             raise
 
 
-class OnceEach(logging.Filter):
-    """Let through records whose message starts with one of ``prefixes``, each distinct message once."""
-
-    def __init__(self, prefixes: tuple[str, ...]):
-        super().__init__()
-        self.prefixes, self.seen = prefixes, set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if not message.startswith(self.prefixes) or message in self.seen:
-            return False
-        self.seen.add(message)
-        record.msg, record.args = f"bitsandbytes: {message}", ()
-        return True
-
-
 def quiet_libraries() -> None:
     """Silence third-party chatter by module (surgery's own warnings still show); never touch the network.
 
@@ -115,11 +94,13 @@ def quiet_libraries() -> None:
     for module in NOISY_LIBRARIES:
         warnings.filterwarnings("ignore", module=module + r"(\.|$)")
         logging.getLogger(module).setLevel(logging.ERROR)
-    for name, prefixes in BNB_RUN_WARNINGS.items():
+    from surgery.layers.notices import NOTICES, OnceEach  # torch-free
+
+    for name, prefixes in NOTICES.items():
         logger = logging.getLogger(name)
         logger.setLevel(logging.WARNING)
         if not any(isinstance(f, OnceEach) for f in logger.filters):
-            logger.addFilter(OnceEach(prefixes))
+            logger.addFilter(OnceEach(prefixes, label="bitsandbytes: "))
     if "transformers" in sys.modules:  # already imported: its logging read the variables before they were set
         from transformers.utils import logging as transformers_logging
 

@@ -146,7 +146,8 @@ def prepare_base(model: nn.Module, *rule_sets: RuleSet | str) -> None:
                 note=(
                     f"{rules.source} and {', '.join(done)} (planned first, which quantized the shared base) "
                     "disagree on how the base is stored: all fine-tunes of one base need the same quantization, so "
-                    "write the same `quantize:` in every rule file (or train these jobs on separate bases)"
+                    "write the same `quantize:` in every rule file, or use them on separate bases (separate `surgery "
+                    "train` or `surgery generate` runs)"
                 ),
             ) from None
         if the_plan.quantized:

@@ -30,6 +30,7 @@ from ..devices import input_device
 from ..errors import DataError, RewriteError
 from ..layers.extra_tokens import extra_token_layers
 from ..layers.lora import LoraLayer, LoraPositionalEmbedding
+from ..layers.notices import notices_once
 from ..model.tracing import replace_submodule
 from ..random_state import swap_rng
 from .rewriting import shared_copy, subclass_of
@@ -48,7 +49,7 @@ class Routing:
         rows = sum(self.counts)
         if rows == 0:
             raise RewriteError(
-                "the batched view was called without routing; call surgery.batched.route(view, "
+                "the batched view was called without routing; call surgery.finetune.batched.route(view, "
                 "counts) with the row count of each fine-tune first"
             )
         if n % rows:
@@ -129,6 +130,13 @@ class RoutedLayer(nn.Module):
 class BatchedView(nn.Module):
     """A batched view (made by ``batched``): a model of the base's class over the base's tensors whose routed layers
     run each row through its own fine-tune's parts; ``type(view)`` is ``BatchedView<BaseClass>``."""
+
+    def __call__(self, *args, **kwargs):
+        """Run the model; bitsandbytes' notices reach the log once each, not once per layer call."""
+        if torch.compiler.is_compiling():
+            return super().__call__(*args, **kwargs)
+        with notices_once():
+            return super().__call__(*args, **kwargs)
 
     def _apply(self, fn, *args, **kwargs):
         """Refuse moves and casts: they would give the view its own copy of the shared base."""

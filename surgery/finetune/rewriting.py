@@ -54,6 +54,7 @@ from ..errors import AdapterStateError, RewriteError, ShardingError
 from ..files.adapter_folder import write_adapter_folder
 from ..layers.adapters import make_adapter
 from ..layers.bnb import dense_weight, is_state_key, own_class, quantized_storage
+from ..layers.notices import notices_once
 from ..model.tracing import replace_submodule
 from ..planning.decisions import Decision, Plan
 from ..planning.decisions import plan as make_plan
@@ -80,6 +81,13 @@ class Finetune(nn.Module):
     def own_state(self) -> dict[str, nn.Parameter]:
         """The fine-tune's own tensors by state-dict name (what adapter files hold)."""
         return own_state(self)
+
+    def __call__(self, *args, **kwargs):
+        """Run the model; bitsandbytes' notices reach the log once each, not once per layer call."""
+        if torch.compiler.is_compiling():
+            return super().__call__(*args, **kwargs)
+        with notices_once():
+            return super().__call__(*args, **kwargs)
 
     def _apply(self, fn, *args, **kwargs):
         """Refuse ``.to()``/``.cuda()``/``.half()``... that would give the fine-tune its own copy of the shared base
