@@ -167,10 +167,8 @@ def _refuse_like_train(training, data_config, devices, world_size: int, ruleset,
 
 def _typed(ctx: typer.Context, name: str) -> bool:
     """Whether the option was given on the command line (not its default)."""
-    from click.core import ParameterSource
-
     source = ctx.get_parameter_source(name)
-    return source is not None and source is not ParameterSource.DEFAULT
+    return source is not None and source.name != "DEFAULT"
 
 
 def _planned_device(spec: str, budget: int | None) -> tuple[bool, str]:

@@ -144,7 +144,7 @@ class TrainingPeak:
             ("gradients (exact)", self.gradients, "one per trainable tensor, fp32 for half ones"),
             ("optimizer state (exact)", self.optimizer, "AdamW moments / 8-bit states, fp32 masters"),
             *(_term_rows(self.terms) if self.terms is not None else []),
-            ("CUDA context margin", self.context, "context, workspaces, allocator slack"),
+            *([("CUDA context margin", self.context, "context, workspaces, allocator slack")] if self.context else []),
         ]
 
     def advice(self, device_memory: int, shape: TrainingShape, all_4bit: bool = False) -> list[str]:
