@@ -17,6 +17,9 @@ given wheels; see the device notes). Each step runs in its own process with a ti
   train_step     bench/train_step.py --device cuda (surgery vs PEFT, same config, interleaved, synchronized)
   load_memory    bench/load_memory.py --device cuda (1.1B bf16 checkpoint: host and device peaks while loading)
   plan_peak      the plan's predicted training peak vs torch.cuda.max_memory_allocated, SmolLM2-135M shape
+  plan_context   the plan's longest block size for a 3 GiB budget (SmolLM2-135M shape, nf4 + LoRA, batch 1,
+                 checkpointing, chunked loss, with and without offloading): one real step at that length, its
+                 max_memory_allocated beside the prediction
   fsdp_smoke     torchrun --nproc_per_node 1 surgery train qlora_nf4 --fsdp --device cuda (nccl, one GPU)
 """
 
@@ -80,6 +83,7 @@ def steps(out: Path) -> dict[str, tuple[list[str], int]]:
             120,
         ),
         "plan_peak": ([py, __file__, "--plan-peak", str(results / "gpu_plan_peak.json")], 45),
+        "plan_context": ([py, __file__, "--plan-context", str(results / "gpu_plan_context.json")], 60),
         "fsdp_smoke": (
             [
                 py,
@@ -117,9 +121,11 @@ def plan_peak(out: Path) -> None:
     import torch
     from transformers import AutoConfig
 
-    from surgery.base.loading import graph_of, load_model
+    from surgery.base.loading import graph_of, load_model, target_rules
+    from surgery.devices import DeviceConfig
     from surgery.planning.decisions import plan
     from surgery.planning.training_memory import TrainingShape, training_peak
+    from surgery.rules.rule_file import load_rules
     from surgery.training.config import DataConfig
     from surgery.training.job import TrainConfig, make_job
     from surgery.training.loop import train_jobs as train
@@ -155,9 +161,9 @@ def plan_peak(out: Path) -> None:
         train([job])
         torch.cuda.synchronize()
         measured = torch.cuda.max_memory_allocated()
-        shape = TrainingShape(batch, block, checkpointing, "adamw", "bf16")
+        shape = TrainingShape.from_configs(config, data, DeviceConfig(), cuda=True)
         layout = load_model(str(folder), weights=False).model
-        peak = training_peak(plan(graph_of(str(folder)), rules), layout, shape, cuda=True)
+        peak = training_peak(plan(graph_of(str(folder)), target_rules(load_rules(rules), True)), layout, shape)
         predicted = peak.total - peak.context
         rows.append(
             {
@@ -181,14 +187,103 @@ def plan_peak(out: Path) -> None:
         )
 
 
+CONTEXT_BUDGET = 3 << 30  # small enough that the longest block size of a 135M model stays a short step
+
+
+def plan_context(out: Path) -> None:
+    """The plan's longest block size for CONTEXT_BUDGET on CUDA (SmolLM2-135M shape, random weights, nf4 + LoRA on
+    every linear layer, batch 1, bf16, checkpointing, chunked loss; without and with offloading), then one real
+    training step at exactly that length: max_memory_allocated beside the prediction (the context margin left out:
+    max_memory_allocated does not see it)."""
+    import tempfile
+
+    import torch
+    from transformers import AutoConfig
+
+    from surgery.base.loading import graph_of, load_model, target_rules
+    from surgery.devices import DeviceConfig
+    from surgery.planning.decisions import plan
+    from surgery.planning.training_memory import TrainingShape, max_context
+    from surgery.rules.rule_file import load_rules
+    from surgery.training.config import DataConfig
+    from surgery.training.job import TrainConfig, make_job
+    from surgery.training.loop import train_jobs as train
+
+    spec = {**SMOLLM2_135M, "max_position_embeddings": 1 << 16}  # rope takes any length; train checks this limit
+    folder = Path(tempfile.mkdtemp(prefix="smollm2-context-"))
+    AutoConfig.for_model(spec.pop("model_type"), **spec).save_pretrained(folder)
+    rules = "qlora_nf4"
+    planned = plan(graph_of(str(folder)), target_rules(load_rules(rules), True))
+    layout = load_model(str(folder), weights=False).model
+    rows = []
+    for offload in (False, True):
+        config = TrainConfig(
+            batch_size=1, max_steps=1, precision="bf16", gradient_checkpointing=True, offload_activations=offload
+        )
+        asked = TrainingShape.from_configs(config, DataConfig(), DeviceConfig(), cuda=True)
+        answer = max_context(planned, layout, asked, CONTEXT_BUDGET, explore=False, model_limit=None)
+        block = answer.tokens
+        text = folder / f"corpus-{block}.txt"  # byte-level tokens: two full blocks
+        text.write_text("".join(f"w{i % 97} " for i in range(block)))
+        torch.cuda.empty_cache()
+        base = load_model(str(folder), random_init=True, rules=rules, device="cuda").model
+        data = DataConfig(block_size=block, group_texts=True)  # every row a full block, as the plan assumes
+        job = make_job(
+            base,
+            name="context",
+            rules=rules,
+            data=str(text),
+            tokenizer=tiny_tokenizer(),
+            config=config,
+            data_config=data,
+            model_name=str(folder),
+        )
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        train([job])
+        torch.cuda.synchronize()
+        measured = torch.cuda.max_memory_allocated()
+        predicted = answer.peak.total - answer.peak.context
+        rows.append(
+            {
+                "offload_activations": offload,
+                "block_size": block,
+                "flags": answer.flags(),
+                "predicted_bytes": predicted,
+                "measured_bytes": measured,
+                "ratio": predicted / measured,
+                "host_bytes": answer.peak.host,
+                "parts": {label: value for label, value, _ in answer.peak.rows()},
+            }
+        )
+        del base, job
+    report = {"model": "SmolLM2-135M shape, random weights", "budget": CONTEXT_BUDGET, "rows": rows}
+    out.write_text(json.dumps(report, indent=2))
+    for r in rows:
+        print(
+            f"offload={r['offload_activations']!s:<5} block {r['block_size']:,}: predicted "
+            f"{r['predicted_bytes'] / 2**20:,.0f} MiB measured {r['measured_bytes'] / 2**20:,.0f} MiB "
+            f"ratio {r['ratio']:.3f}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu_check.json"))
     parser.add_argument("--skip", nargs="*", default=[])
     parser.add_argument("--plan-peak", help=argparse.SUPPRESS)
+    parser.add_argument("--plan-context", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.plan_peak:
         plan_peak(Path(args.plan_peak))
+        return
+    if args.plan_context:
+        import torch
+
+        if not torch.cuda.is_available():
+            print("no CUDA device here: the plan_context step needs one")
+            return
+        plan_context(Path(args.plan_context))
         return
     import torch
 

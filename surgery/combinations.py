@@ -313,6 +313,36 @@ def check(present: Mapping[str, str], *, only: tuple[str, ...] | None = None) ->
         raise rows[0].error("; and ".join(row.message(present) for row in rows))
 
 
+def run_features(*configs, processes: int = 1, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The features of a training run that the table knows, from its configs (``TrainConfig``, ``DataConfig``,
+    ``DeviceConfig``: the options they set, evaluation data) and its launch: what ``surgery train`` checks before
+    loading and ``surgery plan`` checks for the run it plans, so both refuse the same.
+
+    Args:
+        configs: the run's configs.
+        processes: processes of the launch (torchrun's world size; ``surgery plan --world-size``).
+        environ: the environment (default ``os.environ``): accelerate's FSDP setting.
+
+    Returns:
+        Feature -> where it comes from.
+    """
+    import os
+
+    from .options import set_options
+
+    present: dict[str, str] = {}
+    for config in configs:
+        present.update(set_options(config))
+    data = next((c for c in configs if hasattr(c, "eval_split")), None)
+    if data is not None and (data.eval_data is not None or data.eval_split is not None):
+        present["eval data"] = "--eval" if data.eval_data is not None else "--eval-split"
+    if processes > 1:
+        present["torchrun"] = f"{processes} processes"
+    if (os.environ if environ is None else environ).get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        present["ACCELERATE_USE_FSDP"] = "the environment"
+    return present
+
+
 def row(first: str, second: str) -> Row:
     """The row about ``first`` and ``second`` (for a caller that phrases the refusal in its own terms)."""
     return next(r for r in ROWS if r.first == first and r.second == second)

@@ -132,7 +132,7 @@ def test_the_plan_counts_masters_their_gradients_and_fp32_moments():
         if isinstance(t, torch.Tensor) and key != "step"
     )
     stepped = [p for group in run.optimizer.param_groups for p in group["params"]]
-    peak = training_peak(plan(base, "qv_lora_head"), None, TrainingShape(8, 24), cuda=False)
+    peak = training_peak(plan(base, "qv_lora_head"), None, TrainingShape(8, 24, device="cpu"))
     assert peak.optimizer == state + run.masters.bytes
     assert peak.gradients == sum(p.numel() * 4 for p in stepped)  # every stepped tensor is fp32
 

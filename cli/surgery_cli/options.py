@@ -31,9 +31,12 @@ def typer_annotation(info: OptionInfo):
     return str if info.default is not None else str | None
 
 
-def with_configs(**configs: type) -> Callable[[Callable], Callable]:
+def with_configs(**configs: type | tuple[type, tuple[str, ...]]) -> Callable[[Callable], Callable]:
     """Decorate a command whose keyword arguments named like ``configs`` take config objects: the command gets one
-    option per config field instead, and receives the configs built from them."""
+    option per config field instead, and receives the configs built from them. A config given as ``(cls, names)``
+    contributes only those fields' options (the others keep their defaults): the option means the same on every
+    command that has it."""
+    chosen = {key: _chosen(value) for key, value in configs.items()}
 
     def decorate(command: Callable) -> Callable:
         own = [p for name, p in inspect.signature(command).parameters.items() if name not in configs]
@@ -41,8 +44,8 @@ def with_configs(**configs: type) -> Callable[[Callable], Callable]:
             inspect.Parameter(
                 o.name, inspect.Parameter.KEYWORD_ONLY, default=typer_option(o), annotation=typer_annotation(o)
             )
-            for cls in configs.values()
-            for o in options_of(cls)
+            for _, infos in chosen.values()
+            for o in infos
         ]
         names = [p.name for p in own] + [p.name for p in generated]
         clash = next((n for n in names if names.count(n) > 1), None)
@@ -51,7 +54,7 @@ def with_configs(**configs: type) -> Callable[[Callable], Callable]:
 
         @functools.wraps(command)
         def run(**typed):
-            built = {key: cls(**{o.name: typed.pop(o.name) for o in options_of(cls)}) for key, cls in configs.items()}
+            built = {key: cls(**{o.name: typed.pop(o.name) for o in infos}) for key, (cls, infos) in chosen.items()}
             return command(**typed, **built)
 
         run.__signature__ = inspect.Signature(
@@ -60,3 +63,14 @@ def with_configs(**configs: type) -> Callable[[Callable], Callable]:
         return run
 
     return decorate
+
+
+def _chosen(value: type | tuple[type, tuple[str, ...]]) -> tuple[type, list[OptionInfo]]:
+    cls, names = value if isinstance(value, tuple) else (value, None)
+    infos = options_of(cls)
+    if names is not None:
+        unknown = set(names) - {o.name for o in infos}
+        if unknown:
+            raise TypeError(f"{cls.__name__} has no option {', '.join(sorted(unknown))}")
+        infos = [o for o in infos if o.name in names]
+    return cls, infos

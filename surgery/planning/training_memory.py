@@ -17,9 +17,11 @@ are live again while it is recomputed.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from fractions import Fraction
 from typing import TYPE_CHECKING, Literal
 
 from .memory import DTYPE_BYTES, base_bytes_by_device, extra_token_tensors, fmt_bytes, lora_dims
@@ -36,9 +38,13 @@ OptimizerName = Literal["adamw", "adamw8bit"]
 PrecisionName = Literal["fp32", "bf16", "fp16"]
 
 
+DeviceKind = Literal["cuda", "cpu"]
+
+
 @dataclass(frozen=True)
 class TrainingShape:
-    """What sizes a training run's memory besides the model and the rules."""
+    """What sizes a training run's memory besides the model and the rules: ``surgery train``'s options (build it
+    from the run's configs with ``from_configs``)."""
 
     batch_size: int
     block_size: int
@@ -49,6 +55,56 @@ class TrainingShape:
     world_size: int = 1
     fsdp: bool = False
     attention: Literal["fused", "math"] = "fused"  # fused: SDPA's flash / memory-efficient kernels (no (T, T) scores)
+    loss_chunk_tokens: int = 512  # 0: the model's own loss over the full logits
+    offload_activations: bool = False  # with checkpointing on CUDA: the layers' inputs wait in pinned host memory
+    device: DeviceKind = "cuda"
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "block_size", "finetunes", "world_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainingShape.{name} must be at least 1, got {getattr(self, name)}")
+        if self.loss_chunk_tokens < 0:
+            raise ValueError(f"TrainingShape.loss_chunk_tokens must be >= 0, got {self.loss_chunk_tokens}")
+
+    @classmethod
+    def from_configs(
+        cls, training, data_config, devices, *, cuda: bool, finetunes: int = 1, world_size: int = 1
+    ) -> TrainingShape:
+        """The shape of the run ``surgery.train`` makes of these configs (read by attribute, so planning stays
+        below training).
+
+        Args:
+            training: a ``TrainConfig`` (batch size, checkpointing, optimizer, precision, loss chunks, offloading,
+                FSDP).
+            data_config: a ``DataConfig`` (block size).
+            devices: a ``DeviceConfig`` (attention implementation: eager keeps the (T, T) scores).
+            cuda: whether the run computes on CUDA.
+            finetunes: fine-tunes trained on the base.
+            world_size: processes of the launch.
+
+        Returns:
+            The shape.
+        """
+        return cls(
+            batch_size=training.batch_size,
+            block_size=data_config.block_size,
+            gradient_checkpointing=training.gradient_checkpointing,
+            optimizer=training.optimizer,
+            precision=training.precision,
+            finetunes=finetunes,
+            world_size=world_size,
+            fsdp=training.fsdp,
+            attention="math" if devices.attn_implementation == "eager" else "fused",
+            loss_chunk_tokens=training.loss_chunk_tokens,
+            offload_activations=training.offload_activations,
+            device="cuda" if cuda else "cpu",
+        )
+
+    def describe(self) -> str:
+        """Where and how the verdict assumes the run computes: 'CUDA, bf16 autocast' or 'the CPU, fp32'."""
+        where = "CUDA" if self.device == "cuda" else "the CPU"
+        how = "fp32" if self.precision == "fp32" else f"{self.precision} autocast"
+        return f"{where}, {how}"
 
 
 @dataclass(frozen=True)
@@ -59,15 +115,27 @@ class TrainingPeak:
     own: int  # adapters and plain copies, all fine-tunes
     gradients: int
     optimizer: int
-    activations: int
+    terms: ActivationTerms | None  # None: activations left out (no model given)
     context: int
     gathered: int = 0  # --fsdp: the unsharded copies FSDP2 all-gathers for compute
+
+    @property
+    def activations(self) -> int:
+        """Activation bytes on the device."""
+        return self.terms.device if self.terms is not None else 0
+
+    @property
+    def host(self) -> int:
+        """Pinned host bytes of offloaded activations."""
+        return self.terms.host if self.terms is not None else 0
 
     @property
     def total(self) -> int:
         return self.base + self.gathered + self.own + self.gradients + self.optimizer + self.activations + self.context
 
     def rows(self) -> list[tuple[str, int, str]]:
+        """(label, bytes on the device, what) per part; offloaded layer inputs are listed at 0 bytes here (their
+        host bytes are ``host``)."""
         gathered = [("FSDP2 gathered (exact bytes)", self.gathered, "root group + two decoder layers unsharded")]
         return [
             ("base (exact)", self.base, "the plan's bytes on this device"),
@@ -75,8 +143,8 @@ class TrainingPeak:
             ("adapters + plain copies (exact)", self.own, "each training fine-tune's own tensors"),
             ("gradients (exact)", self.gradients, "one per trainable tensor, fp32 for half ones"),
             ("optimizer state (exact)", self.optimizer, "AdamW moments / 8-bit states, fp32 masters"),
-            ("activations (estimated)", self.activations, "saved for backward, meta-device forward"),
-            ("CUDA context margin", self.context, "context, workspaces, allocator slack"),
+            *(_term_rows(self.terms) if self.terms is not None else []),
+            *([("CUDA context margin", self.context, "context, workspaces, allocator slack")] if self.context else []),
         ]
 
     def advice(self, device_memory: int, shape: TrainingShape, all_4bit: bool = False) -> list[str]:
@@ -85,8 +153,19 @@ class TrainingPeak:
         if self.total <= device_memory:
             return []
         over, tips = self.total - device_memory, []
+        terms = self.terms
         if not shape.gradient_checkpointing and self.activations > over / 4:
             tips.append("--gradient-checkpointing (keeps one input per decoder layer instead of its activations)")
+        if terms is not None and not shape.loss_chunk_tokens and terms.loss > over / 4:
+            tips.append("--loss-chunk-tokens 512 (one chunk's logits at a time instead of the full logits)")
+        if (
+            terms is not None
+            and shape.gradient_checkpointing
+            and not terms.offloaded
+            and shape.device == "cuda"
+            and terms.layer_inputs > over / 4
+        ):
+            tips.append("--offload-activations (the layers' checkpointed inputs wait in pinned host memory)")
         if shape.batch_size > 1 and self.activations > over / 4:
             tips.append("a smaller --batch-size (activations grow with it; --grad-accum keeps the global batch)")
         if self.base > over and not all_4bit:
@@ -106,6 +185,155 @@ class TrainingPeak:
                 f"{fmt_bytes(trained)})"
             )
         return tips or ["a GPU with more memory"]
+
+
+def _term_rows(terms: ActivationTerms) -> list[tuple[str, int, str]]:
+    inputs = (
+        [("checkpointed layer inputs", 0, f"offloaded: {fmt_bytes(terms.layer_inputs)} in pinned host memory")]
+        if terms.offloaded
+        else [("checkpointed layer inputs", terms.layer_inputs, "one hidden state per decoder layer")]
+        if terms.layer_inputs
+        else []
+    )
+    return [
+        *inputs,
+        (
+            "layer activations (estimated)",
+            terms.layers,
+            ("one layer recomputed in backward" if terms.layer_inputs else "every layer's, saved for backward")
+            + (f"; MLP inner {fmt_bytes(terms.mlp)}" if terms.mlp else ""),
+        ),
+        ("outside the layers (estimated)", terms.outside, "embeddings, final norm: saved for backward"),
+        (
+            "loss",
+            terms.loss,
+            "final hidden states + one chunk's logits" if terms.chunked_loss else "full logits + their gradient",
+        ),
+        ("backward gradients in flight", terms.backward, "one layer's output/input gradients, dq/dk/dv or MLP"),
+    ]
+
+
+MAX_TOKENS = 1 << 30  # the longest block size max_context considers
+
+
+@dataclass(frozen=True)
+class ContextAnswer:
+    """The longest block size whose predicted peak fits a device, with the settings that make it fit."""
+
+    tokens: int  # 0: not even one token fits
+    shape: TrainingShape  # the run at that block size (the asked-for settings plus ``added``)
+    peak: TrainingPeak  # the peak at ``tokens`` (fits)
+    next_peak: TrainingPeak  # the peak at ``tokens + 1`` (does not fit)
+    added: tuple[str, ...]  # memory options beyond the ones asked for, as surgery train spells them
+    model_limit: int | None  # the model's longest sequence (train refuses a longer --block-size)
+
+    def flags(self) -> str:
+        """The ``surgery train`` options of this run."""
+        s = self.shape
+        out = [f"--batch-size {s.batch_size}", f"--block-size {self.tokens}", f"--precision {s.precision}"]
+        out += ["--gradient-checkpointing"] if s.gradient_checkpointing else []
+        out += [f"--loss-chunk-tokens {s.loss_chunk_tokens}"]
+        out += ["--offload-activations"] if s.offload_activations else []
+        out += [f"--optimizer {s.optimizer}"] if s.optimizer != "adamw" else []
+        return " ".join(out)
+
+    def to_dict(self) -> dict:
+        return {
+            "tokens": self.tokens,
+            "model_limit": self.model_limit,
+            "flags": self.flags(),
+            "added": list(self.added),
+            "device": self.shape.describe(),
+            "terms": {label: value for label, value, _ in self.peak.rows()},
+            "host_bytes": self.peak.host,
+            "total": self.peak.total,
+            "next_total": self.next_peak.total,
+        }
+
+
+def max_context(
+    plan: Plan,
+    model: nn.Module,
+    shape: TrainingShape,
+    device_memory: int,
+    *,
+    model_limit: int | None = None,
+    explore: bool = True,
+) -> ContextAnswer:
+    """The longest block size (tokens per row) whose predicted peak fits ``device_memory``, by bisection over the
+    plan's peak (every term grows with the tokens, so the answer is exact for the plan: it fits, one more token
+    does not).
+
+    Args:
+        plan: the plan of the rules on the model.
+        model: the model on meta (activations are measured once, then evaluated at each block size).
+        shape: the run asked for (its block size is ignored).
+        device_memory: bytes of one device.
+        model_limit: the model's longest sequence, reported beside the answer.
+        explore: also try the memory options not asked for (gradient checkpointing; chunked loss; offloading on
+            CUDA) and answer with the longest, naming what it added.
+
+    Returns:
+        The answer with its peak, the peak one token later, and the options it added.
+    """
+    profile = measure_activations(model, plan, shape)
+    best = None
+    for candidate, added in _settings(shape, explore):
+        tokens = _longest(plan, candidate, profile, device_memory)
+        if best is None or tokens > best[0]:
+            best = (tokens, candidate, added)
+    tokens, candidate, added = best
+    at = replace(candidate, block_size=max(tokens, 1))
+    after = replace(candidate, block_size=tokens + 1)
+    return ContextAnswer(
+        tokens=tokens,
+        shape=at,
+        peak=training_peak(plan, None, at, profile=profile),
+        next_peak=training_peak(plan, None, after, profile=profile),
+        added=added,
+        model_limit=model_limit,
+    )
+
+
+def _settings(shape: TrainingShape, explore: bool) -> list[tuple[TrainingShape, tuple[str, ...]]]:
+    """The asked-for run, then (``explore``) with each memory option added that it lacks, fewest additions first."""
+    out = [(shape, ())]
+    if not explore:
+        return out
+    options = []
+    if not shape.gradient_checkpointing:
+        options.append(("--gradient-checkpointing", {"gradient_checkpointing": True}))
+    if not shape.loss_chunk_tokens:
+        options.append(("--loss-chunk-tokens 512", {"loss_chunk_tokens": 512}))
+    if shape.device == "cuda" and not shape.offload_activations:
+        options.append(("--offload-activations", {"offload_activations": True}))
+    for size in range(1, len(options) + 1):
+        for chosen in itertools.combinations(options, size):
+            changes = {k: v for _, change in chosen for k, v in change.items()}
+            candidate = replace(shape, **changes)
+            if candidate.offload_activations and not candidate.gradient_checkpointing:
+                continue  # offloading moves the checkpointed inputs: it needs checkpointing
+            out.append((candidate, tuple(flag for flag, _ in chosen)))
+    return out
+
+
+def _longest(plan: Plan, shape: TrainingShape, profile: ActivationProfile, device_memory: int) -> int:
+    """The largest block size whose peak fits (0 when one token does not): doubling, then bisection."""
+
+    def fits(tokens: int) -> bool:
+        return training_peak(plan, None, replace(shape, block_size=tokens), profile=profile).total <= device_memory
+
+    if not fits(1):
+        return 0
+    low, high = 1, 2
+    while high <= MAX_TOKENS and fits(high):
+        low, high = high, high * 2
+    if high > MAX_TOKENS:
+        return low
+    while high - low > 1:  # fits(low), not fits(high)
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
 
 
 def optimizer_state_bytes(tensors: list[tuple[int, int]], optimizer: OptimizerName) -> int:
@@ -158,14 +386,27 @@ def trainable_tensors(plan: Plan) -> list[tuple[int, int]]:
     return out + (extra_token_tensors(plan.graph, plan.decisions, len(extra.tokens)) if extra is not None else [])
 
 
-def training_peak(plan: Plan, model: nn.Module | None, shape: TrainingShape, *, cuda: bool = True) -> TrainingPeak:
-    """The predicted peak on one device of a training run of ``plan``; ``model`` is the model on meta (for the
-    activation estimate; None leaves activations out)."""
+def training_peak(
+    plan: Plan, model: nn.Module | None, shape: TrainingShape, *, profile: ActivationProfile | None = None
+) -> TrainingPeak:
+    """The predicted peak on one device of a training run of ``plan``.
+
+    Args:
+        plan: the plan of the rules on the model.
+        model: the model on meta (for the activation estimate; None leaves activations out unless ``profile``).
+        shape: the run.
+        profile: activations already measured for this shape's rows, precision and attention (``max_context``
+            measures once and evaluates many block sizes).
+
+    Returns:
+        The peak by part.
+    """
     tensors = trainable_tensors(plan)
     stepped = [(numel, 4 if size == 2 else size) for numel, size in tensors]  # half tensors step an fp32 master
     masters = sum(numel * 4 for numel, size in tensors if size == 2)
     n = shape.finetunes
-    activations = activation_bytes(model, plan, shape) if model is not None else 0
+    if profile is None and model is not None:
+        profile = measure_activations(model, plan, shape)
     sharded = shape.fsdp and shape.world_size > 1
     return TrainingPeak(
         base=plan.base_bytes_per_rank(shape.world_size, shape.fsdp),
@@ -173,44 +414,246 @@ def training_peak(plan: Plan, model: nn.Module | None, shape: TrainingShape, *, 
         gathered=gathered_bytes(plan) if sharded else 0,
         gradients=n * sum(numel * size for numel, size in stepped),
         optimizer=n * (optimizer_state_bytes(stepped, shape.optimizer) + masters),
-        activations=activations,
-        context=CUDA_CONTEXT_BYTES if cuda else 0,
+        terms=activation_terms(profile, shape) if profile is not None else None,
+        context=CUDA_CONTEXT_BYTES if shape.device == "cuda" else 0,
     )
 
 
 def activation_bytes(model: nn.Module, plan: Plan, shape: TrainingShape) -> int:
-    """Bytes autograd saves in one micro-batch's forward and loss (each storage once), plus the logits' gradient,
-    counted on the meta device for this plan's fine-tune (one job: fine-tunes take turns)."""
+    """Bytes a micro-batch keeps for backward on the device (each storage once), plus the logits' gradient when the
+    loss runs over the full logits: ``activation_terms(...).saved``."""
+    return activation_terms(measure_activations(model, plan, shape), shape).saved
+
+
+# block sizes the meta forward runs at: three points fix each term's polynomial in the tokens exactly
+PROBE_LENGTHS = (32, 64, 96)
+
+
+@dataclass(frozen=True)
+class Poly:
+    """``c0 + c1 * tokens + c2 * tokens**2`` bytes, exact (fractions): what one term of the activations costs at any
+    block size, fitted through the meta forward's counts at ``PROBE_LENGTHS``."""
+
+    c0: Fraction
+    c1: Fraction
+    c2: Fraction
+
+    @classmethod
+    def through(cls, points: list[tuple[int, int]]) -> Poly:
+        """The polynomial of degree <= 2 through three (tokens, bytes) points (Lagrange's form, exact)."""
+        (x0, y0), (x1, y1), (x2, y2) = points
+        a = Fraction(y0, (x0 - x1) * (x0 - x2))
+        b = Fraction(y1, (x1 - x0) * (x1 - x2))
+        c = Fraction(y2, (x2 - x0) * (x2 - x1))
+        return cls(
+            a * x1 * x2 + b * x0 * x2 + c * x0 * x1,
+            -(a * (x1 + x2) + b * (x0 + x2) + c * (x0 + x1)),
+            a + b + c,
+        )
+
+    def __call__(self, tokens: int) -> int:
+        return max(0, math.ceil(self.c0 + self.c1 * tokens + self.c2 * tokens * tokens))
+
+
+@dataclass(frozen=True)
+class ActivationProfile:
+    """What one micro-batch of ``rows`` rows saves for backward, as polynomials in the block size, counted on the
+    meta device (``measure_activations``) together with the model's sizes the analytic terms need."""
+
+    rows: int
+    layers: int
+    hidden: int  # the hidden size
+    intermediate: int  # the MLP's inner size
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    act_bytes: int  # bytes per activation value (2 under bf16/fp16, else the model's)
+    outside: Poly  # saved by the body outside its decoder layers (embeddings, final norm)
+    layer: Poly  # saved by the largest decoder layer
+    all_layers: Poly  # saved by every decoder layer together
+    mlp: Poly  # saved by that layer's MLP (its inner activations)
+    head_loss: Poly  # saved by the output layer and the model's own loss over the full logits
+
+    def hidden_bytes(self, tokens: int) -> int:
+        """One (rows, tokens, hidden) activation."""
+        return self.rows * tokens * self.hidden * self.act_bytes
+
+
+@dataclass(frozen=True)
+class ActivationTerms:
+    """The activation memory of one micro-batch at one block size, by term (bytes). ``host`` is what
+    ``--offload-activations`` keeps in pinned host memory instead of the device."""
+
+    layer_inputs: int  # --gradient-checkpointing: the input each decoder layer keeps (all layers)
+    layers: int  # without checkpointing every layer's saved tensors; with it one layer's, recomputed in backward
+    outside: int  # saved outside the decoder layers: embeddings, final norm
+    loss: int  # chunked: the final hidden states + one chunk's logits; full: the logits' saved tensors + gradient
+    backward: int  # gradients in flight in one layer's backward (its output's and input's, attention's dq/dk/dv)
+    offloaded: bool = False
+    chunked_loss: bool = True
+    mlp: int = 0  # of ``layers``: the MLP's inner activations (the largest share at long context)
+
+    @property
+    def device(self) -> int:
+        """Bytes on the device."""
+        return (0 if self.offloaded else self.layer_inputs) + self.layers + self.outside + self.loss + self.backward
+
+    @property
+    def saved(self) -> int:
+        """Bytes on the device kept for backward (the gradients in flight left out)."""
+        return self.device - self.backward
+
+    @property
+    def host(self) -> int:
+        """Bytes in pinned host memory (the offloaded layer inputs)."""
+        return self.layer_inputs if self.offloaded else 0
+
+
+def measure_activations(model: nn.Module, plan: Plan, shape: TrainingShape) -> ActivationProfile:
+    """Run the plan's fine-tune forward and the model's loss on the meta device at ``PROBE_LENGTHS`` tokens (fake
+    tensors: no memory, no weights) and fit each part of what autograd saves as a polynomial in the tokens.
+
+    Args:
+        model: the model on the meta device.
+        plan: the plan whose fine-tune trains (frozen everywhere, LoRA where adapted, plain copies trainable).
+        shape: the run (its rows, precision and attention kernel; the block size does not matter here).
+
+    Returns:
+        The profile: ``activation_terms`` gives the bytes of any block size from it.
+    """
+    twin = meta_finetune(model, plan)
+    half = {"bf16": 2, "fp16": 2}.get(shape.precision)
+    if half is not None:  # autocast does not reach meta tensors: compute in the half dtype it would use
+        import torch
+
+        twin.to(torch.bfloat16 if shape.precision == "bf16" else torch.float16)
+    counts = [_saved_parts(twin, shape.batch_size, length, shape.attention == "fused") for length in PROBE_LENGTHS]
+    fit = {key: Poly.through([(t, c[key]) for t, c in zip(PROBE_LENGTHS, counts)]) for key in counts[0]}
+    config = _text_config(twin)
+    hidden, heads = _hidden_size(twin), int(getattr(config, "num_attention_heads", None) or config.n_head)
+    head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
+    return ActivationProfile(
+        rows=shape.batch_size,
+        layers=len(_decoder_layers(twin)),
+        hidden=hidden,
+        intermediate=int(getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden),
+        heads=heads,
+        kv_heads=int(getattr(config, "num_key_value_heads", None) or heads),
+        head_dim=head_dim,
+        vocab=int(config.vocab_size),
+        act_bytes=half or _dtype_bytes(twin),
+        **fit,
+    )
+
+
+def activation_terms(profile: ActivationProfile, shape: TrainingShape) -> ActivationTerms:
+    """The activation terms of ``shape`` (its block size, checkpointing, loss chunking, offloading) from a profile
+    measured for its rows, precision and attention.
+
+    Args:
+        profile: from ``measure_activations``.
+        shape: the run.
+
+    Returns:
+        The terms, each in bytes.
+    """
+    tokens, p = shape.block_size, profile
+    if shape.gradient_checkpointing and p.layers:
+        inputs, layers, mlp = p.layers * p.hidden_bytes(tokens), p.layer(tokens), p.mlp(tokens)
+    else:
+        inputs, layers, mlp = 0, p.all_layers(tokens), p.layers * p.mlp(tokens)
+    if shape.loss_chunk_tokens:
+        chunk = min(shape.loss_chunk_tokens, p.rows * tokens)
+        # the final hidden states (each chunk's checkpoint keeps its view) and, at any moment, one chunk's logits
+        # with what the cross-entropy makes of them: head output, fp32 copy, log-softmax, gradient (training/loss.py)
+        loss = p.hidden_bytes(tokens) + CHUNK_LOGIT_BYTES * chunk * p.vocab
+    else:
+        loss = p.head_loss(tokens) + p.rows * tokens * p.vocab * 4  # backward starts from the fp32 logits' gradient
+    return ActivationTerms(
+        layer_inputs=inputs,
+        layers=layers,
+        outside=p.outside(tokens),
+        loss=loss,
+        backward=backward_bytes(p, tokens),
+        offloaded=shape.offload_activations and shape.gradient_checkpointing and shape.device == "cuda",
+        chunked_loss=bool(shape.loss_chunk_tokens),
+        mlp=mlp,
+    )
+
+
+CHUNK_LOGIT_BYTES = 16  # per token and vocabulary entry of one loss chunk (four fp32 values, tests/test_loss.py)
+
+
+def backward_bytes(profile: ActivationProfile, tokens: int) -> int:
+    """Gradients alive at once in one decoder layer's backward, besides the saved tensors: the gradient of the
+    layer's output and of its input (the residual stream), and attention's dq, dk, dv with the fused kernels' fp32
+    dq accumulator, or the MLP's two inner gradients, whichever is larger."""
+    p = profile
+    per_token = p.act_bytes * 2 * p.hidden
+    attention = p.act_bytes * p.head_dim * (p.heads + 2 * p.kv_heads) + 4 * p.heads * p.head_dim
+    mlp = p.act_bytes * 2 * p.intermediate
+    return p.rows * tokens * (per_token + max(attention, mlp))
+
+
+def _saved_parts(twin: nn.Module, rows: int, length: int, fused: bool) -> dict[str, int]:
+    """Bytes autograd saves in one forward + loss of ``twin`` (fake tensors), by part: outside the decoder layers,
+    the largest layer, all layers, that layer's MLP, and the output layer with the loss."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    twin = meta_finetune(model, plan)
-    rows, length = shape.batch_size, shape.block_size
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(shape.precision)
-    if dtype is not None:  # autocast does not reach meta tensors: compute in the half dtype it would use
-        twin.to(dtype)
     layers = _decoder_layers(twin)
+    body = _body(twin)
     # fake tensors: the model's own data-dependent checks (masks, packing) take their tracing path
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         _fake_parameters(twin, mode)
         saved = SavedBytes(twin)
-        per_layer = {id(layer): 0 for layer in layers}
-        hooks = [layer.register_forward_pre_hook(_start(saved)) for layer in layers] + [
-            layer.register_forward_hook(_stop(saved, per_layer, layer)) for layer in layers
-        ]
+        spans: dict[str, int] = {}
+        watched = [("body", body)] + [(f"layer{i}", m) for i, m in enumerate(layers)]
+        watched += [(f"mlp{i}", _mlp(m)) for i, m in enumerate(layers) if _mlp(m) is not None]
+        hooks = [h for name, module in watched for h in _span_hooks(saved, spans, name, module)]
         ids = torch.zeros(rows, length, dtype=torch.long, device="meta")
         try:
-            with saved, _fused_attention(shape.attention == "fused"):
-                logits = twin(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, use_cache=False).logits
+            with saved, _fused_attention(fused):
+                twin(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, use_cache=False)
         finally:
             for hook in hooks:
                 hook.remove()
-    total = saved.bytes + logits.numel() * 4  # backward starts from the fp32 gradient of the logits
-    if shape.gradient_checkpointing and layers:
-        inside = sum(per_layer.values())
-        hidden = rows * length * _hidden_size(twin) * (2 if dtype is not None else _dtype_bytes(twin))
-        total += len(layers) * hidden + max(per_layer.values()) - inside
-    return total
+    per_layer = [spans.get(f"layer{i}", 0) for i in range(len(layers))]
+    largest = max(range(len(layers)), key=per_layer.__getitem__, default=None)
+    body_bytes = spans.get("body", saved.bytes)
+    return {
+        "outside": body_bytes - sum(per_layer),
+        "layer": per_layer[largest] if largest is not None else 0,
+        "all_layers": sum(per_layer),
+        "mlp": spans.get(f"mlp{largest}", 0),
+        "head_loss": saved.bytes - body_bytes,
+    }
+
+
+def _span_hooks(saved: SavedBytes, spans: dict[str, int], name: str, module: nn.Module) -> list:
+    """Hooks adding what ``saved`` counts during ``module``'s forward to ``spans[name]``."""
+    marks: list[int] = []
+
+    def start(module, args):
+        marks.append(saved.bytes)
+
+    def stop(module, args, output):
+        spans[name] = spans.get(name, 0) + saved.bytes - marks.pop()
+
+    return [module.register_forward_pre_hook(start), module.register_forward_hook(stop)]
+
+
+def _body(model: nn.Module) -> nn.Module:
+    """The model without its output layer (``base_model``, else the decoder), else the model itself."""
+    body = getattr(model, "base_model", None)
+    if body is None or body is model:
+        body = model.get_decoder() if hasattr(model, "get_decoder") else None
+    return body if body is not None else model
+
+
+def _mlp(layer: nn.Module) -> nn.Module | None:
+    return getattr(layer, "mlp", None)
 
 
 class SavedBytes:
@@ -250,8 +693,12 @@ def _decoder_layers(model: nn.Module) -> list:
     return decoder_layers(model)
 
 
+def _text_config(model: nn.Module):
+    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+
+
 def _hidden_size(model: nn.Module) -> int:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = _text_config(model)
     return int(getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or config.d_model)
 
 
@@ -305,20 +752,6 @@ def _fake_parameters(model: nn.Module, mode) -> None:
         for name, p in list(module._parameters.items()):
             if p is not None:
                 module._parameters[name] = nn.Parameter(mode.from_tensor(p), requires_grad=p.requires_grad)
-
-
-def _start(saved):
-    def hook(module, args):
-        saved.mark = saved.bytes
-
-    return hook
-
-
-def _stop(saved, per_layer: dict, layer):
-    def hook(module, args, output):
-        per_layer[id(layer)] += saved.bytes - saved.mark
-
-    return hook
 
 
 def meta_finetune(model: nn.Module, plan: Plan) -> nn.Module:

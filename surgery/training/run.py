@@ -8,7 +8,6 @@ on its devices), the jobs made and trained (``loop.train``).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from ..combinations import check, rule_features
+from ..combinations import check, rule_features, run_features
 from ..devices import DeviceConfig
 from ..distributed import world
 from ..errors import TrainError
@@ -174,13 +173,7 @@ def _model_choice(model, first_rules: RuleSet) -> tuple[str | nn.Module, str]:
 
 def _check_combinations(training, data_config, devices, specs, model_name: str | None) -> None:
     """The whole run against the table of what combines: options, the rule files' features, the launch."""
-    present = {**set_options(training), **set_options(data_config), **set_options(devices)}
-    if data_config.eval_data is not None or data_config.eval_split is not None:
-        present["eval data"] = "--eval" if data_config.eval_data is not None else "--eval-split"
-    if world().size > 1:
-        present["torchrun"] = f"{world().size} processes"
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
-        present["ACCELERATE_USE_FSDP"] = "the environment"
+    present = run_features(training, data_config, devices, processes=world().size)
     for _, rules, _ in specs:
         plan = _meta_plan(model_name, rules) if training.fsdp and model_name is not None else None
         present.update({k: v for k, v in rule_features(rules, plan).items() if k not in present})
