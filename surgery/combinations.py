@@ -175,6 +175,13 @@ ROWS: tuple[Row, ...] = (
         "add --gradient-checkpointing or leave it out",
     ),
     Row(
+        "--loss-chunk-tokens",
+        "--fsdp",
+        "conflict",
+        "FSDP2 gathers the output layer in the root module's forward, which the chunked loss goes around",
+        "leave --loss-chunk-tokens out under --fsdp (the model's own loss over the full logits)",
+    ),
+    Row(
         "--compile-backend",
         "--compile",
         "needs",

@@ -544,3 +544,59 @@ def test_parameters_small_and_strided_tensors_stay_where_they_are():
     assert len(copies.numbers) == 1  # x alone
     y.sum().backward()
     z.sum().backward()
+
+
+# ------------------------------------------------------------------ in training: surgery train's default loss
+
+
+def _training_runs(model: str, head: str, batched: bool = False, **config) -> list:
+    """Two jobs trained 3 steps (turn by turn or batched) from the same start, with the given loss settings."""
+    from surgery.base.tokenizer import tiny_tokenizer
+    from surgery.training.config import DataConfig, TrainConfig
+    from surgery.training.job import make_job
+    from surgery.training.loop import train_jobs
+
+    base = tiny_model(model)
+    settings = {"batch_size": 4, "lr": 1e-2, "max_steps": 3, "seed": 0, **config}
+    jobs = [
+        make_job(
+            base,
+            name=data,
+            rules=rules(model, head),
+            data=data,
+            tokenizer=tiny_tokenizer(),
+            config=TrainConfig(**settings),
+            data_config=DataConfig(block_size=40, eval_split=0.2),
+            model_name=model,
+        )
+        for data in ("upper", "capitals")
+    ]
+    return train_jobs(jobs, batched=batched)
+
+
+@pytest.mark.parametrize("batched_pass", [False, True], ids=["turns", "batched"])
+@pytest.mark.parametrize("model,head", [("tiny-llama", "lora"), ("tiny-opt", "plain"), ("tiny-gpt2", "lora-int8")])
+def test_training_with_the_chunked_loss_takes_the_steps_of_the_model_s_own_loss(model, head, batched_pass):
+    """surgery train's default (the chunked loss, here 7 tokens a chunk so that every batch spans many) against
+    transformers' own loss over the full logits: the same losses, evaluation losses and trained tensors."""
+    options = {"gradient_checkpointing": not batched_pass, "eval_steps": 3}
+    chunked = _training_runs(model, head, batched_pass, loss_chunk_tokens=7, **options)
+    full = _training_runs(model, head, batched_pass, loss_chunk_tokens=0, **options)
+    assert chunked[0].job.loss_parts is not None and full[0].job.loss_parts is None
+    for a, b in zip(chunked, full):
+        assert [r["loss"] for r in a.history] == pytest.approx([r["loss"] for r in b.history], rel=1e-5)
+        evals = [[r["eval_loss"] for r in run.history if "eval_loss" in r] for run in (a, b)]
+        assert evals[0] and evals[0] == pytest.approx(evals[1], rel=1e-5)
+        mine, theirs = a.job.finetune.own_state(), b.job.finetune.own_state()
+        assert mine.keys() == theirs.keys() and mine
+        for k in mine:  # AdamW's first steps magnify fp32 rounding of gradient elements near 0 (test_batched.py)
+            assert (mine[k] - theirs[k]).norm() <= 1e-3 * theirs[k].norm(), k
+
+
+def test_the_chunked_loss_is_off_under_fsdp_and_an_explicit_chunk_size_there_is_refused():
+    from surgery.training.config import TrainConfig
+
+    assert TrainConfig().chunked_loss == TrainConfig().loss_chunk_tokens > 0
+    assert TrainConfig(fsdp=True).chunked_loss == 0
+    with pytest.raises(TrainError, match="--loss-chunk-tokens.*--fsdp"):
+        TrainConfig(fsdp=True, loss_chunk_tokens=256)

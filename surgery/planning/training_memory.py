@@ -95,7 +95,7 @@ class TrainingShape:
             world_size=world_size,
             fsdp=training.fsdp,
             attention="math" if devices.attn_implementation == "eager" else "fused",
-            loss_chunk_tokens=training.loss_chunk_tokens,
+            loss_chunk_tokens=training.chunked_loss,
             offload_activations=training.offload_activations,
             device="cuda" if cuda else "cpu",
         )

@@ -34,8 +34,9 @@ from ..distributed import World, rank_weight
 from ..errors import TrainError
 from ..finetune.batched import batched, route
 from .data import IGNORE
-from .job import Job, Run
-from .step import autocast, micro_batch, model_inputs, optimizer_step, tokens, trainable_device
+from .job import Job, Run, TrainConfig
+from .loss import chunked_lm_loss, replaying
+from .step import autocast, micro_batch, model_inputs, offloaded, optimizer_step, tokens, trainable_device
 
 AfterStep = Callable[[Run, dict], None]
 
@@ -202,7 +203,7 @@ def _forward_backward(group: Group, members: list[int], batches: dict[int, dict]
     route(group.view, counts, rngs, lengths)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(_pass_seed(runs, members, where))  # base dropout: one draw over the pass
-        with autocast(config, device):
+        with autocast(config, device), offloaded(config, device):
             hidden = group.body(
                 input_ids=torch.cat([padded[i]["input_ids"] for i in members]),
                 attention_mask=torch.cat([padded[i]["attention_mask"] for i in members]),
@@ -215,11 +216,10 @@ def _forward_backward(group: Group, members: list[int], batches: dict[int, dict]
         start += counts[i]
         route(group.view, [counts[i] if j == i else 0 for j in range(len(runs))], rngs, lengths)
         with autocast(config, device):
-            logits = group.head(detached[rows])
-        loss = _causal_lm_loss(logits, padded[i]["labels"]) * rank_weight(padded[i], where)
+            loss = _job_loss(group, i, run.job.config, detached[rows], padded[i]["labels"], rngs)
+        loss = loss * rank_weight(padded[i], where)
         if loss.requires_grad:
             run.scaler.scale(loss / run.job.config.grad_accum).backward()
-        del logits
         totals = group.pending.setdefault(i, [0.0, 0, 0.0])
         totals[0] = totals[0] + loss.detach()  # read once per step, in optimizer_step
         totals[1] += tokens(batches[i])
@@ -239,9 +239,21 @@ def _pad_right(batch: dict[str, torch.Tensor], width: int) -> dict[str, torch.Te
     return {k: F.pad(v, (0, extra), value=fill[k]) for k, v in batch.items()}
 
 
-def _causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Token-mean next-token cross-entropy, as transformers computes a causal LM's loss (fp32 logits)."""
-    logits = logits.float()
+def _job_loss(
+    group: Group, index: int, config: TrainConfig, hidden: torch.Tensor, labels: torch.Tensor, rngs: list
+) -> torch.Tensor:
+    """Job ``index``'s token-mean causal LM loss on its rows of the body's output (routed to it alone): chunk by
+    chunk over the tokens, each chunk's rows routed to the job (its head's dropout drawn from, and replayed in
+    backward from, the job's own random state), or over its full logits at once."""
+    if config.chunked_loss:
+
+        def head(rows: torch.Tensor) -> torch.Tensor:
+            route(group.view, [rows.shape[0] if j == index else 0 for j in range(len(group.runs))], rngs)
+            return group.head(rows)
+
+        replay = replaying(rngs, index)
+        return chunked_lm_loss(hidden, head, labels, chunk_tokens=config.chunked_loss, context_fn=replay)
+    logits = group.head(hidden).float()
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE)
 
 

@@ -88,7 +88,7 @@ class TrainConfig:
     loss_chunk_tokens: int = option(
         LOSS_CHUNK_TOKENS,
         help="The loss from the last hidden states, this many tokens at a time: no tokens x vocabulary logits in "
-        "memory (0: the model's own loss over the full logits).",
+        "memory (0: the model's own loss over the full logits, as always under --fsdp).",
         panel=MEMORY,
     )
     offload_activations: bool = option(
@@ -139,6 +139,12 @@ class TrainConfig:
         check(set_options(self), only=flags_of(type(self)))
         if self.compile_backend is not None:
             _check_backend(self.compile_backend)
+
+    @property
+    def chunked_loss(self) -> int:
+        """Tokens per chunk of the loss this run computes (0: the model's own loss over the full logits). FSDP2
+        gathers the output layer in the root module's forward, which the chunked loss goes around: the full loss."""
+        return 0 if self.fsdp else self.loss_chunk_tokens
 
     @property
     def backend(self) -> str:

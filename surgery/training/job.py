@@ -20,6 +20,7 @@ from ..errors import DataError, TrainError, first_line
 from ..random_state import forked_rng
 from .config import DataConfig, TrainConfig
 from .data import Blocks, DataSource, PackedMask, block_mask, read_data
+from .loss import CausalLMParts, causal_lm_parts, model_loss
 from .master_weights import MasterWeights
 
 
@@ -35,6 +36,11 @@ class Job:
     eval_data: Blocks | None = None
     identity: dict = field(default_factory=dict)  # what a resumed run must match (rules, data, model, ...)
     tokenizer: Any = None  # with the fine-tune's extra tokens added: written beside its adapter file
+    loss_parts: CausalLMParts | None = None  # the fine-tune split for the chunked loss (None: the model's own loss)
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        """The fine-tune's causal LM loss on one batch (with ``labels``): chunked unless the config says not."""
+        return model_loss(self.finetune, batch, self.loss_parts, self.config.chunked_loss)
 
     def __repr__(self) -> str:
         return (
@@ -190,10 +196,11 @@ def make_job(
     with forked_rng():
         torch.manual_seed(config.seed)
         finetune = rewrite(base, rules)
+    parts = causal_lm_parts(finetune) if config.chunked_loss else None  # probed once, before the first step
     if config.gradient_checkpointing:
         checkpoint_activations(finetune)
-    if config.compile:
-        compile_forward(finetune, config.backend)
+    if config.compile:  # the chunked loss calls the body itself: compile what runs
+        compile_forward(finetune if parts is None else parts.body, config.backend)
     return Job(
         name,
         finetune,
@@ -203,6 +210,7 @@ def make_job(
         held_out,
         identity,
         tokenizer if rules.extra_tokens is not None else None,
+        parts,
     )
 
 

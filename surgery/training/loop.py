@@ -97,8 +97,21 @@ def prepare(job: Job, where: World, resume: Path | None = None) -> Run:
     return run
 
 
-def evaluate(model: nn.Module, data: Blocks, batch_size: int = 8) -> dict:
-    """Token-weighted mean loss and perplexity on ``data`` (eval mode, no gradients)."""
+def evaluate(
+    model: nn.Module, data: Blocks, batch_size: int = 8, loss: Callable[[dict], torch.Tensor] | None = None
+) -> dict:
+    """Token-weighted mean loss and perplexity on ``data`` (eval mode, no gradients).
+
+    Args:
+        model: the fine-tune.
+        data: the rows.
+        batch_size: rows per forward.
+        loss: a batch's loss (``Job.loss``: chunked); default the model's own.
+
+    Returns:
+        ``{"eval_loss": ..., "perplexity": ...}``.
+    """
+    loss = loss or (lambda batch: model(**batch, use_cache=False).loss)
     was_training = model.training
     model.eval()
     device = input_device(model)
@@ -110,7 +123,7 @@ def evaluate(model: nn.Module, data: Blocks, batch_size: int = 8) -> dict:
             n = int((batch["labels"][:, 1:] != -100).sum())
             if n == 0:
                 continue
-            total += model(**batch, use_cache=False).loss.item() * n
+            total += loss(batch).item() * n
             count += n
     model.train(was_training)
     loss = total / max(count, 1)
@@ -268,7 +281,7 @@ def _record_step(run: Run, record: dict, where: World, on_step: StepCallback | N
     job, config = run.job, run.job.config
     eval_due = run.done or (config.eval_steps and run.step % config.eval_steps == 0)
     if eval_due and job.eval_data is not None:
-        record.update(evaluate(job.finetune, job.eval_data, config.batch_size))
+        record.update(evaluate(job.finetune, job.eval_data, config.batch_size, job.loss))
         if run.early is not None:
             _watch_eval_loss(run, record)
     checkpoint_due = config.save_steps and run.step % config.save_steps == 0 and not run.done

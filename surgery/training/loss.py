@@ -173,7 +173,8 @@ def logit_steps(model: nn.Module) -> tuple[LogitStep, ...]:
             if getattr(config, field, None) is not None:
                 raise TrainError(
                     f"{name}: its config sets {field}={getattr(config, field)!r}, a logit post-processing that the "
-                    "chunked loss does not know for this class; use the model's own loss (full logits)"
+                    "chunked loss does not know for this class; train with --loss-chunk-tokens 0 (the model's own loss "
+                    "over the full logits)"
                 )
     return ()
 
@@ -211,7 +212,8 @@ def causal_lm_parts(model: nn.Module) -> CausalLMParts:
     if body is None or body is model or head is None:
         raise TrainError(
             f"{name}: the chunked loss needs a causal LM with a separate body (base_model) and output layer "
-            "(get_output_embeddings); this model has none; use the model's own loss (full logits)"
+            "(get_output_embeddings); this model has none; train with --loss-chunk-tokens 0 (the model's own loss "
+            "over the full logits)"
         )
     parts = CausalLMParts(name, body, head, steps)
     _probe(model, parts)
@@ -240,12 +242,13 @@ def _probe(model: nn.Module, parts: CausalLMParts) -> None:
         raise TrainError(
             f"{parts.model_class} computes more than its output layer over its body's hidden states (its logits "
             "differ on a probe: e.g. scaled, capped or otherwise post-processed in a way surgery does not know); "
-            "use the model's own loss (full logits)"
+            "train with --loss-chunk-tokens 0 (the model's own loss over the full logits)"
         )
     if whole.loss is None or not torch.allclose(loss, whole.loss.float(), rtol=1e-4, atol=0):
         raise TrainError(
             f"{parts.model_class} computes its loss differently from transformers' causal LM loss (labels shifted "
-            "by one, -100 ignored, token mean) on a probe; use the model's own loss (full logits)"
+            "by one, -100 ignored, token mean) on a probe; train with --loss-chunk-tokens 0 (the model's own loss over "
+            "the full logits)"
         )
 
 
@@ -310,6 +313,25 @@ def causal_lm_loss(
         num_items_in_batch=num_items_in_batch,
         chunk_tokens=chunk_tokens,
     )
+
+
+def model_loss(
+    model: nn.Module, batch: dict, parts: CausalLMParts | None = None, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+) -> torch.Tensor:
+    """The causal LM loss of one batch: chunk by chunk through ``parts`` when given, else the model's own loss.
+
+    Args:
+        model: the causal LM (a fine-tune).
+        batch: its keyword inputs with ``labels`` (``input_ids``, ``attention_mask``, ``position_ids`` ...).
+        parts: ``causal_lm_parts(model)``, or None for the model's own loss over the full logits.
+        chunk_tokens: tokens per chunk of the output layer and loss.
+
+    Returns:
+        The scalar loss.
+    """
+    if parts is None:
+        return model(**batch, use_cache=False).loss
+    return causal_lm_loss(parts, **batch, chunk_tokens=chunk_tokens)
 
 
 def chunked_lm_loss(

@@ -7,6 +7,7 @@ micro-batches of several jobs through one base pass and ends each job's step wit
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
@@ -18,6 +19,7 @@ from ..errors import TrainError
 from ..random_state import swap_rng
 from .data import TOKENS
 from .job import Run, TrainConfig
+from .offload import offloaded_activations
 
 
 def micro_batch(run: Run, where: World, device: torch.device) -> dict[str, torch.Tensor]:
@@ -57,6 +59,11 @@ def autocast(config: TrainConfig, device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
+def offloaded(config: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """With --offload-activations, what the forward saves for backward waits in pinned host memory (CUDA)."""
+    return offloaded_activations(device) if config.offload_activations else contextlib.nullcontext()
+
+
 def trainable_device(run: Run) -> torch.device:
     """Where a job's micro-batches go: its fine-tune's input embedding (the first GPU of a split base)."""
     return input_device(run.job.finetune)
@@ -73,8 +80,8 @@ def train_step(run: Run, where: World) -> dict:
     try:
         for _ in range(config.grad_accum):
             batch = micro_batch(run, where, device)
-            with autocast(config, device):
-                loss = job.finetune(**model_inputs(batch), use_cache=False).loss * rank_weight(batch, where)
+            with autocast(config, device), offloaded(config, device):
+                loss = job.loss(model_inputs(batch)) * rank_weight(batch, where)
             run.scaler.scale(loss / config.grad_accum).backward()
             loss_sum = loss_sum + loss.detach()  # read once per step (optimizer_step), not per micro-batch
             count += tokens(batch)
