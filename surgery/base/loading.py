@@ -171,7 +171,7 @@ def _from_folder(
     weights."""
     config = read_config(path)
     if any((path / f).is_file() for f in WEIGHT_FILES):
-        model = _from_checkpoint(path, name, config, rule_sets, placement)
+        model = _from_checkpoint(path, name, config, rule_sets, placement, random_init=random_init)
         return LoadedModel(model.eval(), name, source, True)
     if random_init:
         return LoadedModel(random_model(config, str(path)), name, source, False)
@@ -181,25 +181,38 @@ def _from_folder(
     )
 
 
-def _from_checkpoint(path: Path, name: str, config, rule_sets: list, placement: Placement) -> nn.Module:
+def _from_checkpoint(
+    path: Path, name: str, config, rule_sets: list, placement: Placement, *, random_init: bool = False
+) -> nn.Module:
     """``from_pretrained`` onto the placement; with rule files, the first that quantizes is planned (every error
-    before a byte is read) and its quantized modules are quantized as their tensors load."""
+    before a byte is read) and its quantized modules are quantized as their tensors load. The checkpoint must hold
+    exactly the weights the config describes (``random_init``: missing ones may start random), and the base owns
+    its tensors once loaded (none stays a view of a file)."""
     from transformers import AutoModelForCausalLM
 
+    from .load_checks import check_loading_info, own_file_backed
+
     kwargs = placement.loading_kwargs()
-    plan = None
+    plan = quantized = None
     if rule_sets and getattr(config, "quantization_config", None) is None:  # a pre-quantized checkpoint loads as is
         plan = _loading_plan(name, _for_device(rule_sets, placement.device))
         if plan is not None:
             from .quantizer import loading_config
 
-            kwargs["quantization_config"] = loading_config(plan)
+            kwargs["quantization_config"] = loading = loading_config(plan)
+            quantized = loading.findings
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+        )
     except SurgeryError:
         raise
     except Exception as exc:
+        if quantized is not None and quantized.mismatched:  # raised by the quantizer to skip the weight
+            check_loading_info(path, {}, quantized, random_init=random_init)
         raise ModelConfigError(f"{path}: weights could not be loaded: {first_line(exc)}") from None
+    check_loading_info(path, info, quantized, random_init=random_init)
+    own_file_backed(model, path)
     if plan is not None:  # the meta trace is this model's graph: calls and shapes do not depend on weights
         from ..model.tracing import refresh
         from .shared_base import base_record, settle_base

@@ -1,0 +1,161 @@
+"""Promises about checkpoints, options and verdicts, each tested by the attack that broke it: a checkpoint is what it
+claims (or one clear error names the file and the weights), the loaded base owns its tensors, no option is accepted
+and ignored, a verdict compares what can be compared, and advice names a remedy that works."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import surgery
+from surgery.base.ownership import own_state
+from surgery.base.tiny import tiny_model
+from surgery.base.tokenizer import tiny_tokenizer
+from surgery.errors import ModelConfigError, RewriteError
+from surgery.rules.rule_file import parse_rules
+
+QUANTIZE_LINEAR = {"type": "linear", "match": "re:.*_proj", "action": "adapt", "lora": {"r": 4}}
+
+
+def quantizing(scheme: str = "nf4", init: str | bool = True):
+    lora = {"r": 4, "init_lora_weights": init}
+    return parse_rules(
+        {"version": 1, "quantize": scheme, "default": "freeze", "rules": [{**QUANTIZE_LINEAR, "lora": lora}]}
+    )
+
+
+def saved(folder, model: str = "tiny-llama"):
+    """A tiny model saved as a model folder; returns the folder and its safetensors file."""
+    tiny_model(model).save_pretrained(folder)
+    return folder, folder / "model.safetensors"
+
+
+def rewrite_tensors(file, change) -> None:
+    """Rewrite a safetensors file with ``change(tensors)`` applied (a new file, as a user's save would write)."""
+    tensors = load_file(file)
+    change(tensors)
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
+def snapshot(folder) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+# 1(a) LoftQ reads W from the checkpoint: another model's weights of the same shapes are refused, naming the file.
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_loftq_refuses_same_shaped_weights_of_another_model_naming_the_file(tmp_path, digest, scheme):
+    folder, file = saved(tmp_path / "base")
+    base = surgery.load_model(str(folder), rules=quantizing(scheme)).model
+    right = own_state(surgery.rewrite(base, quantizing(scheme, "loftq")))  # the checkpoint the base came from: fine
+    assert right
+    before = digest(base)
+    generator = torch.Generator().manual_seed(7)
+
+    def another_model(tensors):
+        for key, t in tensors.items():
+            tensors[key] = (torch.randn(t.shape, generator=generator) * t.float().std()).to(t.dtype)
+
+    rewrite_tensors(file, another_model)
+    with pytest.raises(RewriteError) as caught:
+        surgery.rewrite(base, quantizing(scheme, "loftq"))
+    message = str(caught.value)
+    assert str(file) in message and "is not the one the base's quantized layer holds" in message
+    assert "init_lora_weights: true" in message
+    assert digest(base) == before
+
+
+# 1(b) a checkpoint missing a weight, or holding one the model has no place for: one error naming keys and file.
+
+
+def test_a_missing_weight_is_refused_naming_the_keys_and_the_file_unless_random_init(tmp_path):
+    folder, file = saved(tmp_path / "m")
+    gone = [f"model.layers.{i}.mlp.up_proj.weight" for i in (0, 1)] + ["model.norm.weight"]
+    gone += ["model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"]
+    rewrite_tensors(file, lambda t: [t.pop(k) for k in gone])
+    before = snapshot(folder)
+    with pytest.raises(ModelConfigError) as caught:
+        surgery.load_model(str(folder))
+    message = str(caught.value)
+    assert message.startswith(f"{file}: has no tensor for ")
+    assert "model.layers.0.mlp.down_proj.weight" in message and "and 2 more" in message
+    assert "--random-init" in message
+    loaded = surgery.load_model(str(folder), random_init=True).model  # asked for: the missing ones start random
+    reference = tiny_model("tiny-llama").state_dict()
+    state = loaded.state_dict()
+    assert torch.equal(state["model.layers.0.mlp.gate_proj.weight"], reference["model.layers.0.mlp.gate_proj.weight"])
+    assert snapshot(folder) == before
+
+
+def test_tied_weights_and_buffers_are_not_missing(tmp_path):
+    """GPT-2 and OPT tie lm_head to the embedding and save it once; their buffers are not weights."""
+    for model in ("tiny-gpt2", "tiny-opt"):
+        folder, _ = saved(tmp_path / model, model)
+        loaded = surgery.load_model(str(folder)).model
+        assert torch.equal(loaded.lm_head.weight, tiny_model(model).lm_head.weight)
+
+
+def test_an_unexpected_weight_is_refused_naming_it_and_the_file(tmp_path):
+    folder, file = saved(tmp_path / "m")
+    rewrite_tensors(file, lambda t: t.update({"model.layers.7.mlp.up_proj.weight": torch.zeros(2, 2)}))
+    with pytest.raises(ModelConfigError, match=r"model\.safetensors: holds model\.layers\.7\.mlp\.up_proj\.weight, "):
+        surgery.load_model(str(folder))
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_a_missing_weight_the_plan_quantizes_is_one_error_naming_it_the_rule_and_the_file(tmp_path, scheme):
+    folder, file = saved(tmp_path / "m")
+    rewrite_tensors(file, lambda t: t.pop("model.layers.0.mlp.up_proj.weight"))
+    with pytest.raises(ModelConfigError) as caught:
+        surgery.load_model(str(folder), rules=quantizing(scheme))
+    message = str(caught.value)
+    assert message.startswith(f"{file}: has no tensor for model.layers.0.mlp.up_proj.weight, which ")
+    assert "quantizes" in message and "CB" not in message and "quant_state" not in message
+
+
+# 1(c) a config whose sizes disagree with the weights: one error naming the tensor, both shapes and the file.
+
+
+@pytest.mark.parametrize("scheme", [None, "nf4", "int8"])
+def test_a_config_that_disagrees_with_the_weights_names_the_tensor_both_shapes_and_the_file(tmp_path, scheme):
+    folder, file = saved(tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    config["intermediate_size"] += 8
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelConfigError) as caught:
+        surgery.load_model(str(folder), rules=quantizing(scheme) if scheme else ())
+    message = str(caught.value)
+    assert message.startswith(f"{file}: model.layers.0.mlp.")
+    assert "in the checkpoint, but config.json" in message and "(64, 128)" in message or "(128, 64)" in message
+    assert "136" in message and "above report" not in message
+
+
+def test_the_cli_names_the_missing_weight_without_a_traceback(tmp_path):
+    from test_cli import run
+
+    folder, file = saved(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(folder)
+    rewrite_tensors(file, lambda t: t.pop("model.layers.0.mlp.up_proj.weight"))
+    result = run("generate", "hi", "--model", str(folder), "--base", "--max-new-tokens", "2")
+    assert result.exit_code == 2, result.output
+    assert "model.layers.0.mlp.up_proj.weight" in result.output and "Traceback" not in result.output
+
+
+# 1(d) the loaded base owns its tensors: a checkpoint file changed on disk changes nothing in it.
+
+
+def test_a_checkpoint_changed_in_place_on_disk_leaves_the_loaded_base_unchanged(tmp_path, digest):
+    folder, file = saved(tmp_path / "m")
+    for rules in ((), quantizing("nf4")):
+        base = surgery.load_model(str(folder), rules=rules).model
+        before = digest(base)
+        size = file.stat().st_size
+        with open(file, "r+b") as f:  # the same file (same inode), its tensors overwritten where they lie
+            f.seek(size // 2)
+            f.write(b"\x7f" * (size - size // 2))
+        assert digest(base) == before
+        saved(folder)
