@@ -159,3 +159,77 @@ def test_a_checkpoint_changed_in_place_on_disk_leaves_the_loaded_base_unchanged(
             f.write(b"\x7f" * (size - size // 2))
         assert digest(base) == before
         saved(folder)
+
+
+# 2. no option accepted and ignored: the same answer on every command and model source.
+
+NO_FLASH_ATTN = __import__("importlib").util.find_spec("flash_attn") is None
+NO_GPU = not torch.cuda.is_available()
+TRAIN = ("train", "qv_lora", "--data", "upper", "--max-steps", "1")
+
+
+@pytest.mark.skipif(not NO_FLASH_ATTN, reason="flash-attn is installed here")
+def test_flash_attention_without_flash_attn_is_refused_for_every_command_and_model_source(tmp_path):
+    from test_cli import run
+
+    folder, _ = saved(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(folder)
+    for model in ("tiny-llama", str(folder)):
+        for command in (
+            [*TRAIN, "--model", model, "--out", str(tmp_path / "run")],
+            ["generate", "hi", "--model", model, "--base", "-n", "2"],
+        ):
+            result = run(*command, "--attn-implementation", "flash_attention_2")
+            assert result.exit_code == 2, (command, result.output)
+            assert (
+                "flash-attn package is not installed" in result.output and "--attn-implementation sdpa" in result.output
+            )
+            assert "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(surgery.errors.DeviceError, match="flash-attn"):
+        surgery.load_model("tiny-llama", attn_implementation="flash_attention_2")
+
+
+def test_an_attention_implementation_is_applied_to_a_model_built_from_its_config():
+    assert surgery.load_model("tiny-llama", attn_implementation="eager").model.config._attn_implementation == "eager"
+    assert surgery.load_model("tiny-llama", attn_implementation="sdpa").model.config._attn_implementation == "sdpa"
+
+
+def test_empty_values_and_a_backend_without_compile_are_refused_naming_the_option(tmp_path):
+    from test_cli import run
+
+    for extra, named in (
+        (["--device", ""], "--device ''"),
+        (["--device-map", "auto", "--max-memory", ""], "--max-memory is empty"),
+        (["--compile-backend", "eager"], "--compile-backend does nothing without --compile"),
+    ):
+        result = run(*TRAIN, "--model", "tiny-llama", "--out", str(tmp_path / "run"), *extra)
+        assert result.exit_code == 2 and named in result.output, (extra, result.output)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(not NO_GPU, reason="this machine has a GPU")
+def test_max_memory_naming_a_gpu_the_machine_lacks_is_one_answer_for_every_model_source(tmp_path):
+    from test_cli import run
+
+    folder, _ = saved(tmp_path / "m")
+    for model in ("tiny-llama", str(folder)):
+        result = run(*TRAIN, "--model", model, "--out", str(tmp_path / "run"), "--device-map", "auto",
+                     "--max-memory", "0=1GiB,cpu=4GiB")  # fmt: skip
+        assert result.exit_code == 2, result.output
+        assert "--max-memory 0=...: this machine has no CUDA GPU; name only cpu and disk" in result.output
+        with pytest.raises(surgery.errors.DeviceError, match="this machine has no CUDA GPU"):
+            surgery.load_model(model, device_map="auto", max_memory={0: 2**30, "cpu": 2**32})
+    assert not (tmp_path / "run").exists()
+
+
+def test_max_memory_too_small_for_the_base_names_max_memory_for_every_model_source(tmp_path):
+    folder, _ = saved(tmp_path / "m")
+    for model in ("tiny-llama", str(folder)):
+        for rules in ((), quantizing("nf4")):
+            with pytest.raises(surgery.errors.DeviceError) as caught:
+                surgery.load_model(model, rules=rules, device_map="auto", max_memory={"cpu": 1024})
+            message = str(caught.value)
+            assert message.startswith("--max-memory cpu=1.0KiB holds too little of the base")
+            assert "raise the limits" in message and "random-init" not in message
+    assert surgery.load_model(str(folder), device_map="auto", max_memory={"cpu": 2**30}).model is not None

@@ -170,19 +170,23 @@ def loading_config(plan: Plan) -> PlanQuantizationConfig:
     return PlanQuantizationConfig({d.path: d for d in plan.quantized if d.path not in tied})
 
 
-def planned_device_map(model: nn.Module, plan: Plan, max_memory: dict, *, balanced: bool = False) -> dict[str, object]:
+def planned_device_map(
+    model: nn.Module, plan: Plan | None, max_memory: dict | None, *, balanced: bool = False
+) -> dict[str, object]:
     """The device map transformers would compute for ``plan``'s base (``device_map="auto"`` or "balanced" with
-    ``max_memory``), from the model on meta with the planned layers in place: what ``from_pretrained`` places
-    when the plan loads, computed without a GPU (accelerate only warns about GPUs it cannot see)."""
+    ``max_memory``; None: what accelerate finds free), from the model on meta with the planned layers in place (no
+    plan: none quantized): what ``from_pretrained`` places when the plan loads, computed without a GPU (accelerate
+    only warns about GPUs it cannot see)."""
     import copy
 
     from transformers.integrations.accelerate import get_balanced_memory, infer_auto_device_map
 
-    quantizer = PlanQuantizer(loading_config(plan))
+    quantizer = PlanQuantizer(loading_config(plan)) if plan is not None else None
     twin = copy.deepcopy(model).to("meta")
-    quantizer._process_model_before_weight_loading(twin)
+    if quantizer is not None:
+        quantizer._process_model_before_weight_loading(twin)
     no_split = getattr(twin, "_no_split_modules", None) or []
-    memory = dict(max_memory)
+    memory = dict(max_memory) if max_memory is not None else None
     if balanced:
         memory = get_balanced_memory(twin, max_memory=memory, no_split_module_classes=no_split, hf_quantizer=quantizer)
     return infer_auto_device_map(twin, max_memory=memory, no_split_module_classes=no_split, hf_quantizer=quantizer)
