@@ -233,3 +233,45 @@ def test_max_memory_too_small_for_the_base_names_max_memory_for_every_model_sour
             assert message.startswith("--max-memory cpu=1.0KiB holds too little of the base")
             assert "raise the limits" in message and "random-init" not in message
     assert surgery.load_model(str(folder), device_map="auto", max_memory={"cpu": 2**30}).model is not None
+
+
+# 3. no false verdict: apply compares new tokens' fine-tunes with the base on the base's vocabulary.
+
+EXTRA_RULES = """version: 1
+quantize: int8
+default: freeze
+extra_tokens: [{first}, "<b>"]
+rules:
+  - match: "re:.*(q_proj|v_proj)"
+    action: adapt
+    lora: {{r: 4}}
+"""
+
+
+def test_apply_with_new_tokens_compares_on_the_base_vocabulary_and_says_so(write_rules):
+    from test_cli import run
+
+    from surgery.finetune.apply import apply
+
+    rules = write_rules(EXTRA_RULES.format(first='"<a>"'))
+    applied = apply(tiny_model("tiny-llama"), str(rules))
+    assert applied.equal_at_init == (True,) and applied.new_tokens == 2
+    result = run("apply", str(rules), "--model", "tiny-llama")
+    assert result.exit_code == 0, result.output
+    assert "equal (1/1 bit-identical on the base's vocabulary; the 2 new tokens' logits" in result.output
+
+
+# 4. advice that helps: each message names the culprit and a remedy that works.
+
+
+def test_a_new_token_already_in_the_vocabulary_is_named_with_its_rule_file_line(tmp_path, write_rules):
+    from test_cli import run
+
+    rules = write_rules(EXTRA_RULES.format(first="a"))
+    result = run("train", str(rules), "--model", "tiny-llama", "--data", "upper", "--max-steps", "1",
+                 "--out", str(tmp_path / "run"))  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert f"{rules}:4: extra token 'a' is already in the tokenizer's vocabulary (id 97)" in result.output.replace(
+        "\n", ""
+    )
+    assert "rename it" in result.output and not (tmp_path / "run").exists()
