@@ -150,6 +150,51 @@ def parse_max_memory(text: str) -> dict[int | str, int]:
     return out
 
 
+def check_attn_implementation(name: str | None, device: torch.device) -> None:
+    """Refuse an attention implementation this machine cannot run, for every model source alike (transformers
+    refuses it only for a checkpoint it loads).
+
+    Raises:
+        DeviceError: flash_attention_2 without the flash-attn package, or on a device other than a CUDA GPU.
+    """
+    import importlib.util
+
+    if name != "flash_attention_2":
+        return
+    if importlib.util.find_spec("flash_attn") is None:
+        raise DeviceError(
+            "--attn-implementation flash_attention_2: the flash-attn package is not installed; install it "
+            "(pip install flash-attn, on a machine with a CUDA GPU) or pass --attn-implementation sdpa"
+        )
+    if device.type != "cuda":
+        raise DeviceError(
+            f"--attn-implementation flash_attention_2 runs on CUDA GPUs only, and the model computes on {device}; "
+            "pass --attn-implementation sdpa"
+        )
+
+
+def check_max_memory(memory: dict[int | str, int] | None) -> None:
+    """Refuse a --max-memory that names a GPU this machine does not have, for every model source alike.
+
+    Raises:
+        DeviceError: a GPU index at or past the number of CUDA GPUs.
+    """
+    gpus = sorted(k for k in (memory or {}) if isinstance(k, int))
+    if not gpus:
+        return
+    count = 0
+    if cuda_available():
+        import torch
+
+        count = torch.cuda.device_count()
+    if gpus[-1] >= count:
+        have = f"{count} GPU{'s' if count != 1 else ''}" if count else "no CUDA GPU"
+        raise DeviceError(
+            f"--max-memory {gpus[-1]}=...: this machine has {have}; name only "
+            f"{f'GPUs 0 to {count - 1}, ' if count else ''}cpu and disk, or leave --max-memory out"
+        )
+
+
 DEVICE_PANEL = "Device & distributed"
 AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
 DeviceMap = Literal["auto", "balanced"]
@@ -204,6 +249,8 @@ class DeviceConfig:
         """``load_model``'s keywords for this placement, the device resolved (a DeviceError when it is not there) and
         made current."""
         target = resolve_device(self.device)
+        check_attn_implementation(self.attn_implementation, target)
+        check_max_memory(self.memory_map)
         use_device(target)
         return {
             "device": target,

@@ -92,7 +92,12 @@ def apply(
     say(
         "each fine-tune's output at init vs the quantized base: ",
         verdict,
-        f" ({sum(equal)}/{len(equal)} bit-identical)",
+        f" ({sum(equal)}/{len(equal)} bit-identical"
+        + (
+            f" on the base's vocabulary; the {applied.new_tokens} new tokens' logits have no counterpart there)"
+            if applied.new_tokens
+            else ")"
+        ),
     )
     if not all(equal):
         raise typer.Exit(1)

@@ -233,3 +233,34 @@ def _weights_key(base: nn.Module) -> str:
             digest.update(f"{id(p)}:{p.data_ptr()}:{p._version}:{p.dtype}:{p.numel()}|".encode())
             digest.update(sample.view(torch.uint8).numpy().tobytes() if sample.numel() else b"")
     return digest.hexdigest()
+
+
+def outside_quantization_error(weight: torch.Tensor, module: nn.Module) -> tuple[int, float, float] | None:
+    """Where ``weight`` (fp32, (out, in)) is not what the quantized ``module`` holds within its quantization error:
+    the bounds of the probes, applied to every element (a fifth of the block's absmax for 4-bit, half an int8 step of
+    the row for int8, plus the rounding of a 16-bit source).
+
+    Args:
+        weight: the full-precision weight ``module`` is taken to have been quantized from.
+        module: a bitsandbytes layer.
+
+    Returns:
+        None when every element agrees, else (flat index of the worst element, its difference, the allowed one).
+    """
+    form = quantized_storage(module)
+    with torch.no_grad():
+        dense = dequantized_weight(module).to(weight.device)
+        if form in ("nf4", "fp4"):
+            blocksize = module.weight.quant_state.blocksize
+            flat = dense.reshape(-1)
+            pad = (-flat.numel()) % blocksize
+            blocks = torch.nn.functional.pad(flat.abs(), (0, pad)).reshape(-1, blocksize).amax(dim=1)
+            scale = blocks.repeat_interleave(blocksize)[: flat.numel()].reshape(dense.shape) * FOUR_BIT_BOUND
+        else:
+            scale = dense.abs().amax(dim=1, keepdim=True) / 254.0
+        excess = (weight - dense).abs() - (scale + weight.abs() * SOURCE_ROUNDING + 1e-12)
+        worst = int(excess.reshape(-1).argmax())
+        if not excess.reshape(-1)[worst] > 0 and not excess.isnan().any():
+            return None
+        diff = float((weight - dense).reshape(-1)[worst].abs())
+        return worst, diff, diff - float(excess.reshape(-1)[worst])

@@ -31,6 +31,9 @@ class FullWeights(Protocol):
 
     def describe(self) -> str: ...
 
+    def origin(self, path: str) -> str:
+        """Where the weight of module ``path`` is read from (a file, a rebuild), for messages."""
+
     def missing(self, paths: list[str]) -> list[str]:
         """The paths whose weight this source cannot give (checked before anything changes)."""
 
@@ -51,6 +54,11 @@ class CheckpointWeights:
 
     def describe(self) -> str:
         return f"the checkpoint in {self.folder}"
+
+    def origin(self, path: str) -> str:
+        names = self.files()
+        key = self.key(path, names)
+        return f"{names[key]} (tensor {key})" if key is not None else self.describe()
 
     def files(self) -> dict[str, Path]:
         """Tensor name -> the safetensors file that holds it."""
@@ -117,6 +125,9 @@ class RebuiltWeights:
     def describe(self) -> str:
         return f"a rebuild of {self.name} from its seed"
 
+    def origin(self, path: str) -> str:
+        return self.describe()
+
     def missing(self, paths: list[str]) -> list[str]:
         return []
 
@@ -134,6 +145,9 @@ class InMemoryWeights:
     """Weights the base still holds unquantized (they are quantized by the rewrite that reads them)."""
 
     weights: dict[str, torch.Tensor]
+
+    def origin(self, path: str) -> str:
+        return f"the base's unquantized {path}"
 
     @contextlib.contextmanager
     def reader(self) -> Iterator[Read]:
@@ -169,6 +183,9 @@ def full_weight_reader(model: nn.Module, paths: list[str], source: FullWeights |
 class _Both:
     held: InMemoryWeights
     source: FullWeights
+
+    def origin(self, path: str) -> str:
+        return self.held.origin(path) if path in self.held.weights else self.source.origin(path)
 
     @contextlib.contextmanager
     def reader(self) -> Iterator[Read]:

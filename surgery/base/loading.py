@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import ModelConfigError, ModelNotFoundError, SurgeryError, first_line
+from ..errors import DeviceError, ModelConfigError, ModelNotFoundError, SurgeryError, first_line
 from ..model.architectures import TINY_MODELS
 from .layout import graph_of, model_layout, read_config
 from .sources import WEIGHT_FILES, LoadedModel, config_identity, full_weights_of, locate, resolve
@@ -101,13 +101,19 @@ def load_model(
         ModelConfigError: its config or weights cannot be read; --random-init beyond memory.
         PlanError: a rule file's violations, before anything is read.
     """
-    from ..devices import resolve_device
+    from ..devices import check_attn_implementation, check_max_memory, resolve_device
 
     rule_sets = _rule_sets(rules)
     placement = Placement(resolve_device(device or "cpu"), device_map, max_memory, attn_implementation)
+    check_attn_implementation(attn_implementation, placement.device)
+    check_max_memory(max_memory)
     if not weights:
         return model_layout(name)
     source, folder = resolve(name)
+    if placement.device_map is not None:  # every source alike (one built in memory stays where it is built)
+        _check_fits(
+            name, _loading_plan(name, _for_device(rule_sets, placement.device)) if rule_sets else None, placement
+        )
     if source == "tiny":
         loaded = LoadedModel(tiny_model(name), name, "tiny", True)
     elif source == "bundled":
@@ -116,6 +122,8 @@ def load_model(
         loaded = _from_folder(folder, name, source, random_init=random_init, rule_sets=rule_sets, placement=placement)
     from .shared_base import base_record
 
+    if attn_implementation is not None and (source == "tiny" or not loaded.has_weights):
+        loaded.model.set_attn_implementation(attn_implementation)  # built from a config: as from_pretrained sets it
     base_record(loaded.model).full_weights = _full_weights(loaded, folder)
     _place_and_quantize(loaded.model, rule_sets, placement)
     return loaded
@@ -171,7 +179,7 @@ def _from_folder(
     weights."""
     config = read_config(path)
     if any((path / f).is_file() for f in WEIGHT_FILES):
-        model = _from_checkpoint(path, name, config, rule_sets, placement)
+        model = _from_checkpoint(path, name, config, rule_sets, placement, random_init=random_init)
         return LoadedModel(model.eval(), name, source, True)
     if random_init:
         return LoadedModel(random_model(config, str(path)), name, source, False)
@@ -181,25 +189,38 @@ def _from_folder(
     )
 
 
-def _from_checkpoint(path: Path, name: str, config, rule_sets: list, placement: Placement) -> nn.Module:
+def _from_checkpoint(
+    path: Path, name: str, config, rule_sets: list, placement: Placement, *, random_init: bool = False
+) -> nn.Module:
     """``from_pretrained`` onto the placement; with rule files, the first that quantizes is planned (every error
-    before a byte is read) and its quantized modules are quantized as their tensors load."""
+    before a byte is read) and its quantized modules are quantized as their tensors load. The checkpoint must hold
+    exactly the weights the config describes (``random_init``: missing ones may start random), and the base owns
+    its tensors once loaded (none stays a view of a file)."""
     from transformers import AutoModelForCausalLM
 
+    from .load_checks import check_loading_info, own_file_backed
+
     kwargs = placement.loading_kwargs()
-    plan = None
+    plan = quantized = None
     if rule_sets and getattr(config, "quantization_config", None) is None:  # a pre-quantized checkpoint loads as is
         plan = _loading_plan(name, _for_device(rule_sets, placement.device))
         if plan is not None:
             from .quantizer import loading_config
 
-            kwargs["quantization_config"] = loading_config(plan)
+            kwargs["quantization_config"] = loading = loading_config(plan)
+            quantized = loading.findings
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+        )
     except SurgeryError:
         raise
     except Exception as exc:
+        if quantized is not None and quantized.mismatched:  # raised by the quantizer to skip the weight
+            check_loading_info(path, {}, quantized, random_init=random_init)
         raise ModelConfigError(f"{path}: weights could not be loaded: {first_line(exc)}") from None
+    check_loading_info(path, info, quantized, random_init=random_init)
+    own_file_backed(model, path)
     if plan is not None:  # the meta trace is this model's graph: calls and shapes do not depend on weights
         from ..model.tracing import refresh
         from .shared_base import base_record, settle_base
@@ -207,6 +228,35 @@ def _from_checkpoint(path: Path, name: str, config, rule_sets: list, placement: 
         settle_base(model)
         base_record(model).graph = refresh(plan.graph, model)
     return model
+
+
+def _check_fits(name: str, plan, placement: Placement) -> None:
+    """Refuse a device map that would put part of the base on disk (too little --max-memory, or too little memory
+    free): surgery loads every weight into memory, never offloads."""
+    from ..planning.memory import fmt_bytes as format_size
+    from .quantizer import planned_device_map
+
+    layout = model_layout(name).model
+    where = planned_device_map(layout, plan, placement.max_memory, balanced=placement.device_map == "balanced")
+    on_disk = [path or "the whole model" for path, device in where.items() if device == "disk"]
+    if not on_disk:
+        return
+    needed = (
+        plan.base_bytes_after if plan is not None else sum(p.numel() * p.element_size() for p in layout.parameters())
+    )
+    given = placement.max_memory
+    limits = ",".join(f"{k}={format_size(v).replace(' ', '')}" for k, v in given.items()) if given else None
+    raise DeviceError(
+        f"{f'--max-memory {limits}' if limits else 'the memory free on this machine'} holds too little of the base "
+        f"({name}, about {format_size(needed)}{' as the rule files quantize it' if plan is not None else ''}): "
+        f"the device map puts {', '.join(on_disk[:3])}{f' and {len(on_disk) - 3} more' if len(on_disk) > 3 else ''} "
+        "on disk, and surgery keeps the base in memory; "
+        + (
+            "raise the limits so the base fits, or leave --max-memory out"
+            if limits
+            else "use a machine with more memory"
+        )
+    )
 
 
 def _loading_plan(name: str, rule_sets: list):

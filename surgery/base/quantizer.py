@@ -21,6 +21,7 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from ..layers.bnb import quantized_storage
 from ..model.tracing import replace_submodule
 from ..planning.decisions import Decision, Plan
 from .quantize import empty_layer, finished_layer, float_weight, quantized_weight
@@ -28,12 +29,28 @@ from .quantize import empty_layer, finished_layer, float_weight, quantized_weigh
 METHOD = "surgery"
 
 
+class LoadFindings:
+    """What the quantizer found wrong with the weights it quantizes (transformers checks only the others): the same
+    object in every copy transformers makes of the config, so the caller reads it after loading."""
+
+    def __init__(self) -> None:
+        self.mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []  # (key, in the file, expected)
+        self.unfilled: list[tuple[str, str]] = []  # (key, the rule that quantizes it): the checkpoint lacks it
+
+    def __copy__(self) -> LoadFindings:
+        return self
+
+    def __deepcopy__(self, memo: dict) -> LoadFindings:
+        return self
+
+
 class PlanQuantizationConfig(QuantizationConfigMixin):
     """The quantized modules of a plan, as transformers' loader takes a quantization config."""
 
-    def __init__(self, decisions: dict[str, Decision] | None = None, **_: Any):
+    def __init__(self, decisions: dict[str, Decision] | None = None, findings: LoadFindings | None = None, **_: Any):
         self.quant_method = METHOD
         self.decisions = dict(decisions or {})
+        self.findings = findings if isinstance(findings, LoadFindings) else LoadFindings()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -71,6 +88,7 @@ class PlanQuantizer(HfQuantizer):
         return 1.0 + 4 / param.shape[-1] if quant.scheme == "int8" else 0.5 + 4 / quant.blocksize
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
+        self.expected = {path: tuple(model.get_submodule(path).weight.shape) for path in self.decisions}
         for path, decision in self.decisions.items():
             if not _built_when_loaded(decision):
                 replace_submodule(model, path, empty_layer(model.get_submodule(path), decision))
@@ -80,7 +98,11 @@ class PlanQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         for path, decision in self.decisions.items():
-            finished_layer(model.get_submodule(path), decision.quant)
+            layer = model.get_submodule(path)
+            if quantized_storage(layer) is None or not _quantized_weight(layer):  # never read: the loader reports it
+                self.quantization_config.findings.unfilled.append((f"{path}.weight", decision.decided_by))
+                continue
+            finished_layer(layer, decision.quant)
         self.remove_quantization_config(model)  # the base looks as if quantized in place: Trainer, saves, copies
         for module in model.modules():
             config = getattr(module, "config", None)
@@ -107,12 +129,23 @@ class QuantizeOnLoad(ConversionOps):
         for name, value in input_dict.items():
             value = value[0] if isinstance(value, list) else value
             decision = self.quantizer._owner(name)
+            expected = self.quantizer.expected[decision.path]
+            if tuple(value.shape) != expected:  # recorded for loading's error, raised so the loader skips it
+                self.quantizer.quantization_config.findings.mismatched.append((name, tuple(value.shape), expected))
+                raise ValueError(f"{name}: shape {tuple(value.shape)}, expected {expected}")
             if _built_when_loaded(decision):
                 replace_submodule(model, decision.path, empty_layer(model.get_submodule(decision.path), decision))
             layer = model.get_submodule(decision.path)
             with torch.no_grad():
                 out[name] = quantized_weight(float_weight(value, decision), decision.quant, layer)
         return out
+
+
+def _quantized_weight(layer: nn.Module) -> bool:
+    """Whether a planned layer's weight was set by ``QuantizeOnLoad`` (int8 data with its scales, 4-bit with its
+    quantization state)."""
+    weight = layer.weight
+    return getattr(weight, "CB", None) is not None or getattr(weight, "quant_state", None) is not None
 
 
 def _built_when_loaded(decision: Decision) -> bool:
@@ -137,19 +170,23 @@ def loading_config(plan: Plan) -> PlanQuantizationConfig:
     return PlanQuantizationConfig({d.path: d for d in plan.quantized if d.path not in tied})
 
 
-def planned_device_map(model: nn.Module, plan: Plan, max_memory: dict, *, balanced: bool = False) -> dict[str, object]:
+def planned_device_map(
+    model: nn.Module, plan: Plan | None, max_memory: dict | None, *, balanced: bool = False
+) -> dict[str, object]:
     """The device map transformers would compute for ``plan``'s base (``device_map="auto"`` or "balanced" with
-    ``max_memory``), from the model on meta with the planned layers in place: what ``from_pretrained`` places
-    when the plan loads, computed without a GPU (accelerate only warns about GPUs it cannot see)."""
+    ``max_memory``; None: what accelerate finds free), from the model on meta with the planned layers in place (no
+    plan: none quantized): what ``from_pretrained`` places when the plan loads, computed without a GPU (accelerate
+    only warns about GPUs it cannot see)."""
     import copy
 
     from transformers.integrations.accelerate import get_balanced_memory, infer_auto_device_map
 
-    quantizer = PlanQuantizer(loading_config(plan))
+    quantizer = PlanQuantizer(loading_config(plan)) if plan is not None else None
     twin = copy.deepcopy(model).to("meta")
-    quantizer._process_model_before_weight_loading(twin)
+    if quantizer is not None:
+        quantizer._process_model_before_weight_loading(twin)
     no_split = getattr(twin, "_no_split_modules", None) or []
-    memory = dict(max_memory)
+    memory = dict(max_memory) if max_memory is not None else None
     if balanced:
         memory = get_balanced_memory(twin, max_memory=memory, no_split_module_classes=no_split, hf_quantizer=quantizer)
     return infer_auto_device_map(twin, max_memory=memory, no_split_module_classes=no_split, hf_quantizer=quantizer)

@@ -33,8 +33,9 @@ class Applied:
     loaded_bytes: int  # the base as it was before quantization
     base_bytes: int  # the base after, shared by every fine-tune
     own_bytes: tuple[int, ...]  # each fine-tune's own tensors
-    equal_at_init: tuple[bool, ...]  # each fine-tune's logits == the base's, bit for bit
+    equal_at_init: tuple[bool, ...]  # each fine-tune's logits == the base's, bit for bit, on the base's vocabulary
     trainable: int  # trainable parameters of one fine-tune
+    new_tokens: int = 0  # logits of new tokens (extra_tokens) past the base's vocabulary: not compared
 
     @property
     def total_bytes(self) -> int:
@@ -48,7 +49,18 @@ class Applied:
 
 
 def apply(base: nn.Module, rules: RuleSet | str, finetunes: int = 1, *, progress: Progress | None = None) -> Applied:
-    """Plan (all errors first), quantize ``base`` once, make ``finetunes`` fine-tunes, verify and measure them."""
+    """Plan (all errors first), quantize ``base`` once, make ``finetunes`` fine-tunes, verify and measure them.
+
+    Args:
+        base: the model to quantize (in place) and share.
+        rules: the rule file (or its RuleSet).
+        finetunes: how many fine-tunes to make.
+        progress: called with (what, done, total) as the work goes on.
+
+    Returns:
+        The fine-tunes, their bytes, and whether each computes the base's logits bit for bit at init (on the base's
+        vocabulary: new tokens' logits have no counterpart in the base).
+    """
     rules = load_rules(rules)
     planned = make_plan(base_graph(base), rules, finetunes=finetunes)
     loaded = parameter_bytes(base)
@@ -62,7 +74,9 @@ def apply(base: nn.Module, rules: RuleSet | str, finetunes: int = 1, *, progress
     ids = torch.randint(0, min(vocab, 256), (2, 16), generator=torch.Generator().manual_seed(0)).to(device)
     with torch.no_grad():
         reference = base(ids).logits
-        equal = tuple(torch.equal(ft(ids).logits, reference) for ft in made)
+        outputs = [ft(ids).logits for ft in made]
+    width = reference.shape[-1]  # new tokens widen a fine-tune's logits: the base has no logit to compare them with
+    equal = tuple(out.shape[-1] >= width and torch.equal(out[..., :width], reference) for out in outputs)
     trainable = sum(p.numel() for p in made[0].parameters() if p.requires_grad)
     return Applied(
         planned,
@@ -72,4 +86,5 @@ def apply(base: nn.Module, rules: RuleSet | str, finetunes: int = 1, *, progress
         tuple(extra_bytes(ft, base) for ft in made),
         equal,
         trainable,
+        max(out.shape[-1] for out in outputs) - width,
     )

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..base.fingerprints import outside_quantization_error
 from ..base.full_weights import full_weight_reader
 from ..base.ownership import (
     INFO,
@@ -362,7 +363,23 @@ def _start_from_quantization_error(finetune: nn.Module, decisions: list[Decision
                     f"{tuple(weight.shape)}, the base's layer {tuple(quantized.shape)}; the checkpoint "
                     "it was loaded from has changed or is another model's"
                 )
+            _check_quantized_from(weight, adapter.base_layer, decision.path, full)
             adapter.start_from_residual(weight - quantized)
+
+
+def _check_quantized_from(weight: torch.Tensor, layer: nn.Module, path: str, full) -> None:
+    """Refuse a full-precision weight the base's quantized layer was not quantized from (another model's weights of
+    the same shape, a file changed since the base loaded): LoftQ would start from a wrong residual."""
+    outside = outside_quantization_error(weight, layer)
+    if outside is not None:
+        index, diff, allowed = outside
+        row, col = divmod(index, weight.shape[1])
+        raise RewriteError(
+            f"{path}: the full-precision weight LoftQ read from {full.origin(path)} is not the one the base's "
+            f"quantized layer holds: element ({row}, {col}) differs by {diff:.3g}, more than its quantization error "
+            f"({allowed:.3g}); the checkpoint is another model's or changed since the base was loaded: load the base "
+            "again from the checkpoint LoftQ should read, or use init_lora_weights: true"
+        )
 
 
 def _unsharded_module(module: nn.Module) -> nn.Module:

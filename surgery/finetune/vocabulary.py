@@ -78,11 +78,17 @@ def tokenizer_with(extra: ExtraTokens, first_id: int, tokenizer):
     expected = list(range(first_id, first_id + len(extra.tokens)))
     if ids != expected:
         wrong = next(i for i, (got, want) in enumerate(zip(ids, expected)) if got != want)
+        token, where = extra.tokens[wrong], f"{extra.where}: " if extra.where else ""
+        if ids[wrong] < len(tokenizer):
+            raise RewriteError(
+                f"{where}extra token {token!r} is already in the tokenizer's vocabulary (id {ids[wrong]}); a new "
+                "token must be a string the tokenizer does not know: rename it (e.g. with angle brackets) or drop it "
+                "from the list"
+            )
         raise RewriteError(
-            f"the tokenizer gives extra token {extra.tokens[wrong]!r} the id {ids[wrong]}, but the "
+            f"{where}the tokenizer gives extra token {token!r} the id {ids[wrong]}, but the "
             f"fine-tune's row for it is {expected[wrong]} (its tokens start at {first_id}); use the "
-            f"tokenizer the fine-tune was trained with (of length {first_id}), and extra tokens that "
-            "are not in it already"
+            f"tokenizer the fine-tune was trained with (of length {first_id})"
         )
     return out
 

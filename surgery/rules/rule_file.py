@@ -256,7 +256,7 @@ def with_extra_tokens(rules: RuleSet, tokens: list[str], source: str) -> RuleSet
         raise RuleFileError(
             f"{rules.source} already lists extra_tokens; give them there or with --extra-tokens {source}, not both"
         )
-    return dataclasses.replace(rules, extra_tokens=ExtraTokens(tuple(tokens)))
+    return dataclasses.replace(rules, extra_tokens=ExtraTokens(tuple(tokens), where=source))
 
 
 def _parse_extra_tokens(raw: Any, top: _Where) -> ExtraTokens:
@@ -286,7 +286,8 @@ def _parse_extra_tokens(raw: Any, top: _Where) -> ExtraTokens:
     repeated = next((t for t in raw if raw.count(t) > 1), None)
     if repeated is not None:
         raise top.error(f"extra token {repeated!r} is listed twice", "extra_tokens")
-    return ExtraTokens(tuple(raw), first_id)
+    line = top.line("extra_tokens")
+    return ExtraTokens(tuple(raw), first_id, f"{top.source}:{line}" if line else top.source)
 
 
 def _parse_rule(index: int, raw: Any, source: str, top: _Where) -> Rule:

@@ -235,6 +235,7 @@ class ExtraTokens:
 
     tokens: tuple[str, ...]
     first_id: int | None = None
+    where: str = field(default="", compare=False)  # "file:line" of the list, or the --extra-tokens file, for messages
 
     def to_dict(self) -> dict:
         return {"tokens": list(self.tokens), **({"first_id": self.first_id} if self.first_id is not None else {})}
