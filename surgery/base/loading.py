@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import ModelConfigError, ModelNotFoundError, SurgeryError, first_line
 from ..model.architectures import TINY_MODELS
+from .folder import gate_model_folder
 from .layout import graph_of, model_layout, read_config
 from .sources import WEIGHT_FILES, LoadedModel, config_identity, full_weights_of, locate, resolve
 from .tiny import build_from_config, bundled_config, config_from_dict, random_model, tiny_model
@@ -194,6 +195,7 @@ def _from_checkpoint(path: Path, name: str, config, rule_sets: list, placement: 
             from .quantizer import loading_config
 
             kwargs["quantization_config"] = loading_config(plan)
+    gate_model_folder(path, error=ModelConfigError)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
     except SurgeryError:

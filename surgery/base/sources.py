@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from ..disk import MiB, read_user_file
+from ..disk import gate_file, read_user_file
 from ..errors import ModelConfigError, ModelNotFoundError, SurgeryError
 from ..model.architectures import ARCHITECTURES, TINY_MODELS
+from .folder import MAX_CONFIG_BYTES
 
 if TYPE_CHECKING:
     from torch import nn
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
 
 Source = Literal["tiny", "directory", "file", "hub-cache", "bundled", "missing"]
 
-MAX_CONFIG_BYTES = 16 * MiB
 WEIGHT_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",
@@ -157,9 +157,8 @@ def config_identity(name: str) -> dict | None:
     if folder is None or source == "file":
         return None
     try:
-        config = json.loads(
-            read_user_file(folder / "config.json", what="model config", limit=MAX_CONFIG_BYTES, error=ModelConfigError)
-        )
+        path = gate_file(folder, "config.json", what="model config", limit=MAX_CONFIG_BYTES, error=ModelConfigError)
+        config = json.loads(read_user_file(path, what="model config", limit=MAX_CONFIG_BYTES, error=ModelConfigError))
     except (SurgeryError, ValueError, RecursionError):
         return None
     return {"config.json": config} if isinstance(config, dict) else None

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..base.fingerprints import Fingerprint, base_fingerprint
 from ..base.ownership import own_state, require_finetune
-from ..disk import GiB, MiB, atomic_write, check_folder_files, check_inside, check_user_file
+from ..disk import GiB, MiB, atomic_write, check_folder_files, check_user_file, gate_folder
 from ..errors import AdapterStateError, SurgeryError, first_line
 from ..package import install_hint, version
 from ..rules.rule_file import parse_rules
@@ -145,7 +145,7 @@ def read_adapter(path: str | Path) -> AdapterFile:
     path = Path(path)
     if path.is_dir() and ((path / ADAPTER_FILE).is_file() or (path / ADAPTER_FILE).is_symlink()):
         check_folder_files(path, error=AdapterStateError)
-        check_inside(path, ADAPTER_FILE, error=AdapterStateError)
+        gate_folder(path, {ADAPTER_FILE: MAX_ADAPTER_BYTES}, what="adapter folder", error=AdapterStateError)
         path = path / ADAPTER_FILE
     size = _file_size(path)
     text = _header_bytes(path, size)
