@@ -35,6 +35,7 @@ MASTER = "master."  # key prefix of the fp32 masters of half-precision trainable
 METRICS_FILE = "metrics.jsonl"
 LOCK_FILE = ".surgery.lock"
 MAX_STATE_BYTES = 64 << 30
+MAX_METRICS_BYTES = 1 << 30  # metrics.jsonl, read whole on resume: a line per step, ~200 bytes each
 
 
 def earlier_run(out: Path) -> list[str]:
@@ -91,6 +92,8 @@ def check_output_folder(out: Path, *, resume: Path | None = None, overwrite: boo
         probe.unlink()
     except OSError as exc:
         raise TrainError(f"{out}: cannot write there ({exc.strerror or exc}); choose another --out") from None
+    if resume is not None and out.is_dir():  # the run goes on in OUT: its metrics are read whole and appended to
+        gate_folder(out, {METRICS_FILE: MAX_METRICS_BYTES}, what="run folder", error=TrainError)
     earlier = earlier_run(out)
     foreign = _not_a_run(out)
     if overwrite and foreign:
