@@ -171,6 +171,7 @@ def _from_folder(
     """A local directory or HF-cache snapshot: its checkpoint, else (``random_init``) its config with random
     weights."""
     config = read_config(path)
+    gate_model_folder(path, error=ModelConfigError)  # what transformers will open: regular, inside, bounded
     if any((path / f).is_file() for f in WEIGHT_FILES):
         model = _from_checkpoint(path, name, config, rule_sets, placement)
         return LoadedModel(model.eval(), name, source, True)
@@ -195,7 +196,6 @@ def _from_checkpoint(path: Path, name: str, config, rule_sets: list, placement: 
             from .quantizer import loading_config
 
             kwargs["quantization_config"] = loading_config(plan)
-    gate_model_folder(path, error=ModelConfigError)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
     except SurgeryError:

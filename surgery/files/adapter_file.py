@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,7 +144,7 @@ def read_adapter(path: str | Path) -> AdapterFile:
             a malformed header, metadata or checksums that do not match, invalid stored rules).
     """
     path = Path(path)
-    if path.is_dir() and ((path / ADAPTER_FILE).is_file() or (path / ADAPTER_FILE).is_symlink()):
+    if path.is_dir() and os.path.lexists(path / ADAPTER_FILE):  # a FIFO there is the gate's to refuse
         check_folder_files(path, error=AdapterStateError)
         gate_folder(path, {ADAPTER_FILE: MAX_ADAPTER_BYTES}, what="adapter folder", error=AdapterStateError)
         path = path / ADAPTER_FILE
