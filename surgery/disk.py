@@ -367,6 +367,25 @@ def gate_folder(
     return folder
 
 
+def gate_tree(folder: str | Path, *, what: str, error: type[SurgeryError]) -> None:
+    """``gate_folder`` for a folder and every folder below it (a cache a library reads from): every file passes
+    ``gate_file`` (inside, regular; no size bound), links to folders are followed only inside.
+
+    Raises:
+        error: a file fails the gate, or the tree holds more than MAX_FOLDER_ENTRIES entries.
+    """
+    folder, seen = Path(folder), 0
+    for top, dirs, files in os.walk(folder):
+        seen += len(dirs) + len(files)
+        if seen > MAX_FOLDER_ENTRIES:
+            raise error(f"{folder}: holds more than {MAX_FOLDER_ENTRIES:,} entries; is this the {what}?")
+        for name in [*files, *(d for d in dirs if os.path.islink(os.path.join(top, d)))]:
+            relative = os.path.relpath(os.path.join(top, name), folder)
+            path = check_inside(folder, relative, error=error)
+            if not path.is_dir():
+                gate_file(folder, relative, what=f"file of a {what}", error=error)
+
+
 HF_CACHE_REPOSITORY = re.compile(r"(models|datasets|spaces)--.+")  # huggingface_hub's folder of one repository
 HF_SHARED_BLOBS_MARKER = ".huggingface-shared-blobs"  # marks huggingface_hub's cache-wide blob store, <cache>/blobs
 

@@ -206,6 +206,27 @@ def test_a_name_no_dataset_could_have_is_refused(tmp_path, monkeypatch, name, no
         no_hang(read_examples, name)
 
 
+def test_a_fifo_in_the_datasets_cache_is_refused_before_load_dataset_opens_it(tmp_path, monkeypatch, no_hang):
+    """A dataset name is read from the local cache; a cached file that is a FIFO is refused, not opened."""
+    from datasets.packaged_modules.parquet.parquet import Parquet
+
+    data = tmp_path / "rows.parquet"
+    datasets.Dataset.from_dict({"text": [f"row {i}" for i in range(8)]}).to_parquet(str(data))
+    cache = tmp_path / "datasets-cache"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    builder = Parquet(data_files={"train": str(data)}, dataset_name="rows", cache_dir=str(cache), hash="0123abc")
+    builder.download_and_prepare()
+    where = cache / "someone___rows" / "default" / "0.0.0" / "0123abc"
+    where.parent.mkdir(parents=True)
+    shutil.move(builder.cache_dir, where)
+    monkeypatch.chdir(tmp_path)
+    assert len(no_hang(read_examples, "someone/rows")) == 8  # the reference: the cached dataset reads
+    arrow = next(p for p in where.iterdir() if p.suffix == ".arrow")
+    fifo(arrow)
+    with pytest.raises(DataError, match=f"{arrow.name}: is a FIFO, not a regular file; a file of a cached dataset"):
+        no_hang(read_examples, "someone/rows")
+
+
 # ============================================================================ 3. model folders (--model DIR)
 
 
@@ -267,6 +288,15 @@ def test_a_loftq_start_reads_shards_through_the_same_gate(sharded, tmp_path, no_
     (sharded / SHARD_1).symlink_to(tmp_path / "nowhere")
     with pytest.raises(RewriteError, match=f"{SHARD_1}: is a link that leads nowhere"):
         no_hang(weights.missing, ["model.layers.0.self_attn.q_proj"])
+
+
+def test_a_fifo_as_the_hf_caches_ref_of_a_model_is_refused(tmp_path, monkeypatch, no_hang):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    refs = tmp_path / "hub" / "models--org--tiny" / "refs"
+    refs.mkdir(parents=True)
+    os.mkfifo(refs / "main")
+    with pytest.raises(ModelConfigError, match="refs/main: is a FIFO, not a regular file"):
+        no_hang(surgery.load_model, "org/tiny")
 
 
 @pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json"])

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from ..disk import gate_file, read_user_file
+from ..disk import gate_file, gate_folder, read_user_file
 from ..errors import ModelConfigError, ModelNotFoundError, SurgeryError
 from ..model.architectures import ARCHITECTURES, TINY_MODELS
 from .folder import MAX_CONFIG_BYTES
@@ -111,8 +111,11 @@ def hub_snapshot(name: str) -> Path | None:
         what is missing), else the newest cached snapshot, else None.
     """
     cache = hub_cache()
-    if not (cache / ("models--" + name.replace("/", "--"))).is_dir():
+    repository = cache / ("models--" + name.replace("/", "--"))
+    if not repository.is_dir():
         return None  # nothing cached under that name: answered without importing huggingface_hub's client
+    if (repository / "refs").is_dir():  # huggingface_hub reads refs/main whole: a FIFO there would block it
+        gate_folder(repository / "refs", {"main": 4096}, what="folder of HF cache refs", error=ModelConfigError)
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, IncompleteSnapshotError, LocalEntryNotFoundError
 

@@ -21,7 +21,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from ..disk import MiB, check_inside, check_user_file, gate_file, gate_folder, read_user_text
+from ..disk import MiB, check_inside, check_user_file, gate_file, gate_folder, gate_tree, read_user_text
 from ..errors import DataError, first_line
 from ..package import install_hint
 from .rows import MAX_DATA_BYTES, WHOLE, DatasetParts, Example, Fields, Split, example_of
@@ -174,6 +174,7 @@ def _from_cache(datasets, name: str, config: str | None = None):
     with the Hub switched off."""
     import huggingface_hub.constants as hub
 
+    gate_cached(name, datasets)
     with contextlib.ExitStack() as offline:
         for module in (datasets.config, hub):
             offline.enter_context(_patched(module, "HF_HUB_OFFLINE", True))
@@ -187,6 +188,24 @@ def _from_cache(datasets, name: str, config: str | None = None):
                 "Nothing is downloaded: run datasets.load_dataset(...) once where there is network, or "
                 "save it with save_to_disk and give the folder"
             ) from None
+
+
+def gate_cached(name: str, datasets) -> None:
+    """Gate what the local caches hold for the dataset ``name`` before ``load_dataset`` opens it: the prepared
+    files in the datasets cache (``owner___name``) and every snapshot of it in the HF hub cache (``datasets--owner--
+    name``, whose files link into its blobs).
+
+    Raises:
+        DataError: a cached file is a FIFO or another special file, or a link out of its cache folder.
+    """
+    from ..base.sources import hub_cache
+
+    prepared = Path(datasets.config.HF_DATASETS_CACHE) / name.replace("/", "___")
+    snapshots = hub_cache() / ("datasets--" + name.replace("/", "--")) / "snapshots"
+    folders = [prepared, *(sorted(snapshots.iterdir()) if snapshots.is_dir() else [])]
+    for folder in folders:
+        if folder.is_dir():
+            gate_tree(folder, what="cached dataset", error=DataError)
 
 
 @contextlib.contextmanager
