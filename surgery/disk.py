@@ -1,10 +1,13 @@
-"""Files: bounded reads of user files (never a FIFO, device or oversized file) and atomic writes.
+"""Files: one gate for every file surgery or a library it calls opens, bounded reads, and atomic writes.
 
-Every file a user or the internet hands to surgery (rule files, adapter files, data files, PEFT
-folders, model configs, checkpoints) is read through ``read_user_file``: it must be a regular file
-(a symlink to one is fine) no larger than the reader's limit, so no input can hang a read or exhaust
-memory. Writes go through a temp file or folder in the same directory and a rename, so a crash
-leaves the previous version intact.
+Every file a user or the internet hands to surgery (rule files, data files and saved datasets, model and tokenizer
+folders with their checkpoint shards, adapter and checkpoint folders, the caches a name is looked up in) passes the
+gate first: ``gate_file`` (or ``gate_folder`` / ``gate_tree`` for a folder, right before a loader gets it) checks
+with ``stat`` alone that it is a regular file (never a FIFO, device or socket, which are never opened), that it lies
+inside the folder it belongs to once every link is resolved (the HF cache's links into its blobs are its normal
+layout), and that it is no larger than its reader's limit when it is read whole. Files read here go through
+``read_user_file``, bounded the same way. Writes go through a temp file or folder in the same directory and a
+rename, so a crash leaves the previous version intact.
 """
 
 from __future__ import annotations
