@@ -1,10 +1,13 @@
-"""Files: bounded reads of user files (never a FIFO, device or oversized file) and atomic writes.
+"""Files: one gate for every file surgery or a library it calls opens, bounded reads, and atomic writes.
 
-Every file a user or the internet hands to surgery (rule files, adapter files, data files, PEFT
-folders, model configs, checkpoints) is read through ``read_user_file``: it must be a regular file
-(a symlink to one is fine) no larger than the reader's limit, so no input can hang a read or exhaust
-memory. Writes go through a temp file or folder in the same directory and a rename, so a crash
-leaves the previous version intact.
+Every file a user or the internet hands to surgery (rule files, data files and saved datasets, model and tokenizer
+folders with their checkpoint shards, adapter and checkpoint folders, the caches a name is looked up in) passes the
+gate first: ``gate_file`` (or ``gate_folder`` / ``gate_tree`` for a folder, right before a loader gets it) checks
+with ``stat`` alone that it is a regular file (never a FIFO, device or socket, which are never opened), that it lies
+inside the folder it belongs to once every link is resolved (the HF cache's links into its blobs are its normal
+layout), and that it is no larger than its reader's limit when it is read whole. Files read here go through
+``read_user_file``, bounded the same way. Writes go through a temp file or folder in the same directory and a
+rename, so a crash leaves the previous version intact.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ from .errors import SurgeryError
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
 
-def check_user_file(path: Path, *, what: str, limit: int, error: type[SurgeryError]) -> int:
-    """The size of ``path`` if it is a regular file of at most ``limit`` bytes; else ``error`` saying why."""
+def check_user_file(path: Path, *, what: str, limit: int | None, error: type[SurgeryError]) -> int:
+    """The size of ``path`` if it is a regular file of at most ``limit`` bytes (None: any size); else ``error``
+    saying why. Checked with ``stat`` alone: a FIFO is never opened."""
     try:
         info = os.stat(path)  # follows symlinks: a link to /dev/zero is a device
     except FileNotFoundError:
@@ -42,7 +46,7 @@ def check_user_file(path: Path, *, what: str, limit: int, error: type[SurgeryErr
             else "a socket or other special file"
         )
         raise error(f"{path}: is {kind}, not a regular file; a {what} must be a regular file")
-    if info.st_size > limit:
+    if limit is not None and info.st_size > limit:
         raise error(f"{path}: is {info.st_size:,} bytes; a {what} is at most {limit:,} bytes — is this the right file?")
     return info.st_size
 
@@ -245,22 +249,35 @@ def check_folder_files(folder: str | Path, *, error: type[SurgeryError]) -> None
         )
 
 
-def check_inside(folder: Path, name: str, *, error: type[SurgeryError]) -> None:
-    """Refuse a file of a folder that is a link to somewhere outside the folder (or a link loop): a folder from
-    the internet must not make surgery read other files. A snapshot of the HF cache is the exception the cache's
-    layout makes: its files are links into its repository's blobs (``link_roots``), and those are followed.
+def check_inside(folder: Path, name: str, *, error: type[SurgeryError], named_by: str = "") -> Path:
+    """The path of ``name`` (a path relative to ``folder``) once it is known to stay inside the folder: not
+    absolute, no ``..``, and every link on the way resolved to a place inside it (a loop or a missing target is
+    refused too). A folder from the internet must not make surgery read other files. A snapshot of the HF cache
+    is the exception the cache's layout makes: its files are links into its repository's blobs (``link_roots``),
+    and those are followed.
 
     Args:
         folder: the folder the file belongs to.
-        name: the file's name in it.
+        name: the file's path in it (a file name, or a path through subfolders).
         error: the SurgeryError to raise.
+        named_by: the file (and entry) that named ``name``, for the message (default: the folder itself).
+
+    Returns:
+        ``folder / name``.
 
     Raises:
-        error: the file is a link that leads nowhere, or out of ``link_roots(folder)``.
+        error: the name leaves the folder, or the file is a link that leads nowhere or out of ``link_roots(folder)``.
     """
     path = folder / name
-    if not path.is_symlink():
-        return
+    parts = Path(name).parts
+    if not parts or Path(name).is_absolute() or any(part in ("..", ".") for part in parts) or "\0" in name:
+        source = named_by or str(folder)
+        raise error(
+            f"{source}: names {name!r}, a path out of {folder}; surgery reads only the folder's own files "
+            "(name them relative to the folder, without '..'), or copy the file in"
+        )
+    if not any(p.is_symlink() for p in [path, *list(path.parents)[: len(parts) - 1]]):
+        return path
     try:
         target = path.resolve(strict=True)
     except (OSError, RuntimeError):
@@ -273,6 +290,103 @@ def check_inside(folder: Path, name: str, *, error: type[SurgeryError]) -> None:
         raise error(
             f"{path}: is a link to {target}, {where}; surgery reads only the folder's own files (copy the file in)"
         )
+    return path
+
+
+MAX_FOLDER_ENTRIES = 100_000  # a model or dataset folder holds tens of files; a million is an attack on the scan
+
+
+def gate_file(
+    folder: Path,
+    name: str,
+    *,
+    what: str,
+    error: type[SurgeryError],
+    limit: int | None = None,
+    named_by: str = "",
+) -> Path:
+    """The gate every file surgery or a library it calls opens passes first: the file ``name`` of ``folder`` is
+    inside the folder (``check_inside``), a regular file (never a FIFO, device or socket: checked with ``stat``,
+    nothing is opened) and, when it is read whole, at most ``limit`` bytes.
+
+    Args:
+        folder: the folder the file belongs to.
+        name: the file's path relative to the folder.
+        what: what the file is, for the message ("checkpoint shard").
+        error: the SurgeryError to raise.
+        limit: the most bytes the file may hold (None: read piecewise or memory-mapped, no bound).
+        named_by: the file (and entry) that named ``name``, for the message.
+
+    Returns:
+        ``folder / name``.
+
+    Raises:
+        error: naming the file and what is wrong with it.
+    """
+    path = check_inside(folder, name, error=error, named_by=named_by)
+    check_user_file(path, what=what, limit=limit, error=error)
+    return path
+
+
+def gate_folder(
+    folder: str | Path,
+    files: dict[str, int | None] | None = None,
+    *,
+    what: str,
+    error: type[SurgeryError],
+) -> Path:
+    """Gate a whole folder once, right before it is handed to a loader (transformers, datasets): every entry at its
+    top that is not a folder passes ``gate_file``, and so does each of ``files`` that is there (they may lie in
+    subfolders: a checkpoint's shards, a dataset's splits).
+
+    Args:
+        folder: the folder.
+        files: path relative to the folder -> the most bytes the loader reads whole from it (None: no bound);
+            a top-level entry not named here is checked without a bound. Names that are absent are skipped (the
+            loader says what it misses); a name that leaves the folder is refused.
+        what: what the folder holds, for the message ("model folder").
+        error: the SurgeryError to raise.
+
+    Returns:
+        The folder.
+
+    Raises:
+        error: the folder is not one, holds more than MAX_FOLDER_ENTRIES entries, or one of its files fails the gate.
+    """
+    folder, files = Path(folder), files or {}
+    if not folder.is_dir():
+        raise error(f"{folder}: is not a folder; a {what} is a folder")
+    try:
+        with os.scandir(folder) as entries:
+            top = [entry.name for _, entry in zip(range(MAX_FOLDER_ENTRIES + 1), entries)]
+    except OSError as exc:
+        raise error(f"{folder}: cannot be read ({exc.strerror or exc})") from None
+    if len(top) > MAX_FOLDER_ENTRIES:
+        raise error(f"{folder}: holds more than {MAX_FOLDER_ENTRIES:,} entries; is this the {what}?")
+    for name in [*(n for n in top if n not in files), *files]:
+        path = check_inside(folder, name, error=error)  # a link to a subfolder is followed only inside too
+        if os.path.lexists(path) and not path.is_dir():
+            gate_file(folder, name, what=f"file of a {what}", error=error, limit=files.get(name))
+    return folder
+
+
+def gate_tree(folder: str | Path, *, what: str, error: type[SurgeryError]) -> None:
+    """``gate_folder`` for a folder and every folder below it (a cache a library reads from): every file passes
+    ``gate_file`` (inside, regular; no size bound), links to folders are followed only inside.
+
+    Raises:
+        error: a file fails the gate, or the tree holds more than MAX_FOLDER_ENTRIES entries.
+    """
+    folder, seen = Path(folder), 0
+    for top, dirs, files in os.walk(folder):
+        seen += len(dirs) + len(files)
+        if seen > MAX_FOLDER_ENTRIES:
+            raise error(f"{folder}: holds more than {MAX_FOLDER_ENTRIES:,} entries; is this the {what}?")
+        for name in [*files, *(d for d in dirs if os.path.islink(os.path.join(top, d)))]:
+            relative = os.path.relpath(os.path.join(top, name), folder)
+            path = check_inside(folder, relative, error=error)
+            if not path.is_dir():
+                gate_file(folder, relative, what=f"file of a {what}", error=error)
 
 
 HF_CACHE_REPOSITORY = re.compile(r"(models|datasets|spaces)--.+")  # huggingface_hub's folder of one repository

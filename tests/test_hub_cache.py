@@ -22,7 +22,7 @@ from surgery.base.sources import full_weights_of
 from surgery.base.tiny import tiny_model
 from surgery.base.tokenizer import tiny_tokenizer
 from surgery.disk import HF_SHARED_BLOBS_MARKER, check_inside
-from surgery.errors import ModelNotFoundError, RewriteError
+from surgery.errors import ModelConfigError, ModelNotFoundError, RewriteError
 
 MAIN, OLD = "a" * 40, "b" * 40
 IDS = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(3))
@@ -197,6 +197,9 @@ def test_links_into_another_repository_or_an_unmarked_blob_store_are_refused(cac
         check_inside(snapshot, "config.json", error=RewriteError)  # not marked as huggingface_hub's store
     (cache / "blobs" / HF_SHARED_BLOBS_MARKER).write_text("1\n")
     check_inside(snapshot, "config.json", error=RewriteError)
+    with pytest.raises(ModelConfigError, match="stolen.json: is a link to .*outside its folder"):
+        load_model("org/tiny")  # the whole snapshot is gated before transformers reads it
+    (snapshot / "stolen.json").unlink()
     assert load_model("org/tiny").source == "hub-cache"
 
 

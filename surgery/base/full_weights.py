@@ -9,7 +9,7 @@ in memory from a seed (tiny models, ``--random-init``). Nothing here changes the
 from __future__ import annotations
 
 import contextlib
-import json
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,11 +18,11 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from ..disk import MiB, check_inside, read_user_text
+from ..disk import gate_file
 from ..errors import RewriteError
 from ..layers.bnb import quantized_storage
+from .folder import gate_shard, weight_map
 
-MAX_INDEX_BYTES = 64 * MiB  # a safetensors index of a 70B checkpoint is well under 1 MiB
 Read = Callable[[str], torch.Tensor]  # module path -> its weight as the module stores it, full precision
 
 
@@ -61,33 +61,20 @@ class CheckpointWeights:
         return f"{names[key]} (tensor {key})" if key is not None else self.describe()
 
     def files(self) -> dict[str, Path]:
-        """Tensor name -> the safetensors file that holds it."""
+        """Tensor name -> the safetensors file that holds it, each file through the gate (inside the folder,
+        regular)."""
         from safetensors import safe_open
 
-        index = self.folder / "model.safetensors.index.json"
-        if index.is_file():
-            text = read_user_text(index, what="checkpoint index", limit=MAX_INDEX_BYTES, error=RewriteError)
-            try:
-                weight_map = json.loads(text)["weight_map"]
-                files = {name: self._shard(file) for name, file in weight_map.items()}
-            except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
-                raise RewriteError(
-                    f"{index}: not a safetensors index (a JSON object with a weight_map of file "
-                    "names); LoftQ reads the full-precision weights through it"
-                ) from None
-            return files
-        single = self.folder / "model.safetensors"
-        if not single.is_file():
+        index = "model.safetensors.index.json"
+        if os.path.lexists(self.folder / index):
+            names = weight_map(self.folder, index, error=RewriteError)
+            shards = {file: gate_shard(self.folder, index, file, error=RewriteError) for file in set(names.values())}
+            return {name: shards[file] for name, file in names.items()}
+        if not os.path.lexists(self.folder / "model.safetensors"):
             return {}
+        single = gate_file(self.folder, "model.safetensors", what="checkpoint", error=RewriteError)
         with safe_open(single, framework="pt") as f:
             return {name: single for name in f.keys()}
-
-    def _shard(self, file) -> Path:
-        """A shard named by the index: a plain file name in this folder, never a path out of it."""
-        if not isinstance(file, str) or Path(file).name != file or not file.endswith(".safetensors"):
-            raise ValueError(file)
-        check_inside(self.folder, file, error=RewriteError)
-        return self.folder / file
 
     def key(self, path: str, names: dict[str, Path]) -> str | None:
         candidates = [path]

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..disk import check_user_file
+from ..disk import gate_file
 from ..errors import ModelConfigError, ModelNotFoundError, first_line
-from .sources import MAX_CONFIG_BYTES, WEIGHT_FILES, LoadedModel, config_identity, resolve
+from .folder import MAX_CONFIG_BYTES
+from .sources import WEIGHT_FILES, LoadedModel, config_identity, resolve
 from .tiny import build_from_config, bundled_config, tiny_model
 
 
@@ -22,13 +23,14 @@ def read_config(folder: Path):
 
     Raises:
         ModelNotFoundError: the folder has no config.json.
-        ModelConfigError: config.json is not a regular file of at most 16 MiB, or not a config transformers reads.
+        ModelConfigError: config.json is not a regular file of at most 16 MiB inside the folder, or not a config
+            transformers reads.
     """
     from transformers import AutoConfig
 
     if not (folder / "config.json").exists():
         raise ModelNotFoundError(f"{folder}: no config.json in this directory; is it a HuggingFace model folder?")
-    check_user_file(folder / "config.json", what="model config", limit=MAX_CONFIG_BYTES, error=ModelConfigError)
+    gate_file(folder, "config.json", what="model config", limit=MAX_CONFIG_BYTES, error=ModelConfigError)
     try:
         return AutoConfig.from_pretrained(folder, local_files_only=True)
     except (Exception, RecursionError) as exc:  # transformers raises ValueError/OSError/KeyError for bad configs

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import DeviceError, ModelConfigError, ModelNotFoundError, SurgeryError, first_line
 from ..model.architectures import TINY_MODELS
+from .folder import gate_model_folder
 from .layout import graph_of, model_layout, read_config
 from .sources import WEIGHT_FILES, LoadedModel, config_identity, full_weights_of, locate, resolve
 from .tiny import build_from_config, bundled_config, config_from_dict, random_model, tiny_model
@@ -178,6 +179,7 @@ def _from_folder(
     """A local directory or HF-cache snapshot: its checkpoint, else (``random_init``) its config with random
     weights."""
     config = read_config(path)
+    gate_model_folder(path, error=ModelConfigError)  # what transformers will open: regular, inside, bounded
     if any((path / f).is_file() for f in WEIGHT_FILES):
         model = _from_checkpoint(path, name, config, rule_sets, placement, random_init=random_init)
         return LoadedModel(model.eval(), name, source, True)

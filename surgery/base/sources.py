@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from ..disk import MiB, read_user_file
+from ..disk import gate_file, gate_folder, read_user_file
 from ..errors import ModelConfigError, ModelNotFoundError, SurgeryError
 from ..model.architectures import ARCHITECTURES, TINY_MODELS
+from .folder import MAX_CONFIG_BYTES
 
 if TYPE_CHECKING:
     from torch import nn
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
 
 Source = Literal["tiny", "directory", "file", "hub-cache", "bundled", "missing"]
 
-MAX_CONFIG_BYTES = 16 * MiB
 WEIGHT_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",
@@ -111,8 +111,11 @@ def hub_snapshot(name: str) -> Path | None:
         what is missing), else the newest cached snapshot, else None.
     """
     cache = hub_cache()
-    if not (cache / ("models--" + name.replace("/", "--"))).is_dir():
+    repository = cache / ("models--" + name.replace("/", "--"))
+    if not repository.is_dir():
         return None  # nothing cached under that name: answered without importing huggingface_hub's client
+    if (repository / "refs").is_dir():  # huggingface_hub reads refs/main whole: a FIFO there would block it
+        gate_folder(repository / "refs", {"main": 4096}, what="folder of HF cache refs", error=ModelConfigError)
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, IncompleteSnapshotError, LocalEntryNotFoundError
 
@@ -157,9 +160,8 @@ def config_identity(name: str) -> dict | None:
     if folder is None or source == "file":
         return None
     try:
-        config = json.loads(
-            read_user_file(folder / "config.json", what="model config", limit=MAX_CONFIG_BYTES, error=ModelConfigError)
-        )
+        path = gate_file(folder, "config.json", what="model config", limit=MAX_CONFIG_BYTES, error=ModelConfigError)
+        config = json.loads(read_user_file(path, what="model config", limit=MAX_CONFIG_BYTES, error=ModelConfigError))
     except (SurgeryError, ValueError, RecursionError):
         return None
     return {"config.json": config} if isinstance(config, dict) else None

@@ -7,16 +7,8 @@ from pathlib import Path
 
 from ..errors import ModelConfigError, ModelNotFoundError, first_line
 from ..model.architectures import TINY_MODELS
+from .folder import TOKENIZER_FILES, gate_tokenizer_folder
 from .sources import hub_snapshot
-
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "vocab.json",
-    "vocab.txt",
-    "spiece.model",
-)
 
 
 def _byte_to_char() -> dict[int, str]:
@@ -68,7 +60,8 @@ def load_tokenizer(name: str):
 
     Raises:
         ModelNotFoundError: ``name`` is neither a folder nor cached.
-        ModelConfigError: the folder holds no tokenizer, or one transformers cannot load.
+        ModelConfigError: the folder holds no tokenizer, one transformers cannot load, or a file that fails the
+            gate (``folder.gate_tokenizer_folder``: a FIFO, a link out of the folder, an oversized file).
     """
     if name in TINY_MODELS:
         return tiny_tokenizer()
@@ -85,6 +78,7 @@ def load_tokenizer(name: str):
             "tokenizer's files in that folder, or pass --tokenizer with a folder or model that has "
             "one"
         )
+    gate_tokenizer_folder(source, error=ModelConfigError)
     from transformers import AutoTokenizer
 
     try:

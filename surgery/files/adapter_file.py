@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from torch import nn
 
 from ..base.fingerprints import Fingerprint, base_fingerprint
 from ..base.ownership import own_state, require_finetune
-from ..disk import GiB, MiB, atomic_write, check_folder_files, check_inside, check_user_file
+from ..disk import GiB, MiB, atomic_write, check_folder_files, check_user_file, gate_folder
 from ..errors import AdapterStateError, SurgeryError, first_line
 from ..package import install_hint, version
 from ..rules.rule_file import parse_rules
@@ -143,9 +144,9 @@ def read_adapter(path: str | Path) -> AdapterFile:
             a malformed header, metadata or checksums that do not match, invalid stored rules).
     """
     path = Path(path)
-    if path.is_dir() and ((path / ADAPTER_FILE).is_file() or (path / ADAPTER_FILE).is_symlink()):
+    if path.is_dir() and os.path.lexists(path / ADAPTER_FILE):  # a FIFO there is the gate's to refuse
         check_folder_files(path, error=AdapterStateError)
-        check_inside(path, ADAPTER_FILE, error=AdapterStateError)
+        gate_folder(path, {ADAPTER_FILE: MAX_ADAPTER_BYTES}, what="adapter folder", error=AdapterStateError)
         path = path / ADAPTER_FILE
     size = _file_size(path)
     text = _header_bytes(path, size)

@@ -30,7 +30,7 @@ from torch import nn
 from ..base.fingerprints import Fingerprint, base_fingerprint
 from ..base.ownership import require_finetune
 from ..base.shared_base import refuse_sharded
-from ..disk import MiB, check_folder_files, check_inside, check_user_file, read_user_text, write_folder_files
+from ..disk import MiB, check_folder_files, check_user_file, gate_folder, read_user_text, write_folder_files
 from ..errors import AdapterStateError, RuleFileError, first_line
 from ..layers.bnb import quantized_storage
 from ..layers.extra_tokens import extra_token_layers
@@ -262,8 +262,12 @@ def read_peft_folder(folder: str | Path) -> PeftFolder:
     folder = Path(folder)
     if folder.is_dir():
         check_folder_files(folder, error=AdapterStateError)
-        for name in (CONFIG_FILE, WEIGHTS_FILE, "adapter_model.bin"):
-            check_inside(folder, name, error=AdapterStateError)
+        limits = {
+            CONFIG_FILE: MAX_CONFIG_BYTES,
+            WEIGHTS_FILE: MAX_ADAPTER_BYTES,
+            "adapter_model.bin": MAX_ADAPTER_BYTES,
+        }
+        gate_folder(folder, limits, what="PEFT adapter folder", error=AdapterStateError)
     config = _read_config(folder)
     tensors, metadata = _read_weights(folder)
     fingerprint = None

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..base.loading import TOKENIZER_FILES
 from ..base.ownership import own_state
-from ..disk import MiB, atomic_folder, atomic_write, check_user_file, remove_folder
+from ..disk import MiB, atomic_folder, atomic_write, gate_folder, remove_folder
 from ..distributed import World
 from ..errors import SurgeryError, TrainError, first_line
 from ..files.adapter_file import ADAPTER_FILE, save_adapter
@@ -35,6 +35,7 @@ MASTER = "master."  # key prefix of the fp32 masters of half-precision trainable
 METRICS_FILE = "metrics.jsonl"
 LOCK_FILE = ".surgery.lock"
 MAX_STATE_BYTES = 64 << 30
+MAX_METRICS_BYTES = 1 << 30  # metrics.jsonl, read whole on resume: a line per step, ~200 bytes each
 
 
 def earlier_run(out: Path) -> list[str]:
@@ -57,10 +58,6 @@ RUN_FILES = (
     "mlflow.db",
     "mlruns",
     *TOKENIZER_FILES,
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "merges.txt",
 )
 
 
@@ -95,6 +92,8 @@ def check_output_folder(out: Path, *, resume: Path | None = None, overwrite: boo
         probe.unlink()
     except OSError as exc:
         raise TrainError(f"{out}: cannot write there ({exc.strerror or exc}); choose another --out") from None
+    if resume is not None and out.is_dir():  # the run goes on in OUT: its metrics are read whole and appended to
+        gate_folder(out, {METRICS_FILE: MAX_METRICS_BYTES}, what="run folder", error=TrainError)
     earlier = earlier_run(out)
     foreign = _not_a_run(out)
     if overwrite and foreign:
@@ -293,12 +292,13 @@ def read_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
     path = Path(path)
     state_file = path / STATE_FILE
+    if path.is_dir():  # a FIFO or a link out of the folder is refused as such, before any file is opened
+        gate_folder(path, {STATE_FILE: MAX_STATE_BYTES}, what="checkpoint folder", error=TrainError)
     if not state_file.is_file() or not (path / ADAPTER_FILE).is_file():
         raise TrainError(
             f"{path}: not a checkpoint folder (needs {ADAPTER_FILE} and {STATE_FILE}; checkpoints are "
             "written as OUT/checkpoint-STEP by --save-steps)"
         )
-    check_user_file(state_file, what="training state file", limit=MAX_STATE_BYTES, error=TrainError)
     try:
         tensors = load_file(state_file)
         with safe_open(str(state_file), "pt") as f:

@@ -27,6 +27,7 @@ from .checkpoint import check_output_folder, resume_points
 from .config import DataConfig, TrackerConfig, TrainConfig
 from .data import DataSource, read_data
 from .job import Run
+from .trackers import check_trackers
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -119,6 +120,7 @@ def train(
         for job_name, folder in folders.items():
             if folder is not None:
                 check_output_folder(folder, resume=resumed.get(job_name), overwrite=overwrite)
+        check_trackers(trackers.trackers, None if out is None or overwrite else Path(out))  # --overwrite: OUT anew
     base, tokenizer, label = _load(model, name, specs, devices, tokenizer, random_init, training.fsdp)
     if on_start is not None:
         on_start(RunStart(label, source, tuple(folders), where.size, training.fsdp, devices))

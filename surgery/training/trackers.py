@@ -11,6 +11,10 @@ Where runs go, under ``log_dir`` (the CLI's ``--out``): TensorBoard event files 
 ``WANDB_PROJECT``, default ``surgery``); MLflow runs in ``$MLFLOW_TRACKING_URI`` when set, else
 in ``mlflow.db`` (SQLite) with artifacts in ``mlruns/`` (experiment ``$MLFLOW_EXPERIMENT_NAME``,
 default ``surgery``).
+
+Before the model loads, ``check_trackers`` makes sure each tracker can start without waiting: its folders under
+``log_dir`` are folders (or absent), and a tracking server it would contact (``MLFLOW_TRACKING_URI`` over HTTP,
+W&B online) answers one request within ``REACH_SECONDS``; MLflow's client would otherwise retry for minutes.
 """
 
 from __future__ import annotations
@@ -30,6 +34,71 @@ if TYPE_CHECKING:
     from .job import Job
 
 PROJECT = "surgery"  # W&B project and MLflow experiment unless the environment names one
+REACH_SECONDS = 5.0  # one request to a tracking server, answered within this or the run is refused
+FOLDERS = {"tensorboard": ("tensorboard",), "wandb": ("wandb",), "mlflow": ("mlruns",)}  # made under log_dir
+WANDB_OFFLINE = ("offline", "disabled", "dryrun")
+
+
+def check_trackers(names: tuple[TrackerName, ...], log_dir: Path | None) -> None:
+    """Every tracker in ``names`` can start at once: its folders under ``log_dir`` are not files, and a server it
+    would contact answers (one request, ``REACH_SECONDS`` at most). Called before the model loads.
+
+    Args:
+        names: the trackers of ``--report-to``.
+        log_dir: where their runs go (``--out``); None when there is none (then nothing is written there).
+
+    Raises:
+        TrainError: naming the folder or the URI, and what to do.
+    """
+    for name in names:
+        if log_dir is not None:
+            _check_folders(name, Path(log_dir))
+    if "mlflow" in names and os.environ.get("MLFLOW_TRACKING_URI"):
+        uri = os.environ["MLFLOW_TRACKING_URI"]
+        if uri.lower().startswith(("http://", "https://")):
+            _reach(uri, "MLFLOW_TRACKING_URI", "start the MLflow server, or unset the variable to keep runs in OUT")
+    if "wandb" in names and os.environ.get("WANDB_MODE", "online").lower() not in WANDB_OFFLINE:
+        if os.environ.get("WANDB_DISABLED", "").lower() not in ("1", "true"):
+            url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+            _reach(url, "WANDB_BASE_URL", "set WANDB_MODE=offline to keep the W&B runs in OUT/wandb")
+
+
+def _check_folders(name: TrackerName, log_dir: Path) -> None:
+    """The tracker's folders under ``log_dir`` (and MLflow's local database file) are what they must be."""
+    import stat
+
+    paths = [log_dir / folder for folder in FOLDERS[name]]
+    for path in paths:
+        if os.path.lexists(path) and not path.is_dir():
+            raise TrainError(
+                f"--report-to {name}: {path} is not a folder, but the tracker keeps its runs there; move it away "
+                "or choose another --out"
+            )
+    database = log_dir / "mlflow.db"
+    if name == "mlflow" and not os.environ.get("MLFLOW_TRACKING_URI") and os.path.lexists(database):
+        if not database.exists() or not stat.S_ISREG(os.stat(database).st_mode):  # a dangling link, a FIFO
+            raise TrainError(
+                f"--report-to mlflow: {database} is not a regular file, but MLflow keeps its runs in that SQLite "
+                "database; move it away or choose another --out"
+            )
+
+
+def _reach(url: str, variable: str, remedy: str) -> None:
+    """One HTTP request to ``url`` answered within REACH_SECONDS (any HTTP status counts), else a TrainError."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=REACH_SECONDS):
+            pass
+    except urllib.error.HTTPError:
+        return  # the server answered
+    except (OSError, ValueError) as exc:  # refused, unreachable, no answer in time, not a URL
+        reason = getattr(exc, "reason", None) or exc  # URLError wraps the socket's error
+        why = first_line(reason) if isinstance(reason, BaseException) else str(reason)
+        raise TrainError(
+            f"--report-to: {variable}={url} does not answer ({why}; one request, {REACH_SECONDS:g} s at most); {remedy}"
+        ) from None
 
 
 class TrackerRun(Protocol):
@@ -91,6 +160,7 @@ class Trackers:
 
     def __init__(self, names: tuple[TrackerName, ...], jobs: list[Job], log_dir: Path):
         self.runs: dict[str, list[TrackerRun]] = {}
+        check_trackers(names, log_dir)
         try:
             for job in jobs:
                 config = run_config(job)
