@@ -30,6 +30,8 @@ import time
 import warnings
 from pathlib import Path
 
+from environment import environment  # bench/environment.py: hardware, versions, command line
+
 from surgery.base.tokenizer import tiny_tokenizer
 
 warnings.filterwarnings("ignore")
@@ -273,6 +275,7 @@ def main() -> None:
         json.dumps(
             {
                 "quick": args.quick,
+                "environment": environment(),
                 "machine": platform.platform(),
                 "torch": torch.__version__,
                 "device": device_name(args.device),
