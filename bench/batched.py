@@ -140,7 +140,7 @@ def bench_train(base_kind: str, ns: list[int], repeats: int, seq: int, device: s
     def run_for(i: int):
         ids = torch.randint(3, 20000, (steps, seq), generator=torch.Generator().manual_seed(i))
         data = Blocks(ids, ids.clone(), torch.ones_like(ids), f"random tokens {i}")
-        config = TrainConfig(batch_size=1, lr=1e-4, max_steps=steps, max_grad_norm=None, seed=i)
+        config = TrainConfig(batch_size=1, lr=1e-4, max_steps=steps, max_grad_norm=0.0, seed=i)
         return prepare(Job(f"job{i}", fts[i], data, config), where)
 
     rows = []

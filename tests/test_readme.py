@@ -163,6 +163,7 @@ def check_many_finetunes(scope: dict) -> None:
             alone = each.eval()(input_ids=ids[rows]).logits
             assert (scope["logits"][rows] - alone).abs().max() <= 1e-5 * alone.abs().max()
         assert scope["new_ids"][0, -1] == 260 and scope["new_logits"].shape[-1] == 262
+        assert scope["sibling"](input_ids=ids[:1]).logits.shape[-1] == 260
 
 
 def check_adapters(scope: dict) -> None:
