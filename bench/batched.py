@@ -30,6 +30,8 @@ import time
 import warnings
 from pathlib import Path
 
+from environment import environment  # bench/environment.py: hardware, versions, command line
+
 from surgery.base.tokenizer import tiny_tokenizer
 
 warnings.filterwarnings("ignore")
@@ -138,7 +140,7 @@ def bench_train(base_kind: str, ns: list[int], repeats: int, seq: int, device: s
     def run_for(i: int):
         ids = torch.randint(3, 20000, (steps, seq), generator=torch.Generator().manual_seed(i))
         data = Blocks(ids, ids.clone(), torch.ones_like(ids), f"random tokens {i}")
-        config = TrainConfig(batch_size=1, lr=1e-4, max_steps=steps, max_grad_norm=None, seed=i)
+        config = TrainConfig(batch_size=1, lr=1e-4, max_steps=steps, max_grad_norm=0.0, seed=i)
         return prepare(Job(f"job{i}", fts[i], data, config), where)
 
     rows = []
@@ -273,6 +275,7 @@ def main() -> None:
         json.dumps(
             {
                 "quick": args.quick,
+                "environment": environment(),
                 "machine": platform.platform(),
                 "torch": torch.__version__,
                 "device": device_name(args.device),

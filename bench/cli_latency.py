@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from environment import environment  # bench/environment.py: hardware, versions, command line
+
 COMMANDS = {  # name -> (arguments, goal in seconds for (cold, warm); None: no goal)
     "surgery --help": (["--help"], (0.3, 0.3)),
     "plan qv_lora --model tiny-opt": (["plan", "qv_lora", "--model", "tiny-opt"], (None, 0.6)),
@@ -87,6 +89,7 @@ def main() -> None:
                     "platform": platform.platform(),
                 },
                 "results": results,
+                "environment": environment(),
             },
             indent=2,
         )

@@ -1,7 +1,7 @@
 """The prepared GPU check: everything surgery promises on CUDA, in one run of under 8 minutes on one GPU.
 
 Run it first whenever a GPU is at hand, commit the JSON it writes (bench/results/gpu_check.json, with the
-GPU's name) and put its numbers in the README as measured. Without CUDA it says so and exits 0.
+GPU's name), so every figure quoted from it has its source in the repository. Without CUDA it says so and exits 0.
 
   python bench/gpu_check.py [--out bench/results/gpu_check.json] [--skip STEP ...]
 

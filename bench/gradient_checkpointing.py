@@ -18,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from environment import environment  # bench/environment.py: hardware, versions, command line
+
 RULES = {
     "quantize": "none",
     "default": "freeze",
@@ -85,7 +87,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--json", default="bench/results/gradient_checkpointing.json")
+    parser.add_argument("--out", "--json", default="bench/results/gradient_checkpointing.json")
     parser.add_argument("--one", choices=["on", "off"], help=argparse.SUPPRESS)  # a child process's setting
     args = parser.parse_args()
     if args.one:
@@ -133,9 +135,10 @@ def main() -> None:
         "python": platform.python_version(),
         "rows": rows,
         "saving": saving,
+        "environment": environment(),
     }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from environment import environment  # bench/environment.py: hardware, versions, command line
+
 MODELS = ["facebook/opt-1.3b", "meta-llama/Llama-3.1-8B", "meta-llama/Llama-3.1-70B"]
 CHILD = """
 import json, resource, sys, time
@@ -59,7 +61,10 @@ def main() -> None:
         )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(
-        json.dumps({"machine": platform.platform(), "cpus": os.cpu_count(), "results": rows}, indent=2)
+        json.dumps(
+            {"machine": platform.platform(), "cpus": os.cpu_count(), "results": rows, "environment": environment()},
+            indent=2,
+        )
     )
     print(f"wrote {args.out}")
 

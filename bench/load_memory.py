@@ -21,6 +21,8 @@ import threading
 import time
 from pathlib import Path
 
+from environment import environment  # bench/environment.py: hardware, versions, command line
+
 SHAPE = {
     "hidden_size": 2048,
     "intermediate_size": 8192,
@@ -198,6 +200,7 @@ def main() -> None:
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "rows": rows,
+        "environment": environment(),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

@@ -20,6 +20,8 @@ import time
 import warnings
 from pathlib import Path
 
+from environment import environment  # bench/environment.py: hardware, versions, command line
+
 warnings.filterwarnings("ignore")
 
 
@@ -142,6 +144,7 @@ def main() -> None:
                 "tokens": len(ids),
                 "window": args.window,
                 "rows": rows,
+                "environment": environment(),
             },
             indent=2,
         )

@@ -15,6 +15,8 @@ import json
 import warnings
 from pathlib import Path
 
+from environment import environment  # bench/environment.py: hardware, versions, command line
+
 warnings.filterwarnings("ignore")
 
 
@@ -64,7 +66,7 @@ def main() -> None:
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"scale": args.scale, "rows": rows}, indent=2))
+    out.write_text(json.dumps({"scale": args.scale, "rows": rows, "environment": environment()}, indent=2))
     print(f"wrote {out}")
 
 

@@ -16,6 +16,8 @@ import platform
 import time
 from pathlib import Path
 
+from environment import environment  # bench/environment.py: hardware, versions, command line
+
 from surgery.base.tiny import tiny_model
 from surgery.base.tokenizer import tiny_tokenizer
 from surgery.distributed import world
@@ -94,6 +96,7 @@ def main() -> None:
                 },
                 "steps": args.steps,
                 "results": results,
+                "environment": environment(),
             },
             indent=2,
         )

@@ -17,6 +17,8 @@ import time
 import warnings
 from pathlib import Path
 
+from environment import environment  # bench/environment.py: hardware, versions, command line
+
 warnings.filterwarnings("ignore")
 
 
@@ -78,6 +80,7 @@ def main() -> None:
                 "rows": rows,
                 "within_1_percent": ours <= bound * 1.01,
                 "rewrite_seconds": seconds,
+                "environment": environment(),
             },
             indent=2,
         )

@@ -20,6 +20,8 @@ import time
 import warnings
 from pathlib import Path
 
+from environment import environment  # bench/environment.py: hardware, versions, command line
+
 warnings.filterwarnings("ignore")
 
 
@@ -146,6 +148,7 @@ def main() -> None:
                 "steps": args.steps,
                 "warmup": args.warmup,
                 "rows": rows,
+                "environment": environment(),
             },
             indent=2,
         )

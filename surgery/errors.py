@@ -119,7 +119,7 @@ class TruncationWarning(SurgeryWarning):
     """Some training rows lost every loss token to --block-size (their prompts fill the block)."""
 
 
-CONSTRAINTS = {  # what each constraint id in a PlanError means; the README's table says the same
+CONSTRAINTS = {  # what each constraint id in a PlanError means; docs/rule-files.md's table says the same
     "C1": "no unquantize after quantize: a module the base already holds quantized cannot be planned unquantized "
     "(a rule that freezes it, `quantize: none`) or quantized again with another scheme or other settings",
     "C2": "no trainable quantized module: `plain` on a quantized module is an error",

@@ -3,8 +3,8 @@
 The configs (``TrainConfig``, ``DataConfig``, ``TrackerConfig``, ``DeviceConfig``, ``LoraShorthand``) are frozen,
 keyword-only dataclasses declared with ``option(...)``; the CLI builds its options from them (``surgery_cli``),
 the library takes the same objects, and the docs' option reference is generated from them
-(``python -m surgery_cli.reference``). A value is checked once, in the config's ``__post_init__``, and a
-message names the option as the command line spells it (``--batch-size``).
+(``python docs/generate.py`` writes ``docs/options.md``). A value is checked once, in the config's
+``__post_init__``, and a message names the option as the command line spells it (``--batch-size``).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Rules: per module-name pattern, whether a module is quantized, frozen, adapted (LoRA) or plain.
 
-The types of a rule file (see README "Rule files"; read by ``rule_file``) and how a pattern matches a
+The types of a rule file (see docs/rule-files.md; read by ``rule_file``) and how a pattern matches a
 module path. Every rule keeps its file and line so that each decision and each error can point at
 it; matching a whole model happens in ``plan``.
 """
