@@ -175,6 +175,13 @@ ROWS: tuple[Row, ...] = (
         "add --gradient-checkpointing or leave it out",
     ),
     Row(
+        "--mlp-chunk-tokens",
+        "--batched",
+        "conflict",
+        "a batched pass runs the base's structure, not each fine-tune's own MLP blocks",
+        "train these jobs without --batched (they take turns), or leave --mlp-chunk-tokens out",
+    ),
+    Row(
         "--loss-chunk-tokens",
         "--fsdp",
         "conflict",

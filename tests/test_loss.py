@@ -600,3 +600,66 @@ def test_the_chunked_loss_is_off_under_fsdp_and_an_explicit_chunk_size_there_is_
     assert TrainConfig(fsdp=True).chunked_loss == 0
     with pytest.raises(TrainError, match="--loss-chunk-tokens.*--fsdp"):
         TrainConfig(fsdp=True, loss_chunk_tokens=256)
+
+
+# ------------------------------------------------------------------ the MLP in chunks over the tokens
+
+
+def _loss_and_grads_of_a_finetune(ft, batch, chunk: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    from surgery.training.mlp_chunks import chunked_mlps
+
+    params = trainable(ft)
+    with chunked_mlps(ft, chunk):
+        return loss_and_grads(lambda: ft(**batch, use_cache=False).loss, params)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-gpt2"])
+def test_the_mlp_in_chunks_gives_the_same_loss_and_gradients(model, checkpointing):
+    """LoRA on every MLP projection (over an int8 base for llama): chunks of 3 tokens over rows of 23 against the
+    MLP over the whole rows; the classes come back after, the base's modules are never touched."""
+    mlp = {"tiny-llama": "re:.*mlp\\.(gate|up|down)_proj", "tiny-gpt2": "re:.*mlp\\.c_(fc|proj)"}[model]
+    spec = rules(model, "frozen", quantize="int8" if model == "tiny-llama" else "none")
+    spec["rules"].append({"match": mlp, "action": "adapt", "lora": {"r": 4, "alpha": 8, "init": "gaussian"}})
+    base = tiny_model(model)
+    ft = surgery.rewrite(base, spec)
+    with torch.no_grad():  # off the start (B = 0 gives A no gradient)
+        g = torch.Generator().manual_seed(0)
+        for p in trainable(ft):
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    if checkpointing:
+        checkpoint_activations(ft)
+    batch = padded_batch()
+    before = {m: type(m) for m in ft.modules()}
+    base_classes = {m: type(m) for m in base.modules()}
+    calls = []
+    first_mlp = next(m for name, m in ft.named_modules() if name.endswith(".mlp"))
+    first_projection = next(iter(first_mlp.children()))
+    first_projection.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[-2]))
+    full = _loss_and_grads_of_a_finetune(ft, batch, 0)
+    whole_calls, calls[:] = list(calls), []
+    chunked = _loss_and_grads_of_a_finetune(ft, batch, 3)
+    assert set(whole_calls) == {23} and set(calls) == {3, 2}  # 23 tokens: seven chunks of 3 and one of 2
+    assert_same(chunked, full, tolerance=1e-5)  # weight gradients summed chunk by chunk: another summation order
+    assert {m: type(m) for m in ft.modules()} == before and {m: type(m) for m in base.modules()} == base_classes
+
+
+def test_training_with_the_mlp_in_chunks_takes_the_steps_of_the_whole_mlp():
+    chunked = _training_runs("tiny-llama", "lora", loss_chunk_tokens=7, mlp_chunk_tokens=5)
+    whole = _training_runs("tiny-llama", "lora", loss_chunk_tokens=7)
+    for a, b in zip(chunked, whole):
+        assert [r["loss"] for r in a.history] == pytest.approx([r["loss"] for r in b.history], rel=1e-5)
+        assert type(a.job.finetune.model.layers[0].mlp) is type(b.job.finetune.model.layers[0].mlp)  # restored
+
+
+def test_the_mlp_in_chunks_is_refused_where_it_cannot_apply():
+    from surgery.training.config import TrainConfig
+    from surgery.training.mlp_chunks import chunked_mlps
+
+    with pytest.raises(TrainError, match="--mlp-chunk-tokens.*--batched"):
+        TrainConfig(mlp_chunk_tokens=512, batched=True)
+    with pytest.raises(TrainError, match="--mlp-chunk-tokens must be >= 0"):
+        TrainConfig(mlp_chunk_tokens=-1)
+    opt = surgery.rewrite(tiny_model("tiny-opt"), "qv_lora")  # OPT's layers hold fc1/fc2 themselves
+    with pytest.raises(TrainError, match="OPTForCausalLM.*no `mlp` block"), chunked_mlps(opt, 8):
+        pass

@@ -220,11 +220,11 @@ def test_directory_binary_huge_and_missing_files(tmp_path):
         load_rules("qv_lroa")
 
 
-def test_the_readme_shows_the_bundled_qv_lora_file_as_shipped():
+def test_the_rule_file_docs_show_the_bundled_qv_lora_file_as_shipped():
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    readme = (root / "README.md").read_text()
+    readme = (root / "docs" / "rule-files.md").read_text()
     start = readme.index("```yaml\n", readme.index("The bundled `rules/qv_lora.yaml`, as shipped")) + len("```yaml\n")
     assert readme[start : readme.index("```", start)] == (root / "rules" / "qv_lora.yaml").read_text()
 

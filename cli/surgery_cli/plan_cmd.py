@@ -11,7 +11,6 @@ from surgery.errors import TrainError
 from surgery.planning.training_memory import TrainingShape, training_peak
 from surgery.planning.training_memory import max_context as planned_context
 from surgery.training.config import DataConfig, TrainConfig
-from surgery.training.data import model_max_length
 
 from .common import MODEL_OPT, NO_CACHE_OPT, RULES_ARG, console, model_for, quiet_libraries, say
 from .options import with_configs
@@ -25,6 +24,7 @@ PLAN_TRAINING = (
     "optimizer",
     "gradient_checkpointing",
     "loss_chunk_tokens",
+    "mlp_chunk_tokens",
     "offload_activations",
     "fsdp",
 )
@@ -108,6 +108,8 @@ def plan(
         else None
     )
     layout = _layout(name) if shape is not None else None
+    if max_context:
+        from surgery.training.data import model_max_length  # torch: only where a training run is planned
     answer = (
         planned_context(result, layout, shape, budget, model_limit=model_max_length(layout)) if max_context else None
     )

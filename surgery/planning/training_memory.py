@@ -58,13 +58,15 @@ class TrainingShape:
     loss_chunk_tokens: int = 512  # 0: the model's own loss over the full logits
     offload_activations: bool = False  # with checkpointing on CUDA: the layers' inputs wait in pinned host memory
     device: DeviceKind = "cuda"
+    mlp_chunk_tokens: int = 0  # each decoder layer's MLP this many tokens at a time (0: whole)
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "block_size", "finetunes", "world_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainingShape.{name} must be at least 1, got {getattr(self, name)}")
-        if self.loss_chunk_tokens < 0:
-            raise ValueError(f"TrainingShape.loss_chunk_tokens must be >= 0, got {self.loss_chunk_tokens}")
+        for name in ("loss_chunk_tokens", "mlp_chunk_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainingShape.{name} must be >= 0, got {getattr(self, name)}")
 
     @classmethod
     def from_configs(
@@ -98,6 +100,7 @@ class TrainingShape:
             loss_chunk_tokens=training.chunked_loss,
             offload_activations=training.offload_activations,
             device="cuda" if cuda else "cpu",
+            mlp_chunk_tokens=training.mlp_chunk_tokens,
         )
 
     def describe(self) -> str:
@@ -233,6 +236,7 @@ class ContextAnswer:
         out = [f"--batch-size {s.batch_size}", f"--block-size {self.tokens}", f"--precision {s.precision}"]
         out += ["--gradient-checkpointing"] if s.gradient_checkpointing else []
         out += [f"--loss-chunk-tokens {s.loss_chunk_tokens}"]
+        out += [f"--mlp-chunk-tokens {s.mlp_chunk_tokens}"] if s.mlp_chunk_tokens else []
         out += ["--offload-activations"] if s.offload_activations else []
         out += [f"--optimizer {s.optimizer}"] if s.optimizer != "adamw" else []
         return " ".join(out)
@@ -278,7 +282,7 @@ def max_context(
     """
     profile = measure_activations(model, plan, shape)
     best = None
-    for candidate, added in _settings(shape, explore):
+    for candidate, added in _settings(shape, explore, profile.mlp(1) > 0):
         tokens = _longest(plan, candidate, profile, device_memory)
         if best is None or tokens > best[0]:
             best = (tokens, candidate, added)
@@ -295,8 +299,9 @@ def max_context(
     )
 
 
-def _settings(shape: TrainingShape, explore: bool) -> list[tuple[TrainingShape, tuple[str, ...]]]:
-    """The asked-for run, then (``explore``) with each memory option added that it lacks, fewest additions first."""
+def _settings(shape: TrainingShape, explore: bool, has_mlp: bool) -> list[tuple[TrainingShape, tuple[str, ...]]]:
+    """The asked-for run, then (``explore``) with each memory option added that it lacks, fewest additions first
+    (``has_mlp``: the layers have an ``mlp`` block that --mlp-chunk-tokens can chunk)."""
     out = [(shape, ())]
     if not explore:
         return out
@@ -307,6 +312,8 @@ def _settings(shape: TrainingShape, explore: bool) -> list[tuple[TrainingShape, 
         options.append(("--loss-chunk-tokens 512", {"loss_chunk_tokens": 512}))
     if shape.device == "cuda" and not shape.offload_activations:
         options.append(("--offload-activations", {"offload_activations": True}))
+    if has_mlp and not shape.mlp_chunk_tokens:
+        options.append((f"--mlp-chunk-tokens {MLP_CHUNK_TOKENS}", {"mlp_chunk_tokens": MLP_CHUNK_TOKENS}))
     for size in range(1, len(options) + 1):
         for chosen in itertools.combinations(options, size):
             changes = {k: v for _, change in chosen for k, v in change.items()}
@@ -559,8 +566,15 @@ def activation_terms(profile: ActivationProfile, shape: TrainingShape) -> Activa
         The terms, each in bytes.
     """
     tokens, p = shape.block_size, profile
+    mlp_tokens = min(shape.mlp_chunk_tokens or tokens, tokens)
+    # a chunked MLP keeps its input (the chunks' views of it) and, at any moment, one chunk's inner activations
+    chunked = p.hidden_bytes(tokens) + p.mlp(mlp_tokens) if mlp_tokens < tokens else p.mlp(tokens)
     if shape.gradient_checkpointing and p.layers:
-        inputs, layers, mlp = p.layers * p.hidden_bytes(tokens), p.layer(tokens), p.mlp(tokens)
+        inputs, layers, mlp = p.layers * p.hidden_bytes(tokens), p.layer(tokens) - p.mlp(tokens) + chunked, chunked
+    elif mlp_tokens < tokens:
+        per_layer = p.hidden_bytes(tokens)
+        inputs, mlp = 0, p.layers * per_layer + p.mlp(mlp_tokens)
+        layers = p.all_layers(tokens) - p.layers * p.mlp(tokens) + mlp
     else:
         inputs, layers, mlp = 0, p.all_layers(tokens), p.layers * p.mlp(tokens)
     if shape.loss_chunk_tokens:
@@ -575,25 +589,27 @@ def activation_terms(profile: ActivationProfile, shape: TrainingShape) -> Activa
         layers=layers,
         outside=p.outside(tokens),
         loss=loss,
-        backward=backward_bytes(p, tokens),
+        backward=backward_bytes(p, tokens, mlp_tokens),
         offloaded=shape.offload_activations and shape.gradient_checkpointing and shape.device == "cuda",
         chunked_loss=bool(shape.loss_chunk_tokens),
         mlp=mlp,
     )
 
 
+MLP_CHUNK_TOKENS = 1024  # what max_context tries for --mlp-chunk-tokens: one chunk's inner activations stay small
 CHUNK_LOGIT_BYTES = 16  # per token and vocabulary entry of one loss chunk (four fp32 values, tests/test_loss.py)
 
 
-def backward_bytes(profile: ActivationProfile, tokens: int) -> int:
+def backward_bytes(profile: ActivationProfile, tokens: int, mlp_tokens: int | None = None) -> int:
     """Gradients alive at once in one decoder layer's backward, besides the saved tensors: the gradient of the
     layer's output and of its input (the residual stream), and attention's dq, dk, dv with the fused kernels' fp32
-    dq accumulator, or the MLP's two inner gradients, whichever is larger."""
+    dq accumulator, or the MLP's two inner gradients (of one chunk's ``mlp_tokens`` under --mlp-chunk-tokens),
+    whichever is larger."""
     p = profile
     per_token = p.act_bytes * 2 * p.hidden
     attention = p.act_bytes * p.head_dim * (p.heads + 2 * p.kv_heads) + 4 * p.heads * p.head_dim
-    mlp = p.act_bytes * 2 * p.intermediate
-    return p.rows * tokens * (per_token + max(attention, mlp))
+    mlp = p.act_bytes * 2 * p.intermediate * (tokens if mlp_tokens is None else mlp_tokens)
+    return p.rows * (tokens * per_token + max(tokens * attention, mlp))
 
 
 def _saved_parts(twin: nn.Module, rows: int, length: int, fused: bool) -> dict[str, int]:

@@ -91,6 +91,12 @@ class TrainConfig:
         "memory (0: the model's own loss over the full logits, as always under --fsdp).",
         panel=MEMORY,
     )
+    mlp_chunk_tokens: int = option(
+        0,
+        help="Compute each decoder layer's MLP this many tokens at a time (each chunk recomputed in backward): its "
+        "inner activations never exist for the whole sequence (0: off). For long context.",
+        panel=MEMORY,
+    )
     offload_activations: bool = option(
         False,
         help="With --gradient-checkpointing on CUDA: keep each layer's saved input in pinned host memory until "
@@ -127,6 +133,8 @@ class TrainConfig:
             _finite(self, name, getattr(self, name))
         if self.warmup < 0:
             raise TrainError(f"--warmup must be >= 0, got {self.warmup}")
+        if self.mlp_chunk_tokens < 0:
+            raise TrainError(f"--mlp-chunk-tokens must be >= 0 (0: off), got {self.mlp_chunk_tokens}")
         if self.loss_chunk_tokens < 0:
             raise TrainError(f"--loss-chunk-tokens must be >= 0 (0: the full logits), got {self.loss_chunk_tokens}")
         if not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..base.shared_base import sharded_root
 from ..errors import DataError, TrainError, first_line
 from ..random_state import forked_rng
 from .config import DataConfig, TrainConfig
@@ -196,7 +197,10 @@ def make_job(
     with forked_rng():
         torch.manual_seed(config.seed)
         finetune = rewrite(base, rules)
-    parts = causal_lm_parts(finetune) if config.chunked_loss else None  # probed once, before the first step
+    # the chunked loss calls the body and the output layer itself: not on a base FSDP2 shards (its root's forward
+    # gathers them), which computes the model's own loss; probed once, before the first step
+    chunked = config.chunked_loss and sharded_root(base) is None
+    parts = causal_lm_parts(finetune) if chunked else None
     if config.gradient_checkpointing:
         checkpoint_activations(finetune)
     if config.compile:  # the chunked loss calls the body itself: compile what runs

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..base.ownership import finetune_info, own_state, require_finetune
 from ..base.shared_base import refuse_sharded
+from ..combinations import check
 from ..devices import input_device
 from ..distributed import World, broadcast_trainables, gathered_rng, rank_seed, world
 from ..errors import TrainError
@@ -45,6 +46,7 @@ from .config import parse_report_to
 from .data import TOKENS, Blocks
 from .job import EarlyStopping, Job, Run, build_optimizer, build_scheduler
 from .master_weights import MasterWeights
+from .mlp_chunks import chunked_mlps
 from .step import train_step
 from .trackers import Trackers
 
@@ -166,6 +168,8 @@ def train_jobs(
     if batched:
         for job in jobs:
             refuse_sharded(job.finetune, "--batched training", "train without --batched (the jobs take turns)")
+            if job.config.mlp_chunk_tokens:
+                check({"--mlp-chunk-tokens": f"job {job.name}", "--batched": "--batched"})
             if job.data.position_ids is not None:
                 raise TrainError(
                     f"job {job.name}: --packing with --batched is not supported (a shared base pass "
@@ -182,6 +186,7 @@ def train_jobs(
         for job in jobs:
             runs.append(prepare(job, where, resume.get(job.name)))
             locks.callback(runs[-1].masters.close)  # the fine-tune's tensors get their own gradients again
+            locks.enter_context(chunked_mlps(job.finetune, job.config.mlp_chunk_tokens))
         for job in jobs:
             if overwrite and job.out is not None and where.main and job.name not in resume:
                 moved = move_aside(job.out)  # our lock moves with it; the fresh folder gets its own
