@@ -412,3 +412,25 @@ def test_generate_with_adapters_of_differently_quantized_bases_says_the_one_thin
     first_line = error.splitlines()[0]
     assert "disagree on how the base is stored" in first_line and "separate bases" in first_line
     assert "qv_lora.safetensors" in first_line and "qlora_nf4.safetensors" in first_line
+
+
+def test_generate_reads_a_peft_folder_as_it_is_and_answers_as_the_adapter_it_came_from(tmp_path):
+    import torch
+
+    import surgery
+
+    ft = surgery.rewrite(tiny_model("tiny-llama"), "qlora_nf4")
+    with torch.no_grad():  # a trained-looking adapter (B = 0 would answer as the base)
+        for tensor in surgery.base.ownership.own_state(ft).values():
+            tensor.add_(torch.randn(tensor.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
+    file, folder = tmp_path / "a.safetensors", tmp_path / "a-peft"
+    surgery.save_adapter(ft, file)
+    surgery.export_peft(ft, folder)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The capital of Peru is\nowl ->\n")
+    result = run("generate", "--prompts", str(prompts), "-a", str(folder), "-a", str(file), "--base", "-n", "6")
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    by_model = {m: [r["answer"] for r in rows if r["model"] == m] for m in (str(folder), str(file), "base")}
+    assert by_model[str(folder)] == by_model[str(file)] and len(by_model[str(file)]) == 2
+    assert by_model[str(file)] != by_model["base"]  # the adapter changes the answers: the comparison means something

@@ -216,3 +216,8 @@ def test_cli_max_context_prints_the_answer_its_flags_and_json():
     assert data["model_limit"] == load_model("tiny-llama", weights=False).model.config.max_position_embeddings
     refused = run("plan", "qlora_nf4", "--model", "tiny-llama", "--max-context")
     assert refused.exit_code == 2 and "--max-context does nothing without --device-memory" in refused.output
+
+
+def test_an_empty_device_memory_is_refused_not_ignored():
+    result = run("plan", "qv_lora", "--model", "tiny-llama", "--device-memory", "")
+    assert result.exit_code == 2 and "--device-memory ''" in result.output and "write a size" in result.output

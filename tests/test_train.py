@@ -129,6 +129,19 @@ def test_completions_cut_away_by_the_block_size_are_refused_or_counted(tmp_path)
     assert tokenize(read_examples(path), TOK, block_size=71, source=str(path)).labels[0, -1] == TOK.eos_token_id
 
 
+def test_examples_without_text_are_named_as_empty_not_as_too_long(tmp_path):
+    path = tmp_path / "blank.jsonl"
+    path.write_text(json.dumps({"text": ""}) + "\n" + json.dumps({"prompt": "q ->", "completion": ""}) + "\n")
+    with pytest.raises(DataError, match=r"blank.jsonl: no example has a token to learn.*give examples with text") as e:
+        tokenize(read_examples(path), TOK, block_size=16, source=str(path))
+    assert "--block-size" not in str(e.value)
+    with path.open("a") as f:
+        f.write(json.dumps({"text": "some text"}) + "\n")
+    with pytest.warns(surgery.TruncationWarning, match="2 of 3 examples are empty") as seen:
+        tokenize(read_examples(path), TOK, block_size=16, source=str(path))
+    assert not any("--block-size" in str(w.message) for w in seen)
+
+
 @pytest.mark.parametrize(
     "name,content,message",
     [

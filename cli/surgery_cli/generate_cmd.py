@@ -28,7 +28,8 @@ def generate(
         [],
         "--adapter",
         "-a",
-        help="Adapter file (repeatable: every fine-tune answers, all in one batched pass over the shared base).",
+        help="Adapter file, adapter folder or PEFT LoRA folder (repeatable: every fine-tune answers, all in one "
+        "batched pass over the shared base).",
     ),
     with_base: bool = typer.Option(False, "--base", help="Also answer with the bare base (always, without adapters)."),
     prompts_file: Path | None = typer.Option(
@@ -66,8 +67,9 @@ def generate(
 
     from surgery.base.loading import load_model, load_tokenizer
     from surgery.files.adapter_file import read_adapter
+    from surgery.files.peft_format import is_peft_folder, peft_base_model
     from surgery.finetune.batched import generate as generate_batched
-    from surgery.finetune.loading import load_adapter
+    from surgery.finetune.loading import import_peft, load_adapter
     from surgery.finetune.vocabulary import extended_tokenizer
     from surgery.model.architectures import TINY_DEFAULT
     from surgery.training.data import Example, chat_prompt, read_examples
@@ -76,8 +78,11 @@ def generate(
         raise typer.BadParameter("give one PROMPT or --prompts FILE")
     examples = [Example("", prompt)] if prompt is not None else read_examples(prompts_file)
     shown = [_asked(e) for e in examples]
-    files = [read_adapter(path) for path in adapter]
-    name = model or (files[0].base_model if files else "") or TINY_DEFAULT
+    read = [path if is_peft_folder(path) else read_adapter(path) for path in adapter]  # PEFT folders: on the base
+    files = [f for f in read if not isinstance(f, Path)]
+    first = read[0] if read else None
+    named = (peft_base_model(first) if isinstance(first, Path) else first.base_model) if first is not None else ""
+    name = model or named or TINY_DEFAULT
     tokenizer = load_tokenizer(tokenizer_name or name)
     chat = chat_template or any(e.messages for e in examples)
     source = str(prompts_file or "PROMPT")
@@ -88,8 +93,9 @@ def generate(
     # quantized once for every adapter's rules as it loads; then the adapters are loaded onto it
     base = load_model(name, random_init=random_init, rules=[f.rules for f in files], **placed).model
     base.requires_grad_(False)  # only answered with: the bare base too (a base no rule file froze was refused)
-    entries = [load_adapter(base, f) for f in files] + ([None] if with_base or not files else [])
-    labels = [str(path) for path in adapter] + (["base"] if with_base or not files else [])
+    entries = [import_peft(base, f) if isinstance(f, Path) else load_adapter(base, f) for f in read]
+    entries += [None] if with_base or not read else []
+    labels = [str(path) for path in adapter] + (["base"] if with_base or not read else [])
     if len(entries) == 1 and entries[0] is not None:  # a fine-tune with its own tokens reads and writes them
         tokenizer = extended_tokenizer(entries[0], tokenizer)
     answers = generate_batched(

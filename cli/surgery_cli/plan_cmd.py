@@ -85,7 +85,7 @@ def plan(
 
     ruleset = load_rules(rules)
     name, why = model_for(ruleset, model)
-    budget = parse_size(device_memory, "--device-memory") if device_memory else None
+    budget = parse_size(device_memory, "--device-memory") if device_memory is not None else None
     if max_context and budget is None:
         raise TrainError(
             "--max-context does nothing without --device-memory: it finds the longest block size that fits one "

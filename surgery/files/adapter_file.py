@@ -170,7 +170,8 @@ def _file_size(path: Path) -> int:
     """The size of a regular, non-empty file of at most MAX_ADAPTER_BYTES (a folder without one gets a hint)."""
     if path.is_dir():
         hint = (
-            " (it holds adapter_config.json: a PEFT adapter; use surgery.import_peft)"
+            " (it holds adapter_config.json: a PEFT adapter; `surgery generate -a` reads it as it is, `surgery "
+            "import-peft` or surgery.import_peft make a fine-tune of it)"
             if (path / "adapter_config.json").exists()
             else ""
         )

@@ -18,6 +18,7 @@ weights hold; they become a few rules, per (LoRA settings, storage) one pattern 
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections import Counter
 from collections.abc import Callable
@@ -38,7 +39,7 @@ from ..layers.lora import LoraEmbedding, LoraLayer, LoraPositionalEmbedding
 from ..package import version
 from ..rules.rule_file import parse_rules
 from ..rules.ruleset import REGEX_TIMEOUT, LoraConfig, QuantConfig, RuleSet, compile_regex, covering_patterns
-from .adapter_file import MAX_ADAPTER_BYTES
+from .adapter_file import ADAPTER_FILE, MAX_ADAPTER_BYTES
 from .model_card import CARD_FILE, adapter_card
 from .serving import Target, check_servable
 
@@ -379,6 +380,13 @@ def _extra_tokens(adapter: PeftFolder, tokens: dict[str, torch.Tensor]) -> dict:
             "inconsistent"
         )
     return {"extra_tokens": extra}
+
+
+def is_peft_folder(path: str | Path) -> bool:
+    """Whether ``path`` is a PEFT adapter folder (``adapter_config.json``) without a surgery adapter file: read it with
+    ``import_peft`` (a folder ``save_pretrained`` wrote holds both; ``read_adapter`` reads its adapter file)."""
+    path = Path(path)
+    return path.is_dir() and os.path.lexists(path / CONFIG_FILE) and not os.path.lexists(path / ADAPTER_FILE)
 
 
 def peft_base_model(folder: str | Path) -> str | None:

@@ -439,19 +439,32 @@ def _check_truncation(
         return
     longest = max(len(prompt) for prompt, _ in pieces)
     fits = max(len(prompt) + len(completion) + 1 for prompt, completion in pieces)
+    blank = sum(1 for _, completion in pieces if not completion)
+    if blank == len(pieces):
+        raise DataError(
+            f"{source}: no example has a token to learn (every completion or text is empty): training would learn "
+            "nothing; give examples with text"
+        )
     if empty == len(pieces):
         raise DataError(
             f"{source}: every example's completion lies beyond --block-size {block_size} (the longest "
             f"prompt has {longest} tokens): training would learn nothing. Use --block-size {fits} "
             "(fits every example whole) or shorter prompts"
         )
-    warnings.warn(
-        f"{source}: {empty} of {len(pieces)} examples have no completion token within --block-size "
-        f"{block_size} and teach nothing (the longest prompt has {longest} tokens); --block-size {fits} "
-        "fits every example whole",
-        TruncationWarning,
-        stacklevel=3,
-    )
+    if blank:
+        warnings.warn(
+            f"{source}: {blank} of {len(pieces)} examples are empty (no completion or text) and teach nothing",
+            TruncationWarning,
+            stacklevel=3,
+        )
+    if empty > blank:
+        warnings.warn(
+            f"{source}: {empty - blank} of {len(pieces)} examples have no completion token within --block-size "
+            f"{block_size} and teach nothing (the longest prompt has {longest} tokens); --block-size {fits} "
+            "fits every example whole",
+            TruncationWarning,
+            stacklevel=3,
+        )
 
 
 def _ids(tokenizer, text: str) -> list[int]:
