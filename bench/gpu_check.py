@@ -113,6 +113,30 @@ def steps(out: Path) -> dict[str, tuple[list[str], int]]:
     }
 
 
+def _measured_peak(base, name: str, rules: str, text: Path, config, data, folder: Path) -> int:
+    """``max_memory_allocated`` over training one job of ``rules`` on ``text`` (the byte-level tiny tokenizer)."""
+    import torch
+
+    from surgery.training.job import make_job
+    from surgery.training.loop import train_jobs
+
+    job = make_job(
+        base,
+        name=name,
+        rules=rules,
+        data=str(text),
+        tokenizer=tiny_tokenizer(),
+        config=config,
+        data_config=data,
+        model_name=str(folder),
+    )
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    train_jobs([job])
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated()
+
+
 def plan_peak(out: Path) -> None:
     """Train a few steps of a SmolLM2-135M-shaped random model on CUDA; the predicted peak (without the context
     margin, which max_memory_allocated does not see) next to the measured one, for several settings."""
@@ -127,8 +151,7 @@ def plan_peak(out: Path) -> None:
     from surgery.planning.training_memory import TrainingShape, training_peak
     from surgery.rules.rule_file import load_rules
     from surgery.training.config import DataConfig
-    from surgery.training.job import TrainConfig, make_job
-    from surgery.training.loop import train_jobs as train
+    from surgery.training.job import TrainConfig
 
     spec = dict(SMOLLM2_135M)
     folder = Path(tempfile.mkdtemp(prefix="smollm2-shape-"))
@@ -143,24 +166,9 @@ def plan_peak(out: Path) -> None:
     ):
         torch.cuda.empty_cache()
         base = load_model(str(folder), random_init=True, rules=rules, device="cuda").model
-        tokenizer = tiny_tokenizer()
         config = TrainConfig(batch_size=batch, max_steps=3, precision="bf16", gradient_checkpointing=checkpointing)
         data = DataConfig(block_size=block, group_texts=True)  # every row a full block, as the plan assumes
-        job = make_job(
-            base,
-            name="peak",
-            rules=rules,
-            data=str(text),
-            tokenizer=tokenizer,
-            config=config,
-            data_config=data,
-            model_name=str(folder),
-        )
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        train([job])
-        torch.cuda.synchronize()
-        measured = torch.cuda.max_memory_allocated()
+        measured = _measured_peak(base, "peak", rules, text, config, data, folder)
         shape = TrainingShape.from_configs(config, data, DeviceConfig(), cuda=True)
         layout = load_model(str(folder), weights=False).model
         peak = training_peak(plan(graph_of(str(folder)), target_rules(load_rules(rules), True)), layout, shape)
@@ -177,7 +185,7 @@ def plan_peak(out: Path) -> None:
                 "parts": {label: value for label, value, _ in peak.rows()},
             }
         )
-        del base, job
+        del base
     out.write_text(json.dumps({"model": "SmolLM2-135M shape, random weights", "rows": rows}, indent=2))
     for r in rows:
         print(
@@ -206,8 +214,7 @@ def plan_context(out: Path) -> None:
     from surgery.planning.training_memory import TrainingShape, max_context
     from surgery.rules.rule_file import load_rules
     from surgery.training.config import DataConfig
-    from surgery.training.job import TrainConfig, make_job
-    from surgery.training.loop import train_jobs as train
+    from surgery.training.job import TrainConfig
 
     spec = {**SMOLLM2_135M, "max_position_embeddings": 1 << 16}  # rope takes any length; train checks this limit
     folder = Path(tempfile.mkdtemp(prefix="smollm2-context-"))
@@ -228,21 +235,7 @@ def plan_context(out: Path) -> None:
         torch.cuda.empty_cache()
         base = load_model(str(folder), random_init=True, rules=rules, device="cuda").model
         data = DataConfig(block_size=block, group_texts=True)  # every row a full block, as the plan assumes
-        job = make_job(
-            base,
-            name="context",
-            rules=rules,
-            data=str(text),
-            tokenizer=tiny_tokenizer(),
-            config=config,
-            data_config=data,
-            model_name=str(folder),
-        )
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        train([job])
-        torch.cuda.synchronize()
-        measured = torch.cuda.max_memory_allocated()
+        measured = _measured_peak(base, "context", rules, text, config, data, folder)
         predicted = answer.peak.total - answer.peak.context
         rows.append(
             {
@@ -256,7 +249,7 @@ def plan_context(out: Path) -> None:
                 "parts": {label: value for label, value, _ in answer.peak.rows()},
             }
         )
-        del base, job
+        del base
     report = {"model": "SmolLM2-135M shape, random weights", "budget": CONTEXT_BUDGET, "rows": rows}
     out.write_text(json.dumps(report, indent=2))
     for r in rows:
