@@ -423,3 +423,28 @@ def test_bitsandbytes_notices_reach_the_log_once_through_surgery_and_unfiltered_
     assert through_surgery == ["MatMul8bitLt: inputs will be cast from torch.float32 to float16 during quantization"]
     assert len(direct) > 1
     assert all(notices._ONCE not in logging.getLogger(name).filters for name in names)
+
+
+def test_a_finetune_records_the_storage_its_base_holds_so_siblings_load_together_again(tmp_path):
+    """A rule file that says only `quantize: nf4`, on a base a sibling quantized with double quantization, follows
+    the base; its adapter file records that storage, so both adapters load onto one fresh base with their outputs."""
+    rules = tmp_path / "nf4.yaml"
+    rules.write_text("version: 1\nquantize: nf4\ndefault: freeze\nrules:\n  - {match: q_proj, action: adapt}\n")
+    base = tiny_model("tiny-llama")
+    first, second = surgery.rewrite(base, "qlora_nf4"), surgery.rewrite(base, rules)
+    assert surgery.load_rules(rules).quantize.double_quant is False  # as written
+    assert second.surgery_info.rules.quantize.double_quant is True  # as trained
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        for ft in (first, second):
+            for tensor in ft.own_state().values():
+                tensor.add_(torch.randn(tensor.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
+        expected = [ft.eval()(input_ids=ids).logits for ft in (first, second)]
+    files = []
+    for name, ft in (("first", first), ("second", second)):
+        files.append(surgery.read_adapter(surgery.save_adapter(ft, tmp_path / f"{name}.safetensors")))
+    fresh = surgery.load_model("tiny-llama", rules=[f.rules for f in files]).model
+    with torch.no_grad():
+        got = [surgery.load_adapter(fresh, f).eval()(input_ids=ids).logits for f in files]
+    for g, e in zip(got, expected):
+        assert torch.equal(g, e)

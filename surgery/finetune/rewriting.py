@@ -20,6 +20,7 @@ run.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -54,14 +55,14 @@ from ..base.sources import full_weights_of
 from ..errors import AdapterStateError, RewriteError, ShardingError
 from ..files.adapter_folder import write_adapter_folder
 from ..layers.adapters import make_adapter
-from ..layers.bnb import dense_weight, is_state_key, own_class, quantized_storage
+from ..layers.bnb import dense_weight, held_quant_config, is_state_key, own_class, quantized_storage
 from ..layers.notices import notices_once
 from ..model.tracing import replace_submodule
 from ..planning.decisions import Decision, Plan
 from ..planning.decisions import plan as make_plan
 from ..random_state import forked_rng
 from ..rules.rule_file import load_rules
-from ..rules.ruleset import RuleSet
+from ..rules.ruleset import QuantConfig, RuleSet
 from .vocabulary import add_extra_tokens, first_extra_id
 
 
@@ -256,12 +257,49 @@ def rewrite(
             _start_from_quantization_error(finetune, loftq, full)
         if first_id is not None:
             add_extra_tokens(finetune, rules.extra_tokens, first_id)
-        finetune = _become_finetune(finetune, FinetuneInfo(rules, the_plan, model))
+        finetune = _become_finetune(finetune, FinetuneInfo(as_stored(rules, model, the_plan), the_plan, model))
         if finish is not None:
             finish(finetune)
     mark_shared(model)
     base_record(model).finetunes.add(finetune)
     return finetune
+
+
+STORAGE_SETTINGS = {"int8": ("threshold",), "nf4": ("double_quant", "blocksize", "storage")}
+
+
+def as_stored(rules: RuleSet, base: nn.Module, the_plan: Plan) -> RuleSet:
+    """The rules with the storage settings they leave out written as the base holds what they quantize.
+
+    A rule file that says ``quantize: nf4`` on a base a sibling quantized with double quantization follows the
+    base; the fine-tune's recorded rules (its adapter file, its PEFT card) then say what it was trained on, so it
+    loads onto that storage again and beside that sibling. Settings the file writes stay as written (they already
+    match the base, or the plan refused them); the compute dtype stays as written (bitsandbytes sets a held one
+    from the first input).
+    """
+    stored: dict[int, set[QuantConfig]] = {}  # per rule index (0: the default), the settings as held
+    for decision in the_plan.decisions.values():
+        held = held_quant_config(base.get_submodule(decision.path))
+        rule = decision.rule
+        written = decision.quant or (rule.quantize if rule is not None and rule.quantize else rules.quantize)
+        if held is None or not written.quantizes:
+            continue
+        if held.scheme != written.scheme:
+            return rules
+        names = STORAGE_SETTINGS["int8" if held.scheme == "int8" else "nf4"]
+        changes = {
+            n: getattr(held, n) for n in names if n not in written.given and getattr(held, n) != getattr(written, n)
+        }
+        config = dataclasses.replace(written, **changes, given=written.given | set(changes))
+        stored.setdefault(rule.index if rule is not None and rule.quantize else 0, set()).add(config)
+    if any(len(configs) != 1 for configs in stored.values()):
+        return rules  # one setting's modules held in several ways: keep what the file says
+    written = {r.index: r.quantize for r in rules.rules} | {0: rules.quantize}
+    chosen = {i: config for i, configs in stored.items() for config in configs if config.given != written[i].given}
+    if not chosen:
+        return rules  # stored as written
+    new_rules = tuple(dataclasses.replace(r, quantize=chosen[r.index]) if r.index in chosen else r for r in rules.rules)
+    return dataclasses.replace(rules, rules=new_rules, quantize=chosen.get(0, rules.quantize))
 
 
 def shared_copy(base: nn.Module) -> nn.Module:
