@@ -434,3 +434,8 @@ def test_generate_reads_a_peft_folder_as_it_is_and_answers_as_the_adapter_it_cam
     by_model = {m: [r["answer"] for r in rows if r["model"] == m] for m in (str(folder), str(file), "base")}
     assert by_model[str(folder)] == by_model[str(file)] and len(by_model[str(file)]) == 2
     assert by_model[str(file)] != by_model["base"]  # the adapter changes the answers: the comparison means something
+    alone = run("generate", "--prompts", str(prompts), "-a", str(folder), "-n", "6")  # its base stored as trained
+    assert alone.exit_code == 0, alone.output
+    assert [json.loads(line)["answer"] for line in alone.stdout.splitlines() if line.startswith("{")] == by_model[
+        str(file)
+    ]

@@ -233,3 +233,28 @@ def test_a_base_transformers_cannot_store_the_same_way_is_loaded_with_surgery():
     note = loading.note("tiny-opt")
     assert "surgery.load_model('tiny-opt')" in note
     assert "quantized embeddings" in note and "block size other than 64" in note
+
+
+def test_surgery_s_own_export_imports_onto_the_storage_it_was_trained_on(tmp_path):
+    """qlora_nf4 (double quantization, lm_head frozen in full precision) exported, then imported onto a fresh
+    unquantized base without --quantize: the base is stored as the fine-tune's was, and the logits are the same."""
+    import surgery
+    from surgery.base.tiny import tiny_model
+
+    ft = surgery.rewrite(tiny_model("tiny-llama"), "qlora_nf4")
+    with torch.no_grad():
+        for tensor in ft.own_state().values():
+            tensor.add_(torch.randn(tensor.shape, generator=torch.Generator().manual_seed(2)) * 0.05)
+    surgery.export_peft(ft, tmp_path / "peft")
+    fresh = tiny_model("tiny-llama")
+    back = surgery.import_peft(fresh, tmp_path / "peft")
+    assert back.surgery_info.rules.to_json() == ft.surgery_info.rules.to_json()
+    assert fresh.model.layers[0].self_attn.q_proj.weight.quant_state.nested  # double quantization, as trained
+    ids = torch.tensor([[3, 4, 5, 6, 7]])
+    with torch.no_grad():
+        assert torch.equal(back.eval()(input_ids=ids).logits, ft.eval()(input_ids=ids).logits)
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    config["lora_alpha"] = config["lora_alpha"] * 2  # edited after export: the config is read, not the record
+    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(config))
+    edited = surgery.import_peft(tiny_model("tiny-llama"), tmp_path / "peft")
+    assert edited.surgery_info.rules.to_json() != ft.surgery_info.rules.to_json()

@@ -67,7 +67,7 @@ def generate(
 
     from surgery.base.loading import load_model, load_tokenizer
     from surgery.files.adapter_file import read_adapter
-    from surgery.files.peft_format import is_peft_folder, peft_base_model
+    from surgery.files.peft_format import is_peft_folder, peft_base_model, recorded_rules
     from surgery.finetune.batched import generate as generate_batched
     from surgery.finetune.loading import import_peft, load_adapter
     from surgery.finetune.vocabulary import extended_tokenizer
@@ -91,7 +91,8 @@ def generate(
     if prompts_file is None:
         say("model: ", (name, "bold"), f"; {devices.describe()}")
     # quantized once for every adapter's rules as it loads; then the adapters are loaded onto it
-    base = load_model(name, random_init=random_init, rules=[f.rules for f in files], **placed).model
+    stored = [f.rules for f in files] + [r for f in read if isinstance(f, Path) and (r := recorded_rules(f))]
+    base = load_model(name, random_init=random_init, rules=stored, **placed).model
     base.requires_grad_(False)  # only answered with: the bare base too (a base no rule file froze was refused)
     entries = [import_peft(base, f) if isinstance(f, Path) else load_adapter(base, f) for f in read]
     entries += [None] if with_base or not read else []

@@ -30,16 +30,17 @@ from torch import nn
 
 from ..base.fingerprints import Fingerprint, base_fingerprint
 from ..base.ownership import require_finetune
-from ..base.shared_base import refuse_sharded
+from ..base.shared_base import base_graph, refuse_sharded
 from ..disk import MiB, check_folder_files, check_user_file, gate_folder, read_user_text, write_folder_files
-from ..errors import AdapterStateError, RuleFileError, first_line
+from ..errors import AdapterStateError, RuleFileError, SurgeryError, first_line
 from ..layers.bnb import quantized_storage
 from ..layers.extra_tokens import extra_token_layers
 from ..layers.lora import LoraEmbedding, LoraLayer, LoraPositionalEmbedding
 from ..package import version
+from ..planning.decisions import plan as make_plan
 from ..rules.rule_file import parse_rules
 from ..rules.ruleset import REGEX_TIMEOUT, LoraConfig, QuantConfig, RuleSet, compile_regex, covering_patterns
-from .adapter_file import ADAPTER_FILE, MAX_ADAPTER_BYTES
+from .adapter_file import ADAPTER_FILE, MAX_ADAPTER_BYTES, MAX_RULES_JSON
 from .model_card import CARD_FILE, adapter_card
 from .serving import Target, check_servable
 
@@ -152,6 +153,7 @@ def peft_adapter(
         "surgery_base_class": type(info.base).__name__,
         "surgery_base_fingerprint": base_fingerprint(info.base).to_json(),
         "surgery_base_storage": json.dumps(_base_storage(info.base), sort_keys=True),
+        "surgery_rules": info.rules.to_json(),  # the storage the fine-tune was trained on, for import and generate
         **(
             {"surgery_extra_tokens": json.dumps(info.rules.extra_tokens.to_dict() | {"first_id": token_first})}
             if token_indices
@@ -328,13 +330,17 @@ def read_peft_import(base: nn.Module, folder: str | Path, *, quantize: str | Non
     extra = _extra_tokens(adapter, tokens)
     rank, alpha = (_pattern_lookup(config.get(f), f, folder / CONFIG_FILE) for f in ("rank_pattern", "alpha_pattern"))
     loras = {path: _lora_config(config, path, parts, rank, alpha) for path, parts in adapters.items()}
-    try:
-        rules = parse_rules(
-            {**_rules_for(base, paths, loras, plain_modules, quantize), **extra}, source=f"{folder} (PEFT)"
-        )
-    except RuleFileError as exc:  # a value of adapter_config.json out of range: name the file it came from
-        raise AdapterStateError(f"{folder / CONFIG_FILE}: a setting is out of range ({exc})") from None
-    _check_rules(folder, rules, paths, set(adapters), plain_modules)
+    recorded = recorded_rules(adapter) if quantize is None else None
+    if recorded is not None and _rebuilds(base, recorded, loras, plain_modules):
+        rules = recorded  # surgery's own export: the rules it was trained with, its base's storage included
+    else:
+        try:
+            rules = parse_rules(
+                {**_rules_for(base, paths, loras, plain_modules, quantize), **extra}, source=f"{folder} (PEFT)"
+            )
+        except RuleFileError as exc:  # a value of adapter_config.json out of range: name the file it came from
+            raise AdapterStateError(f"{folder / CONFIG_FILE}: a setting is out of range ({exc})") from None
+        _check_rules(folder, rules, paths, set(adapters), plain_modules)
     values = {}
     for path, parts in adapters.items():
         values[f"{path}.lora_A"], values[f"{path}.lora_B"] = parts["A"], parts["B"]
@@ -348,6 +354,50 @@ def read_peft_import(base: nn.Module, folder: str | Path, *, quantize: str | Non
     values.update({f"{path}.extra_rows": rows for path, rows in tokens.items()})
     tied = next(iter(tokens.values())) if len(tokens) == 1 else None
     return PeftImport(folder, rules, values, tied)
+
+
+def recorded_rules(adapter: PeftFolder | str | Path) -> RuleSet | None:
+    """The rules of the fine-tune surgery exported this folder from (None for a folder surgery did not write).
+
+    Args:
+        adapter: the folder, read or not.
+
+    Returns:
+        The rules, parsed as a rule file is: they say how the base was stored when the fine-tune trained.
+
+    Raises:
+        AdapterStateError: the recorded rules are oversized or invalid.
+    """
+    if not isinstance(adapter, PeftFolder):
+        adapter = read_peft_folder(adapter)
+    text = adapter.metadata.get("surgery_rules")
+    if text is None:
+        return None
+    where = adapter.path / WEIGHTS_FILE
+    if len(text) > MAX_RULES_JSON:
+        raise AdapterStateError(f"{where}: its recorded rules are {len(text):,} characters; at most {MAX_RULES_JSON:,}")
+    try:
+        return parse_rules(json.loads(text), source=f"{where}#surgery_rules")
+    except (ValueError, RecursionError) as exc:
+        raise AdapterStateError(f"{where}: its recorded rules are not valid JSON ({first_line(exc)})") from None
+    except SurgeryError as exc:
+        raise AdapterStateError(f"{where}: its recorded rules are invalid: {exc}") from None
+
+
+def _rebuilds(base: nn.Module, rules: RuleSet, loras: dict[str, dict], plain: set[str]) -> bool:
+    """Whether ``rules`` adapt on ``base`` exactly the modules the folder's weights adapt, with the LoRA settings its
+    ``adapter_config.json`` gives, and copy exactly its plain modules (else the config, not the record, is read)."""
+    decided = make_plan(base_graph(base), rules, check=False)
+    if decided.violations and any(v.constraint != "C1" for v in decided.violations):
+        return False
+    adapted = {d.path: d.lora for d in decided.by_action("adapt")}
+    if set(adapted) != set(loras) or {d.path for d in decided.by_action("plain")} != plain:
+        return False
+    for path, lora in loras.items():
+        mine = adapted[path].to_dict()
+        if any(mine.get(key, False) != value for key, value in lora.items() if key != "dropout"):  # training only
+            return False
+    return True
 
 
 def _extra_tokens(adapter: PeftFolder, tokens: dict[str, torch.Tensor]) -> dict:
