@@ -244,21 +244,22 @@ def max_context(data: dict) -> str:
             f"{r['device_memory_gib']} GiB",
             f"{r['loss_chunk_tokens']:,}",
             f"{r['tokens']:,}",
+            f"{r.get('memory_tokens', r['tokens']):,}",
             f"{r['host_bytes'] / 2**30:.1f} GiB",
             " ".join(f"`{a}`" for a in r["added"]) or "-",
         ]
         for r in data["rows"]
     ]
+    header = ["device memory", "loss chunk tokens", "longest block size", "the memory allows", "pinned host memory"]
     first = min(data["rows"], key=lambda r: (r["device_memory_gib"], r["loss_chunk_tokens"]))
     terms = [[label, f"{value / 2**30:.2f} GiB"] for label, value in first["terms"].items()]
     limit = f" The model's positions end at {data['model_limit']:,} tokens." if data.get("model_limit") else ""
     return (
         f"## The longest context that fits\n\n`bench/max_context.py`: what `surgery plan {data['rules']} --model "
         f"{data['model']} --batch-size 1 --precision bf16 --gradient-checkpointing --offload-activations "
-        f"--device-memory M --max-context` answers ({data['assumes']}; a plan, not a measurement).{limit}\n\n"
-        + table(
-            ["device memory", "loss chunk tokens", "longest block size", "pinned host memory", "options added"], rows
-        )
+        f"--device-memory M --max-context` answers ({data['assumes']}; a plan, not a measurement).{limit} Where the "
+        "memory allows more, the answer is the model's limit, reached with the fewest added options.\n\n"
+        + table([*header, "options added"], rows)
         + f"\nThe terms of the {first['device_memory_gib']} GiB answer with loss chunks of "
         f"{first['loss_chunk_tokens']} tokens ({first['tokens']:,} tokens):\n\n" + table(["term", "bytes"], terms)
     )

@@ -126,10 +126,15 @@ def test_llama_8b_qlora_r32_longest_context():
     small_chunks = replace(shape, loss_chunk_tokens=128)
     small = max_context(planned, layout, small_chunks, 16 * GiB, model_limit=131072)
     large = max_context(planned, layout, small_chunks, 80 * GiB, model_limit=131072)
-    assert default.tokens < small.tokens and small.tokens >= 40_000 and large.tokens >= 300_000
-    assert small.added == large.added == ("--mlp-chunk-tokens 1024",)
-    assert large.peak.terms.mlp < large.peak.terms.layers / 2  # chunked, the MLP no longer dominates the layer
-    assert large.peak.host == 32 * large.tokens * 4096 * 2  # the offloaded inputs: layers x tokens x hidden, bf16
+    assert default.tokens < small.tokens and small.tokens >= 40_000 and not small.limited_by_model
+    assert small.added == ("--mlp-chunk-tokens 1024",)
+    assert small.peak.terms.mlp < small.peak.terms.layers / 2  # chunked, the MLP no longer dominates the layer
+    assert small.peak.host == 32 * small.tokens * 4096 * 2  # the offloaded inputs: layers x tokens x hidden, bf16
+    # 80 GiB would hold 300,000 tokens and more, but the model's positions end first: the answer is the limit, with
+    # the fewest added options that reach it
+    assert large.memory_tokens >= 300_000 and large.tokens == 131_072 and large.limited_by_model
+    assert large.added == () and large.peak.total <= 80 * GiB
+    assert f"--block-size {large.tokens}" in large.flags()
 
 
 def run(*args):
@@ -210,10 +215,12 @@ def test_cli_max_context_prints_the_answer_its_flags_and_json():
     assert shown.exit_code == 0, shown.output
     flat = " ".join(shown.output.split())
     assert "longest block size:" in flat and "train with: --batch-size 1 --block-size" in flat
-    assert "checkpointed layer inputs" in flat and "layer activations" in flat
+    assert "layer activations" in flat and "where the model's positions end" in flat
     data = json.loads(run(*args, "--json").stdout)["max_context"]
-    assert data["total"] <= 3 * GiB < data["next_total"] and f"--block-size {data['tokens']}" in data["flags"]
-    assert data["model_limit"] == load_model("tiny-llama", weights=False).model.config.max_position_embeddings
+    limit = load_model("tiny-llama", weights=False).model.config.max_position_embeddings
+    # tiny-llama's positions end long before 3 GiB does: the answer is the limit, and what the memory would allow
+    assert data["model_limit"] == data["tokens"] == limit < data["memory_tokens"]
+    assert data["total"] <= 3 * GiB < data["next_total"] and f"--block-size {limit}" in data["flags"]
     refused = run("plan", "qlora_nf4", "--model", "tiny-llama", "--max-context")
     assert refused.exit_code == 2 and "--max-context does nothing without --device-memory" in refused.output
 

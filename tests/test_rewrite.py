@@ -389,40 +389,66 @@ def test_plan_is_byte_exact_on_half_precision_bases_before_and_after_forward(dty
     assert surgery.plan(base, rules).base_bytes_after == applied.plan.base_bytes_after  # nothing left to cast
 
 
-def test_bitsandbytes_notices_reach_the_log_once_through_surgery_and_unfiltered_outside(caplog):
+@pytest.fixture
+def notices(caplog):
+    """The int8 notice's records, with this process's record of shown notices and any CLI filters cleared."""
+    import contextlib
     import logging
 
-    from surgery.finetune.batched import batched, route
     from surgery.layers import notices
 
     notices._ONCE.seen.clear()  # this process may have shown the notice already
-    names = list(notices.NOTICES)
-    saved = {name: list(logging.getLogger(name).filters) for name in names}
-    for name in names:  # filters an earlier CLI command in this process left on the loggers
-        for f in saved[name]:
+    saved = {name: list(logging.getLogger(name).filters) for name in notices.NOTICES}
+    for name, filters in saved.items():  # filters an earlier CLI command in this process left on the loggers
+        for f in filters:
             logging.getLogger(name).removeFilter(f)
-    try:
-        base = tiny_model("tiny-llama")
-        ft = surgery.rewrite(base, "qv_lora")  # an int8 base: every int8 matmul of fp32 inputs logs a notice
-        ids = torch.tensor([[1, 2, 3]])
+
+    @contextlib.contextmanager
+    def recorded():
+        caplog.clear()
         with caplog.at_level(logging.WARNING, logger="bitsandbytes.autograd._functions"):
-            for _ in range(3):
-                ft(input_ids=ids)
-            ft.generate(ids, max_new_tokens=3, do_sample=False)
-            view = batched(base, [ft, None])
-            route(view, [1, 1])
-            view(input_ids=torch.cat([ids, ids]))
-            through_surgery = [r.getMessage() for r in caplog.records if "MatMul8bitLt" in r.getMessage()]
-            caplog.clear()
-            base(input_ids=ids)  # not a surgery call: bitsandbytes' own behaviour, a notice per int8 layer
-            direct = [r.getMessage() for r in caplog.records if "MatMul8bitLt" in r.getMessage()]
-    finally:
-        for name in names:
-            for f in saved[name]:
-                logging.getLogger(name).addFilter(f)
-    assert through_surgery == ["MatMul8bitLt: inputs will be cast from torch.float32 to float16 during quantization"]
-    assert len(direct) > 1
-    assert all(notices._ONCE not in logging.getLogger(name).filters for name in names)
+            found: list[str] = []
+            yield found
+            found += [r.getMessage() for r in caplog.records if "MatMul8bitLt" in r.getMessage()]
+
+    yield recorded
+    for name, filters in saved.items():
+        for f in filters:
+            logging.getLogger(name).addFilter(f)
+    assert all(notices._ONCE not in logging.getLogger(name).filters for name in notices.NOTICES)
+
+
+ONCE = ["MatMul8bitLt: inputs will be cast from torch.float32 to float16 during quantization"]
+
+
+def test_bitsandbytes_notices_reach_the_log_once_through_surgery_and_unfiltered_outside(notices):
+    from surgery.finetune.batched import batched, route
+
+    base = tiny_model("tiny-llama")
+    ft = surgery.rewrite(base, "qv_lora")  # an int8 base: every int8 matmul of fp32 inputs logs a notice
+    ids = torch.tensor([[1, 2, 3]])
+    with notices() as through_surgery:
+        for _ in range(3):
+            ft(input_ids=ids)
+        ft.generate(ids, max_new_tokens=3, do_sample=False)
+        view = batched(base, [ft, None])
+        route(view, [1, 1])
+        view(input_ids=torch.cat([ids, ids]))
+    with notices() as direct:
+        base(input_ids=ids)  # not a surgery call: bitsandbytes' own behaviour, a notice per int8 layer
+    assert through_surgery == ONCE and len(direct) > 1
+
+
+def test_training_through_the_library_shows_bitsandbytes_notices_once(notices):
+    with notices() as seen:
+        surgery.train(
+            "tiny-opt",
+            "qv_lora",
+            data="capitals",
+            training=surgery.TrainConfig(max_steps=2, batch_size=4, eval_steps=2),
+            data_config=surgery.DataConfig(block_size=40, eval_split=0.2),
+        )
+    assert seen == ONCE
 
 
 def test_a_finetune_records_the_storage_its_base_holds_so_siblings_load_together_again(tmp_path):

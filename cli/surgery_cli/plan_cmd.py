@@ -253,20 +253,21 @@ def _print_context(answer, budget: int) -> None:
         return
     title = f"training peak per device at the longest block size, {answer.tokens:,} tokens"
     console.print(peak_table(answer.peak, budget, answer.shape, title))
-    console.print(
-        f"longest block size: {answer.tokens:,} tokens per row ({answer.tokens + 1:,} need "
-        f"{answer.next_peak.total:,} bytes, over the {budget:,})",
-        highlight=False,
-    )
+    if answer.limited_by_model:
+        console.print(
+            f"longest block size: {answer.tokens:,} tokens per row, where the model's positions end (the memory "
+            f"would allow {answer.memory_tokens:,}; surgery train refuses a longer --block-size)",
+            highlight=False,
+        )
+    else:
+        console.print(
+            f"longest block size: {answer.tokens:,} tokens per row ({answer.tokens + 1:,} need "
+            f"{answer.next_peak.total:,} bytes, over the {budget:,})",
+            highlight=False,
+        )
     added = f" (added: {', '.join(answer.added)})" if answer.added else ""
     console.print(f"train with: {answer.flags()}{added}", highlight=False)
     if answer.peak.host:
         console.print(
             f"pinned host memory for the offloaded layer inputs: {fmt_bytes(answer.peak.host)}", highlight=False
-        )
-    if answer.model_limit is not None and answer.tokens > answer.model_limit:
-        console.print(
-            f"the model's positions end at {answer.model_limit:,} tokens: surgery train refuses a longer "
-            "--block-size (memory is not what limits this run)",
-            highlight=False,
         )

@@ -223,12 +223,18 @@ MAX_TOKENS = 1 << 30  # the longest block size max_context considers
 class ContextAnswer:
     """The longest block size whose predicted peak fits a device, with the settings that make it fit."""
 
-    tokens: int  # 0: not even one token fits
+    tokens: int  # 0: not even one token fits; at most the model's longest sequence
     shape: TrainingShape  # the run at that block size (the asked-for settings plus ``added``)
     peak: TrainingPeak  # the peak at ``tokens`` (fits)
-    next_peak: TrainingPeak  # the peak at ``tokens + 1`` (does not fit)
+    next_peak: TrainingPeak  # the peak at ``memory_tokens + 1`` (does not fit)
     added: tuple[str, ...]  # memory options beyond the ones asked for, as surgery train spells them
     model_limit: int | None  # the model's longest sequence (train refuses a longer --block-size)
+    memory_tokens: int = 0  # the longest block size the memory allows (above ``tokens`` when the model limits)
+
+    @property
+    def limited_by_model(self) -> bool:
+        """The model's positions, not the memory, end the answer."""
+        return self.memory_tokens > self.tokens
 
     def flags(self) -> str:
         """The ``surgery train`` options of this run."""
@@ -245,6 +251,7 @@ class ContextAnswer:
         return {
             "tokens": self.tokens,
             "model_limit": self.model_limit,
+            "memory_tokens": self.memory_tokens,
             "flags": self.flags(),
             "added": list(self.added),
             "device": self.shape.describe(),
@@ -278,17 +285,22 @@ def max_context(
             CUDA) and answer with the longest, naming what it added.
 
     Returns:
-        The answer with its peak, the peak one token later, and the options it added.
+        The answer with its peak, the peak one token past what the memory allows, and the options it added. Where
+        the memory allows more than ``model_limit``, the answer is the limit, with the fewest added options that
+        reach it (``memory_tokens`` keeps what the memory would allow).
     """
     profile = measure_activations(model, plan, shape)
-    best = None
-    for candidate, added in _settings(shape, explore, profile.mlp(1) > 0):
-        tokens = _longest(plan, candidate, profile, device_memory)
-        if best is None or tokens > best[0]:
-            best = (tokens, candidate, added)
-    tokens, candidate, added = best
+    tried = [
+        (_longest(plan, candidate, profile, device_memory), candidate, added)
+        for candidate, added in _settings(shape, explore, profile.mlp(1) > 0)
+    ]
+    memory_tokens, candidate, added = max(tried, key=lambda t: t[0])  # the first of the longest: fewest additions
+    tokens = memory_tokens
+    if model_limit is not None and memory_tokens > model_limit:
+        tokens = model_limit
+        _, candidate, added = next(t for t in tried if t[0] >= model_limit)
     at = replace(candidate, block_size=max(tokens, 1))
-    after = replace(candidate, block_size=tokens + 1)
+    after = replace(candidate, block_size=_longest(plan, candidate, profile, device_memory) + 1)
     return ContextAnswer(
         tokens=tokens,
         shape=at,
@@ -296,6 +308,7 @@ def max_context(
         next_peak=training_peak(plan, None, after, profile=profile),
         added=added,
         model_limit=model_limit,
+        memory_tokens=memory_tokens,
     )
 
 

@@ -27,6 +27,7 @@ from ..devices import input_device
 from ..distributed import World, broadcast_trainables, gathered_rng, rank_seed, world
 from ..errors import TrainError
 from ..files.adapter_file import save_adapter
+from ..layers.notices import notices_once
 from ..random_state import new_rng
 from .batched_train import check_batching, group_jobs, run_batched
 from .checkpoint import (
@@ -178,6 +179,7 @@ def train_jobs(
         jobs = group_jobs(jobs, max_batched_tokens)
     resume = resume or {}
     with contextlib.ExitStack() as locks:
+        locks.enter_context(notices_once())  # bitsandbytes' notices once each (the loss calls the body directly)
         for job in jobs:  # every folder first, then every job: a bad one stops all before anything is written
             if job.out is not None and where.main:
                 locks.enter_context(run_lock(job.out))

@@ -38,6 +38,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint, noop_context_fn
 
 from ..errors import TrainError
+from ..layers.notices import notices_once
 from .data import IGNORE
 
 # 512 tokens: the head's matrix product then has 512 rows, enough to keep a GPU's tensor cores busy (its arithmetic
@@ -227,7 +228,7 @@ def _probe(model: nn.Module, parts: CausalLMParts) -> None:
     modes = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), notices_once():
             whole = model(input_ids=ids, labels=labels, use_cache=False)
             hidden = parts.hidden_states(input_ids=ids)
             logits = parts.head(hidden)
