@@ -109,6 +109,20 @@ def atomic_write(path: Path, data: bytes, *, error: type[SurgeryError]) -> None:
     fsync_folder(path.parent)
 
 
+def check_new_folder(path: str | Path, *, error: type[SurgeryError], overwrite: bool = False) -> None:
+    """Refuse an output folder ``atomic_folder`` would refuse: a file, or a non-empty folder without ``overwrite``
+    (call it before the work that fills the folder, so the refusal comes first).
+
+    Raises:
+        error: naming the path and what to do.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise error(f"{path}: exists and is not a folder")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise error(f"{path}: exists and is not empty; choose a new folder or pass --overwrite")
+
+
 @contextlib.contextmanager
 def atomic_folder(path: str | Path, *, error: type[SurgeryError], overwrite: bool = False) -> Iterator[Path]:
     """Yield a temp folder beside ``path``; on success it becomes ``path``, on failure it is removed.
@@ -118,10 +132,7 @@ def atomic_folder(path: str | Path, *, error: type[SurgeryError], overwrite: boo
     (not mkdtemp's 0700, nor the 0600 of files libraries write through temp files, as transformers does).
     """
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise error(f"{path}: exists and is not a folder")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise error(f"{path}: exists and is not empty; choose a new folder or pass --overwrite")
+    check_new_folder(path, error=error, overwrite=overwrite)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))

@@ -439,3 +439,17 @@ def test_generate_reads_a_peft_folder_as_it_is_and_answers_as_the_adapter_it_cam
     assert [json.loads(line)["answer"] for line in alone.stdout.splitlines() if line.startswith("{")] == by_model[
         str(file)
     ]
+
+
+def test_merge_and_export_refuse_a_full_out_folder_before_the_model_loads(tmp_path):
+    import surgery
+
+    file = tmp_path / "a.safetensors"
+    surgery.save_adapter(surgery.rewrite(tiny_model("tiny-opt"), "qv_lora"), file)
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "mine.txt").write_text("keep me")
+    for command in ("merge", "export-peft"):  # a model that cannot load: the folder is refused first
+        result = run(command, str(file), "--model", str(tmp_path / "no-such-model"), "--out", str(full))
+        assert result.exit_code == 2 and "exists and is not empty" in result.output, result.output
+    assert [p.name for p in full.iterdir()] == ["mine.txt"]

@@ -73,7 +73,7 @@ def merge(
     import torch
 
     from surgery.base.loading import load_tokenizer
-    from surgery.disk import atomic_folder
+    from surgery.disk import atomic_folder, check_new_folder
     from surgery.errors import AdapterStateError, SurgeryError
     from surgery.files.model_card import CARD_FILE, merged_card
     from surgery.finetune.merging import merge as merge_ft
@@ -84,6 +84,7 @@ def merge(
 
     if dtype not in (None, *DTYPES):
         raise typer.BadParameter(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    check_new_folder(out, overwrite=overwrite, error=AdapterStateError)  # before the model loads
     devices = DeviceConfig(device=device)
     base, ft, name = finetune_from(adapter, model, random_init, devices.placement())
     say("model: ", (name, "bold"), f"; {devices.describe()}")
@@ -155,16 +156,17 @@ def export_peft_cmd(
 
     check_target(target)  # before anything loads
     quiet_libraries()
-    from surgery.disk import atomic_folder
+    from surgery.disk import atomic_folder, check_new_folder
     from surgery.errors import AdapterStateError
     from surgery.files.peft_format import export_peft
     from surgery.files.serving import launch_hints
     from surgery.layers.bnb import base_loading
 
+    check_new_folder(out, overwrite=overwrite, error=AdapterStateError)  # before the model loads
     base, ft, name = finetune_from(adapter, model, random_init, DeviceConfig(device=device).placement())
     with atomic_folder(out, overwrite=overwrite, error=AdapterStateError) as tmp:
         export_peft(ft, tmp, target=target)
-    console.print(f"wrote {out}: PeftModel.from_pretrained(<{name}>, {str(out)!r})", highlight=False)
+    console.print(f"wrote {out}: PeftModel.from_pretrained(base, {str(out)!r}) on a base of {name}", highlight=False)
     console.print(base_loading(base).note(name), highlight=False, markup=False)
     if target == "vllm":
         import json
