@@ -176,6 +176,7 @@ def test_resume_takes_the_earlier_runs_folder_and_refuses_another_model_or_rules
         ],
     )
     assert same.exit_code == 0, same.output  # the earlier run's folder is where --resume looks
+    assert f"resuming qv_lora from {tmp_path / 'first' / 'checkpoint-'}" in " ".join(same.output.split())
 
 
 def test_random_init_of_a_config_bigger_than_memory_is_refused_before_allocating(tmp_path, monkeypatch):

@@ -135,3 +135,5 @@ def _announce(start) -> None:
         f"{f' x {start.processes} processes' if start.processes > 1 else ''}"
         f"{', base sharded with FSDP2' if start.fsdp else ''}; {start.devices.describe()}",
     )
+    for job, checkpoint in start.resumed:
+        say(f"resuming {job} from {checkpoint}")

@@ -58,6 +58,7 @@ class RunStart:
     processes: int
     fsdp: bool
     devices: DeviceConfig
+    resumed: tuple[tuple[str, Path], ...] = ()  # (job, the checkpoint it resumes from)
 
 
 def train(
@@ -123,7 +124,9 @@ def train(
         check_trackers(trackers.trackers, None if out is None or overwrite else Path(out))  # --overwrite: OUT anew
     base, tokenizer, label = _load(model, name, specs, devices, tokenizer, random_init, training.fsdp)
     if on_start is not None:
-        on_start(RunStart(label, source, tuple(folders), where.size, training.fsdp, devices))
+        on_start(
+            RunStart(label, source, tuple(folders), where.size, training.fsdp, devices, tuple(sorted(resumed.items())))
+        )
     return _run(
         base,
         tokenizer,
