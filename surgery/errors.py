@@ -43,8 +43,10 @@ class PlanError(SurgeryError):
         self.violations = violations
         self.lines = lines or [f"[{v.constraint}] {v.message}" for v in violations]
         self.note = note
-        head = f"{len(violations)} constraint violation{'s' if len(violations) != 1 else ''}:"
-        text = self.lines[0] if len(violations) == 1 else "\n".join([head, *self.lines])
+        shown = len(self.lines)  # grouped by rule: one line may stand for many modules
+        modules = f" ({len(violations)} modules)" if len(violations) != shown else ""
+        head = f"{shown} constraint violation{'s' if shown != 1 else ''}{modules}:"
+        text = self.lines[0] if shown == 1 else "\n".join([head, *self.lines])
         super().__init__(f"{note}\n{text}" if note else text)
 
     @property

@@ -278,7 +278,16 @@ def test_violations_of_one_rule_and_cause_are_one_line_and_a_conflict_between_jo
     with pytest.raises(PlanError) as caught:
         surgery.prepare_base(base, "qv_lora", "qlora_nf4")
     message = str(caught.value)
-    assert len(caught.value.violations) == 14 and len(message.splitlines()) == 3  # note, count, one grouped line
+    assert len(caught.value.violations) == 14 and len(message.splitlines()) == 2  # the note, one grouped line
     assert "keeps 14 modules (model.layers.*.self_attn.q_proj," in message
     assert "all fine-tunes of one base need the same quantization" in message and "qv_lora.yaml" in message
     assert all(isinstance(m, bnb.nn.Linear8bitLt) for n, m in base.named_modules() if n.endswith("q_proj"))
+
+
+def test_the_count_of_violations_is_the_lines_shown_with_the_modules_beside():
+    from surgery.errors import Violation
+
+    violations = [Violation("C1", "m", f"layer{i}") for i in range(3)]
+    message = str(PlanError(violations, ["[C1] rule 1 keeps layer* as nf4 ...", "[C4] rule 2 matched nothing"]))
+    assert message.splitlines()[0] == "2 constraint violations (3 modules):"
+    assert str(PlanError(violations[:1])) == "[C1] m"
