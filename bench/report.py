@@ -250,7 +250,7 @@ def max_context(data: dict) -> str:
         ]
         for r in data["rows"]
     ]
-    header = ["device memory", "loss chunk tokens", "longest block size", "the memory allows", "pinned host memory"]
+    header = ["device memory", "loss chunks asked", "longest block size", "the memory allows", "pinned host memory"]
     first = min(data["rows"], key=lambda r: (r["device_memory_gib"], r["loss_chunk_tokens"]))
     terms = [[label, f"{value / 2**30:.2f} GiB"] for label, value in first["terms"].items()]
     limit = f" The model's positions end at {data['model_limit']:,} tokens." if data.get("model_limit") else ""
@@ -260,8 +260,8 @@ def max_context(data: dict) -> str:
         f"--device-memory M --max-context` answers ({data['assumes']}; a plan, not a measurement).{limit} Where the "
         "memory allows more, the answer is the model's limit, reached with the fewest added options.\n\n"
         + table([*header, "options added"], rows)
-        + f"\nThe terms of the {first['device_memory_gib']} GiB answer with loss chunks of "
-        f"{first['loss_chunk_tokens']} tokens ({first['tokens']:,} tokens):\n\n" + table(["term", "bytes"], terms)
+        + f"\nThe terms of the {first['device_memory_gib']} GiB answer ({first['tokens']:,} tokens, "
+        f"`{first['flags']}`):\n\n" + table(["term", "bytes"], terms)
     )
 
 

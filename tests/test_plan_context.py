@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import pytest
 from typer.testing import CliRunner
@@ -88,7 +87,7 @@ def test_max_context_adds_the_memory_options_that_help():
     assert best.tokens > plain.tokens
     assert set(best.added) <= {
         "--gradient-checkpointing",
-        "--loss-chunk-tokens 512",
+        "--loss-chunk-tokens 128",
         "--offload-activations",
         "--mlp-chunk-tokens 1024",
     }
@@ -115,19 +114,17 @@ def test_a_chunked_mlp_keeps_one_chunk_of_inner_activations():
 def test_llama_8b_qlora_r32_longest_context():
     """Llama-3.1-8B, nf4 + LoRA r=32 on every linear layer, batch 1, bf16, checkpointing, chunked loss, offloading:
     the plan adds --mlp-chunk-tokens (one layer recomputed in backward would keep about 301 KiB per token, 172 KiB
-    of it the MLP's inner activations); with loss chunks of 128 tokens it reaches the goals, 40,000 tokens on 16 GiB
+    of it the MLP's inner activations) and loss chunks of 128 tokens, and reaches the goals, 40,000 tokens on 16 GiB
     and 300,000 on 80 GiB (the model's positions end at 131,072: the plan says so beside the answer)."""
     name = "meta-llama/Llama-3.1-8B"
     planned = plan(graph_of(name), target_rules(load_rules("qlora_r32"), True))
     layout = load_model(name, weights=False).model
     shape = TrainingShape(1, 1, gradient_checkpointing=True, precision="bf16", offload_activations=True)
-    default = max_context(planned, layout, shape, 16 * GiB, model_limit=131072)
-    assert default.added == ("--mlp-chunk-tokens 1024",)
-    small_chunks = replace(shape, loss_chunk_tokens=128)
-    small = max_context(planned, layout, small_chunks, 16 * GiB, model_limit=131072)
-    large = max_context(planned, layout, small_chunks, 80 * GiB, model_limit=131072)
-    assert default.tokens < small.tokens and small.tokens >= 40_000 and not small.limited_by_model
-    assert small.added == ("--mlp-chunk-tokens 1024",)
+    asked = max_context(planned, layout, shape, 16 * GiB, model_limit=131072, explore=False)
+    small = max_context(planned, layout, shape, 16 * GiB, model_limit=131072)
+    large = max_context(planned, layout, shape, 80 * GiB, model_limit=131072)
+    assert asked.tokens < small.tokens and small.tokens >= 40_000 and not small.limited_by_model
+    assert small.added == ("--loss-chunk-tokens 128", "--mlp-chunk-tokens 1024")
     assert small.peak.terms.mlp < small.peak.terms.layers / 2  # chunked, the MLP no longer dominates the layer
     assert small.peak.host == 32 * small.tokens * 4096 * 2  # the offloaded inputs: layers x tokens x hidden, bf16
     # 80 GiB would hold 300,000 tokens and more, but the model's positions end first: the answer is the limit, with

@@ -321,8 +321,8 @@ def _settings(shape: TrainingShape, explore: bool, has_mlp: bool) -> list[tuple[
     options = []
     if not shape.gradient_checkpointing:
         options.append(("--gradient-checkpointing", {"gradient_checkpointing": True}))
-    if not shape.loss_chunk_tokens:
-        options.append(("--loss-chunk-tokens 512", {"loss_chunk_tokens": 512}))
+    if not shape.loss_chunk_tokens or shape.loss_chunk_tokens > SMALL_LOSS_CHUNK:
+        options.append((f"--loss-chunk-tokens {SMALL_LOSS_CHUNK}", {"loss_chunk_tokens": SMALL_LOSS_CHUNK}))
     if shape.device == "cuda" and not shape.offload_activations:
         options.append(("--offload-activations", {"offload_activations": True}))
     if has_mlp and not shape.mlp_chunk_tokens:
@@ -609,6 +609,7 @@ def activation_terms(profile: ActivationProfile, shape: TrainingShape) -> Activa
     )
 
 
+SMALL_LOSS_CHUNK = 128  # what max_context tries for --loss-chunk-tokens: a quarter of the default chunk's logits
 MLP_CHUNK_TOKENS = 1024  # what max_context tries for --mlp-chunk-tokens: one chunk's inner activations stay small
 CHUNK_LOGIT_BYTES = 16  # per token and vocabulary entry of one loss chunk (four fp32 values, tests/test_loss.py)
 
