@@ -207,7 +207,7 @@ def test_cli_train_many_jobs_then_generate(tmp_path):
     assert "training summary" in result.stdout
     for name in ("up", "caps"):
         files = sorted(p.name for p in (out / name).iterdir())
-        assert "adapter.safetensors" in files and "checkpoint-20" in files and "metrics.jsonl" in files
+        assert files == ["adapter.safetensors", "checkpoint-30", "metrics.jsonl"]  # the last step's checkpoint
     again = runner.invoke(
         app,
         [
@@ -232,11 +232,12 @@ def test_cli_train_many_jobs_then_generate(tmp_path):
             str(out),
         ],
     )
-    assert again.exit_code == 0, again.output  # continue both jobs from checkpoint-20 to step 40
+    assert again.exit_code == 0, again.output  # continue both jobs from checkpoint-30 to step 40
+    assert "resuming up from" in again.output and "checkpoint-30" in again.output
     records = [json.loads(line) for line in (out / "up" / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records if "loss" in r]
-    assert steps == list(range(1, 41))  # the first run's steps 21-30 (after its last checkpoint) are not repeated
-    assert [r["step"] for r in records if "eval_loss" in r] == [40]
+    assert steps == list(range(1, 41))  # each step once: the first run's 1-30, this one's 31-40
+    assert [r["step"] for r in records if "eval_loss" in r] == [30, 40]  # each run's final evaluation
     other = runner.invoke(
         app,
         [

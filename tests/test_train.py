@@ -305,7 +305,7 @@ def test_files_written_by_a_run(tmp_path):
     j = job(base, max_steps=6, save_steps=2, save_total_limit=1, eval_steps=3, out=tmp_path / "run")
     train([dataclasses.replace(j, eval_data=j.data)])
     names = sorted(p.name for p in (tmp_path / "run").iterdir())
-    assert names == ["adapter.safetensors", "checkpoint-4", "metrics.jsonl"]  # checkpoint-2 rotated out
+    assert names == ["adapter.safetensors", "checkpoint-6", "metrics.jsonl"]  # the last step's; 2 and 4 rotated out
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]  # each step once, the final eval in step 6's line
     assert [r["step"] for r in records if "eval_loss" in r] == [3, 6] and all("loss" in r for r in records)

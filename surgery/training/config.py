@@ -77,7 +77,9 @@ class TrainConfig:
     early_stopping_threshold: float = option(
         0.0, help="How much an eval loss must beat the best to count as better.", panel=EVALUATION
     )
-    save_steps: int | None = option(None, help="Checkpoint every N steps.", panel=CHECKPOINTS)
+    save_steps: int | None = option(
+        None, help="Checkpoint every N steps and at the last (to resume and train longer).", panel=CHECKPOINTS
+    )
     save_total_limit: int | None = option(None, help="Keep only the newest N checkpoints.", panel=CHECKPOINTS)
     gradient_checkpointing: bool = option(
         False,

@@ -291,7 +291,9 @@ def _record_step(run: Run, record: dict, where: World, on_step: StepCallback | N
         record.update(evaluate(job.finetune, job.eval_data, config.batch_size, job.loss))
         if run.early is not None:
             _watch_eval_loss(run, record)
-    checkpoint_due = config.save_steps and run.step % config.save_steps == 0 and not run.done
+    stopped_early = run.early is not None and run.early.stopped  # its final files hold the best step's weights
+    # the last step too (as transformers' Trainer saves at the end): a later run can resume from it to train longer
+    checkpoint_due = config.save_steps and (run.step % config.save_steps == 0 or run.done) and not stopped_early
     rngs = gathered_rng(run.rng, where) if checkpoint_due and job.out is not None else None
     if where.main and job.out is not None:
         append_metrics(job.out, record)
