@@ -453,3 +453,14 @@ def test_merge_and_export_refuse_a_full_out_folder_before_the_model_loads(tmp_pa
         result = run(command, str(file), "--model", str(tmp_path / "no-such-model"), "--out", str(full))
         assert result.exit_code == 2 and "exists and is not empty" in result.output, result.output
     assert [p.name for p in full.iterdir()] == ["mine.txt"]
+
+
+def test_text_rows_under_a_chat_template_are_refused_before_the_model_is_even_looked_up(tmp_path):
+    data = tmp_path / "t.jsonl"
+    data.write_text(json.dumps({"text": "hello there"}) + "\n")
+    result = run(
+        "train", "qv_lora", "--model", str(tmp_path / "no-such-model"), "--data", str(data), "--chat-template",
+        "--out", str(tmp_path / "out"),
+    )  # fmt: skip
+    assert result.exit_code == 2 and f"{data}:1: a `text` row has no roles for a chat template" in result.output
+    assert not (tmp_path / "out").exists()

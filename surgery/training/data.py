@@ -235,11 +235,21 @@ def read_data(data: str | Path, config) -> DataSource:
     fields = Fields(config.text_field, config.prompt_field, config.completion_field, config.messages_field)
     parts = DatasetParts(config.dataset_config, config.dataset_train_split, config.dataset_test_split)
     path = data_path(data)
-    examples = read_examples(path, config.mode, fields, "train", parts)
+    examples = _checked_rows(read_examples(path, config.mode, fields, "train", parts), config, path)
     if config.eval_data is None:
         return DataSource(path, examples)
     eval_path = data_path(config.eval_data)
-    return DataSource(path, examples, eval_path, read_examples(eval_path, config.mode, fields, "eval", parts))
+    held_out = _checked_rows(read_examples(eval_path, config.mode, fields, "eval", parts), config, eval_path)
+    return DataSource(path, examples, eval_path, held_out)
+
+
+def _checked_rows(examples: list[Example], config, path: Path) -> list[Example]:
+    """Rows a chat template will render (``--chat-template``, or rows with messages) checked for their turns now,
+    before any model or tokenizer loads."""
+    if config.chat_template or any(ex.messages for ex in examples):
+        for ex in examples:
+            chat_turns(ex, ex.where or str(path))
+    return examples
 
 
 def render(examples: list[Example], tokenizer, chat_template: bool, source: str) -> tuple[list[Example], bool]:
@@ -258,20 +268,7 @@ def chat_examples(examples: list[Example], tokenizer, source: str) -> list[Examp
     out = []
     for ex in examples:
         where = ex.where or source
-        if ex.messages:
-            messages = ex.messages
-        elif ex.prompt:
-            messages = (("user", ex.prompt), ("assistant", ex.completion))
-        else:
-            raise DataError(
-                f"{where}: a `text` row has no roles for a chat template; write `prompt` + `completion` "
-                "or `messages` rows, or drop --chat-template"
-            )
-        if messages[-1][0] != "assistant":
-            raise DataError(
-                f"{where}: the conversation ends with a {messages[-1][0]!r} turn; training needs it "
-                "to end with the assistant's answer (the loss is on that turn)"
-            )
+        messages = chat_turns(ex, where)
         prompt = render_chat(tokenizer, messages[:-1], where, generation_prompt=True)
         whole = render_chat(tokenizer, messages, where, generation_prompt=False)
         if not whole.startswith(prompt):
@@ -282,6 +279,30 @@ def chat_examples(examples: list[Example], tokenizer, source: str) -> list[Examp
             )
         out.append(Example(whole[len(prompt) :], prompt, where=ex.where))
     return out
+
+
+def chat_turns(example: Example, where: str) -> tuple[tuple[str, str], ...]:
+    """The conversation a training row is under a chat template: its messages, or its prompt and completion as one
+    user and one assistant turn.
+
+    Raises:
+        DataError: a `text` row (no roles), or a conversation that does not end with the assistant's answer.
+    """
+    if example.messages:
+        messages = tuple(example.messages)
+    elif example.prompt:
+        messages = (("user", example.prompt), ("assistant", example.completion))
+    else:
+        raise DataError(
+            f"{where}: a `text` row has no roles for a chat template; write `prompt` + `completion` "
+            "or `messages` rows, or drop --chat-template"
+        )
+    if messages[-1][0] != "assistant":
+        raise DataError(
+            f"{where}: the conversation ends with a {messages[-1][0]!r} turn; training needs it "
+            "to end with the assistant's answer (the loss is on that turn)"
+        )
+    return messages
 
 
 def chat_prompt(example: Example, tokenizer, source: str) -> str:
