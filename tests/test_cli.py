@@ -464,3 +464,16 @@ def test_text_rows_under_a_chat_template_are_refused_before_the_model_is_even_lo
     )  # fmt: skip
     assert result.exit_code == 2 and f"{data}:1: a `text` row has no roles for a chat template" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_a_block_size_above_the_model_s_positions_is_refused_from_its_config_before_loading(tmp_path):
+    from surgery.model.architectures import TINY_MODELS
+
+    folder = tmp_path / "model"  # a config and no weights: loading it would fail, the check comes first
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(TINY_MODELS["tiny-llama"]))
+    result = run(
+        "train", "qv_lora", "--model", str(folder), "--data", "upper", "--block-size", "300", "-o", str(tmp_path / "o")
+    )
+    assert result.exit_code == 2, result.output
+    assert "--block-size 300 is above" in result.output and "maximum sequence length (256)" in result.output

@@ -341,14 +341,38 @@ def render_chat(tokenizer, messages: tuple[tuple[str, str], ...], where: str, *,
     return text
 
 
+POSITION_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx")
+
+
 def model_max_length(model) -> int | None:
     """The longest sequence the model's positions allow, if its config says."""
     config = getattr(model, "config", None)
-    for attr in ("max_position_embeddings", "n_positions", "n_ctx"):
+    for attr in POSITION_FIELDS:
         value = getattr(config, attr, None)
         if isinstance(value, int):
             return value
     return None
+
+
+def config_max_length(config: dict) -> int | None:
+    """``model_max_length`` of a config read as JSON (a ``config.json``, a bundled spec), before any model loads."""
+    for attr in POSITION_FIELDS:
+        value = config.get(attr)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def check_block_size(block_size: int, limit: int | None, model_name: str) -> None:
+    """Refuse a block size above the model's positions.
+
+    Raises:
+        DataError: naming the model, its limit and the option.
+    """
+    if limit is not None and block_size > limit:
+        raise DataError(
+            f"--block-size {block_size} is above {model_name}'s maximum sequence length ({limit}); use at most {limit}"
+        )
 
 
 def tokenize(

@@ -221,7 +221,7 @@ def make_job(
 def _check_model(base: nn.Module, config: TrainConfig, data_config: DataConfig, tokenizer, model_name: str) -> None:
     """What the job's options ask of this model: checkpointing support, a pad id in its vocabulary, a block size
     within its context."""
-    from .data import model_max_length
+    from .data import check_block_size, model_max_length
 
     if config.gradient_checkpointing and not getattr(base, "supports_gradient_checkpointing", False):
         raise TrainError(
@@ -234,12 +234,7 @@ def _check_model(base: nn.Module, config: TrainConfig, data_config: DataConfig, 
             f"--pad-token-id {pad} is outside the model's vocabulary (0 to {vocab - 1}); use "
             f"the tokenizer's EOS id ({getattr(tokenizer, 'eos_token_id', None)}) or another id below {vocab}"
         )
-    limit = model_max_length(base)
-    if limit is not None and data_config.block_size > limit:
-        raise DataError(
-            f"--block-size {data_config.block_size} is above {model_name or type(base).__name__}'s maximum "
-            f"sequence length ({limit}); use at most {limit}"
-        )
+    check_block_size(data_config.block_size, model_max_length(base), model_name or type(base).__name__)
 
 
 def checkpoint_activations(finetune: nn.Module) -> None:

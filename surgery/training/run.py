@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import nn
 
+from ..base.sources import config_identity
 from ..combinations import check, rule_features, run_features
 from ..devices import DeviceConfig
 from ..distributed import world
@@ -25,7 +26,7 @@ from ..rules.ruleset import RuleSet
 from ..rules.shorthand import LoraShorthand
 from .checkpoint import check_output_folder, resume_points
 from .config import DataConfig, TrackerConfig, TrainConfig
-from .data import DataSource, read_data
+from .data import DataSource, check_block_size, config_max_length, read_data
 from .job import Run
 from .trackers import check_trackers
 
@@ -113,6 +114,9 @@ def train(
     specs = _specs(rules, data, jobs, lora, data_config)
     name, source = _model_choice(model, specs[0][1])
     _check_combinations(training, data_config, devices, specs, name if isinstance(name, str) else None)
+    if isinstance(name, str):  # the config says how long a row may be: before anything loads
+        config = next(iter((config_identity(name) or {"": {}}).values()))
+        check_block_size(data_config.block_size, config_max_length(config), name)
     sources = {job_name: read_data(job_data, data_config) for job_name, _, job_data in specs}
     where = world()
     folders = {job_name: _folder(out, job_name, bool(jobs)) for job_name, _, _ in specs}
