@@ -161,8 +161,8 @@ def plan_renderable(plan):
         parts.append(Text(f"tie: {note.message}", style="cyan"))
     for label in plan.shadowed:
         parts.append(Text(f"note: {label} only matches modules an earlier rule already decided", style="yellow"))
-    for v in plan.violations:
-        parts.append(Text(f"error [{v.constraint}]: {v.message}", style="bold red"))
+    if plan.violations:  # what is broken is the command's error, said once at the end
+        parts.append(Text("the rules break constraints: see the error below", style="red"))
     return Group(*parts)
 
 
