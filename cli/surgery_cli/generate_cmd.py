@@ -67,7 +67,7 @@ def generate(
 
     from surgery.base.loading import load_model, load_tokenizer
     from surgery.files.adapter_file import read_adapter
-    from surgery.files.peft_format import is_peft_folder, peft_base_model, recorded_rules
+    from surgery.files.peft_format import PeftFolder, is_peft_folder, read_peft_folder, recorded_rules
     from surgery.finetune.batched import generate as generate_batched
     from surgery.finetune.loading import import_peft, load_adapter
     from surgery.finetune.vocabulary import extended_tokenizer
@@ -78,11 +78,10 @@ def generate(
         raise typer.BadParameter("give one PROMPT or --prompts FILE")
     examples = [Example("", prompt)] if prompt is not None else read_examples(prompts_file)
     shown = [_asked(e) for e in examples]
-    read = [path if is_peft_folder(path) else read_adapter(path) for path in adapter]  # PEFT folders: on the base
-    files = [f for f in read if not isinstance(f, Path)]
-    first = read[0] if read else None
-    named = (peft_base_model(first) if isinstance(first, Path) else first.base_model) if first is not None else ""
-    name = model or named or TINY_DEFAULT
+    # PEFT folders are read once, then imported onto the base
+    read = [read_peft_folder(path) if is_peft_folder(path) else read_adapter(path) for path in adapter]
+    files = [f for f in read if not isinstance(f, PeftFolder)]
+    name = model or (read[0].base_model if read else "") or TINY_DEFAULT
     tokenizer = load_tokenizer(tokenizer_name or name)
     chat = chat_template or any(e.messages for e in examples)
     source = str(prompts_file or "PROMPT")
@@ -91,10 +90,10 @@ def generate(
     if prompts_file is None:
         say("model: ", (name, "bold"), f"; {devices.describe()}")
     # quantized once for every adapter's rules as it loads; then the adapters are loaded onto it
-    stored = [f.rules for f in files] + [r for f in read if isinstance(f, Path) and (r := recorded_rules(f))]
+    stored = [f.rules for f in files] + [r for f in read if isinstance(f, PeftFolder) and (r := recorded_rules(f))]
     base = load_model(name, random_init=random_init, rules=stored, **placed).model
     base.requires_grad_(False)  # only answered with: the bare base too (a base no rule file froze was refused)
-    entries = [import_peft(base, f) if isinstance(f, Path) else load_adapter(base, f) for f in read]
+    entries = [import_peft(base, f) if isinstance(f, PeftFolder) else load_adapter(base, f) for f in read]
     entries += [None] if with_base or not read else []
     labels = [str(path) for path in adapter] + (["base"] if with_base or not read else [])
     if len(entries) == 1 and entries[0] is not None:  # a fine-tune with its own tokens reads and writes them

@@ -292,7 +292,7 @@ class PeftImport:
     tied_rows: torch.Tensor | None = None  # PEFT's one token delta for an output layer tied to the embedding
 
 
-def read_peft_import(base: nn.Module, folder: str | Path, *, quantize: str | None = None) -> PeftImport:
+def read_peft_import(base: nn.Module, folder: str | Path | PeftFolder, *, quantize: str | None = None) -> PeftImport:
     """Read a PEFT LoRA folder for ``base``: which modules it adapts on this base (as PEFT would), their LoRA settings
     as a small rule set, and its weights under surgery's names; every check before anything is built.
 
@@ -307,7 +307,7 @@ def read_peft_import(base: nn.Module, folder: str | Path, *, quantize: str | Non
     Raises:
         AdapterStateError: the folder is malformed, for another base, or does not plan on this one.
     """
-    adapter = read_peft_folder(folder)
+    adapter = folder if isinstance(folder, PeftFolder) else read_peft_folder(folder)
     folder, config, tensors = adapter.path, adapter.config, adapter.tensors
     if adapter.fingerprint is not None:
         why = adapter.fingerprint.mismatch(base_fingerprint(base))
@@ -356,11 +356,11 @@ def read_peft_import(base: nn.Module, folder: str | Path, *, quantize: str | Non
     return PeftImport(folder, rules, values, tied)
 
 
-def recorded_rules(adapter: PeftFolder | str | Path) -> RuleSet | None:
+def recorded_rules(adapter: PeftFolder) -> RuleSet | None:
     """The rules of the fine-tune surgery exported this folder from (None for a folder surgery did not write).
 
     Args:
-        adapter: the folder, read or not.
+        adapter: the folder, as ``read_peft_folder`` read it.
 
     Returns:
         The rules, parsed as a rule file is: they say how the base was stored when the fine-tune trained.
@@ -368,8 +368,6 @@ def recorded_rules(adapter: PeftFolder | str | Path) -> RuleSet | None:
     Raises:
         AdapterStateError: the recorded rules are oversized or invalid.
     """
-    if not isinstance(adapter, PeftFolder):
-        adapter = read_peft_folder(adapter)
     text = adapter.metadata.get("surgery_rules")
     if text is None:
         return None

@@ -30,10 +30,9 @@ from ..devices import input_device
 from ..errors import DataError, RewriteError
 from ..layers.extra_tokens import extra_token_layers
 from ..layers.lora import LoraLayer, LoraPositionalEmbedding
-from ..layers.notices import notices_once
 from ..model.tracing import replace_submodule
 from ..random_state import swap_rng
-from .rewriting import shared_copy, subclass_of
+from .rewriting import NoticesOnce, shared_copy, subclass_of
 
 
 @dataclass
@@ -127,16 +126,9 @@ class RoutedLayer(nn.Module):
         return f"parts=[{', '.join(kinds)}]"
 
 
-class BatchedView(nn.Module):
+class BatchedView(NoticesOnce):
     """A batched view (made by ``batched``): a model of the base's class over the base's tensors whose routed layers
     run each row through its own fine-tune's parts; ``type(view)`` is ``BatchedView<BaseClass>``."""
-
-    def __call__(self, *args, **kwargs):
-        """Run the model; bitsandbytes' notices reach the log once each, not once per layer call."""
-        if torch.compiler.is_compiling():
-            return super().__call__(*args, **kwargs)
-        with notices_once():
-            return super().__call__(*args, **kwargs)
 
     def _apply(self, fn, *args, **kwargs):
         """Refuse moves and casts: they would give the view its own copy of the shared base."""

@@ -18,7 +18,7 @@ from ..base.shared_base import base_graph
 from ..errors import AdapterStateError, PlanError, RuleFileError
 from ..files.adapter_file import ADAPTER_FILE, AdapterFile, check_base, read_adapter
 from ..files.adapter_folder import check_peft_layout
-from ..files.peft_format import read_peft_import
+from ..files.peft_format import PeftFolder, read_peft_import
 from ..planning.decisions import plan as make_plan
 from ..rules.ruleset import QuantConfig, RuleSet
 from .rewriting import Finetune, rewrite
@@ -126,12 +126,13 @@ def _copy_into(finetune: nn.Module, adapter: AdapterFile) -> None:
             p.copy_(adapter.tensors[name])
 
 
-def import_peft(base: nn.Module, folder: str | Path, *, quantize: str | None = None) -> Finetune:
+def import_peft(base: nn.Module, folder: str | Path | PeftFolder, *, quantize: str | None = None) -> Finetune:
     """A fine-tune of ``base`` with a PEFT LoRA adapter folder's weights, giving PEFT's outputs.
 
     Args:
         base: the model the folder's adapter was trained on (PEFT's ``base_model_name_or_path``).
-        folder: a PEFT LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``).
+        folder: a PEFT LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``), or one
+            ``read_peft_folder`` has read.
         quantize: int8, nf4, fp4 or none for how the base is stored; by default it is kept as it is held.
 
     Returns:

@@ -66,7 +66,18 @@ from ..rules.ruleset import QuantConfig, RuleSet
 from .vocabulary import add_extra_tokens, first_extra_id
 
 
-class Finetune(nn.Module):
+class NoticesOnce(nn.Module):
+    """A model of surgery's (a fine-tune, a batched view) whose calls show bitsandbytes' notices once each, not once
+    per layer call."""
+
+    def __call__(self, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            return super().__call__(*args, **kwargs)
+        with notices_once():
+            return super().__call__(*args, **kwargs)
+
+
+class Finetune(NoticesOnce):
     """A fine-tune of a shared base: a model of the base's own class over the base's frozen tensors, plus tensors
     of its own (LoRA, private copies of ``plain`` modules, new token rows).
 
@@ -83,13 +94,6 @@ class Finetune(nn.Module):
     def own_state(self) -> dict[str, nn.Parameter]:
         """The fine-tune's own tensors by state-dict name (what adapter files hold)."""
         return own_state(self)
-
-    def __call__(self, *args, **kwargs):
-        """Run the model; bitsandbytes' notices reach the log once each, not once per layer call."""
-        if torch.compiler.is_compiling():
-            return super().__call__(*args, **kwargs)
-        with notices_once():
-            return super().__call__(*args, **kwargs)
 
     def _apply(self, fn, *args, **kwargs):
         """Refuse ``.to()``/``.cuda()``/``.half()``... that would give the fine-tune its own copy of the shared base
@@ -294,8 +298,8 @@ def as_stored(rules: RuleSet, base: nn.Module, the_plan: Plan) -> RuleSet:
         stored.setdefault(rule.index if rule is not None and rule.quantize else 0, set()).add(config)
     if any(len(configs) != 1 for configs in stored.values()):
         return rules  # one setting's modules held in several ways: keep what the file says
-    written = {r.index: r.quantize for r in rules.rules} | {0: rules.quantize}
-    chosen = {i: config for i, configs in stored.items() for config in configs if config.given != written[i].given}
+    as_written = {r.index: r.quantize for r in rules.rules} | {0: rules.quantize}
+    chosen = {i: c for i, configs in stored.items() for c in configs if c.given != as_written[i].given}
     if not chosen:
         return rules  # stored as written
     new_rules = tuple(dataclasses.replace(r, quantize=chosen[r.index]) if r.index in chosen else r for r in rules.rules)

@@ -295,12 +295,12 @@ def max_context(
         for candidate, added in _settings(shape, explore, profile.mlp(1) > 0)
     ]
     memory_tokens, candidate, added = max(tried, key=lambda t: t[0])  # the first of the longest: fewest additions
-    tokens = memory_tokens
+    fits, tokens = memory_tokens, memory_tokens
     if model_limit is not None and memory_tokens > model_limit:
+        fits, candidate, added = next(t for t in tried if t[0] >= model_limit)
         tokens = model_limit
-        _, candidate, added = next(t for t in tried if t[0] >= model_limit)
     at = replace(candidate, block_size=max(tokens, 1))
-    after = replace(candidate, block_size=_longest(plan, candidate, profile, device_memory) + 1)
+    after = replace(candidate, block_size=fits + 1)  # one token past what this setting's memory allows
     return ContextAnswer(
         tokens=tokens,
         shape=at,

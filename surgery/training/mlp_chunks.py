@@ -70,10 +70,7 @@ def feed_forward_blocks(model: nn.Module) -> list[nn.Module]:
         TrainError: the model's layers have no ``mlp`` block (e.g. OPT, whose layers hold fc1/fc2 themselves).
     """
     blocks = [
-        getattr(m, name)
-        for m in model.modules()
-        for name in MLP_NAMES
-        if isinstance(getattr(m, name, None), nn.Module) and not isinstance(m, TokenChunked)
+        getattr(m, name) for m in model.modules() for name in MLP_NAMES if isinstance(getattr(m, name, None), nn.Module)
     ]
     if not blocks:
         raise TrainError(

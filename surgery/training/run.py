@@ -115,7 +115,8 @@ def train(
     name, source = _model_choice(model, specs[0][1])
     _check_combinations(training, data_config, devices, specs, name if isinstance(name, str) else None)
     if isinstance(name, str):  # the config says how long a row may be: before anything loads
-        config = next(iter((config_identity(name) or {"": {}}).values()))
+        identity = config_identity(name)  # {"tiny"|"bundled"|"config.json": the config as JSON}, None unreadable
+        config = next(iter(identity.values())) if identity else {}
         check_block_size(data_config.block_size, config_max_length(config), name)
     sources = {job_name: read_data(job_data, data_config) for job_name, _, job_data in specs}
     where = world()
